@@ -1,0 +1,47 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * zbridge: map layouts shared by the BPF programs and the Rust programmer
+ * (programmer/src/layout.rs mirrors these structs; a test checks the two against the
+ * object's BTF). Map names are part of the interface: `zbridge dump` and the tests use them.
+ */
+#ifndef ZBRIDGE_H
+#define ZBRIDGE_H
+
+/* cgroup_info.flags */
+#define ZB_F_AMBIENT (1u << 0) /* an ambient pod: its connects go to ztunnel */
+#define ZB_F_ZTUNNEL (1u << 1) /* the node's ztunnel: never redirected, binds rewritten */
+#define ZB_F_EXEMPT (1u << 2)  /* a host cgroup exempt from inbound capture (kubelet) */
+#define ZB_F_HAS_V4 (1u << 3)  /* addr4 is set */
+#define ZB_F_HAS_V6 (1u << 4)  /* addr6 is set */
+
+/* Value of cgroup_info_map, keyed by the __u64 cgroup id (inode of the cgroup directory). */
+struct cgroup_info {
+	__u32 flags;
+	__u32 addr4;     /* the pod's IPv4 address, network byte order */
+	__u8 addr6[16];  /* the pod's IPv6 address */
+};
+
+/* settings.flags */
+#define ZB_S_HAS_ZTUNNEL4 (1u << 0) /* ztunnel_addr4 is set */
+#define ZB_S_HAS_ZTUNNEL6 (1u << 1) /* ztunnel_addr6 is set */
+#define ZB_S_FAIL_OPEN (1u << 2)    /* no ztunnel known: connect as if not in the mesh */
+#define ZB_S_DEBUG (1u << 3)        /* bpf_printk what the programs decide */
+
+/* The single value (key 0) of the `settings` ARRAY map. */
+struct settings {
+	__u32 flags;
+	__u32 ztunnel_addr4;    /* network byte order */
+	__u8 ztunnel_addr6[16];
+	__u16 outbound_port;    /* host order; 15001 */
+	__u16 inbound_port;     /* host order; 15006 */
+	__u32 levels;           /* bit N set: some entry sits at cgroup level N (root = 0) */
+};
+
+/* Key of `pod_addr_map` (value: __u32 flags of the pod's entry): every address of an ambient
+ * pod on this node, so that a host process connecting to it is sent to ztunnel's inbound port.
+ * IPv4 addresses are stored IPv4-mapped (::ffff:a.b.c.d). */
+struct pod_addr {
+	__u8 addr[16];
+};
+
+#endif /* ZBRIDGE_H */

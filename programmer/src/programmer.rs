@@ -1,0 +1,271 @@
+//! Turning [`Update`]s into map operations: translation, coalescing, batching, reconciliation.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use resolver::{Enrolment, Role, Update};
+use watcher::CgroupId;
+
+use crate::backend::{MapBackend, MapBatch};
+use crate::layout::{self, CgroupInfo, PodAddr, Settings};
+use crate::ProgramError;
+
+/// The level of an entry found in the maps at start (a previous run's): unknown, so the levels
+/// of the previous `settings` stay set while any such entry remains.
+const UNKNOWN_LEVEL: u32 = u32::MAX;
+
+/// What the programmer is told by the operator (not by the resolver).
+#[derive(Debug, Clone, Default)]
+pub struct ProgrammerConfig {
+    /// Connect as if not in the mesh when no ztunnel address is known.
+    pub fail_open: bool,
+    /// Let the programs `bpf_printk` their decisions.
+    pub debug: bool,
+}
+
+/// Applies the resolver's updates to a [`MapBackend`].
+///
+/// Updates are queued with [`Programmer::queue`] and written with [`Programmer::flush`]; within
+/// one flush, later updates of the same key replace earlier ones, so an upsert followed by a
+/// delete of the same cgroup is one delete.
+pub struct Programmer<B: MapBackend> {
+    backend: B,
+    config: ProgrammerConfig,
+    /// Pending writes of cgroup entries: `Some` = upsert, `None` = delete.
+    pending: BTreeMap<CgroupId, Option<(CgroupInfo, u32)>>,
+    pending_ztunnel: Option<Vec<IpAddr>>,
+    /// What is programmed now, by cgroup: the entry and the cgroup's level.
+    programmed: HashMap<CgroupId, (CgroupInfo, u32)>,
+    /// Cgroups upserted since start: on [`Update::Synced`], others are removed.
+    confirmed: BTreeSet<CgroupId>,
+    /// How many ambient entries use each pod address.
+    addr_refs: HashMap<PodAddr, u32>,
+    /// How many entries sit at each cgroup level.
+    level_refs: [u32; 32],
+    settings: Settings,
+    reconcile_pending: bool,
+}
+
+impl<B: MapBackend> Programmer<B> {
+    /// Starts from what the backend holds now (pinned maps of a previous run).
+    pub fn new(backend: B, config: ProgrammerConfig) -> Result<Self, ProgramError> {
+        let mut settings = backend.settings()?;
+        settings.outbound_port = layout::OUTBOUND_PORT;
+        settings.inbound_port = layout::INBOUND_PORT;
+        Self::set_flag(&mut settings.flags, layout::S_FAIL_OPEN, config.fail_open);
+        Self::set_flag(&mut settings.flags, layout::S_DEBUG, config.debug);
+        let mut me = Programmer {
+            backend,
+            config,
+            pending: BTreeMap::new(),
+            pending_ztunnel: None,
+            programmed: HashMap::new(),
+            confirmed: BTreeSet::new(),
+            addr_refs: HashMap::new(),
+            level_refs: [0; 32],
+            settings,
+            reconcile_pending: false,
+        };
+        // Entries of a previous run are kept (traffic stays captured) until the resolver has
+        // confirmed or replaced them; their levels stay in `settings` meanwhile.
+        for (id, info) in me.backend.cgroup_entries()? {
+            me.programmed.insert(id, (info, UNKNOWN_LEVEL));
+        }
+        Ok(me)
+    }
+
+    fn set_flag(flags: &mut u32, bit: u32, on: bool) {
+        if on {
+            *flags |= bit;
+        } else {
+            *flags &= !bit;
+        }
+    }
+
+    /// The backend, for inspection (replay output, tests).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &ProgrammerConfig {
+        &self.config
+    }
+
+    /// How many updates wait for the next flush.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len() + usize::from(self.pending_ztunnel.is_some())
+    }
+
+    /// Queues one update; nothing is written until [`Programmer::flush`].
+    pub fn queue(&mut self, update: &Update) {
+        match update {
+            Update::Upsert(enrolment) => {
+                self.confirmed.insert(enrolment.cgroup_id);
+                let info = entry_of(enrolment);
+                self.pending.insert(
+                    enrolment.cgroup_id,
+                    Some((info, level_of(&enrolment.cgroup))),
+                );
+            }
+            Update::Delete { cgroup_id } => {
+                self.pending.insert(*cgroup_id, None);
+            }
+            Update::SetZtunnel { ips } => self.pending_ztunnel = Some(ips.clone()),
+            Update::Synced => self.reconcile_pending = true,
+        }
+    }
+
+    /// Writes everything queued as one batch.
+    pub fn flush(&mut self) -> Result<(), ProgramError> {
+        if self.reconcile_pending {
+            self.reconcile_pending = false;
+            let stale: Vec<CgroupId> = self
+                .programmed
+                .keys()
+                .filter(|id| !self.confirmed.contains(id) && !self.pending.contains_key(id))
+                .copied()
+                .collect();
+            for id in stale {
+                self.pending.insert(id, None);
+            }
+        }
+        let mut batch = MapBatch::default();
+        let mut settings = self.settings;
+        for (id, write) in std::mem::take(&mut self.pending) {
+            let old = self.programmed.remove(&id);
+            if let Some((old_info, old_level)) = old {
+                self.release(&old_info, old_level, &mut batch);
+            }
+            match write {
+                Some((info, level)) => {
+                    self.retain(&info, level, &mut batch);
+                    self.programmed.insert(id, (info, level));
+                    batch.cgroup_upserts.push((id, info));
+                }
+                None => {
+                    if old.is_some() {
+                        batch.cgroup_deletes.push(id);
+                    }
+                }
+            }
+        }
+        settings.levels = self.levels_mask();
+        if let Some(ips) = self.pending_ztunnel.take() {
+            settings.flags &= !(layout::S_HAS_ZTUNNEL4 | layout::S_HAS_ZTUNNEL6);
+            settings.ztunnel_addr4 = 0;
+            settings.ztunnel_addr6 = [0; 16];
+            if let Some(v4) = ips.iter().find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }) {
+                settings.flags |= layout::S_HAS_ZTUNNEL4;
+                settings.ztunnel_addr4 = u32::from(v4).to_be();
+            }
+            if let Some(v6) = ips.iter().find_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            }) {
+                settings.flags |= layout::S_HAS_ZTUNNEL6;
+                settings.ztunnel_addr6 = v6.octets();
+            }
+        }
+        if settings != self.settings || self.backend.settings()? != settings {
+            batch.settings = Some(settings);
+        }
+        // Dedupe address operations: an address released and retained in one batch stays.
+        batch
+            .addr_deletes
+            .retain(|a| !batch.addr_upserts.iter().any(|(u, _)| u == a));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.backend.apply(&batch)?;
+        self.settings = settings;
+        Ok(())
+    }
+
+    fn levels_mask(&self) -> u32 {
+        let mut mask = 0;
+        for (level, refs) in self.level_refs.iter().enumerate() {
+            if *refs > 0 {
+                mask |= 1 << level;
+            }
+        }
+        // Entries left by a previous run whose level is unknown keep the old levels visible.
+        if self
+            .programmed
+            .values()
+            .any(|(_, level)| *level == UNKNOWN_LEVEL)
+        {
+            mask |= self.settings.levels;
+        }
+        mask
+    }
+
+    fn retain(&mut self, info: &CgroupInfo, level: u32, batch: &mut MapBatch) {
+        if let Some(refs) = self.level_refs.get_mut(level as usize) {
+            *refs += 1;
+        }
+        if info.flags & layout::F_AMBIENT != 0 {
+            for ip in info.ips() {
+                let addr = PodAddr::from(ip);
+                let refs = self.addr_refs.entry(addr).or_insert(0);
+                *refs += 1;
+                if *refs == 1 {
+                    batch.addr_upserts.push((addr, info.flags));
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, info: &CgroupInfo, level: u32, batch: &mut MapBatch) {
+        if let Some(refs) = self.level_refs.get_mut(level as usize) {
+            *refs = refs.saturating_sub(1);
+        }
+        if info.flags & layout::F_AMBIENT != 0 {
+            for ip in info.ips() {
+                let addr = PodAddr::from(ip);
+                if let Some(refs) = self.addr_refs.get_mut(&addr) {
+                    *refs -= 1;
+                    if *refs == 0 {
+                        self.addr_refs.remove(&addr);
+                        batch.addr_deletes.push(addr);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The level of a cgroup path: `/` is 0, `/a` is 1, `/a/b` is 2.
+pub fn level_of(path: &str) -> u32 {
+    path.split('/').filter(|c| !c.is_empty()).count() as u32
+}
+
+/// The map entry for an enrolment.
+pub fn entry_of(enrolment: &Enrolment) -> CgroupInfo {
+    let mut info = CgroupInfo {
+        flags: match enrolment.role {
+            Role::Ambient => layout::F_AMBIENT,
+            Role::Ztunnel => layout::F_ZTUNNEL,
+            Role::Exempt => layout::F_EXEMPT,
+            Role::None => 0,
+        },
+        ..CgroupInfo::default()
+    };
+    if let Some(v4) = enrolment.ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    }) {
+        info.flags |= layout::F_HAS_V4;
+        info.addr4 = u32::from(v4).to_be();
+    }
+    if let Some(v6) = enrolment.ips.iter().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    }) {
+        info.flags |= layout::F_HAS_V6;
+        info.addr6 = v6.octets();
+    }
+    info
+}

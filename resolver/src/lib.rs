@@ -1,0 +1,13 @@
+//! The second stage of zbridge: which cgroups on this node are captured, and by whom.
+//!
+//! The resolver keeps the node's state (live processes → cgroups → pods) from the watcher's
+//! events and the pod and namespace objects of the kube cache (or a standalone workloads file),
+//! decides each cgroup's [`Role`] by Istio's ambient rules, and emits [`Update`]s for the
+//! programmer. It is a pure function of its inputs: it reads no files and no clock while
+//! deciding, so a recording replays to the same updates anywhere. It knows no BPF map layout.
+
+pub mod input;
+pub mod update;
+
+pub use input::{Input, KubeChange, KubeObject};
+pub use update::{Enrolment, PodName, Role, Update};

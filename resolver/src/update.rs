@@ -1,0 +1,59 @@
+//! What the resolver tells the programmer.
+
+use std::net::IpAddr;
+use watcher::CgroupId;
+
+/// The decision for a cgroup: what the BPF programs do for a process in it (or below it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// An ambient pod: its connects go to ztunnel.
+    Ambient,
+    /// The node's ztunnel: never redirected; its binds to pod addresses are rewritten.
+    Ztunnel,
+    /// A host cgroup whose connects to ambient pods are not sent to ztunnel's inbound port
+    /// (the kubelet's, so that probes reach the pod).
+    Exempt,
+    /// Not in the mesh.
+    None,
+}
+
+impl Role {
+    /// The name used in replay output, logs and dumps.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ambient => "ambient",
+            Role::Ztunnel => "ztunnel",
+            Role::Exempt => "exempt",
+            Role::None => "none",
+        }
+    }
+}
+
+/// `NAMESPACE/NAME` of a pod, or the `name` of a standalone workload.
+pub type PodName = String;
+
+/// One cgroup's entry: what the programmer writes to `cgroup_info_map`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolment {
+    pub cgroup_id: CgroupId,
+    /// The cgroup's path relative to the cgroup2 root (for logs and dumps).
+    pub cgroup: String,
+    pub pod: Option<PodName>,
+    pub role: Role,
+    /// The workload's addresses (IPv4 first); empty for exempt host cgroups.
+    pub ips: Vec<IpAddr>,
+}
+
+/// A change the programmer must apply. Nothing is emitted twice for an unchanged decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// Add or replace the entry of a cgroup.
+    Upsert(Enrolment),
+    /// Remove the entry of a cgroup.
+    Delete { cgroup_id: CgroupId },
+    /// The node's ztunnel addresses (empty: no ztunnel known).
+    SetZtunnel { ips: Vec<IpAddr> },
+    /// The resolver has seen a full picture (cache synced and first scan resolved): entries
+    /// the programmer holds that no `Upsert` since start confirmed may now be removed.
+    Synced,
+}

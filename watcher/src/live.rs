@@ -1,0 +1,1 @@
+//! The live event source: the proc connector plus /proc reads, with rescans after loss.
