@@ -26,6 +26,9 @@ pub enum KubeChange {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// A process event with its timestamp (ns).
-    Proc { ts: u64, event: ProcEvent },
+    Proc {
+        ts: u64,
+        event: ProcEvent,
+    },
     Kube(KubeChange),
 }

@@ -1,0 +1,2 @@
+//! Benchmark placeholder: filled by the issue that builds this stage.
+fn main() {}

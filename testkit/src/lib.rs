@@ -1,0 +1,33 @@
+//! Fixtures for zbridge's privileged tests.
+//!
+//! Every fixture is a guard that removes what it made when dropped, also when the test fails.
+//! Names are unique per test and process, so tests run in parallel on a shared machine.
+
+pub mod cgroup;
+
+pub use cgroup::TestCgroup;
+
+/// Whether a privileged test may run. Not root: prints why the test is skipped and returns
+/// `false`; under `CI=true` a skip is a failure (CI is root and must run every test).
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: needs root, and CI=true: a skipped root test is a failure in CI");
+    }
+    eprintln!("SKIPPED {test}: needs root (run the tests as root to include it)");
+    false
+}
+
+/// A name unique to this process and call, with a prefix saying which test made it.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "zbt-{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
