@@ -1,0 +1,240 @@
+//! Recordings, format v1 (`shared/spec/recording-v1.md`): reader and writer.
+//!
+//! A recording is JSON Lines: a header, then one record per line. The reader is strict (every
+//! problem is an error naming the line and the field, nothing is guessed) and fast (process
+//! records are parsed straight into typed structs, the line buffer is reused). The writer
+//! writes exactly the spec's field names and refuses what the reader would refuse.
+
+mod reader;
+mod writer;
+
+pub use reader::RecordingReader;
+pub use writer::RecordingWriter;
+
+use serde_json::{Map, Value};
+
+/// The value of the header's `format` field.
+pub const FORMAT: &str = "zbridge-events";
+/// The only format version this module reads and writes.
+pub const VERSION: u64 = 1;
+
+/// The header of a recording (its line 1).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Header {
+    /// The Kubernetes node the agent ran on: only pods whose `spec.nodeName` equals it are local.
+    pub node: String,
+    /// Where the cgroup2 hierarchy was mounted on the recording host (informative).
+    pub cgroup_root: Option<String>,
+    /// Every other header field (`recorded_at`, `kernel`, ...), kept as is (informative).
+    pub extra: Map<String, Value>,
+}
+
+impl Header {
+    /// A header for `node` with no informative fields.
+    pub fn new(node: impl Into<String>) -> Header {
+        Header {
+            node: node.into(),
+            cgroup_root: None,
+            extra: Map::new(),
+        }
+    }
+}
+
+/// Errors reading or writing a recording. Every error about content names the line (1-based,
+/// counting comments and empty lines) and the field (a JSON path such as `processes[2].pid`).
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingError {
+    #[error("{}: cannot open: {source}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: cannot create: {source}", path.display())]
+    Create {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("line {line}: read failed: {source}")]
+    Read { line: usize, source: std::io::Error },
+    #[error("line {line}: write failed: {source}")]
+    Write { line: usize, source: std::io::Error },
+    #[error("line {line}: the recording is empty: line 1 must be the header")]
+    NoHeader { line: usize },
+    #[error("line {line}: invalid JSON: {message}")]
+    InvalidJson { line: usize, message: String },
+    #[error("line {line}: field \"{field}\": missing ({context})")]
+    MissingField {
+        line: usize,
+        field: String,
+        /// Why the field is required here, e.g. `required in exec records`.
+        context: String,
+    },
+    #[error("line {line}: field \"{field}\": wrong type: {message}")]
+    WrongType {
+        line: usize,
+        field: String,
+        message: String,
+    },
+    #[error("line {line}: field \"{field}\": unknown record type \"{value}\"")]
+    UnknownType {
+        line: usize,
+        field: String,
+        value: String,
+    },
+    #[error("line {line}: field \"{field}\": goes backwards ({ts} after {previous})")]
+    TsBackwards {
+        line: usize,
+        field: String,
+        ts: u64,
+        previous: u64,
+    },
+    #[error("line {line}: field \"{field}\": a second header (the header is line {header_line})")]
+    SecondHeader {
+        line: usize,
+        field: String,
+        header_line: usize,
+    },
+    #[error("line {line}: field \"{field}\": bad header: {reason}")]
+    BadHeader {
+        line: usize,
+        field: String,
+        reason: String,
+    },
+    #[error("line {line}: field \"{field}\": {reason}")]
+    InvalidValue {
+        line: usize,
+        field: String,
+        reason: String,
+    },
+}
+
+impl RecordingError {
+    /// The line the error is about, if it is about one.
+    pub fn line(&self) -> Option<usize> {
+        use RecordingError::*;
+        match self {
+            Open { .. } | Create { .. } => None,
+            Read { line, .. }
+            | Write { line, .. }
+            | NoHeader { line }
+            | InvalidJson { line, .. }
+            | MissingField { line, .. }
+            | WrongType { line, .. }
+            | UnknownType { line, .. }
+            | TsBackwards { line, .. }
+            | SecondHeader { line, .. }
+            | BadHeader { line, .. }
+            | InvalidValue { line, .. } => Some(*line),
+        }
+    }
+
+    /// The field the error is about, if it is about one.
+    pub fn field(&self) -> Option<&str> {
+        use RecordingError::*;
+        match self {
+            MissingField { field, .. }
+            | WrongType { field, .. }
+            | UnknownType { field, .. }
+            | TsBackwards { field, .. }
+            | SecondHeader { field, .. }
+            | BadHeader { field, .. }
+            | InvalidValue { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// A short description of a JSON value for error messages: its type and, for scalars, itself.
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => format!("boolean {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(s) => format!("string {s:?}"),
+        Value::Array(_) => "an array".to_string(),
+        Value::Object(_) => "an object".to_string(),
+    }
+}
+
+/// Checks that a kube record's `object` is a `v1` `Pod` (with `metadata.uid`) or `v1`
+/// `Namespace` (with `metadata.name`): what the resolver needs to identify it.
+fn validate_kube_object(object: &Value, line: usize) -> Result<(), RecordingError> {
+    let wrong_type = |field: &str, expected: &str, found: &Value| RecordingError::WrongType {
+        line,
+        field: field.to_string(),
+        message: format!("expected {expected}, found {}", describe(found)),
+    };
+    let missing = |field: &str, context: &str| RecordingError::MissingField {
+        line,
+        field: field.to_string(),
+        context: context.to_string(),
+    };
+    let Value::Object(map) = object else {
+        return Err(wrong_type("object", "a JSON object", object));
+    };
+    let api_version = string_field(
+        map,
+        "apiVersion",
+        "object.apiVersion",
+        "every kube object has it",
+        line,
+    )?;
+    if api_version != "v1" {
+        return Err(RecordingError::InvalidValue {
+            line,
+            field: "object.apiVersion".to_string(),
+            reason: format!("expected \"v1\" (a core v1 Pod or Namespace), found {api_version:?}"),
+        });
+    }
+    let kind = string_field(map, "kind", "object.kind", "every kube object has it", line)?;
+    let (id_field, id_path, context) = match kind {
+        "Pod" => ("uid", "object.metadata.uid", "pods are identified by it"),
+        "Namespace" => (
+            "name",
+            "object.metadata.name",
+            "namespaces are identified by it",
+        ),
+        other => {
+            return Err(RecordingError::InvalidValue {
+                line,
+                field: "object.kind".to_string(),
+                reason: format!("expected \"Pod\" or \"Namespace\", found {other:?}"),
+            })
+        }
+    };
+    let metadata = match map.get("metadata") {
+        None | Some(Value::Null) => return Err(missing("object.metadata", context)),
+        Some(Value::Object(metadata)) => metadata,
+        Some(other) => return Err(wrong_type("object.metadata", "a JSON object", other)),
+    };
+    string_field(metadata, id_field, id_path, context, line)?;
+    Ok(())
+}
+
+/// A required, non-empty string field `name` of `map` (whose JSON path is `path`).
+fn string_field<'m>(
+    map: &'m Map<String, Value>,
+    name: &str,
+    path: &str,
+    context: &str,
+    line: usize,
+) -> Result<&'m str, RecordingError> {
+    match map.get(name) {
+        None | Some(Value::Null) => Err(RecordingError::MissingField {
+            line,
+            field: path.to_string(),
+            context: context.to_string(),
+        }),
+        Some(Value::String(s)) if s.is_empty() => Err(RecordingError::InvalidValue {
+            line,
+            field: path.to_string(),
+            reason: "empty".to_string(),
+        }),
+        Some(Value::String(s)) => Ok(s.as_str()),
+        Some(other) => Err(RecordingError::WrongType {
+            line,
+            field: path.to_string(),
+            message: format!("expected a string, found {}", describe(other)),
+        }),
+    }
+}

@@ -1,0 +1,638 @@
+//! Reading a recording: header, then records, validated line by line.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Cursor, Read};
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::de::{self, Deserializer, IgnoredAny};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{describe, validate_kube_object, Header, RecordingError, FORMAT, VERSION};
+use crate::event::{
+    CgroupId, CgroupRef, KubeAction, KubeRecord, ProcEvent, ProcFacts, Record, ScannedProcess,
+    TimedRecord,
+};
+use crate::{EventSource, SourceError};
+
+/// Size of the read buffer: large enough that a replay is not bound by read calls.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// Reads a recording, format v1: [`RecordingReader::header`], then records one by one
+/// ([`RecordingReader::read_record`], or as an [`EventSource`]).
+///
+/// After an error the reader stands after the bad line; callers are expected to stop (replay
+/// exits non-zero), since the records after it were written on the same wrong assumptions.
+pub struct RecordingReader<R> {
+    input: R,
+    header: Header,
+    header_line: usize,
+    /// The number of the last line read (1-based).
+    line: usize,
+    last_ts: Option<u64>,
+    /// The current line, reused across lines.
+    buf: Vec<u8>,
+}
+
+impl RecordingReader<Box<dyn BufRead + Send>> {
+    /// Opens the recording at `path`, plain or gzip (told apart by the gzip magic bytes, not
+    /// the name), and reads its header.
+    pub fn open(path: &Path) -> Result<Self, RecordingError> {
+        let file = File::open(path).map_err(|source| RecordingError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::detect(file)
+    }
+
+    /// Reads a recording from any byte stream (a file, stdin), plain or gzip (told apart by the
+    /// gzip magic bytes), and reads its header.
+    pub fn detect(mut input: impl Read + Send + 'static) -> Result<Self, RecordingError> {
+        let mut magic = Vec::with_capacity(2);
+        (&mut input)
+            .take(2)
+            .read_to_end(&mut magic)
+            .map_err(|source| RecordingError::Read { line: 1, source })?;
+        let is_gzip = magic == [0x1f, 0x8b];
+        let whole = Cursor::new(magic).chain(input);
+        let reader: Box<dyn BufRead + Send> = if is_gzip {
+            Box::new(BufReader::with_capacity(
+                READ_BUFFER,
+                flate2::read::MultiGzDecoder::new(whole),
+            ))
+        } else {
+            Box::new(BufReader::with_capacity(READ_BUFFER, whole))
+        };
+        Self::new(reader)
+    }
+}
+
+impl<R: BufRead> RecordingReader<R> {
+    /// Reads a plain (not compressed) recording from `input`, starting with its header.
+    pub fn new(input: R) -> Result<Self, RecordingError> {
+        let mut reader = RecordingReader {
+            input,
+            header: Header::default(),
+            header_line: 0,
+            line: 0,
+            last_ts: None,
+            buf: Vec::with_capacity(4096),
+        };
+        if !reader.next_content_line()? {
+            return Err(RecordingError::NoHeader {
+                line: reader.line.max(1),
+            });
+        }
+        reader.header = parse_header(&reader.buf, reader.line)?;
+        reader.header_line = reader.line;
+        Ok(reader)
+    }
+
+    /// The recording's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The number of the last line read (1-based, counting comments and empty lines).
+    pub fn line(&self) -> usize {
+        self.line
+    }
+
+    /// The next record, or `None` at the end of the recording.
+    pub fn read_record(&mut self) -> Result<Option<TimedRecord>, RecordingError> {
+        if !self.next_content_line()? {
+            return Ok(None);
+        }
+        let line = self.line;
+        let raw = match serde_json::from_slice::<RawRecord>(&self.buf) {
+            Ok(raw) => raw,
+            Err(err) => return Err(json_error(&err, &self.buf, line)),
+        };
+        if raw.format.is_some() {
+            return Err(RecordingError::SecondHeader {
+                line,
+                field: "format".to_string(),
+                header_line: self.header_line,
+            });
+        }
+        let ts = required(raw.ts, line, "ts", "every record has it")?;
+        if let Some(previous) = self.last_ts {
+            if ts < previous {
+                return Err(RecordingError::TsBackwards {
+                    line,
+                    field: "ts".to_string(),
+                    ts,
+                    previous,
+                });
+            }
+        }
+        let record = convert(raw, line)?;
+        self.last_ts = Some(ts);
+        Ok(Some(TimedRecord { ts, record }))
+    }
+
+    /// Reads lines until one that is not a comment or empty, leaving it (trimmed of its line
+    /// end) in `self.buf`. False at the end of the input.
+    fn next_content_line(&mut self) -> Result<bool, RecordingError> {
+        loop {
+            self.buf.clear();
+            let read = self
+                .input
+                .read_until(b'\n', &mut self.buf)
+                .map_err(|source| RecordingError::Read {
+                    line: self.line + 1,
+                    source,
+                })?;
+            if read == 0 {
+                return Ok(false);
+            }
+            self.line += 1;
+            while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
+                self.buf.pop();
+            }
+            match self.buf.iter().find(|b| !b.is_ascii_whitespace()) {
+                None | Some(b'#') => continue,
+                Some(_) => return Ok(true),
+            }
+        }
+    }
+}
+
+impl<R: BufRead> EventSource for RecordingReader<R> {
+    fn next_record(&mut self) -> Result<Option<TimedRecord>, SourceError> {
+        Ok(self.read_record()?)
+    }
+}
+
+/// Parses and checks the header line.
+fn parse_header(text: &[u8], line: usize) -> Result<Header, RecordingError> {
+    let value: Value = serde_json::from_slice(text).map_err(|err| RecordingError::InvalidJson {
+        line,
+        message: message_without_position(&err),
+    })?;
+    let Value::Object(mut map) = value else {
+        return Err(RecordingError::BadHeader {
+            line,
+            field: "format".to_string(),
+            reason: format!(
+                "the header must be a JSON object with \"format\":\"{FORMAT}\", found {}",
+                describe(&value)
+            ),
+        });
+    };
+    let context = "the header (the first line) must have it";
+    let missing = |field: &str| RecordingError::MissingField {
+        line,
+        field: field.to_string(),
+        context: context.to_string(),
+    };
+    let wrong_type = |field: &str, expected: &str, found: &Value| RecordingError::WrongType {
+        line,
+        field: field.to_string(),
+        message: format!("expected {expected}, found {}", describe(found)),
+    };
+    match map.remove("format") {
+        None => return Err(missing("format")),
+        Some(Value::String(format)) if format == FORMAT => {}
+        Some(Value::String(other)) => {
+            return Err(RecordingError::BadHeader {
+                line,
+                field: "format".to_string(),
+                reason: format!("expected \"{FORMAT}\", found {other:?}"),
+            })
+        }
+        Some(other) => return Err(wrong_type("format", "a string", &other)),
+    }
+    match map.remove("version") {
+        None => return Err(missing("version")),
+        Some(Value::Number(n)) if n.as_u64() == Some(VERSION) => {}
+        Some(Value::Number(n)) if n.is_u64() => {
+            return Err(RecordingError::BadHeader {
+                line,
+                field: "version".to_string(),
+                reason: format!("unsupported version {n}: this reader reads version {VERSION}"),
+            })
+        }
+        Some(other) => return Err(wrong_type("version", "an unsigned integer", &other)),
+    }
+    let node = match map.remove("node") {
+        None => return Err(missing("node")),
+        Some(Value::String(node)) => node,
+        Some(other) => return Err(wrong_type("node", "a string", &other)),
+    };
+    let cgroup_root = match map.remove("cgroup_root") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(root)) => Some(root),
+        Some(other) => return Err(wrong_type("cgroup_root", "a string", &other)),
+    };
+    Ok(Header {
+        node,
+        cgroup_root,
+        extra: map,
+    })
+}
+
+/// The `type` of a record, read without allocating for the known ones.
+enum RecordType {
+    Exec,
+    Fork,
+    Exit,
+    Lost,
+    Scan,
+    Kube,
+    KubeSynced,
+    Unknown(String),
+}
+
+impl<'de> Deserialize<'de> for RecordType {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TypeVisitor;
+        impl de::Visitor<'_> for TypeVisitor {
+            type Value = RecordType;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RecordType, E> {
+                Ok(match v {
+                    "exec" => RecordType::Exec,
+                    "fork" => RecordType::Fork,
+                    "exit" => RecordType::Exit,
+                    "lost" => RecordType::Lost,
+                    "scan" => RecordType::Scan,
+                    "kube" => RecordType::Kube,
+                    "kube_synced" => RecordType::KubeSynced,
+                    other => RecordType::Unknown(other.to_string()),
+                })
+            }
+        }
+        deserializer.deserialize_str(TypeVisitor)
+    }
+}
+
+/// A string borrowed from the line when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> de::Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+/// One record line as written, every field optional: which ones are required depends on the
+/// type, and is checked after parsing so that the error can name the missing field. (No
+/// `#[serde(flatten)]`: it buffers every field and halves the speed.)
+#[derive(Deserialize)]
+struct RawRecord<'a> {
+    ts: Option<u64>,
+    #[serde(rename = "type")]
+    kind: Option<RecordType>,
+    /// Only a header has it: its presence on a later line is a second header.
+    format: Option<IgnoredAny>,
+    pid: Option<u32>,
+    tgid: Option<u32>,
+    cgroup: Option<String>,
+    cgroup_id: Option<u64>,
+    netns: Option<u64>,
+    #[serde(borrow)]
+    ips: Option<Vec<Text<'a>>>,
+    comm: Option<String>,
+    parent_pid: Option<u32>,
+    parent_tgid: Option<u32>,
+    child_pid: Option<u32>,
+    child_tgid: Option<u32>,
+    exit_code: Option<u32>,
+    #[serde(borrow)]
+    processes: Option<Vec<RawProcess<'a>>>,
+    #[serde(borrow)]
+    action: Option<Text<'a>>,
+    object: Option<Value>,
+}
+
+/// One entry of a `scan` record.
+#[derive(Deserialize)]
+struct RawProcess<'a> {
+    pid: Option<u32>,
+    cgroup: Option<String>,
+    cgroup_id: Option<u64>,
+    netns: Option<u64>,
+    #[serde(borrow)]
+    ips: Option<Vec<Text<'a>>>,
+    comm: Option<String>,
+}
+
+/// The /proc facts fields as written, for an `exec` record or a `scan` entry.
+struct RawFacts<'a> {
+    cgroup: Option<String>,
+    cgroup_id: Option<u64>,
+    netns: Option<u64>,
+    ips: Option<Vec<Text<'a>>>,
+    comm: Option<String>,
+}
+
+/// A required field's value, or the error naming it.
+fn required<T>(
+    value: Option<T>,
+    line: usize,
+    field: &str,
+    context: &str,
+) -> Result<T, RecordingError> {
+    value.ok_or_else(|| RecordingError::MissingField {
+        line,
+        field: field.to_string(),
+        context: context.to_string(),
+    })
+}
+
+/// Checks the required fields of a parsed record for its type and builds the event.
+fn convert(raw: RawRecord, line: usize) -> Result<Record, RecordingError> {
+    let kind = required(raw.kind, line, "type", "every record has it")?;
+    let record = match kind {
+        RecordType::Exec => {
+            let context = "required in exec records";
+            Record::Proc(ProcEvent::Exec {
+                pid: required(raw.pid, line, "pid", context)?,
+                tgid: required(raw.tgid, line, "tgid", context)?,
+                facts: facts(
+                    RawFacts {
+                        cgroup: raw.cgroup,
+                        cgroup_id: raw.cgroup_id,
+                        netns: raw.netns,
+                        ips: raw.ips,
+                        comm: raw.comm,
+                    },
+                    line,
+                    "",
+                )?,
+            })
+        }
+        RecordType::Fork => {
+            let context = "required in fork records";
+            Record::Proc(ProcEvent::Fork {
+                parent_pid: required(raw.parent_pid, line, "parent_pid", context)?,
+                parent_tgid: required(raw.parent_tgid, line, "parent_tgid", context)?,
+                child_pid: required(raw.child_pid, line, "child_pid", context)?,
+                child_tgid: required(raw.child_tgid, line, "child_tgid", context)?,
+            })
+        }
+        RecordType::Exit => {
+            let context = "required in exit records";
+            Record::Proc(ProcEvent::Exit {
+                pid: required(raw.pid, line, "pid", context)?,
+                tgid: required(raw.tgid, line, "tgid", context)?,
+                exit_code: required(raw.exit_code, line, "exit_code", context)?,
+            })
+        }
+        RecordType::Lost => Record::Proc(ProcEvent::Lost),
+        RecordType::Scan => {
+            let entries = required(raw.processes, line, "processes", "required in scan records")?;
+            let mut processes = Vec::with_capacity(entries.len());
+            for (i, entry) in entries.into_iter().enumerate() {
+                let prefix = format!("processes[{i}].");
+                let pid = required(
+                    entry.pid,
+                    line,
+                    &format!("{prefix}pid"),
+                    "required in every scan entry",
+                )?;
+                let facts = facts(
+                    RawFacts {
+                        cgroup: entry.cgroup,
+                        cgroup_id: entry.cgroup_id,
+                        netns: entry.netns,
+                        ips: entry.ips,
+                        comm: entry.comm,
+                    },
+                    line,
+                    &prefix,
+                )?;
+                processes.push(ScannedProcess { pid, facts });
+            }
+            Record::Proc(ProcEvent::Scan { processes })
+        }
+        RecordType::Kube => {
+            let context = "required in kube records";
+            let action = match required(raw.action, line, "action", context)?.0.as_ref() {
+                "apply" => KubeAction::Apply,
+                "delete" => KubeAction::Delete,
+                other => {
+                    return Err(RecordingError::InvalidValue {
+                        line,
+                        field: "action".to_string(),
+                        reason: format!("expected \"apply\" or \"delete\", found {other:?}"),
+                    })
+                }
+            };
+            let object = required(raw.object, line, "object", context)?;
+            validate_kube_object(&object, line)?;
+            Record::Kube(KubeRecord { action, object })
+        }
+        RecordType::KubeSynced => Record::KubeSynced,
+        RecordType::Unknown(value) => {
+            return Err(RecordingError::UnknownType {
+                line,
+                field: "type".to_string(),
+                value,
+            })
+        }
+    };
+    Ok(record)
+}
+
+/// Builds [`ProcFacts`] from the fields as written; `prefix` is the JSON path of the object
+/// holding them (`""` for an exec record, `processes[3].` for a scan entry).
+fn facts(raw: RawFacts, line: usize, prefix: &str) -> Result<ProcFacts, RecordingError> {
+    let cgroup = match (raw.cgroup, raw.cgroup_id) {
+        (Some(path), Some(id)) => Some(CgroupRef {
+            path,
+            id: CgroupId(id),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(RecordingError::MissingField {
+                line,
+                field: format!("{prefix}cgroup_id"),
+                context: "required when \"cgroup\" is present".to_string(),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(RecordingError::MissingField {
+                line,
+                field: format!("{prefix}cgroup"),
+                context: "required when \"cgroup_id\" is present".to_string(),
+            })
+        }
+    };
+    let mut ips = Vec::new();
+    if let Some(texts) = raw.ips {
+        ips.reserve_exact(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let ip: IpAddr = text.0.parse().map_err(|_| RecordingError::InvalidValue {
+                line,
+                field: format!("{prefix}ips[{i}]"),
+                reason: format!("not an IP address: {:?}", text.0),
+            })?;
+            ips.push(ip);
+        }
+    }
+    Ok(ProcFacts {
+        cgroup,
+        netns: raw.netns,
+        ips,
+        comm: raw.comm,
+    })
+}
+
+/// serde_json's message without its " at line L column C" (the line is always 1 here: it is
+/// one line of the recording), with the column kept.
+fn message_without_position(err: &serde_json::Error) -> String {
+    let message = err.to_string();
+    match message.rfind(" at line ") {
+        Some(cut) => format!("{} (column {})", &message[..cut], err.column()),
+        None => message,
+    }
+}
+
+/// Turns a failed parse of a record line into an error naming the field. The fast typed parse
+/// does not say which field had the wrong type, so the line is parsed again (this is the error
+/// path only) as a tree and each known field is checked on its own.
+fn json_error(err: &serde_json::Error, text: &[u8], line: usize) -> RecordingError {
+    if !err.is_data() {
+        return RecordingError::InvalidJson {
+            line,
+            message: message_without_position(err),
+        };
+    }
+    let value: Value = match serde_json::from_slice(text) {
+        Ok(value) => value,
+        Err(err) => {
+            return RecordingError::InvalidJson {
+                line,
+                message: message_without_position(&err),
+            }
+        }
+    };
+    let Value::Object(map) = &value else {
+        return RecordingError::WrongType {
+            line,
+            field: "(record)".to_string(),
+            message: format!("a record must be a JSON object, found {}", describe(&value)),
+        };
+    };
+    if let Some((field, message)) = find_wrong_field(map, RECORD_FIELDS, "") {
+        return RecordingError::WrongType {
+            line,
+            field,
+            message,
+        };
+    }
+    if let Some(Value::Array(entries)) = map.get("processes") {
+        for (i, entry) in entries.iter().enumerate() {
+            let prefix = format!("processes[{i}].");
+            let Value::Object(entry) = entry else {
+                return RecordingError::WrongType {
+                    line,
+                    field: format!("processes[{i}]"),
+                    message: format!("expected a JSON object, found {}", describe(entry)),
+                };
+            };
+            if let Some((field, message)) = find_wrong_field(entry, PROCESS_FIELDS, &prefix) {
+                return RecordingError::WrongType {
+                    line,
+                    field,
+                    message,
+                };
+            }
+        }
+    }
+    // Not a type error of one field (e.g. a field given twice): name the field if serde did.
+    let message = message_without_position(err);
+    let field = message.split('`').nth(1).unwrap_or("(record)").to_string();
+    RecordingError::InvalidValue {
+        line,
+        field,
+        reason: message,
+    }
+}
+
+/// A check that a JSON value fits a field's type, with serde's message when it does not.
+type FieldCheck = fn(&Value) -> Result<(), String>;
+
+fn fits<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), String> {
+    T::deserialize(value).map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn fits_ips(value: &Value) -> Result<(), String> {
+    fits::<Option<Vec<IgnoredAny>>>(value)?;
+    if let Value::Array(items) = value {
+        for (i, item) in items.iter().enumerate() {
+            fits::<String>(item).map_err(|e| format!("[{i}]: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+const PROCESS_FIELDS: &[(&str, FieldCheck)] = &[
+    ("pid", fits::<Option<u32>>),
+    ("cgroup", fits::<Option<String>>),
+    ("cgroup_id", fits::<Option<u64>>),
+    ("netns", fits::<Option<u64>>),
+    ("ips", fits_ips),
+    ("comm", fits::<Option<String>>),
+];
+
+const RECORD_FIELDS: &[(&str, FieldCheck)] = &[
+    ("ts", fits::<Option<u64>>),
+    ("type", fits::<Option<String>>),
+    ("pid", fits::<Option<u32>>),
+    ("tgid", fits::<Option<u32>>),
+    ("cgroup", fits::<Option<String>>),
+    ("cgroup_id", fits::<Option<u64>>),
+    ("netns", fits::<Option<u64>>),
+    ("ips", fits_ips),
+    ("comm", fits::<Option<String>>),
+    ("parent_pid", fits::<Option<u32>>),
+    ("parent_tgid", fits::<Option<u32>>),
+    ("child_pid", fits::<Option<u32>>),
+    ("child_tgid", fits::<Option<u32>>),
+    ("exit_code", fits::<Option<u32>>),
+    ("processes", fits::<Option<Vec<IgnoredAny>>>),
+    ("action", fits::<Option<String>>),
+];
+
+/// The first field of `map` (in `checks` order) whose value does not fit its type: its path
+/// (with `prefix`) and why.
+fn find_wrong_field(
+    map: &serde_json::Map<String, Value>,
+    checks: &[(&str, FieldCheck)],
+    prefix: &str,
+) -> Option<(String, String)> {
+    checks.iter().find_map(|(name, check)| {
+        let value = map.get(*name)?;
+        match check(value) {
+            Ok(()) => None,
+            Err(message) => match message.strip_prefix('[') {
+                // An `ips` item: name it in the path.
+                Some(rest) => {
+                    let (index, why) = rest.split_once("]: ").unwrap_or((rest, ""));
+                    Some((format!("{prefix}{name}[{index}]"), why.to_string()))
+                }
+                None => Some((format!("{prefix}{name}"), message)),
+            },
+        }
+    })
+}
