@@ -3,8 +3,10 @@
 //! Every fixture is a guard that removes what it made when dropped, also when the test fails.
 //! Names are unique per test and process, so tests run in parallel on a shared machine.
 
+pub mod apiserver;
 pub mod cgroup;
 
+pub use apiserver::FakeApiServer;
 pub use cgroup::TestCgroup;
 
 /// Whether a privileged test may run. Not root: prints why the test is skipped and returns
