@@ -182,7 +182,7 @@ fn parse_header(text: &[u8], line: usize) -> Result<Header, RecordingError> {
             ),
         });
     };
-    let context = "the header (the first line) must have it";
+    let context = "the header must have it";
     let missing = |field: &str| RecordingError::MissingField {
         line,
         field: field.to_string(),
@@ -573,7 +573,20 @@ fn json_error(err: &serde_json::Error, text: &[u8], line: usize) -> RecordingErr
 type FieldCheck = fn(&Value) -> Result<(), String>;
 
 fn fits<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), String> {
-    T::deserialize(value).map(|_| ()).map_err(|e| e.to_string())
+    T::deserialize(value)
+        .map(|_| ())
+        .map_err(|e| expected_found(&e.to_string()))
+}
+
+/// serde's "invalid type: string \"1\", expected u32" as "expected u32, found string \"1\"".
+fn expected_found(message: &str) -> String {
+    let found_expected = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "));
+    match found_expected.and_then(|rest| rest.rsplit_once(", expected ")) {
+        Some((found, expected)) => format!("expected {expected}, found {found}"),
+        None => message.to_string(),
+    }
 }
 
 fn fits_ips(value: &Value) -> Result<(), String> {
