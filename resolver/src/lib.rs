@@ -6,8 +6,17 @@
 //! programmer. It is a pure function of its inputs: it reads no files and no clock while
 //! deciding, so a recording replays to the same updates anywhere. It knows no BPF map layout.
 
+pub mod cgroup_path;
+pub mod decide;
 pub mod input;
+pub mod kube;
+pub mod kube_record;
+mod resolver;
 pub mod update;
+pub mod workloads;
 
 pub use input::{Input, KubeChange, KubeObject};
+pub use kube_record::{kube_record_to_change, KubeRecordError};
+pub use resolver::{CgroupIds, LiveCgroup, NoCgroupIds, Resolver, ResolverConfig};
 pub use update::{Enrolment, PodName, Role, Update};
+pub use workloads::{Workloads, WorkloadsError};

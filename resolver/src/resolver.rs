@@ -1,0 +1,809 @@
+//! The resolver's state machine: live processes → cgroups → owners (pods, standalone
+//! workloads) → decisions → [`Update`]s.
+//!
+//! Every live process is in at most one cgroup; each cgroup counts its live processes and is
+//! forgotten when the count drops to zero. A cgroup's owner (a pod, read from its path, or a
+//! standalone subtree) is decided once when the cgroup is first seen. An owner's map entries
+//! are the pod-level cgroup when its id is known (a live cgroup, or the injected
+//! [`CgroupIds`]), else each of its live cgroups; they are diffed against what was emitted, so
+//! nothing is emitted twice for an unchanged decision.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use log::{debug, info, warn};
+use rustc_hash::{FxHashMap, FxHashSet};
+use watcher::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts};
+
+use crate::cgroup_path::{parse_cgroup_path, CgroupKind};
+use crate::decide::{Decision, Rules};
+use crate::input::{Input, KubeChange, KubeObject};
+use crate::kube_record::{NamespaceFacts, PodFacts};
+use crate::update::{Enrolment, PodName, Role, Update};
+use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads};
+
+/// How many distinct unrecognized pod-like paths are remembered (to log each once).
+const UNRECOGNIZED_LOG_LIMIT: usize = 4096;
+
+/// Finds the id of a cgroup directory by its path (relative to the cgroup2 root).
+///
+/// The live agent stats `<cgroup2 root>/<path>`; replay knows no more than the recording.
+pub trait CgroupIds {
+    fn id_of(&mut self, path: &str) -> Option<CgroupId>;
+}
+
+/// Knows no cgroup beyond those that hold live processes (replay, tests).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoCgroupIds;
+
+impl CgroupIds for NoCgroupIds {
+    fn id_of(&mut self, _path: &str) -> Option<CgroupId> {
+        None
+    }
+}
+
+/// What the resolver is told by the operator.
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    /// This node's name: only pods whose `spec.nodeName` equals it are local.
+    pub node: String,
+    /// Where the node's ztunnel runs (`app=ztunnel`).
+    pub system_namespace: String,
+    /// Namespaces whose pods are never captured.
+    pub excluded_namespaces: Vec<String>,
+    /// Host cgroup subtrees whose connects to ambient pods are not sent to ztunnel's inbound
+    /// port (Kubernetes mode; in standalone mode the workloads file's `exempt` is used).
+    pub exempt_cgroups: Vec<String>,
+    /// Standalone mode: the workloads file replaces the kube cache, whose inputs are ignored.
+    pub workloads: Option<Workloads>,
+}
+
+impl ResolverConfig {
+    /// Defaults: system namespace `istio-system`, excluded `kube-system`, nothing exempt.
+    pub fn new(node: impl Into<String>) -> ResolverConfig {
+        ResolverConfig {
+            node: node.into(),
+            system_namespace: "istio-system".to_string(),
+            excluded_namespaces: vec!["kube-system".to_string()],
+            exempt_cgroups: Vec::new(),
+            workloads: None,
+        }
+    }
+}
+
+/// Who owns a cgroup, and so decides it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum OwnerKey {
+    /// A pod, by `metadata.uid`.
+    Pod(Box<str>),
+    /// `workloads[i]` of the workloads file.
+    Workload(usize),
+    /// The workloads file's ztunnel.
+    Ztunnel,
+    /// An exempt host subtree: the workloads file's `exempt[i]`, or the config's.
+    Exempt(usize),
+}
+
+/// An owner that holds live cgroups or has entries programmed.
+#[derive(Debug)]
+struct Owner {
+    /// The pod-level cgroup, or the standalone subtree.
+    root: Box<str>,
+    /// Its cgroups that hold live processes.
+    live: BTreeSet<CgroupId>,
+    /// The entries emitted for it (what the programmer holds).
+    emitted: BTreeMap<CgroupId, Enrolment>,
+    /// The last decision logged, to log changes only.
+    logged: Option<(Role, Vec<IpAddr>)>,
+}
+
+impl Owner {
+    fn new(root: &str) -> Owner {
+        Owner {
+            root: root.into(),
+            live: BTreeSet::new(),
+            emitted: BTreeMap::new(),
+            logged: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CgroupState {
+    path: Box<str>,
+    /// Live processes in it.
+    live: u32,
+    owner: Option<OwnerKey>,
+    /// The addresses of the network namespace of the first process seen in it that had any
+    /// (for `address: auto`).
+    ips: Vec<IpAddr>,
+}
+
+/// A cgroup that holds live processes, for output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveCgroup<'a> {
+    pub id: CgroupId,
+    pub path: &'a str,
+    /// The pod (`NAMESPACE/NAME`) or workload name, when known.
+    pub pod: Option<PodName>,
+}
+
+/// The resolver. Feed it [`Input`]s with [`Resolver::handle`]; it pushes [`Update`]s.
+pub struct Resolver {
+    config: ResolverConfig,
+    rules: Rules,
+    ids: Box<dyn CgroupIds + Send>,
+    procs: FxHashMap<Pid, Option<CgroupId>>,
+    cgroups: FxHashMap<CgroupId, CgroupState>,
+    by_path: FxHashMap<Box<str>, CgroupId>,
+    owners: FxHashMap<OwnerKey, Owner>,
+    pods: FxHashMap<Box<str>, PodFacts>,
+    namespaces: FxHashMap<String, NamespaceFacts>,
+    /// Uids of local pods that qualify as the node's ztunnel.
+    ztunnel_pods: BTreeSet<Box<str>>,
+    kube_synced: bool,
+    scan_seen: bool,
+    synced_emitted: bool,
+    started: bool,
+    /// The ztunnel addresses last emitted (`None`: nothing emitted yet).
+    ztunnel_emitted: Option<Vec<IpAddr>>,
+    unrecognized_logged: HashSet<String>,
+}
+
+impl Resolver {
+    /// A resolver that knows only the cgroups its events name ([`NoCgroupIds`]).
+    pub fn new(config: ResolverConfig) -> Resolver {
+        Resolver::with_cgroup_ids(config, Box::new(NoCgroupIds))
+    }
+
+    /// A resolver that asks `ids` for the ids of pod-level cgroups and standalone subtrees.
+    pub fn with_cgroup_ids(config: ResolverConfig, ids: Box<dyn CgroupIds + Send>) -> Resolver {
+        let rules = Rules {
+            node: config.node.clone(),
+            system_namespace: config.system_namespace.clone(),
+            excluded_namespaces: config.excluded_namespaces.clone(),
+        };
+        Resolver {
+            config,
+            rules,
+            ids,
+            procs: FxHashMap::default(),
+            cgroups: FxHashMap::default(),
+            by_path: FxHashMap::default(),
+            owners: FxHashMap::default(),
+            pods: FxHashMap::default(),
+            namespaces: FxHashMap::default(),
+            ztunnel_pods: BTreeSet::new(),
+            kube_synced: false,
+            scan_seen: false,
+            synced_emitted: false,
+            started: false,
+            ztunnel_emitted: None,
+            unrecognized_logged: HashSet::new(),
+        }
+    }
+
+    pub fn config(&self) -> &ResolverConfig {
+        &self.config
+    }
+
+    fn standalone(&self) -> bool {
+        self.config.workloads.is_some()
+    }
+
+    /// Handles one input, pushing the updates it causes onto `out`.
+    pub fn handle(&mut self, input: Input, out: &mut Vec<Update>) {
+        if !self.started {
+            self.started = true;
+            self.update_ztunnel(out);
+        }
+        match input {
+            Input::Proc { event, .. } => self.handle_proc(event, out),
+            Input::Kube(change) => {
+                if self.standalone() {
+                    debug!("standalone mode: ignoring a Kubernetes input");
+                } else {
+                    self.handle_kube(change, out);
+                }
+            }
+        }
+        self.maybe_synced(out);
+    }
+
+    /// Replaces the workloads file (standalone mode; `SIGHUP`) and re-decides every cgroup.
+    pub fn set_workloads(&mut self, workloads: Workloads, out: &mut Vec<Update>) {
+        self.config.workloads = Some(workloads);
+        let mut old: BTreeMap<CgroupId, Enrolment> = BTreeMap::new();
+        for owner in self.owners.values_mut() {
+            old.append(&mut owner.emitted);
+        }
+        self.owners.clear();
+        let mut ids: Vec<CgroupId> = self.cgroups.keys().copied().collect();
+        ids.sort();
+        for id in &ids {
+            let path = self.cgroups[id].path.clone();
+            let owner = self.classify(&path);
+            if let Some((key, root)) = &owner {
+                self.owners
+                    .entry(key.clone())
+                    .or_insert_with(|| Owner::new(root))
+                    .live
+                    .insert(*id);
+            }
+            self.cgroups.get_mut(id).expect("listed above").owner = owner.map(|(k, _)| k);
+        }
+        let mut keys: Vec<OwnerKey> = self.owners.keys().cloned().collect();
+        keys.sort();
+        let mut new: BTreeMap<CgroupId, Enrolment> = BTreeMap::new();
+        for key in keys {
+            let (decision, desired) = self.desired(&key);
+            new.extend(desired.iter().map(|(k, v)| (*k, v.clone())));
+            let owner = self.owners.get_mut(&key).expect("listed above");
+            owner.emitted = desired;
+            log_decision(owner, &decision, None);
+        }
+        for id in old.keys() {
+            if !new.contains_key(id) {
+                out.push(Update::Delete { cgroup_id: *id });
+            }
+        }
+        for (id, enrolment) in &new {
+            if old.get(id) != Some(enrolment) {
+                out.push(Update::Upsert(enrolment.clone()));
+            }
+        }
+        self.owners
+            .retain(|_, o| !o.live.is_empty() || !o.emitted.is_empty());
+        self.update_ztunnel(out);
+    }
+
+    /// Every cgroup that holds a live process, sorted by id.
+    pub fn live_cgroups(&self) -> Vec<LiveCgroup<'_>> {
+        let mut all: Vec<LiveCgroup<'_>> = self
+            .cgroups
+            .iter()
+            .map(|(id, state)| LiveCgroup {
+                id: *id,
+                path: &state.path,
+                pod: state.owner.as_ref().and_then(|k| self.owner_name(k)),
+            })
+            .collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    /// The id of a live cgroup (one holding processes) by its path.
+    pub fn live_cgroup_id(&self, path: &str) -> Option<CgroupId> {
+        self.by_path.get(path).copied()
+    }
+
+    /// How many processes are live.
+    pub fn live_processes(&self) -> usize {
+        self.procs.len()
+    }
+
+    fn owner_name(&self, key: &OwnerKey) -> Option<PodName> {
+        match key {
+            OwnerKey::Pod(uid) => self.pods.get(uid).map(PodFacts::full_name),
+            OwnerKey::Workload(i) => self
+                .config
+                .workloads
+                .as_ref()
+                .and_then(|w| w.workloads.get(*i))
+                .map(|w| w.name.clone()),
+            OwnerKey::Ztunnel | OwnerKey::Exempt(_) => None,
+        }
+    }
+
+    // ---- processes ----
+
+    fn handle_proc(&mut self, event: ProcEvent, out: &mut Vec<Update>) {
+        match event {
+            ProcEvent::Exec { tgid, facts, .. } => self.exec(tgid, facts, out),
+            ProcEvent::Fork {
+                parent_tgid,
+                child_tgid,
+                ..
+            } => {
+                if child_tgid == parent_tgid {
+                    return; // a thread
+                }
+                let cgroup = self.procs.get(&parent_tgid).copied().flatten();
+                if let Some(id) = cgroup {
+                    self.cgroups.get_mut(&id).expect("live cgroup").live += 1;
+                }
+                debug!("fork {parent_tgid} -> {child_tgid}");
+                if let Some(Some(old)) = self.procs.insert(child_tgid, cgroup) {
+                    // A pid reused without its exit seen: the old process is gone.
+                    self.release(old, out);
+                }
+            }
+            ProcEvent::Exit { pid, tgid, .. } => {
+                if pid != tgid {
+                    return; // a thread
+                }
+                debug!("exit {tgid}");
+                if let Some(Some(old)) = self.procs.remove(&tgid) {
+                    self.release(old, out);
+                }
+            }
+            ProcEvent::Lost => {
+                info!("events were lost; waiting for the rescan");
+            }
+            ProcEvent::Scan { processes } => {
+                let mut listed: FxHashSet<Pid> = FxHashSet::default();
+                listed.reserve(processes.len());
+                for p in processes {
+                    listed.insert(p.pid);
+                    self.exec(p.pid, p.facts, out);
+                }
+                let mut gone: Vec<Pid> = self
+                    .procs
+                    .keys()
+                    .filter(|pid| !listed.contains(pid))
+                    .copied()
+                    .collect();
+                gone.sort_unstable();
+                debug!("scan: {} processes, {} gone", listed.len(), gone.len());
+                for pid in gone {
+                    if let Some(Some(old)) = self.procs.remove(&pid) {
+                        self.release(old, out);
+                    }
+                }
+                self.scan_seen = true;
+            }
+        }
+    }
+
+    /// A process is (now) in the cgroup its facts name; without facts, it stays where it was.
+    fn exec(&mut self, tgid: Pid, facts: ProcFacts, out: &mut Vec<Update>) {
+        let Some(cgroup) = facts.cgroup else {
+            debug!("process {tgid}: no cgroup (gone before /proc was read)");
+            self.procs.entry(tgid).or_insert(None);
+            return;
+        };
+        let id = cgroup.id;
+        if self.procs.get(&tgid) == Some(&Some(id)) {
+            return;
+        }
+        self.acquire(cgroup, facts.ips, out);
+        if let Some(Some(old)) = self.procs.insert(tgid, Some(id)) {
+            self.release(old, out);
+        }
+    }
+
+    /// One more live process in `cgroup`.
+    fn acquire(&mut self, cgroup: CgroupRef, ips: Vec<IpAddr>, out: &mut Vec<Update>) {
+        if let Some(state) = self.cgroups.get_mut(&cgroup.id) {
+            state.live += 1;
+            if *state.path != *cgroup.path {
+                debug!(
+                    "cgroup {} is named both {} and {}; keeping the first",
+                    cgroup.id, state.path, cgroup.path
+                );
+            }
+            if state.ips.is_empty() && !ips.is_empty() {
+                state.ips = usable_ips(ips);
+                if let Some(key) = state.owner.clone() {
+                    self.on_addresses_seen(key, out);
+                }
+            }
+            return;
+        }
+        let owner = self.classify(&cgroup.path);
+        debug!("cgroup {} {}: first process", cgroup.id, cgroup.path);
+        let path: Box<str> = cgroup.path.into_boxed_str();
+        self.by_path.insert(path.clone(), cgroup.id);
+        self.cgroups.insert(
+            cgroup.id,
+            CgroupState {
+                path,
+                live: 1,
+                owner: owner.as_ref().map(|(k, _)| k.clone()),
+                ips: usable_ips(ips),
+            },
+        );
+        if let Some((key, root)) = owner {
+            self.owners
+                .entry(key.clone())
+                .or_insert_with(|| Owner::new(&root))
+                .live
+                .insert(cgroup.id);
+            self.recompute(&key, out);
+            if key == OwnerKey::Ztunnel {
+                self.update_ztunnel(out);
+            }
+        }
+    }
+
+    /// One less live process in cgroup `id`.
+    fn release(&mut self, id: CgroupId, out: &mut Vec<Update>) {
+        let Some(state) = self.cgroups.get_mut(&id) else {
+            return;
+        };
+        state.live -= 1;
+        if state.live > 0 {
+            return;
+        }
+        let state = self.cgroups.remove(&id).expect("present above");
+        debug!("cgroup {id} {}: no process left", state.path);
+        self.by_path.remove(&state.path);
+        if let Some(key) = state.owner {
+            if let Some(owner) = self.owners.get_mut(&key) {
+                owner.live.remove(&id);
+            }
+            self.recompute(&key, out);
+            if key == OwnerKey::Ztunnel {
+                self.update_ztunnel(out);
+            }
+        }
+    }
+
+    /// The first addresses seen in a cgroup may give an `auto` owner its address.
+    fn on_addresses_seen(&mut self, key: OwnerKey, out: &mut Vec<Update>) {
+        if matches!(key, OwnerKey::Workload(_) | OwnerKey::Ztunnel) {
+            self.recompute(&key, out);
+            if key == OwnerKey::Ztunnel {
+                self.update_ztunnel(out);
+            }
+        }
+    }
+
+    /// Who owns a cgroup path, and that owner's root (pod-level cgroup or subtree).
+    fn classify(&mut self, path: &str) -> Option<(OwnerKey, String)> {
+        if let Some(workloads) = &self.config.workloads {
+            if let Some(z) = &workloads.ztunnel {
+                if is_within(path, &z.cgroup) {
+                    return Some((OwnerKey::Ztunnel, z.cgroup.clone()));
+                }
+            }
+            for (i, w) in workloads.workloads.iter().enumerate() {
+                if is_within(path, &w.cgroup) {
+                    return Some((OwnerKey::Workload(i), w.cgroup.clone()));
+                }
+            }
+            for (i, e) in workloads.exempt.iter().enumerate() {
+                if is_within(path, e) {
+                    return Some((OwnerKey::Exempt(i), e.clone()));
+                }
+            }
+            return None;
+        }
+        match parse_cgroup_path(path) {
+            CgroupKind::Pod(pod) => {
+                return Some((OwnerKey::Pod(pod.uid.into_boxed_str()), pod.pod_path));
+            }
+            CgroupKind::Unrecognized => {
+                if self.unrecognized_logged.len() < UNRECOGNIZED_LOG_LIMIT
+                    && self.unrecognized_logged.insert(path.to_string())
+                {
+                    warn!(
+                        "cgroup {path} is under kubepods but no pod uid could be read from it; \
+                         treated as a host cgroup (role none)"
+                    );
+                }
+            }
+            CgroupKind::Host => {}
+        }
+        for (i, e) in self.config.exempt_cgroups.iter().enumerate() {
+            if is_within(path, e) {
+                return Some((OwnerKey::Exempt(i), e.clone()));
+            }
+        }
+        None
+    }
+
+    // ---- decisions ----
+
+    /// The decision for an owner and the entries it needs.
+    fn desired(&mut self, key: &OwnerKey) -> (Decision, BTreeMap<CgroupId, Enrolment>) {
+        let decision = self.decide(key);
+        let mut desired = BTreeMap::new();
+        if decision.role == Role::None {
+            return (decision, desired);
+        }
+        let Some(owner) = self.owners.get(key) else {
+            return (decision, desired);
+        };
+        let pod = self.owner_name(key);
+        let root_id = match self.by_path.get(&owner.root) {
+            Some(id) => Some(*id),
+            None => {
+                let root = owner.root.clone();
+                self.ids.id_of(&root)
+            }
+        };
+        let owner = &self.owners[key];
+        let enrol = |id: CgroupId, path: &str| Enrolment {
+            cgroup_id: id,
+            cgroup: path.to_string(),
+            pod: pod.clone(),
+            role: decision.role,
+            ips: decision.ips.clone(),
+        };
+        match root_id {
+            Some(id) => {
+                desired.insert(id, enrol(id, &owner.root));
+            }
+            None => {
+                for id in &owner.live {
+                    desired.insert(*id, enrol(*id, &self.cgroups[id].path));
+                }
+            }
+        }
+        (decision, desired)
+    }
+
+    fn decide(&self, key: &OwnerKey) -> Decision {
+        match key {
+            OwnerKey::Pod(uid) => match self.pods.get(uid) {
+                Some(pod) => self
+                    .rules
+                    .decide(pod, self.namespaces.get(pod.namespace.as_str())),
+                None => Decision::none(format!("pod {uid} is not known on this node")),
+            },
+            OwnerKey::Workload(i) => {
+                let Some(w) = self
+                    .config
+                    .workloads
+                    .as_ref()
+                    .and_then(|w| w.workloads.get(*i))
+                else {
+                    return Decision::none("workload no longer in the workloads file");
+                };
+                if w.mode == Mode::None {
+                    return Decision::none("workloads file: mode none");
+                }
+                let ips = self.address_of(key, &w.address);
+                if ips.is_empty() {
+                    return Decision::none(
+                        "workloads file: address auto, and no address seen in the subtree yet",
+                    );
+                }
+                Decision {
+                    role: Role::Ambient,
+                    ips,
+                    reason: "workloads file: mode ambient".to_string(),
+                }
+            }
+            OwnerKey::Ztunnel => {
+                let address = self
+                    .config
+                    .workloads
+                    .as_ref()
+                    .and_then(|w| w.ztunnel.as_ref())
+                    .map(|z| z.address.clone())
+                    .unwrap_or(Address::Fixed(Vec::new()));
+                Decision {
+                    role: Role::Ztunnel,
+                    ips: self.address_of(key, &address),
+                    reason: "workloads file: ztunnel".to_string(),
+                }
+            }
+            OwnerKey::Exempt(_) => Decision {
+                role: Role::Exempt,
+                ips: Vec::new(),
+                reason: "exempt host cgroup".to_string(),
+            },
+        }
+    }
+
+    /// A fixed address, or for `auto` the first addresses seen in the owner's live cgroups
+    /// (lowest cgroup id first, so that a reload decides the same).
+    fn address_of(&self, key: &OwnerKey, address: &Address) -> Vec<IpAddr> {
+        match address {
+            Address::Fixed(ips) => ips.clone(),
+            Address::Auto => self
+                .owners
+                .get(key)
+                .into_iter()
+                .flat_map(|o| o.live.iter())
+                .filter_map(|id| self.cgroups.get(id))
+                .find(|c| !c.ips.is_empty())
+                .map(|c| c.ips.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Re-decides one owner and emits the difference in its entries.
+    fn recompute(&mut self, key: &OwnerKey, out: &mut Vec<Update>) {
+        if !self.owners.contains_key(key) {
+            return;
+        }
+        let (decision, desired) = self.desired(key);
+        let name = self.owner_name(key);
+        let owner = self.owners.get_mut(key).expect("checked above");
+        for id in owner.emitted.keys() {
+            if !desired.contains_key(id) {
+                out.push(Update::Delete { cgroup_id: *id });
+            }
+        }
+        for (id, enrolment) in &desired {
+            if owner.emitted.get(id) != Some(enrolment) {
+                out.push(Update::Upsert(enrolment.clone()));
+            }
+        }
+        owner.emitted = desired;
+        log_decision(owner, &decision, name.as_deref().or(key_uid(key)));
+        if owner.live.is_empty() && owner.emitted.is_empty() {
+            self.owners.remove(key);
+        }
+    }
+
+    /// Re-decides every owner whose pod is in `namespace`.
+    fn recompute_namespace(&mut self, namespace: &str, out: &mut Vec<Update>) {
+        let mut keys: Vec<OwnerKey> = self
+            .owners
+            .keys()
+            .filter(|k| match k {
+                OwnerKey::Pod(uid) => self.pods.get(uid).is_some_and(|p| p.namespace == namespace),
+                _ => false,
+            })
+            .cloned()
+            .collect();
+        keys.sort();
+        for key in keys {
+            self.recompute(&key, out);
+        }
+    }
+
+    /// The ztunnel address the programs should use; emitted when it changes.
+    fn update_ztunnel(&mut self, out: &mut Vec<Update>) {
+        let ips = if let Some(workloads) = &self.config.workloads {
+            match &workloads.ztunnel {
+                Some(z) => self.address_of(&OwnerKey::Ztunnel, &z.address),
+                None => Vec::new(),
+            }
+        } else {
+            // Several during a rollout: the newest (then by name, uid) that has an address.
+            self.ztunnel_pods
+                .iter()
+                .filter_map(|uid| self.pods.get(uid))
+                .filter(|p| !p.ips.is_empty())
+                .max_by(|a, b| (a.created, &a.name, &a.uid).cmp(&(b.created, &b.name, &b.uid)))
+                .map(|p| p.ips.clone())
+                .unwrap_or_default()
+        };
+        if self.ztunnel_emitted.as_ref() == Some(&ips) {
+            return;
+        }
+        if self.ztunnel_emitted.is_some() || !ips.is_empty() {
+            info!("ztunnel address: {}", join_ips(&ips));
+        }
+        self.ztunnel_emitted = Some(ips.clone());
+        out.push(Update::SetZtunnel { ips });
+    }
+
+    fn maybe_synced(&mut self, out: &mut Vec<Update>) {
+        if self.synced_emitted || !self.scan_seen || !(self.standalone() || self.kube_synced) {
+            return;
+        }
+        self.synced_emitted = true;
+        info!("synced: the process scan and the pod and namespace lists are complete");
+        out.push(Update::Synced);
+    }
+
+    // ---- Kubernetes ----
+
+    fn handle_kube(&mut self, change: KubeChange, out: &mut Vec<Update>) {
+        match change {
+            KubeChange::Apply(KubeObject::Pod(pod)) => match PodFacts::of(&pod) {
+                Some(facts) if facts.node.as_deref() == Some(self.config.node.as_str()) => {
+                    self.set_pod(facts.uid.clone().into_boxed_str(), Some(facts), out)
+                }
+                Some(facts) => {
+                    // Not on this node: forget it if it was (a recording may say so).
+                    self.set_pod(facts.uid.into_boxed_str(), None, out)
+                }
+                None => warn!("a pod without metadata.uid was ignored"),
+            },
+            KubeChange::Delete(KubeObject::Pod(pod)) => match pod.metadata.uid.as_deref() {
+                Some(uid) if !uid.is_empty() => self.set_pod(uid.into(), None, out),
+                _ => warn!("a pod delete without metadata.uid was ignored"),
+            },
+            KubeChange::Apply(KubeObject::Namespace(ns)) => {
+                let Some(name) = ns.metadata.name.clone() else {
+                    warn!("a namespace without metadata.name was ignored");
+                    return;
+                };
+                let facts = NamespaceFacts::of(&ns);
+                if self.namespaces.get(&name) != Some(&facts) {
+                    debug!("namespace {name}: {facts:?}");
+                    self.namespaces.insert(name.clone(), facts);
+                    self.recompute_namespace(&name, out);
+                }
+            }
+            KubeChange::Delete(KubeObject::Namespace(ns)) => {
+                let Some(name) = ns.metadata.name.clone() else {
+                    warn!("a namespace delete without metadata.name was ignored");
+                    return;
+                };
+                if self.namespaces.remove(&name).is_some() {
+                    self.recompute_namespace(&name, out);
+                }
+            }
+            KubeChange::Synced => {
+                if !self.kube_synced {
+                    info!("kube cache synced");
+                }
+                self.kube_synced = true;
+            }
+        }
+    }
+
+    fn set_pod(&mut self, uid: Box<str>, facts: Option<PodFacts>, out: &mut Vec<Update>) {
+        if self.pods.get(&uid) == facts.as_ref() {
+            return;
+        }
+        match facts {
+            Some(facts) => {
+                if self.rules.is_node_ztunnel(&facts) {
+                    self.ztunnel_pods.insert(uid.clone());
+                } else {
+                    self.ztunnel_pods.remove(&uid);
+                }
+                self.pods.insert(uid.clone(), facts);
+            }
+            None => {
+                self.pods.remove(&uid);
+                self.ztunnel_pods.remove(&uid);
+            }
+        }
+        let key = OwnerKey::Pod(uid);
+        self.recompute(&key, out);
+        self.update_ztunnel(out);
+    }
+}
+
+fn key_uid(key: &OwnerKey) -> Option<&str> {
+    match key {
+        OwnerKey::Pod(uid) => Some(uid),
+        _ => None,
+    }
+}
+
+/// Logs a decision when it differs from the last one logged for the owner.
+fn log_decision(owner: &mut Owner, decision: &Decision, name: Option<&str>) {
+    let now = (decision.role, decision.ips.clone());
+    if owner.logged.as_ref() == Some(&now) {
+        return;
+    }
+    // A first decision of `none` for an owner is the common case (host-like pods): debug.
+    let first_none = owner.logged.is_none() && decision.role == Role::None;
+    owner.logged = Some(now);
+    let name = name.unwrap_or("-");
+    let ips = if decision.ips.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", join_ips(&decision.ips))
+    };
+    if first_none {
+        debug!("{name}: cgroup {} → none ({})", owner.root, decision.reason);
+    } else {
+        info!(
+            "{name}: cgroup {} → {}{ips} ({})",
+            owner.root,
+            decision.role.as_str(),
+            decision.reason
+        );
+    }
+}
+
+fn join_ips(ips: &[IpAddr]) -> String {
+    if ips.is_empty() {
+        return "none".to_string();
+    }
+    ips.iter()
+        .map(|ip| ip.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Unicast, non-loopback addresses, IPv4 first.
+fn usable_ips(ips: Vec<IpAddr>) -> Vec<IpAddr> {
+    ipv4_first(
+        ips.into_iter()
+            .filter(|ip| !ip.is_loopback() && !ip.is_multicast() && !ip.is_unspecified())
+            .collect(),
+    )
+}
