@@ -257,7 +257,8 @@ impl Connector {
 
     fn wait_ack(&mut self, timeout: Duration) -> Result<(), ConnectorError> {
         let deadline = Instant::now() + timeout;
-        let seq = self.seq;
+        // The kernel overwrites the seq of the ACK with its per-CPU event counter; the ack field
+        // (ours + 1) is what identifies it.
         let want_ack = self.port.wrapping_add(1);
         while Instant::now() < deadline {
             let datagram = match self.recv()? {
@@ -266,8 +267,8 @@ impl Connector {
                 Received::Timeout | Received::Overrun => continue,
             };
             for message in decode(datagram) {
-                if let Message::Ack { seq: s, ack, err } = message? {
-                    if s != seq || ack != want_ack {
+                if let Message::Ack { ack, err, .. } = message? {
+                    if ack != want_ack {
                         continue;
                     }
                     return match err {

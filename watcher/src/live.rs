@@ -1,1 +1,321 @@
 //! The live event source: the proc connector plus /proc reads, with rescans after loss.
+//!
+//! Order of a run: subscribe (checked by the kernel's ACK), then one scan of /proc (a
+//! [`ProcEvent::Scan`]), then the events. When the kernel drops events (ENOBUFS) the source
+//! emits [`ProcEvent::Lost`], scans again and goes on reading: it is never deaf after a loss.
+//!
+//! Events still queued in the socket from before a scan started are superseded by that scan
+//! (their follow-ups may be among the dropped ones), so they are discarded by their kernel
+//! timestamp and counted. Timestamps never decrease: an event stamped (on another CPU) a
+//! little before the previous record is given the previous record's time.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::connector::{
+    decode, Connector, ConnectorConfig, ConnectorError, KernelEvent, Message, Received,
+};
+use crate::event::{ProcEvent, Record, TimedRecord};
+use crate::procfs::{MountError, ProcReader};
+use crate::{EventSource, SourceError};
+
+/// Why the live source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+}
+
+/// Configuration of the live source.
+#[derive(Debug, Clone, Default)]
+pub struct LiveConfig {
+    pub connector: ConnectorConfig,
+}
+
+/// Asks a [`LiveSource`] to stop: its `next_record` then returns `Ok(None)` within the
+/// connector's receive timeout (0.2 s by default). Cloneable, usable from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of a live source, readable from any thread for metrics.
+#[derive(Debug, Default)]
+pub struct LiveCounters {
+    pub forks: AtomicU64,
+    pub execs: AtomicU64,
+    pub exits: AtomicU64,
+    /// Overruns (ENOBUFS): each one is a `Lost` record followed by a scan.
+    pub lost: AtomicU64,
+    pub scans: AtomicU64,
+    /// Exec events whose process was gone before its cgroup could be read.
+    pub execs_without_facts: AtomicU64,
+    /// Proc event types this code does not know (a newer kernel).
+    pub unknown: AtomicU64,
+    /// Proc event types zbridge does not use (uid, gid, comm, ...), before the event mask.
+    pub unused: AtomicU64,
+    /// Netlink messages that were not proc connector events (ACKs, control messages).
+    pub not_proc: AtomicU64,
+    /// Datagrams (or their rest) that could not be decoded.
+    pub malformed: AtomicU64,
+    /// Events older than the latest scan, discarded because the scan supersedes them.
+    pub superseded: AtomicU64,
+}
+
+/// A copy of [`LiveCounters`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub forks: u64,
+    pub execs: u64,
+    pub exits: u64,
+    pub lost: u64,
+    pub scans: u64,
+    pub execs_without_facts: u64,
+    pub unknown: u64,
+    pub unused: u64,
+    pub not_proc: u64,
+    pub malformed: u64,
+    pub superseded: u64,
+}
+
+impl LiveCounters {
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            forks: get(&self.forks),
+            execs: get(&self.execs),
+            exits: get(&self.exits),
+            lost: get(&self.lost),
+            scans: get(&self.scans),
+            execs_without_facts: get(&self.execs_without_facts),
+            unknown: get(&self.unknown),
+            unused: get(&self.unused),
+            not_proc: get(&self.not_proc),
+            malformed: get(&self.malformed),
+            superseded: get(&self.superseded),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The kernel's process events with /proc facts, as an [`EventSource`].
+pub struct LiveSource {
+    connector: Connector,
+    reader: ProcReader,
+    pending: VecDeque<TimedRecord>,
+    stop: StopHandle,
+    counters: Arc<LiveCounters>,
+    /// Events stamped before this (the start of the latest scan) are superseded by the scan.
+    discard_before: u64,
+    last_ts: u64,
+    finished: bool,
+}
+
+impl LiveSource {
+    /// Subscribes to the proc connector (checking the kernel's ACK), then scans /proc; the scan
+    /// is the first record.
+    pub fn start(config: &LiveConfig) -> Result<LiveSource, LiveError> {
+        let reader = ProcReader::new()?;
+        let connector = Connector::subscribe(&config.connector)?;
+        log::info!(
+            "proc connector: subscribed (receive buffer {} bytes, event mask {})",
+            connector.recv_buffer_bytes(),
+            if connector.event_mask_active() {
+                "fork|exec|exit"
+            } else {
+                "none: all events"
+            }
+        );
+        let mut source = LiveSource {
+            connector,
+            reader,
+            pending: VecDeque::new(),
+            stop: StopHandle::default(),
+            counters: Arc::new(LiveCounters::default()),
+            discard_before: 0,
+            last_ts: 0,
+            finished: false,
+        };
+        source.push_scan();
+        Ok(source)
+    }
+
+    /// A handle that makes `next_record` return `Ok(None)`.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// The counters, shared (they keep counting).
+    pub fn counters(&self) -> Arc<LiveCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Where the cgroup2 hierarchy is mounted (cgroup ids are inodes below it).
+    pub fn cgroup_root(&self) -> &std::path::Path {
+        self.reader.cgroup_root()
+    }
+
+    /// The receive buffer the kernel granted.
+    pub fn recv_buffer_bytes(&self) -> usize {
+        self.connector.recv_buffer_bytes()
+    }
+
+    fn stamp(&mut self, ts: u64) -> u64 {
+        self.last_ts = self.last_ts.max(ts);
+        self.last_ts
+    }
+
+    fn push_scan(&mut self) {
+        let started = monotonic_now_ns();
+        self.discard_before = started;
+        let processes = self.reader.scan();
+        bump(&self.counters.scans);
+        let ts = self.stamp(started);
+        self.pending.push_back(TimedRecord {
+            ts,
+            record: Record::Proc(ProcEvent::Scan { processes }),
+        });
+    }
+
+    fn push_lost_and_rescan(&mut self) {
+        bump(&self.counters.lost);
+        log::warn!("proc connector: the kernel dropped events (ENOBUFS); rescanning /proc");
+        let ts = self.stamp(monotonic_now_ns());
+        self.pending.push_back(TimedRecord {
+            ts,
+            record: Record::Proc(ProcEvent::Lost),
+        });
+        self.push_scan();
+    }
+
+    /// Unsubscribes and ends the source.
+    fn finish(&mut self) {
+        self.finished = true;
+        self.pending.clear();
+        if let Err(e) = self.connector.unsubscribe() {
+            log::warn!("{e}");
+        }
+    }
+}
+
+impl EventSource for LiveSource {
+    fn next_record(&mut self) -> Result<Option<TimedRecord>, SourceError> {
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            if self.stop.is_stopped() {
+                self.finish();
+                return Ok(None);
+            }
+            if let Some(record) = self.pending.pop_front() {
+                return Ok(Some(record));
+            }
+            let datagram = match self.connector.recv()? {
+                Received::Timeout => continue,
+                Received::Overrun => {
+                    self.push_lost_and_rescan();
+                    continue;
+                }
+                Received::Datagram(d) => d,
+            };
+            let counters = &self.counters;
+            for message in decode(datagram) {
+                let (ts, event) = match message {
+                    Ok(Message::Event { ts_ns, event }) => (ts_ns, event),
+                    Ok(Message::Ack { .. }) | Ok(Message::NotProc { .. }) => {
+                        bump(&counters.not_proc);
+                        continue;
+                    }
+                    Ok(Message::Unused { .. }) => {
+                        bump(&counters.unused);
+                        continue;
+                    }
+                    Ok(Message::Unknown { what }) => {
+                        bump(&counters.unknown);
+                        log::debug!("proc connector: unknown event type {what:#x} skipped");
+                        continue;
+                    }
+                    Err(e) => {
+                        bump(&counters.malformed);
+                        log::warn!("proc connector: {e}; rest of the datagram skipped");
+                        continue;
+                    }
+                };
+                if ts < self.discard_before {
+                    bump(&counters.superseded);
+                    continue;
+                }
+                let event = match event {
+                    KernelEvent::Fork {
+                        parent_pid,
+                        parent_tgid,
+                        child_pid,
+                        child_tgid,
+                    } => {
+                        bump(&counters.forks);
+                        ProcEvent::Fork {
+                            parent_pid,
+                            parent_tgid,
+                            child_pid,
+                            child_tgid,
+                        }
+                    }
+                    KernelEvent::Exec { pid, tgid } => {
+                        bump(&counters.execs);
+                        // Read right away: the process may be gone a moment later.
+                        let facts = self.reader.read_facts(tgid);
+                        if facts.cgroup.is_none() {
+                            bump(&counters.execs_without_facts);
+                        }
+                        ProcEvent::Exec { pid, tgid, facts }
+                    }
+                    KernelEvent::Exit {
+                        pid,
+                        tgid,
+                        exit_code,
+                    } => {
+                        bump(&counters.exits);
+                        ProcEvent::Exit {
+                            pid,
+                            tgid,
+                            exit_code,
+                        }
+                    }
+                };
+                self.last_ts = self.last_ts.max(ts);
+                self.pending.push_back(TimedRecord {
+                    ts: self.last_ts,
+                    record: Record::Proc(event),
+                });
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel's event timestamps.
+pub fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
