@@ -4,10 +4,18 @@
 //! Names are unique per test and process, so tests run in parallel on a shared machine.
 
 pub mod apiserver;
+pub mod bpffs;
 pub mod cgroup;
+pub mod mesh;
+pub mod netns;
+pub mod ztunnel;
 
 pub use apiserver::FakeApiServer;
+pub use bpffs::BpfFs;
 pub use cgroup::TestCgroup;
+pub use mesh::Mesh;
+pub use netns::NetNs;
+pub use ztunnel::FakeZtunnel;
 
 /// Whether a privileged test may run. Not root: prints why the test is skipped and returns
 /// `false`; under `CI=true` a skip is a failure (CI is root and must run every test).

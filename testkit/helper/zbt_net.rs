@@ -1,0 +1,314 @@
+//! `zbt-net`: the network helper process of zbridge's privileged tests and benchmarks.
+//!
+//! Tests place it in a cgroup and a network namespace (testkit joins both before exec), so
+//! that the BPF programs see it exactly as they would see a pod, a host process or ztunnel.
+//! It is built by testkit's build script with std alone (no crates), and reports what
+//! happened as one line per event on stdout, which testkit parses.
+//!
+//! ```text
+//! zbt-net serve --listen ADDR:PORT... [--orig-dst] [--upstream]
+//!     accept local=A peer=P orig=O|orig-errno=N [upstream-local=L|upstream-errno=N]
+//! zbt-net connect --to ADDR:PORT [--count N] [--bind IP] [--latency]
+//!     ok local=A peer=P       (or: err stage=connect|io errno=N)
+//!     latency-ns=N            (with --latency, instead of the above)
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::Mutex;
+use std::time::Instant;
+
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST` share the number 80.
+const SO_ORIGINAL_DST: i32 = 80;
+const IP_TRANSPARENT: i32 = 19;
+const IPV6_TRANSPARENT: i32 = 75;
+const AF_INET: i32 = 2;
+const AF_INET6: i32 = 10;
+const SOCK_STREAM: i32 = 1;
+const SOCK_CLOEXEC: i32 = 0o2000000;
+
+extern "C" {
+    fn getsockopt(fd: i32, level: i32, name: i32, val: *mut u8, len: *mut u32) -> i32;
+    fn setsockopt(fd: i32, level: i32, name: i32, val: *const u8, len: u32) -> i32;
+    fn socket(domain: i32, ty: i32, proto: i32) -> i32;
+    fn bind(fd: i32, addr: *const u8, len: u32) -> i32;
+    fn connect(fd: i32, addr: *const u8, len: u32) -> i32;
+    fn close(fd: i32) -> i32;
+}
+
+static OUT: Mutex<()> = Mutex::new(());
+
+fn say(line: &str) {
+    let _guard = OUT.lock().unwrap();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// A `sockaddr_in`/`sockaddr_in6` as bytes.
+fn sockaddr(addr: SocketAddr) -> Vec<u8> {
+    match addr {
+        SocketAddr::V4(a) => {
+            let mut b = vec![0u8; 16];
+            b[0..2].copy_from_slice(&(AF_INET as u16).to_ne_bytes());
+            b[2..4].copy_from_slice(&a.port().to_be_bytes());
+            b[4..8].copy_from_slice(&a.ip().octets());
+            b
+        }
+        SocketAddr::V6(a) => {
+            let mut b = vec![0u8; 28];
+            b[0..2].copy_from_slice(&(AF_INET6 as u16).to_ne_bytes());
+            b[2..4].copy_from_slice(&a.port().to_be_bytes());
+            b[8..24].copy_from_slice(&a.ip().octets());
+            b
+        }
+    }
+}
+
+fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes([b[0], b[1]]) as i32;
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    match family {
+        AF_INET => Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(b[4], b[5], b[6], b[7])),
+            port,
+        )),
+        AF_INET6 => {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&b[8..24]);
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port))
+        }
+        _ => None,
+    }
+}
+
+/// What ztunnel asks: `SO_ORIGINAL_DST`, then `IP6T_SO_ORIGINAL_DST`.
+fn original_dst(fd: RawFd, v6: bool) -> Result<SocketAddr, i32> {
+    let mut buf = [0u8; 28];
+    let tries: &[(i32, u32)] = if v6 {
+        &[(SOL_IPV6, 28), (SOL_IP, 16)]
+    } else {
+        &[(SOL_IP, 16), (SOL_IPV6, 28)]
+    };
+    let mut last = 0;
+    for (level, size) in tries {
+        let mut len = *size;
+        // SAFETY: buf holds 28 bytes, at least len.
+        let rc = unsafe { getsockopt(fd, *level, SO_ORIGINAL_DST, buf.as_mut_ptr(), &mut len) };
+        if rc == 0 {
+            return parse_sockaddr(&buf).ok_or(-1);
+        }
+        last = errno();
+    }
+    Err(last)
+}
+
+/// ztunnel's upstream connect: bind the source to the client pod's address (transparent, as
+/// under TPROXY), then connect to the original destination. Returns the local address the
+/// kernel used.
+fn upstream(client: IpAddr, dst: SocketAddr) -> Result<(SocketAddr, TcpStream), i32> {
+    let domain = if dst.is_ipv4() { AF_INET } else { AF_INET6 };
+    // SAFETY: plain syscalls on a descriptor this function owns.
+    unsafe {
+        let fd = socket(domain, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(errno());
+        }
+        let one: i32 = 1;
+        let (level, opt) = if dst.is_ipv4() {
+            (SOL_IP, IP_TRANSPARENT)
+        } else {
+            (SOL_IPV6, IPV6_TRANSPARENT)
+        };
+        setsockopt(fd, level, opt, &one as *const i32 as *const u8, 4);
+        let src = sockaddr(SocketAddr::new(client, 0));
+        if bind(fd, src.as_ptr(), src.len() as u32) != 0 {
+            let e = errno();
+            close(fd);
+            return Err(e);
+        }
+        let to = sockaddr(dst);
+        if connect(fd, to.as_ptr(), to.len() as u32) != 0 {
+            let e = errno();
+            close(fd);
+            return Err(e);
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = stream.local_addr().map_err(|e| errno_of(&e))?;
+        Ok((local, stream))
+    }
+}
+
+fn echo_one(stream: &mut TcpStream) {
+    let mut byte = [0u8; 1];
+    if stream.read_exact(&mut byte).is_ok() {
+        let _ = stream.write_all(&byte);
+    }
+}
+
+fn serve(listens: Vec<SocketAddr>, orig: bool, up: bool) {
+    let mut listeners = Vec::new();
+    for addr in &listens {
+        match TcpListener::bind(addr) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                say(&format!("fatal bind {addr} errno={}", errno_of(&e)));
+                std::process::exit(1);
+            }
+        }
+    }
+    say("ready");
+    let mut threads = Vec::new();
+    for listener in listeners {
+        threads.push(std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut stream) = conn else { continue };
+                std::thread::spawn(move || {
+                    let local = stream.local_addr().ok();
+                    let peer = stream.peer_addr().ok();
+                    let mut line = format!(
+                        "accept local={} peer={}",
+                        local.map(|a| a.to_string()).unwrap_or_default(),
+                        peer.map(|a| a.to_string()).unwrap_or_default()
+                    );
+                    let mut upstream_stream = None;
+                    if orig {
+                        let v6 = local.map(|a| a.is_ipv6()).unwrap_or(false);
+                        match original_dst(stream.as_raw_fd(), v6) {
+                            Ok(dst) => {
+                                line.push_str(&format!(" orig={dst}"));
+                                if up {
+                                    match upstream(peer.map(|p| p.ip()).unwrap(), dst) {
+                                        Ok((l, s)) => {
+                                            line.push_str(&format!(" upstream-local={l}"));
+                                            upstream_stream = Some(s);
+                                        }
+                                        Err(e) => line.push_str(&format!(" upstream-errno={e}")),
+                                    }
+                                }
+                            }
+                            Err(e) => line.push_str(&format!(" orig-errno={e}")),
+                        }
+                    }
+                    say(&line);
+                    if let Some(mut s) = upstream_stream {
+                        let _ = s.write_all(b"u");
+                        let mut b = [0u8; 1];
+                        let _ = s.read_exact(&mut b);
+                    }
+                    echo_one(&mut stream);
+                });
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn connect_once(to: SocketAddr, bind_ip: Option<IpAddr>) -> Result<(SocketAddr, SocketAddr), (&'static str, i32)> {
+    let mut stream = match bind_ip {
+        None => TcpStream::connect(to).map_err(|e| ("connect", errno_of(&e)))?,
+        Some(ip) => {
+            let domain = if to.is_ipv4() { AF_INET } else { AF_INET6 };
+            // SAFETY: plain syscalls on a descriptor this function owns.
+            unsafe {
+                let fd = socket(domain, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    return Err(("socket", errno()));
+                }
+                let src = sockaddr(SocketAddr::new(ip, 0));
+                if bind(fd, src.as_ptr(), src.len() as u32) != 0 {
+                    let e = errno();
+                    close(fd);
+                    return Err(("bind", e));
+                }
+                let dst = sockaddr(to);
+                if connect(fd, dst.as_ptr(), dst.len() as u32) != 0 {
+                    let e = errno();
+                    close(fd);
+                    return Err(("connect", e));
+                }
+                TcpStream::from_raw_fd(fd)
+            }
+        }
+    };
+    let local = stream.local_addr().map_err(|e| ("io", errno_of(&e)))?;
+    let peer = stream.peer_addr().map_err(|e| ("io", errno_of(&e)))?;
+    stream.write_all(b"x").map_err(|e| ("io", errno_of(&e)))?;
+    let mut b = [0u8; 1];
+    stream.read_exact(&mut b).map_err(|e| ("io", errno_of(&e)))?;
+    // The client closes first (as the benchmark of the tuple space requires).
+    drop(stream);
+    Ok((local, peer))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().cloned().unwrap_or_default();
+    let mut listens = Vec::new();
+    let mut to = Vec::new();
+    let mut count = 1u64;
+    let mut bind_ip = None;
+    let (mut orig, mut up, mut latency) = (false, false, false);
+    let mut i = 1;
+    while i < args.len() {
+        let value = || args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--listen" => listens.push(value().parse().expect("--listen ADDR:PORT")),
+            "--to" => to.push(value().parse::<SocketAddr>().expect("--to ADDR:PORT")),
+            "--count" => count = value().parse().expect("--count N"),
+            "--bind" => bind_ip = Some(value().parse::<IpAddr>().expect("--bind IP")),
+            "--orig-dst" => {
+                orig = true;
+                i += 1;
+                continue;
+            }
+            "--upstream" => {
+                up = true;
+                i += 1;
+                continue;
+            }
+            "--latency" => {
+                latency = true;
+                i += 1;
+                continue;
+            }
+            other => panic!("zbt-net: unknown argument {other}"),
+        }
+        i += 2;
+    }
+    match mode.as_str() {
+        "serve" => serve(listens, orig, up),
+        "connect" => {
+            // Several destinations are used round-robin (the tuple-space benchmark).
+            for n in 0..count {
+                let dst = to[(n as usize) % to.len()];
+                let start = Instant::now();
+                let result = connect_once(dst, bind_ip);
+                let took = start.elapsed().as_nanos();
+                match result {
+                    Ok(_) if latency => say(&format!("latency-ns={took}")),
+                    Ok((local, peer)) => say(&format!("ok local={local} peer={peer}")),
+                    Err((stage, e)) => say(&format!("err stage={stage} errno={e} n={n}")),
+                }
+            }
+            say("done");
+        }
+        _ => {
+            eprintln!("usage: zbt-net serve|connect ...");
+            std::process::exit(2);
+        }
+    }
+}

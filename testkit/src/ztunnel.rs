@@ -1,0 +1,332 @@
+//! A fake ztunnel, a "remote service" and clients, as `zbt-net` helper processes placed in a
+//! test cgroup and network namespace, reporting what really happened over channels.
+//!
+//! The fake ztunnel listens on 15001 and 15006 of its addresses; for each connection it asks
+//! `SO_ORIGINAL_DST` (then `IP6T_SO_ORIGINAL_DST`) as ztunnel does, reports the port it
+//! accepted on, the peer and the original destination (or the errno), optionally connects
+//! upstream binding the client's address (as ztunnel does under TPROXY), then echoes one byte.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::{NetNs, TestCgroup};
+
+/// ztunnel's outbound and inbound capture ports.
+pub const OUTBOUND: u16 = 15001;
+pub const INBOUND: u16 = 15006;
+
+/// The path of the `zbt-net` helper binary built by testkit's build script.
+pub fn helper_path() -> &'static str {
+    concat!(env!("OUT_DIR"), "/zbt-net")
+}
+
+/// A running helper process, killed (by its PID) and reaped on drop; its stdout lines arrive
+/// on a channel.
+pub struct Helper {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Helper {
+    /// Spawns `zbt-net ARGS` in `cgroup`/`path` and `ns`.
+    pub fn spawn(
+        ns: &NetNs,
+        cgroup: &TestCgroup,
+        path: &str,
+        args: &[String],
+    ) -> std::io::Result<Self> {
+        let mut cmd = Command::new(helper_path());
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        ns.place(&mut cmd, cgroup, path)?;
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Helper { child, lines })
+    }
+
+    /// The next line, waiting at most `timeout`.
+    pub fn line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Waits for `ready` (or fails with the helper's fatal line).
+    fn wait_ready(&self) -> std::io::Result<()> {
+        match self.lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line == "ready" => Ok(()),
+            Ok(line) => Err(std::io::Error::other(format!("zbt-net: {line}"))),
+            Err(e) => Err(std::io::Error::other(format!("zbt-net: not ready: {e}"))),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value` fields of a helper line.
+fn fields(line: &str) -> HashMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .collect()
+}
+
+/// One connection a listener accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The address and port it was accepted on.
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    /// The original destination, or the errno of `getsockopt` (fake ztunnel only; `None`
+    /// for a plain listener).
+    pub orig: Option<Result<SocketAddr, i32>>,
+    /// The local address of ztunnel's upstream connect, or its errno (when asked for).
+    pub upstream: Option<Result<SocketAddr, i32>>,
+}
+
+impl Accepted {
+    fn parse(line: &str) -> Option<Accepted> {
+        let rest = line.strip_prefix("accept ")?;
+        let f = fields(rest);
+        let orig = if let Some(o) = f.get("orig") {
+            Some(Ok(o.parse().ok()?))
+        } else {
+            f.get("orig-errno").map(|e| Err(e.parse().unwrap_or(-1)))
+        };
+        let upstream = if let Some(u) = f.get("upstream-local") {
+            Some(Ok(u.parse().ok()?))
+        } else {
+            f.get("upstream-errno")
+                .map(|e| Err(e.parse().unwrap_or(-1)))
+        };
+        Some(Accepted {
+            local: f.get("local")?.parse().ok()?,
+            peer: f.get("peer")?.parse().ok()?,
+            orig,
+            upstream,
+        })
+    }
+}
+
+/// A listener process (fake ztunnel or service) and what it accepted.
+pub struct Listener {
+    helper: Helper,
+}
+
+impl Listener {
+    fn start(
+        ns: &NetNs,
+        cgroup: &TestCgroup,
+        path: &str,
+        args: Vec<String>,
+    ) -> std::io::Result<Self> {
+        let helper = Helper::spawn(ns, cgroup, path, &args)?;
+        helper.wait_ready()?;
+        Ok(Listener { helper })
+    }
+
+    /// The next accepted connection, waiting at most `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<Accepted> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.helper.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = Accepted::parse(&line) {
+                        return Some(a);
+                    }
+                    eprintln!("testkit: unexpected listener line: {line}");
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Everything accepted so far (without waiting).
+    pub fn drain(&self) -> Vec<Accepted> {
+        let mut out = Vec::new();
+        while let Ok(line) = self.helper.lines.try_recv() {
+            out.extend(Accepted::parse(&line));
+        }
+        out
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.helper.pid()
+    }
+}
+
+/// A fake ztunnel: listens on 15001 and 15006 of each address, asks the original destination,
+/// and (with `upstream`) connects to it binding the client's address.
+pub struct FakeZtunnel {
+    pub listener: Listener,
+}
+
+impl FakeZtunnel {
+    pub fn start(
+        ns: &NetNs,
+        cgroup: &TestCgroup,
+        path: &str,
+        addrs: &[IpAddr],
+        upstream: bool,
+    ) -> std::io::Result<Self> {
+        let mut args = vec!["serve".to_string(), "--orig-dst".to_string()];
+        if upstream {
+            args.push("--upstream".into());
+        }
+        for ip in addrs {
+            for port in [OUTBOUND, INBOUND] {
+                args.push("--listen".into());
+                args.push(SocketAddr::new(*ip, port).to_string());
+            }
+        }
+        Ok(FakeZtunnel {
+            listener: Listener::start(ns, cgroup, path, args)?,
+        })
+    }
+
+    pub fn next(&self, timeout: Duration) -> Option<Accepted> {
+        self.listener.next(timeout)
+    }
+
+    pub fn drain(&self) -> Vec<Accepted> {
+        self.listener.drain()
+    }
+}
+
+/// A plain listener ("remote service") on the given addresses; it echoes one byte.
+pub fn service(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    addrs: &[SocketAddr],
+) -> std::io::Result<Listener> {
+    let mut args = vec!["serve".to_string()];
+    for a in addrs {
+        args.push("--listen".into());
+        args.push(a.to_string());
+    }
+    Listener::start(ns, cgroup, path, args)
+}
+
+/// What one client connection saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Connected and got its byte echoed: the socket's local address and the peer the kernel
+    /// reports (the rewritten destination when redirected).
+    Ok { local: SocketAddr, peer: SocketAddr },
+    /// Failed at `stage` (`socket`, `bind`, `connect`, `io`) with `errno`.
+    Err { stage: String, errno: i32 },
+}
+
+impl Outcome {
+    fn parse(line: &str) -> Option<Outcome> {
+        if let Some(rest) = line.strip_prefix("ok ") {
+            let f = fields(rest);
+            return Some(Outcome::Ok {
+                local: f.get("local")?.parse().ok()?,
+                peer: f.get("peer")?.parse().ok()?,
+            });
+        }
+        let rest = line.strip_prefix("err ")?;
+        let f = fields(rest);
+        Some(Outcome::Err {
+            stage: f.get("stage")?.to_string(),
+            errno: f.get("errno")?.parse().ok()?,
+        })
+    }
+
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Outcome::Err { errno, .. } => Some(*errno),
+            Outcome::Ok { .. } => None,
+        }
+    }
+}
+
+/// Options of a client run.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    pub count: u64,
+    /// Bind the source address before connecting.
+    pub bind: Option<IpAddr>,
+}
+
+/// Runs a client process in `cgroup`/`path` and `ns` that connects `count` times (round-robin
+/// over `to`), writes a byte, reads the echo and closes; returns each connection's outcome.
+pub fn connect(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    to: &[SocketAddr],
+    options: &ClientOptions,
+) -> std::io::Result<Vec<Outcome>> {
+    let mut args = vec![
+        "connect".to_string(),
+        "--count".into(),
+        options.count.max(1).to_string(),
+    ];
+    for a in to {
+        args.push("--to".into());
+        args.push(a.to_string());
+    }
+    if let Some(ip) = options.bind {
+        args.push("--bind".into());
+        args.push(ip.to_string());
+    }
+    let mut cmd = Command::new(helper_path());
+    cmd.args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    ns.place(&mut cmd, cgroup, path)?;
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !text.lines().any(|l| l == "done") {
+        return Err(std::io::Error::other(format!(
+            "zbt-net connect failed ({}): {text}",
+            out.status
+        )));
+    }
+    Ok(text.lines().filter_map(Outcome::parse).collect())
+}
+
+/// Like [`connect`] with one connection.
+pub fn connect_once(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    to: SocketAddr,
+) -> std::io::Result<Outcome> {
+    let mut all = connect(
+        ns,
+        cgroup,
+        path,
+        &[to],
+        &ClientOptions {
+            count: 1,
+            bind: None,
+        },
+    )?;
+    all.pop()
+        .ok_or_else(|| std::io::Error::other("zbt-net connect reported nothing"))
+}
