@@ -238,9 +238,10 @@ impl Resolver {
         for key in keys {
             let (decision, desired) = self.desired(&key);
             new.extend(desired.iter().map(|(k, v)| (*k, v.clone())));
+            let (label, quiet) = self.owner_label(&key);
             let owner = self.owners.get_mut(&key).expect("listed above");
             owner.emitted = desired;
-            log_decision(owner, &decision, None);
+            log_decision(owner, &decision, &label, quiet);
         }
         for id in old.keys() {
             if !new.contains_key(id) {
@@ -292,6 +293,18 @@ impl Resolver {
                 .and_then(|w| w.workloads.get(*i))
                 .map(|w| w.name.clone()),
             OwnerKey::Ztunnel | OwnerKey::Exempt(_) => None,
+        }
+    }
+
+    /// How logs name an owner, and whether its first `none` is quiet (debug): a pod not (yet)
+    /// known is the common case before the kube cache syncs.
+    fn owner_label(&self, key: &OwnerKey) -> (String, bool) {
+        match (self.owner_name(key), key) {
+            (Some(name), _) => (name, false),
+            (None, OwnerKey::Pod(uid)) => (format!("pod {uid}"), true),
+            (None, OwnerKey::Ztunnel) => ("ztunnel (workloads file)".to_string(), false),
+            (None, OwnerKey::Exempt(_)) => ("exempt host cgroup".to_string(), false),
+            (None, OwnerKey::Workload(i)) => (format!("workloads[{i}]"), false),
         }
     }
 
@@ -611,7 +624,7 @@ impl Resolver {
             return;
         }
         let (decision, desired) = self.desired(key);
-        let name = self.owner_name(key);
+        let (label, quiet) = self.owner_label(key);
         let owner = self.owners.get_mut(key).expect("checked above");
         for id in owner.emitted.keys() {
             if !desired.contains_key(id) {
@@ -624,7 +637,7 @@ impl Resolver {
             }
         }
         owner.emitted = desired;
-        log_decision(owner, &decision, name.as_deref().or(key_uid(key)));
+        log_decision(owner, &decision, &label, quiet);
         if owner.live.is_empty() && owner.emitted.is_empty() {
             self.owners.remove(key);
         }
@@ -755,29 +768,20 @@ impl Resolver {
     }
 }
 
-fn key_uid(key: &OwnerKey) -> Option<&str> {
-    match key {
-        OwnerKey::Pod(uid) => Some(uid),
-        _ => None,
-    }
-}
-
 /// Logs a decision when it differs from the last one logged for the owner.
-fn log_decision(owner: &mut Owner, decision: &Decision, name: Option<&str>) {
+fn log_decision(owner: &mut Owner, decision: &Decision, name: &str, quiet: bool) {
     let now = (decision.role, decision.ips.clone());
     if owner.logged.as_ref() == Some(&now) {
         return;
     }
-    // A first decision of `none` for an owner is the common case (host-like pods): debug.
     let first_none = owner.logged.is_none() && decision.role == Role::None;
     owner.logged = Some(now);
-    let name = name.unwrap_or("-");
     let ips = if decision.ips.is_empty() {
         String::new()
     } else {
         format!(" {}", join_ips(&decision.ips))
     };
-    if first_none {
+    if quiet && first_none {
         debug!("{name}: cgroup {} → none ({})", owner.root, decision.reason);
     } else {
         info!(
