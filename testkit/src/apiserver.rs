@@ -125,6 +125,10 @@ struct State {
     compacted_rv: u64,
     /// Bumped by `drop_watches`: streams of an older generation close.
     generation: u64,
+    /// At the last `drop_watches`: the history length then, and whether watches were paused
+    /// (a cut stream first sends what happened before the cut, unless paused).
+    cut_at: usize,
+    cut_while_paused: bool,
     /// While set, open watches send nothing (a partition); changes queue in the history.
     paused: bool,
     /// While set, every request answers 403 Forbidden.
@@ -266,14 +270,15 @@ impl FakeApiServer {
     }
 
     /// Cuts every open watch connection abruptly (no final chunk), and lifts a pause: the
-    /// client must notice, and watch again from the last version it saw.
+    /// client must notice, and watch again from the last version it saw. Each stream first
+    /// sends what happened before this call (a bookmark, say), unless watches were paused:
+    /// then the changes made during the pause are left for the client's next watch.
     pub fn drop_watches(&self) {
         let mut st = self.shared.lock();
         st.generation += 1;
+        st.cut_at = st.history.len();
+        st.cut_while_paused = st.paused;
         st.paused = false;
-        for (_, stream) in st.open_watches.drain(..) {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
         self.shared.changed.notify_all();
     }
 
@@ -877,8 +882,16 @@ fn watch(
             let batch: Vec<Entry> = {
                 let mut st = shared.lock();
                 loop {
-                    if st.stopping || st.generation != generation {
+                    if st.stopping {
                         return Ok(());
+                    }
+                    if st.generation != generation {
+                        if st.cut_while_paused || next >= st.cut_at {
+                            return Ok(());
+                        }
+                        let batch = st.history[next..st.cut_at].to_vec();
+                        next = st.cut_at;
+                        break batch;
                     }
                     if !st.paused && next < st.history.len() {
                         let batch = st.history[next..].to_vec();
