@@ -1,0 +1,408 @@
+//! Istio's membership rules, one case per rule and per exclusion, and decisions that change
+//! while the pods run. Each test feeds inputs and checks the exact entries programmed.
+
+mod common;
+
+use common::*;
+use resolver::{ResolverConfig, Role, Update};
+use serde_json::json;
+
+/// A harness with pod 1 running (one process in one container) in namespace `ns`.
+fn one_pod(ns_labels: serde_json::Value, pod_obj: serde_json::Value) -> Harness {
+    let mut h = Harness::new();
+    h.scan(&[(100, &container_path(1, 1), 501)]);
+    let ns = pod_obj["metadata"]["namespace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    h.apply_obj(namespace(&ns, ns_labels));
+    h.apply_obj(pod_obj);
+    h.synced_kube();
+    h
+}
+
+#[test]
+fn pod_label_opts_in_in_any_namespace() {
+    let h = one_pod(
+        json!({}),
+        pod(
+            1,
+            "default",
+            "a",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+            "10.0.0.1",
+        ),
+    );
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.1")])));
+    assert_eq!(h.entries.len(), 1);
+    assert_eq!(h.synced, 1);
+}
+
+#[test]
+fn namespace_label_opts_in() {
+    let h = one_pod(
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        pod(1, "shop", "a", json!({}), "10.0.0.1"),
+    );
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.1")])));
+}
+
+#[test]
+fn no_label_is_not_captured() {
+    let h = one_pod(json!({}), pod(1, "shop", "a", json!({}), "10.0.0.1"));
+    assert!(h.entries.is_empty());
+    assert_eq!(
+        h.live(),
+        vec![(501, container_path(1, 1), Some("shop/a".to_string()))]
+    );
+}
+
+#[test]
+fn pod_opting_out_with_none_beats_the_namespace() {
+    let h = one_pod(
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        pod(
+            1,
+            "shop",
+            "a",
+            json!({"istio.io/dataplane-mode": "none"}),
+            "10.0.0.1",
+        ),
+    );
+    assert!(h.entries.is_empty());
+}
+
+#[test]
+fn host_network_is_never_captured() {
+    let mut p = pod(
+        1,
+        "shop",
+        "a",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        "10.0.0.1",
+    );
+    p["spec"]["hostNetwork"] = json!(true);
+    let h = one_pod(json!({"istio.io/dataplane-mode": "ambient"}), p);
+    assert!(h.entries.is_empty());
+}
+
+#[test]
+fn sidecar_pods_are_never_captured() {
+    let mut p = pod(1, "shop", "a", json!({}), "10.0.0.1");
+    p["metadata"]["annotations"] = json!({"sidecar.istio.io/status": "{}"});
+    let h = one_pod(json!({"istio.io/dataplane-mode": "ambient"}), p);
+    assert!(h.entries.is_empty());
+}
+
+#[test]
+fn excluded_namespace_is_never_captured() {
+    let h = one_pod(
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        pod(
+            1,
+            "kube-system",
+            "dns",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+            "10.0.0.1",
+        ),
+    );
+    assert!(h.entries.is_empty());
+}
+
+#[test]
+fn excluded_namespaces_are_configurable() {
+    let mut config = ResolverConfig::new(NODE);
+    config.excluded_namespaces = vec!["legacy".to_string()];
+    let mut h = Harness::with(config);
+    h.scan(&[
+        (100, &container_path(1, 1), 501),
+        (101, &container_path(2, 1), 502),
+    ]);
+    h.apply_obj(pod(
+        1,
+        "legacy",
+        "a",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        "10.0.0.1",
+    ));
+    h.apply_obj(pod(
+        2,
+        "kube-system",
+        "b",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        "10.0.0.2",
+    ));
+    assert_eq!(h.entry(501), None);
+    assert_eq!(h.entry(502), Some((Role::Ambient, vec![ip("10.0.0.2")])));
+}
+
+#[test]
+fn terminal_phases_are_not_captured() {
+    for phase in ["Succeeded", "Failed"] {
+        let mut p = pod(1, "shop", "a", json!({}), "10.0.0.1");
+        p["status"]["phase"] = json!(phase);
+        let h = one_pod(json!({"istio.io/dataplane-mode": "ambient"}), p);
+        assert!(h.entries.is_empty(), "{phase}");
+    }
+}
+
+#[test]
+fn a_pod_without_ip_is_not_captured_until_it_has_one() {
+    let mut p = pod(1, "shop", "a", json!({}), "10.0.0.1");
+    p["status"] = json!({"phase": "Pending"});
+    let mut h = one_pod(json!({"istio.io/dataplane-mode": "ambient"}), p);
+    assert!(h.entries.is_empty());
+    h.apply_obj(pod(1, "shop", "a", json!({}), "10.0.0.1"));
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.1")])));
+}
+
+#[test]
+fn dual_stack_pod_gets_both_addresses_ipv4_first() {
+    let mut p = pod(1, "shop", "a", json!({}), "fd00::1");
+    p["status"]["podIPs"] = json!([{"ip": "fd00::1"}, {"ip": "10.0.0.1"}]);
+    let h = one_pod(json!({"istio.io/dataplane-mode": "ambient"}), p);
+    assert_eq!(
+        h.entry(501),
+        Some((Role::Ambient, vec![ip("10.0.0.1"), ip("fd00::1")]))
+    );
+}
+
+#[test]
+fn pods_of_other_nodes_are_ignored() {
+    let mut p = pod(
+        1,
+        "shop",
+        "a",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        "10.0.0.1",
+    );
+    p["spec"]["nodeName"] = json!("worker-2");
+    let h = one_pod(json!({}), p);
+    assert!(h.entries.is_empty());
+    assert_eq!(
+        h.live()[0].2,
+        None,
+        "a pod of another node has no name here"
+    );
+}
+
+#[test]
+fn ztunnel_of_this_node_in_the_system_namespace() {
+    let mut h = one_pod(
+        json!({}),
+        pod(
+            1,
+            "istio-system",
+            "ztunnel-x",
+            json!({"app": "ztunnel"}),
+            "10.0.0.3",
+        ),
+    );
+    assert_eq!(h.entry(501), Some((Role::Ztunnel, vec![ip("10.0.0.3")])));
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.3")]));
+    // Deleted: the address is cleared and the entry goes.
+    h.delete_obj(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"uid": uid(1)}}));
+    assert_eq!(h.ztunnel, Some(vec![]));
+    assert!(h.entries.is_empty());
+    // Recreated (new pod, new address, new cgroup).
+    h.exec(200, &container_path(2, 1), 601);
+    h.apply_obj(pod(
+        2,
+        "istio-system",
+        "ztunnel-y",
+        json!({"app": "ztunnel"}),
+        "10.0.0.33",
+    ));
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.33")]));
+    assert_eq!(h.entry(601), Some((Role::Ztunnel, vec![ip("10.0.0.33")])));
+}
+
+#[test]
+fn system_namespace_is_configurable() {
+    let mut config = ResolverConfig::new(NODE);
+    config.system_namespace = "mesh".to_string();
+    let mut h = Harness::with(config);
+    h.scan(&[(100, &container_path(1, 1), 501)]);
+    h.apply_obj(pod(
+        1,
+        "mesh",
+        "ztunnel-x",
+        json!({"app": "ztunnel"}),
+        "10.0.0.3",
+    ));
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.3")]));
+}
+
+#[test]
+fn a_ztunnel_labelled_pod_elsewhere_is_not_trusted() {
+    // In an ambient namespace: it is an ordinary ambient pod, and no ztunnel address is set.
+    let mut h = one_pod(
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        pod(
+            1,
+            "evil",
+            "ztunnel-fake",
+            json!({"app": "ztunnel"}),
+            "10.0.0.66",
+        ),
+    );
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.66")])));
+    assert!(matches!(h.ztunnel.as_deref(), Some([])), "{:?}", h.ztunnel);
+    // In the system namespace but on another node: not this node's ztunnel.
+    let mut other = pod(
+        2,
+        "istio-system",
+        "ztunnel-remote",
+        json!({"app": "ztunnel"}),
+        "10.0.9.3",
+    );
+    other["spec"]["nodeName"] = json!("worker-2");
+    h.apply_obj(other);
+    assert!(matches!(h.ztunnel.as_deref(), Some([])));
+}
+
+#[test]
+fn namespace_label_flipped_both_ways_while_pods_run() {
+    let mut h = Harness::new();
+    h.scan(&[
+        (100, &container_path(1, 1), 501),
+        (101, &container_path(1, 2), 502),
+        (102, &container_path(2, 1), 511),
+    ]);
+    h.apply_obj(namespace("shop", json!({})));
+    h.apply_obj(pod(1, "shop", "a", json!({}), "10.0.0.1"));
+    h.apply_obj(pod(2, "shop", "b", json!({}), "10.0.0.2"));
+    h.synced_kube();
+    assert!(h.entries.is_empty());
+    h.take_updates();
+    h.apply_obj(ambient_ns("shop"));
+    assert_eq!(
+        h.entries.keys().map(|k| k.0).collect::<Vec<_>>(),
+        vec![501, 502, 511]
+    );
+    assert_eq!(h.take_updates().len(), 3, "one upsert per container cgroup");
+    // The same label again: nothing emitted.
+    h.apply_obj(ambient_ns("shop"));
+    assert!(h.take_updates().is_empty());
+    h.apply_obj(namespace("shop", json!({"other": "x"})));
+    assert!(h.entries.is_empty());
+    assert_eq!(h.take_updates().len(), 3, "one delete per entry");
+    h.apply_obj(ambient_ns("shop"));
+    assert_eq!(h.entries.len(), 3);
+    // Namespace deleted: its label is gone too.
+    h.delete_obj(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+    assert!(h.entries.is_empty());
+}
+
+#[test]
+fn pod_opted_out_and_back_in() {
+    let mut h = one_pod(
+        json!({"istio.io/dataplane-mode": "ambient"}),
+        pod(1, "shop", "a", json!({}), "10.0.0.1"),
+    );
+    assert!(h.entry(501).is_some());
+    h.apply_obj(pod(
+        1,
+        "shop",
+        "a",
+        json!({"istio.io/dataplane-mode": "none"}),
+        "10.0.0.1",
+    ));
+    assert_eq!(h.entry(501), None);
+    h.apply_obj(pod(1, "shop", "a", json!({}), "10.0.0.1"));
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.1")])));
+}
+
+#[test]
+fn pod_level_cgroup_with_a_process_carries_the_entry() {
+    // A process in the pod's own cgroup gives its id: one entry there covers every container.
+    let mut h = Harness::new();
+    h.scan(&[
+        (100, &container_path(1, 1), 501),
+        (101, &container_path(1, 2), 502),
+    ]);
+    h.apply_obj(ambient_ns("shop"));
+    h.apply_obj(pod(1, "shop", "a", json!({}), "10.0.0.1"));
+    assert_eq!(h.entries.len(), 2);
+    h.exec(150, &pod_path(1), 500);
+    assert_eq!(h.entries.keys().map(|k| k.0).collect::<Vec<_>>(), vec![500]);
+    assert_eq!(h.entries[&watcher::CgroupId(500)].cgroup, pod_path(1));
+    h.exit(150);
+    assert_eq!(
+        h.entries.keys().map(|k| k.0).collect::<Vec<_>>(),
+        vec![501, 502]
+    );
+}
+
+#[test]
+fn injected_cgroup_ids_enroll_the_pod_level_cgroup() {
+    struct Ids;
+    impl resolver::CgroupIds for Ids {
+        fn id_of(&mut self, path: &str) -> Option<watcher::CgroupId> {
+            (path == pod_path(1)).then_some(watcher::CgroupId(500))
+        }
+    }
+    let mut h = Harness::new();
+    h.resolver = resolver::Resolver::with_cgroup_ids(ResolverConfig::new(NODE), Box::new(Ids));
+    h.scan(&[(100, &container_path(1, 1), 501)]);
+    h.apply_obj(ambient_ns("shop"));
+    h.apply_obj(pod(1, "shop", "a", json!({}), "10.0.0.1"));
+    assert_eq!(h.entries.keys().map(|k| k.0).collect::<Vec<_>>(), vec![500]);
+    // The container's processes all exit: the pod-level entry stays for containers to come.
+    h.exit(100);
+    assert_eq!(h.entries.keys().map(|k| k.0).collect::<Vec<_>>(), vec![500]);
+    // The pod is deleted: the entry goes.
+    h.delete_obj(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"uid": uid(1)}}));
+    assert!(h.entries.is_empty());
+}
+
+#[test]
+fn a_pod_known_before_its_processes_is_enrolled_at_first_exec() {
+    let mut h = Harness::new();
+    h.scan(&[]);
+    h.apply_obj(ambient_ns("shop"));
+    h.apply_obj(pod(1, "shop", "a", json!({}), "10.0.0.1"));
+    h.synced_kube();
+    assert!(h.entries.is_empty());
+    h.exec(100, &container_path(1, 1), 501);
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.1")])));
+}
+
+#[test]
+fn synced_waits_for_both_the_scan_and_the_kube_cache() {
+    let mut h = Harness::new();
+    h.synced_kube();
+    assert_eq!(h.synced, 0);
+    h.scan(&[]);
+    assert_eq!(h.synced, 1);
+    h.scan(&[]);
+    h.synced_kube();
+    assert_eq!(h.synced, 1, "emitted once");
+    assert!(h
+        .log
+        .iter()
+        .any(|u| matches!(u, Update::SetZtunnel { ips } if ips.is_empty())));
+}
+
+#[test]
+fn kube_records_name_the_bad_field() {
+    use watcher::{KubeAction, KubeRecord};
+    let bad = |object| {
+        resolver::kube_record_to_change(&KubeRecord {
+            action: KubeAction::Apply,
+            object,
+        })
+        .unwrap_err()
+        .to_string()
+    };
+    let e = bad(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"}}));
+    assert!(e.contains("metadata.uid"), "{e}");
+    let e = bad(
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"uid": uid(1)}, "spec": {"hostNetwork": "yes", "containers": []}}),
+    );
+    assert!(e.contains("spec.hostNetwork"), "{e}");
+    let e = bad(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}}));
+    assert!(e.contains("kind") && e.contains("Service"), "{e}");
+    let e = bad(json!({"kind": "Pod", "metadata": {"uid": uid(1)}}));
+    assert!(e.contains("apiVersion"), "{e}");
+}

@@ -1,0 +1,185 @@
+//! Standalone mode: the workloads file (format v1) decides subtrees; reload re-decides.
+
+mod common;
+
+use common::*;
+use resolver::{ResolverConfig, Role, Workloads};
+use watcher::{CgroupId, CgroupRef, ProcEvent, ProcFacts};
+
+const FILE: &str = r#"
+version: 1
+ztunnel:
+  cgroup: /zb/ztunnel
+  address: [10.99.0.1, "fd00:99::1"]
+workloads:
+  - name: demo/productpage
+    cgroup: /zb/pods/productpage
+    address: 10.99.0.2
+    mode: ambient
+  - name: demo/auto
+    cgroup: /zb/pods/auto
+    address: auto
+    mode: ambient
+  - name: demo/off
+    cgroup: /zb/pods/off
+    address: 10.99.0.4
+    mode: none
+exempt:
+  - /system.slice/kubelet.service
+"#;
+
+fn standalone(text: &str) -> Harness {
+    let mut config = ResolverConfig::new("dev-vm");
+    config.workloads = Some(Workloads::parse(text).expect("valid file"));
+    Harness::with(config)
+}
+
+fn exec_with_ips(h: &mut Harness, tgid: u32, path: &str, id: u64, ips: &[&str]) {
+    h.feed(proc(ProcEvent::Exec {
+        pid: tgid,
+        tgid,
+        facts: ProcFacts {
+            cgroup: Some(CgroupRef {
+                path: path.into(),
+                id: CgroupId(id),
+            }),
+            ips: ips.iter().map(|s| ip(s)).collect(),
+            ..ProcFacts::default()
+        },
+    }));
+}
+
+#[test]
+fn subtrees_are_decided_by_the_file() {
+    let mut h = standalone(FILE);
+    h.scan(&[
+        (1, "/init.scope", 12),
+        (800, "/system.slice/kubelet.service", 40),
+    ]);
+    assert_eq!(h.synced, 1, "standalone is synced from the first scan");
+    assert_eq!(h.ztunnel, Some(vec![ip("10.99.0.1"), ip("fd00:99::1")]));
+    h.exec(10, "/zb/ztunnel", 900);
+    h.exec(20, "/zb/pods/productpage/app", 911);
+    h.exec(21, "/zb/pods/productpage/sidecar", 912);
+    h.exec(30, "/zb/pods/off", 931);
+    h.exec(40, "/zb/pods-other", 941);
+    assert_eq!(h.entry(40), Some((Role::Exempt, vec![])));
+    assert_eq!(
+        h.entry(900),
+        Some((Role::Ztunnel, vec![ip("10.99.0.1"), ip("fd00:99::1")]))
+    );
+    assert_eq!(h.entry(911), Some((Role::Ambient, vec![ip("10.99.0.2")])));
+    assert_eq!(h.entry(912), Some((Role::Ambient, vec![ip("10.99.0.2")])));
+    assert_eq!(h.entry(931), None, "mode none");
+    assert_eq!(
+        h.entry(941),
+        None,
+        "/zb/pods-other is not under /zb/pods/..."
+    );
+    assert_eq!(h.entry(12), None);
+    // The subtree root itself appears: it carries the one entry.
+    h.exec(22, "/zb/pods/productpage", 910);
+    assert_eq!(
+        h.entries
+            .keys()
+            .map(|k| k.0)
+            .filter(|k| (910..920).contains(k))
+            .collect::<Vec<_>>(),
+        vec![910]
+    );
+    // Kubernetes inputs are ignored.
+    h.take_updates();
+    h.apply_obj(ambient_ns("demo"));
+    assert!(h.take_updates().is_empty());
+}
+
+#[test]
+fn auto_address_comes_from_the_first_process_with_addresses() {
+    let mut h = standalone(FILE);
+    h.scan(&[]);
+    exec_with_ips(&mut h, 50, "/zb/pods/auto", 950, &[]);
+    assert_eq!(h.entry(950), None, "no address seen yet: not captured");
+    exec_with_ips(
+        &mut h,
+        51,
+        "/zb/pods/auto",
+        950,
+        &["127.0.0.1", "fd00:99::5", "10.99.0.5"],
+    );
+    assert_eq!(
+        h.entry(950),
+        Some((Role::Ambient, vec![ip("10.99.0.5"), ip("fd00:99::5")]))
+    );
+}
+
+#[test]
+fn auto_ztunnel_address() {
+    let mut h = standalone("version: 1\nztunnel:\n  cgroup: /zb/zt\n  address: auto\n");
+    h.scan(&[]);
+    assert_eq!(h.ztunnel, Some(vec![]));
+    exec_with_ips(&mut h, 10, "/zb/zt", 900, &["10.99.0.1"]);
+    assert_eq!(h.ztunnel, Some(vec![ip("10.99.0.1")]));
+    h.exit(10);
+    assert_eq!(h.ztunnel, Some(vec![]), "ztunnel gone: address unknown");
+}
+
+#[test]
+fn reload_re_decides_everything() {
+    let mut h = standalone(FILE);
+    h.scan(&[(20, "/zb/pods/productpage", 910), (30, "/zb/pods/off", 931)]);
+    assert!(h.entry(910).is_some() && h.entry(931).is_none());
+    h.take_updates();
+    let flipped = FILE
+        .replace(
+            "address: 10.99.0.4\n    mode: none",
+            "address: 10.99.0.4\n    mode: ambient",
+        )
+        .replace(
+            "address: 10.99.0.2\n    mode: ambient",
+            "address: 10.99.0.2\n    mode: none",
+        );
+    let mut out = Vec::new();
+    h.resolver
+        .set_workloads(Workloads::parse(&flipped).unwrap(), &mut out);
+    h.apply(out);
+    assert_eq!(h.entry(910), None);
+    assert_eq!(h.entry(931), Some((Role::Ambient, vec![ip("10.99.0.4")])));
+    assert_eq!(
+        h.take_updates().len(),
+        2,
+        "one delete, one upsert; the ztunnel is unchanged"
+    );
+}
+
+#[test]
+fn bad_files_are_refused_naming_the_key() {
+    let err = |text: &str| Workloads::parse(text).unwrap_err().to_string();
+    let e = err("version: 2\n");
+    assert!(e.contains("version"), "{e}");
+    let e = err("version: 1\nworkloads:\n  - name: a\n    cgroup: /a\n    address: 10.0.0.1\n    mode: sidecar\n");
+    assert!(e.contains("mode") || e.contains("sidecar"), "{e}");
+    let e = err("version: 1\nworkloads:\n  - name: a\n    cgroup: /a\n    address: 10.0.0.300\n    mode: ambient\n");
+    assert!(
+        e.contains("workloads[0].address") && e.contains("10.0.0.300"),
+        "{e}"
+    );
+    let e = err("version: 1\nworkloads:\n  - name: a\n    cgroup: /a\n    address: 10.0.0.1\n    mode: ambient\n  - name: b\n    cgroup: /a/b\n    address: 10.0.0.2\n    mode: ambient\n");
+    assert!(
+        e.contains("workloads[1].cgroup") && e.contains("overlaps"),
+        "{e}"
+    );
+    let e = err("version: 1\nworkloads:\n  - name: a\n    cgroup: relative\n    address: 10.0.0.1\n    mode: ambient\n");
+    assert!(e.contains("workloads[0].cgroup"), "{e}");
+    let e = err("version: 1\nzombies: []\n");
+    assert!(e.contains("zombies"), "{e}");
+    let e = err("version: 1\nexempt: [/a]\nztunnel:\n  cgroup: /a/z\n  address: auto\n");
+    assert!(e.contains("overlaps"), "{e}");
+}
+
+#[test]
+fn the_shipped_example_parses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/workloads.yaml");
+    let w = Workloads::load(std::path::Path::new(path)).expect("examples/workloads.yaml");
+    assert_eq!(w.workloads.len(), 3);
+    assert_eq!(w.exempt, vec!["/system.slice/kubelet.service".to_string()]);
+}
