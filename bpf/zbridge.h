@@ -44,4 +44,41 @@ struct pod_addr {
 	__u8 addr[16];
 };
 
+/* Value of the original-destination maps: where a redirected connect was going. */
+struct orig_dst {
+	__u8 addr[16];  /* IPv4 stored IPv4-mapped (::ffff:a.b.c.d) */
+	__u16 port;     /* network byte order */
+	__u16 family;   /* AF_INET (2) or AF_INET6 (10): what the application asked for */
+};
+
+/* Key of `orig_dst_by_tuple`: a TCP connection seen from its client (src = the client).
+ * Addresses IPv4-mapped like pod_addr, so that IPv4 sockets and IPv4-mapped IPv6 sockets
+ * agree; ports in network byte order. */
+struct conn_tuple {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport;
+	__u16 dport;
+};
+
+/* Indices of the per-CPU `counters` array (values __u64, summed over CPUs by the reader). */
+enum zb_counter {
+	ZB_C_REDIRECTED_OUT = 0, /* an ambient pod's connect sent to ztunnel's outbound port */
+	ZB_C_REDIRECTED_IN = 1,  /* a host process's connect to an ambient pod sent to inbound */
+	ZB_C_PASSED = 2,         /* an ambient pod's connect left alone by a rule (loopback...) */
+	ZB_C_FAIL_CLOSED = 3,    /* no ztunnel known: the connect was refused */
+	ZB_C_FAIL_OPEN = 4,      /* no ztunnel known: the connect went out uncaptured */
+	ZB_C_ORIG_DST_HIT = 5,   /* SO_ORIGINAL_DST answered from orig_dst_by_tuple */
+	ZB_C_ORIG_DST_MISS = 6,  /* SO_ORIGINAL_DST on a capture socket with no entry */
+	ZB_C_REFUSED_LOOP = 7,   /* a connect straight to a capture port, refused */
+	ZB_C_BIND_REWRITTEN = 8, /* ztunnel's bind to a pod address moved to its own */
+	ZB_C_MAX = 9,
+};
+
+/* Default sizes; cgroup_info_map and pod_addr_map are resized by the loader. */
+#define ZB_CGROUP_ENTRIES 65536
+#define ZB_ORIG_DST_ENTRIES 65536
+/* Deepest cgroup level the programs look at (bits of settings.levels). */
+#define ZB_MAX_LEVELS 32
+
 #endif /* ZBRIDGE_H */

@@ -1,20 +1,30 @@
 //! The third stage of zbridge: the BPF programs and their maps.
 //!
-//! The programmer loads the object clang built from `bpf/`, attaches its programs to a cgroup,
-//! pins maps and links so redirection survives an agent restart, and applies the resolver's
-//! [`resolver::Update`]s to the maps in batches ([`Programmer`]). Where the operations land is
-//! a [`MapBackend`]: the kernel's maps, or memory ([`MemoryBackend`]) for replay and tests.
+//! The programmer loads the object clang built from `bpf/` ([`object`]), attaches its programs
+//! to a cgroup and pins maps and links so redirection survives an agent restart
+//! ([`loader`]), and applies the resolver's [`resolver::Update`]s to the maps in batches
+//! ([`Programmer`]). Where the operations land is a [`MapBackend`]: the kernel's maps
+//! ([`AyaBackend`]), or memory ([`MemoryBackend`]) for replay and tests.
 
+pub mod aya_backend;
 pub mod backend;
 pub mod layout;
+pub mod loader;
 pub mod memory;
+pub mod object;
 pub mod programmer;
+pub mod sys;
 
+use std::path::PathBuf;
+
+pub use aya_backend::{AyaBackend, BatchMode};
 pub use backend::{MapBackend, MapBatch};
+pub use layout::Counters;
+pub use loader::{detach, read_counters, LoadReport, Loaded, LoaderConfig};
 pub use memory::MemoryBackend;
 pub use programmer::{Programmer, ProgrammerConfig};
 
-/// Errors of the programmer; each names the map or program concerned.
+/// Errors of the programmer; each names the map, program or path concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
     #[error("map `{map}`: {op} failed: {source}")]
@@ -24,6 +34,37 @@ pub enum ProgramError {
         #[source]
         source: std::io::Error,
     },
+    /// The BPF object could not be parsed or lacks something the loader needs.
+    #[error("BPF object: {0}")]
+    Object(String),
+    /// A program did not load; `detail` holds the verifier's last words when it refused.
+    #[error("program `{program}`: {detail}")]
+    Program { program: String, detail: String },
+    /// A program could not be attached to (or its link re-pointed at) a cgroup.
+    #[error("program `{program}`: attach to cgroup {cgroup}: {detail}")]
+    Attach {
+        program: String,
+        cgroup: PathBuf,
+        detail: String,
+    },
+    /// A file operation on the pin directory or a cgroup.
+    #[error("{path}: {op}: {source}")]
+    Path {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
+}
+
+impl ProgramError {
+    pub(crate) fn path(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        ProgramError::Path {
+            path: path.into(),
+            op,
+            source,
+        }
+    }
 }

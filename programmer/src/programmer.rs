@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::time::Duration;
 
 use resolver::{Enrolment, Role, Update};
 use watcher::CgroupId;
@@ -15,12 +16,29 @@ use crate::ProgramError;
 const UNKNOWN_LEVEL: u32 = u32::MAX;
 
 /// What the programmer is told by the operator (not by the resolver).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProgrammerConfig {
     /// Connect as if not in the mesh when no ztunnel address is known.
     pub fail_open: bool,
     /// Let the programs `bpf_printk` their decisions.
     pub debug: bool,
+    /// At most this many map operations per backend call (one batch syscall per map and
+    /// kind); a larger flush is split. 0 means no limit.
+    pub max_batch: usize,
+    /// How long the agent's loop gathers updates before a flush ([`Programmer::coalesce_window`]);
+    /// updates of the same cgroup within it become one operation.
+    pub coalesce_window: Duration,
+}
+
+impl Default for ProgrammerConfig {
+    fn default() -> Self {
+        ProgrammerConfig {
+            fail_open: false,
+            debug: false,
+            max_batch: 4096,
+            coalesce_window: Duration::from_millis(5),
+        }
+    }
 }
 
 /// Applies the resolver's updates to a [`MapBackend`].
@@ -70,6 +88,12 @@ impl<B: MapBackend> Programmer<B> {
         // confirmed or replaced them; their levels stay in `settings` meanwhile.
         for (id, info) in me.backend.cgroup_entries()? {
             me.programmed.insert(id, (info, UNKNOWN_LEVEL));
+            // Their addresses are held by them until they are released or replaced.
+            if info.flags & layout::F_AMBIENT != 0 {
+                for ip in info.ips() {
+                    *me.addr_refs.entry(PodAddr::from(ip)).or_insert(0) += 1;
+                }
+            }
         }
         Ok(me)
     }
@@ -89,6 +113,16 @@ impl<B: MapBackend> Programmer<B> {
 
     pub fn config(&self) -> &ProgrammerConfig {
         &self.config
+    }
+
+    /// How long to gather updates before [`Programmer::flush`].
+    pub fn coalesce_window(&self) -> Duration {
+        self.config.coalesce_window
+    }
+
+    /// The backend, mutably (tests and benchmarks switch its mode).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
     }
 
     /// How many updates wait for the next flush.
@@ -115,9 +149,16 @@ impl<B: MapBackend> Programmer<B> {
         }
     }
 
-    /// Writes everything queued as one batch.
+    /// Writes everything queued: one backend call per `max_batch` operations.
     pub fn flush(&mut self) -> Result<(), ProgramError> {
+        let mut stale_addrs = Vec::new();
         if self.reconcile_pending {
+            // Addresses in the map that no entry holds (left by a previous run).
+            for (addr, _) in self.backend.addr_entries()? {
+                if !self.addr_refs.contains_key(&addr) {
+                    stale_addrs.push(addr);
+                }
+            }
             self.reconcile_pending = false;
             let stale: Vec<CgroupId> = self
                 .programmed
@@ -129,7 +170,10 @@ impl<B: MapBackend> Programmer<B> {
                 self.pending.insert(id, None);
             }
         }
-        let mut batch = MapBatch::default();
+        let mut batch = MapBatch {
+            addr_deletes: stale_addrs,
+            ..MapBatch::default()
+        };
         let mut settings = self.settings;
         for (id, write) in std::mem::take(&mut self.pending) {
             let old = self.programmed.remove(&id);
@@ -179,7 +223,9 @@ impl<B: MapBackend> Programmer<B> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.backend.apply(&batch)?;
+        for chunk in split_batch(batch, self.config.max_batch) {
+            self.backend.apply(&chunk)?;
+        }
         self.settings = settings;
         Ok(())
     }
@@ -235,6 +281,56 @@ impl<B: MapBackend> Programmer<B> {
             }
         }
     }
+}
+
+/// Splits a batch into batches of at most `max` operations, in the order the backend applies
+/// them (cgroup deletes, cgroup upserts, address deletes, address upserts); `settings` rides
+/// with the last. A key appears once per list, so the split keeps the outcome.
+pub fn split_batch(batch: MapBatch, max: usize) -> Vec<MapBatch> {
+    let total = batch.cgroup_deletes.len()
+        + batch.cgroup_upserts.len()
+        + batch.addr_deletes.len()
+        + batch.addr_upserts.len();
+    if max == 0 || total <= max {
+        return vec![batch];
+    }
+    let MapBatch {
+        cgroup_upserts,
+        cgroup_deletes,
+        addr_upserts,
+        addr_deletes,
+        settings,
+    } = batch;
+    let mut out = vec![MapBatch::default()];
+    let mut room = max;
+    fn next(out: &mut Vec<MapBatch>, room: &mut usize, max: usize) {
+        if *room == 0 {
+            out.push(MapBatch::default());
+            *room = max;
+        }
+        *room -= 1;
+    }
+    for id in cgroup_deletes {
+        next(&mut out, &mut room, max);
+        out.last_mut().expect("non-empty").cgroup_deletes.push(id);
+    }
+    for entry in cgroup_upserts {
+        next(&mut out, &mut room, max);
+        out.last_mut()
+            .expect("non-empty")
+            .cgroup_upserts
+            .push(entry);
+    }
+    for addr in addr_deletes {
+        next(&mut out, &mut room, max);
+        out.last_mut().expect("non-empty").addr_deletes.push(addr);
+    }
+    for entry in addr_upserts {
+        next(&mut out, &mut room, max);
+        out.last_mut().expect("non-empty").addr_upserts.push(entry);
+    }
+    out.last_mut().expect("non-empty").settings = settings;
+    out
 }
 
 /// The level of a cgroup path: `/` is 0, `/a` is 1, `/a/b` is 2.

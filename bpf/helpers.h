@@ -1,0 +1,203 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * zbridge: the maps and the small helpers the programs in zbridge.bpf.c share. BPF only
+ * (the layouts the Rust side mirrors are in zbridge.h).
+ */
+#ifndef ZBRIDGE_HELPERS_H
+#define ZBRIDGE_HELPERS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "zbridge.h"
+
+/* From the libc and netfilter headers, which a BPF build does not include. */
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80      /* linux/netfilter_ipv4.h */
+#define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
+
+/* Return values of cgroup sock_addr and sockopt programs. */
+#define ZB_ALLOW 1
+#define ZB_REFUSE 0 /* connect/bind fail with EPERM */
+
+/* ---- maps (names are part of the interface: the programmer and `zbridge dump` use them) ---- */
+
+/* HASH, not LRU: an evicted entry would let a pod's traffic bypass the mesh. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ZB_CGROUP_ENTRIES);
+	__type(key, __u64);
+	__type(value, struct cgroup_info);
+} cgroup_info_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct settings);
+} settings SEC(".maps");
+
+/* Every address of an ambient pod on this node (value: the flags of its entry). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ZB_CGROUP_ENTRIES);
+	__type(key, struct pod_addr);
+	__type(value, __u32);
+} pod_addr_map SEC(".maps");
+
+/* connect → sockops: the original destination by socket cookie (the source port is not known
+ * yet at connect time). LRU: a cache; a connect that never completes leaves its entry here. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, ZB_ORIG_DST_ENTRIES);
+	__type(key, __u64);
+	__type(value, struct orig_dst);
+} orig_dst_by_cookie SEC(".maps");
+
+/* sockops → getsockopt: the original destination by the connection's 4-tuple, the only thing
+ * ztunnel's accepted socket has in common with the client's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, ZB_ORIG_DST_ENTRIES);
+	__type(key, struct conn_tuple);
+	__type(value, struct orig_dst);
+} orig_dst_by_tuple SEC(".maps");
+
+/* Per-CPU so that counting never contends between CPUs; the reader sums. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ZB_C_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* ---- helpers ---- */
+
+/* An address as four network-order words; IPv4 is IPv4-mapped (::ffff:a.b.c.d). */
+struct zb_ip {
+	__u32 w[4];
+};
+
+/* One 32-bit load of a context field: stops clang from merging neighbouring fields into a
+ * 64-bit load or from addressing them off a moved context pointer, both of which the verifier
+ * refuses for context structures. */
+#define ZB_CTX(field) (*(volatile __typeof__(field) *)&(field))
+
+#define ZB_DEBUG(s, fmt, ...)                                                                      \
+	do {                                                                                       \
+		if ((s)->flags & ZB_S_DEBUG)                                                       \
+			bpf_printk("zbridge: " fmt, ##__VA_ARGS__);                                \
+	} while (0)
+
+static __always_inline void zb_count(__u32 idx)
+{
+	__u64 *value = bpf_map_lookup_elem(&counters, &idx);
+
+	/* Atomic: sockops runs in softirq and may interrupt a connect on the same CPU. */
+	if (value)
+		__sync_fetch_and_add(value, 1);
+}
+
+static __always_inline const struct settings *zb_settings(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&settings, &zero);
+}
+
+static __always_inline void zb_ip_from_v4(struct zb_ip *ip, __u32 addr4)
+{
+	ip->w[0] = 0;
+	ip->w[1] = 0;
+	ip->w[2] = bpf_htonl(0xffff);
+	ip->w[3] = addr4;
+}
+
+static __always_inline void zb_ip_from_bytes(struct zb_ip *ip, const __u8 *bytes)
+{
+	__builtin_memcpy(ip->w, bytes, 16);
+}
+
+static __always_inline int zb_ip_is_v4(const struct zb_ip *ip)
+{
+	return ip->w[0] == 0 && ip->w[1] == 0 && ip->w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int zb_ip_eq(const struct zb_ip *a, const struct zb_ip *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] &&
+	       a->w[3] == b->w[3];
+}
+
+/* 127.0.0.0/8 (IPv4 or IPv4-mapped) and ::1. */
+static __always_inline int zb_ip_is_loopback(const struct zb_ip *ip)
+{
+	if (zb_ip_is_v4(ip))
+		return (ip->w[3] & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
+	return ip->w[0] == 0 && ip->w[1] == 0 && ip->w[2] == 0 && ip->w[3] == bpf_htonl(1);
+}
+
+/* ztunnel's address of the same family as `like`; 0 when none is known. */
+static __always_inline int zb_ztunnel_ip(const struct settings *s, const struct zb_ip *like,
+					 struct zb_ip *out)
+{
+	if (zb_ip_is_v4(like)) {
+		if (!(s->flags & ZB_S_HAS_ZTUNNEL4))
+			return 0;
+		zb_ip_from_v4(out, s->ztunnel_addr4);
+		return 1;
+	}
+	if (!(s->flags & ZB_S_HAS_ZTUNNEL6))
+		return 0;
+	zb_ip_from_bytes(out, s->ztunnel_addr6);
+	return 1;
+}
+
+/* Whether `ip` is the pod's own address (a pod talking to itself is never captured). */
+static __always_inline int zb_is_own_ip(const struct cgroup_info *info, const struct zb_ip *ip)
+{
+	struct zb_ip own = {};
+
+	if (zb_ip_is_v4(ip)) {
+		if (!(info->flags & ZB_F_HAS_V4))
+			return 0;
+		zb_ip_from_v4(&own, info->addr4);
+	} else {
+		if (!(info->flags & ZB_F_HAS_V6))
+			return 0;
+		zb_ip_from_bytes(&own, info->addr6);
+	}
+	return zb_ip_eq(&own, ip);
+}
+
+/*
+ * The entry of the calling process's cgroup or of its nearest enrolled ancestor. Only the
+ * levels named in settings.levels are looked up (deepest first, so the nearest wins): with
+ * nothing enrolled the walk costs no lookup at all.
+ */
+static __always_inline const struct cgroup_info *zb_lookup_current(__u32 levels)
+{
+	for (int level = ZB_MAX_LEVELS - 1; level >= 0; level--) {
+		const struct cgroup_info *info;
+		__u64 id;
+
+		/* No entry sits at this level anywhere on the node. */
+		if (!(levels & (1u << level)))
+			continue;
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		/* 0: the process's cgroup is shallower than this level. */
+		if (!id)
+			continue;
+		info = bpf_map_lookup_elem(&cgroup_info_map, &id);
+		if (info)
+			return info;
+	}
+	return NULL;
+}
+
+#endif /* ZBRIDGE_HELPERS_H */

@@ -1,0 +1,396 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * zbridge's socket hooks: send the TCP connects of ambient pods (and of host processes to
+ * ambient pods) to the node's ztunnel, and give ztunnel back the original destination.
+ *
+ *   connect4/6   rewrite the destination to ztunnel:15001 (outbound) or :15006 (inbound) and
+ *                remember the original one by socket cookie;
+ *   sock_ops     once the client's connection is established, move that record to the
+ *                connection's 4-tuple (the only key ztunnel's accepted socket shares);
+ *   getsockopt   answer ztunnel's SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST from that record;
+ *   bind4/6      ztunnel binding a pod's address (as under TPROXY) binds its own instead,
+ *                since no TPROXY routing brings the replies back.
+ *
+ * Built by programmer/build.rs with `clang -g` (the loader needs the BTF).
+ */
+#include "helpers.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* The refusal a failing policy gives: fail open lets the connect out uncaptured. */
+static __always_inline int zb_no_ztunnel(const struct settings *s)
+{
+	if (s->flags & ZB_S_FAIL_OPEN) {
+		zb_count(ZB_C_FAIL_OPEN);
+		return ZB_ALLOW;
+	}
+	zb_count(ZB_C_FAIL_CLOSED);
+	ZB_DEBUG(s, "no ztunnel address: connect refused");
+	return ZB_REFUSE;
+}
+
+/*
+ * The connect decision shared by connect4 and connect6. `dst`/`port` (network order) are the
+ * requested destination; on a redirect they are replaced by ztunnel's address and port and
+ * *rewrite is set. Returns ZB_ALLOW or ZB_REFUSE.
+ */
+static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *dst, __u16 *port,
+				      int *rewrite)
+{
+	const struct settings *s = zb_settings();
+	const struct cgroup_info *info;
+	struct zb_ip zt = {};
+	__u16 capture_port;
+	__u32 counter;
+	int known;
+
+	/* The array always holds key 0; the check is for the verifier. */
+	if (!s)
+		return ZB_ALLOW;
+	known = zb_ztunnel_ip(s, dst, &zt);
+	if (known && zb_ip_eq(dst, &zt)) {
+		__u16 p = bpf_ntohs(*port);
+
+		/* Straight to a capture port, not rewritten here: ztunnel would find no original
+		 * destination, fall back to the local address and proxy to itself in a loop. */
+		if (p == s->outbound_port || p == s->inbound_port) {
+			zb_count(ZB_C_REFUSED_LOOP);
+			ZB_DEBUG(s, "connect to capture port %d refused", p);
+			return ZB_REFUSE;
+		}
+		/* ztunnel's other ports (15008 HBONE, 15053 DNS, ...) are reached directly. */
+		return ZB_ALLOW;
+	}
+	/* Nothing enrolled on this node: no pod to capture and no pod address to protect. */
+	if (!s->levels)
+		return ZB_ALLOW;
+
+	info = zb_lookup_current(s->levels);
+	if (info && (info->flags & ZB_F_ZTUNNEL))
+		/* ztunnel's own connects go where ztunnel wants them. */
+		return ZB_ALLOW;
+	if (info && (info->flags & ZB_F_AMBIENT)) {
+		/* Loopback stays in the pod; a pod talking to itself is not mesh traffic. */
+		if (zb_ip_is_loopback(dst) || zb_is_own_ip(info, dst)) {
+			zb_count(ZB_C_PASSED);
+			return ZB_ALLOW;
+		}
+		if (!known)
+			return zb_no_ztunnel(s);
+		capture_port = s->outbound_port;
+		counter = ZB_C_REDIRECTED_OUT;
+	} else {
+		/* A host process (no enrolled ancestor, or one not in the mesh). Exempt cgroups
+		 * (the kubelet) reach pods directly, so that probes work. */
+		if (info && (info->flags & ZB_F_EXEMPT))
+			return ZB_ALLOW;
+		/* Loopback is never a pod's address: spare the lookup. */
+		if (zb_ip_is_loopback(dst))
+			return ZB_ALLOW;
+		/* Only ambient pods on this node are captured inbound. */
+		if (!bpf_map_lookup_elem(&pod_addr_map, dst))
+			return ZB_ALLOW;
+		if (!known)
+			return zb_no_ztunnel(s);
+		capture_port = s->inbound_port;
+		counter = ZB_C_REDIRECTED_IN;
+	}
+
+	struct orig_dst od = {};
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+
+	__builtin_memcpy(od.addr, dst->w, 16);
+	od.port = *port;
+	od.family = zb_ip_is_v4(dst) ? AF_INET : AF_INET6;
+	/* Without the record ztunnel could not tell where to go; refusing is the safe answer. */
+	if (bpf_map_update_elem(&orig_dst_by_cookie, &cookie, &od, BPF_ANY)) {
+		zb_count(ZB_C_FAIL_CLOSED);
+		return ZB_REFUSE;
+	}
+	*dst = zt;
+	*port = bpf_htons(capture_port);
+	*rewrite = 1;
+	zb_count(counter);
+	ZB_DEBUG(s, "connect to port %d redirected to %d", bpf_ntohs(od.port), capture_port);
+	return ZB_ALLOW;
+}
+
+SEC("cgroup/connect4")
+int connect4(struct bpf_sock_addr *ctx)
+{
+	struct zb_ip dst = {};
+	__u16 port = ctx->user_port;
+	int rewrite = 0;
+	int verdict;
+
+	/* Only TCP is captured (UDP, DNS included, goes its own way). */
+	if (ctx->type != SOCK_STREAM)
+		return ZB_ALLOW;
+	zb_ip_from_v4(&dst, ctx->user_ip4);
+	verdict = zb_connect(ctx, &dst, &port, &rewrite);
+	if (rewrite) {
+		ctx->user_ip4 = dst.w[3];
+		ctx->user_port = port;
+	}
+	return verdict;
+}
+
+SEC("cgroup/connect6")
+int connect6(struct bpf_sock_addr *ctx)
+{
+	struct zb_ip dst = {};
+	__u16 port = ctx->user_port;
+	int rewrite = 0;
+	int verdict;
+
+	/* Only TCP is captured. */
+	if (ctx->type != SOCK_STREAM)
+		return ZB_ALLOW;
+	/* An IPv4-mapped destination arrives here too (a dual-stack socket): it is decided as
+	 * IPv4 and rewritten to ztunnel's IPv4-mapped address. */
+	dst.w[0] = ctx->user_ip6[0];
+	dst.w[1] = ctx->user_ip6[1];
+	dst.w[2] = ctx->user_ip6[2];
+	dst.w[3] = ctx->user_ip6[3];
+	verdict = zb_connect(ctx, &dst, &port, &rewrite);
+	if (rewrite) {
+		ctx->user_ip6[0] = dst.w[0];
+		ctx->user_ip6[1] = dst.w[1];
+		ctx->user_ip6[2] = dst.w[2];
+		ctx->user_ip6[3] = dst.w[3];
+		ctx->user_port = port;
+	}
+	return verdict;
+}
+
+SEC("sockops")
+int sock_ops(struct bpf_sock_ops *skops)
+{
+	struct conn_tuple tuple = {};
+	struct orig_dst *od;
+	struct zb_ip ip = {};
+	__u64 cookie;
+	__u32 remote_port;
+
+	/* Only the client side of a completed connect matters; no other callback is enabled,
+	 * and the ones the kernel always calls leave here. */
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	cookie = bpf_get_socket_cookie(skops);
+	od = bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie);
+	/* Not a connect the programs redirected. */
+	if (!od)
+		return 1;
+
+	/* Every field is read up front, unconditionally: with per-family reads clang merges the
+	 * branches into loads off a moved context pointer, which the verifier refuses. */
+	__u32 family = ZB_CTX(skops->family);
+	__u32 l4 = ZB_CTX(skops->local_ip4), r4 = ZB_CTX(skops->remote_ip4);
+	struct zb_ip l6 = { { ZB_CTX(skops->local_ip6[0]), ZB_CTX(skops->local_ip6[1]),
+			      ZB_CTX(skops->local_ip6[2]), ZB_CTX(skops->local_ip6[3]) } };
+	struct zb_ip r6 = { { ZB_CTX(skops->remote_ip6[0]), ZB_CTX(skops->remote_ip6[1]),
+			      ZB_CTX(skops->remote_ip6[2]), ZB_CTX(skops->remote_ip6[3]) } };
+
+	if (family == AF_INET) {
+		zb_ip_from_v4(&ip, l4);
+		__builtin_memcpy(tuple.src, ip.w, 16);
+		zb_ip_from_v4(&ip, r4);
+		__builtin_memcpy(tuple.dst, ip.w, 16);
+	} else if (family == AF_INET6) {
+		/* IPv4-mapped on a dual-stack socket already has the key's form. */
+		__builtin_memcpy(tuple.src, l6.w, 16);
+		__builtin_memcpy(tuple.dst, r6.w, 16);
+	} else {
+		/* Not an IP socket: nothing ztunnel will ask about. */
+		return 1;
+	}
+	/* local_port is host order; remote_port is network order, in the upper 16 bits on
+	 * current kernels (older ones put it in the lower 16: take whichever half is set). */
+	tuple.sport = bpf_htons((__u16)ZB_CTX(skops->local_port));
+	remote_port = ZB_CTX(skops->remote_port);
+	tuple.dport = remote_port > 0xffff ? (__u16)(remote_port >> 16) : (__u16)remote_port;
+
+	bpf_map_update_elem(&orig_dst_by_tuple, &tuple, od, BPF_ANY);
+	/* The cookie's record has served; free its slot rather than wait for LRU eviction. */
+	bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
+	return 1;
+}
+
+/* The sockaddr_in / sockaddr_in6 that SO_ORIGINAL_DST returns. */
+struct zb_sockaddr_in {
+	__u16 family;
+	__u16 port;
+	__u32 addr;
+	__u8 zero[8];
+};
+
+struct zb_sockaddr_in6 {
+	__u16 family;
+	__u16 port;
+	__u32 flowinfo;
+	__u32 addr[4];
+	__u32 scope_id;
+};
+
+SEC("cgroup/getsockopt")
+int getsockopt(struct bpf_sockopt *ctx)
+{
+	const struct settings *s;
+	struct conn_tuple tuple = {};
+	struct orig_dst *od;
+	struct bpf_sock *sk;
+	struct zb_ip ip = {};
+	__u16 local_port;
+	int v4;
+
+	/* Every getsockopt of the subtree comes here: all but SO_ORIGINAL_DST leave untouched
+	 * at once (SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST share the number 80). */
+	if (ctx->optname != SO_ORIGINAL_DST)
+		return 1;
+	if (ctx->level != SOL_IP && ctx->level != SOL_IPV6)
+		return 1;
+	sk = ctx->sk;
+	if (!sk)
+		return 1;
+	s = zb_settings();
+	if (!s)
+		return 1;
+	/* Only ztunnel's capture sockets have an original destination to give. */
+	local_port = (__u16)ZB_CTX(sk->src_port);
+	if (local_port != s->outbound_port && local_port != s->inbound_port)
+		return 1;
+
+	/* Read up front, unconditionally, for the reason given in sock_ops. */
+	__u32 family = ZB_CTX(sk->family);
+	__u32 l4 = ZB_CTX(sk->src_ip4), r4 = ZB_CTX(sk->dst_ip4);
+	__u16 peer_port = ZB_CTX(sk->dst_port);
+	struct zb_ip l6 = { { ZB_CTX(sk->src_ip6[0]), ZB_CTX(sk->src_ip6[1]),
+			      ZB_CTX(sk->src_ip6[2]), ZB_CTX(sk->src_ip6[3]) } };
+	struct zb_ip r6 = { { ZB_CTX(sk->dst_ip6[0]), ZB_CTX(sk->dst_ip6[1]),
+			      ZB_CTX(sk->dst_ip6[2]), ZB_CTX(sk->dst_ip6[3]) } };
+
+	/* The accepted socket sees the connection from the server side: swap. */
+	if (family == AF_INET) {
+		zb_ip_from_v4(&ip, r4);
+		__builtin_memcpy(tuple.src, ip.w, 16);
+		zb_ip_from_v4(&ip, l4);
+		__builtin_memcpy(tuple.dst, ip.w, 16);
+	} else if (family == AF_INET6) {
+		__builtin_memcpy(tuple.src, r6.w, 16);
+		__builtin_memcpy(tuple.dst, l6.w, 16);
+	} else {
+		return 1;
+	}
+	tuple.sport = peer_port;
+	tuple.dport = bpf_htons(local_port);
+
+	od = bpf_map_lookup_elem(&orig_dst_by_tuple, &tuple);
+	if (!od) {
+		/* Keep the kernel's own answer (netfilter's, or its error). */
+		zb_count(ZB_C_ORIG_DST_MISS);
+		ZB_DEBUG(s, "SO_ORIGINAL_DST: no record for peer port %d", bpf_ntohs(tuple.sport));
+		return 1;
+	}
+	zb_ip_from_bytes(&ip, od->addr);
+	v4 = zb_ip_is_v4(&ip);
+
+	if (ctx->level == SOL_IP) {
+		struct zb_sockaddr_in *sin = ctx->optval;
+
+		/* An IPv6 destination is given to the IPv6 question, which ztunnel asks next. */
+		if (!v4)
+			return 1;
+		/* The caller's buffer is too small for a sockaddr_in: the kernel's error stands. */
+		if ((void *)(sin + 1) > ctx->optval_end)
+			return 1;
+		sin->family = AF_INET;
+		sin->port = od->port;
+		sin->addr = ip.w[3];
+		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct zb_sockaddr_in6 *sin6 = ctx->optval;
+
+		/* An IPv4 destination was answered to SOL_IP, as the kernel would. */
+		if (v4)
+			return 1;
+		if ((void *)(sin6 + 1) > ctx->optval_end)
+			return 1;
+		sin6->family = AF_INET6;
+		sin6->port = od->port;
+		sin6->flowinfo = 0;
+		sin6->addr[0] = ip.w[0];
+		sin6->addr[1] = ip.w[1];
+		sin6->addr[2] = ip.w[2];
+		sin6->addr[3] = ip.w[3];
+		sin6->scope_id = 0;
+		ctx->optlen = sizeof(*sin6);
+	}
+	ctx->retval = 0;
+	zb_count(ZB_C_ORIG_DST_HIT);
+	return 1;
+}
+
+/*
+ * The bind decision shared by bind4 and bind6: ztunnel binding an ambient pod's address gets
+ * its own address instead, same port. Returns 1 when `addr` was replaced.
+ */
+static __always_inline int zb_bind(struct zb_ip *addr)
+{
+	const struct settings *s = zb_settings();
+	const struct cgroup_info *info;
+	struct zb_ip zt = {};
+
+	/* Nothing enrolled: no pod address to rewrite. */
+	if (!s || !s->levels)
+		return 0;
+	/* Most binds are to other addresses: one lookup, before the cgroup walk. */
+	if (!bpf_map_lookup_elem(&pod_addr_map, addr))
+		return 0;
+	info = zb_lookup_current(s->levels);
+	/* Only ztunnel's binds are rewritten; a pod binding its own address is normal. */
+	if (!info || !(info->flags & ZB_F_ZTUNNEL))
+		return 0;
+	/* No own address to use: the bind goes on and fails or succeeds as it would. */
+	if (!zb_ztunnel_ip(s, addr, &zt))
+		return 0;
+	*addr = zt;
+	zb_count(ZB_C_BIND_REWRITTEN);
+	ZB_DEBUG(s, "ztunnel bind to a pod address rewritten");
+	return 1;
+}
+
+SEC("cgroup/bind4")
+int bind4(struct bpf_sock_addr *ctx)
+{
+	struct zb_ip addr = {};
+
+	/* INADDR_ANY is never a pod's address. */
+	if (!ctx->user_ip4)
+		return ZB_ALLOW;
+	zb_ip_from_v4(&addr, ctx->user_ip4);
+	if (zb_bind(&addr))
+		ctx->user_ip4 = addr.w[3];
+	return ZB_ALLOW;
+}
+
+SEC("cgroup/bind6")
+int bind6(struct bpf_sock_addr *ctx)
+{
+	struct zb_ip addr = {};
+
+	addr.w[0] = ctx->user_ip6[0];
+	addr.w[1] = ctx->user_ip6[1];
+	addr.w[2] = ctx->user_ip6[2];
+	addr.w[3] = ctx->user_ip6[3];
+	/* The unspecified address (::) is never a pod's address. */
+	if (!(addr.w[0] | addr.w[1] | addr.w[2] | addr.w[3]))
+		return ZB_ALLOW;
+	if (zb_bind(&addr)) {
+		ctx->user_ip6[0] = addr.w[0];
+		ctx->user_ip6[1] = addr.w[1];
+		ctx->user_ip6[2] = addr.w[2];
+		ctx->user_ip6[3] = addr.w[3];
+	}
+	return ZB_ALLOW;
+}
