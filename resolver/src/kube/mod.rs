@@ -15,6 +15,7 @@
 //! unreachable, 403) are logged with what to do, retried with kube-runtime's default backoff
 //! (0.8 s doubling to 30 s, with jitter), and shown in [`KubeView::health`].
 
+pub mod status;
 mod tracker;
 mod view;
 

@@ -46,6 +46,18 @@ impl KubeView {
         self.inner.pods.get(uid).map(|p| p.value().clone())
     }
 
+    /// A pod on this node by namespace and name (a scan: for occasional use).
+    pub fn pod_named(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+        self.inner
+            .pods
+            .iter()
+            .find(|e| {
+                e.value().metadata.namespace.as_deref() == Some(namespace)
+                    && e.value().metadata.name.as_deref() == Some(name)
+            })
+            .map(|e| e.value().clone())
+    }
+
     /// The pod on this node that owns `ip` (not `hostNetwork`, not terminal).
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>> {
         let uid = self.inner.pod_ips.get(&ip)?.value().clone();

@@ -1,0 +1,191 @@
+//! The status writer against testkit's FakeApiServer: the real kube-rs client sends the
+//! pods/status merge patches over HTTP; we check the requests and the pods' annotations.
+//!
+//! Every wait is bounded by a deadline (a hang guard, not a timing assertion).
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use resolver::kube::status::{StatusWriter, REDIRECTION_ANNOTATION};
+use resolver::kube::KubeCache;
+use resolver::{Enrolment, Role, Update};
+use serde_json::json;
+use testkit::apiserver::RecordedRequest;
+use testkit::FakeApiServer;
+use watcher::CgroupId;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn pod(ns: &str, name: &str, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "uid": format!("uid-{ns}-{name}"),
+            "annotations": annotations,
+        },
+        "spec": {"nodeName": "node-a", "containers": [{"name": "main", "image": "busybox"}]},
+        "status": {"phase": "Running", "podIP": "10.1.0.10"},
+    }))
+    .unwrap()
+}
+
+fn redirection(server: &FakeApiServer, ns: &str, name: &str) -> Option<String> {
+    server
+        .pod(ns, name)
+        .and_then(|p| p.metadata.annotations)
+        .and_then(|a| a.get(REDIRECTION_ANNOTATION).cloned())
+}
+
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not within {DEADLINE:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn patches_of(server: &FakeApiServer, ns: &str, name: &str) -> Vec<RecordedRequest> {
+    let path = format!("/api/v1/namespaces/{ns}/pods/{name}/status");
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path == path)
+        .collect()
+}
+
+fn body(request: &RecordedRequest) -> serde_json::Value {
+    serde_json::from_slice(&request.body).unwrap()
+}
+
+#[test]
+fn enrol_sets_and_unenrol_removes_the_annotation_with_status_merge_patches() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply_pod(&pod("apps", "web", json!({"keep": "me"})));
+    let writer = StatusWriter::start(server.kube_config(), None).unwrap();
+
+    writer.enrolled("apps", "web");
+    wait_until("the annotation is set", || {
+        redirection(&server, "apps", "web").as_deref() == Some("enabled")
+    });
+    let patches = patches_of(&server, "apps", "web");
+    assert_eq!(patches.len(), 1);
+    assert_eq!(
+        body(&patches[0]),
+        json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}})
+    );
+
+    writer.unenrolled("apps", "web");
+    wait_until("the annotation is removed", || {
+        redirection(&server, "apps", "web").is_none()
+    });
+    let patches = patches_of(&server, "apps", "web");
+    assert_eq!(patches.len(), 2);
+    assert_eq!(
+        body(&patches[1]),
+        json!({"metadata": {"annotations": {"ambient.istio.io/redirection": null}}})
+    );
+    // Other annotations are left alone.
+    let annotations = server.pod("apps", "web").unwrap().metadata.annotations;
+    assert_eq!(
+        annotations.unwrap().get("keep").map(String::as_str),
+        Some("me")
+    );
+}
+
+#[test]
+fn a_gone_pod_is_done_and_a_forbidden_patch_is_retried() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply_pod(&pod("apps", "web", json!({})));
+    let writer = StatusWriter::start(server.kube_config(), None).unwrap();
+    // Gone: one patch, answered 404, and nothing left to write.
+    writer.enrolled("apps", "ghost");
+    wait_until("the ghost's wish is done", || writer.unwritten() == 0);
+    assert_eq!(patches_of(&server, "apps", "ghost").len(), 1);
+
+    // Forbidden: tried again (with backoff) until allowed.
+    server.set_forbidden(true);
+    writer.enrolled("apps", "web");
+    wait_until("a retry after 403", || {
+        patches_of(&server, "apps", "web").len() >= 2
+    });
+    assert_eq!(writer.unwritten(), 1);
+    server.set_forbidden(false);
+    wait_until("written once allowed", || writer.unwritten() == 0);
+    assert_eq!(
+        redirection(&server, "apps", "web").as_deref(),
+        Some("enabled")
+    );
+    assert_eq!(patches_of(&server, "apps", "ghost").len(), 1);
+}
+
+#[test]
+fn observe_follows_the_resolvers_updates() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply_pod(&pod("apps", "web", json!({})));
+    let mut writer = StatusWriter::start(server.kube_config(), None).unwrap();
+    let enrolment = |cgroup_id: u64, role| {
+        Update::Upsert(Enrolment {
+            cgroup_id: CgroupId(cgroup_id),
+            cgroup: format!("/kubepods/pod-web/{cgroup_id}"),
+            pod: Some("apps/web".into()),
+            role,
+            ips: vec!["10.1.0.10".parse().unwrap()],
+        })
+    };
+    writer.observe(&enrolment(11, Role::Ambient));
+    wait_until("enabled", || {
+        redirection(&server, "apps", "web").as_deref() == Some("enabled")
+    });
+    // A second cgroup of the same pod, then the first one goes: still captured, no patch.
+    writer.observe(&enrolment(12, Role::Ambient));
+    writer.observe(&Update::Delete {
+        cgroup_id: CgroupId(11),
+    });
+    // The last one leaves the mesh: removed.
+    writer.observe(&enrolment(12, Role::None));
+    wait_until("removed", || redirection(&server, "apps", "web").is_none());
+    let patches = patches_of(&server, "apps", "web");
+    assert_eq!(patches.len(), 2, "{patches:#?}");
+    // Standalone workloads (no namespace) are not pods: nothing sent.
+    writer.observe(&Update::Upsert(Enrolment {
+        cgroup_id: CgroupId(13),
+        cgroup: "/standalone".into(),
+        pod: Some("dev-vm-app".into()),
+        role: Role::Ambient,
+        ips: vec![],
+    }));
+    writer.stop();
+    assert!(server
+        .requests()
+        .iter()
+        .all(|r| !r.path.contains("dev-vm-app")));
+}
+
+#[test]
+fn a_pod_already_annotated_in_the_view_is_not_patched_again() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply_pod(&pod(
+        "apps",
+        "web",
+        json!({REDIRECTION_ANNOTATION: "enabled"}),
+    ));
+    server.apply_pod(&pod("apps", "db", json!({})));
+    let (tx, _rx) = crossbeam_channel::bounded(64);
+    let cache = KubeCache::start(server.kube_config(), "node-a", tx).unwrap();
+    let view = cache.view();
+    wait_until("the cache synced", || view.is_synced());
+    let writer = StatusWriter::start(server.kube_config(), Some(view)).unwrap();
+    // In order: web (already so: skipped), then db (patched).
+    writer.enrolled("apps", "web");
+    writer.enrolled("apps", "db");
+    wait_until("db annotated", || {
+        redirection(&server, "apps", "db").as_deref() == Some("enabled")
+    });
+    assert!(patches_of(&server, "apps", "web").is_empty());
+}
