@@ -231,6 +231,11 @@ fn initial_list_is_delivered_then_synced_and_only_this_nodes_pods() {
         lists[0].param("fieldSelector"),
         Some("spec.nodeName=node-a")
     );
+    assert_eq!(
+        lists[0].param("limit"),
+        Some("500"),
+        "kube-runtime's page size"
+    );
     let watch = pod_watches(&requests)[0];
     assert_eq!(watch.param("fieldSelector"), Some("spec.nodeName=node-a"));
     assert_eq!(watch.param("resourceVersion"), Some(list_rv.as_str()));
@@ -458,6 +463,30 @@ fn gone_forces_a_relist_and_the_gap_arrives_as_deletes_and_applies() {
     assert_eq!(
         next_change(&f.rx),
         KubeChange::Apply(KubeObject::Pod(Box::new(late)))
+    );
+}
+
+#[test]
+fn a_list_longer_than_a_page_is_followed_with_continue_tokens() {
+    let server = FakeApiServer::start().unwrap();
+    let count = 520;
+    for i in 0..count {
+        let ip = format!("10.3.{}.{}", i / 250, i % 250 + 1);
+        server.apply_pod(&pod("bulk", &format!("p{i:03}"), NODE, &ip));
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1024);
+    let cache = KubeCache::start(server.kube_config(), NODE, tx).unwrap();
+    let changes = changes_until_synced(&rx, 1);
+    assert_eq!(changes.len(), count);
+    assert_eq!(cache.view().pod_count(), count);
+    let requests = server.requests();
+    let lists = pod_lists(&requests);
+    assert_eq!(lists.len(), 2, "two pages: {lists:#?}");
+    assert_eq!(lists[0].param("continue"), None);
+    assert!(lists[1].param("continue").is_some());
+    assert_eq!(
+        lists[1].param("fieldSelector"),
+        Some("spec.nodeName=node-a")
     );
 }
 
