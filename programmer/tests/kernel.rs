@@ -1,0 +1,375 @@
+//! The object on a real kernel: load, verifier, links on a test cgroup, pins that outlive
+//! the loader, layout checks, batch writes, reconciliation and a first datapath check.
+//! Each test has its own cgroup and its own bpffs mount.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::os::fd::AsFd;
+
+use common::{config, connect_from, PrivateBpfFs};
+use programmer::aya_backend::read_entries;
+use programmer::layout::{self, CgroupInfo, ConnTuple, OrigDst, PodAddr};
+use programmer::loader::open_pinned_map;
+use programmer::{sys, BatchMode, Loaded, MapBackend, MapBatch, Programmer, ProgrammerConfig};
+use resolver::{Enrolment, Role, Update};
+use testkit::TestCgroup;
+use watcher::CgroupId;
+
+fn entry(i: u64) -> (CgroupId, CgroupInfo) {
+    (
+        CgroupId(1_000_000 + i),
+        CgroupInfo {
+            flags: layout::F_AMBIENT | layout::F_HAS_V4,
+            addr4: (0x0a00_0000u32 + i as u32).to_be(),
+            addr6: [i as u8; 16],
+        },
+    )
+}
+
+#[test]
+fn object_loads_attaches_every_program_and_pins_outlive_the_loader() {
+    if !testkit::require_root("object_loads_attaches_every_program_and_pins_outlive_the_loader") {
+        return;
+    }
+    let cg = TestCgroup::new("prog-load").unwrap();
+    let fs = PrivateBpfFs::new("prog-load");
+    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let created: Vec<&str> = loaded
+        .report()
+        .links_created
+        .iter()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        created,
+        [
+            "sock_ops",
+            "getsockopt",
+            "bind4",
+            "bind6",
+            "connect4",
+            "connect6"
+        ]
+    );
+    for (name, _, attach_type) in programmer::object::PROGRAMS {
+        let pin = fs.pin_dir().join("v1/links").join(name);
+        let fd = sys::obj_get(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+        let info = sys::link_info(fd.as_fd()).unwrap();
+        assert_eq!(info.link_type, sys::BPF_LINK_TYPE_CGROUP, "{name}");
+        assert_eq!(
+            info.cgroup_id,
+            cg.id(),
+            "{name} attached to the test cgroup"
+        );
+        assert_eq!(info.attach_type, attach_type, "{name}");
+    }
+    let mut backend = loaded.backend().unwrap();
+    let (id, info) = entry(7);
+    backend
+        .apply(&MapBatch {
+            cgroup_upserts: vec![(id, info)],
+            ..MapBatch::default()
+        })
+        .unwrap();
+    let first_prog_ids: Vec<u32> = link_prog_ids(&fs);
+    drop(backend);
+    drop(loaded);
+
+    // A second load reuses the pinned maps (the entry is still there) and re-points the
+    // pinned links at its programs instead of attaching a second set.
+    let again = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    assert!(
+        again.report().maps_recreated.is_empty(),
+        "{:?}",
+        again.report()
+    );
+    assert!(
+        again.report().links_created.is_empty(),
+        "{:?}",
+        again.report()
+    );
+    assert_eq!(again.report().links_updated.len(), 6);
+    assert!(again
+        .report()
+        .maps_reused
+        .contains(&layout::CGROUP_INFO_MAP.to_string()));
+    assert_eq!(
+        again.backend().unwrap().cgroup_entries().unwrap(),
+        vec![(id, info)]
+    );
+    let second_prog_ids = link_prog_ids(&fs);
+    for (a, b) in first_prog_ids.iter().zip(&second_prog_ids) {
+        assert_ne!(a, b, "the link now runs the newly loaded program");
+    }
+
+    // detach removes every pin; the directory goes too.
+    drop(again);
+    let removed = programmer::detach(&fs.pin_dir()).unwrap();
+    assert_eq!(removed, vec![fs.pin_dir().join("v1")]);
+    assert!(!fs.pin_dir().exists());
+}
+
+fn link_prog_ids(fs: &PrivateBpfFs) -> Vec<u32> {
+    programmer::object::PROGRAMS
+        .iter()
+        .map(|(name, _, _)| {
+            let fd = sys::obj_get(&fs.pin_dir().join("v1/links").join(name)).unwrap();
+            sys::link_info(fd.as_fd()).unwrap().prog_id
+        })
+        .collect()
+}
+
+#[test]
+fn pinned_map_with_a_wrong_layout_is_recreated() {
+    if !testkit::require_root("pinned_map_with_a_wrong_layout_is_recreated") {
+        return;
+    }
+    let cg = TestCgroup::new("prog-layout").unwrap();
+    let fs = PrivateBpfFs::new("prog-layout");
+    let maps = fs.pin_dir().join("v1/maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    // An older layout: a 28-byte value where the object wants 24.
+    let wrong = sys::map_create(sys::BPF_MAP_TYPE_HASH, 8, 28, 1024, "cgroup_info_map").unwrap();
+    sys::obj_pin(wrong.as_fd(), &maps.join("cgroup_info_map")).unwrap();
+
+    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let path = maps.join("cgroup_info_map");
+    assert_eq!(
+        loaded.report().maps_recreated,
+        vec![format!(
+            "map `cgroup_info_map`: pinned at {} has value size 28, object wants 24, \
+             max entries 1024, object wants 65536: recreated",
+            path.display()
+        )]
+    );
+    let fd = sys::obj_get(&path).unwrap();
+    let info = sys::map_info(fd.as_fd()).unwrap();
+    assert_eq!(
+        (
+            info.map_type,
+            info.key_size,
+            info.value_size,
+            info.max_entries
+        ),
+        (sys::BPF_MAP_TYPE_HASH, 8, 24, 65536)
+    );
+}
+
+#[test]
+fn batch_update_and_delete_of_10000_entries_land_exactly_and_single_ops_agree() {
+    if !testkit::require_root("batch_update_and_delete_of_10000_entries_land_exactly") {
+        return;
+    }
+    let cg = TestCgroup::new("prog-batch").unwrap();
+    let fs = PrivateBpfFs::new("prog-batch");
+    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let entries: Vec<(CgroupId, CgroupInfo)> = (0..10_000).map(entry).collect();
+    let addrs: Vec<(PodAddr, u32)> = (0..10_000u32)
+        .map(|i| {
+            (
+                PodAddr::from(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))),
+                layout::F_AMBIENT,
+            )
+        })
+        .collect();
+    let write = MapBatch {
+        cgroup_upserts: entries.clone(),
+        addr_upserts: addrs.clone(),
+        ..MapBatch::default()
+    };
+    // Deleting every other entry, plus keys that are not there (skipped, not an error).
+    let deleted: Vec<CgroupId> = (0..10_000)
+        .step_by(2)
+        .map(|i| entry(i).0)
+        .chain([CgroupId(1), CgroupId(2)])
+        .collect();
+    let delete = MapBatch {
+        cgroup_deletes: deleted,
+        addr_deletes: addrs.iter().step_by(2).map(|(a, _)| *a).collect(),
+        ..MapBatch::default()
+    };
+    let want_after: Vec<(CgroupId, CgroupInfo)> =
+        entries.iter().skip(1).step_by(2).copied().collect();
+    let mut want_addrs: Vec<(PodAddr, u32)> = addrs.iter().skip(1).step_by(2).copied().collect();
+    want_addrs.sort();
+
+    let mut results = Vec::new();
+    for mode in [BatchMode::Auto, BatchMode::SingleOps] {
+        let mut backend = loaded.backend().unwrap();
+        backend.set_mode(mode);
+        backend.apply(&write).unwrap();
+        assert_eq!(backend.cgroup_entries().unwrap(), entries, "{mode:?}");
+        let mut sorted_addrs = addrs.clone();
+        sorted_addrs.sort();
+        assert_eq!(backend.addr_entries().unwrap(), sorted_addrs, "{mode:?}");
+        backend.apply(&delete).unwrap();
+        assert_eq!(backend.cgroup_entries().unwrap(), want_after, "{mode:?}");
+        assert_eq!(backend.addr_entries().unwrap(), want_addrs, "{mode:?}");
+        let stats = backend.stats();
+        match mode {
+            BatchMode::Auto => {
+                assert!(backend.batches_supported());
+                assert_eq!(stats.single_ops, 0, "every entry went by batch");
+            }
+            BatchMode::SingleOps => assert_eq!(stats.batch_calls, 0),
+        }
+        results.push((
+            backend.cgroup_entries().unwrap(),
+            backend.addr_entries().unwrap(),
+        ));
+        // Empty the maps for the next mode.
+        backend
+            .apply(&MapBatch {
+                cgroup_deletes: want_after.iter().map(|(id, _)| *id).collect(),
+                addr_deletes: want_addrs.iter().map(|(a, _)| *a).collect(),
+                ..MapBatch::default()
+            })
+            .unwrap();
+        assert!(backend.cgroup_entries().unwrap().is_empty());
+    }
+    assert_eq!(results[0], results[1]);
+}
+
+fn enrolment(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
+    Update::Upsert(Enrolment {
+        cgroup_id: CgroupId(cg.id_of(path).unwrap()),
+        cgroup: path.to_string(),
+        pod: Some(format!("test/{path}")),
+        role,
+        ips,
+    })
+}
+
+#[test]
+fn reconciliation_removes_entries_not_confirmed_after_synced() {
+    if !testkit::require_root("reconciliation_removes_entries_not_confirmed_after_synced") {
+        return;
+    }
+    let cg = TestCgroup::new("prog-reconcile").unwrap();
+    let fs = PrivateBpfFs::new("prog-reconcile");
+    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let kept = cg.child("kept").unwrap();
+    let gone = cg.child("gone").unwrap();
+    let kept_ip: IpAddr = "10.77.0.1".parse().unwrap();
+    let gone_ip: IpAddr = "10.77.0.2".parse().unwrap();
+
+    // A previous run programmed two pods.
+    {
+        let mut first =
+            Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
+        first.queue(&enrolment(&cg, &kept, Role::Ambient, vec![kept_ip]));
+        first.queue(&enrolment(&cg, &gone, Role::Ambient, vec![gone_ip]));
+        first.flush().unwrap();
+        assert_eq!(first.backend().cgroup_entries().unwrap().len(), 2);
+    }
+    // The next run: the resolver confirms only one; until Synced both stay.
+    let mut second =
+        Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
+    second.queue(&enrolment(&cg, &kept, Role::Ambient, vec![kept_ip]));
+    second.flush().unwrap();
+    assert_eq!(second.backend().cgroup_entries().unwrap().len(), 2);
+    second.queue(&Update::Synced);
+    second.flush().unwrap();
+    let kept_id = CgroupId(cg.id_of(&kept).unwrap());
+    let entries = second.backend().cgroup_entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0, kept_id);
+    assert_eq!(
+        second.backend().addr_entries().unwrap(),
+        vec![(PodAddr::from(kept_ip), layout::F_AMBIENT | layout::F_HAS_V4)]
+    );
+    // The level of the kept entry (2: /zbt-.../kept) is what settings names.
+    assert_eq!(second.backend().settings().unwrap().levels, 1 << 2);
+}
+
+#[test]
+fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() {
+    if !testkit::require_root("ambient_process_loopback_passes_no_ztunnel_fails_closed") {
+        return;
+    }
+    let cg = TestCgroup::new("prog-smoke").unwrap();
+    let fs = PrivateBpfFs::new("prog-smoke");
+    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let pod = cg.child("pod").unwrap();
+    let mut prog = Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
+    prog.queue(&enrolment(
+        &cg,
+        &pod,
+        Role::Ambient,
+        vec!["10.200.0.5".parse().unwrap()],
+    ));
+    prog.flush().unwrap();
+
+    // Loopback is never redirected: the connection lands on the test's listener.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let out = connect_from(&cg, &pod, "127.0.0.1", port);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_conn, _) = listener.accept().unwrap();
+    let c = loaded.counters().unwrap();
+    assert_eq!((c.passed, c.redirected_out), (1, 0), "{c:?}");
+
+    // No ztunnel known, fail-closed (the default): the connect fails, and is counted.
+    let out = connect_from(&cg, &pod, "10.200.0.99", 80);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(loaded.counters().unwrap().fail_closed, 1);
+
+    // ztunnel at 127.0.0.1 with the test's listener as outbound port: the connect to
+    // 10.200.0.99:80 lands on the listener, and sockops recorded the original destination
+    // under the connection's 4-tuple.
+    let mut backend = loaded.backend().unwrap();
+    let mut settings = backend.settings().unwrap();
+    settings.flags |= layout::S_HAS_ZTUNNEL4;
+    settings.ztunnel_addr4 = u32::from(Ipv4Addr::LOCALHOST).to_be();
+    settings.outbound_port = port;
+    backend
+        .apply(&MapBatch {
+            settings: Some(settings),
+            ..MapBatch::default()
+        })
+        .unwrap();
+    let out = connect_from(&cg, &pod, "10.200.0.99", 80);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_conn, peer) = listener.accept().unwrap();
+    assert_eq!(loaded.counters().unwrap().redirected_out, 1);
+    let tuples = read_entries::<ConnTuple, OrigDst>(
+        layout::ORIG_DST_BY_TUPLE_MAP,
+        open_pinned_map(&fs.pin_dir(), layout::ORIG_DST_BY_TUPLE_MAP)
+            .unwrap()
+            .as_fd(),
+    )
+    .unwrap();
+    let mapped = |ip: Ipv4Addr| ip.to_ipv6_mapped().octets();
+    let want_key = ConnTuple {
+        src: mapped(Ipv4Addr::LOCALHOST),
+        dst: mapped(Ipv4Addr::LOCALHOST),
+        sport: peer.port().to_be(),
+        dport: port.to_be(),
+    };
+    let want_value = OrigDst {
+        addr: mapped(Ipv4Addr::new(10, 200, 0, 99)),
+        port: 80u16.to_be(),
+        family: libc::AF_INET as u16,
+    };
+    assert_eq!(tuples, vec![(want_key, want_value)]);
+
+    // A connect straight to the capture port is refused (ztunnel would loop on it).
+    let out = connect_from(&cg, &pod, "127.0.0.1", port);
+    assert!(!out.status.success());
+    let c = loaded.counters().unwrap();
+    assert_eq!(c.refused_loop, 1, "{c:?}");
+}
