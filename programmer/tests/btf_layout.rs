@@ -26,6 +26,9 @@ fn btf_struct(types: &[serde_json::Value], name: &str) -> (u64, Vec<(String, u64
     (t["size"].as_u64().unwrap(), members)
 }
 
+/// A struct's name, size and (field, offset) list.
+type StructLayout = (&'static str, usize, Vec<(String, u64)>);
+
 fn owned(fields: &[(&str, usize)]) -> Vec<(String, u64)> {
     fields
         .iter()
@@ -47,7 +50,7 @@ fn rust_mirrors_match_the_objects_btf() {
     let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let types = dump["types"].as_array().unwrap();
 
-    let cases: Vec<(&str, usize, Vec<(String, u64)>)> = vec![
+    let cases: Vec<StructLayout> = vec![
         (
             "cgroup_info",
             size_of::<CgroupInfo>(),
