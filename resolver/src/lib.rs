@@ -12,6 +12,7 @@ pub mod input;
 pub mod kube;
 pub mod kube_record;
 mod resolver;
+pub mod testgen;
 pub mod update;
 pub mod workloads;
 
