@@ -3,6 +3,8 @@
 
 mod cli;
 mod cmd;
+mod ops;
+mod pipeline;
 
 use clap::Parser;
 

@@ -8,6 +8,8 @@
 //! ```text
 //! zbt-net serve --listen ADDR:PORT... [--orig-dst] [--upstream]
 //!     accept local=A peer=P orig=O|orig-errno=N [upstream-local=L|upstream-errno=N]
+//! zbt-net sleep
+//!     ready           (then nothing, until killed)
 //! zbt-net connect --to ADDR:PORT [--count N] [--bind IP] [--latency]
 //!     ok local=A peer=P       (or: err stage=connect|io errno=N)
 //!     latency-ns=N            (with --latency, instead of the above)
@@ -217,7 +219,10 @@ fn serve(listens: Vec<SocketAddr>, orig: bool, up: bool) {
     }
 }
 
-fn connect_once(to: SocketAddr, bind_ip: Option<IpAddr>) -> Result<(SocketAddr, SocketAddr), (&'static str, i32)> {
+fn connect_once(
+    to: SocketAddr,
+    bind_ip: Option<IpAddr>,
+) -> Result<(SocketAddr, SocketAddr), (&'static str, i32)> {
     let mut stream = match bind_ip {
         None => TcpStream::connect(to).map_err(|e| ("connect", errno_of(&e)))?,
         Some(ip) => {
@@ -248,7 +253,9 @@ fn connect_once(to: SocketAddr, bind_ip: Option<IpAddr>) -> Result<(SocketAddr, 
     let peer = stream.peer_addr().map_err(|e| ("io", errno_of(&e)))?;
     stream.write_all(b"x").map_err(|e| ("io", errno_of(&e)))?;
     let mut b = [0u8; 1];
-    stream.read_exact(&mut b).map_err(|e| ("io", errno_of(&e)))?;
+    stream
+        .read_exact(&mut b)
+        .map_err(|e| ("io", errno_of(&e)))?;
     // The client closes first (as the benchmark of the tuple space requires).
     drop(stream);
     Ok((local, peer))
@@ -291,6 +298,13 @@ fn main() {
     }
     match mode.as_str() {
         "serve" => serve(listens, orig, up),
+        // A process that only exists (so that its cgroup is live), until killed.
+        "sleep" => {
+            say("ready");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         "connect" => {
             // Several destinations are used round-robin (the tuple-space benchmark).
             for n in 0..count {

@@ -18,6 +18,8 @@ use crate::{NetNs, TestCgroup};
 /// ztunnel's outbound and inbound capture ports.
 pub const OUTBOUND: u16 = 15001;
 pub const INBOUND: u16 = 15006;
+/// ztunnel's HBONE port (reached directly, never captured).
+pub const HBONE: u16 = 15008;
 
 /// The path of the `zbt-net` helper binary built by testkit's build script.
 pub fn helper_path() -> &'static str {
@@ -64,7 +66,7 @@ impl Helper {
     }
 
     /// Waits for `ready` (or fails with the helper's fatal line).
-    fn wait_ready(&self) -> std::io::Result<()> {
+    pub fn wait_ready(&self) -> std::io::Result<()> {
         match self.lines.recv_timeout(Duration::from_secs(10)) {
             Ok(line) if line == "ready" => Ok(()),
             Ok(line) => Err(std::io::Error::other(format!("zbt-net: {line}"))),
@@ -176,7 +178,7 @@ impl Listener {
     }
 }
 
-/// A fake ztunnel: listens on 15001 and 15006 of each address, asks the original destination,
+/// A fake ztunnel: listens on 15001, 15006 and 15008 of each address, asks the original destination,
 /// and (with `upstream`) connects to it binding the client's address.
 pub struct FakeZtunnel {
     pub listener: Listener,
@@ -195,7 +197,7 @@ impl FakeZtunnel {
             args.push("--upstream".into());
         }
         for ip in addrs {
-            for port in [OUTBOUND, INBOUND] {
+            for port in [OUTBOUND, INBOUND, HBONE] {
                 args.push("--listen".into());
                 args.push(SocketAddr::new(*ip, port).to_string());
             }
