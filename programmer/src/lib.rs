@@ -31,7 +31,8 @@ pub enum ProgramError {
     Map {
         map: &'static str,
         op: &'static str,
-        #[source]
+        // Not `#[source]`: the message already ends with it, and a chain printer (anyhow's
+        // `{:#}`) would print it twice.
         source: std::io::Error,
     },
     /// The BPF object could not be parsed or lacks something the loader needs.
@@ -52,7 +53,8 @@ pub enum ProgramError {
     Path {
         path: PathBuf,
         op: &'static str,
-        #[source]
+        // Not `#[source]`: the message already ends with it, and a chain printer (anyhow's
+        // `{:#}`) would print it twice.
         source: std::io::Error,
     },
     #[error("{0}")]

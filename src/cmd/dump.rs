@@ -1,11 +1,156 @@
-//! `zbridge dump`.
+//! `zbridge dump`: the pinned maps, decoded for a person (cgroup path, role, addresses), and
+//! the counters.
 
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use anyhow::Context;
+use programmer::aya_backend::read_entries;
+use programmer::layout::{self, CgroupInfo, ConnTuple, OrigDst};
+use programmer::{AyaBackend, MapBackend};
 
 /// Flags of `zbridge dump`.
 #[derive(Debug, clap::Args)]
-pub struct DumpArgs {}
+pub struct DumpArgs {
+    /// The pin directory zbridge runs with.
+    #[arg(long, default_value = "/sys/fs/bpf/zbridge")]
+    pub pin_dir: PathBuf,
+}
 
-pub fn main(_args: DumpArgs) -> anyhow::Result<ExitCode> {
-    super::not_built("dump")
+/// The role a cgroup entry's flags give it.
+fn role_of(flags: u32) -> &'static str {
+    if flags & layout::F_ZTUNNEL != 0 {
+        "ztunnel"
+    } else if flags & layout::F_AMBIENT != 0 {
+        "ambient"
+    } else if flags & layout::F_EXEMPT != 0 {
+        "exempt"
+    } else {
+        "none"
+    }
+}
+
+/// Cgroup id → path relative to the cgroup2 root, for the ids asked about (one walk).
+fn cgroup_paths(root: &Path, wanted: &[u64]) -> HashMap<u64, String> {
+    let mut found = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if found.len() == wanted.len() {
+            break;
+        }
+        if let Ok(meta) = std::fs::metadata(&dir) {
+            if wanted.contains(&meta.ino()) {
+                let rel = dir.strip_prefix(root).unwrap_or(&dir);
+                found.insert(meta.ino(), format!("/{}", rel.display()));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+    found
+}
+
+pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
+    let backend = AyaBackend::open(&args.pin_dir).with_context(|| {
+        format!(
+            "opening the maps pinned under {} (is zbridge running, or was it run with \
+             another --pin-dir?)",
+            args.pin_dir.display()
+        )
+    })?;
+    let settings = backend.settings()?;
+    let ztunnel: Vec<String> = settings
+        .ztunnel_ips()
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
+    let levels: Vec<String> = (0..32)
+        .filter(|l| settings.levels & (1 << l) != 0)
+        .map(|l| l.to_string())
+        .collect();
+    println!(
+        "pin dir: {}",
+        programmer::loader::versioned_dir(&args.pin_dir).display()
+    );
+    println!(
+        "settings: ztunnel {}; ports outbound {} inbound {}; {}; debug {}; levels [{}]",
+        if ztunnel.is_empty() {
+            "unknown".to_string()
+        } else {
+            ztunnel.join(", ")
+        },
+        settings.outbound_port,
+        settings.inbound_port,
+        if settings.flags & layout::S_FAIL_OPEN != 0 {
+            "fail open"
+        } else {
+            "fail closed"
+        },
+        if settings.flags & layout::S_DEBUG != 0 {
+            "on"
+        } else {
+            "off"
+        },
+        levels.join(",")
+    );
+
+    let entries: Vec<(watcher::CgroupId, CgroupInfo)> = backend.cgroup_entries()?;
+    let ids: Vec<u64> = entries.iter().map(|(id, _)| id.0).collect();
+    let paths = match watcher::procfs::cgroup2_mount() {
+        Ok(root) => cgroup_paths(&root, &ids),
+        Err(e) => {
+            log::warn!("cgroup paths not shown: {e}");
+            HashMap::new()
+        }
+    };
+    println!("{} ({} entries):", layout::CGROUP_INFO_MAP, entries.len());
+    for (id, info) in &entries {
+        let ips: Vec<String> = info.ips().iter().map(|ip| ip.to_string()).collect();
+        println!(
+            "  {id:>12}  {:<8} {:<32} {}",
+            role_of(info.flags),
+            if ips.is_empty() {
+                "-".to_string()
+            } else {
+                ips.join(",")
+            },
+            paths
+                .get(&id.0)
+                .map(String::as_str)
+                .unwrap_or("(cgroup gone)")
+        );
+    }
+    let addrs = backend.addr_entries()?;
+    println!("{} ({} entries):", layout::POD_ADDR_MAP, addrs.len());
+    for (addr, flags) in &addrs {
+        println!("  {:<40} {}", addr.ip(), role_of(*flags));
+    }
+    let by_cookie = read_entries::<u64, OrigDst>(
+        layout::ORIG_DST_BY_COOKIE_MAP,
+        programmer::loader::open_pinned_map(&args.pin_dir, layout::ORIG_DST_BY_COOKIE_MAP)?.as_fd(),
+    )?;
+    let by_tuple = read_entries::<ConnTuple, OrigDst>(
+        layout::ORIG_DST_BY_TUPLE_MAP,
+        programmer::loader::open_pinned_map(&args.pin_dir, layout::ORIG_DST_BY_TUPLE_MAP)?.as_fd(),
+    )?;
+    println!(
+        "{}: {} entries; {}: {} entries",
+        layout::ORIG_DST_BY_COOKIE_MAP,
+        by_cookie.len(),
+        layout::ORIG_DST_BY_TUPLE_MAP,
+        by_tuple.len()
+    );
+    println!("counters:");
+    for (name, value) in programmer::read_counters(&args.pin_dir)?.pairs() {
+        println!("  {name:<16} {value}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
