@@ -398,3 +398,9 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     }
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
+
+/// `BPF_ENABLE_STATS(BPF_STATS_RUN_TIME)`: the kernel counts each program's runs and run time
+/// while the returned fd is open (benchmarks read them from the program info).
+pub fn enable_run_time_stats() -> io::Result<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| io::Error::other(e.to_string()))
+}
