@@ -365,3 +365,69 @@ pub fn entry_of(enrolment: &Enrolment) -> CgroupInfo {
     }
     info
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryBackend;
+
+    fn upsert(id: u64, ip: &str) -> Update {
+        Update::Upsert(Enrolment {
+            cgroup_id: CgroupId(id),
+            cgroup: format!("/kubepods/pod{id}"),
+            pod: Some(format!("ns/p{id}")),
+            role: Role::Ambient,
+            ips: vec![ip.parse().unwrap()],
+        })
+    }
+
+    #[test]
+    fn a_flush_larger_than_max_batch_is_split_and_lands_whole() {
+        let config = ProgrammerConfig {
+            max_batch: 3,
+            ..ProgrammerConfig::default()
+        };
+        let mut p = Programmer::new(MemoryBackend::default(), config).unwrap();
+        for i in 0..5 {
+            p.queue(&upsert(i, &format!("10.0.0.{i}")));
+        }
+        p.flush().unwrap();
+        // 5 cgroup upserts + 5 address upserts = 10 operations: 4 backend calls of <= 3.
+        assert_eq!(p.backend().batches, 4);
+        assert_eq!(p.backend().cgroups.len(), 5);
+        assert_eq!(p.backend().addrs.len(), 5);
+        assert_eq!(p.backend().settings.levels, 1 << 2);
+    }
+
+    #[test]
+    fn synced_removes_unconfirmed_entries_and_the_addresses_only_they_held() {
+        let mut first =
+            Programmer::new(MemoryBackend::default(), ProgrammerConfig::default()).unwrap();
+        first.queue(&upsert(1, "10.0.0.1"));
+        first.queue(&upsert(2, "10.0.0.2"));
+        first.flush().unwrap();
+        let mut previous = first.backend().clone();
+        // An address no entry holds (a previous run crashed between the two writes).
+        previous
+            .addrs
+            .insert(PodAddr::from("10.0.0.9".parse::<IpAddr>().unwrap()), 1);
+
+        let mut second = Programmer::new(previous, ProgrammerConfig::default()).unwrap();
+        second.queue(&upsert(1, "10.0.0.1"));
+        second.queue(&Update::Synced);
+        second.flush().unwrap();
+        assert_eq!(
+            second.backend().cgroups.keys().copied().collect::<Vec<_>>(),
+            vec![CgroupId(1)]
+        );
+        assert_eq!(
+            second
+                .backend()
+                .addrs
+                .keys()
+                .map(PodAddr::ip)
+                .collect::<Vec<_>>(),
+            vec!["10.0.0.1".parse::<IpAddr>().unwrap()]
+        );
+    }
+}
