@@ -15,7 +15,9 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use programmer::{MapBackend, Programmer};
 use resolver::{Input, Resolver, Update, Workloads};
 use watcher::live::StopHandle;
-use watcher::{EventSource, Record};
+use watcher::{EventSource, ProcEvent, Record};
+
+use crate::ops::{EventKind, Metrics, Readiness};
 
 /// How the stages are joined.
 #[derive(Debug, Clone)]
@@ -95,7 +97,9 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
         resolver: Resolver,
         programmer: Programmer<B>,
         config: PipelineConfig,
+        ops: (Metrics, Readiness),
     ) -> anyhow::Result<Pipeline<B>> {
+        let (metrics, readiness) = ops;
         let status = Arc::new(Status::default());
         let (events_tx, events_rx) = bounded::<Input>(config.events_capacity);
         let (updates_tx, updates_rx) = bounded::<Update>(config.updates_capacity);
@@ -104,21 +108,25 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
 
         let watcher = {
             let (status, notice) = (status.clone(), EndNotice("watcher", ended_tx.clone()));
+            let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name("watcher".into())
                 .spawn(move || {
                     let _notice = notice;
-                    watch(source, events_tx, &status)
+                    watch(source, events_tx, &status, &metrics)
                 })
                 .context("cannot start the watcher thread")?
         };
         let resolver = {
             let (status, notice) = (status.clone(), EndNotice("resolver", ended_tx.clone()));
+            let readiness = readiness.clone();
             std::thread::Builder::new()
                 .name("resolver".into())
                 .spawn(move || {
                     let _notice = notice;
-                    resolve(resolver, events_rx, control_rx, updates_tx, &status)
+                    resolve(
+                        resolver, events_rx, control_rx, updates_tx, &status, &readiness,
+                    )
                 })
                 .context("cannot start the resolver thread")?
         };
@@ -128,7 +136,9 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("programmer".into())
                 .spawn(move || {
                     let _notice = notice;
-                    program(programmer, updates_rx, &config, &status)
+                    program(
+                        programmer, updates_rx, &config, &status, &metrics, &readiness,
+                    )
                 })
                 .context("cannot start the programmer thread")?
         };
@@ -188,7 +198,12 @@ fn join<T>(name: &str, handle: Option<JoinHandle<anyhow::Result<T>>>) -> anyhow:
 }
 
 /// The watcher stage: records → resolver inputs.
-fn watch<S: EventSource>(mut source: S, out: Sender<Input>, status: &Status) -> anyhow::Result<()> {
+fn watch<S: EventSource>(
+    mut source: S,
+    out: Sender<Input>,
+    status: &Status,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
     loop {
         let record = source
             .next_record()
@@ -198,10 +213,18 @@ fn watch<S: EventSource>(mut source: S, out: Sender<Input>, status: &Status) -> 
             return Ok(());
         };
         let input = match record.record {
-            Record::Proc(event) => Input::Proc {
-                ts: record.ts,
-                event,
-            },
+            Record::Proc(event) => {
+                metrics.event(EventKind::of(&event));
+                if matches!(event, ProcEvent::Lost) {
+                    // The live source rescans right after a loss: that scan is a resync.
+                    metrics.lost_events();
+                    metrics.resync();
+                }
+                Input::Proc {
+                    ts: record.ts,
+                    event,
+                }
+            }
             // The live source yields process events only; Kubernetes records come from
             // recordings, which `run` does not read.
             Record::Kube(_) | Record::KubeSynced => continue,
@@ -220,6 +243,7 @@ fn resolve(
     control: Receiver<Control>,
     out: Sender<Update>,
     status: &Status,
+    readiness: &Readiness,
 ) -> anyhow::Result<()> {
     let mut updates = Vec::new();
     let mut control = Some(control);
@@ -244,6 +268,9 @@ fn resolve(
             },
         }
         for update in updates.drain(..) {
+            if matches!(update, Update::Synced) {
+                readiness.set_first_scan_resolved(true);
+            }
             status.updates.fetch_add(1, Ordering::Relaxed);
             if out.send(update).is_err() {
                 return Err(anyhow!("resolver: the programmer stopped taking updates"));
@@ -258,6 +285,8 @@ fn program<B: MapBackend>(
     updates: Receiver<Update>,
     config: &PipelineConfig,
     status: &Status,
+    metrics: &Metrics,
+    readiness: &Readiness,
 ) -> anyhow::Result<Programmer<B>> {
     loop {
         let first = match updates.recv() {
@@ -286,11 +315,14 @@ fn program<B: MapBackend>(
                 }
             }
         }
+        let started = Instant::now();
         match programmer.flush() {
             Ok(()) => {
+                metrics.observe_batch(count, started.elapsed());
                 status.flushes.fetch_add(1, Ordering::Relaxed);
                 log::debug!("programmer: wrote a batch of {count} updates");
                 if synced && !status.synced.swap(true, Ordering::Relaxed) {
+                    readiness.set_maps_programmed(true);
                     log::info!("programmer: first full picture written (reconciled)");
                 }
             }
@@ -389,12 +421,14 @@ mod tests {
             .into_iter(),
             stop: stop.clone(),
         };
+        let readiness = Readiness::new();
         let pipeline = Pipeline::start(
             source,
             stop,
             resolver,
             programmer,
             PipelineConfig::default(),
+            (Metrics::new(), readiness.clone()),
         )
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -402,6 +436,7 @@ mod tests {
             assert!(Instant::now() < deadline, "never synced");
             std::thread::sleep(Duration::from_millis(1));
         }
+        assert_eq!(readiness.not_ready(), vec!["kube cache not synced"]);
         // demo/web leaves the file.
         let reloaded = FILE
             .lines()

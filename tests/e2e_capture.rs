@@ -64,6 +64,24 @@ fn ambient_pod_lands_on_ztunnel_with_original_destination() {
         let at_service = world.service.next(WAIT).expect("service accepted upstream");
         assert_eq!((at_service.local, at_service.peer), (svc, upstream_local));
     }
+    // The agent says it is ready, and its metrics carry the programs' counters.
+    assert_eq!(world.ops_get("/readyz").0, 200);
+    let deadline = std::time::Instant::now() + e2e_support::DEADLINE;
+    loop {
+        let (code, body) = world.ops_get("/metrics");
+        assert_eq!(code, 200);
+        if body
+            .lines()
+            .any(|l| l.contains("redirected_out") && l.trim_end().ends_with(" 2"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no redirected_out 2 in metrics:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A cgroup made under the pod's after it was enrolled is captured from its very first

@@ -9,6 +9,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, select};
@@ -18,6 +19,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use watcher::live::{LiveConfig, LiveSource};
 use watcher::CgroupId;
 
+use crate::ops::{self, Metrics, Readiness};
 use crate::pipeline::{Pipeline, PipelineConfig};
 
 /// `BPF_FS_MAGIC` of statfs(2).
@@ -63,7 +65,7 @@ pub struct RunArgs {
     pub max_entries: u32,
 
     /// Address of the metrics and health endpoints (/metrics, /healthz, /readyz), or `off`.
-    #[arg(long, value_name = "ADDR|off", default_value = "off")]
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:15090")]
     pub metrics_addr: String,
 
     /// Let the programs bpf_printk their decisions (read them from tracefs).
@@ -168,8 +170,25 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         coalesce: programmer.coalesce_window(),
         ..PipelineConfig::default()
     };
-    let pipeline = Pipeline::start(source, stop, resolver, programmer, pipeline_config)?;
-    serve_ops(&args.metrics_addr, &pipeline)?;
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    // Standalone: there is no kube cache to wait for.
+    readiness.set_cache_synced(true);
+    let pipeline = Pipeline::start(
+        source,
+        stop,
+        resolver,
+        programmer,
+        pipeline_config,
+        (metrics.clone(), readiness.clone()),
+    )?;
+    let _ops = match args.metrics_addr.as_str() {
+        "off" => None,
+        addr => Some(
+            ops::serve(addr, metrics.clone(), readiness)
+                .with_context(|| format!("--metrics-addr {addr}"))?,
+        ),
+    };
     log::info!(
         "running standalone: workloads {}, programs attached to {}, pins under {}{}",
         workloads_path.display(),
@@ -179,8 +198,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     let mut stage_ended = None;
+    let tick = crossbeam_channel::tick(BPF_COUNTERS_EVERY);
     loop {
         select! {
+            recv(tick) -> _ => export_bpf_counters(&args.pin_dir, &metrics),
             recv(signal_rx) -> signal => match signal {
                 Ok(SIGHUP) => match load_workloads(&workloads_path) {
                     Ok(new) => {
@@ -229,12 +250,29 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The health and metrics endpoints (not built yet: only `off` is accepted).
-fn serve_ops<B: programmer::MapBackend>(addr: &str, _pipeline: &Pipeline<B>) -> anyhow::Result<()> {
-    if addr == "off" {
-        return Ok(());
+/// How often the programs' counters are copied into the metrics.
+const BPF_COUNTERS_EVERY: Duration = Duration::from_secs(5);
+
+/// Copies the pinned per-CPU counters (summed) into `zbridge_bpf_*` metrics.
+fn export_bpf_counters(pin_dir: &Path, metrics: &Metrics) {
+    match programmer::read_counters(pin_dir) {
+        Ok(c) => {
+            for (name, value) in [
+                ("redirected_out", c.redirected_out),
+                ("redirected_in", c.redirected_in),
+                ("passed", c.passed),
+                ("fail_closed", c.fail_closed),
+                ("fail_open", c.fail_open),
+                ("orig_dst_hit", c.orig_dst_hit),
+                ("orig_dst_miss", c.orig_dst_miss),
+                ("refused_loop", c.refused_loop),
+                ("bind_rewritten", c.bind_rewritten),
+            ] {
+                metrics.set_bpf_counter(name, value);
+            }
+        }
+        Err(e) => log::warn!("reading the BPF counters under {}: {e}", pin_dir.display()),
     }
-    bail!("--metrics-addr {addr}: the metrics and health endpoints are not built yet; use `off`")
 }
 
 fn load_workloads(path: &Path) -> anyhow::Result<Workloads> {

@@ -152,10 +152,12 @@ fn upstream(client: IpAddr, dst: SocketAddr) -> Result<(SocketAddr, TcpStream), 
     }
 }
 
+/// Echoes one byte, then waits for the client to close first (so that TIME_WAIT lands on the
+/// client's side, as with a client that closes first against ztunnel).
 fn echo_one(stream: &mut TcpStream) {
     let mut byte = [0u8; 1];
-    if stream.read_exact(&mut byte).is_ok() {
-        let _ = stream.write_all(&byte);
+    if stream.read_exact(&mut byte).is_ok() && stream.write_all(&byte).is_ok() {
+        let _ = stream.read(&mut byte);
     }
 }
 

@@ -178,6 +178,8 @@ impl World {
             .arg(self.mesh.attach_dir())
             .arg("--pin-dir")
             .arg(self.pin_dir())
+            // Port 0: tests run in parallel; the log names the port (see `ops_addr`).
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -260,6 +262,37 @@ impl World {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The address of the agent's ops endpoint, from its log.
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.wait_log("the ops endpoint", "ops endpoint listening on http://");
+        let log = self.agent.as_ref().unwrap().log_text();
+        let rest = log
+            .split("ops endpoint listening on http://")
+            .nth(1)
+            .unwrap();
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// `GET path` on the ops endpoint: status code and body.
+    pub fn ops_get(&self, path: &str) -> (u16, String) {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(self.ops_addr()).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (code, body)
     }
 
     pub fn ztunnel(&self) -> &FakeZtunnel {

@@ -1,0 +1,317 @@
+//! Datapath benchmarks (root, real kernel, namespaces of their own; everything is removed at
+//! the end, also on failure).
+//!
+//! 1. Latency of one short connection (connect, 1-byte echo, close) from a pod namespace to a
+//!    listener on ztunnel's address (10.99.0.1:15001) in the node namespace, side by side in
+//!    interleaved rounds:
+//!    - `direct`: straight to the listener, no programs run for the client (the floor);
+//!    - `dnat-0`, `dnat-5000`: to a service address, iptables DNAT in the pod namespace with
+//!      0 and 5,000 other rules before the match;
+//!    - `zbridge-0`, `zbridge-50000`: to a service address, through zbridge's programs with
+//!      only the pod enrolled, and with 50,000 other enrolled entries.
+//!
+//!    The listener asks the original destination of every connection, as ztunnel does.
+//! 2. The sustained rate of new short connections from one pod to many destinations, the
+//!    client closing first: through zbridge every connection shares the one tuple space
+//!    (pod address, port → ztunnel:15001); through DNAT, conntrack keeps the real tuple.
+//!
+//! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use programmer::{Loaded, LoaderConfig, Programmer, ProgrammerConfig};
+use resolver::{Enrolment, Role, Update};
+use testkit::mesh::{self, Mesh, ZTUNNEL4, ZTUNNEL6};
+use testkit::ztunnel::{self, Helper, OUTBOUND};
+use testkit::{BpfFs, NetNs};
+use watcher::CgroupId;
+
+/// The address pods connect to (no host has it: DNAT or zbridge takes it to ztunnel).
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A pod namespace of its own, wired to the node namespace on subnet 10.98.N.0/24.
+fn pod_ns(mesh: &Mesh, n: u8) -> NetNs {
+    let ns = NetNs::new(&format!("bench-p{n}")).expect("netns");
+    let (here, there) = (format!("zb-n{n}"), format!("zb-p{n}"));
+    mesh.node_ns.veth(&here, &ns, &there).expect("veth");
+    mesh.node_ns
+        .addr(&here, &format!("10.98.{n}.1/24"))
+        .expect("node addr");
+    ns.addr(&there, &format!("10.98.{n}.2/24"))
+        .expect("pod addr");
+    ns.route("default", &format!("10.98.{n}.1")).expect("route");
+    ns
+}
+
+/// iptables DNAT of VIP:80 to ztunnel:15001 in `ns`, after `others` non-matching rules.
+fn dnat(ns: &NetNs, others: u32) {
+    let mut rules = String::from("*nat\n:OUTPUT ACCEPT [0:0]\n");
+    for i in 0..others {
+        rules.push_str(&format!(
+            "-A OUTPUT -d 10.{}.{}.{}/32 -p tcp --dport 80 -j DNAT --to-destination 10.99.0.1:15001\n",
+            200 + i / 65536,
+            (i / 256) % 256,
+            i % 256
+        ));
+    }
+    rules.push_str(&format!(
+        "-A OUTPUT -d {VIP}/32 -p tcp -j DNAT --to-destination 10.99.0.1:15001\nCOMMIT\n"
+    ));
+    ns.exec_with_input("iptables-restore", &[], rules.as_bytes())
+        .expect("iptables-restore");
+}
+
+/// Runs one client process: `count` connections round-robin over `to`; per-connection
+/// latencies (ns) and the errors seen (index, line).
+fn client(
+    ns: &NetNs,
+    mesh: &Mesh,
+    cgroup: &str,
+    to: &[SocketAddr],
+    count: u64,
+) -> (Vec<u64>, Vec<String>) {
+    let mut args = vec![
+        "connect".to_string(),
+        "--latency".into(),
+        "--count".into(),
+        count.to_string(),
+    ];
+    for a in to {
+        args.push("--to".into());
+        args.push(a.to_string());
+    }
+    let helper = Helper::spawn(ns, &mesh.cgroup, cgroup, &args).expect("client");
+    let (mut latencies, mut errors) = (Vec::new(), Vec::new());
+    loop {
+        let line = helper
+            .line(std::time::Duration::from_secs(600))
+            .expect("client reports");
+        if line == "done" {
+            break;
+        }
+        match line.strip_prefix("latency-ns=") {
+            Some(ns) => latencies.push(ns.parse().expect("latency")),
+            None => errors.push(line),
+        }
+    }
+    (latencies, errors)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn enrol(id: u64, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
+    Update::Upsert(Enrolment {
+        cgroup_id: CgroupId(id),
+        cgroup: path.to_string(),
+        pod: Some(path.to_string()),
+        role,
+        ips,
+    })
+}
+
+/// 50,000 other ambient pods (cgroup ids no directory has, addresses 10.200.0.0/16).
+fn others(count: u32, delete: bool) -> Vec<Update> {
+    (0..count)
+        .map(|i| {
+            let id = (1u64 << 40) + u64::from(i);
+            if delete {
+                Update::Delete {
+                    cgroup_id: CgroupId(id),
+                }
+            } else {
+                let ip = IpAddr::V4(Ipv4Addr::new(10, 200, (i / 256) as u8, (i % 256) as u8));
+                enrol(
+                    id,
+                    &format!("/kubepods.slice/kubepods-besteffort.slice/pod{i}"),
+                    Role::Ambient,
+                    vec![ip],
+                )
+            }
+        })
+        .collect()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo test --benches` lists; nothing to list as tests.
+        return;
+    }
+    if !testkit::require_root("benches/datapath") {
+        return;
+    }
+    let rounds = env_or("ROUNDS", 10);
+    let per_round = env_or("PER_ROUND", 500);
+    let burst = env_or("BURST", 40_000);
+
+    let mesh = Mesh::new("bench").expect("mesh");
+    let bpffs = BpfFs::new("bench").expect("bpffs");
+    // The listener on ztunnel's address, in ztunnel's cgroup, asking original destinations.
+    let _listener = ztunnel::FakeZtunnel::start(
+        &mesh.node_ns,
+        &mesh.cgroup,
+        &mesh.ztunnel,
+        &[ZTUNNEL4, ZTUNNEL6],
+        false,
+    )
+    .expect("listener");
+    let direct_ns = pod_ns(&mesh, 1);
+    let dnat0_ns = pod_ns(&mesh, 2);
+    let dnat5k_ns = pod_ns(&mesh, 3);
+    dnat(&dnat0_ns, 0);
+    dnat(&dnat5k_ns, 5000);
+
+    // zbridge: the programs attached to the mesh's attach cgroup, the pod (its namespace is
+    // the mesh's pod namespace) and ztunnel enrolled.
+    let pin_dir = bpffs.path().join("zbridge");
+    let loaded = Loaded::load_and_attach(LoaderConfig::new(&pin_dir, mesh.attach_dir()))
+        .expect("load and attach the programs");
+    let mut programmer =
+        Programmer::new(loaded.backend().expect("maps"), ProgrammerConfig::default())
+            .expect("programmer");
+    for update in [
+        enrol(
+            mesh.id(&mesh.app),
+            &mesh.app,
+            Role::Ambient,
+            vec![mesh::POD4],
+        ),
+        enrol(
+            mesh.id(&mesh.ztunnel),
+            &mesh.ztunnel,
+            Role::Ztunnel,
+            vec![ZTUNNEL4],
+        ),
+        Update::SetZtunnel {
+            ips: vec![ZTUNNEL4, ZTUNNEL6],
+        },
+    ] {
+        programmer.queue(&update);
+    }
+    programmer.flush().expect("enrol");
+
+    let floor = [SocketAddr::new(ZTUNNEL4, OUTBOUND)];
+    let vip = [SocketAddr::new(IpAddr::V4(VIP), 80)];
+    let names = [
+        "direct",
+        "dnat-0",
+        "dnat-5000",
+        "zbridge-0",
+        "zbridge-50000",
+    ];
+    let mut samples: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
+    let mut errors: Vec<Vec<String>> = vec![Vec::new(); names.len()];
+    for round in 0..rounds {
+        for (i, name) in names.iter().enumerate() {
+            let (lat, err) = match *name {
+                // Outside the attach cgroup: no program runs for these clients.
+                "direct" => client(&direct_ns, &mesh, &mesh.outside, &floor, per_round),
+                "dnat-0" => client(&dnat0_ns, &mesh, &mesh.outside, &vip, per_round),
+                "dnat-5000" => client(&dnat5k_ns, &mesh, &mesh.outside, &vip, per_round),
+                "zbridge-0" => client(&mesh.pod_ns, &mesh, &mesh.app, &vip, per_round),
+                "zbridge-50000" => {
+                    for u in others(50_000, false) {
+                        programmer.queue(&u);
+                    }
+                    programmer.flush().expect("50,000 entries");
+                    let result = client(&mesh.pod_ns, &mesh, &mesh.app, &vip, per_round);
+                    for u in others(50_000, true) {
+                        programmer.queue(&u);
+                    }
+                    programmer.flush().expect("remove 50,000 entries");
+                    result
+                }
+                _ => unreachable!(),
+            };
+            samples[i].extend(lat);
+            errors[i].extend(err);
+        }
+        eprintln!("round {}/{rounds} done", round + 1);
+    }
+
+    println!(
+        "\nDatapath: one connection (connect, 1-byte echo, close), {rounds} interleaved rounds x {per_round}"
+    );
+    println!(
+        "{:<15} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7}",
+        "path", "n", "p50 µs", "p99 µs", "mean µs", "p50/a", "p99/a", "errors"
+    );
+    let mut base = (1.0, 1.0);
+    for (i, name) in names.iter().enumerate() {
+        let s = &mut samples[i];
+        s.sort_unstable();
+        let (p50, p99) = (percentile(s, 0.50) as f64, percentile(s, 0.99) as f64);
+        let mean = s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
+        if i == 0 {
+            base = (p50, p99);
+        }
+        println!(
+            "{:<15} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>7}",
+            name,
+            s.len(),
+            p50 / 1e3,
+            p99 / 1e3,
+            mean / 1e3,
+            p50 / base.0,
+            p99 / base.1,
+            errors[i].len()
+        );
+        if let Some(first) = errors[i].first() {
+            println!("    first error: {first}");
+        }
+    }
+
+    // The tuple space: one pod, many destinations, client closes first, as fast as it can.
+    let destinations: Vec<SocketAddr> = (0..100u8)
+        .map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 1, i + 1)), 80))
+        .collect();
+    let mut rules = String::from("*nat\n:OUTPUT ACCEPT [0:0]\n");
+    rules.push_str(
+        "-A OUTPUT -d 10.96.1.0/24 -p tcp --dport 80 -j DNAT --to-destination 10.99.0.1:15001\nCOMMIT\n",
+    );
+    dnat0_ns
+        .exec_with_input("iptables-restore", &[], rules.as_bytes())
+        .expect("iptables-restore");
+    let ports = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u64>().ok())
+        .collect::<Vec<_>>();
+    println!(
+        "\nTuple space: {burst} short connections from one pod over 100 destinations, client closes first \
+         (ephemeral ports {ports:?})"
+    );
+    for (name, ns, cgroup) in [
+        ("dnat", &dnat0_ns, &mesh.outside),
+        ("zbridge", &mesh.pod_ns, &mesh.app),
+    ] {
+        let start = Instant::now();
+        let (lat, errs) = client(ns, &mesh, cgroup, &destinations, burst);
+        let took = start.elapsed().as_secs_f64();
+        println!(
+            "{name:<8} {} ok, {} failed in {took:.1} s ({:.0} conn/s){}",
+            lat.len(),
+            errs.len(),
+            lat.len() as f64 / took,
+            errs.first()
+                .map(|e| format!("; first failure: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    drop(programmer);
+    drop(loaded);
+    // Guards remove the namespaces, the bpffs (and with it the pinned links) and the cgroups.
+}
