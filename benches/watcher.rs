@@ -1,2 +1,230 @@
-//! Benchmark placeholder: filled by the issue that builds this stage.
-fn main() {}
+//! Watcher benchmarks (a bench binary: `cargo bench --bench watcher`).
+//!
+//! 1. Decode throughput: synthetic kernel datagrams (fork, exec, exit) through
+//!    `connector::decode`, in events per second.
+//! 2. Spawn storm (root): spawner threads start `/bin/true` as fast as they can for
+//!    `WATCHER_BENCH_SECS` seconds (default 5) while a watcher thread reads the machine's
+//!    events: once through the raw connector (decode only), once through `LiveSource` (decode,
+//!    /proc facts for every exec, records). Reports events/s received, events lost, and the
+//!    watcher thread's CPU time (getrusage RUSAGE_THREAD) per event and per 10,000 events.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use watcher::connector::{decode, wire, Connector, ConnectorConfig, Message, Received};
+use watcher::live::{LiveConfig, LiveSource};
+use watcher::EventSource;
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument selects one part.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    if want("decode") {
+        bench_decode();
+    }
+    if want("facts") {
+        bench_facts();
+    }
+    if want("storm") {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("storm: SKIPPED (needs root for the proc connector)");
+            return;
+        }
+        let secs: u64 = std::env::var("WATCHER_BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(5);
+        let spawners: usize = std::env::var("WATCHER_BENCH_SPAWNERS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        storm("storm/raw-connector", secs, spawners, raw_watcher);
+        storm("storm/live-source", secs, spawners, live_watcher);
+    }
+}
+
+fn bench_decode() {
+    // One message per datagram, as the kernel sends them; and a 3-message datagram.
+    let single: Vec<Vec<u8>> = (0..3000u32)
+        .map(|i| match i % 3 {
+            0 => wire::fork(i as u64, 1000 + i, 1000 + i, 2000 + i, 2000 + i),
+            1 => wire::exec(i as u64, 2000 + i, 2000 + i),
+            _ => wire::exit(i as u64, 2000 + i, 2000 + i, 0),
+        })
+        .collect();
+    let triple: Vec<u8> = single[..3].concat();
+    for (name, datagrams, per) in [
+        ("decode/one-message-datagrams", single.clone(), 1u64),
+        ("decode/three-message-datagram", vec![triple; 1000], 3u64),
+    ] {
+        let rounds = 2000;
+        let start = Instant::now();
+        let mut events = 0u64;
+        for _ in 0..rounds {
+            for d in &datagrams {
+                for m in decode(black_box(d)) {
+                    if let Ok(Message::Event { .. }) = black_box(m) {
+                        events += 1;
+                    }
+                }
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        assert_eq!(events, rounds * datagrams.len() as u64 * per);
+        println!(
+            "{name}: {:.1} M events/s ({:.1} ns/event, {events} events)",
+            events as f64 / elapsed / 1e6,
+            elapsed * 1e9 / events as f64
+        );
+    }
+}
+
+/// `ProcReader::read_facts` of a live process (this one): the per-exec cost of the watcher.
+fn bench_facts() {
+    let Ok(mut reader) = watcher::procfs::ProcReader::new() else {
+        println!("facts: SKIPPED (no cgroup2 mount)");
+        return;
+    };
+    let pid = std::process::id();
+    let rounds = 20_000u32;
+    let cpu0 = thread_cpu_seconds();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        black_box(reader.read_facts(black_box(pid)));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = thread_cpu_seconds() - cpu0;
+    println!(
+        "facts/read_facts: {:.2} µs/call wall, {:.2} µs/call CPU ({rounds} calls)",
+        elapsed * 1e6 / rounds as f64,
+        cpu * 1e6 / rounds as f64
+    );
+}
+
+/// The watcher thread's CPU seconds so far (user + system).
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: an all-zero rusage is valid; getrusage writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid rusage to write to.
+    unsafe {
+        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// What a watcher thread measured.
+struct WatcherResult {
+    events: u64,
+    lost: u64,
+    cpu_seconds: f64,
+}
+
+/// Reads raw connector datagrams until `stop`, counting events.
+fn raw_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
+    let mut connector = Connector::subscribe(&ConnectorConfig::default()).expect("subscribe");
+    ready.store(true, Ordering::SeqCst);
+    let cpu0 = thread_cpu_seconds();
+    let (mut events, mut lost) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        match connector.recv().expect("recv") {
+            Received::Timeout => {}
+            Received::Overrun => lost += 1,
+            Received::Datagram(d) => {
+                for m in decode(d) {
+                    if let Ok(Message::Event { .. }) = m {
+                        events += 1;
+                    }
+                }
+            }
+        }
+    }
+    let cpu_seconds = thread_cpu_seconds() - cpu0;
+    WatcherResult {
+        events,
+        lost,
+        cpu_seconds,
+    }
+}
+
+/// Reads `LiveSource` records until `stop`, counting events (not scans).
+fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
+    let mut source = LiveSource::start(&LiveConfig::default()).expect("live source");
+    let stop_source = source.stop_handle();
+    // Forward the bench's stop to the source's own stop handle.
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop_source.stop();
+    });
+    source.next_record().expect("scan").expect("scan record");
+    ready.store(true, Ordering::SeqCst);
+    let cpu0 = thread_cpu_seconds();
+    while let Some(rec) = source.next_record().expect("next record") {
+        black_box(&rec);
+    }
+    let cpu_seconds = thread_cpu_seconds() - cpu0;
+    let c = source.counters().snapshot();
+    WatcherResult {
+        events: c.forks + c.execs + c.exits,
+        lost: c.lost,
+        cpu_seconds,
+    }
+}
+
+fn storm(
+    name: &str,
+    secs: u64,
+    spawners: usize,
+    watcher: fn(Arc<AtomicBool>, Arc<AtomicBool>) -> WatcherResult,
+) {
+    let stop_watcher = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let (stop, ready) = (stop_watcher.clone(), ready.clone());
+        std::thread::spawn(move || watcher(stop, ready))
+    };
+    while !ready.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let spawned: u64 = (0..spawners)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    std::process::Command::new("/bin/true")
+                        .status()
+                        .expect("spawn /bin/true");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .sum();
+    // Let the watcher drain what is queued.
+    std::thread::sleep(Duration::from_millis(500));
+    let elapsed = start.elapsed().as_secs_f64();
+    stop_watcher.store(true, Ordering::SeqCst);
+    let r = handle.join().unwrap();
+    println!(
+        "{name}: {secs} s, {spawned} processes spawned ({:.0}/s); watcher received {} events \
+         ({:.0} events/s), lost (ENOBUFS) {}, watcher thread CPU {:.3} s = {:.2} µs/event = {:.4} \
+         CPU s per 10,000 events",
+        spawned as f64 / secs as f64,
+        r.events,
+        r.events as f64 / elapsed,
+        r.lost,
+        r.cpu_seconds,
+        r.cpu_seconds * 1e6 / r.events.max(1) as f64,
+        r.cpu_seconds * 1e4 / r.events.max(1) as f64,
+    );
+}

@@ -156,13 +156,35 @@ impl ProcReader {
     }
 
     /// Reads `<proc>/<pid>/<file>` into `self.buf`.
+    ///
+    /// With plain `read` calls into a reused buffer: `read_to_end` would add an fstat, an lseek
+    /// and a final empty read, nearly doubling the syscalls of this per-exec path. A short read
+    /// of a /proc file is its end (seq_file fills the buffer while it has content).
     fn read_file(&mut self, pid: Pid, file: &str) -> bool {
         self.set_path(pid, file);
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return false;
+        };
         self.buf.clear();
-        match std::fs::File::open(&self.path) {
-            Ok(mut f) => f.read_to_end(&mut self.buf).is_ok(),
-            Err(_) => false,
+        self.buf.resize(self.buf.capacity().max(4096), 0);
+        let mut len = 0;
+        loop {
+            match f.read(&mut self.buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    len += n;
+                    if len < self.buf.len() {
+                        break;
+                    }
+                    let grown = self.buf.len() * 2;
+                    self.buf.resize(grown, 0);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
         }
+        self.buf.truncate(len);
+        true
     }
 
     fn read_cgroup(&mut self, pid: Pid) -> Option<CgroupRef> {
