@@ -428,3 +428,48 @@ pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
     }
     Ok(Counters::from_values(&sums))
 }
+
+/// Loads the embedded object's maps and programs into the kernel, so that the verifier checks
+/// every program, without pinning or attaching anything; all of it is released on return.
+/// Returns the programs the verifier accepted, in [`object::PROGRAMS`] order. For
+/// `zbridge doctor`.
+pub fn verify_object() -> Result<Vec<&'static str>, ProgramError> {
+    verify_object_bytes(object::OBJECT)
+}
+
+/// [`verify_object`] for a given object (tests feed it a broken one).
+pub fn verify_object_bytes(bytes: &[u8]) -> Result<Vec<&'static str>, ProgramError> {
+    // No map pin paths: the maps are created afresh and vanish with `ebpf`.
+    let mut ebpf = EbpfLoader::new().load(bytes).map_err(|e| {
+        // aya's message leaves out the cause (EPERM, say): append the source chain.
+        let mut text = format!("load: {e}");
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            let c_text = c.to_string();
+            if !text.contains(&c_text) {
+                text.push_str(&format!(": {c_text}"));
+            }
+            cause = c.source();
+        }
+        ProgramError::Object(text)
+    })?;
+    let mut verified = Vec::with_capacity(object::PROGRAMS.len());
+    for (name, kind, _) in object::PROGRAMS {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| ProgramError::Object(format!("has no program `{name}`")))?;
+        macro_rules! load {
+            ($ty:ty) => {{
+                let prog: &mut $ty = program.try_into().map_err(|e| load_error(name, e))?;
+                prog.load().map_err(|e| load_error(name, e))?;
+            }};
+        }
+        match kind {
+            ProgramKind::SockAddr => load!(CgroupSockAddr),
+            ProgramKind::SockOps => load!(SockOps),
+            ProgramKind::Sockopt => load!(CgroupSockopt),
+        }
+        verified.push(name);
+    }
+    Ok(verified)
+}

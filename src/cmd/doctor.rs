@@ -1,11 +1,16 @@
 //! `zbridge doctor`: checks this host for what zbridge needs and says, for each missing
 //! piece, what to do about it. Exits non-zero when a required check fails.
 //!
-//! Each check is a function of what it reads (file contents, paths), so a test can feed it a
-//! simulated host (a wrong mount, no capability) and read the words it prints.
+//! Each check is a function of what it reads (file contents, paths, the result of a probe), so
+//! a test can feed it a simulated host (a wrong mount, no capability, another namespace) and
+//! read the words it prints. The probes that touch the live kernel (the proc connector's
+//! subscribe, the verifier) and the API server are small functions beside them.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
+
+use watcher::connector::{Connector, ConnectorConfig, ConnectorError};
 
 /// Flags of `zbridge doctor`.
 #[derive(Debug, clap::Args)]
@@ -16,6 +21,14 @@ pub struct DoctorArgs {
     /// Where maps and links are pinned (must be on a bpffs).
     #[arg(long, default_value = "/sys/fs/bpf/zbridge")]
     pub pin_dir: PathBuf,
+    /// The kubeconfig to reach the API server with; without it, the in-cluster service
+    /// account, else what kubectl would use ($KUBECONFIG, ~/.kube/config).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, as the API server knows it (set NODE_NAME from the downward API:
+    /// `fieldRef: {fieldPath: spec.nodeName}`). Never guessed from the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 /// The files the host checks read; tests point them at simulated hosts.
@@ -62,14 +75,12 @@ pub struct Check {
 
 pub fn main(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let mut checks = host_checks(&HostFiles::default(), &args.pin_dir);
+    checks.extend(kernel_checks());
     if !args.standalone {
-        checks.push(Check {
-            name: "kubernetes",
-            outcome: fail(
-                "the API server and RBAC checks are not built yet",
-                "run `zbridge doctor --standalone` to check only the host",
-            ),
-        });
+        checks.extend(kube_checks(&KubeTarget {
+            kubeconfig: args.kubeconfig,
+            node_name: args.node_name,
+        }));
     }
     let mut out = String::new();
     let failed = render(&checks, &mut out);
@@ -302,6 +313,461 @@ pub fn check_capabilities(status: &str) -> Outcome {
              (BPF, NET_ADMIN, SYS_ADMIN)",
         )
     }
+}
+
+/// The checks that ask the live kernel: the proc connector's subscribe and the verifier.
+pub fn kernel_checks() -> Vec<Check> {
+    vec![
+        Check {
+            name: "proc connector",
+            outcome: probe_proc_connector(),
+        },
+        Check {
+            name: "bpf programs",
+            outcome: check_bpf_object(programmer::loader::verify_object()),
+        },
+    ]
+}
+
+/// The fix for a proc connector refusal for lack of privilege.
+const FIX_NET_ADMIN: &str = "run as root, or add NET_ADMIN to the container's securityContext \
+                             capabilities (older kernels refuse the proc connector's subscribe \
+                             without CAP_NET_ADMIN in the host user namespace, and every kernel \
+                             refuses the large receive buffer without it)";
+
+/// Subscribes to the proc connector, waits for the kernel's ACK, and unsubscribes: the
+/// start-up self-check of `zbridge run`, which proves the host network and PID namespaces
+/// and the privilege to listen.
+pub fn probe_proc_connector() -> Outcome {
+    let config = ConnectorConfig {
+        // The plain subscribe is the one the kernel acknowledges.
+        event_mask: false,
+        ..ConnectorConfig::default()
+    };
+    match Connector::subscribe(&config) {
+        Ok(mut connector) => {
+            let granted = connector.recv_buffer_bytes();
+            check_proc_connector(
+                Ok(granted),
+                config.recv_buffer_bytes,
+                connector.unsubscribe(),
+            )
+        }
+        Err(e) => check_proc_connector(Err(e), config.recv_buffer_bytes, Ok(())),
+    }
+}
+
+/// The words for the subscribe's result (the receive buffer the kernel granted, as `SO_RCVBUF`
+/// reads it), against the buffer the agent asks for, and for the unsubscribe after it.
+pub fn check_proc_connector(
+    subscribe: Result<usize, ConnectorError>,
+    wanted_buffer: usize,
+    unsubscribe: Result<(), ConnectorError>,
+) -> Outcome {
+    let error = match subscribe {
+        Ok(granted) => {
+            if let Err(e) = unsubscribe {
+                return Outcome::Warn {
+                    what: format!("subscribed, but the unsubscribe failed: {e}"),
+                    fix: "the kernel keeps producing proc events until the socket closes; \
+                          report this with the error above"
+                        .into(),
+                };
+            }
+            // SO_RCVBUF reads back twice what was set (the kernel's bookkeeping overhead);
+            // SO_RCVBUFFORCE (CAP_NET_ADMIN) is what lifts the net.core.rmem_max cap.
+            if granted < 2 * wanted_buffer {
+                return Outcome::Warn {
+                    what: format!(
+                        "the kernel acknowledged the subscribe, but granted a receive buffer \
+                         of {} KiB, not {} KiB: SO_RCVBUFFORCE was refused (no CAP_NET_ADMIN), \
+                         so events may be lost under a burst of process starts",
+                        granted / 2 >> 10,
+                        wanted_buffer >> 10
+                    ),
+                    fix: FIX_NET_ADMIN.into(),
+                };
+            }
+            return Outcome::Pass(format!(
+                "the kernel acknowledged the subscribe (host network and PID namespaces); \
+                 receive buffer {} KiB; unsubscribed",
+                granted / 2 >> 10
+            ));
+        }
+        Err(e) => e,
+    };
+    let fix = match &error {
+        ConnectorError::Bind(_) | ConnectorError::NotPermitted => FIX_NET_ADMIN.to_string(),
+        ConnectorError::NotHostNetns => {
+            "run in the host network namespace: `hostNetwork: true` in the DaemonSet's pod spec"
+                .to_string()
+        }
+        ConnectorError::NoAck(_) => "run in the host PID namespace (and the host user \
+                                     namespace): `hostPID: true` in the DaemonSet's pod spec"
+            .to_string(),
+        ConnectorError::Socket(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => {
+            "use a kernel built with CONFIG_CONNECTOR=y and CONFIG_PROC_EVENTS=y".to_string()
+        }
+        ConnectorError::SocketOption { .. } if is_eperm_chain(&error) => FIX_NET_ADMIN.to_string(),
+        _ => "report this as a bug, with the error above and the kernel version".to_string(),
+    };
+    Outcome::Fail {
+        what: error.to_string(),
+        fix,
+    }
+}
+
+/// Whether an error's source is EPERM.
+fn is_eperm_chain(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::EPERM) {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The words for loading the embedded object's programs into the verifier (nothing attached,
+/// nothing pinned).
+pub fn check_bpf_object(result: Result<Vec<&'static str>, programmer::ProgramError>) -> Outcome {
+    use programmer::ProgramError;
+    let error = match result {
+        Ok(programs) => {
+            return Outcome::Pass(format!(
+                "the verifier accepted {} (loaded, not attached)",
+                programs.join(", ")
+            ))
+        }
+        Err(e) => e,
+    };
+    let text = error.to_string();
+    let fix = if text.contains("Operation not permitted") {
+        "run as root, or add BPF, NET_ADMIN and SYS_ADMIN to the container's securityContext \
+         capabilities (loading cgroup programs needs CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)"
+    } else if matches!(error, ProgramError::Program { .. }) {
+        "the kernel's verifier refused a program (its last words are above): this kernel lacks \
+         a helper or hook zbridge needs (5.10 or later), or it is a bug: report it with the \
+         kernel version and the words above"
+    } else {
+        "the BPF object embedded in this zbridge binary is unusable: rebuild zbridge (clang -g \
+         is required: the loader needs the object's BTF)"
+    };
+    Outcome::Fail {
+        what: text,
+        fix: fix.into(),
+    }
+}
+
+/// Where the Kubernetes checks look.
+#[derive(Debug, Clone, Default)]
+pub struct KubeTarget {
+    /// `--kubeconfig`; `None`: in-cluster, else inferred.
+    pub kubeconfig: Option<PathBuf>,
+    /// `--node-name` / `NODE_NAME`.
+    pub node_name: Option<String>,
+}
+
+/// The rules of deploy/clusterrole.yaml, as the fixes quote them.
+const RULE_PODS_NAMESPACES: &str =
+    r#"{apiGroups: [""], resources: ["pods", "namespaces"], verbs: ["get", "list", "watch"]}"#;
+const RULE_POD_STATUS: &str = r#"{apiGroups: [""], resources: ["pods/status"], verbs: ["patch"]}"#;
+
+/// One RBAC check: the verbs on a resource the agent needs, and the rule that grants them.
+struct AccessNeed {
+    name: &'static str,
+    resource: &'static str,
+    subresource: &'static str,
+    verbs: &'static [&'static str],
+    why: &'static str,
+    rule: &'static str,
+}
+
+const ACCESS_NEEDS: [AccessNeed; 3] = [
+    AccessNeed {
+        name: "rbac pods",
+        resource: "pods",
+        subresource: "",
+        verbs: &["list", "watch"],
+        // RBAC has no rule per field selector: list/watch in all namespaces is what a
+        // `spec.nodeName=` list needs.
+        why: "the kube cache lists and watches the pods of this node (field selector \
+              spec.nodeName) in all namespaces",
+        rule: RULE_PODS_NAMESPACES,
+    },
+    AccessNeed {
+        name: "rbac namespaces",
+        resource: "namespaces",
+        subresource: "",
+        verbs: &["list", "watch"],
+        why: "the kube cache watches namespaces for their istio.io/dataplane-mode label",
+        rule: RULE_PODS_NAMESPACES,
+    },
+    AccessNeed {
+        name: "rbac pods/status",
+        resource: "pods",
+        subresource: "status",
+        verbs: &["patch"],
+        why: "captured pods are marked ambient.istio.io/redirection=enabled in their status",
+        rule: RULE_POD_STATUS,
+    },
+];
+
+/// The Kubernetes checks: the configuration, the node name, the API server, and RBAC (by
+/// SelfSubjectAccessReview, which answers for whoever the configuration authenticates as).
+pub fn kube_checks(target: &KubeTarget) -> Vec<Check> {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return vec![Check {
+                name: "kubernetes",
+                outcome: fail(
+                    format!("cannot start an async runtime for the API client: {e}"),
+                    "report this as a bug, with the error above",
+                ),
+            }]
+        }
+    };
+    runtime.block_on(kube_checks_async(target))
+}
+
+async fn kube_checks_async(target: &KubeTarget) -> Vec<Check> {
+    let mut checks = vec![Check {
+        name: "node name",
+        outcome: check_node_name(target.node_name.as_deref()),
+    }];
+    let config = match load_kube_config(target.kubeconfig.as_deref()).await {
+        Ok((config, source)) => {
+            checks.push(Check {
+                name: "kube config",
+                outcome: Outcome::Pass(format!("{source}: API server {}", config.cluster_url)),
+            });
+            config
+        }
+        Err(outcome) => {
+            checks.push(Check {
+                name: "kube config",
+                outcome,
+            });
+            checks.push(not_checked(
+                "api server",
+                "the API server and RBAC",
+                "kube config",
+            ));
+            return checks;
+        }
+    };
+    let url = config.cluster_url.to_string();
+    let url = url.trim_end_matches('/').to_string();
+    let client = match kube::Client::try_from(config) {
+        Ok(client) => client,
+        Err(e) => {
+            checks.push(Check {
+                name: "api server",
+                outcome: fail(
+                    format!("cannot make a client for {url}: {e}"),
+                    "check the server URL and the credentials of the configuration",
+                ),
+            });
+            checks.push(not_checked("rbac", "RBAC", "api server"));
+            return checks;
+        }
+    };
+    let reachable = check_api_server(&client, &url).await;
+    let ok = !matches!(reachable, Outcome::Fail { .. });
+    checks.push(Check {
+        name: "api server",
+        outcome: reachable,
+    });
+    if !ok {
+        checks.push(not_checked("rbac", "RBAC", "api server"));
+        return checks;
+    }
+    for need in &ACCESS_NEEDS {
+        checks.push(Check {
+            name: need.name,
+            outcome: check_access(&client, need).await,
+        });
+    }
+    checks
+}
+
+/// A check that could not run because an earlier one failed.
+fn not_checked(name: &'static str, what: &str, because: &str) -> Check {
+    Check {
+        name,
+        outcome: fail(
+            format!("{what} not checked: the {because} check failed"),
+            format!("fix the {because} check first"),
+        ),
+    }
+}
+
+pub fn check_node_name(node_name: Option<&str>) -> Outcome {
+    match node_name.map(str::trim) {
+        Some(name) if !name.is_empty() => Outcome::Pass(format!(
+            "{name} (pods are watched with fieldSelector spec.nodeName={name})"
+        )),
+        _ => fail(
+            "no node name: --node-name and NODE_NAME are unset (the hostname is not used: it \
+             may differ from the node's name, and a wrong name watches no pods at all)",
+            "set NODE_NAME from the downward API in the DaemonSet: env: [{name: NODE_NAME, \
+             valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]; or pass --node-name",
+        ),
+    }
+}
+
+/// The configuration: `--kubeconfig`, else the in-cluster service account, else inferred.
+/// Returns it with words saying where it came from.
+async fn load_kube_config(kubeconfig: Option<&Path>) -> Result<(kube::Config, String), Outcome> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let (mut config, source) = match kubeconfig {
+        Some(path) => {
+            let loaded = match Kubeconfig::read_from(path) {
+                Ok(file) => {
+                    kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await
+                }
+                Err(e) => Err(e),
+            };
+            match loaded {
+                Ok(config) => (config, format!("kubeconfig {}", path.display())),
+                Err(e) => {
+                    return Err(fail(
+                        format!("cannot use the kubeconfig {}: {e}", path.display()),
+                        format!(
+                            "check the file (`kubectl --kubeconfig {} cluster-info` should work)",
+                            path.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        None => match kube::Config::incluster() {
+            Ok(config) => (config, "in-cluster service account".to_string()),
+            // infer() tries the kubeconfig, then in-cluster again: its error names both.
+            Err(_) => match kube::Config::infer().await {
+                Ok(config) => (
+                    config,
+                    "inferred ($KUBECONFIG or ~/.kube/config)".to_string(),
+                ),
+                Err(inferred) => {
+                    return Err(fail(
+                        format!("no Kubernetes configuration ({inferred})"),
+                        "run in a pod with a service account token mounted, or pass \
+                         --kubeconfig PATH; on a host without Kubernetes run \
+                         `zbridge doctor --standalone`",
+                    ))
+                }
+            },
+        },
+    };
+    // A doctor that hangs on a black-holed address answers nothing.
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(Duration::from_secs(10));
+    Ok((config, source))
+}
+
+async fn check_api_server(client: &kube::Client, url: &str) -> Outcome {
+    match client.apiserver_version().await {
+        Ok(info) => Outcome::Pass(format!(
+            "GET {url}/version: Kubernetes {}",
+            info.git_version
+        )),
+        Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => fail(
+            format!(
+                "GET {url}/version answered {} {}: the credentials were refused",
+                status.code, status.message
+            ),
+            "check the service account token (automountServiceAccountToken) or the kubeconfig's \
+             user",
+        ),
+        Err(e) => fail(
+            format!("GET {url}/version failed: {e}"),
+            format!(
+                "check that {url} is reachable from this node (a hostNetwork pod uses the node's \
+                 routes, DNS and firewall) and that the configuration names the right server"
+            ),
+        ),
+    }
+}
+
+/// Asks the API server, verb by verb, whether this identity may do what `need` says.
+async fn check_access(client: &kube::Client, need: &AccessNeed) -> Outcome {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let reviews: kube::Api<SelfSubjectAccessReview> = kube::Api::all(client.clone());
+    let resource = match need.subresource {
+        "" => need.resource.to_string(),
+        sub => format!("{}/{sub}", need.resource),
+    };
+    let mut denied = Vec::new();
+    for verb in need.verbs {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(String::new()),
+                    resource: Some(need.resource.to_string()),
+                    subresource: (!need.subresource.is_empty())
+                        .then(|| need.subresource.to_string()),
+                    verb: Some(verb.to_string()),
+                    // All namespaces.
+                    namespace: None,
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        match reviews
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+        {
+            Ok(answer) => {
+                let status = answer.status.unwrap_or_default();
+                if !status.allowed {
+                    let reason = status.reason.unwrap_or_default();
+                    denied.push(if reason.is_empty() {
+                        verb.to_string()
+                    } else {
+                        format!("{verb} ({reason})")
+                    });
+                }
+            }
+            Err(e) => {
+                return fail(
+                    format!("cannot ask whether {verb} {resource} is allowed (SelfSubjectAccessReview): {e}"),
+                    "check that the API server serves authorization.k8s.io/v1 and that the \
+                     identity is authenticated (every authenticated identity may create \
+                     SelfSubjectAccessReviews)",
+                )
+            }
+        }
+    }
+    if denied.is_empty() {
+        return Outcome::Pass(format!(
+            "{} {resource} in all namespaces allowed",
+            need.verbs.join(", ")
+        ));
+    }
+    fail(
+        format!(
+            "not allowed: {} {resource} in all namespaces ({})",
+            denied.join(", "),
+            need.why
+        ),
+        format!(
+            "add this rule to the ClusterRole bound to zbridge's identity (deploy/clusterrole.yaml \
+             has it): {}",
+            need.rule
+        ),
+    )
 }
 
 #[cfg(test)]

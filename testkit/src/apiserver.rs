@@ -19,6 +19,11 @@
 //! - `GET /api/v1/namespaces/NS/pods/NAME`, and `PATCH` of it or of its `/status`
 //!   subresource: the body is applied as a JSON merge patch (for the metadata maps a strategic
 //!   merge patch means the same), the version increments and watchers see `MODIFIED`.
+//! - `GET /version`: a `version.Info` (v1.33.0).
+//! - `POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews`: answers `201` with the
+//!   review and `status.allowed`: true, unless the verb and resource (`pods/status` for a
+//!   subresource) were denied with [`FakeApiServer::deny_access`] (a missing RBAC rule).
+//!   `nonResourceAttributes` reviews answer 400.
 //!
 //! Every request is recorded (method, path, decoded query, body) for the test to assert on.
 //! Every response closes its connection (`Connection: close`): simple, and the client opens a
@@ -133,6 +138,8 @@ struct State {
     paused: bool,
     /// While set, every request answers 403 Forbidden.
     forbidden: bool,
+    /// (verb, resource[/subresource]) that access reviews answer as not allowed.
+    denied_access: Vec<(String, String)>,
     stopping: bool,
     requests: Vec<RecordedRequest>,
     /// Open watch connections, to cut them abruptly.
@@ -292,6 +299,25 @@ impl FakeApiServer {
     /// While set, every request answers 403 Forbidden (a missing RBAC grant).
     pub fn set_forbidden(&self, forbidden: bool) {
         self.shared.lock().forbidden = forbidden;
+    }
+
+    /// Makes access reviews of `verb` on `resource` (`pods`, `namespaces`, or with a
+    /// subresource: `pods/status`) answer not allowed, as if the RBAC rule were missing.
+    /// Everything not denied is allowed.
+    pub fn deny_access(&self, verb: &str, resource: &str) {
+        let mut st = self.shared.lock();
+        let entry = (verb.to_string(), resource.to_string());
+        if !st.denied_access.contains(&entry) {
+            st.denied_access.push(entry);
+        }
+    }
+
+    /// Undoes [`FakeApiServer::deny_access`].
+    pub fn allow_access(&self, verb: &str, resource: &str) {
+        self.shared
+            .lock()
+            .denied_access
+            .retain(|(v, r)| !(v == verb && r == resource));
     }
 
     /// Every request received so far, in order.
@@ -525,6 +551,10 @@ fn route(out: &mut TcpStream, req: &RecordedRequest, shared: &Shared) -> std::io
         | ("PATCH", ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
             patch_pod(out, req, shared, ns, name)
         }
+        ("GET", ["version"]) => respond(out, 200, &version_json()),
+        ("POST", ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]) => {
+            access_review(out, req, shared)
+        }
         _ => respond(
             out,
             404,
@@ -538,6 +568,73 @@ fn route(out: &mut TcpStream, req: &RecordedRequest, shared: &Shared) -> std::io
             ),
         ),
     }
+}
+
+/// A `version.Info` as a v1.33 server sends it.
+fn version_json() -> String {
+    json!({
+        "major": "1",
+        "minor": "33",
+        "emulationMajor": "1",
+        "emulationMinor": "33",
+        "minCompatibilityMajor": "1",
+        "minCompatibilityMinor": "32",
+        "gitVersion": "v1.33.0",
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "gitTreeState": "clean",
+        "buildDate": "2025-04-23T00:00:00Z",
+        "goVersion": "go1.24.2",
+        "compiler": "gc",
+        "platform": "linux/amd64",
+    })
+    .to_string()
+}
+
+/// A SelfSubjectAccessReview: allowed unless its verb and resource were denied.
+fn access_review(
+    out: &mut TcpStream,
+    req: &RecordedRequest,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    let mut review: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => {
+            return respond(
+                out,
+                400,
+                &status_json(400, "BadRequest", &format!("the review is not JSON: {e}")),
+            )
+        }
+    };
+    let Some(attrs) = review.pointer("/spec/resourceAttributes").cloned() else {
+        return respond(
+            out,
+            400,
+            &status_json(
+                400,
+                "BadRequest",
+                "FakeApiServer answers resourceAttributes reviews only",
+            ),
+        );
+    };
+    let field = |k: &str| attrs.get(k).and_then(Value::as_str).unwrap_or_default();
+    let resource = match field("subresource") {
+        "" => field("resource").to_string(),
+        sub => format!("{}/{sub}", field("resource")),
+    };
+    let verb = field("verb").to_string();
+    let denied = shared
+        .lock()
+        .denied_access
+        .iter()
+        .any(|(v, r)| *v == verb && *r == resource);
+    review["status"] = if denied {
+        json!({"allowed": false, "reason": format!("FakeApiServer: {verb} {resource} denied")})
+    } else {
+        json!({"allowed": true, "reason": "FakeApiServer: allowed"})
+    };
+    review["metadata"] = json!({"creationTimestamp": null});
+    respond(out, 201, &review.to_string())
 }
 
 fn not_found(ns: &str, name: &str) -> String {
@@ -929,6 +1026,7 @@ fn write_chunk(out: &mut TcpStream, line: &str) -> std::io::Result<()> {
 fn respond(out: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
+        201 => "Created",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
