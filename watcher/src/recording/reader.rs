@@ -23,6 +23,9 @@ const READ_BUFFER: usize = 256 * 1024;
 /// Reads a recording, format v1: [`RecordingReader::header`], then records one by one
 /// ([`RecordingReader::read_record`], or as an [`EventSource`]).
 ///
+/// Comment and empty lines may also precede the header (hand-written fixtures start with a
+/// comment saying what they test); the header is the first line that is neither.
+///
 /// After an error the reader stands after the bad line; callers are expected to stop (replay
 /// exits non-zero), since the records after it were written on the same wrong assumptions.
 pub struct RecordingReader<R> {
