@@ -875,13 +875,26 @@ mod tests {
         if !testkit::require_root("doctor_this_host_passes_as_root") {
             return;
         }
-        // This machine: hybrid cgroup2, BTF, root. Its bpffs is checked on a private mount
-        // point in the test, since /sys/fs/bpf is not mounted here by default.
-        let checks = host_checks(&HostFiles::default(), Path::new("/sys/fs/bpf/zbridge"));
+        // This machine: hybrid cgroup2, BTF, root, host namespaces. /sys/fs/bpf is not mounted
+        // here by default, so the pin dir is on a private bpffs of the test's own.
+        let bpffs = testkit::BpfFs::new("doctor-host").expect("mount a private bpffs");
+        let pin_dir = bpffs.path().join("zbridge");
+        let mut checks = host_checks(&HostFiles::default(), &pin_dir);
+        checks.extend(kernel_checks());
+        let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "kernel",
+                "btf",
+                "cgroup2",
+                "bpffs",
+                "capabilities",
+                "proc connector",
+                "bpf programs"
+            ]
+        );
         for check in &checks {
-            if check.name == "bpffs" {
-                continue;
-            }
             assert!(
                 matches!(check.outcome, Outcome::Pass(_) | Outcome::Warn { .. }),
                 "{}: {:?}",
@@ -889,5 +902,310 @@ mod tests {
                 check.outcome
             );
         }
+        let bpffs_outcome = &checks[3].outcome;
+        assert!(
+            matches!(bpffs_outcome, Outcome::Pass(d) if d.contains(&*bpffs.path().to_string_lossy())),
+            "{bpffs_outcome:?}"
+        );
+        // Every program of the object went through the verifier.
+        let Outcome::Pass(verified) = &checks[6].outcome else {
+            panic!("{:?}", checks[6].outcome)
+        };
+        for (program, _, _) in programmer::object::PROGRAMS {
+            assert!(
+                verified.contains(program),
+                "{program} missing in {verified}"
+            );
+        }
+        // Nothing was pinned: the check only loads.
+        assert!(!pin_dir.exists(), "{} was created", pin_dir.display());
+    }
+
+    fn fix_of(outcome: &Outcome) -> &str {
+        match outcome {
+            Outcome::Pass(_) => "",
+            Outcome::Warn { fix, .. } | Outcome::Fail { fix, .. } => fix,
+        }
+    }
+
+    #[test]
+    fn proc_connector_errors_say_what_to_do() {
+        let ok = check_proc_connector(Ok(16 << 20), 8 << 20, Ok(()));
+        assert!(
+            matches!(&ok, Outcome::Pass(d) if d.contains("acknowledged") && d.contains("8192 KiB")),
+            "{ok:?}"
+        );
+        let cases: [(ConnectorError, &str); 5] = [
+            (ConnectorError::NotPermitted, "add NET_ADMIN"),
+            (
+                ConnectorError::Bind(std::io::Error::from_raw_os_error(libc::EPERM)),
+                "add NET_ADMIN",
+            ),
+            (ConnectorError::NotHostNetns, "hostNetwork: true"),
+            (
+                ConnectorError::NoAck(Duration::from_secs(2)),
+                "hostPID: true",
+            ),
+            (
+                ConnectorError::Socket(std::io::Error::from_raw_os_error(libc::EPROTONOSUPPORT)),
+                "CONFIG_PROC_EVENTS=y",
+            ),
+        ];
+        for (error, words) in cases {
+            let text = error.to_string();
+            let outcome = check_proc_connector(Err(error), 8 << 20, Ok(()));
+            assert!(is_fail(&outcome, words), "{text}: {outcome:?}");
+            // The kernel's own reason is kept.
+            assert!(
+                matches!(&outcome, Outcome::Fail { what, .. } if *what == text),
+                "{outcome:?}"
+            );
+        }
+        // A capped buffer (no SO_RCVBUFFORCE) works, with a warning naming the capability.
+        let capped = check_proc_connector(Ok(8 << 20), 8 << 20, Ok(()));
+        assert!(
+            matches!(&capped, Outcome::Warn { what, fix } if what.contains("4096 KiB, not 8192 KiB") && fix.contains("NET_ADMIN")),
+            "{capped:?}"
+        );
+        let stuck = check_proc_connector(
+            Ok(16 << 20),
+            8 << 20,
+            Err(ConnectorError::Send {
+                what: "unsubscribe",
+                source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+            }),
+        );
+        assert!(
+            matches!(&stuck, Outcome::Warn { what, .. } if what.contains("unsubscribe failed")),
+            "{stuck:?}"
+        );
+    }
+
+    #[test]
+    fn proc_connector_outside_the_host_network_namespace_fails() {
+        if !testkit::require_root("doctor_proc_connector_outside_the_host_network_namespace") {
+            return;
+        }
+        let netns = testkit::NetNs::new("doctor").expect("create a netns");
+        let outcome = netns
+            .in_thread(probe_proc_connector)
+            .expect("run the probe in the netns");
+        assert!(is_fail(&outcome, "ECONNREFUSED"), "{outcome:?}");
+        assert!(
+            fix_of(&outcome).contains("hostNetwork: true"),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn bpf_object_failures_say_what_to_do() {
+        let broken = check_bpf_object(programmer::loader::verify_object_bytes(
+            b"not an ELF object",
+        ));
+        assert!(is_fail(&broken, "rebuild zbridge"), "{broken:?}");
+        let refused = check_bpf_object(Err(programmer::ProgramError::Program {
+            program: "connect4".into(),
+            detail: "verifier rejected: Invalid argument (os error 22):\nR1 invalid mem access"
+                .into(),
+        }));
+        assert!(
+            is_fail(&refused, "verifier refused") && is_fail(&refused, "R1 invalid mem access"),
+            "{refused:?}"
+        );
+        let eperm = check_bpf_object(Err(programmer::ProgramError::Object(
+            "load: map error: failed to create map `x`: Operation not permitted (os error 1)"
+                .into(),
+        )));
+        assert!(
+            is_fail(&eperm, "add BPF, NET_ADMIN and SYS_ADMIN"),
+            "{eperm:?}"
+        );
+    }
+
+    /// A kubeconfig file for `yaml`, in a temp dir that lives as long as the returned guard.
+    fn kubeconfig(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(&path, yaml).unwrap();
+        (dir, path)
+    }
+
+    fn outcome_of<'c>(checks: &'c [Check], name: &str) -> &'c Outcome {
+        &checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check {name} in {checks:?}"))
+            .outcome
+    }
+
+    /// The access reviews the server received: (verb, resource, subresource, namespace).
+    fn reviews(server: &testkit::FakeApiServer) -> Vec<(String, String, String, String)> {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/selfsubjectaccessreviews"))
+            .map(|r| {
+                let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                let attr = &body["spec"]["resourceAttributes"];
+                let field = |k: &str| attr[k].as_str().unwrap_or_default().to_string();
+                (
+                    field("verb"),
+                    field("resource"),
+                    field("subresource"),
+                    field("namespace"),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kube_checks_pass_against_a_server_that_allows_everything() {
+        let server = testkit::FakeApiServer::start().unwrap();
+        let (_dir, path) = kubeconfig(&server.kubeconfig_yaml());
+        let checks = kube_checks(&KubeTarget {
+            kubeconfig: Some(path.clone()),
+            node_name: Some("node-a".into()),
+        });
+        let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "node name",
+                "kube config",
+                "api server",
+                "rbac pods",
+                "rbac namespaces",
+                "rbac pods/status"
+            ]
+        );
+        for check in &checks {
+            assert!(matches!(check.outcome, Outcome::Pass(_)), "{check:?}");
+        }
+        assert!(
+            matches!(outcome_of(&checks, "api server"), Outcome::Pass(d) if d.contains("/version: Kubernetes v1.33.0")),
+            "{checks:?}"
+        );
+        assert!(
+            matches!(outcome_of(&checks, "kube config"), Outcome::Pass(d) if d.contains(&*path.to_string_lossy()) && d.contains(&server.url())),
+            "{checks:?}"
+        );
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            reviews(&server),
+            vec![
+                (s("list"), s("pods"), s(""), s("")),
+                (s("watch"), s("pods"), s(""), s("")),
+                (s("list"), s("namespaces"), s(""), s("")),
+                (s("watch"), s("namespaces"), s(""), s("")),
+                (s("patch"), s("pods"), s("status"), s("")),
+            ]
+        );
+        let mut out = String::new();
+        assert!(!render(&checks, &mut out), "{out}");
+    }
+
+    #[test]
+    fn kube_checks_name_a_denied_verb_and_its_rule() {
+        let server = testkit::FakeApiServer::start().unwrap();
+        server.deny_access("patch", "pods/status");
+        server.deny_access("watch", "namespaces");
+        let (_dir, path) = kubeconfig(&server.kubeconfig_yaml());
+        let checks = kube_checks(&KubeTarget {
+            kubeconfig: Some(path),
+            node_name: Some("node-a".into()),
+        });
+        assert!(matches!(outcome_of(&checks, "rbac pods"), Outcome::Pass(_)));
+        let status = outcome_of(&checks, "rbac pods/status");
+        assert!(is_fail(status, "not allowed: patch"), "{status:?}");
+        assert!(is_fail(status, "pods/status"), "{status:?}");
+        assert!(
+            fix_of(status).contains(r#"resources: ["pods/status"], verbs: ["patch"]"#),
+            "{status:?}"
+        );
+        let namespaces = outcome_of(&checks, "rbac namespaces");
+        assert!(
+            matches!(namespaces, Outcome::Fail { what, fix } if what.contains("not allowed: watch") && !what.contains("list") && fix.contains(r#"resources: ["pods", "namespaces"]"#)),
+            "{namespaces:?}"
+        );
+        let mut out = String::new();
+        assert!(render(&checks, &mut out));
+        assert!(out.contains("FAIL  rbac pods/status"), "{out}");
+    }
+
+    #[test]
+    fn kube_checks_say_what_was_tried_when_the_server_is_unreachable() {
+        // A port that was just free: nothing listens there.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (_dir, path) = kubeconfig(&testkit::apiserver::kubeconfig_yaml_for(addr));
+        let checks = kube_checks(&KubeTarget {
+            kubeconfig: Some(path),
+            node_name: Some("node-a".into()),
+        });
+        let api = outcome_of(&checks, "api server");
+        assert!(
+            is_fail(api, &format!("GET http://{addr}/version failed")),
+            "{api:?}"
+        );
+        assert!(fix_of(api).contains("reachable from this node"), "{api:?}");
+        // RBAC is not asked of a server that does not answer, and says so.
+        assert!(is_fail(outcome_of(&checks, "rbac"), "not checked"));
+        assert_eq!(checks.len(), 4, "{checks:?}");
+    }
+
+    #[test]
+    fn kube_checks_report_refused_credentials() {
+        let server = testkit::FakeApiServer::start().unwrap();
+        server.set_forbidden(true);
+        let (_dir, path) = kubeconfig(&server.kubeconfig_yaml());
+        let checks = kube_checks(&KubeTarget {
+            kubeconfig: Some(path),
+            node_name: Some("node-a".into()),
+        });
+        let api = outcome_of(&checks, "api server");
+        assert!(is_fail(api, "credentials were refused"), "{api:?}");
+    }
+
+    #[test]
+    fn node_name_is_required_and_never_guessed() {
+        let server = testkit::FakeApiServer::start().unwrap();
+        let (_dir, path) = kubeconfig(&server.kubeconfig_yaml());
+        for missing in [None, Some(""), Some("  ")] {
+            let checks = kube_checks(&KubeTarget {
+                kubeconfig: Some(path.clone()),
+                node_name: missing.map(str::to_string),
+            });
+            let node = outcome_of(&checks, "node name");
+            assert!(is_fail(node, "NODE_NAME"), "{node:?}");
+            assert!(
+                fix_of(node).contains("fieldPath: spec.nodeName"),
+                "{node:?}"
+            );
+        }
+        assert!(matches!(
+            check_node_name(Some("node-a")),
+            Outcome::Pass(d) if d.contains("spec.nodeName=node-a")
+        ));
+    }
+
+    #[test]
+    fn unreadable_kubeconfig_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent");
+        let checks = kube_checks(&KubeTarget {
+            kubeconfig: Some(path.clone()),
+            node_name: Some("node-a".into()),
+        });
+        let config = outcome_of(&checks, "kube config");
+        assert!(
+            is_fail(
+                config,
+                &format!("cannot use the kubeconfig {}", path.display())
+            ),
+            "{config:?}"
+        );
+        assert!(is_fail(outcome_of(&checks, "api server"), "not checked"));
     }
 }

@@ -214,6 +214,11 @@ impl FakeApiServer {
         kube_config_for(self.addr)
     }
 
+    /// A kubeconfig file's text for this server ([`kubeconfig_yaml_for`]).
+    pub fn kubeconfig_yaml(&self) -> String {
+        kubeconfig_yaml_for(self.addr)
+    }
+
     /// The current resource version (of the last change).
     pub fn resource_version(&self) -> u64 {
         self.shared.lock().rv
@@ -398,6 +403,28 @@ impl FakeApiServer {
         self.shared.changed.notify_all();
         Some(old)
     }
+}
+
+/// A kubeconfig file's text for a plain-HTTP server at `addr` (one cluster, one user with no
+/// credentials, one current context), for programs that take `--kubeconfig`.
+pub fn kubeconfig_yaml_for(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: fake\n  \
+           cluster:\n    \
+             server: http://{addr}\n\
+         users:\n\
+         - name: fake\n  \
+           user: {{}}\n\
+         contexts:\n\
+         - name: fake\n  \
+           context:\n    \
+             cluster: fake\n    \
+             user: fake\n\
+         current-context: fake\n"
+    )
 }
 
 /// A kube-rs client configuration for a plain-HTTP server at `addr`, no credentials.
