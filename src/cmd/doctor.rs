@@ -382,7 +382,7 @@ pub fn check_proc_connector(
                         "the kernel acknowledged the subscribe, but granted a receive buffer \
                          of {} KiB, not {} KiB: SO_RCVBUFFORCE was refused (no CAP_NET_ADMIN), \
                          so events may be lost under a burst of process starts",
-                        granted / 2 >> 10,
+                        (granted / 2) >> 10,
                         wanted_buffer >> 10
                     ),
                     fix: FIX_NET_ADMIN.into(),
@@ -391,7 +391,7 @@ pub fn check_proc_connector(
             return Outcome::Pass(format!(
                 "the kernel acknowledged the subscribe (host network and PID namespaces); \
                  receive buffer {} KiB; unsubscribed",
-                granted / 2 >> 10
+                (granted / 2) >> 10
             ));
         }
         Err(e) => e,
