@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use e2e_support::{running_world, World, POD_PORT};
 use testkit::mesh::{self, NODE4, POD4, POD6, SERVICE4, SERVICE6, ZTUNNEL4, ZTUNNEL6};
-use testkit::ztunnel::{self, Accepted, ClientOptions, Outcome, HBONE, INBOUND, OUTBOUND};
+use testkit::ztunnel::{self, Accepted, Outcome, HBONE, INBOUND, OUTBOUND};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -85,7 +85,8 @@ fn ambient_pod_lands_on_ztunnel_with_original_destination() {
 }
 
 /// A cgroup made under the pod's after it was enrolled is captured from its very first
-/// connect: a thousand connects from a fresh child cgroup, not one escapes.
+/// connect: a thousand times, a fresh child cgroup and a fresh process whose first connect is
+/// checked; not one escapes.
 #[test]
 fn child_cgroup_created_after_enrolment_is_captured_from_first_connect() {
     if !testkit::require_root("child_cgroup_created_after_enrolment_is_captured_from_first_connect")
@@ -94,48 +95,42 @@ fn child_cgroup_created_after_enrolment_is_captured_from_first_connect() {
     }
     let world = running_world("e2e-child");
     let m = &world.mesh;
-    let child = m.cgroup.child("attach/pods/app/late-container").unwrap();
-    let outcomes = ztunnel::connect(
-        &m.pod_ns,
-        &m.cgroup,
-        &child,
-        &[svc4()],
-        &ClientOptions {
-            count: 1000,
-            bind: None,
-        },
-    )
-    .unwrap();
-    assert_eq!(outcomes.len(), 1000);
-    let escaped: Vec<&Outcome> = outcomes
-        .iter()
-        .filter(|o| !matches!(o, Outcome::Ok { peer, .. } if *peer == SocketAddr::new(ZTUNNEL4, OUTBOUND)))
-        .collect();
+    let zt = SocketAddr::new(ZTUNNEL4, OUTBOUND);
+    let mut escaped = Vec::new();
+    for i in 0..1000 {
+        let child = m
+            .cgroup
+            .child(&format!("attach/pods/app/container-{i}"))
+            .unwrap();
+        let outcome = ztunnel::connect_once(&m.pod_ns, &m.cgroup, &child, svc4()).unwrap();
+        if !matches!(outcome, Outcome::Ok { peer, .. } if peer == zt) {
+            escaped.push((i, outcome));
+        }
+        // The cgroup goes once its process has exited (as a container's does).
+        let _ = std::fs::remove_dir(m.cgroup.dir_of(&child));
+    }
     assert!(
         escaped.is_empty(),
-        "{} of 1000 not redirected: {:?}",
+        "{} of 1000 first connects not redirected: {:?}",
         escaped.len(),
         &escaped[..escaped.len().min(5)]
     );
-    let mut accepted = 0;
-    while accepted < 1000 {
+    for n in 0..1000 {
         let a = world
             .ztunnel()
             .next(WAIT)
-            .expect("ztunnel accepted all 1000");
+            .unwrap_or_else(|| panic!("ztunnel accepted only {n}"));
         assert_eq!(a.orig, Some(Ok(svc4())));
-        accepted += 1;
     }
-    // Each upstream connect reached the service from ztunnel's address; none from the pod's.
-    let mut at_service = 0;
-    while at_service < 1000 {
+    // Each upstream connect reached the service from ztunnel's address, none from the pod's.
+    for n in 0..1000 {
         let a = world
             .service
             .next(WAIT)
-            .expect("service saw every upstream connect");
+            .unwrap_or_else(|| panic!("service saw only {n}"));
         assert_eq!(a.peer.ip(), ZTUNNEL4);
-        at_service += 1;
     }
+    assert_eq!(world.service.drain(), vec![]);
 }
 
 /// Outside the mesh, loopback and ztunnel's own non-capture ports are reached directly.
