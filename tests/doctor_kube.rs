@@ -79,7 +79,10 @@ fn denied_patch_of_pod_status_is_named_and_fails() {
     assert_ne!(code, 0, "{out}");
     let status = check_lines(&out, "rbac pods/status");
     assert!(status.starts_with("FAIL"), "{out}");
-    assert!(status.contains("not allowed: patch"), "{out}");
+    assert!(
+        status.contains("patch pods/status in all namespaces is not allowed"),
+        "{out}"
+    );
     assert!(
         status.contains(r#"{apiGroups: [""], resources: ["pods/status"], verbs: ["patch"]}"#),
         "{out}"

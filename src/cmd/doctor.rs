@@ -482,6 +482,8 @@ struct AccessNeed {
     resource: &'static str,
     subresource: &'static str,
     verbs: &'static [&'static str],
+    /// Where the agent needs it, in words.
+    scope: &'static str,
     why: &'static str,
     rule: &'static str,
 }
@@ -492,10 +494,11 @@ const ACCESS_NEEDS: [AccessNeed; 3] = [
         resource: "pods",
         subresource: "",
         verbs: &["list", "watch"],
+        scope: "in all namespaces",
         // RBAC has no rule per field selector: list/watch in all namespaces is what a
         // `spec.nodeName=` list needs.
-        why: "the kube cache lists and watches the pods of this node (field selector \
-              spec.nodeName) in all namespaces",
+        why: "the kube cache lists and watches this node's pods across all namespaces (its \
+              spec.nodeName field selector does not narrow what RBAC asks for)",
         rule: RULE_PODS_NAMESPACES,
     },
     AccessNeed {
@@ -503,6 +506,7 @@ const ACCESS_NEEDS: [AccessNeed; 3] = [
         resource: "namespaces",
         subresource: "",
         verbs: &["list", "watch"],
+        scope: "cluster-wide",
         why: "the kube cache watches namespaces for their istio.io/dataplane-mode label",
         rule: RULE_PODS_NAMESPACES,
     },
@@ -511,7 +515,9 @@ const ACCESS_NEEDS: [AccessNeed; 3] = [
         resource: "pods",
         subresource: "status",
         verbs: &["patch"],
-        why: "captured pods are marked ambient.istio.io/redirection=enabled in their status",
+        scope: "in all namespaces",
+        why: "zbridge marks the pods it captures with ambient.istio.io/redirection=enabled in \
+              their status, which istiod reads",
         rule: RULE_POD_STATUS,
     },
 ];
@@ -546,7 +552,10 @@ async fn kube_checks_async(target: &KubeTarget) -> Vec<Check> {
         Ok((config, source)) => {
             checks.push(Check {
                 name: "kube config",
-                outcome: Outcome::Pass(format!("{source}: API server {}", config.cluster_url)),
+                outcome: Outcome::Pass(format!(
+                    "{source}: API server {}",
+                    config.cluster_url.to_string().trim_end_matches('/')
+                )),
             });
             config
         }
@@ -563,8 +572,11 @@ async fn kube_checks_async(target: &KubeTarget) -> Vec<Check> {
             return checks;
         }
     };
-    let url = config.cluster_url.to_string();
-    let url = url.trim_end_matches('/').to_string();
+    let url = config
+        .cluster_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
     let client = match kube::Client::try_from(config) {
         Ok(client) => client,
         Err(e) => {
@@ -708,6 +720,7 @@ async fn check_access(client: &kube::Client, need: &AccessNeed) -> Outcome {
         sub => format!("{}/{sub}", need.resource),
     };
     let mut denied = Vec::new();
+    let mut reasons = Vec::new();
     for verb in need.verbs {
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
@@ -732,12 +745,11 @@ async fn check_access(client: &kube::Client, need: &AccessNeed) -> Outcome {
             Ok(answer) => {
                 let status = answer.status.unwrap_or_default();
                 if !status.allowed {
-                    let reason = status.reason.unwrap_or_default();
-                    denied.push(if reason.is_empty() {
-                        verb.to_string()
-                    } else {
-                        format!("{verb} ({reason})")
-                    });
+                    denied.push(*verb);
+                    // A real server often gives no reason for a plain "no".
+                    if let Some(reason) = status.reason.filter(|r| !r.is_empty()) {
+                        reasons.push(reason);
+                    }
                 }
             }
             Err(e) => {
@@ -752,14 +764,20 @@ async fn check_access(client: &kube::Client, need: &AccessNeed) -> Outcome {
     }
     if denied.is_empty() {
         return Outcome::Pass(format!(
-            "{} {resource} in all namespaces allowed",
-            need.verbs.join(", ")
+            "{} {resource} {} allowed",
+            need.verbs.join(", "),
+            need.scope
         ));
     }
+    let reasons = match reasons.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", reasons.join("; ")),
+    };
     fail(
         format!(
-            "not allowed: {} {resource} in all namespaces ({})",
+            "{} {resource} {} is not allowed{reasons}; needed because {}",
             denied.join(", "),
+            need.scope,
             need.why
         ),
         format!(
@@ -1116,7 +1134,10 @@ mod tests {
         });
         assert!(matches!(outcome_of(&checks, "rbac pods"), Outcome::Pass(_)));
         let status = outcome_of(&checks, "rbac pods/status");
-        assert!(is_fail(status, "not allowed: patch"), "{status:?}");
+        assert!(
+            is_fail(status, "patch pods/status in all namespaces is not allowed"),
+            "{status:?}"
+        );
         assert!(is_fail(status, "pods/status"), "{status:?}");
         assert!(
             fix_of(status).contains(r#"resources: ["pods/status"], verbs: ["patch"]"#),
@@ -1124,7 +1145,7 @@ mod tests {
         );
         let namespaces = outcome_of(&checks, "rbac namespaces");
         assert!(
-            matches!(namespaces, Outcome::Fail { what, fix } if what.contains("not allowed: watch") && !what.contains("list") && fix.contains(r#"resources: ["pods", "namespaces"]"#)),
+            matches!(namespaces, Outcome::Fail { what, fix } if what.starts_with("watch namespaces cluster-wide is not allowed") && fix.contains(r#"resources: ["pods", "namespaces"]"#)),
             "{namespaces:?}"
         );
         let mut out = String::new();
