@@ -41,8 +41,22 @@ fn main() {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(1);
-        storm("storm/raw-connector", secs, spawners, raw_watcher);
-        storm("storm/live-source", secs, spawners, live_watcher);
+        for kind in [Storm::Processes, Storm::Threads { per_second: 6000 }] {
+            storm(
+                &format!("storm/{kind}/raw-connector"),
+                kind,
+                secs,
+                spawners,
+                raw_watcher,
+            );
+            storm(
+                &format!("storm/{kind}/live-source"),
+                kind,
+                secs,
+                spawners,
+                live_watcher,
+            );
+        }
     }
 }
 
@@ -176,8 +190,28 @@ fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult 
     }
 }
 
+/// What the spawners start.
+#[derive(Debug, Clone, Copy)]
+enum Storm {
+    /// `/bin/true` as fast as possible: fork, exec and exit events, /proc reads on exec.
+    Processes,
+    /// Threads started and joined at a fixed total rate: a fork and an exit event each, so
+    /// 6000/s is about 12,000 events/s, the issue's target load.
+    Threads { per_second: u32 },
+}
+
+impl std::fmt::Display for Storm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storm::Processes => write!(f, "processes"),
+            Storm::Threads { per_second } => write!(f, "threads-{per_second}-per-s"),
+        }
+    }
+}
+
 fn storm(
     name: &str,
+    kind: Storm,
     secs: u64,
     spawners: usize,
     watcher: fn(Arc<AtomicBool>, Arc<AtomicBool>) -> WatcherResult,
@@ -197,11 +231,27 @@ fn storm(
         .map(|_| {
             std::thread::spawn(move || {
                 let mut n = 0u64;
-                while Instant::now() < deadline {
-                    std::process::Command::new("/bin/true")
-                        .status()
-                        .expect("spawn /bin/true");
-                    n += 1;
+                match kind {
+                    Storm::Processes => {
+                        while Instant::now() < deadline {
+                            std::process::Command::new("/bin/true")
+                                .status()
+                                .expect("spawn /bin/true");
+                            n += 1;
+                        }
+                    }
+                    Storm::Threads { per_second } => {
+                        let interval = Duration::from_secs_f64(spawners as f64 / per_second as f64);
+                        let mut next = Instant::now();
+                        while next < deadline {
+                            std::thread::spawn(|| black_box(0)).join().unwrap();
+                            n += 1;
+                            next += interval;
+                            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                        }
+                    }
                 }
                 n
             })
@@ -210,18 +260,17 @@ fn storm(
         .into_iter()
         .map(|h| h.join().unwrap())
         .sum();
-    // Let the watcher drain what is queued.
+    // Let the watcher drain what is queued (events/s below are per second of storm).
     std::thread::sleep(Duration::from_millis(500));
-    let elapsed = start.elapsed().as_secs_f64();
     stop_watcher.store(true, Ordering::SeqCst);
     let r = handle.join().unwrap();
     println!(
-        "{name}: {secs} s, {spawned} processes spawned ({:.0}/s); watcher received {} events \
+        "{name}: {secs} s, {spawned} spawned ({:.0}/s); watcher received {} events \
          ({:.0} events/s), lost (ENOBUFS) {}, watcher thread CPU {:.3} s = {:.2} µs/event = {:.4} \
          CPU s per 10,000 events",
         spawned as f64 / secs as f64,
         r.events,
-        r.events as f64 / elapsed,
+        r.events as f64 / secs as f64,
         r.lost,
         r.cpu_seconds,
         r.cpu_seconds * 1e6 / r.events.max(1) as f64,
