@@ -195,6 +195,11 @@ impl Resolver {
     pub fn handle(&mut self, input: Input, out: &mut Vec<Update>) {
         if !self.started {
             self.started = true;
+            let mut keys = self.adopt_configured_subtrees();
+            keys.sort();
+            for key in keys {
+                self.recompute(&key, out);
+            }
             self.update_ztunnel(out);
         }
         match input {
@@ -232,6 +237,7 @@ impl Resolver {
             }
             self.cgroups.get_mut(id).expect("listed above").owner = owner.map(|(k, _)| k);
         }
+        self.adopt_configured_subtrees();
         let mut keys: Vec<OwnerKey> = self.owners.keys().cloned().collect();
         keys.sort();
         let mut new: BTreeMap<CgroupId, Enrolment> = BTreeMap::new();
@@ -256,6 +262,35 @@ impl Resolver {
         self.owners
             .retain(|_, o| !o.live.is_empty() || !o.emitted.is_empty());
         self.update_ztunnel(out);
+    }
+
+    /// Makes an owner for every subtree of the workloads file whose directory exists already,
+    /// so that it is enrolled before any process in it is seen: the first connect of the first
+    /// process started there is captured, with no race against the watcher. (A subtree that
+    /// does not exist yet is enrolled when an exec is seen in it.) Returns the owners made.
+    fn adopt_configured_subtrees(&mut self) -> Vec<OwnerKey> {
+        let Some(workloads) = &self.config.workloads else {
+            return Vec::new();
+        };
+        let mut subtrees: Vec<(OwnerKey, String)> = Vec::new();
+        if let Some(z) = &workloads.ztunnel {
+            subtrees.push((OwnerKey::Ztunnel, z.cgroup.clone()));
+        }
+        for (i, w) in workloads.workloads.iter().enumerate() {
+            subtrees.push((OwnerKey::Workload(i), w.cgroup.clone()));
+        }
+        for (i, e) in workloads.exempt.iter().enumerate() {
+            subtrees.push((OwnerKey::Exempt(i), e.clone()));
+        }
+        let mut adopted = Vec::new();
+        for (key, root) in subtrees {
+            if self.owners.contains_key(&key) || self.ids.id_of(&root).is_none() {
+                continue;
+            }
+            self.owners.insert(key.clone(), Owner::new(&root));
+            adopted.push(key);
+        }
+        adopted
     }
 
     /// Every cgroup that holds a live process, sorted by id.

@@ -183,3 +183,55 @@ fn the_shipped_example_parses() {
     assert_eq!(w.workloads.len(), 3);
     assert_eq!(w.exempt, vec!["/system.slice/kubelet.service".to_string()]);
 }
+
+/// Knows the ids of some directories, as the live agent's stat of the cgroup tree would.
+struct KnownDirs(Vec<(&'static str, u64)>);
+
+impl resolver::CgroupIds for KnownDirs {
+    fn id_of(&mut self, path: &str) -> Option<CgroupId> {
+        self.0
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, id)| CgroupId(*id))
+    }
+}
+
+#[test]
+fn existing_subtrees_are_enrolled_before_any_process_runs_in_them() {
+    let mut config = ResolverConfig::new("dev-vm");
+    config.workloads = Some(Workloads::parse(FILE).expect("valid file"));
+    // /zb/pods/auto exists too, but has no address until a process shows one: not enrolled.
+    let dirs = KnownDirs(vec![
+        ("/zb/ztunnel", 500),
+        ("/zb/pods/productpage", 510),
+        ("/zb/pods/auto", 520),
+    ]);
+    let mut h = Harness::with(config);
+    h.resolver = resolver::Resolver::with_cgroup_ids(h.resolver.config().clone(), Box::new(dirs));
+    // A scan with nothing in the subtrees: they are enrolled all the same, so the first
+    // connect of the first process started there is captured without waiting for its exec.
+    h.scan(&[(1, "/init.scope", 12)]);
+    assert_eq!(
+        h.entry(500),
+        Some((Role::Ztunnel, vec![ip("10.99.0.1"), ip("fd00:99::1")]))
+    );
+    assert_eq!(h.entry(510), Some((Role::Ambient, vec![ip("10.99.0.2")])));
+    assert_eq!(h.entry(520), None, "address auto: nothing seen yet");
+    assert_eq!(h.entries.len(), 2, "{:?}", h.entries);
+    // A process comes and goes: the subtree keeps its one entry.
+    h.exec(20, "/zb/pods/productpage/app", 511);
+    h.exit(20);
+    assert_eq!(h.entry(510), Some((Role::Ambient, vec![ip("10.99.0.2")])));
+    assert_eq!(h.entries.len(), 2, "{:?}", h.entries);
+    // Removed from the file on reload: its entry goes.
+    let reduced = FILE.replace(
+        "  - name: demo/productpage\n    cgroup: /zb/pods/productpage\n    address: 10.99.0.2\n    mode: ambient\n",
+        "",
+    );
+    let mut out = Vec::new();
+    h.resolver
+        .set_workloads(Workloads::parse(&reduced).expect("valid file"), &mut out);
+    h.apply(out);
+    assert_eq!(h.entry(510), None);
+    assert!(h.entry(500).is_some(), "ztunnel stays");
+}
