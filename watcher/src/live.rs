@@ -33,6 +33,9 @@ pub enum LiveError {
 #[derive(Debug, Clone, Default)]
 pub struct LiveConfig {
     pub connector: ConnectorConfig,
+    /// Where the cgroup2 hierarchy is mounted (cgroup ids are the inodes of directories below
+    /// it). `None`: the first cgroup2 mount of `/proc/self/mountinfo`.
+    pub cgroup_root: Option<std::path::PathBuf>,
 }
 
 /// Asks a [`LiveSource`] to stop: its `next_record` then returns `Ok(None)` within the
@@ -134,7 +137,10 @@ impl LiveSource {
     /// Subscribes to the proc connector (checking the kernel's ACK), then scans /proc; the scan
     /// is the first record.
     pub fn start(config: &LiveConfig) -> Result<LiveSource, LiveError> {
-        let reader = ProcReader::new()?;
+        let reader = match &config.cgroup_root {
+            Some(dir) => ProcReader::with_cgroup_root(dir),
+            None => ProcReader::new()?,
+        };
         let connector = Connector::subscribe(&config.connector)?;
         log::info!(
             "proc connector: subscribed (receive buffer {} bytes, event mask {})",

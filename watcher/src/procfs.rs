@@ -92,6 +92,12 @@ impl ProcReader {
         Ok(ProcReader::with_roots("/proc", cgroup2_mount()?))
     }
 
+    /// A reader of the host's `/proc`, with the cgroup2 hierarchy mounted at `cgroup_root`
+    /// (`--cgroup-root`).
+    pub fn with_cgroup_root(cgroup_root: impl Into<PathBuf>) -> Self {
+        ProcReader::with_roots("/proc", cgroup_root)
+    }
+
     /// A reader of another proc and cgroup2 root (tests).
     pub fn with_roots(proc_root: impl Into<PathBuf>, cgroup_root: impl Into<PathBuf>) -> Self {
         ProcReader {
@@ -366,6 +372,24 @@ mod tests {
         for ip in &facts.ips {
             assert!(!ip.is_loopback(), "{ip}");
         }
+    }
+
+    #[test]
+    fn cgroup_ids_are_inodes_below_the_given_root() {
+        // A stand-in root holding a directory at this process's cgroup path: the id must be
+        // that directory's inode, not the real cgroup's.
+        let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let Some(path) = cgroup_v2_path(&text) else {
+            return; // no cgroup2 line: nothing to resolve
+        };
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut reader = ProcReader::with_cgroup_root(root.path());
+        assert_eq!(reader.cgroup_root(), root.path());
+        let cgroup = reader.read_facts(std::process::id()).cgroup.unwrap();
+        assert_eq!(cgroup.path, path);
+        assert_eq!(cgroup.id, CgroupId(std::fs::metadata(&dir).unwrap().ino()));
     }
 
     #[test]
