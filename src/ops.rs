@@ -5,7 +5,7 @@
 //! [`Readiness`] (one flag per start-up step); [`serve`] answers from both on its own thread
 //! until the returned [`OpsServer`] is dropped.
 
-// `zbridge run` does not feed every metric yet (decisions, map entries, enrolment latency).
+// tests/ops_endpoint.rs compiles this module into a test crate that uses only part of it.
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
@@ -289,6 +289,9 @@ pub struct Readiness {
     cache_synced: Arc<AtomicBool>,
     first_scan_resolved: Arc<AtomicBool>,
     maps_programmed: Arc<AtomicBool>,
+    /// Kubernetes mode: the API server cannot be reached now (set while it is lost; the
+    /// programmed state is kept meanwhile).
+    api_server_lost: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -312,6 +315,11 @@ impl Readiness {
         self.maps_programmed.store(ready, Ordering::Release);
     }
 
+    /// The Kubernetes API server is lost (`true`) or reachable again (`false`).
+    pub fn set_api_server_lost(&self, lost: bool) {
+        self.api_server_lost.store(lost, Ordering::Release);
+    }
+
     /// The steps not done yet, in words; empty when ready.
     pub fn not_ready(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();
@@ -323,6 +331,10 @@ impl Readiness {
         }
         if !self.maps_programmed.load(Ordering::Acquire) {
             missing.push("BPF maps not programmed");
+        }
+        if self.api_server_lost.load(Ordering::Acquire) {
+            missing
+                .push("Kubernetes API server unreachable (the programmed state is kept; retrying)");
         }
         missing
     }

@@ -1,10 +1,13 @@
 //! The running agent's wiring: watcher → resolver → programmer, each on its own thread,
 //! joined by bounded crossbeam channels. The stages share nothing but those channels (and the
-//! read-only status flags and counters here, for the health and metrics endpoints).
+//! read-only status flags and counters here, for the health and metrics endpoints). In
+//! Kubernetes mode the kube cache is one more sender on the resolver's input channel
+//! ([`Inputs::sender`]), and the pod status writer an [`Observer`] of what was written.
 //!
 //! The programmer coalesces: after the first update of a burst it keeps taking updates for a
 //! short window (or until a batch is full), then writes them as one batch.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,9 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use programmer::{MapBackend, Programmer};
-use resolver::{Input, Resolver, Update, Workloads};
+use resolver::kube::status::StatusWriter;
+use resolver::{Input, PodName, Resolver, Role, Update, Workloads};
 use watcher::live::StopHandle;
-use watcher::{EventSource, ProcEvent, Record};
+use watcher::{CgroupId, EventSource, ProcEvent, Record};
 
 use crate::ops::{EventKind, Metrics, Readiness};
 
@@ -48,6 +52,61 @@ impl Default for PipelineConfig {
 pub enum Control {
     /// A new workloads file, already parsed and checked (`SIGHUP`).
     Workloads(Box<Workloads>),
+}
+
+/// The resolver's input channel. The watcher sends on it; in Kubernetes mode the kube cache
+/// does too ([`Inputs::sender`]). The resolver ends once every sender is gone.
+pub struct Inputs {
+    tx: Sender<Input>,
+    rx: Receiver<Input>,
+}
+
+impl Inputs {
+    /// A bounded channel of `capacity` inputs (see [`PipelineConfig::events_capacity`]).
+    pub fn new(capacity: usize) -> Inputs {
+        let (tx, rx) = bounded(capacity);
+        Inputs { tx, rx }
+    }
+
+    /// One more sender, for another source of inputs (the kube cache). It must be dropped
+    /// before [`Pipeline::stop`], or the resolver waits for it.
+    pub fn sender(&self) -> Sender<Input> {
+        self.tx.clone()
+    }
+}
+
+/// Told of every update once the batch that holds it has been written to the maps (so that
+/// what it announces, such as a pod's capture, is already in force).
+pub trait Observer: Send {
+    fn written(&mut self, update: &Update);
+}
+
+/// The pod status writer annotates pods when their capture is written, and removes the
+/// annotation when their last entry is.
+impl Observer for StatusWriter {
+    fn written(&mut self, update: &Update) {
+        self.observe(update);
+    }
+}
+
+/// What the pipeline runs.
+pub struct Stages<S, B: MapBackend> {
+    /// The process events (the live watcher, or a scripted source in tests).
+    pub source: S,
+    /// Stops `source`: its `next_record` then returns `Ok(None)`.
+    pub stop: StopHandle,
+    pub inputs: Inputs,
+    pub resolver: Resolver,
+    pub programmer: Programmer<B>,
+    /// Told of each update after it is written (the pod status writer), if any.
+    pub observer: Option<Box<dyn Observer>>,
+}
+
+/// An update with the kernel's timestamp of the exec that caused it, if an exec did: the
+/// start of the enrolment latency.
+struct Stamped {
+    update: Update,
+    exec_ts: Option<u64>,
 }
 
 /// Status and counters of a running pipeline, readable from any thread.
@@ -89,20 +148,28 @@ impl Drop for EndNotice {
 }
 
 impl<B: MapBackend + Send + 'static> Pipeline<B> {
-    /// Starts the three threads. `stop` must stop `source` (its `next_record` then returns
-    /// `Ok(None)`); the rest of the pipeline drains and ends after it.
+    /// Starts the three threads. `stages.stop` must stop `stages.source`; the rest of the
+    /// pipeline drains and ends after it (once other senders of `stages.inputs` are gone).
     pub fn start<S: EventSource + Send + 'static>(
-        source: S,
-        stop: StopHandle,
-        resolver: Resolver,
-        programmer: Programmer<B>,
+        stages: Stages<S, B>,
         config: PipelineConfig,
         ops: (Metrics, Readiness),
     ) -> anyhow::Result<Pipeline<B>> {
+        let Stages {
+            source,
+            stop,
+            inputs,
+            resolver,
+            programmer,
+            observer,
+        } = stages;
         let (metrics, readiness) = ops;
         let status = Arc::new(Status::default());
-        let (events_tx, events_rx) = bounded::<Input>(config.events_capacity);
-        let (updates_tx, updates_rx) = bounded::<Update>(config.updates_capacity);
+        let Inputs {
+            tx: events_tx,
+            rx: events_rx,
+        } = inputs;
+        let (updates_tx, updates_rx) = bounded::<Stamped>(config.updates_capacity);
         let (control_tx, control_rx) = bounded::<Control>(4);
         let (ended_tx, ended) = bounded::<&'static str>(3);
 
@@ -119,14 +186,13 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
         };
         let resolver = {
             let (status, notice) = (status.clone(), EndNotice("resolver", ended_tx.clone()));
-            let readiness = readiness.clone();
+            let (metrics, readiness) = (metrics.clone(), readiness.clone());
             std::thread::Builder::new()
                 .name("resolver".into())
                 .spawn(move || {
                     let _notice = notice;
-                    resolve(
-                        resolver, events_rx, control_rx, updates_tx, &status, &readiness,
-                    )
+                    let ops = (&metrics, &readiness);
+                    resolve(resolver, events_rx, control_rx, updates_tx, &status, ops)
                 })
                 .context("cannot start the resolver thread")?
         };
@@ -136,9 +202,8 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("programmer".into())
                 .spawn(move || {
                     let _notice = notice;
-                    program(
-                        programmer, updates_rx, &config, &status, &metrics, &readiness,
-                    )
+                    let ops = (&metrics, &readiness);
+                    program(programmer, updates_rx, observer, &config, &status, ops)
                 })
                 .context("cannot start the programmer thread")?
         };
@@ -169,6 +234,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
 
     /// Stops the watcher, lets the resolver and the programmer drain (the last updates are
     /// written), and returns the programmer. The first stage error, if any, is returned.
+    /// Other senders of the inputs (the kube cache) must be dropped first.
     pub fn stop(mut self) -> anyhow::Result<Programmer<B>> {
         self.stop.stop();
         self.control.take();
@@ -225,8 +291,8 @@ fn watch<S: EventSource>(
                     event,
                 }
             }
-            // The live source yields process events only; Kubernetes records come from
-            // recordings, which `run` does not read.
+            // The live source yields process events only; Kubernetes objects come from the
+            // kube cache on its own sender, and recordings are not read by `run`.
             Record::Kube(_) | Record::KubeSynced => continue,
         };
         status.records.fetch_add(1, Ordering::Relaxed);
@@ -236,23 +302,116 @@ fn watch<S: EventSource>(
     }
 }
 
+/// How often the count of cgroups decided `none` is refreshed (it walks every live cgroup).
+const NONE_COUNT_EVERY: Duration = Duration::from_secs(1);
+
+/// The resolver's decisions as its updates say them: the entries it wants, by role, for
+/// `zbridge_decisions`.
+#[derive(Default)]
+struct Decisions {
+    /// Each entry's role and owner.
+    entries: HashMap<CgroupId, (Role, Option<PodName>)>,
+    /// Entries by role, in [`ENTRY_ROLES`] order.
+    counts: [usize; 3],
+    /// How many entries each owner has (a live cgroup of an owner with entries is covered).
+    owners: HashMap<PodName, usize>,
+    /// Whether anything changed since the `none` count was refreshed.
+    dirty: bool,
+}
+
+/// The roles that have map entries (`none` has none).
+const ENTRY_ROLES: [Role; 3] = [Role::Ambient, Role::Ztunnel, Role::Exempt];
+
+fn role_index(role: Role) -> Option<usize> {
+    ENTRY_ROLES.iter().position(|r| *r == role)
+}
+
+impl Decisions {
+    fn apply(&mut self, update: &Update) {
+        let (id, now) = match update {
+            Update::Upsert(e) => (e.cgroup_id, Some((e.role, e.pod.clone()))),
+            Update::Delete { cgroup_id } => (*cgroup_id, None),
+            Update::SetZtunnel { .. } | Update::Synced => return,
+        };
+        let before = match now {
+            Some((role, pod)) => {
+                if let Some(pod) = &pod {
+                    *self.owners.entry(pod.clone()).or_insert(0) += 1;
+                }
+                if let Some(i) = role_index(role) {
+                    self.counts[i] += 1;
+                }
+                self.entries.insert(id, (role, pod))
+            }
+            None => self.entries.remove(&id),
+        };
+        if let Some((role, pod)) = before {
+            if let Some(i) = role_index(role) {
+                self.counts[i] -= 1;
+            }
+            if let Some(pod) = pod {
+                if let Some(count) = self.owners.get_mut(&pod) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.owners.remove(&pod);
+                    }
+                }
+            }
+        }
+        self.dirty = true;
+    }
+
+    /// Sets the gauges of the roles that have entries.
+    fn publish_entries(&self, metrics: &Metrics) {
+        for (role, count) in ENTRY_ROLES.iter().zip(self.counts) {
+            metrics.set_decisions(*role, count);
+        }
+    }
+
+    /// Sets `none`: live cgroups that neither have an entry nor belong to an owner that has.
+    fn publish_none(&mut self, resolver: &Resolver, metrics: &Metrics) {
+        let none = resolver
+            .live_cgroups()
+            .iter()
+            .filter(|c| {
+                !self.entries.contains_key(&c.id)
+                    && !c.pod.as_ref().is_some_and(|p| self.owners.contains_key(p))
+            })
+            .count();
+        metrics.set_decisions(Role::None, none);
+        self.dirty = false;
+    }
+}
+
 /// The resolver stage: inputs (and reloads) → updates.
 fn resolve(
     mut resolver: Resolver,
     events: Receiver<Input>,
     control: Receiver<Control>,
-    out: Sender<Update>,
+    out: Sender<Stamped>,
     status: &Status,
-    readiness: &Readiness,
+    ops: (&Metrics, &Readiness),
 ) -> anyhow::Result<()> {
+    let (metrics, readiness) = ops;
     let mut updates = Vec::new();
     let mut control = Some(control);
+    let mut decisions = Decisions::default();
+    let refresh = crossbeam_channel::tick(NONE_COUNT_EVERY);
     loop {
         let never = crossbeam_channel::never();
         let control_rx = control.as_ref().unwrap_or(&never);
+        let mut exec_ts = None;
         crossbeam_channel::select! {
             recv(events) -> input => match input {
-                Ok(input) => resolver.handle(input, &mut updates),
+                Ok(input) => {
+                    if let Input::Proc { ts, event: ProcEvent::Exec { .. } } = &input {
+                        exec_ts = Some(*ts);
+                    }
+                    if matches!(input, Input::Proc { .. }) {
+                        decisions.dirty = true; // live cgroups may have changed
+                    }
+                    resolver.handle(input, &mut updates);
+                }
                 Err(_) => {
                     log::info!("resolver: stopped");
                     return Ok(());
@@ -266,28 +425,43 @@ fn resolve(
                 }
                 Err(_) => control = None,
             },
+            recv(refresh) -> _ => {
+                if decisions.dirty {
+                    decisions.publish_none(&resolver, metrics);
+                }
+            },
+        }
+        if updates.is_empty() {
+            continue;
         }
         for update in updates.drain(..) {
+            decisions.apply(&update);
             if matches!(update, Update::Synced) {
                 readiness.set_first_scan_resolved(true);
             }
             status.updates.fetch_add(1, Ordering::Relaxed);
-            if out.send(update).is_err() {
+            if out.send(Stamped { update, exec_ts }).is_err() {
                 return Err(anyhow!("resolver: the programmer stopped taking updates"));
             }
         }
+        decisions.publish_entries(metrics);
     }
 }
 
-/// The programmer stage: updates → coalesced batches → maps.
+/// The programmer stage: updates → coalesced batches → maps; then the metrics and the
+/// observer learn what was written.
 fn program<B: MapBackend>(
     mut programmer: Programmer<B>,
-    updates: Receiver<Update>,
+    updates: Receiver<Stamped>,
+    mut observer: Option<Box<dyn Observer>>,
     config: &PipelineConfig,
     status: &Status,
-    metrics: &Metrics,
-    readiness: &Readiness,
+    ops: (&Metrics, &Readiness),
 ) -> anyhow::Result<Programmer<B>> {
+    let (metrics, readiness) = ops;
+    let mut batch: Vec<Stamped> = Vec::new();
+    // A `Synced` whose batch failed still counts once a later batch lands.
+    let mut synced = false;
     loop {
         let first = match updates.recv() {
             Ok(update) => update,
@@ -296,17 +470,15 @@ fn program<B: MapBackend>(
                 return Ok(programmer);
             }
         };
-        let mut synced = matches!(first, Update::Synced);
-        programmer.queue(&first);
-        let mut count = 1;
+        programmer.queue(&first.update);
+        batch.push(first);
         let deadline = Instant::now() + config.coalesce;
         let mut closed = false;
-        while count < config.batch_max {
+        while batch.len() < config.batch_max {
             match updates.recv_deadline(deadline) {
                 Ok(update) => {
-                    synced |= matches!(update, Update::Synced);
-                    programmer.queue(&update);
-                    count += 1;
+                    programmer.queue(&update.update);
+                    batch.push(update);
                 }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
@@ -315,10 +487,21 @@ fn program<B: MapBackend>(
                 }
             }
         }
+        let count = batch.len();
+        synced |= batch.iter().any(|s| matches!(s.update, Update::Synced));
         let started = Instant::now();
         match programmer.flush() {
             Ok(()) => {
                 metrics.observe_batch(count, started.elapsed());
+                metrics.set_map_entries(programmer.entry_count());
+                for stamped in &batch {
+                    if let (Update::Upsert(_), Some(ts)) = (&stamped.update, stamped.exec_ts) {
+                        metrics.observe_enrolment_since(ts);
+                    }
+                    if let Some(observer) = observer.as_mut() {
+                        observer.written(&stamped.update);
+                    }
+                }
                 status.flushes.fetch_add(1, Ordering::Relaxed);
                 log::debug!("programmer: wrote a batch of {count} updates");
                 if synced && !status.synced.swap(true, Ordering::Relaxed) {
@@ -327,12 +510,14 @@ fn program<B: MapBackend>(
                 }
             }
             // The maps keep what they held; the next flush retries with the resolver's
-            // later view. Counted and logged, never silent.
+            // later view. Counted and logged, never silent; the observer is not told (the
+            // batch is not in force).
             Err(e) => {
                 status.flush_errors.fetch_add(1, Ordering::Relaxed);
                 log::error!("programmer: writing a batch of {count} updates failed: {e}");
             }
         }
+        batch.clear();
         if closed {
             log::info!("programmer: stopped");
             return Ok(programmer);
@@ -422,11 +607,16 @@ mod tests {
             stop: stop.clone(),
         };
         let readiness = Readiness::new();
-        let pipeline = Pipeline::start(
+        let stages = Stages {
             source,
             stop,
+            inputs: Inputs::new(16),
             resolver,
             programmer,
+            observer: None,
+        };
+        let pipeline = Pipeline::start(
+            stages,
             PipelineConfig::default(),
             (Metrics::new(), readiness.clone()),
         )
@@ -462,5 +652,177 @@ mod tests {
             backend.settings.ztunnel_ips(),
             vec!["10.99.0.1".parse::<IpAddr>().unwrap()]
         );
+    }
+
+    /// A source fed by the test, one record at a time, until the stop flag.
+    struct Fed {
+        records: Receiver<TimedRecord>,
+        stop: StopHandle,
+    }
+
+    impl EventSource for Fed {
+        fn next_record(&mut self) -> Result<Option<TimedRecord>, SourceError> {
+            loop {
+                if self.stop.is_stopped() {
+                    return Ok(None);
+                }
+                if let Ok(r) = self.records.recv_timeout(Duration::from_millis(1)) {
+                    return Ok(Some(r));
+                }
+            }
+        }
+    }
+
+    /// Records every update it is told was written.
+    struct Recorder(Arc<std::sync::Mutex<Vec<Update>>>);
+
+    impl Observer for Recorder {
+        fn written(&mut self, update: &Update) {
+            self.0.lock().unwrap().push(update.clone());
+        }
+    }
+
+    fn pod_path(uid: &str) -> String {
+        format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/\
+             cri-containerd-{}.scope",
+            uid.replace('-', "_"),
+            "ab".repeat(32)
+        )
+    }
+
+    fn kube_pod(name: &str, uid: &str, ip: &str, labels: serde_json::Value) -> resolver::Input {
+        let pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "demo", "uid": uid, "labels": labels},
+            "spec": {"nodeName": "node-a", "containers": []},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        }))
+        .unwrap();
+        Input::Kube(resolver::KubeChange::Apply(resolver::KubeObject::Pod(
+            Box::new(pod),
+        )))
+    }
+
+    fn value(metrics: &Metrics, series: &str) -> Option<f64> {
+        metrics.encode().lines().find_map(|line| {
+            let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+            rest.split(' ').next()?.parse().ok()
+        })
+    }
+
+    fn wait(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "not within 10 s: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Kubernetes mode: the kube cache's inputs arrive on their own sender; nothing is synced
+    /// before the cache is; the observer hears of captures only once written; decisions, map
+    /// entries and the enrolment latency of an exec-caused enrolment are in the metrics.
+    #[test]
+    fn kube_inputs_on_their_own_sender_drive_decisions_observer_and_metrics() {
+        const APP: &str = "0f8e0e4c-7d4b-4a5e-9d3b-1c2d3e4f5a01";
+        const LATE: &str = "0f8e0e4c-7d4b-4a5e-9d3b-1c2d3e4f5a02";
+        let programmer =
+            Programmer::new(MemoryBackend::default(), ProgrammerConfig::default()).unwrap();
+        let resolver = Resolver::new(ResolverConfig::new("node-a"));
+        let stop = StopHandle::default();
+        let (records, fed) = bounded(16);
+        let inputs = Inputs::new(16);
+        let kube = inputs.sender();
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (metrics, readiness) = (Metrics::new(), Readiness::new());
+        let pipeline = Pipeline::start(
+            Stages {
+                source: Fed {
+                    records: fed,
+                    stop: stop.clone(),
+                },
+                stop,
+                inputs,
+                resolver,
+                programmer,
+                observer: Some(Box::new(Recorder(written.clone()))),
+            },
+            PipelineConfig::default(),
+            (metrics.clone(), readiness.clone()),
+        )
+        .unwrap();
+        // The scan: the app pod's container and a host process.
+        let scan = ProcEvent::Scan {
+            processes: vec![
+                ScannedProcess {
+                    pid: 10,
+                    facts: facts(&pod_path(APP), 100),
+                },
+                ScannedProcess {
+                    pid: 11,
+                    facts: facts("/system.slice/cron.service", 101),
+                },
+            ],
+        };
+        records
+            .send(TimedRecord {
+                ts: 1,
+                record: Record::Proc(scan),
+            })
+            .unwrap();
+        let ambient = serde_json::json!({"istio.io/dataplane-mode": "ambient"});
+        kube.send(kube_pod("app", APP, "10.1.0.2", ambient.clone()))
+            .unwrap();
+        kube.send(kube_pod("late", LATE, "10.1.0.3", ambient))
+            .unwrap();
+        // Not synced before the cache says so.
+        wait("the app pod's entry written", || {
+            written
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|u| matches!(u, Update::Upsert(e) if e.cgroup_id == CgroupId(100)))
+        });
+        assert!(!pipeline.status.synced.load(Ordering::Relaxed));
+        assert!(readiness.not_ready().contains(&"BPF maps not programmed"));
+        kube.send(Input::Kube(resolver::KubeChange::Synced))
+            .unwrap();
+        wait("synced", || pipeline.status.synced.load(Ordering::Relaxed));
+        // An exec in the late pod, stamped now by the kernel's clock: its enrolment is timed.
+        records
+            .send(TimedRecord {
+                ts: watcher::live::monotonic_now_ns(),
+                record: Record::Proc(ProcEvent::Exec {
+                    pid: 20,
+                    tgid: 20,
+                    facts: facts(&pod_path(LATE), 200),
+                }),
+            })
+            .unwrap();
+        wait("the late pod's enrolment timed", || {
+            value(&metrics, "zbridge_enrolment_latency_seconds_count") == Some(1.0)
+        });
+        wait("decisions by role", || {
+            value(&metrics, "zbridge_decisions{role=\"ambient\"}") == Some(2.0)
+                && value(&metrics, "zbridge_decisions{role=\"none\"}") == Some(1.0)
+        });
+        assert_eq!(value(&metrics, "zbridge_map_entries"), Some(2.0));
+        assert_eq!(
+            value(&metrics, "zbridge_decisions{role=\"ztunnel\"}"),
+            Some(0.0)
+        );
+        drop(kube);
+        let programmer = pipeline.stop().unwrap();
+        let ids: Vec<u64> = programmer.backend().cgroups.keys().map(|c| c.0).collect();
+        assert_eq!(ids, vec![100, 200]);
+        let upserts: Vec<u64> = written
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|u| match u {
+                Update::Upsert(e) => Some(e.cgroup_id.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(upserts, vec![100, 200]);
     }
 }

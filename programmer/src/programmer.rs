@@ -130,6 +130,12 @@ impl<B: MapBackend> Programmer<B> {
         self.pending.len() + usize::from(self.pending_ztunnel.is_some())
     }
 
+    /// How many entries `cgroup_info_map` holds as of the last flush (including entries of a
+    /// previous run not yet reconciled), without reading the map.
+    pub fn entry_count(&self) -> usize {
+        self.programmed.len()
+    }
+
     /// Queues one update; nothing is written until [`Programmer::flush`].
     pub fn queue(&mut self, update: &Update) {
         match update {

@@ -38,9 +38,3 @@ fn init_logging(level: log::LevelFilter) {
         simplelog::ColorChoice::Never,
     );
 }
-
-/// The honest answer of a subcommand that is not built yet.
-pub fn not_built(what: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("zbridge: `{what}` is not built yet; see the project's issues");
-    Ok(ExitCode::from(2))
-}

@@ -1,26 +1,39 @@
-//! `zbridge run`: the node agent. `--standalone --workloads FILE` runs it without Kubernetes
-//! (`shared/spec/workloads-v1.md`); the Kubernetes mode (the DaemonSet) is not built yet.
+//! `zbridge run`: the node agent. By default it runs in Kubernetes mode (the DaemonSet): the
+//! kube cache watches the pods of this node and all namespaces and feeds the resolver, and the
+//! status writer annotates captured pods. `--standalone --workloads FILE` runs it without
+//! Kubernetes (`shared/spec/workloads-v1.md`).
 //!
 //! Start-up order, so that no moment is left uncaptured: the programs are loaded and attached
 //! first (reusing the pinned maps and links of a previous run, which kept capturing while the
-//! agent was down), then the watcher subscribes and scans /proc, the resolver decides that
-//! first picture, and only then (`Synced`) are entries the new run does not confirm removed.
+//! agent was down), then the watcher subscribes and scans /proc and the kube cache lists pods
+//! and namespaces; the resolver decides that first picture, and only when both are complete
+//! (`Synced`) are entries the new run does not confirm removed.
+//!
+//! The API server unreachable, at start or later, removes nothing: the resolver only acts on
+//! what the kube cache saw, and the cache keeps its last state while its watchers retry with
+//! backoff. `/readyz` says so meanwhile.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, select};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
 use programmer::{AyaBackend, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
+use resolver::kube::status::StatusWriter;
+use resolver::kube::{KubeCache, KubeView};
 use resolver::{CgroupIds, Resolver, ResolverConfig, Workloads};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use watcher::live::{LiveConfig, LiveSource};
 use watcher::CgroupId;
 
 use crate::ops::{self, Metrics, Readiness};
-use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::pipeline::{Inputs, Observer, Pipeline, PipelineConfig, Stages};
 
 /// `BPF_FS_MAGIC` of statfs(2).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -37,6 +50,51 @@ pub struct RunArgs {
     /// refused and the old one stays.
     #[arg(long, value_name = "FILE", requires = "standalone")]
     pub workloads: Option<PathBuf>,
+
+    /// Kubernetes mode: the kubeconfig to reach the API server with [default: the in-cluster
+    /// service account, else $KUBECONFIG or ~/.kube/config].
+    #[arg(long, value_name = "FILE", conflicts_with = "standalone")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes mode: this node's name as the API server knows it (set NODE_NAME from the
+    /// downward API, fieldRef spec.nodeName). Required: the hostname is never used, it need
+    /// not be the node's name.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Kubernetes mode: do not write the `ambient.istio.io/redirection` annotation on captured
+    /// pods (a `pods/status` patch; istiod reads it).
+    #[arg(long, conflicts_with = "standalone")]
+    pub no_pod_status: bool,
+
+    /// Kubernetes mode: the namespace of the node's ztunnel (pods labelled app=ztunnel).
+    #[arg(
+        long,
+        value_name = "NS",
+        default_value = "istio-system",
+        conflicts_with = "standalone"
+    )]
+    pub system_namespace: String,
+
+    /// Kubernetes mode: a namespace whose pods are never captured (repeat the flag for more;
+    /// giving it replaces the default).
+    #[arg(
+        long = "exclude-namespace",
+        value_name = "NS",
+        default_values_t = ["kube-system".to_string()],
+        conflicts_with = "standalone"
+    )]
+    pub exclude_namespaces: Vec<String>,
+
+    /// Kubernetes mode: a host cgroup subtree (relative to the cgroup2 root, e.g.
+    /// /system.slice/kubelet.service) whose connects to ambient pods are not sent to
+    /// ztunnel's inbound port, so that the kubelet's probes reach the pod (repeatable).
+    #[arg(
+        long = "exempt-cgroup",
+        value_name = "PATH",
+        conflicts_with = "standalone"
+    )]
+    pub exempt_cgroups: Vec<String>,
 
     /// Where the cgroup2 hierarchy is mounted [default: found in /proc/self/mountinfo].
     #[arg(long, value_name = "DIR")]
@@ -64,13 +122,58 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 65536)]
     pub max_entries: u32,
 
-    /// Address of the metrics and health endpoints (/metrics, /healthz, /readyz), or `off`.
-    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:15090")]
-    pub metrics_addr: String,
+    /// Address of the metrics and health endpoints (/metrics, /healthz, /readyz), or `off`
+    /// [default: 0.0.0.0:15090 in Kubernetes mode, 127.0.0.1:15090 with --standalone].
+    #[arg(long, value_name = "ADDR|off")]
+    pub metrics_addr: Option<String>,
 
     /// Let the programs bpf_printk their decisions (read them from tracefs).
     #[arg(long)]
     pub bpf_debug: bool,
+}
+
+/// Where the resolver learns who is who.
+enum Mode {
+    Standalone {
+        path: PathBuf,
+        workloads: Workloads,
+    },
+    Kubernetes {
+        config: Box<kube::Config>,
+        /// Where `config` came from, in words.
+        source: String,
+        node: String,
+    },
+}
+
+impl Mode {
+    /// Reads what the mode needs before anything is touched, so that a bad flag or file fails
+    /// at once.
+    fn of(args: &RunArgs) -> anyhow::Result<Mode> {
+        if args.standalone {
+            let path = args
+                .workloads
+                .clone()
+                .context("--standalone needs --workloads FILE")?;
+            let workloads = load_workloads(&path)?;
+            return Ok(Mode::Standalone { path, workloads });
+        }
+        let node = match args.node_name.as_deref().map(str::trim) {
+            Some(node) if !node.is_empty() => node.to_string(),
+            _ => bail!(
+                "Kubernetes mode needs this node's name: pass --node-name NAME or set NODE_NAME \
+                 (in the DaemonSet from the downward API: valueFrom.fieldRef.fieldPath \
+                 spec.nodeName); the hostname is not used, it need not be the node's name. \
+                 Without Kubernetes, run --standalone --workloads FILE"
+            ),
+        };
+        let (config, source) = load_kube_config(args.kubeconfig.as_deref())?;
+        Ok(Mode::Kubernetes {
+            config: Box::new(config),
+            source,
+            node,
+        })
+    }
 }
 
 /// Finds cgroup ids by stat-ing `<cgroup2 root>/<path>`: the id is the directory's inode.
@@ -86,15 +189,15 @@ impl CgroupIds for StatCgroupIds {
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    if !args.standalone {
-        // Kubernetes mode is issue 5; only standalone runs exist so far.
-        return super::not_built("run without --standalone (Kubernetes mode)");
-    }
-    let workloads_path = args
-        .workloads
-        .clone()
-        .context("--standalone needs --workloads FILE")?;
-    let workloads = load_workloads(&workloads_path)?;
+    let mode = Mode::of(&args)?;
+    let metrics_addr = args.metrics_addr.clone().unwrap_or_else(|| {
+        match mode {
+            Mode::Standalone { .. } => "127.0.0.1:15090",
+            // The DaemonSet's pod: Prometheus and the kubelet's probes come from outside.
+            Mode::Kubernetes { .. } => "0.0.0.0:15090",
+        }
+        .to_string()
+    });
 
     let cgroup_root = match &args.cgroup_root {
         Some(dir) => dir.clone(),
@@ -127,8 +230,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .with_context(|| format!("reading the pinned maps under {}", args.pin_dir.display()))?;
+    log::info!(
+        "{} entries pinned by a previous run stay in force until the first full picture",
+        programmer.entry_count()
+    );
 
     // 2. The watcher: subscribe, then the first scan of /proc.
+    // LiveConfig has no cgroup root of its own yet: the watcher reads paths against the
+    // cgroup2 mount it finds; a different --cgroup-root is reported.
     let source = LiveSource::start(&LiveConfig::default())
         .context("starting the process watcher (proc connector)")?;
     if source.cgroup_root() != cgroup_root {
@@ -140,9 +249,66 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let stop = source.stop_handle();
 
-    // 3. The resolver, standalone: the file replaces the kube cache.
-    let mut config = ResolverConfig::new(hostname());
-    config.workloads = Some(workloads);
+    // 3. The resolver, fed by the watcher and by the workloads file or the kube cache.
+    let pipeline_config = PipelineConfig {
+        coalesce: programmer.coalesce_window(),
+        ..PipelineConfig::default()
+    };
+    let inputs = Inputs::new(pipeline_config.events_capacity);
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let mut kube = None;
+    let mut observer: Option<Box<dyn Observer>> = None;
+    let config = match &mode {
+        Mode::Standalone { workloads, .. } => {
+            // Standalone pods are not on a node the resolver must match.
+            let mut config = ResolverConfig::new("standalone");
+            config.workloads = Some(workloads.clone());
+            // There is no kube cache to wait for.
+            readiness.set_cache_synced(true);
+            config
+        }
+        Mode::Kubernetes {
+            config: kube_config,
+            source: config_source,
+            node,
+        } => {
+            let mut config = ResolverConfig::new(node.clone());
+            config.system_namespace = args.system_namespace.clone();
+            config.excluded_namespaces = args.exclude_namespaces.clone();
+            config.exempt_cgroups = args.exempt_cgroups.clone();
+            let url = kube_config.cluster_url.to_string();
+            let cache = KubeCache::start(*kube_config.clone(), node, inputs.sender()).with_context(
+                || format!("starting the kube cache ({config_source}, API server {url})"),
+            )?;
+            if args.no_pod_status {
+                log::info!("--no-pod-status: captured pods are not annotated");
+            } else {
+                let writer = StatusWriter::start(*kube_config.clone(), Some(cache.view()))
+                    .with_context(|| {
+                        format!(
+                            "starting the pod status writer ({config_source}, API server {url})"
+                        )
+                    })?;
+                observer = Some(Box::new(writer));
+            }
+            let probe = ApiProbe::start(*kube_config.clone(), node, cache.view())
+                .context("starting the API server probe")?;
+            log::info!(
+                "Kubernetes mode: node {node}, API server {url} ({config_source}), ztunnel from \
+                 app=ztunnel in {}, excluded namespaces {:?}, exempt cgroups {:?}",
+                config.system_namespace,
+                config.excluded_namespaces,
+                config.exempt_cgroups
+            );
+            kube = Some(KubeLink {
+                cache,
+                probe,
+                lost: false,
+            });
+            config
+        }
+    };
     let resolver = Resolver::with_cgroup_ids(
         config,
         Box::new(StatCgroupIds {
@@ -166,49 +332,67 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .context("cannot start the signal thread")?;
 
-    let pipeline_config = PipelineConfig {
-        coalesce: programmer.coalesce_window(),
-        ..PipelineConfig::default()
-    };
-    let metrics = Metrics::new();
-    let readiness = Readiness::new();
-    // Standalone: there is no kube cache to wait for.
-    readiness.set_cache_synced(true);
-    let pipeline = Pipeline::start(
+    let stages = Stages {
         source,
         stop,
+        inputs,
         resolver,
         programmer,
+        observer,
+    };
+    let pipeline = Pipeline::start(
+        stages,
         pipeline_config,
         (metrics.clone(), readiness.clone()),
     )?;
-    let _ops = match args.metrics_addr.as_str() {
+    let _ops = match metrics_addr.as_str() {
         "off" => None,
         addr => Some(
-            ops::serve(addr, metrics.clone(), readiness)
+            ops::serve(addr, metrics.clone(), readiness.clone())
                 .with_context(|| format!("--metrics-addr {addr}"))?,
         ),
     };
-    log::info!(
-        "running standalone: workloads {}, programs attached to {}, pins under {}{}",
-        workloads_path.display(),
-        attach_cgroup.display(),
-        args.pin_dir.display(),
-        if args.fail_open { ", fail open" } else { "" }
-    );
+    match &mode {
+        Mode::Standalone { path, .. } => log::info!(
+            "running standalone: workloads {}, programs attached to {}, pins under {}{}",
+            path.display(),
+            attach_cgroup.display(),
+            args.pin_dir.display(),
+            if args.fail_open { ", fail open" } else { "" }
+        ),
+        Mode::Kubernetes { node, .. } => log::info!(
+            "running on node {node}: programs attached to {}, pins under {}{}",
+            attach_cgroup.display(),
+            args.pin_dir.display(),
+            if args.fail_open { ", fail open" } else { "" }
+        ),
+    }
 
     let mut stage_ended = None;
-    let tick = crossbeam_channel::tick(BPF_COUNTERS_EVERY);
+    let health_tick = crossbeam_channel::tick(KUBE_HEALTH_EVERY);
+    let counters_tick = crossbeam_channel::tick(BPF_COUNTERS_EVERY);
     loop {
         select! {
-            recv(tick) -> _ => export_bpf_counters(&args.pin_dir, &metrics),
+            recv(counters_tick) -> _ => export_bpf_counters(&args.pin_dir, &metrics),
+            recv(health_tick) -> _ => {
+                if let Some(kube) = kube.as_mut() {
+                    kube.update_readiness(&readiness);
+                }
+            },
             recv(signal_rx) -> signal => match signal {
-                Ok(SIGHUP) => match load_workloads(&workloads_path) {
-                    Ok(new) => {
-                        log::info!("SIGHUP: re-read {}", workloads_path.display());
-                        pipeline.reload(new)?;
+                Ok(SIGHUP) => match &mode {
+                    Mode::Standalone { path, .. } => match load_workloads(path) {
+                        Ok(new) => {
+                            log::info!("SIGHUP: re-read {}", path.display());
+                            pipeline.reload(new)?;
+                        }
+                        Err(e) => log::error!(
+                            "SIGHUP: {e:#}; the previous workloads file stays in force"
+                        ),
+                    },
+                    Mode::Kubernetes { .. } => {
+                        log::info!("SIGHUP: nothing to re-read in Kubernetes mode");
                     }
-                    Err(e) => log::error!("SIGHUP: {e:#}; the previous workloads file stays in force"),
                 },
                 Ok(signal) => {
                     log::info!("signal {signal}: stopping");
@@ -224,6 +408,9 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     signal_handle.close();
     let _ = signal_thread.join();
+    // The kube cache is a sender of the resolver's inputs: it goes first, so that the
+    // pipeline can drain and end.
+    drop(kube);
     let result = pipeline.stop();
     if let Some(stage) = stage_ended {
         // A stage ended on its own: that is an error, whether or not it said why.
@@ -248,6 +435,166 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often the kube cache's health is turned into readiness.
+const KUBE_HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// The agent's link to Kubernetes: the kube cache and the probe that tells when a lost API
+/// server is back.
+struct KubeLink {
+    cache: KubeCache,
+    probe: ApiProbe,
+    /// Whether the API server was last seen lost (to log changes once).
+    lost: bool,
+}
+
+impl KubeLink {
+    /// The cache synced (once: later relists keep the last state meanwhile), and the API
+    /// server reachable now.
+    fn update_readiness(&mut self, readiness: &Readiness) {
+        let view = self.cache.view();
+        readiness.set_cache_synced(view.is_synced());
+        let lost = !self.probe.reachable();
+        readiness.set_api_server_lost(lost);
+        if lost != self.lost {
+            self.lost = lost;
+            if lost {
+                log::warn!(
+                    "Kubernetes API server lost ({}): keeping every decision and map entry as \
+                     they are; the kube cache retries with backoff; not ready meanwhile",
+                    view.last_error()
+                        .unwrap_or_else(|| "no error recorded yet".to_string())
+                );
+            } else {
+                log::info!("Kubernetes API server reachable again: ready once the cache is synced");
+            }
+        }
+    }
+}
+
+/// How often the probe checks a lost API server.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long one probe request may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Says whether the API server answers. The kube cache's view says when its watchers fail, but
+/// not when they are back (a resumed watch is silent until something changes), so while the
+/// view is disconnected this probe lists one pod of this node on its own client, with the
+/// same permission the watchers need.
+struct ApiProbe {
+    reachable: Arc<AtomicBool>,
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApiProbe {
+    fn start(config: kube::Config, node: &str, view: KubeView) -> anyhow::Result<ApiProbe> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the probe's tokio runtime")?;
+        let url = config.cluster_url.to_string();
+        let client = {
+            // The client spawns its request buffer task: it needs the runtime's context.
+            let _context = runtime.enter();
+            kube::Client::try_from(config)
+                .with_context(|| format!("building a Kubernetes client for {url}"))?
+        };
+        let pods = kube::Api::<Pod>::all(client);
+        let params = ListParams::default()
+            .fields(&format!("spec.nodeName={node}"))
+            .limit(1);
+        let reachable = Arc::new(AtomicBool::new(true));
+        let (stop, stopped) = bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name("kube-probe".into())
+            .spawn({
+                let reachable = reachable.clone();
+                move || loop {
+                    let now = view.is_connected()
+                        || runtime.block_on(async {
+                            matches!(
+                                tokio::time::timeout(PROBE_TIMEOUT, pods.list(&params)).await,
+                                Ok(Ok(_))
+                            )
+                        });
+                    reachable.store(now, Ordering::Release);
+                    match stopped.recv_timeout(PROBE_EVERY) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            })
+            .context("cannot start the kube-probe thread")?;
+        Ok(ApiProbe {
+            reachable,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ApiProbe {
+    fn drop(&mut self) {
+        self.stop.take(); // disconnects: the thread returns after its current probe
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the kube-probe thread panicked");
+            }
+        }
+    }
+}
+
+/// The Kubernetes client configuration: `--kubeconfig FILE`, else the in-cluster service
+/// account, else inferred ($KUBECONFIG, ~/.kube/config). Returns it with where it came from.
+fn load_kube_config(kubeconfig: Option<&Path>) -> anyhow::Result<(kube::Config, String)> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    // Reading a kubeconfig is async in kube-rs; this runtime is gone before the kube cache
+    // starts (which must not start inside one).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building a tokio runtime to read the Kubernetes configuration")?;
+    match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}: cannot read it", path.display()))?;
+            let config = runtime
+                .block_on(kube::Config::from_custom_kubeconfig(
+                    file,
+                    &KubeConfigOptions::default(),
+                ))
+                .with_context(|| {
+                    format!(
+                        "--kubeconfig {}: cannot make a client configuration of it",
+                        path.display()
+                    )
+                })?;
+            Ok((config, format!("kubeconfig {}", path.display())))
+        }
+        None => match kube::Config::incluster() {
+            Ok(config) => Ok((config, "in-cluster service account".to_string())),
+            Err(incluster) => {
+                let config = runtime.block_on(kube::Config::infer()).with_context(|| {
+                    format!(
+                        "no Kubernetes configuration: not in a pod with a service account \
+                         ({incluster}), and none in $KUBECONFIG or ~/.kube/config; pass \
+                         --kubeconfig FILE, or run --standalone --workloads FILE without \
+                         Kubernetes"
+                    )
+                })?;
+                Ok((
+                    config,
+                    "inferred ($KUBECONFIG or ~/.kube/config)".to_string(),
+                ))
+            }
+        },
+    }
 }
 
 /// How often the programs' counters are copied into the metrics.
@@ -323,12 +670,6 @@ fn check_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("--pin-dir {}: creating it", pin_dir.display()))?;
     }
     Ok(())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".to_string())
 }
 
 /// Loads the BPF object (embedded in the binary), checks and pins its maps (reusing those of a
