@@ -41,6 +41,7 @@ fn record_roundtrip_of_children_in_a_test_cgroup() {
         Command::new(env!("CARGO_BIN_EXE_zbridge"))
             .args([
                 "record",
+                "--standalone",
                 "--node",
                 "rt-node",
                 "--duration",

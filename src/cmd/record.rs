@@ -1,19 +1,35 @@
-//! `zbridge record`: what the watcher sees on this host, as a recording (format v1 of
-//! `shared/spec/recording-v1.md`): the header, the initial scan, then every process event,
-//! until the duration ends or SIGINT/SIGTERM.
+//! `zbridge record`: what the watcher and the kube cache see on this host, as a recording
+//! (format v1 of `shared/spec/recording-v1.md`): the header, the initial scan, then every
+//! process event and every pod and namespace change of the kube cache (`kube` apply/delete
+//! records and `kube_synced`), until the duration ends or SIGINT/SIGTERM. A recording made on
+//! a cluster node thus replays to the decisions the agent would make there. `--standalone`
+//! records processes only.
+//!
+//! One writer (this thread) takes both streams in arrival order: process records from the
+//! watcher's thread, kube changes from the kube cache's. Timestamps are nanoseconds since the
+//! recording started, never decreasing: a process record keeps its kernel time, a kube record
+//! gets its arrival time, and a record stamped before the previous one gets the previous one's.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use crossbeam_channel::{bounded, select, Receiver};
+use resolver::kube::KubeCache;
+use resolver::{Input, KubeChange, KubeObject};
 use watcher::live::{monotonic_now_ns, LiveConfig, LiveSource};
 use watcher::recording::{Header, RecordingWriter};
-use watcher::{EventSource, TimedRecord};
+use watcher::{EventSource, KubeAction, KubeRecord, Record, SourceError, TimedRecord};
 
 /// How often what was recorded is pushed to the file, so that a recording cut short (the
 /// process killed) keeps what came before.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Records queued between the watcher's thread and the writer; a writer that falls this far
+/// behind makes the watcher wait, and the kernel's overrun then shows as a `lost` and a scan.
+const PROC_QUEUE: usize = 16 * 1024;
+/// Kube changes queued between the kube cache and the writer (the cache waits when full).
+const KUBE_QUEUE: usize = 1024;
 
 /// Flags of `zbridge record`.
 #[derive(Debug, clap::Args)]
@@ -28,25 +44,58 @@ pub struct RecordArgs {
     /// Compress with gzip.
     #[arg(long)]
     pub gzip: bool,
-    /// The node name for the header (default: this host's name).
-    #[arg(long, env = "NODE_NAME")]
-    pub node: Option<String>,
+    /// Record processes only: no Kubernetes records, no API server needed.
+    #[arg(long)]
+    pub standalone: bool,
+    /// The kubeconfig to reach the API server with [default: the in-cluster service account,
+    /// else KUBECONFIG or ~/.kube/config].
+    #[arg(long, value_name = "FILE", conflicts_with = "standalone")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name as the API server knows it (only its pods are recorded); required
+    /// unless --standalone, where it defaults to this host's name. Set NODE_NAME from the
+    /// downward API (spec.nodeName) in a DaemonSet.
+    #[arg(long = "node-name", visible_alias = "node", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where the cgroup2 hierarchy is mounted [default: found in /proc/self/mountinfo].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
     /// Receive buffer of the proc connector socket, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     pub recv_buffer: usize,
 }
 
+/// What the watcher's thread hands the writer.
+type ProcItem = Result<TimedRecord, SourceError>;
+
 pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
-    let node = match args.node {
-        Some(node) => node,
-        None => host_name().context("cannot read this host's name; pass --node")?,
+    let node = match (args.node_name.as_deref().map(str::trim), args.standalone) {
+        (Some(node), _) if !node.is_empty() => node.to_string(),
+        (_, true) => host_name().context("cannot read this host's name; pass --node-name")?,
+        (_, false) => bail!(
+            "no node name: pass --node-name or set NODE_NAME (the kube records are the pods of \
+             that node; the hostname is not used, it need not be the node's name), or record \
+             processes only with --standalone"
+        ),
     };
+    if let Some(dir) = &args.cgroup_root {
+        if !dir.is_dir() {
+            bail!("--cgroup-root {}: not a directory", dir.display());
+        }
+    }
+    let kube_config = if args.standalone {
+        None
+    } else {
+        Some(load_kube_config(args.kubeconfig.as_deref())?)
+    };
+
     // Recording time zero: every ts is nanoseconds since this moment.
     let zero = monotonic_now_ns();
     let mut config = LiveConfig::default();
     config.connector.recv_buffer_bytes = args.recv_buffer;
+    config.cgroup_root = args.cgroup_root.clone();
     let mut source = LiveSource::start(&config).context("cannot watch processes")?;
     let stop = source.stop_handle();
+    let counters = source.counters();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while stopping exits at once (exit status 130).
         signal_hook::flag::register_conditional_shutdown(signal, 130, stop.flag())
@@ -62,7 +111,7 @@ pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let mut header = Header::new(node);
+    let mut header = Header::new(node.clone());
     header.cgroup_root = Some(source.cgroup_root().display().to_string());
     if let Ok(kernel) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
         header
@@ -72,53 +121,230 @@ pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
     header
         .extra
         .insert("agent_version".into(), env!("CARGO_PKG_VERSION").into());
-    let mut writer = RecordingWriter::create(&args.output, &header, args.gzip)
+    let writer = RecordingWriter::create(&args.output, &header, args.gzip)
         .with_context(|| format!("cannot write the recording {}", args.output.display()))?;
+
+    // The kube cache starts before the watcher's thread so that neither stream waits for the
+    // other; its changes queue until the writer takes them.
+    let (kube_tx, kube_rx) = bounded::<Input>(KUBE_QUEUE);
+    let mut cache = match kube_config {
+        Some(config) => Some(
+            KubeCache::start(config, &node, kube_tx)
+                .context("cannot start the kube cache (pods and namespaces)")?,
+        ),
+        None => {
+            drop(kube_tx);
+            None
+        }
+    };
+    let (proc_tx, proc_rx) = bounded::<ProcItem>(PROC_QUEUE);
+    let watcher_thread = std::thread::Builder::new()
+        .name("watcher".into())
+        .spawn(move || loop {
+            match source.next_record() {
+                Ok(Some(rec)) => {
+                    if proc_tx.send(Ok(rec)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = proc_tx.send(Err(e));
+                    return;
+                }
+            }
+        })
+        .context("cannot start the watcher thread")?;
     log::info!(
-        "recording to {}{}",
+        "recording to {}{}{}",
         args.output.display(),
+        if cache.is_some() {
+            format!(" (processes, and pods of node {node} and namespaces)")
+        } else {
+            " (processes only: --standalone)".to_string()
+        },
         match args.duration {
             Some(d) => format!(" for {d:?}"),
             None => " until SIGINT or SIGTERM".to_string(),
         }
     );
 
-    let mut records: u64 = 0;
-    let mut last_flush = Instant::now();
-    while let Some(rec) = source.next_record().context("watching processes failed")? {
-        // Live timestamps are the kernel's CLOCK_MONOTONIC, never decreasing and not before
-        // `zero` (events before the initial scan are superseded by it).
-        let rec = TimedRecord {
-            ts: rec.ts.saturating_sub(zero),
-            record: rec.record,
-        };
-        writer
-            .write(&rec)
-            .with_context(|| format!("writing {}", args.output.display()))?;
-        records += 1;
-        if last_flush.elapsed() >= FLUSH_INTERVAL {
-            writer
-                .flush()
-                .with_context(|| format!("writing {}", args.output.display()))?;
-            last_flush = Instant::now();
-        }
+    let mut out = Output {
+        writer,
+        path: &args.output,
+        zero,
+        last_ts: 0,
+        records: 0,
+        kube_records: 0,
+    };
+    let result = out.run(&proc_rx, &kube_rx);
+    // Stop everything, also after an error, so the file is closed properly.
+    stop.stop();
+    if let Some(cache) = &mut cache {
+        cache.stop();
     }
+    drop(proc_rx);
+    if watcher_thread.join().is_err() {
+        log::error!("the watcher thread panicked");
+    }
+    // What the kube cache delivered before it stopped is still part of the recording.
+    let drained = match &result {
+        Ok(()) => kube_rx
+            .try_iter()
+            .try_for_each(|input| out.write_kube(input)),
+        Err(_) => Ok(()),
+    };
+    let Output {
+        writer,
+        records,
+        kube_records,
+        ..
+    } = out;
     writer
         .finish()
         .with_context(|| format!("closing {}", args.output.display()))?;
-    let counters = source.counters().snapshot();
+    result?;
+    drained?;
+    let c = counters.snapshot();
     log::info!(
         "recorded {records} records to {} (exec {}, fork {}, exit {}, lost {}, scans {}, exec \
-         without /proc facts {})",
+         without /proc facts {}, kube {kube_records})",
         args.output.display(),
-        counters.execs,
-        counters.forks,
-        counters.exits,
-        counters.lost,
-        counters.scans,
-        counters.execs_without_facts
+        c.execs,
+        c.forks,
+        c.exits,
+        c.lost,
+        c.scans,
+        c.execs_without_facts
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The recording being written, and its clock.
+struct Output<'a, W: std::io::Write> {
+    writer: RecordingWriter<W>,
+    path: &'a Path,
+    /// CLOCK_MONOTONIC at the start of the recording.
+    zero: u64,
+    last_ts: u64,
+    records: u64,
+    kube_records: u64,
+}
+
+impl<W: std::io::Write> Output<'_, W> {
+    /// Writes both streams in arrival order until the watcher ends.
+    fn run(
+        &mut self,
+        proc_rx: &Receiver<ProcItem>,
+        kube_rx: &Receiver<Input>,
+    ) -> anyhow::Result<()> {
+        let mut kube_open = true;
+        let mut last_flush = Instant::now();
+        loop {
+            // A disconnected kube channel (standalone, or the cache gone) is left out of the
+            // select: it would be ready forever.
+            let never = crossbeam_channel::never();
+            let kube = if kube_open { kube_rx } else { &never };
+            select! {
+                recv(proc_rx) -> item => match item {
+                    Ok(Ok(rec)) => {
+                        // Live timestamps are the kernel's CLOCK_MONOTONIC, not before `zero`
+                        // (events before the initial scan are superseded by it).
+                        let ts = rec.ts.saturating_sub(self.zero);
+                        self.write(ts, rec.record)?;
+                    }
+                    Ok(Err(e)) => return Err(e).context("watching processes failed"),
+                    Err(_) => return Ok(()),
+                },
+                recv(kube) -> input => match input {
+                    Ok(input) => self.write_kube(input)?,
+                    Err(_) => kube_open = false,
+                },
+                default(FLUSH_INTERVAL) => {}
+            }
+            if last_flush.elapsed() >= FLUSH_INTERVAL {
+                self.writer
+                    .flush()
+                    .with_context(|| format!("writing {}", self.path.display()))?;
+                last_flush = Instant::now();
+            }
+        }
+    }
+
+    /// Writes a kube cache change, stamped with its arrival time.
+    fn write_kube(&mut self, input: Input) -> anyhow::Result<()> {
+        let Input::Kube(change) = input else {
+            // The kube cache sends nothing else.
+            return Ok(());
+        };
+        let record = kube_change_record(change)
+            .with_context(|| format!("writing {}: a kube object", self.path.display()))?;
+        let ts = monotonic_now_ns().saturating_sub(self.zero);
+        self.kube_records += 1;
+        self.write(ts, record)
+    }
+
+    fn write(&mut self, ts: u64, record: Record) -> anyhow::Result<()> {
+        self.last_ts = self.last_ts.max(ts);
+        let rec = TimedRecord {
+            ts: self.last_ts,
+            record,
+        };
+        self.writer
+            .write(&rec)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.records += 1;
+        Ok(())
+    }
+}
+
+/// A kube cache change as a recording record: the object as the API server serves it
+/// (`apiVersion` and `kind` included), without `metadata.managedFields` (bookkeeping of the
+/// API server that nothing reads, and often the larger part of an object).
+pub fn kube_change_record(change: KubeChange) -> serde_json::Result<Record> {
+    let (action, object) = match change {
+        KubeChange::Apply(object) => (KubeAction::Apply, object),
+        KubeChange::Delete(object) => (KubeAction::Delete, object),
+        KubeChange::Synced => return Ok(Record::KubeSynced),
+    };
+    let object = match object {
+        KubeObject::Pod(mut pod) => {
+            pod.metadata.managed_fields = None;
+            serde_json::to_value(&*pod)?
+        }
+        KubeObject::Namespace(mut ns) => {
+            ns.metadata.managed_fields = None;
+            serde_json::to_value(&*ns)?
+        }
+    };
+    Ok(Record::Kube(KubeRecord { action, object }))
+}
+
+/// The client configuration: `--kubeconfig`, else the in-cluster service account, else
+/// KUBECONFIG or ~/.kube/config.
+fn load_kube_config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build a tokio runtime to read the Kubernetes configuration")?;
+    runtime.block_on(async {
+        match kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .with_context(|| format!("cannot use the kubeconfig {}", path.display()))
+            }
+            None => match kube::Config::incluster() {
+                Ok(config) => Ok(config),
+                Err(_) => kube::Config::infer().await.context(
+                    "no Kubernetes configuration (not in a cluster, no kubeconfig): pass \
+                     --kubeconfig FILE, or record processes only with --standalone",
+                ),
+            },
+        }
+    })
 }
 
 fn host_name() -> std::io::Result<String> {
