@@ -228,3 +228,20 @@ fn record_with_kube_cache_replays_to_the_live_decision() {
         })
     );
 }
+
+#[test]
+fn record_with_kube_needs_a_node_name_and_never_guesses_the_hostname() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("never.events.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_zbridge"))
+        .args(["record", "--duration", "1s", "--output"])
+        .arg(&file)
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no node name"), "{stderr}");
+    assert!(stderr.contains("--node-name"), "{stderr}");
+    assert!(!file.exists(), "a recording was started without a node name");
+}
