@@ -278,9 +278,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             config.excluded_namespaces = args.exclude_namespaces.clone();
             config.exempt_cgroups = args.exempt_cgroups.clone();
             let url = kube_config.cluster_url.to_string();
-            let cache = KubeCache::start(*kube_config.clone(), node, inputs.sender()).with_context(
-                || format!("starting the kube cache ({config_source}, API server {url})"),
-            )?;
+            let cache = KubeCache::start(*kube_config.clone(), node, inputs.sender())
+                .with_context(|| {
+                    format!("starting the kube cache ({config_source}, API server {url})")
+                })?;
             if args.no_pod_status {
                 log::info!("--no-pod-status: captured pods are not annotated");
             } else {

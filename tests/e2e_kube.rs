@@ -1,0 +1,709 @@
+//! End to end in Kubernetes mode: the real `zbridge run --kubeconfig FILE` against testkit's
+//! in-process API server (the real kube-rs client over HTTP, list/watch, pods/status patches)
+//! and the real kernel: programs attached to the test's own cgroup, pods as cgroups with the
+//! kubelet's systemd layout below it, whose UIDs are those of the pod objects, clients in a pod
+//! network namespace, a fake ztunnel and a service in a node namespace.
+//!
+//! Every wait is bounded by a deadline (a hang guard, not a timing assertion).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use programmer::layout::CgroupInfo;
+use programmer::MapBackend;
+use serde_json::json;
+use testkit::mesh::{self, Mesh, POD4, POD6, SERVICE4, ZTUNNEL4, ZTUNNEL6};
+use testkit::ztunnel::{self, Helper, Listener, Outcome, OUTBOUND};
+use testkit::{BpfFs, FakeApiServer, FakeZtunnel};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(10);
+const REDIRECTION: &str = "ambient.istio.io/redirection";
+
+fn svc4() -> SocketAddr {
+    SocketAddr::new(SERVICE4, mesh::SERVICE_PORT)
+}
+
+/// Polls `cond` until it holds; fails after [`DEADLINE`] saying `what`, with `context()`.
+fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A pod's cgroups as the kubelet (systemd driver, containerd) makes them, under the test's
+/// attach cgroup: `.../kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<UID
+/// with _>.slice/cri-containerd-<64 hex>.scope`.
+struct PodCgroup {
+    uid: String,
+    /// The pod-level cgroup (what the agent enrols).
+    pod: String,
+    /// The container's cgroup (where its processes run).
+    container: String,
+}
+
+impl PodCgroup {
+    fn new(mesh: &Mesh) -> PodCgroup {
+        let uid = unique_uid();
+        let pod = mesh
+            .cgroup
+            .child(&format!(
+                "attach/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ))
+            .unwrap();
+        let container = format!("{pod}/cri-containerd-{}.scope", "c0".repeat(32));
+        std::fs::create_dir(mesh.cgroup.dir_of(&container)).unwrap();
+        PodCgroup {
+            uid,
+            pod,
+            container,
+        }
+    }
+}
+
+/// A pod UID no other test (or run) uses: the agent sees every process on the machine.
+fn unique_uid() -> String {
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{:08x}-{:04x}-4000-8000-{:012x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}
+
+fn namespace(name: &str, ambient: bool) -> Namespace {
+    let labels = if ambient {
+        json!({"istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels},
+    }))
+    .unwrap()
+}
+
+fn pod(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    node: &str,
+    ips: &[IpAddr],
+    labels: serde_json::Value,
+) -> Pod {
+    let pod_ips: Vec<_> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "app"}]},
+        "status": {"phase": "Running", "podIP": ips[0].to_string(), "podIPs": pod_ips},
+    }))
+    .unwrap()
+}
+
+/// A TCP proxy in front of the API server that can go away (its port refuses connections and
+/// every open connection is cut) and come back on the same port: the API server lost and
+/// found, while the server keeps its state and history.
+struct Proxy {
+    port: u16,
+    target: SocketAddr,
+    up: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// Both ends of every connection, to cut them.
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut proxy = Proxy {
+            port,
+            target,
+            up: None,
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let running = Arc::new(AtomicBool::new(true));
+        let (target, conns) = (self.target, self.conns.clone());
+        let thread = std::thread::spawn({
+            let running = running.clone();
+            move || {
+                while running.load(Ordering::Acquire) {
+                    let client = match listener.accept() {
+                        Ok((client, _)) => client,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        Err(_) => continue,
+                    };
+                    client.set_nonblocking(false).unwrap();
+                    let Ok(server) = TcpStream::connect(target) else {
+                        continue;
+                    };
+                    let mut all = conns.lock().unwrap();
+                    all.push(client.try_clone().unwrap());
+                    all.push(server.try_clone().unwrap());
+                    pump(client.try_clone().unwrap(), server.try_clone().unwrap());
+                    pump(server, client);
+                }
+                // The listener is dropped here: the port refuses from now on.
+            }
+        });
+        self.up = Some((running, thread));
+    }
+
+    /// The API server goes away: refused connections, open ones cut.
+    fn down(&mut self) {
+        if let Some((running, thread)) = self.up.take() {
+            running.store(false, Ordering::Release);
+            thread.join().unwrap();
+        }
+        for conn in self.conns.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// It comes back on the same port.
+    fn up(&mut self) {
+        let listener = TcpListener::bind(self.addr()).unwrap();
+        self.serve(listener);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Copies `from` to `to` on a thread until either end closes.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+/// The running agent, killed by its PID on drop; its log is printed when the test fails.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn log_text(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- agent log ({}) ----\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// One test's node: a mesh (cgroups, namespaces), a bpffs, the API server, the fake ztunnel
+/// and the service. Field order is drop order: the agent first, the mesh last.
+struct Node {
+    agent: Option<Agent>,
+    sleepers: Vec<Helper>,
+    ztunnel: FakeZtunnel,
+    service: Listener,
+    proxy: Option<Proxy>,
+    server: FakeApiServer,
+    bpffs: BpfFs,
+    dir: tempfile::TempDir,
+    /// The node's name (unique: the pods' `spec.nodeName`).
+    name: String,
+    ztunnel_pod: PodCgroup,
+    mesh: Mesh,
+}
+
+impl Node {
+    /// The mesh, the API server with `istio-system`, the node's ztunnel pod (app=ztunnel, the
+    /// fake ztunnel's addresses, its process in the pod's cgroup), and the service.
+    fn new(prefix: &str) -> Node {
+        let mesh = Mesh::new(prefix).expect("mesh");
+        let bpffs = BpfFs::new(prefix).expect("bpffs");
+        let dir = tempfile::tempdir().unwrap();
+        let name = testkit::unique_name(prefix);
+        let server = FakeApiServer::start().unwrap();
+        server.apply_namespace(&namespace("istio-system", false));
+        let ztunnel_pod = PodCgroup::new(&mesh);
+        server.apply_pod(&pod(
+            "istio-system",
+            "ztunnel-abcde",
+            &ztunnel_pod.uid,
+            &name,
+            &[ZTUNNEL4, ZTUNNEL6],
+            json!({"app": "ztunnel"}),
+        ));
+        let ztunnel = FakeZtunnel::start(
+            &mesh.node_ns,
+            &mesh.cgroup,
+            &ztunnel_pod.container,
+            &[ZTUNNEL4, ZTUNNEL6],
+            true,
+        )
+        .expect("fake ztunnel");
+        let service = ztunnel::service(
+            &mesh.node_ns,
+            &mesh.cgroup,
+            &mesh.outside,
+            &mesh::service_addrs(),
+        )
+        .expect("service");
+        Node {
+            agent: None,
+            sleepers: Vec::new(),
+            ztunnel,
+            service,
+            proxy: None,
+            server,
+            bpffs,
+            dir,
+            name,
+            ztunnel_pod,
+            mesh,
+        }
+    }
+
+    /// A long-lived process in a pod's container, in the pod network namespace.
+    fn sleeper(&mut self, pod: &PodCgroup) {
+        let helper = Helper::spawn(
+            &self.mesh.pod_ns,
+            &self.mesh.cgroup,
+            &pod.container,
+            &["sleep".to_string()],
+        )
+        .expect("sleeper");
+        helper.wait_ready().expect("sleeper ready");
+        self.sleepers.push(helper);
+    }
+
+    /// Starts `zbridge run` in Kubernetes mode with a kubeconfig for `api` (the server, or a
+    /// proxy in front of it); the node name from `--node-name`, or with `node_name_env` from
+    /// `NODE_NAME` as the downward API sets it.
+    fn start_agent(&mut self, api: SocketAddr, node_name_env: bool) {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, testkit::apiserver::kubeconfig_yaml_for(api)).unwrap();
+        let log = self.dir.path().join("agent.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zbridge"));
+        cmd.args(["--log-level", "info", "run", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .arg("--attach-cgroup")
+            .arg(self.mesh.attach_dir())
+            .arg("--pin-dir")
+            .arg(self.pin_dir())
+            // Port 0: tests run in parallel; the log names the port (see `ops_addr`).
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .env_remove("NODE_NAME")
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if node_name_env {
+            cmd.env("NODE_NAME", &self.name);
+        } else {
+            cmd.args(["--node-name", &self.name]);
+        }
+        // The agent lives in the test's cgroup (killed with it if this process dies), in the
+        // host network namespace (the proc connector needs it).
+        let join = self.mesh.cgroup.pre_exec_join(&self.mesh.outside);
+        // SAFETY: the hook only writes to cgroup.procs.
+        unsafe {
+            cmd.pre_exec(join);
+        }
+        let child = cmd.spawn().expect("spawn zbridge");
+        self.agent = Some(Agent { child, log });
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        self.bpffs.path().join("zbridge")
+    }
+
+    fn log(&self) -> String {
+        self.agent.as_ref().map(Agent::log_text).unwrap_or_default()
+    }
+
+    /// The pinned `cgroup_info_map` (empty while the agent has not made it yet).
+    fn entries(&self) -> BTreeMap<u64, CgroupInfo> {
+        let Ok(backend) = programmer::AyaBackend::open(&self.pin_dir()) else {
+            return BTreeMap::new();
+        };
+        backend
+            .cgroup_entries()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, info)| (id.0, info))
+            .collect()
+    }
+
+    fn id(&self, path: &str) -> u64 {
+        self.mesh.id(path)
+    }
+
+    fn wait_entries(&self, what: &str, cond: impl Fn(&BTreeMap<u64, CgroupInfo>) -> bool) {
+        wait_until(
+            what,
+            || format!("entries: {:?}\nagent log:\n{}", self.entries(), self.log()),
+            || cond(&self.entries()),
+        );
+    }
+
+    /// The address of the agent's ops endpoint, from its log.
+    fn ops_addr(&self) -> SocketAddr {
+        const NEEDLE: &str = "ops endpoint listening on http://";
+        wait_until(
+            "the ops endpoint",
+            || self.log(),
+            || self.log().contains(NEEDLE),
+        );
+        let log = self.log();
+        let rest = log.split(NEEDLE).nth(1).unwrap();
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// `GET path` on the ops endpoint: status code and body.
+    fn ops_get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.ops_addr()).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (code, body)
+    }
+
+    fn wait_ready(&self, ready: bool) {
+        let want = if ready { 200 } else { 503 };
+        wait_until(
+            &format!("/readyz {want}"),
+            || format!("{:?}\nagent log:\n{}", self.ops_get("/readyz"), self.log()),
+            || self.ops_get("/readyz").0 == want,
+        );
+    }
+
+    /// The pod's `ambient.istio.io/redirection` annotation as the server stores it.
+    fn redirection(&self, namespace: &str, name: &str) -> Option<String> {
+        self.server
+            .pod(namespace, name)
+            .and_then(|p| p.metadata.annotations)
+            .and_then(|a| a.get(REDIRECTION).cloned())
+    }
+
+    /// The pods/status patches the server received for a pod, as JSON bodies.
+    fn status_patches(&self, namespace: &str, name: &str) -> Vec<serde_json::Value> {
+        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}/status");
+        self.server
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && r.path == path)
+            .map(|r| serde_json::from_slice(&r.body).expect("a JSON patch"))
+            .collect()
+    }
+
+    /// One connection from a fresh process in `pod`'s container to the service.
+    fn connect(&self, pod: &PodCgroup) -> Outcome {
+        let m = &self.mesh;
+        ztunnel::connect_once(&m.pod_ns, &m.cgroup, &pod.container, svc4()).unwrap()
+    }
+
+    /// Asserts that a connection from `pod` landed on ztunnel's 15001 with the service as its
+    /// original destination.
+    fn assert_redirected(&self, pod: &PodCgroup) {
+        match self.connect(pod) {
+            Outcome::Ok { peer, .. } => assert_eq!(peer, SocketAddr::new(ZTUNNEL4, OUTBOUND)),
+            other => panic!("connect failed: {other:?}\nagent log:\n{}", self.log()),
+        }
+        let accepted = self.ztunnel.next(WAIT).expect("ztunnel accepted");
+        assert_eq!(accepted.orig, Some(Ok(svc4())));
+        let at_service = self.service.next(WAIT).expect("ztunnel's upstream connect");
+        assert_eq!(at_service.peer.ip(), ZTUNNEL4);
+    }
+
+    /// Asserts that a connection from `pod` went straight to the service from the pod's address.
+    fn assert_direct(&self, pod: &PodCgroup) {
+        match self.connect(pod) {
+            Outcome::Ok { peer, .. } => assert_eq!(peer, svc4()),
+            other => panic!("connect failed: {other:?}\nagent log:\n{}", self.log()),
+        }
+        let at_service = self.service.next(WAIT).expect("service accepted");
+        assert_eq!((at_service.local, at_service.peer.ip()), (svc4(), POD4));
+        assert_eq!(self.ztunnel.drain(), vec![]);
+    }
+}
+
+/// The value of one sample line (exact series, labels included) of an exposition.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
+}
+
+/// A pod appears, its namespace gets the ambient label, and the process in its cgroup is
+/// redirected to the fake ztunnel while the server sees the status patch; the label goes, and
+/// the next connect goes direct while the annotation is removed. A pod that execs its first
+/// process after the agent is ready is enrolled by that exec, and /metrics shows the
+/// enrolment latency, the decisions and the map entries.
+#[test]
+fn namespace_label_captures_and_releases_a_pod_with_status_and_metrics() {
+    if !testkit::require_root("namespace_label_captures_and_releases_a_pod_with_status_and_metrics")
+    {
+        return;
+    }
+    let mut node = Node::new("e2e-kube");
+    let app = PodCgroup::new(&node.mesh);
+    let late = PodCgroup::new(&node.mesh);
+    node.server.apply_namespace(&namespace("shop", false));
+    node.server.apply_pod(&pod(
+        "shop",
+        "app",
+        &app.uid,
+        &node.name,
+        &[POD4, POD6],
+        json!({}),
+    ));
+    // A pod of its own choosing (pod label), whose container runs nothing yet.
+    let late_ip: IpAddr = "10.99.1.3".parse().unwrap();
+    node.server.apply_pod(&pod(
+        "shop",
+        "late",
+        &late.uid,
+        &node.name,
+        &[late_ip],
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    ));
+    node.sleeper(&app);
+    let api = node.server.addr();
+    node.start_agent(api, true);
+
+    // Ready: the cache synced, the scan resolved, the maps programmed; ztunnel enrolled at
+    // its pod-level cgroup, the app pod (namespace not ambient) not.
+    node.wait_ready(true);
+    let (zt_id, app_id, late_id) = (
+        node.id(&node.ztunnel_pod.pod),
+        node.id(&app.pod),
+        node.id(&late.pod),
+    );
+    node.wait_entries("ztunnel's entry", |e| e.contains_key(&zt_id));
+    assert_eq!(
+        node.entries().keys().copied().collect::<Vec<_>>(),
+        vec![zt_id]
+    );
+    node.assert_direct(&app);
+
+    // The namespace joins the mesh: the running pod is captured, and annotated.
+    node.server.apply_namespace(&namespace("shop", true));
+    node.wait_entries("the app pod's entry", |e| e.contains_key(&app_id));
+    assert_eq!(node.entries()[&app_id].ips(), vec![POD4, POD6]);
+    node.assert_redirected(&app);
+    wait_until(
+        "the redirection annotation",
+        || format!("{:?}\n{}", node.server.pod("shop", "app"), node.log()),
+        || node.redirection("shop", "app").as_deref() == Some("enabled"),
+    );
+    assert_eq!(
+        node.status_patches("shop", "app"),
+        vec![json!({"metadata": {"annotations": {REDIRECTION: "enabled"}}})]
+    );
+    let log = node.log();
+    assert!(
+        log.contains(&format!("shop/app: cgroup {} → ambient", app.pod)),
+        "the decision change is logged with pod, cgroup and reason:\n{log}"
+    );
+
+    // The namespace leaves: the entry goes, the next connect is direct, the annotation goes.
+    node.server.apply_namespace(&namespace("shop", false));
+    node.wait_entries("the app pod's entry removed", |e| !e.contains_key(&app_id));
+    node.assert_direct(&app);
+    wait_until(
+        "the redirection annotation removed",
+        || format!("{:?}\n{}", node.server.pod("shop", "app"), node.log()),
+        || node.redirection("shop", "app").is_none(),
+    );
+    assert_eq!(
+        node.status_patches("shop", "app")[1..],
+        [json!({"metadata": {"annotations": {REDIRECTION: null}}})]
+    );
+    assert!(node
+        .log()
+        .contains(&format!("shop/app: cgroup {} → none", app.pod)));
+
+    // The late pod's first process: its exec enrols the pod.
+    node.sleeper(&late);
+    node.wait_entries("the late pod's entry", |e| e.contains_key(&late_id));
+    assert_eq!(node.entries()[&late_id].ips(), vec![late_ip]);
+    let metrics = || node.ops_get("/metrics").1;
+    wait_until("the map entries and decisions in /metrics", metrics, || {
+        let text = metrics();
+        sample(&text, "zbridge_map_entries") == Some(2.0)
+            && sample(&text, "zbridge_decisions{role=\"ambient\"}") == Some(1.0)
+            && sample(&text, "zbridge_decisions{role=\"ztunnel\"}") == Some(1.0)
+    });
+    let text = metrics();
+    // Exactly one enrolment was caused by an exec (the late pod's); the others came from the
+    // scan and from the namespace label.
+    assert_eq!(
+        sample(&text, "zbridge_enrolment_latency_seconds_count"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "zbridge_enrolment_latency_seconds_bucket{le=\"+Inf\"}"
+        ),
+        Some(1.0)
+    );
+    let sum = sample(&text, "zbridge_enrolment_latency_seconds_sum").unwrap();
+    assert!(sum > 0.0, "{text}");
+    assert!(sample(&text, "zbridge_events_total{type=\"exec\"}").unwrap() >= 1.0);
+    assert!(sample(&text, "zbridge_batch_size_count").unwrap() >= 3.0);
+}
+
+/// The API server goes away mid-run: the agent reports not ready and keeps every decision
+/// (the captured pod's connects still land on ztunnel) while the namespace loses its label
+/// and a pod is deleted; when the server returns, both changes are applied.
+#[test]
+fn api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile() {
+    if !testkit::require_root(
+        "api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile",
+    ) {
+        return;
+    }
+    let mut node = Node::new("e2e-kube-lost");
+    let app = PodCgroup::new(&node.mesh);
+    let other = PodCgroup::new(&node.mesh);
+    node.server.apply_namespace(&namespace("shop", true));
+    node.server.apply_pod(&pod(
+        "shop",
+        "app",
+        &app.uid,
+        &node.name,
+        &[POD4, POD6],
+        json!({}),
+    ));
+    let other_ip: IpAddr = "10.99.1.4".parse().unwrap();
+    node.server.apply_pod(&pod(
+        "shop",
+        "other",
+        &other.uid,
+        &node.name,
+        &[other_ip],
+        json!({}),
+    ));
+    node.sleeper(&app);
+    node.sleeper(&other);
+    let proxy = Proxy::start(node.server.addr());
+    let api = proxy.addr();
+    node.proxy = Some(proxy);
+    node.start_agent(api, false);
+
+    let (zt_id, app_id, other_id) = (
+        node.id(&node.ztunnel_pod.pod),
+        node.id(&app.pod),
+        node.id(&other.pod),
+    );
+    node.wait_ready(true);
+    node.wait_entries("both pods and ztunnel enrolled", |e| {
+        e.contains_key(&zt_id) && e.contains_key(&app_id) && e.contains_key(&other_id)
+    });
+    node.assert_redirected(&app);
+    wait_until(
+        "the app pod annotated",
+        || node.log(),
+        || node.redirection("shop", "app").as_deref() == Some("enabled"),
+    );
+
+    // The API server goes away.
+    node.proxy.as_mut().unwrap().down();
+    node.wait_ready(false);
+    let (_, body) = node.ops_get("/readyz");
+    assert!(
+        body.contains("Kubernetes API server unreachable"),
+        "/readyz says why: {body}"
+    );
+    wait_until(
+        "the loss logged",
+        || node.log(),
+        || node.log().contains("Kubernetes API server lost"),
+    );
+    let before = node.entries();
+    // Meanwhile the namespace leaves the mesh and a pod is deleted: the agent cannot see it.
+    node.server.apply_namespace(&namespace("shop", false));
+    node.server.delete_pod("shop", "other");
+    // Nothing is cleared: the entries are as they were, the pod is still captured, and the
+    // agent is still not ready.
+    node.assert_redirected(&app);
+    assert_eq!(node.entries(), before);
+    assert!(before.contains_key(&app_id) && before.contains_key(&other_id));
+    assert_eq!(node.ops_get("/readyz").0, 503);
+
+    // It comes back: the changes made meanwhile are applied.
+    node.proxy.as_mut().unwrap().up();
+    node.wait_entries("both pods released, ztunnel kept", |e| {
+        e.contains_key(&zt_id) && !e.contains_key(&app_id) && !e.contains_key(&other_id)
+    });
+    node.assert_direct(&app);
+    node.wait_ready(true);
+    assert!(node.log().contains("Kubernetes API server reachable again"));
+    wait_until(
+        "the app pod's annotation removed through the returned server",
+        || node.log(),
+        || node.redirection("shop", "app").is_none(),
+    );
+}
