@@ -93,6 +93,8 @@ pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let mut config = LiveConfig::default();
     config.connector.recv_buffer_bytes = args.recv_buffer;
     config.cgroup_root = args.cgroup_root.clone();
+    // A recording is read by people too: which program ran is worth its read here.
+    config.exec_comm = true;
     let mut source = LiveSource::start(&config).context("cannot watch processes")?;
     let stop = source.stop_handle();
     let counters = source.counters();

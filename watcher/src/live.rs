@@ -36,6 +36,10 @@ pub struct LiveConfig {
     /// Where the cgroup2 hierarchy is mounted (cgroup ids are the inodes of directories below
     /// it). `None`: the first cgroup2 mount of `/proc/self/mountinfo`.
     pub cgroup_root: Option<std::path::PathBuf>,
+    /// Read `/proc/PID/comm` for exec events too (informative only: it costs about a fifth of
+    /// an exec's /proc reads, so the agent leaves it out; `zbridge record` keeps it for the
+    /// person who reads the recording). Scans always carry it.
+    pub exec_comm: bool,
 }
 
 /// Asks a [`LiveSource`] to stop: its `next_record` then returns `Ok(None)` within the
@@ -131,6 +135,8 @@ pub struct LiveSource {
     discard_before: u64,
     last_ts: u64,
     finished: bool,
+    /// [`LiveConfig::exec_comm`].
+    exec_comm: bool,
 }
 
 impl LiveSource {
@@ -160,6 +166,7 @@ impl LiveSource {
             discard_before: 0,
             last_ts: 0,
             finished: false,
+            exec_comm: config.exec_comm,
         };
         source.push_scan();
         Ok(source)
@@ -289,7 +296,11 @@ impl EventSource for LiveSource {
                     KernelEvent::Exec { pid, tgid } => {
                         bump(&counters.execs);
                         // Read right away: the process may be gone a moment later.
-                        let facts = self.reader.read_facts(tgid);
+                        let facts = if self.exec_comm {
+                            self.reader.read_facts(tgid)
+                        } else {
+                            self.reader.read_facts_without_comm(tgid)
+                        };
                         if facts.cgroup.is_none() {
                             bump(&counters.execs_without_facts);
                         }

@@ -1,14 +1,28 @@
 //! Reading the facts of a process from /proc: cgroup v2 path and id, netns, addresses.
 //!
-//! This runs once per exec event, machine-wide, so it reuses its buffers and caches the
-//! addresses of each network namespace. A process that is gone before it could be read is
-//! normal (about a fifth of short-lived ones): its facts come back with `None` fields.
+//! This runs once per exec event, machine-wide, so every read is the cheapest syscall that gives
+//! the fact (each costs 2 to 7 µs on a VM; see BENCHMARKS.md, "Watcher"): the cgroup file with
+//! plain `read` calls into a reused buffer; the cgroup id by `fstatat` relative to an open
+//! directory of the cgroup2 root (no walk of `/sys/fs/cgroup/...` each time); the netns inode
+//! from `readlink` of `ns/net` (`net:[INODE]`: half the cost of a `stat`, which makes the kernel
+//! open the namespace file); the addresses of each network namespace cached; `comm` (informative
+//! only) left out of exec events unless asked for. A process that is gone before it could be
+//! read is normal (about a fifth of short-lived ones): its facts come back with `None` fields.
+//!
+//! The scan lists processes with the `procfs` crate (`all_processes_with_root`), whose
+//! [`procfs::process::Process`] holds the `/proc/PID` directory open: the scan's cgroup and
+//! `comm` reads go through it, so they come from the listed process even if its pid is reused
+//! meanwhile. That costs one open per process (about 1.7 µs, a tenth of a scan); the per-exec
+//! path has no listing and reads by path.
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fmt::Write as _;
+use std::fs::File;
 use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -81,6 +95,9 @@ const ADDRESS_CACHE_MAX: usize = 4096;
 pub struct ProcReader {
     proc_root: PathBuf,
     cgroup_root: PathBuf,
+    /// The cgroup2 root, open (`O_PATH`), for `fstatat` of cgroup directories relative to it;
+    /// `None` when it could not be opened (then every cgroup id read fails, as a stat would).
+    cgroup_root_dir: Option<OwnedFd>,
     path: String,
     buf: Vec<u8>,
     addresses: HashMap<u64, (Instant, Vec<IpAddr>)>,
@@ -100,9 +117,18 @@ impl ProcReader {
 
     /// A reader of another proc and cgroup2 root (tests).
     pub fn with_roots(proc_root: impl Into<PathBuf>, cgroup_root: impl Into<PathBuf>) -> Self {
+        let cgroup_root = cgroup_root.into();
+        let cgroup_root_dir = open_dir_path(&cgroup_root);
+        if cgroup_root_dir.is_none() {
+            log::warn!(
+                "cannot open the cgroup2 root {}: no cgroup ids can be read",
+                cgroup_root.display()
+            );
+        }
         ProcReader {
             proc_root: proc_root.into(),
-            cgroup_root: cgroup_root.into(),
+            cgroup_root,
+            cgroup_root_dir,
             path: String::with_capacity(256),
             buf: Vec::with_capacity(4096),
             addresses: HashMap::new(),
@@ -114,20 +140,50 @@ impl ProcReader {
         &self.cgroup_root
     }
 
-    /// What `/proc/PID` says now. Fields of a process that is gone (or unreadable) are `None`.
+    /// What `/proc/PID` says now, `comm` included. Fields of a process that is gone (or
+    /// unreadable) are `None`.
     pub fn read_facts(&mut self, pid: Pid) -> ProcFacts {
-        let cgroup = self.read_cgroup(pid);
+        self.read_facts_as_asked(pid, true)
+    }
+
+    /// [`ProcReader::read_facts`] without `comm` (informative only, and a fifth of the cost):
+    /// what an exec event needs.
+    pub fn read_facts_without_comm(&mut self, pid: Pid) -> ProcFacts {
+        self.read_facts_as_asked(pid, false)
+    }
+
+    fn read_facts_as_asked(&mut self, pid: Pid, comm: bool) -> ProcFacts {
+        self.set_path(pid, "cgroup");
+        let opened = File::open(&self.path);
+        let cgroup = opened.ok().and_then(|f| self.read_cgroup_from(f));
         if cgroup.is_none() && !self.process_dir_exists(pid) {
             // Gone already: every other read would fail too (a third of this path's cost in
             // a spawn storm of short processes).
             return ProcFacts::default();
         }
+        let comm = if comm {
+            self.set_path(pid, "comm");
+            File::open(&self.path)
+                .ok()
+                .and_then(|f| self.read_comm_from(f))
+        } else {
+            None
+        };
+        self.rest_of_facts(pid, cgroup, comm)
+    }
+
+    /// The netns and its addresses, around the cgroup and comm already read.
+    fn rest_of_facts(
+        &mut self,
+        pid: Pid,
+        cgroup: Option<CgroupRef>,
+        comm: Option<String>,
+    ) -> ProcFacts {
         let netns = self.netns_inode(pid);
         let ips = match netns {
             Some(inode) => self.netns_addresses(pid, inode),
             None => Vec::new(),
         };
-        let comm = self.read_comm(pid);
         ProcFacts {
             cgroup,
             netns,
@@ -136,22 +192,36 @@ impl ProcReader {
         }
     }
 
-    /// Every process (`/proc/<tgid>`) with its facts. Processes that vanish while the scan runs
-    /// are left out when even their cgroup can no longer be read.
+    /// Every process (`/proc/<tgid>`) with its facts, `comm` included. Processes that vanish
+    /// while the scan runs are left out when neither their cgroup nor their comm can be read.
     pub fn scan(&mut self) -> Vec<ScannedProcess> {
-        let Ok(dir) = std::fs::read_dir(&self.proc_root) else {
-            log::warn!("cannot list {}", self.proc_root.display());
-            return Vec::new();
+        let listing = match procfs::process::all_processes_with_root(&self.proc_root) {
+            Ok(listing) => listing,
+            Err(e) => {
+                log::warn!("cannot list {}: {e}", self.proc_root.display());
+                return Vec::new();
+            }
         };
-        let pids: Vec<Pid> = dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        let mut processes = Vec::with_capacity(pids.len());
-        for pid in pids {
-            let facts = self.read_facts(pid);
-            if facts.cgroup.is_none() && facts.comm.is_none() {
+        let mut processes = Vec::new();
+        // An entry that cannot be opened is a process gone since the listing.
+        for process in listing.flatten() {
+            let Ok(pid) = Pid::try_from(process.pid()) else {
+                continue;
+            };
+            // Through the open /proc/PID: these reads fail rather than read a newer process
+            // that got the same pid.
+            let cgroup = process
+                .open_relative("cgroup")
+                .ok()
+                .and_then(|f| self.read_cgroup_from(f));
+            let comm = process
+                .open_relative("comm")
+                .ok()
+                .and_then(|f| self.read_comm_from(f));
+            if cgroup.is_none() && comm.is_none() {
                 continue; // gone between the listing and the read
             }
+            let facts = self.rest_of_facts(pid, cgroup, comm);
             processes.push(ScannedProcess { pid, facts });
         }
         processes
@@ -167,15 +237,20 @@ impl ProcReader {
     }
 
     /// Reads `<proc>/<pid>/<file>` into `self.buf`.
+    fn read_file(&mut self, pid: Pid, file: &str) -> bool {
+        self.set_path(pid, file);
+        match File::open(&self.path) {
+            Ok(f) => self.read_into_buf(f),
+            Err(_) => false,
+        }
+    }
+
+    /// Reads an open /proc file into `self.buf`.
     ///
     /// With plain `read` calls into a reused buffer: `read_to_end` would add an fstat, an lseek
     /// and a final empty read, nearly doubling the syscalls of this per-exec path. A short read
     /// of a /proc file is its end (seq_file fills the buffer while it has content).
-    fn read_file(&mut self, pid: Pid, file: &str) -> bool {
-        self.set_path(pid, file);
-        let Ok(mut f) = std::fs::File::open(&self.path) else {
-            return false;
-        };
+    fn read_into_buf(&mut self, mut f: File) -> bool {
         self.buf.clear();
         self.buf.resize(self.buf.capacity().max(4096), 0);
         let mut len = 0;
@@ -198,21 +273,33 @@ impl ProcReader {
         true
     }
 
-    fn read_cgroup(&mut self, pid: Pid) -> Option<CgroupRef> {
-        if !self.read_file(pid, "cgroup") {
+    /// The cgroup of an open `/proc/PID/cgroup`, and its id.
+    fn read_cgroup_from(&mut self, f: File) -> Option<CgroupRef> {
+        if !self.read_into_buf(f) {
             return None;
         }
         let text = std::str::from_utf8(&self.buf).ok()?;
         let path = cgroup_v2_path(text)?.to_owned();
-        // The cgroup id is the inode of the directory; the path is relative to the root.
+        let id = self.cgroup_id(&path)?;
+        Some(CgroupRef { path, id })
+    }
+
+    /// The inode of `<cgroup root>/<path>`, by `fstatat` relative to the open root.
+    fn cgroup_id(&mut self, path: &str) -> Option<CgroupId> {
+        let root = self.cgroup_root_dir.as_ref()?;
         self.path.clear();
-        self.path.push_str(self.cgroup_root.to_str()?);
-        self.path.push_str(path.trim_end_matches('/'));
-        let id = std::fs::metadata(&self.path).ok()?.ino();
-        Some(CgroupRef {
-            path,
-            id: CgroupId(id),
-        })
+        match path.trim_matches('/') {
+            "" => self.path.push('.'),
+            relative => self.path.push_str(relative),
+        }
+        self.path.push('\0');
+        let c_path = std::ffi::CStr::from_bytes_with_nul(self.path.as_bytes()).ok()?;
+        // SAFETY: an all-zero stat is a valid value for fstatat to overwrite.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: the fd is open for the reader's life, the path is NUL-terminated, and `st` is
+        // a valid stat to write to.
+        let rc = unsafe { libc::fstatat(root.as_raw_fd(), c_path.as_ptr(), &mut st, 0) };
+        (rc == 0).then_some(CgroupId(st.st_ino))
     }
 
     fn process_dir_exists(&mut self, pid: Pid) -> bool {
@@ -220,13 +307,21 @@ impl ProcReader {
         std::fs::symlink_metadata(&self.path).is_ok()
     }
 
+    /// The netns inode, from the `net:[INODE]` that `readlink` of `ns/net` gives.
     fn netns_inode(&mut self, pid: Pid) -> Option<u64> {
         self.set_path(pid, "ns/net");
-        std::fs::metadata(&self.path).ok().map(|m| m.ino())
+        self.path.push('\0');
+        let c_path = std::ffi::CStr::from_bytes_with_nul(self.path.as_bytes()).ok()?;
+        let mut link = [0u8; 64];
+        // SAFETY: the path is NUL-terminated; the pointer and length describe `link`.
+        let n = unsafe { libc::readlink(c_path.as_ptr(), link.as_mut_ptr().cast(), link.len()) };
+        let link = link.get(..usize::try_from(n).ok()?)?;
+        netns_link_inode(link)
     }
 
-    fn read_comm(&mut self, pid: Pid) -> Option<String> {
-        if !self.read_file(pid, "comm") {
+    /// The comm of an open `/proc/PID/comm`.
+    fn read_comm_from(&mut self, f: File) -> Option<String> {
+        if !self.read_into_buf(f) {
             return None;
         }
         let text = String::from_utf8_lossy(&self.buf);
@@ -261,6 +356,29 @@ impl ProcReader {
         }
         ips
     }
+}
+
+/// Opens a directory `O_PATH` (enough for `fstatat` relative to it).
+fn open_dir_path(dir: &Path) -> Option<OwnedFd> {
+    let c_dir = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: the path is NUL-terminated; the returned fd, when valid, is owned by us alone.
+    let fd = unsafe {
+        libc::open(
+            c_dir.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just opened and is not owned elsewhere.
+    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// The inode of a namespace link's target, `net:[4026531840]`.
+pub fn netns_link_inode(link: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(link).ok()?;
+    text.split_once(":[")?.1.strip_suffix(']')?.parse().ok()
 }
 
 /// The path of the `0::` line of a `/proc/PID/cgroup` text.
@@ -315,6 +433,7 @@ pub fn if_inet6_addresses(text: &str, out: &mut Vec<IpAddr>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     const FIB_TRIE: &str = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     +-- 127.0.0.0/8 2 0 2\n        +-- 127.0.0.0/31 1 0 0\n           |-- 127.0.0.0\n              /8 host LOCAL\n           |-- 127.0.0.1\n              /32 host LOCAL\n        |-- 127.255.255.255\n           /32 link BROADCAST\n     +-- 192.0.2.0/24 2 0 2\n        +-- 192.0.2.0/30 2 0 2\n           |-- 192.0.2.0\n              /24 link UNICAST\n           |-- 192.0.2.2\n              /32 host LOCAL\n        |-- 192.0.2.255\n           /32 link BROADCAST\n     |-- 10.244.1.7\n        /32 link UNICAST\n        /32 host LOCAL\nLocal:\n  +-- 0.0.0.0/0 3 0 5\n           |-- 192.0.2.2\n              /32 host LOCAL\n";
 
@@ -409,6 +528,25 @@ mod tests {
         let mine = scan.iter().find(|p| p.pid == me).expect("self in scan");
         assert!(mine.facts.cgroup.is_some());
         assert!(scan.iter().any(|p| p.pid == 1));
+    }
+
+    #[test]
+    fn netns_link_target_gives_the_inode() {
+        assert_eq!(netns_link_inode(b"net:[4026531840]"), Some(4026531840));
+        assert_eq!(netns_link_inode(b"net:[]"), None);
+        assert_eq!(netns_link_inode(b"/proc/1/ns/net"), None);
+    }
+
+    #[test]
+    fn facts_without_comm_are_the_facts_minus_comm() {
+        let Ok(mut reader) = ProcReader::new() else {
+            return;
+        };
+        let pid = std::process::id();
+        let mut all = reader.read_facts(pid);
+        assert!(all.comm.is_some());
+        all.comm = None;
+        assert_eq!(reader.read_facts_without_comm(pid), all);
     }
 
     #[test]

@@ -59,8 +59,18 @@ fn live_exec_and_exit_of_a_child_in_its_cgroup() {
     if !testkit::require_root("live_exec_and_exit_of_a_child_in_its_cgroup") {
         return;
     }
+    // By default exec facts leave out comm; `exec_comm` asks for it.
+    live_exec_and_exit(&LiveConfig::default(), None);
+    let with_comm = LiveConfig {
+        exec_comm: true,
+        ..LiveConfig::default()
+    };
+    live_exec_and_exit(&with_comm, Some("sh"));
+}
+
+fn live_exec_and_exit(config: &LiveConfig, want_comm: Option<&str>) {
     let cg = TestCgroup::new("live-exec").unwrap();
-    let mut source = LiveSource::start(&LiveConfig::default()).unwrap();
+    let mut source = LiveSource::start(config).unwrap();
     watchdog(source.stop_handle(), 60);
     let first = next(&mut source);
     assert!(
@@ -104,7 +114,12 @@ fn live_exec_and_exit_of_a_child_in_its_cgroup() {
                     .expect("the child is alive: its cgroup is readable");
                 assert_eq!(cgroup.path, cg.path);
                 assert_eq!(cgroup.id, CgroupId(cg.id()));
-                assert_eq!(facts.comm.as_deref(), Some("sh"));
+                assert_eq!(facts.comm.as_deref(), want_comm);
+                // The child shares this test's network namespace.
+                let netns = std::os::unix::fs::MetadataExt::ino(
+                    &std::fs::metadata("/proc/self/ns/net").unwrap(),
+                );
+                assert_eq!(facts.netns, Some(netns));
                 exec_ts = Some(rec.ts);
                 // Let the child exit now.
                 stdin.take();
@@ -254,6 +269,7 @@ fn live_loss_is_followed_by_a_scan_and_converges() {
             recv_buffer_bytes: 32 * 1024,
             ..ConnectorConfig::default()
         },
+        ..LiveConfig::default()
     };
     let mut source = LiveSource::start(&config).unwrap();
     watchdog(source.stop_handle(), 300);
