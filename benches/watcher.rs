@@ -7,8 +7,14 @@
 //!    events: once through the raw connector (decode only), once through `LiveSource` (decode,
 //!    /proc facts for every exec, records). Reports events/s received, events lost, and the
 //!    watcher thread's CPU time (getrusage RUSAGE_THREAD) per event and per 10,000 events.
+//!    The baseline, in the same storm and with the same CPU measure: `benches/c_subscriber.c`,
+//!    a plain C subscriber (one recv per datagram, counting fork/exec/exit), compiled here
+//!    with `cc -O2` and run as a child process (skipped when there is no `cc`).
 
 use std::hint::black_box;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,7 +47,17 @@ fn main() {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(1);
+        let c_subscriber = build_c_subscriber();
         for kind in [Storm::Processes, Storm::Threads { per_second: 6000 }] {
+            if c_subscriber.is_some() {
+                storm(
+                    &format!("storm/{kind}/c-subscriber"),
+                    kind,
+                    secs,
+                    spawners,
+                    c_watcher,
+                );
+            }
             storm(
                 &format!("storm/{kind}/raw-connector"),
                 kind,
@@ -56,6 +72,9 @@ fn main() {
                 spawners,
                 live_watcher,
             );
+        }
+        if let Some(binary) = c_subscriber {
+            let _ = std::fs::remove_file(binary);
         }
     }
 }
@@ -104,18 +123,27 @@ fn bench_facts() {
     };
     let pid = std::process::id();
     let rounds = 20_000u32;
-    let cpu0 = thread_cpu_seconds();
-    let start = Instant::now();
-    for _ in 0..rounds {
-        black_box(reader.read_facts(black_box(pid)));
+    type Read = fn(&mut watcher::procfs::ProcReader, u32) -> watcher::ProcFacts;
+    let variants: [(&str, Read); 2] = [
+        ("read_facts (scan: with comm)", |r, pid| r.read_facts(pid)),
+        ("read_facts_without_comm (exec events)", |r, pid| {
+            r.read_facts_without_comm(pid)
+        }),
+    ];
+    for (name, read) in variants {
+        let cpu0 = thread_cpu_seconds();
+        let start = Instant::now();
+        for _ in 0..rounds {
+            black_box(read(&mut reader, black_box(pid)));
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu = thread_cpu_seconds() - cpu0;
+        println!(
+            "facts/{name}: {:.2} µs/call wall, {:.2} µs/call CPU ({rounds} calls)",
+            elapsed * 1e6 / rounds as f64,
+            cpu * 1e6 / rounds as f64
+        );
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let cpu = thread_cpu_seconds() - cpu0;
-    println!(
-        "facts/read_facts: {:.2} µs/call wall, {:.2} µs/call CPU ({rounds} calls)",
-        elapsed * 1e6 / rounds as f64,
-        cpu * 1e6 / rounds as f64
-    );
 }
 
 /// The watcher thread's CPU seconds so far (user + system).
@@ -161,6 +189,83 @@ fn raw_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
         events,
         lost,
         cpu_seconds,
+    }
+}
+
+/// Compiles `benches/c_subscriber.c` into the target directory; `None` (said why) when it
+/// cannot be built.
+fn build_c_subscriber() -> Option<PathBuf> {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/c_subscriber.c");
+    let out = std::env::temp_dir().join(format!("zbridge-c-subscriber-{}", std::process::id()));
+    match Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+    {
+        Ok(status) if status.success() => {
+            C_SUBSCRIBER.set(out.clone()).expect("built once");
+            Some(out)
+        }
+        Ok(status) => {
+            println!("storm/c-subscriber: SKIPPED (cc {}: {status})", source.display());
+            None
+        }
+        Err(e) => {
+            println!("storm/c-subscriber: SKIPPED (no cc: {e})");
+            None
+        }
+    }
+}
+
+static C_SUBSCRIBER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Whether the running kernel takes the proc connector's event mask (6.6 and later), as the
+/// Rust connector asks for it there.
+fn kernel_takes_event_mask() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 6)
+}
+
+/// Runs the C subscriber as a child until `stop`, and reads its counts and CPU time.
+fn c_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
+    let binary = C_SUBSCRIBER.get().expect("built before the storm");
+    let mut command = Command::new(binary);
+    if kernel_takes_event_mask() {
+        command.arg("--mask");
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the C subscriber");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read the C subscriber");
+    assert_eq!(line.trim(), "ready", "the C subscriber did not start");
+    ready.store(true, Ordering::SeqCst);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    line.clear();
+    stdout.read_line(&mut line).expect("read the C subscriber");
+    assert!(child.wait().expect("wait").success(), "C subscriber failed");
+    // "events N lost L cpu_s S"
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let field = |name: &str| -> &str {
+        let at = fields.iter().position(|f| *f == name).expect(name);
+        fields[at + 1]
+    };
+    WatcherResult {
+        events: field("events").parse().expect("events"),
+        lost: field("lost").parse().expect("lost"),
+        cpu_seconds: field("cpu_s").parse().expect("cpu_s"),
     }
 }
 
