@@ -208,7 +208,10 @@ fn build_c_subscriber() -> Option<PathBuf> {
             Some(out)
         }
         Ok(status) => {
-            println!("storm/c-subscriber: SKIPPED (cc {}: {status})", source.display());
+            println!(
+                "storm/c-subscriber: SKIPPED (cc {}: {status})",
+                source.display()
+            );
             None
         }
         Err(e) => {

@@ -243,5 +243,8 @@ fn record_with_kube_needs_a_node_name_and_never_guesses_the_hostname() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("no node name"), "{stderr}");
     assert!(stderr.contains("--node-name"), "{stderr}");
-    assert!(!file.exists(), "a recording was started without a node name");
+    assert!(
+        !file.exists(),
+        "a recording was started without a node name"
+    );
 }
