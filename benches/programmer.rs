@@ -8,7 +8,7 @@
 //! `cargo bench --bench programmer` prints the figures; BENCHMARKS.md ("Programmer") keeps them.
 
 use std::ffi::CString;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -128,8 +128,7 @@ fn main() {
     let port = listener.local_addr().expect("addr").port();
     let mut backend = loaded.backend().expect("backend");
     let mut settings = backend.settings().expect("settings");
-    settings.flags |= layout::S_HAS_ZTUNNEL4;
-    settings.ztunnel_addr4 = u32::from(Ipv4Addr::LOCALHOST).to_be();
+    settings.set_ztunnel_ips(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     settings.outbound_port = port;
     settings.inbound_port = 15006;
     settings.levels = 1 << 2;

@@ -50,14 +50,18 @@ struct {
 	__type(value, __u32);
 } pod_addr_map SEC(".maps");
 
-/* connect → sockops: the original destination by socket cookie (the source port is not known
- * yet at connect time). LRU: a cache; a connect that never completes leaves its entry here. */
+/* connect → sockops: the original destination, kept in the calling thread's own storage.
+ * connect4/6 and sock_ops' TCP_CONNECT callback run in the same connect() call of the same
+ * thread (the source port is chosen between them), so one slot per thread is enough: it is
+ * created on the thread's first redirected connect, overwritten by every later one (no
+ * allocation, no delete, nothing left behind), and freed with the thread. The socket cookie
+ * in the record makes sure sock_ops only takes it for the socket it was written for. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, ZB_ORIG_DST_ENTRIES);
-	__type(key, __u64);
-	__type(value, struct orig_dst);
-} orig_dst_by_cookie SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct connect_record);
+} orig_dst_by_task SEC(".maps");
 
 /* sockops → getsockopt: the original destination by the connection's 4-tuple, the only thing
  * ztunnel's accepted socket has in common with the client's. */
@@ -142,20 +146,56 @@ static __always_inline int zb_ip_is_loopback(const struct zb_ip *ip)
 	return ip->w[0] == 0 && ip->w[1] == 0 && ip->w[2] == 0 && ip->w[3] == bpf_htonl(1);
 }
 
-/* ztunnel's address of the same family as `like`; 0 when none is known. */
-static __always_inline int zb_ztunnel_ip(const struct settings *s, const struct zb_ip *like,
-					 struct zb_ip *out)
+/* How many of ztunnel's addresses of `like`'s family the programs may use (0: none known). */
+static __always_inline __u32 zb_ztunnel_count(const struct settings *s, const struct zb_ip *like)
 {
-	if (zb_ip_is_v4(like)) {
-		if (!(s->flags & ZB_S_HAS_ZTUNNEL4))
-			return 0;
-		zb_ip_from_v4(out, s->ztunnel_addr4);
-		return 1;
+	__u32 n = zb_ip_is_v4(like) ? s->ztunnel_count4 : s->ztunnel_count6;
+
+	return n > ZB_MAX_ZTUNNEL_ADDRS ? ZB_MAX_ZTUNNEL_ADDRS : n;
+}
+
+/* ztunnel's address number `idx` of the same family as `like` (idx < ZB_MAX_ZTUNNEL_ADDRS). */
+static __always_inline void zb_ztunnel_addr(const struct settings *s, const struct zb_ip *like,
+					    __u32 idx, struct zb_ip *out)
+{
+	idx &= ZB_MAX_ZTUNNEL_ADDRS - 1;
+	if (zb_ip_is_v4(like))
+		zb_ip_from_v4(out, s->ztunnel_addr4[idx]);
+	else
+		zb_ip_from_bytes(out, s->ztunnel_addr6[idx]);
+}
+
+/* Whether `ip` is one of ztunnel's `n` addresses of its family. */
+static __always_inline int zb_is_ztunnel_ip(const struct settings *s, const struct zb_ip *ip,
+					    __u32 n)
+{
+	struct zb_ip zt = {};
+
+	for (__u32 i = 0; i < ZB_MAX_ZTUNNEL_ADDRS; i++) {
+		if (i >= n)
+			break;
+		zb_ztunnel_addr(s, ip, i, &zt);
+		if (zb_ip_eq(&zt, ip))
+			return 1;
 	}
-	if (!(s->flags & ZB_S_HAS_ZTUNNEL6))
-		return 0;
-	zb_ip_from_bytes(out, s->ztunnel_addr6);
-	return 1;
+	return 0;
+}
+
+/*
+ * Which of ztunnel's `n` addresses serves a destination (address and port, network order):
+ * a hash of the destination, so that each destination always goes to the same ztunnel
+ * address and the pod's connections spread over all of them. Mirrored by
+ * programmer::layout::ztunnel_index (the end-to-end test predicts each landing with it):
+ * the words are read as the CPU reads them, so that both sides agree on any byte order.
+ */
+static __always_inline __u32 zb_ztunnel_index(const struct zb_ip *dst, __u16 port, __u32 n)
+{
+	__u32 h = dst->w[0] ^ dst->w[1] ^ dst->w[2] ^ dst->w[3] ^ port;
+
+	/* Fibonacci hashing spreads neighbouring addresses; the high half is the well-mixed one,
+	 * and multiply-shift maps it onto [0, n) without a division. */
+	h *= 0x9e3779b1u;
+	return (__u32)(((__u64)(h >> 16) * n) >> 16);
 }
 
 /* Whether `ip` is the pod's own address (a pod talking to itself is never captured). */
@@ -175,20 +215,49 @@ static __always_inline int zb_is_own_ip(const struct cgroup_info *info, const st
 	return zb_ip_eq(&own, ip);
 }
 
+/* The highest set bit of a non-zero `x` (BPF has no count-leading-zeros instruction). */
+static __always_inline __u32 zb_fls(__u32 x)
+{
+	__u32 r = 0;
+
+	if (x & 0xffff0000u) {
+		x >>= 16;
+		r += 16;
+	}
+	if (x & 0xff00u) {
+		x >>= 8;
+		r += 8;
+	}
+	if (x & 0xf0u) {
+		x >>= 4;
+		r += 4;
+	}
+	if (x & 0xcu) {
+		x >>= 2;
+		r += 2;
+	}
+	if (x & 0x2u)
+		r += 1;
+	return r;
+}
+
 /*
  * The entry of the calling process's cgroup or of its nearest enrolled ancestor. Only the
- * levels named in settings.levels are looked up (deepest first, so the nearest wins): with
- * nothing enrolled the walk costs no lookup at all.
+ * levels named in settings.levels are looked up, deepest first (so the nearest wins), one
+ * step per set bit: a node's entries sit at two or three levels, so the walk is two or three
+ * lookups, and with nothing enrolled it costs none.
  */
 static __always_inline const struct cgroup_info *zb_lookup_current(__u32 levels)
 {
-	for (int level = ZB_MAX_LEVELS - 1; level >= 0; level--) {
+	for (int i = 0; i < ZB_MAX_LEVELS; i++) {
 		const struct cgroup_info *info;
+		__u32 level;
 		__u64 id;
 
-		/* No entry sits at this level anywhere on the node. */
-		if (!(levels & (1u << level)))
-			continue;
+		if (!levels)
+			break;
+		level = zb_fls(levels);
+		levels &= ~(1u << level);
 		id = bpf_get_current_ancestor_cgroup_id(level);
 		/* 0: the process's cgroup is shallower than this level. */
 		if (!id)

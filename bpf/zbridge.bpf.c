@@ -4,9 +4,11 @@
  * ambient pods) to the node's ztunnel, and give ztunnel back the original destination.
  *
  *   connect4/6   rewrite the destination to ztunnel:15001 (outbound) or :15006 (inbound) and
- *                remember the original one by socket cookie;
- *   sock_ops     once the client's connection is established, move that record to the
- *                connection's 4-tuple (the only key ztunnel's accepted socket shares);
+ *                remember the original one in the thread's own storage; with several
+ *                ztunnel addresses, a hash of the destination picks one;
+ *   sock_ops     once the client's source port is chosen (TCP_CONNECT, before the SYN
+ *                leaves), copy that record to the connection's 4-tuple (the only key
+ *                ztunnel's accepted socket shares);
  *   getsockopt   answer ztunnel's SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST from that record;
  *   bind4/6      ztunnel binding a pod's address (as under TPROXY) binds its own instead,
  *                since no TPROXY routing brings the replies back.
@@ -39,16 +41,16 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 {
 	const struct settings *s = zb_settings();
 	const struct cgroup_info *info;
+	struct connect_record *rec;
 	struct zb_ip zt = {};
 	__u16 capture_port;
-	__u32 counter;
-	int known;
+	__u32 counter, n;
 
 	/* The array always holds key 0; the check is for the verifier. */
 	if (!s)
 		return ZB_ALLOW;
-	known = zb_ztunnel_ip(s, dst, &zt);
-	if (known && zb_ip_eq(dst, &zt)) {
+	n = zb_ztunnel_count(s, dst);
+	if (n && zb_is_ztunnel_ip(s, dst, n)) {
 		__u16 p = bpf_ntohs(*port);
 
 		/* Straight to a capture port, not rewritten here: ztunnel would find no original
@@ -75,7 +77,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 			zb_count(ZB_C_PASSED);
 			return ZB_ALLOW;
 		}
-		if (!known)
+		if (!n)
 			return zb_no_ztunnel(s);
 		capture_port = s->outbound_port;
 		counter = ZB_C_REDIRECTED_OUT;
@@ -90,28 +92,31 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 		/* Only ambient pods on this node are captured inbound. */
 		if (!bpf_map_lookup_elem(&pod_addr_map, dst))
 			return ZB_ALLOW;
-		if (!known)
+		if (!n)
 			return zb_no_ztunnel(s);
 		capture_port = s->inbound_port;
 		counter = ZB_C_REDIRECTED_IN;
 	}
 
-	struct orig_dst od = {};
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-
-	__builtin_memcpy(od.addr, dst->w, 16);
-	od.port = *port;
-	od.family = zb_ip_is_v4(dst) ? AF_INET : AF_INET6;
+	/* The record rides on the thread: created on its first redirected connect, overwritten
+	 * by each later one, read by sock_ops before this connect() returns. */
+	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0,
+				   BPF_LOCAL_STORAGE_GET_F_CREATE);
 	/* Without the record ztunnel could not tell where to go; refusing is the safe answer. */
-	if (bpf_map_update_elem(&orig_dst_by_cookie, &cookie, &od, BPF_ANY)) {
+	if (!rec) {
 		zb_count(ZB_C_FAIL_CLOSED);
 		return ZB_REFUSE;
 	}
+	rec->cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rec->dst.addr, dst->w, 16);
+	rec->dst.port = *port;
+	rec->dst.family = zb_ip_is_v4(dst) ? AF_INET : AF_INET6;
+	zb_ztunnel_addr(s, dst, zb_ztunnel_index(dst, *port, n), &zt);
+	ZB_DEBUG(s, "connect to port %d redirected to %d", bpf_ntohs(*port), capture_port);
 	*dst = zt;
 	*port = bpf_htons(capture_port);
 	*rewrite = 1;
 	zb_count(counter);
-	ZB_DEBUG(s, "connect to port %d redirected to %d", bpf_ntohs(od.port), capture_port);
 	return ZB_ALLOW;
 }
 
@@ -166,20 +171,34 @@ int connect6(struct bpf_sock_addr *ctx)
 SEC("sockops")
 int sock_ops(struct bpf_sock_ops *skops)
 {
+	const struct settings *s;
 	struct conn_tuple tuple = {};
-	struct orig_dst *od;
+	struct connect_record *rec;
 	struct zb_ip ip = {};
-	__u64 cookie;
 	__u32 remote_port;
+	__u16 dport;
 
-	/* Only the client side of a completed connect matters; no other callback is enabled,
-	 * and the ones the kernel always calls leave here. */
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+	/* The kernel calls this program five times for every connect in the subtree (timeout,
+	 * receive window, ECN, connect, established) and more for accepted sockets, whatever it
+	 * wants: all but the one it needs leave on the first comparison. TCP_CONNECT comes once
+	 * the source address and port are chosen and before the SYN leaves, so the record is in
+	 * place before ztunnel can accept the connection. */
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
-	cookie = bpf_get_socket_cookie(skops);
-	od = bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie);
-	/* Not a connect the programs redirected. */
-	if (!od)
+	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0, 0);
+	/* Not a connect the programs redirected (or not this socket's). */
+	if (!rec || rec->cookie != bpf_get_socket_cookie(skops))
+		return 1;
+	/* A socket redirected once and then connected elsewhere (after a failed attempt) keeps
+	 * its old record: only a connection to a capture port is one ztunnel will ask about. */
+	remote_port = ZB_CTX(skops->remote_port);
+	/* remote_port is network order, in the upper 16 bits on current kernels (older ones put
+	 * it in the lower 16: take whichever half is set); local_port is host order. */
+	dport = remote_port > 0xffff ? (__u16)(remote_port >> 16) : (__u16)remote_port;
+	s = zb_settings();
+	if (!s)
+		return 1;
+	if (bpf_ntohs(dport) != s->outbound_port && bpf_ntohs(dport) != s->inbound_port)
 		return 1;
 
 	/* Every field is read up front, unconditionally: with per-family reads clang merges the
@@ -204,15 +223,10 @@ int sock_ops(struct bpf_sock_ops *skops)
 		/* Not an IP socket: nothing ztunnel will ask about. */
 		return 1;
 	}
-	/* local_port is host order; remote_port is network order, in the upper 16 bits on
-	 * current kernels (older ones put it in the lower 16: take whichever half is set). */
 	tuple.sport = bpf_htons((__u16)ZB_CTX(skops->local_port));
-	remote_port = ZB_CTX(skops->remote_port);
-	tuple.dport = remote_port > 0xffff ? (__u16)(remote_port >> 16) : (__u16)remote_port;
+	tuple.dport = dport;
 
-	bpf_map_update_elem(&orig_dst_by_tuple, &tuple, od, BPF_ANY);
-	/* The cookie's record has served; free its slot rather than wait for LRU eviction. */
-	bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
+	bpf_map_update_elem(&orig_dst_by_tuple, &tuple, &rec->dst, BPF_ANY);
 	return 1;
 }
 
@@ -333,13 +347,15 @@ int getsockopt(struct bpf_sockopt *ctx)
 
 /*
  * The bind decision shared by bind4 and bind6: ztunnel binding an ambient pod's address gets
- * its own address instead, same port. Returns 1 when `addr` was replaced.
+ * one of its own addresses instead (by a hash of the pod's address, so each pod keeps one and
+ * ztunnel's upstream connections spread too), same port. Returns 1 when `addr` was replaced.
  */
 static __always_inline int zb_bind(struct zb_ip *addr)
 {
 	const struct settings *s = zb_settings();
 	const struct cgroup_info *info;
 	struct zb_ip zt = {};
+	__u32 n;
 
 	/* Nothing enrolled: no pod address to rewrite. */
 	if (!s || !s->levels)
@@ -352,8 +368,10 @@ static __always_inline int zb_bind(struct zb_ip *addr)
 	if (!info || !(info->flags & ZB_F_ZTUNNEL))
 		return 0;
 	/* No own address to use: the bind goes on and fails or succeeds as it would. */
-	if (!zb_ztunnel_ip(s, addr, &zt))
+	n = zb_ztunnel_count(s, addr);
+	if (!n)
 		return 0;
+	zb_ztunnel_addr(s, addr, zb_ztunnel_index(addr, 0, n), &zt);
 	*addr = zt;
 	zb_count(ZB_C_BIND_REWRITTEN);
 	ZB_DEBUG(s, "ztunnel bind to a pod address rewritten");

@@ -22,19 +22,28 @@ struct cgroup_info {
 };
 
 /* settings.flags */
-#define ZB_S_HAS_ZTUNNEL4 (1u << 0) /* ztunnel_addr4 is set */
-#define ZB_S_HAS_ZTUNNEL6 (1u << 1) /* ztunnel_addr6 is set */
+#define ZB_S_HAS_ZTUNNEL4 (1u << 0) /* ztunnel_count4 > 0 */
+#define ZB_S_HAS_ZTUNNEL6 (1u << 1) /* ztunnel_count6 > 0 */
 #define ZB_S_FAIL_OPEN (1u << 2)    /* no ztunnel known: connect as if not in the mesh */
 #define ZB_S_DEBUG (1u << 3)        /* bpf_printk what the programs decide */
+
+/* How many ztunnel addresses of each family the programs spread connections over. Every
+ * redirected connection of a pod shares one 4-tuple space per (ztunnel address, port): each
+ * address more multiplies the connections a pod can hold in TIME_WAIT toward ztunnel
+ * (docs/tuple-space.md). A power of two (the index is masked with it). */
+#define ZB_MAX_ZTUNNEL_ADDRS 4
 
 /* The single value (key 0) of the `settings` ARRAY map. */
 struct settings {
 	__u32 flags;
-	__u32 ztunnel_addr4;    /* network byte order */
-	__u8 ztunnel_addr6[16];
 	__u16 outbound_port;    /* host order; 15001 */
 	__u16 inbound_port;     /* host order; 15006 */
 	__u32 levels;           /* bit N set: some entry sits at cgroup level N (root = 0) */
+	__u8 ztunnel_count4;    /* addresses used in ztunnel_addr4, 0..ZB_MAX_ZTUNNEL_ADDRS */
+	__u8 ztunnel_count6;    /* addresses used in ztunnel_addr6 */
+	__u16 reserved;         /* 0 */
+	__u32 ztunnel_addr4[ZB_MAX_ZTUNNEL_ADDRS];     /* network byte order */
+	__u8 ztunnel_addr6[ZB_MAX_ZTUNNEL_ADDRS][16];
 };
 
 /* Key of `pod_addr_map` (value: __u32 flags of the pod's entry): every address of an ambient
@@ -49,6 +58,14 @@ struct orig_dst {
 	__u8 addr[16];  /* IPv4 stored IPv4-mapped (::ffff:a.b.c.d) */
 	__u16 port;     /* network byte order */
 	__u16 family;   /* AF_INET (2) or AF_INET6 (10): what the application asked for */
+};
+
+/* Value of `orig_dst_by_task`: the last redirected connect of a thread, handed from connect4/6
+ * to sock_ops within the same connect() call. BPF only (not mirrored in Rust). */
+struct connect_record {
+	__u64 cookie;        /* the socket's cookie: sock_ops takes the record only for it */
+	struct orig_dst dst;
+	__u32 reserved;
 };
 
 /* Key of `orig_dst_by_tuple`: a TCP connection seen from its client (src = the client).

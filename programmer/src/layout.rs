@@ -1,13 +1,15 @@
 //! Rust mirrors of the map layouts in `bpf/zbridge.h`. Keep the two in step: a test checks
 //! sizes and offsets against the BTF of the built object.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Map names, as in the C object.
 pub const CGROUP_INFO_MAP: &str = "cgroup_info_map";
 pub const SETTINGS_MAP: &str = "settings";
 pub const POD_ADDR_MAP: &str = "pod_addr_map";
-pub const ORIG_DST_BY_COOKIE_MAP: &str = "orig_dst_by_cookie";
+/// `BPF_MAP_TYPE_TASK_STORAGE`: the connect-time record, one per thread, handed from connect4/6
+/// to sock_ops (it cannot be iterated; `zbridge dump` shows no entries for it).
+pub const ORIG_DST_BY_TASK_MAP: &str = "orig_dst_by_task";
 pub const ORIG_DST_BY_TUPLE_MAP: &str = "orig_dst_by_tuple";
 pub const COUNTERS_MAP: &str = "counters";
 
@@ -16,14 +18,20 @@ pub const MAPS: [&str; 6] = [
     CGROUP_INFO_MAP,
     SETTINGS_MAP,
     POD_ADDR_MAP,
-    ORIG_DST_BY_COOKIE_MAP,
+    ORIG_DST_BY_TASK_MAP,
     ORIG_DST_BY_TUPLE_MAP,
     COUNTERS_MAP,
 ];
 
-/// The layout version: the pin directory's subdirectory (`<pin dir>/v1/`). Bump it when a
+/// The layout version: the pin directory's subdirectory (`<pin dir>/v2/`). Bump it when a
 /// map's key or value changes, so that a new agent never reads an old agent's maps.
-pub const LAYOUT_VERSION: &str = "v1";
+/// v2: `settings` holds up to [`MAX_ZTUNNEL_ADDRS`] ztunnel addresses per family; the
+/// connect-time record moved from `orig_dst_by_cookie` to thread storage (`orig_dst_by_task`).
+pub const LAYOUT_VERSION: &str = "v2";
+
+/// How many ztunnel addresses of each family the programs spread connections over
+/// (`ZB_MAX_ZTUNNEL_ADDRS`); further ones are not used.
+pub const MAX_ZTUNNEL_ADDRS: usize = 4;
 
 /// Default size of `cgroup_info_map` and `pod_addr_map` (`ZB_CGROUP_ENTRIES`).
 pub const DEFAULT_MAX_ENTRIES: u32 = 65536;
@@ -73,27 +81,114 @@ impl CgroupInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Settings {
     pub flags: u32,
-    /// Network byte order.
-    pub ztunnel_addr4: u32,
-    pub ztunnel_addr6: [u8; 16],
     pub outbound_port: u16,
     pub inbound_port: u16,
     /// Bit N set: some entry sits at cgroup level N (root = 0).
     pub levels: u32,
+    /// How many of `ztunnel_addr4` are used.
+    pub ztunnel_count4: u8,
+    /// How many of `ztunnel_addr6` are used.
+    pub ztunnel_count6: u8,
+    pub reserved: u16,
+    /// Network byte order.
+    pub ztunnel_addr4: [u32; MAX_ZTUNNEL_ADDRS],
+    pub ztunnel_addr6: [[u8; 16]; MAX_ZTUNNEL_ADDRS],
 }
 
 impl Settings {
-    /// The ztunnel addresses the programs use (IPv4 first).
+    /// The ztunnel addresses the programs use (IPv4 first, each family in its order).
     pub fn ztunnel_ips(&self) -> Vec<IpAddr> {
         let mut ips = Vec::new();
         if self.flags & S_HAS_ZTUNNEL4 != 0 {
-            ips.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(self.ztunnel_addr4))));
+            let n = usize::from(self.ztunnel_count4).min(MAX_ZTUNNEL_ADDRS);
+            ips.extend(
+                self.ztunnel_addr4[..n]
+                    .iter()
+                    .map(|a| IpAddr::V4(Ipv4Addr::from(u32::from_be(*a)))),
+            );
         }
         if self.flags & S_HAS_ZTUNNEL6 != 0 {
-            ips.push(IpAddr::V6(Ipv6Addr::from(self.ztunnel_addr6)));
+            let n = usize::from(self.ztunnel_count6).min(MAX_ZTUNNEL_ADDRS);
+            ips.extend(
+                self.ztunnel_addr6[..n]
+                    .iter()
+                    .map(|a| IpAddr::V6(Ipv6Addr::from(*a))),
+            );
         }
         ips
     }
+
+    /// Sets ztunnel's addresses: the first [`MAX_ZTUNNEL_ADDRS`] of each family, in order
+    /// (the programs' choice depends on the order). Returns the addresses left out.
+    pub fn set_ztunnel_ips(&mut self, ips: &[IpAddr]) -> Vec<IpAddr> {
+        self.flags &= !(S_HAS_ZTUNNEL4 | S_HAS_ZTUNNEL6);
+        self.ztunnel_count4 = 0;
+        self.ztunnel_count6 = 0;
+        self.ztunnel_addr4 = [0; MAX_ZTUNNEL_ADDRS];
+        self.ztunnel_addr6 = [[0; 16]; MAX_ZTUNNEL_ADDRS];
+        let mut left_out = Vec::new();
+        for ip in ips {
+            match ip {
+                IpAddr::V4(v4) => {
+                    let n = usize::from(self.ztunnel_count4);
+                    let be = u32::from(*v4).to_be();
+                    if self.ztunnel_addr4[..n].contains(&be) {
+                        continue;
+                    }
+                    if n == MAX_ZTUNNEL_ADDRS {
+                        left_out.push(*ip);
+                        continue;
+                    }
+                    self.ztunnel_addr4[n] = be;
+                    self.ztunnel_count4 += 1;
+                    self.flags |= S_HAS_ZTUNNEL4;
+                }
+                IpAddr::V6(v6) => {
+                    let n = usize::from(self.ztunnel_count6);
+                    if self.ztunnel_addr6[..n].contains(&v6.octets()) {
+                        continue;
+                    }
+                    if n == MAX_ZTUNNEL_ADDRS {
+                        left_out.push(*ip);
+                        continue;
+                    }
+                    self.ztunnel_addr6[n] = v6.octets();
+                    self.ztunnel_count6 += 1;
+                    self.flags |= S_HAS_ZTUNNEL6;
+                }
+            }
+        }
+        left_out
+    }
+
+    /// The ztunnel address the programs send a connection to `dst` to (`None`: no address of
+    /// its family is known). An IPv4-mapped IPv6 destination is decided as IPv4.
+    pub fn ztunnel_for(&self, dst: SocketAddr) -> Option<IpAddr> {
+        let ip = PodAddr::from(dst.ip()).ip();
+        let family: Vec<IpAddr> = self
+            .ztunnel_ips()
+            .into_iter()
+            .filter(|z| z.is_ipv4() == ip.is_ipv4())
+            .collect();
+        if family.is_empty() {
+            return None;
+        }
+        Some(family[ztunnel_index(ip, dst.port(), family.len() as u32) as usize])
+    }
+}
+
+/// Which of ztunnel's `n` addresses of its family a destination goes to: the mirror of
+/// `zb_ztunnel_index` in `bpf/helpers.h` (the same hash over the same words, read in the
+/// CPU's byte order as the program reads them). `port` is the destination port (0 for a
+/// rewritten bind, whose hash is over the address alone).
+pub fn ztunnel_index(dst: IpAddr, port: u16, n: u32) -> u32 {
+    let bytes = PodAddr::from(dst).addr;
+    let mut h = u32::from(u16::from_ne_bytes(port.to_be_bytes()));
+    for word in bytes.chunks_exact(4) {
+        h ^= u32::from_ne_bytes(word.try_into().expect("4 bytes"));
+    }
+    let h = h.wrapping_mul(0x9e37_79b1);
+    (((u64::from(h >> 16)) * u64::from(n)) >> 16) as u32
 }
 
 /// `struct orig_dst`: where a redirected connect was going.
@@ -188,7 +283,7 @@ impl Counters {
     }
 }
 
-// SAFETY: #[repr(C)] structs of integers and byte arrays without padding (sizes 24, 32, 16,
+// SAFETY: #[repr(C)] structs of integers and byte arrays without padding (sizes 24, 96, 16,
 // 20 and 36, checked against the object's BTF by a test).
 unsafe impl crate::sys::Plain for CgroupInfo {}
 // SAFETY: as above.

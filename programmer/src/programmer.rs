@@ -201,22 +201,17 @@ impl<B: MapBackend> Programmer<B> {
         }
         settings.levels = self.levels_mask();
         if let Some(ips) = self.pending_ztunnel.take() {
-            settings.flags &= !(layout::S_HAS_ZTUNNEL4 | layout::S_HAS_ZTUNNEL6);
-            settings.ztunnel_addr4 = 0;
-            settings.ztunnel_addr6 = [0; 16];
-            if let Some(v4) = ips.iter().find_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            }) {
-                settings.flags |= layout::S_HAS_ZTUNNEL4;
-                settings.ztunnel_addr4 = u32::from(v4).to_be();
-            }
-            if let Some(v6) = ips.iter().find_map(|ip| match ip {
-                IpAddr::V6(v6) => Some(*v6),
-                IpAddr::V4(_) => None,
-            }) {
-                settings.flags |= layout::S_HAS_ZTUNNEL6;
-                settings.ztunnel_addr6 = v6.octets();
+            let left_out = settings.set_ztunnel_ips(&ips);
+            if !left_out.is_empty() {
+                log::warn!(
+                    "ztunnel has more than {} addresses of a family: {} not used for capture",
+                    layout::MAX_ZTUNNEL_ADDRS,
+                    left_out
+                        .iter()
+                        .map(IpAddr::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
         }
         if settings != self.settings || self.backend.settings()? != settings {
@@ -435,5 +430,78 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["10.0.0.1".parse::<IpAddr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn ztunnel_addresses_are_kept_in_order_up_to_four_per_family() {
+        let mut p = Programmer::new(MemoryBackend::default(), ProgrammerConfig::default()).unwrap();
+        let ips: Vec<IpAddr> = [
+            "10.99.0.1",
+            "fd00::1",
+            "10.99.0.2",
+            "10.99.0.1",
+            "10.99.0.3",
+            "10.99.0.4",
+            "10.99.0.5",
+            "fd00::2",
+        ]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+        p.queue(&Update::SetZtunnel { ips });
+        p.flush().unwrap();
+        let settings = p.backend().settings;
+        let want: Vec<IpAddr> = [
+            "10.99.0.1",
+            "10.99.0.2",
+            "10.99.0.3",
+            "10.99.0.4",
+            "fd00::1",
+            "fd00::2",
+        ]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+        assert_eq!(settings.ztunnel_ips(), want);
+        assert_eq!((settings.ztunnel_count4, settings.ztunnel_count6), (4, 2));
+        assert_eq!(
+            settings.flags & (layout::S_HAS_ZTUNNEL4 | layout::S_HAS_ZTUNNEL6),
+            layout::S_HAS_ZTUNNEL4 | layout::S_HAS_ZTUNNEL6
+        );
+
+        // Down to one v6 address: the v4 ones and the second v6 one are gone.
+        p.queue(&Update::SetZtunnel {
+            ips: vec!["fd00::2".parse().unwrap()],
+        });
+        p.flush().unwrap();
+        let settings = p.backend().settings;
+        assert_eq!(
+            settings.ztunnel_ips(),
+            vec!["fd00::2".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(settings.flags & layout::S_HAS_ZTUNNEL4, 0);
+        assert_eq!(settings.ztunnel_addr4, [0; layout::MAX_ZTUNNEL_ADDRS]);
+        assert_eq!(settings.ztunnel_addr6[1], [0; 16]);
+    }
+
+    #[test]
+    fn each_destination_keeps_one_ztunnel_address_and_both_are_used() {
+        let mut settings = Settings::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.99.0.1".parse().unwrap(), "10.99.0.2".parse().unwrap());
+        settings.set_ztunnel_ips(&[a, b]);
+        let mut seen = BTreeSet::new();
+        for i in 1..=20u8 {
+            let dst: std::net::SocketAddr = format!("10.96.1.{i}:80").parse().unwrap();
+            let picked = settings.ztunnel_for(dst).unwrap();
+            assert!(picked == a || picked == b);
+            // The same destination, asked again or through a dual-stack socket.
+            assert_eq!(settings.ztunnel_for(dst), Some(picked));
+            let mapped: std::net::SocketAddr = format!("[::ffff:10.96.1.{i}]:80").parse().unwrap();
+            assert_eq!(settings.ztunnel_for(mapped), Some(picked));
+            seen.insert(picked);
+        }
+        assert_eq!(seen.len(), 2, "20 destinations all on one address");
+        // No IPv6 address: no choice for an IPv6 destination.
+        assert_eq!(settings.ztunnel_for("[fd00::5]:80".parse().unwrap()), None);
     }
 }

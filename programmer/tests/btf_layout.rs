@@ -65,11 +65,14 @@ fn rust_mirrors_match_the_objects_btf() {
             size_of::<Settings>(),
             owned(&[
                 ("flags", offset_of!(Settings, flags)),
-                ("ztunnel_addr4", offset_of!(Settings, ztunnel_addr4)),
-                ("ztunnel_addr6", offset_of!(Settings, ztunnel_addr6)),
                 ("outbound_port", offset_of!(Settings, outbound_port)),
                 ("inbound_port", offset_of!(Settings, inbound_port)),
                 ("levels", offset_of!(Settings, levels)),
+                ("ztunnel_count4", offset_of!(Settings, ztunnel_count4)),
+                ("ztunnel_count6", offset_of!(Settings, ztunnel_count6)),
+                ("reserved", offset_of!(Settings, reserved)),
+                ("ztunnel_addr4", offset_of!(Settings, ztunnel_addr4)),
+                ("ztunnel_addr6", offset_of!(Settings, ztunnel_addr6)),
             ]),
         ),
         (
@@ -121,10 +124,13 @@ fn maps_of_the_object_are_the_ones_layout_names_with_their_key_and_value_sizes()
     assert_eq!(kv(layout::CGROUP_INFO_MAP), (8, size_of::<CgroupInfo>()));
     assert_eq!(kv(layout::SETTINGS_MAP), (4, size_of::<Settings>()));
     assert_eq!(kv(layout::POD_ADDR_MAP), (size_of::<PodAddr>(), 4));
+    // Thread storage: the key is a pidfd in map operations; the value a socket cookie and an
+    // orig_dst (struct connect_record, BPF only).
     assert_eq!(
-        kv(layout::ORIG_DST_BY_COOKIE_MAP),
-        (8, size_of::<OrigDst>())
+        kv(layout::ORIG_DST_BY_TASK_MAP),
+        (4, 8 + size_of::<OrigDst>() + 4)
     );
+    assert_eq!(specs[layout::ORIG_DST_BY_TASK_MAP].map_type, 29); // BPF_MAP_TYPE_TASK_STORAGE
     assert_eq!(
         kv(layout::ORIG_DST_BY_TUPLE_MAP),
         (size_of::<ConnTuple>(), size_of::<OrigDst>())

@@ -53,7 +53,10 @@ fn object_loads_attaches_every_program_and_pins_outlive_the_loader() {
         ]
     );
     for (name, _, attach_type) in programmer::object::PROGRAMS {
-        let pin = fs.pin_dir().join("v1/links").join(name);
+        let pin = fs
+            .pin_dir()
+            .join(format!("{}/links", layout::LAYOUT_VERSION))
+            .join(name);
         let fd = sys::obj_get(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
         let info = sys::link_info(fd.as_fd()).unwrap();
         assert_eq!(info.link_type, sys::BPF_LINK_TYPE_CGROUP, "{name}");
@@ -106,7 +109,7 @@ fn object_loads_attaches_every_program_and_pins_outlive_the_loader() {
     // detach removes every pin; the directory goes too.
     drop(again);
     let removed = programmer::detach(&fs.pin_dir()).unwrap();
-    assert_eq!(removed, vec![fs.pin_dir().join("v1")]);
+    assert_eq!(removed, vec![fs.pin_dir().join(layout::LAYOUT_VERSION)]);
     assert!(!fs.pin_dir().exists());
 }
 
@@ -114,7 +117,12 @@ fn link_prog_ids(fs: &PrivateBpfFs) -> Vec<u32> {
     programmer::object::PROGRAMS
         .iter()
         .map(|(name, _, _)| {
-            let fd = sys::obj_get(&fs.pin_dir().join("v1/links").join(name)).unwrap();
+            let fd = sys::obj_get(
+                &fs.pin_dir()
+                    .join(format!("{}/links", layout::LAYOUT_VERSION))
+                    .join(name),
+            )
+            .unwrap();
             sys::link_info(fd.as_fd()).unwrap().prog_id
         })
         .collect()
@@ -127,7 +135,9 @@ fn pinned_map_with_a_wrong_layout_is_recreated() {
     }
     let cg = TestCgroup::new("prog-layout").unwrap();
     let fs = PrivateBpfFs::new("prog-layout");
-    let maps = fs.pin_dir().join("v1/maps");
+    let maps = fs
+        .pin_dir()
+        .join(format!("{}/maps", layout::LAYOUT_VERSION));
     std::fs::create_dir_all(&maps).unwrap();
     // An older layout: a 28-byte value where the object wants 24.
     let wrong = sys::map_create(sys::BPF_MAP_TYPE_HASH, 8, 28, 1024, "cgroup_info_map").unwrap();
@@ -329,8 +339,7 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
     // under the connection's 4-tuple.
     let mut backend = loaded.backend().unwrap();
     let mut settings = backend.settings().unwrap();
-    settings.flags |= layout::S_HAS_ZTUNNEL4;
-    settings.ztunnel_addr4 = u32::from(Ipv4Addr::LOCALHOST).to_be();
+    settings.set_ztunnel_ips(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     settings.outbound_port = port;
     backend
         .apply(&MapBatch {

@@ -67,6 +67,8 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     let settings = backend.settings()?;
+    // Each family's addresses in the order the programs index them (a destination's hash
+    // picks one; docs/tuple-space.md).
     let ztunnel: Vec<String> = settings
         .ztunnel_ips()
         .iter()
@@ -81,12 +83,14 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
         programmer::loader::versioned_dir(&args.pin_dir).display()
     );
     println!(
-        "settings: ztunnel {}; ports outbound {} inbound {}; {}; debug {}; levels [{}]",
+        "settings: ztunnel {} ({} IPv4, {} IPv6, spread by destination); ports outbound {} inbound {}; {}; debug {}; levels [{}]",
         if ztunnel.is_empty() {
             "unknown".to_string()
         } else {
             ztunnel.join(", ")
         },
+        settings.ztunnel_count4,
+        settings.ztunnel_count6,
         settings.outbound_port,
         settings.inbound_port,
         if settings.flags & layout::S_FAIL_OPEN != 0 {
@@ -133,18 +137,14 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
     for (addr, flags) in &addrs {
         println!("  {:<40} {}", addr.ip(), role_of(*flags));
     }
-    let by_cookie = read_entries::<u64, OrigDst>(
-        layout::ORIG_DST_BY_COOKIE_MAP,
-        programmer::loader::open_pinned_map(&args.pin_dir, layout::ORIG_DST_BY_COOKIE_MAP)?.as_fd(),
-    )?;
+    // The socket-storage map (the connect-time records) cannot be iterated: only the
+    // tuple records, which ztunnel's questions are answered from, are counted.
     let by_tuple = read_entries::<ConnTuple, OrigDst>(
         layout::ORIG_DST_BY_TUPLE_MAP,
         programmer::loader::open_pinned_map(&args.pin_dir, layout::ORIG_DST_BY_TUPLE_MAP)?.as_fd(),
     )?;
     println!(
-        "{}: {} entries; {}: {} entries",
-        layout::ORIG_DST_BY_COOKIE_MAP,
-        by_cookie.len(),
+        "{}: {} entries",
         layout::ORIG_DST_BY_TUPLE_MAP,
         by_tuple.len()
     );
