@@ -279,6 +279,18 @@ fn watch<S: EventSource>(
             return Ok(());
         };
         let input = match record.record {
+            // A new thread: the kernel reports it as a fork whose parent is the parent of the
+            // whole process (`real_parent`), so `parent_tgid != child_tgid` and it would look
+            // like a new process `child_tgid` moving into its grandparent's cgroup. Only
+            // `child_pid != child_tgid` says it is a thread; a thread changes no cgroup.
+            Record::Proc(ProcEvent::Fork {
+                child_pid,
+                child_tgid,
+                ..
+            }) if child_pid != child_tgid => {
+                metrics.event(EventKind::Fork);
+                continue;
+            }
             Record::Proc(event) => {
                 metrics.event(EventKind::of(&event));
                 if matches!(event, ProcEvent::Lost) {
@@ -383,6 +395,40 @@ impl Decisions {
     }
 }
 
+/// Holds back "no ztunnel address" until the first full picture. Before the kube cache has
+/// synced the resolver knows no ztunnel pod and says so, but the address pinned by a previous
+/// run is still right: writing "none" would fail every captured pod closed while the agent
+/// restarts (or for as long as the API server is unreachable at start). An address is passed
+/// at once; "none" only once `Synced` shows it is the truth.
+#[derive(Default)]
+struct HeldZtunnel {
+    synced: bool,
+    held: Option<Update>,
+}
+
+impl HeldZtunnel {
+    /// The update to send now, or `None` when it is held back.
+    fn pass(&mut self, update: Update) -> Option<Update> {
+        match &update {
+            Update::SetZtunnel { ips } if !self.synced => {
+                if ips.is_empty() {
+                    self.held = Some(update);
+                    return None;
+                }
+                self.held = None; // superseded by a known address
+            }
+            Update::Synced => self.synced = true,
+            _ => {}
+        }
+        Some(update)
+    }
+
+    /// The "none" held back, to send before `Synced`.
+    fn release(&mut self) -> Option<Update> {
+        self.held.take()
+    }
+}
+
 /// The resolver stage: inputs (and reloads) → updates.
 fn resolve(
     mut resolver: Resolver,
@@ -396,6 +442,7 @@ fn resolve(
     let mut updates = Vec::new();
     let mut control = Some(control);
     let mut decisions = Decisions::default();
+    let mut held = HeldZtunnel::default();
     let refresh = crossbeam_channel::tick(NONE_COUNT_EVERY);
     loop {
         let never = crossbeam_channel::never();
@@ -435,10 +482,27 @@ fn resolve(
             continue;
         }
         for update in updates.drain(..) {
-            decisions.apply(&update);
+            let update = match held.pass(update) {
+                Some(update) => update,
+                None => continue,
+            };
             if matches!(update, Update::Synced) {
                 readiness.set_first_scan_resolved(true);
+                // The "no ztunnel" held back until now is the truth after all.
+                if let Some(ztunnel) = held.release() {
+                    status.updates.fetch_add(1, Ordering::Relaxed);
+                    if out
+                        .send(Stamped {
+                            update: ztunnel,
+                            exec_ts: None,
+                        })
+                        .is_err()
+                    {
+                        return Err(anyhow!("resolver: the programmer stopped taking updates"));
+                    }
+                }
             }
+            decisions.apply(&update);
             status.updates.fetch_add(1, Ordering::Relaxed);
             if out.send(Stamped { update, exec_ts }).is_err() {
                 return Err(anyhow!("resolver: the programmer stopped taking updates"));
@@ -787,6 +851,19 @@ mod tests {
         kube.send(Input::Kube(resolver::KubeChange::Synced))
             .unwrap();
         wait("synced", || pipeline.status.synced.load(Ordering::Relaxed));
+        // A new thread of the app's process, as the kernel reports it: the parent is the
+        // process's own parent (pid 1 here). The process stays where it is.
+        records
+            .send(TimedRecord {
+                ts: 2,
+                record: Record::Proc(ProcEvent::Fork {
+                    parent_pid: 1,
+                    parent_tgid: 1,
+                    child_pid: 12,
+                    child_tgid: 10,
+                }),
+            })
+            .unwrap();
         // An exec in the late pod, stamped now by the kernel's clock: its enrolment is timed.
         records
             .send(TimedRecord {

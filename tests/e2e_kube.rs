@@ -707,3 +707,144 @@ fn api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile(
         || node.redirection("shop", "app").is_none(),
     );
 }
+
+/// A restart while the API server is unreachable: the new agent reuses the pinned maps, so the
+/// pods stay captured, removes nothing while it cannot see, and says it is not ready; once the
+/// server is back and the cache synced, the entry of a pod deleted meanwhile is removed and
+/// the others are kept.
+#[test]
+fn restart_with_api_server_unreachable_keeps_pinned_state_until_synced() {
+    if !testkit::require_root("restart_with_api_server_unreachable_keeps_pinned_state_until_synced")
+    {
+        return;
+    }
+    let mut node = Node::new("e2e-kube-restart");
+    eprintln!(
+        "ZTPID {} TEST {}",
+        node.ztunnel.listener.pid(),
+        std::process::id()
+    );
+    let app = PodCgroup::new(&node.mesh);
+    let other = PodCgroup::new(&node.mesh);
+    node.server.apply_namespace(&namespace("shop", true));
+    node.server.apply_pod(&pod(
+        "shop",
+        "app",
+        &app.uid,
+        &node.name,
+        &[POD4, POD6],
+        json!({}),
+    ));
+    let other_ip: IpAddr = "10.99.1.5".parse().unwrap();
+    node.server.apply_pod(&pod(
+        "shop",
+        "other",
+        &other.uid,
+        &node.name,
+        &[other_ip],
+        json!({}),
+    ));
+    node.sleeper(&app);
+    node.sleeper(&other);
+    let proxy = Proxy::start(node.server.addr());
+    let api = proxy.addr();
+    node.proxy = Some(proxy);
+    node.start_agent(api, false);
+    let (zt_id, app_id, other_id) = (
+        node.id(&node.ztunnel_pod.pod),
+        node.id(&app.pod),
+        node.id(&other.pod),
+    );
+    node.wait_entries("both pods and ztunnel enrolled", |e| {
+        e.contains_key(&zt_id) && e.contains_key(&app_id) && e.contains_key(&other_id)
+    });
+    node.wait_ready(true);
+
+    // The agent dies; while it is down a pod is deleted and the API server goes away.
+    drop(node.agent.take());
+    node.server.delete_pod("shop", "other");
+    node.proxy.as_mut().unwrap().down();
+    let before = node.entries();
+    node.start_agent(api, false);
+    wait_until(
+        "the new agent up, the API server unreachable",
+        || node.log(),
+        || node.log().contains("Kubernetes API server lost"),
+    );
+    let (code, body) = node.ops_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("kube cache not synced"), "{body}");
+    assert!(body.contains("Kubernetes API server unreachable"), "{body}");
+    assert!(
+        node.log()
+            .contains("3 entries pinned by a previous run stay in force"),
+        "{}",
+        node.log()
+    );
+    // The pinned state is untouched and in force.
+    node.assert_redirected(&app);
+    assert_eq!(node.entries(), before);
+
+    // The server returns: the cache syncs, the deleted pod's entry goes, the others stay.
+    node.proxy.as_mut().unwrap().up();
+    node.wait_entries("the deleted pod's entry reconciled away", |e| {
+        !e.contains_key(&other_id)
+    });
+    assert_eq!(
+        node.entries()
+            .keys()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [zt_id, app_id].into_iter().collect(),
+        "agent log:\n{}",
+        node.log()
+    );
+    node.wait_ready(true);
+    node.assert_redirected(&app);
+}
+
+/// Kubernetes mode refuses to guess: no node name, or a kubeconfig it cannot read, is an error
+/// naming the flag, before anything on the host is touched.
+#[test]
+fn kubernetes_mode_needs_a_node_name_and_a_readable_kubeconfig() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_zbridge"))
+            .arg("run")
+            .args(args)
+            .env_remove("NODE_NAME")
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = run(&["--pin-dir", "/nonexistent/pins"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--node-name NAME or set NODE_NAME") && stderr.contains("hostname"),
+        "{stderr}"
+    );
+    let (ok, stderr) = run(&[
+        "--node-name",
+        "node-a",
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--kubeconfig /nonexistent/kubeconfig: cannot read it"),
+        "{stderr}"
+    );
+    // Standalone-only and Kubernetes-only flags do not mix.
+    let (ok, stderr) = run(&[
+        "--standalone",
+        "--workloads",
+        "/nonexistent/w.yaml",
+        "--kubeconfig",
+        "/k",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
