@@ -235,18 +235,18 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         programmer.entry_count()
     );
 
-    // 2. The watcher: subscribe, then the first scan of /proc.
-    // LiveConfig has no cgroup root of its own yet: the watcher reads paths against the
-    // cgroup2 mount it finds; a different --cgroup-root is reported.
-    let source = LiveSource::start(&LiveConfig::default())
-        .context("starting the process watcher (proc connector)")?;
-    if source.cgroup_root() != cgroup_root {
-        log::warn!(
-            "--cgroup-root {} differs from the cgroup2 mount the watcher reads paths against ({})",
-            cgroup_root.display(),
-            source.cgroup_root().display()
-        );
-    }
+    // 2. The watcher: subscribe, then the first scan of /proc; cgroup paths and ids are read
+    // against the same cgroup2 root as the resolver's.
+    let watcher_config = LiveConfig {
+        cgroup_root: Some(cgroup_root.clone()),
+        ..LiveConfig::default()
+    };
+    let source = LiveSource::start(&watcher_config).with_context(|| {
+        format!(
+            "starting the process watcher (proc connector, cgroup2 root {})",
+            cgroup_root.display()
+        )
+    })?;
     let stop = source.stop_handle();
 
     // 3. The resolver, fed by the watcher and by the workloads file or the kube cache.
