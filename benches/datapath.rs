@@ -15,7 +15,14 @@
 //!    client closing first: through zbridge every connection shares the one tuple space
 //!    (pod address, port → ztunnel:15001); through DNAT, conntrack keeps the real tuple.
 //!
-//! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`).
+//! 3. The ways out of that limit (docs/tuple-space.md), each from a fresh pod namespace of its
+//!    own whose ephemeral port range is cut to `SPREAD_PORTS` ports (so that every limit is
+//!    reached well within TIME_WAIT's 60 s): zbridge with one ztunnel address, with two
+//!    (connections spread by a hash of the destination), and with one address and
+//!    `net.ipv4.tcp_tw_reuse=1` set in the pod's namespace.
+//!
+//! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`, `SPREAD_BURST`,
+//! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Instant;
@@ -29,6 +36,8 @@ use watcher::CgroupId;
 
 /// The address pods connect to (no host has it: DNAT or zbridge takes it to ztunnel).
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+/// ztunnel's second IPv4 address (part 3).
+const ZTUNNEL4_B: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 2));
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -156,15 +165,21 @@ fn main() {
     let rounds = env_or("ROUNDS", 10);
     let per_round = env_or("PER_ROUND", 500);
     let burst = env_or("BURST", 40_000);
+    let spread_burst = env_or("SPREAD_BURST", 30_000);
+    let spread_ports = env_or("SPREAD_PORTS", 10_000);
+    let only_spread = env_or("ONLY_SPREAD", 0) == 1;
 
     let mesh = Mesh::new("bench").expect("mesh");
     let bpffs = BpfFs::new("bench").expect("bpffs");
-    // The listener on ztunnel's address, in ztunnel's cgroup, asking original destinations.
+    mesh.node_ns
+        .addr("lo", "10.99.0.2/32")
+        .expect("ztunnel's second address");
+    // The listener on ztunnel's addresses, in ztunnel's cgroup, asking original destinations.
     let _listener = ztunnel::FakeZtunnel::start(
         &mesh.node_ns,
         &mesh.cgroup,
         &mesh.ztunnel,
-        &[ZTUNNEL4, ZTUNNEL6],
+        &[ZTUNNEL4, ZTUNNEL4_B, ZTUNNEL6],
         false,
     )
     .expect("listener");
@@ -214,6 +229,7 @@ fn main() {
     ];
     let mut samples: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
     let mut errors: Vec<Vec<String>> = vec![Vec::new(); names.len()];
+    let rounds = if only_spread { 0 } else { rounds };
     for round in 0..rounds {
         for (i, name) in names.iter().enumerate() {
             let (lat, err) = match *name {
@@ -242,38 +258,39 @@ fn main() {
         eprintln!("round {}/{rounds} done", round + 1);
     }
 
-    println!(
-        "\nDatapath: one connection (connect, 1-byte echo, close), {rounds} interleaved rounds x {per_round}"
-    );
-    println!(
-        "{:<15} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7}",
-        "path", "n", "p50 µs", "p99 µs", "mean µs", "p50/a", "p99/a", "errors"
-    );
-    let mut base = (1.0, 1.0);
-    for (i, name) in names.iter().enumerate() {
-        let s = &mut samples[i];
-        s.sort_unstable();
-        let (p50, p99) = (percentile(s, 0.50) as f64, percentile(s, 0.99) as f64);
-        let mean = s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
-        if i == 0 {
-            base = (p50, p99);
-        }
+    if !only_spread {
         println!(
-            "{:<15} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>7}",
-            name,
-            s.len(),
-            p50 / 1e3,
-            p99 / 1e3,
-            mean / 1e3,
-            p50 / base.0,
-            p99 / base.1,
-            errors[i].len()
+            "\nDatapath: one connection (connect, 1-byte echo, close), {rounds} interleaved rounds x {per_round}"
         );
-        if let Some(first) = errors[i].first() {
-            println!("    first error: {first}");
+        println!(
+            "{:<15} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7}",
+            "path", "n", "p50 µs", "p99 µs", "mean µs", "p50/a", "p99/a", "errors"
+        );
+        let mut base = (1.0, 1.0);
+        for (i, name) in names.iter().enumerate() {
+            let s = &mut samples[i];
+            s.sort_unstable();
+            let (p50, p99) = (percentile(s, 0.50) as f64, percentile(s, 0.99) as f64);
+            let mean = s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
+            if i == 0 {
+                base = (p50, p99);
+            }
+            println!(
+                "{:<15} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>7}",
+                name,
+                s.len(),
+                p50 / 1e3,
+                p99 / 1e3,
+                mean / 1e3,
+                p50 / base.0,
+                p99 / base.1,
+                errors[i].len()
+            );
+            if let Some(first) = errors[i].first() {
+                println!("    first error: {first}");
+            }
         }
     }
-
     // The tuple space: one pod, many destinations, client closes first, as fast as it can.
     let destinations: Vec<SocketAddr> = (0..100u8)
         .map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 1, i + 1)), 80))
@@ -294,10 +311,15 @@ fn main() {
         "\nTuple space: {burst} short connections from one pod over 100 destinations, client closes first \
          (ephemeral ports {ports:?})"
     );
-    for (name, ns, cgroup) in [
-        ("dnat", &dnat0_ns, &mesh.outside),
-        ("zbridge", &mesh.pod_ns, &mesh.app),
-    ] {
+    let full_runs = if only_spread {
+        Vec::new()
+    } else {
+        vec![
+            ("dnat", &dnat0_ns, &mesh.outside),
+            ("zbridge", &mesh.pod_ns, &mesh.app),
+        ]
+    };
+    for (name, ns, cgroup) in full_runs {
         let start = Instant::now();
         let (lat, errs) = client(ns, &mesh, cgroup, &destinations, burst);
         let took = start.elapsed().as_secs_f64();
@@ -311,6 +333,72 @@ fn main() {
                 .unwrap_or_default()
         );
     }
+    // The ways out, each from a fresh pod (namespace, cgroup, address) with a cut port range.
+    let (low, high) = (40_000u64, 40_000 + spread_ports - 1);
+    println!(
+        "\nWays out: {spread_burst} short connections per run from a fresh pod over the same 100 \
+         destinations, ephemeral ports {low}-{high} ({spread_ports}) in the pod's namespace"
+    );
+    let runs: [(&str, &[IpAddr], bool); 3] = [
+        ("1 ztunnel address", &[ZTUNNEL4, ZTUNNEL6], false),
+        (
+            "2 ztunnel addresses",
+            &[ZTUNNEL4, ZTUNNEL4_B, ZTUNNEL6],
+            false,
+        ),
+        ("1 address + tcp_tw_reuse=1", &[ZTUNNEL4, ZTUNNEL6], true),
+    ];
+    for (i, (name, ztunnel_ips, tw_reuse)) in runs.into_iter().enumerate() {
+        let n = 4 + i as u8;
+        let ns = pod_ns(&mesh, n);
+        ns.exec(
+            "sysctl",
+            &["-qw", &format!("net.ipv4.ip_local_port_range={low} {high}")],
+        )
+        .expect("port range");
+        if tw_reuse {
+            ns.exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])
+                .expect("tcp_tw_reuse");
+        }
+        let path = mesh
+            .cgroup
+            .child(&format!("attach/pods/spread{n}"))
+            .expect("pod cgroup");
+        let pod_ip = IpAddr::V4(Ipv4Addr::new(10, 98, n, 2));
+        programmer.queue(&enrol(mesh.id(&path), &path, Role::Ambient, vec![pod_ip]));
+        programmer.queue(&Update::SetZtunnel {
+            ips: ztunnel_ips.to_vec(),
+        });
+        programmer.flush().expect("enrol the pod, set ztunnel");
+        // Where the programs send each destination (the mirror of their hash).
+        let settings = programmer::MapBackend::settings(programmer.backend()).expect("settings");
+        let mut share: Vec<(IpAddr, usize)> = Vec::new();
+        for d in &destinations {
+            let zt = settings.ztunnel_for(*d).expect("a ztunnel address");
+            match share.iter_mut().find(|(ip, _)| *ip == zt) {
+                Some((_, count)) => *count += 1,
+                None => share.push((zt, 1)),
+            }
+        }
+        let start = Instant::now();
+        let (lat, errs) = client(&ns, &mesh, &path, &destinations, spread_burst);
+        let took = start.elapsed().as_secs_f64();
+        let share: Vec<String> = share
+            .iter()
+            .map(|(ip, count)| format!("{ip}: {count} destinations"))
+            .collect();
+        println!(
+            "{name:<28} {} ok, {} failed in {took:.1} s ({:.0} conn/s) [{}]{}",
+            lat.len(),
+            errs.len(),
+            lat.len() as f64 / took,
+            share.join(", "),
+            errs.first()
+                .map(|e| format!("; first failure: {e}"))
+                .unwrap_or_default()
+        );
+    }
+
     drop(programmer);
     drop(loaded);
     // Guards remove the namespaces, the bpffs (and with it the pinned links) and the cgroups.
