@@ -279,18 +279,6 @@ fn watch<S: EventSource>(
             return Ok(());
         };
         let input = match record.record {
-            // A new thread: the kernel reports it as a fork whose parent is the parent of the
-            // whole process (`real_parent`), so `parent_tgid != child_tgid` and it would look
-            // like a new process `child_tgid` moving into its grandparent's cgroup. Only
-            // `child_pid != child_tgid` says it is a thread; a thread changes no cgroup.
-            Record::Proc(ProcEvent::Fork {
-                child_pid,
-                child_tgid,
-                ..
-            }) if child_pid != child_tgid => {
-                metrics.event(EventKind::Fork);
-                continue;
-            }
             Record::Proc(event) => {
                 metrics.event(EventKind::of(&event));
                 if matches!(event, ProcEvent::Lost) {

@@ -350,11 +350,17 @@ impl Resolver {
             ProcEvent::Exec { tgid, facts, .. } => self.exec(tgid, facts, out),
             ProcEvent::Fork {
                 parent_tgid,
+                child_pid,
                 child_tgid,
                 ..
             } => {
-                if child_tgid == parent_tgid {
-                    return; // a thread
+                // A new thread changes no process and no cgroup. The kernel reports a thread's
+                // parent as the parent of the whole process (`real_parent`), so
+                // `parent_tgid != child_tgid` for it: only `child_pid != child_tgid` tells a
+                // thread on a real kernel. The spec's rule (`child_tgid == parent_tgid`) is
+                // kept too, for recordings written by hand to the letter of it.
+                if child_pid != child_tgid || child_tgid == parent_tgid {
+                    return;
                 }
                 let cgroup = self.procs.get(&parent_tgid).copied().flatten();
                 if let Some(id) = cgroup {

@@ -64,6 +64,25 @@ fn threads_are_not_processes() {
     assert_eq!(h.resolver.live_processes(), 2);
 }
 
+/// What a real kernel reports for a new thread: its parent is the parent of the whole process
+/// (`real_parent`), here the shell 1 in /init.scope. Taken for a process, it would move process
+/// 100 into its grandparent's cgroup and drop the pod's entry.
+#[test]
+fn a_thread_as_the_kernel_reports_it_moves_nothing() {
+    let mut h = two_ambient_pods();
+    h.exec(100, &container_path(1, 1), 501);
+    let entries = h.entries.clone();
+    h.feed(proc(ProcEvent::Fork {
+        parent_pid: 1,
+        parent_tgid: 1,
+        child_pid: 103,
+        child_tgid: 100,
+    }));
+    assert_eq!(live_ids(&h), vec![12, 501]);
+    assert_eq!(h.resolver.live_processes(), 2);
+    assert_eq!(h.entries, entries, "no entry changed");
+}
+
 #[test]
 fn exec_moves_a_process_into_a_container() {
     // How a container starts: the runtime's child execs the entrypoint, now in the new cgroup.
