@@ -383,40 +383,6 @@ impl Decisions {
     }
 }
 
-/// Holds back "no ztunnel address" until the first full picture. Before the kube cache has
-/// synced the resolver knows no ztunnel pod and says so, but the address pinned by a previous
-/// run is still right: writing "none" would fail every captured pod closed while the agent
-/// restarts (or for as long as the API server is unreachable at start). An address is passed
-/// at once; "none" only once `Synced` shows it is the truth.
-#[derive(Default)]
-struct HeldZtunnel {
-    synced: bool,
-    held: Option<Update>,
-}
-
-impl HeldZtunnel {
-    /// The update to send now, or `None` when it is held back.
-    fn pass(&mut self, update: Update) -> Option<Update> {
-        match &update {
-            Update::SetZtunnel { ips } if !self.synced => {
-                if ips.is_empty() {
-                    self.held = Some(update);
-                    return None;
-                }
-                self.held = None; // superseded by a known address
-            }
-            Update::Synced => self.synced = true,
-            _ => {}
-        }
-        Some(update)
-    }
-
-    /// The "none" held back, to send before `Synced`.
-    fn release(&mut self) -> Option<Update> {
-        self.held.take()
-    }
-}
-
 /// The resolver stage: inputs (and reloads) → updates.
 fn resolve(
     mut resolver: Resolver,
@@ -430,7 +396,6 @@ fn resolve(
     let mut updates = Vec::new();
     let mut control = Some(control);
     let mut decisions = Decisions::default();
-    let mut held = HeldZtunnel::default();
     let refresh = crossbeam_channel::tick(NONE_COUNT_EVERY);
     loop {
         let never = crossbeam_channel::never();
@@ -470,25 +435,8 @@ fn resolve(
             continue;
         }
         for update in updates.drain(..) {
-            let update = match held.pass(update) {
-                Some(update) => update,
-                None => continue,
-            };
             if matches!(update, Update::Synced) {
                 readiness.set_first_scan_resolved(true);
-                // The "no ztunnel" held back until now is the truth after all.
-                if let Some(ztunnel) = held.release() {
-                    status.updates.fetch_add(1, Ordering::Relaxed);
-                    if out
-                        .send(Stamped {
-                            update: ztunnel,
-                            exec_ts: None,
-                        })
-                        .is_err()
-                    {
-                        return Err(anyhow!("resolver: the programmer stopped taking updates"));
-                    }
-                }
             }
             decisions.apply(&update);
             status.updates.fetch_add(1, Ordering::Relaxed);

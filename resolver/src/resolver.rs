@@ -721,6 +721,13 @@ impl Resolver {
         if self.ztunnel_emitted.as_ref() == Some(&ips) {
             return;
         }
+        // Before the first full picture, "no ztunnel" is not known to be true (the kube cache
+        // may not have listed the ztunnel pod yet), and the address a previous run pinned is
+        // still right: clearing it would fail every captured pod closed while the agent
+        // restarts. It is said, if still true, right before `Synced`.
+        if ips.is_empty() && !self.synced_emitted {
+            return;
+        }
         if self.ztunnel_emitted.is_some() || !ips.is_empty() {
             info!("ztunnel address: {}", join_ips(&ips));
         }
@@ -734,6 +741,7 @@ impl Resolver {
         }
         self.synced_emitted = true;
         info!("synced: the process scan and the pod and namespace lists are complete");
+        self.update_ztunnel(out);
         out.push(Update::Synced);
     }
 

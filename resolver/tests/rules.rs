@@ -406,3 +406,33 @@ fn kube_records_name_the_bad_field() {
     let e = bad(json!({"kind": "Pod", "metadata": {"uid": uid(1)}}));
     assert!(e.contains("apiVersion"), "{e}");
 }
+
+/// "No ztunnel" is not said before the first full picture: the address a previous run pinned
+/// stays in force while the kube cache lists, and is cleared at `Synced` only if still none.
+#[test]
+fn no_ztunnel_is_said_only_once_synced() {
+    let mut h = Harness::new();
+    h.scan(&[(1, "/init.scope", 12)]);
+    assert_eq!(h.ztunnel, None, "nothing said before the kube cache synced");
+    h.synced_kube();
+    assert_eq!(
+        h.ztunnel,
+        Some(vec![]),
+        "no ztunnel pod after sync: now it is the truth"
+    );
+    assert_eq!(h.synced, 1);
+    let order: Vec<bool> = h
+        .take_updates()
+        .iter()
+        .filter_map(|u| match u {
+            Update::SetZtunnel { .. } => Some(false),
+            Update::Synced => Some(true),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        order,
+        vec![false, true],
+        "the address is settled before Synced"
+    );
+}
