@@ -38,3 +38,21 @@ fn init_logging(level: log::LevelFilter) {
         simplelog::ColorChoice::Never,
     );
 }
+
+/// Reads /proc with the host's cgroup paths: joins PID 1's cgroup namespace when the agent runs
+/// in one of its own (a container). Call before any thread starts; threads inherit it.
+pub fn use_host_cgroup_view() -> anyhow::Result<()> {
+    use watcher::hostns::{enter_host_cgroup_namespace, HostNsError};
+    match enter_host_cgroup_namespace() {
+        Ok(true) => {
+            log::info!("joined the host's cgroup namespace (PID 1's): cgroup paths are the host's")
+        }
+        Ok(false) => {}
+        // Cannot look at PID 1 (no hostPID, or a sandbox that hides it): carry on, and say so.
+        Err(e @ HostNsError::Read { .. }) => {
+            log::warn!("{e}; cgroup paths are read in this process's own cgroup namespace")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}

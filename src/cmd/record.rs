@@ -68,6 +68,7 @@ pub struct RecordArgs {
 type ProcItem = Result<TimedRecord, SourceError>;
 
 pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
+    super::use_host_cgroup_view()?;
     let node = match (args.node_name.as_deref().map(str::trim), args.standalone) {
         (Some(node), _) if !node.is_empty() => node.to_string(),
         (_, true) => host_name().context("cannot read this host's name; pass --node-name")?,

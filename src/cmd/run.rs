@@ -189,6 +189,7 @@ impl CgroupIds for StatCgroupIds {
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    super::use_host_cgroup_view()?;
     let mode = Mode::of(&args)?;
     let metrics_addr = args.metrics_addr.clone().unwrap_or_else(|| {
         match mode {
