@@ -7,11 +7,8 @@
 //!
 //! `cargo bench --bench programmer` prints the figures; BENCHMARKS.md ("Programmer") keeps them.
 
-use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,37 +19,6 @@ use watcher::CgroupId;
 const ENTRIES: u64 = 10_000;
 const ROUNDS: usize = 20;
 const CONNECTIONS: usize = 2_000;
-
-struct BpfFs(PathBuf);
-
-impl BpfFs {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(testkit::unique_name("bench-programmer"));
-        std::fs::create_dir(&dir).expect("mount point");
-        let target = CString::new(dir.as_os_str().as_bytes()).expect("path");
-        // SAFETY: valid NUL-terminated strings, no data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "mount -t bpf: {}", std::io::Error::last_os_error());
-        BpfFs(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let target = CString::new(self.0.as_os_str().as_bytes()).expect("path");
-        // SAFETY: valid path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 fn entries() -> Vec<(CgroupId, CgroupInfo)> {
     (0..ENTRIES)
@@ -84,8 +50,8 @@ fn main() {
         return;
     }
     let cg = testkit::TestCgroup::new("bench-programmer").expect("test cgroup");
-    let fs = BpfFs::new();
-    let loaded = Loaded::load_and_attach(LoaderConfig::new(fs.0.join("zbridge"), cg.dir()))
+    let fs = testkit::BpfFs::new("bench-programmer").expect("mount a private bpffs");
+    let loaded = Loaded::load_and_attach(LoaderConfig::new(fs.pin_dir(), cg.dir()))
         .expect("load and attach");
 
     let all = entries();

@@ -7,13 +7,13 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 
-use common::{config, connect_from, PrivateBpfFs};
+use common::{bpffs, config, connect_from};
 use programmer::aya_backend::read_entries;
 use programmer::layout::{self, CgroupInfo, ConnTuple, OrigDst, PodAddr};
 use programmer::loader::open_pinned_map;
 use programmer::{sys, BatchMode, Loaded, MapBackend, MapBatch, Programmer, ProgrammerConfig};
 use resolver::{Enrolment, Role, Update};
-use testkit::TestCgroup;
+use testkit::{BpfFs, TestCgroup};
 use watcher::CgroupId;
 
 fn entry(i: u64) -> (CgroupId, CgroupInfo) {
@@ -33,7 +33,7 @@ fn object_loads_attaches_every_program_and_pins_outlive_the_loader() {
         return;
     }
     let cg = TestCgroup::new("prog-load").unwrap();
-    let fs = PrivateBpfFs::new("prog-load");
+    let fs = bpffs("prog-load");
     let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
     let created: Vec<&str> = loaded
         .report()
@@ -113,7 +113,7 @@ fn object_loads_attaches_every_program_and_pins_outlive_the_loader() {
     assert!(!fs.pin_dir().exists());
 }
 
-fn link_prog_ids(fs: &PrivateBpfFs) -> Vec<u32> {
+fn link_prog_ids(fs: &BpfFs) -> Vec<u32> {
     programmer::object::PROGRAMS
         .iter()
         .map(|(name, _, _)| {
@@ -134,7 +134,7 @@ fn pinned_map_with_a_wrong_layout_is_recreated() {
         return;
     }
     let cg = TestCgroup::new("prog-layout").unwrap();
-    let fs = PrivateBpfFs::new("prog-layout");
+    let fs = bpffs("prog-layout");
     let maps = fs
         .pin_dir()
         .join(format!("{}/maps", layout::LAYOUT_VERSION));
@@ -172,7 +172,7 @@ fn batch_update_and_delete_of_10000_entries_land_exactly_and_single_ops_agree() 
         return;
     }
     let cg = TestCgroup::new("prog-batch").unwrap();
-    let fs = PrivateBpfFs::new("prog-batch");
+    let fs = bpffs("prog-batch");
     let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
     let entries: Vec<(CgroupId, CgroupInfo)> = (0..10_000).map(entry).collect();
     let addrs: Vec<(PodAddr, u32)> = (0..10_000u32)
@@ -257,7 +257,7 @@ fn reconciliation_removes_entries_not_confirmed_after_synced() {
         return;
     }
     let cg = TestCgroup::new("prog-reconcile").unwrap();
-    let fs = PrivateBpfFs::new("prog-reconcile");
+    let fs = bpffs("prog-reconcile");
     let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
     let kept = cg.child("kept").unwrap();
     let gone = cg.child("gone").unwrap();
@@ -299,7 +299,7 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
         return;
     }
     let cg = TestCgroup::new("prog-smoke").unwrap();
-    let fs = PrivateBpfFs::new("prog-smoke");
+    let fs = bpffs("prog-smoke");
     let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
     let pod = cg.child("pod").unwrap();
     let mut prog = Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();

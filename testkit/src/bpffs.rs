@@ -39,6 +39,12 @@ impl BpfFs {
     pub fn path(&self) -> &Path {
         &self.dir
     }
+
+    /// The pin directory zbridge's loader gets on this mount (a subdirectory, as
+    /// `/sys/fs/bpf/zbridge` is on a node).
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.join("zbridge")
+    }
 }
 
 impl Drop for BpfFs {
