@@ -6,16 +6,18 @@
 //!
 //! Every wait is bounded by a deadline (a hang guard, not a timing assertion).
 
+mod e2e_support;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use e2e_support::Agent;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use programmer::layout::CgroupInfo;
 use programmer::MapBackend;
@@ -216,36 +218,6 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
     });
 }
 
-/// The running agent, killed by its PID on drop; its log is printed when the test fails.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn log_text(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "---- agent log ({}) ----\n{}",
-                self.log.display(),
-                self.log_text()
-            );
-        }
-    }
-}
-
 /// One test's node: a mesh (cgroups, namespaces), a bpffs, the API server, the fake ztunnel
 /// and the service. Field order is drop order: the agent first, the mesh last.
 struct Node {
@@ -332,34 +304,19 @@ impl Node {
         let kubeconfig = self.dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, testkit::apiserver::kubeconfig_yaml_for(api)).unwrap();
         let log = self.dir.path().join("agent.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zbridge"));
-        cmd.args(["--log-level", "info", "run", "--kubeconfig"])
-            .arg(&kubeconfig)
-            .arg("--attach-cgroup")
-            .arg(self.mesh.attach_dir())
-            .arg("--pin-dir")
-            .arg(self.pin_dir())
-            // Port 0: tests run in parallel; the log names the port (see `ops_addr`).
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .env_remove("NODE_NAME")
-            .env_remove("KUBECONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if node_name_env {
-            cmd.env("NODE_NAME", &self.name);
-        } else {
-            cmd.args(["--node-name", &self.name]);
-        }
-        // The agent lives in the test's cgroup (killed with it if this process dies), in the
-        // host network namespace (the proc connector needs it).
-        let join = self.mesh.cgroup.pre_exec_join(&self.mesh.outside);
-        // SAFETY: the hook only writes to cgroup.procs.
-        unsafe {
-            cmd.pre_exec(join);
-        }
-        let child = cmd.spawn().expect("spawn zbridge");
-        self.agent = Some(Agent { child, log });
+        let name = self.name.clone();
+        let agent = Agent::spawn(&self.mesh, &self.pin_dir(), log, |cmd| {
+            cmd.arg("--kubeconfig")
+                .arg(kubeconfig)
+                .env_remove("NODE_NAME")
+                .env_remove("KUBECONFIG");
+            if node_name_env {
+                cmd.env("NODE_NAME", name);
+            } else {
+                cmd.args(["--node-name", &name]);
+            }
+        });
+        self.agent = Some(agent);
     }
 
     fn pin_dir(&self) -> PathBuf {
@@ -615,17 +572,18 @@ fn namespace_label_captures_and_releases_a_pod_with_status_and_metrics() {
     assert!(sample(&text, "zbridge_batch_size_count").unwrap() >= 3.0);
 }
 
-/// The API server goes away mid-run: the agent reports not ready and keeps every decision
-/// (the captured pod's connects still land on ztunnel) while the namespace loses its label
-/// and a pod is deleted; when the server returns, both changes are applied.
-#[test]
-fn api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile() {
-    if !testkit::require_root(
-        "api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile",
-    ) {
-        return;
-    }
-    let mut node = Node::new("e2e-kube-lost");
+/// The app pod of [`shop_pods_behind_proxy`] and the cgroup ids of ztunnel's pod and both pods.
+struct ShopPods {
+    app: PodCgroup,
+    zt_id: u64,
+    app_id: u64,
+    other_id: u64,
+}
+
+/// The ambient namespace `shop` with two pods on `node`, "app" (the mesh's pod addresses) and
+/// "other" (`other_ip`), each with a live process, and the agent started through a [`Proxy`]
+/// (kept in `node.proxy`) that can take the API server away.
+fn shop_pods_behind_proxy(node: &mut Node, other_ip: IpAddr) -> ShopPods {
     let app = PodCgroup::new(&node.mesh);
     let other = PodCgroup::new(&node.mesh);
     node.server.apply_namespace(&namespace("shop", true));
@@ -637,7 +595,6 @@ fn api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile(
         &[POD4, POD6],
         json!({}),
     ));
-    let other_ip: IpAddr = "10.99.1.4".parse().unwrap();
     node.server.apply_pod(&pod(
         "shop",
         "other",
@@ -652,12 +609,32 @@ fn api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile(
     let api = proxy.addr();
     node.proxy = Some(proxy);
     node.start_agent(api, false);
+    ShopPods {
+        zt_id: node.id(&node.ztunnel_pod.pod),
+        app_id: node.id(&app.pod),
+        other_id: node.id(&other.pod),
+        app,
+    }
+}
 
-    let (zt_id, app_id, other_id) = (
-        node.id(&node.ztunnel_pod.pod),
-        node.id(&app.pod),
-        node.id(&other.pod),
-    );
+/// The API server goes away mid-run: the agent reports not ready and keeps every decision
+/// (the captured pod's connects still land on ztunnel) while the namespace loses its label
+/// and a pod is deleted; when the server returns, both changes are applied.
+#[test]
+fn api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile() {
+    if !testkit::require_root(
+        "api_server_lost_and_back_keeps_decisions_then_applies_changes_made_meanwhile",
+    ) {
+        return;
+    }
+    let mut node = Node::new("e2e-kube-lost");
+    let ShopPods {
+        app,
+        zt_id,
+        app_id,
+        other_id,
+    } = shop_pods_behind_proxy(&mut node, "10.99.1.4".parse().unwrap());
+
     node.wait_ready(true);
     node.wait_entries("both pods and ztunnel enrolled", |e| {
         e.contains_key(&zt_id) && e.contains_key(&app_id) && e.contains_key(&other_id)
@@ -724,37 +701,13 @@ fn restart_with_api_server_unreachable_keeps_pinned_state_until_synced() {
         node.ztunnel.listener.pid(),
         std::process::id()
     );
-    let app = PodCgroup::new(&node.mesh);
-    let other = PodCgroup::new(&node.mesh);
-    node.server.apply_namespace(&namespace("shop", true));
-    node.server.apply_pod(&pod(
-        "shop",
-        "app",
-        &app.uid,
-        &node.name,
-        &[POD4, POD6],
-        json!({}),
-    ));
-    let other_ip: IpAddr = "10.99.1.5".parse().unwrap();
-    node.server.apply_pod(&pod(
-        "shop",
-        "other",
-        &other.uid,
-        &node.name,
-        &[other_ip],
-        json!({}),
-    ));
-    node.sleeper(&app);
-    node.sleeper(&other);
-    let proxy = Proxy::start(node.server.addr());
-    let api = proxy.addr();
-    node.proxy = Some(proxy);
-    node.start_agent(api, false);
-    let (zt_id, app_id, other_id) = (
-        node.id(&node.ztunnel_pod.pod),
-        node.id(&app.pod),
-        node.id(&other.pod),
-    );
+    let ShopPods {
+        app,
+        zt_id,
+        app_id,
+        other_id,
+    } = shop_pods_behind_proxy(&mut node, "10.99.1.5".parse().unwrap());
+    let api = node.proxy.as_ref().unwrap().addr();
     node.wait_entries("both pods and ztunnel enrolled", |e| {
         e.contains_key(&zt_id) && e.contains_key(&app_id) && e.contains_key(&other_id)
     });

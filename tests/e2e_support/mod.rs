@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,39 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Spawns `zbridge --log-level info run` with the mesh's attach cgroup, `pin_dir` and an
+    /// ops endpoint on a free loopback port, plus what `mode` adds (the mode's flags and
+    /// environment); its stderr goes to `log`.
+    pub fn spawn(
+        mesh: &Mesh,
+        pin_dir: &Path,
+        log: PathBuf,
+        mode: impl FnOnce(&mut Command),
+    ) -> Agent {
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zbridge"));
+        cmd.args(["--log-level", "info", "run"])
+            .arg("--attach-cgroup")
+            .arg(mesh.attach_dir())
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            // Port 0: tests run in parallel; the log names the port (see `World::ops_addr`).
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        mode(&mut cmd);
+        // The agent lives in the test's cgroup, so that it is killed with it even if this
+        // process dies; it stays in the host network namespace (the proc connector needs it).
+        let join = mesh.cgroup.pre_exec_join(&mesh.outside);
+        // SAFETY: the hook only writes to cgroup.procs.
+        unsafe {
+            cmd.pre_exec(join);
+        }
+        let child = cmd.spawn().expect("spawn zbridge");
+        Agent { child, log }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -170,29 +203,13 @@ impl World {
         static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.dir.path().join(format!("agent-{run}.log"));
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zbridge"));
-        cmd.args(["--log-level", "info", "run", "--standalone", "--workloads"])
-            .arg(&self.workloads)
-            .arg("--attach-cgroup")
-            .arg(self.mesh.attach_dir())
-            .arg("--pin-dir")
-            .arg(self.pin_dir())
-            // Port 0: tests run in parallel; the log names the port (see `ops_addr`).
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        // The agent lives in the test's cgroup, so that it is killed with it even if this
-        // process dies; it stays in the host network namespace (the proc connector needs it).
-        let join = self.mesh.cgroup.pre_exec_join(&self.mesh.outside);
-        // SAFETY: the hook only writes to cgroup.procs.
-        unsafe {
-            cmd.pre_exec(join);
-        }
-        let child = cmd.spawn().expect("spawn zbridge");
-        self.agent = Some(Agent { child, log });
+        let workloads = self.workloads.clone();
+        let agent = Agent::spawn(&self.mesh, &self.pin_dir(), log, |cmd| {
+            cmd.args(["--standalone", "--workloads"])
+                .arg(workloads)
+                .args(extra);
+        });
+        self.agent = Some(agent);
     }
 
     pub fn pin_dir(&self) -> PathBuf {
