@@ -4,27 +4,18 @@
 //! recording holds the pod, the namespace and `kube_synced`, and `zbridge replay` of it decides
 //! the pod `ambient` with its IP: the decision the live agent would make on that node.
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
+mod record_support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use record_support::{waiting_child_in, Recorder};
 use serde_json::{json, Value};
 use testkit::{FakeApiServer, TestCgroup};
 use watcher::recording::RecordingReader;
 use watcher::{KubeAction, Record};
-
-/// Kills a child by its pid and reaps it, also when the test fails.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const NODE: &str = "rec-kube-node";
 const POD_IP: &str = "10.244.7.9";
@@ -96,49 +87,18 @@ fn record_with_kube_cache_replays_to_the_live_decision() {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
     let file = dir.path().join("kube.events.jsonl");
-    let mut recorder = ChildGuard(
+    let recorder = Recorder::start(
         Command::new(env!("CARGO_BIN_EXE_zbridge"))
             .args(["record", "--node-name", NODE, "--duration", "10m"])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .arg("--output")
             .arg(&file)
-            .env_remove("NODE_NAME")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .env_remove("NODE_NAME"),
     );
-    let mut stderr = BufReader::new(recorder.0.stderr.take().unwrap());
-    let mut log = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "record ended early: {log}"
-        );
-        log.push_str(&line);
-        if line.contains("recording to") {
-            break;
-        }
-    }
-    // Keep draining the log so the recorder never blocks on a full pipe.
-    let log_thread = std::thread::spawn(move || {
-        let mut rest = String::new();
-        for line in stderr.lines().map_while(Result::ok) {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        rest
-    });
 
     // The pod's process: alive when its exec is read and still alive when recording stops.
-    let mut cmd = Command::new("/bin/sh");
-    cmd.args(["-c", "read x"]).stdin(Stdio::piped());
-    // SAFETY: the hook only writes the cgroup.procs file.
-    unsafe {
-        cmd.pre_exec(cg.pre_exec_join(&container_path));
-    }
-    let workload = ChildGuard(cmd.spawn().unwrap());
+    let workload = waiting_child_in(&cg, &container_path);
     let pid = workload.0.id();
     wait_for_file(
         &file,
@@ -147,13 +107,7 @@ fn record_with_kube_cache_replays_to_the_live_decision() {
             "\"type\":\"kube_synced\"".to_string(),
         ],
     );
-    // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
-    unsafe {
-        libc::kill(recorder.0.id() as i32, libc::SIGINT);
-    }
-    let status = recorder.0.wait().unwrap();
-    let log = log + &log_thread.join().unwrap();
-    assert!(status.success(), "record failed: {status}\n{log}");
+    recorder.stop();
     drop(workload);
 
     // The file: the header's node, kube apply records of the pod and the namespace (not of

@@ -1,26 +1,17 @@
 //! `zbridge record` on the live host (root), read back through the recording reader: the
 //! children this test spawns into its own cgroup appear with their pids and the cgroup's id.
 
+mod record_support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use record_support::{waiting_child_in, Recorder};
 use testkit::TestCgroup;
 use watcher::recording::RecordingReader;
 use watcher::{CgroupId, ProcEvent, Record};
-
-/// Kills a child by its pid and reaps it, also when the test fails.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Whether the (plain) recording already holds the exit record of `pid`.
 fn holds_exit_of(path: &Path, pid: u32) -> bool {
@@ -37,7 +28,8 @@ fn record_roundtrip_of_children_in_a_test_cgroup() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rt.events.jsonl");
 
-    let mut recorder = ChildGuard(
+    // Subscribed and scanned once it says it is recording.
+    let recorder = Recorder::start(
         Command::new(env!("CARGO_BIN_EXE_zbridge"))
             .args([
                 "record",
@@ -48,45 +40,13 @@ fn record_roundtrip_of_children_in_a_test_cgroup() {
                 "10m",
                 "--output",
             ])
-            .arg(&file)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(&file),
     );
-    // Subscribed and scanned once it says it is recording.
-    let mut stderr = BufReader::new(recorder.0.stderr.take().unwrap());
-    let mut log = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "record ended early: {log}"
-        );
-        log.push_str(&line);
-        if line.contains("recording to") {
-            break;
-        }
-    }
-    // Keep draining the log so the recorder never blocks on a full pipe.
-    let log_thread = std::thread::spawn(move || {
-        let mut rest = String::new();
-        for line in stderr.lines().map_while(Result::ok) {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        rest
-    });
 
     // Children that wait on stdin: alive when their exec is read, then let go together.
     let mut children = Vec::new();
     for _ in 0..20 {
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", "read x"]).stdin(Stdio::piped());
-        // SAFETY: the hook only writes the cgroup.procs file.
-        unsafe {
-            cmd.pre_exec(cg.pre_exec_join(&cg.path));
-        }
-        children.push(ChildGuard(cmd.spawn().unwrap()));
+        children.push(waiting_child_in(&cg, &cg.path));
     }
     let pids: Vec<u32> = children.iter().map(|c| c.0.id()).collect();
     for child in &mut children {
@@ -106,13 +66,7 @@ fn record_roundtrip_of_children_in_a_test_cgroup() {
         Command::new("/bin/true").status().unwrap();
         std::thread::sleep(Duration::from_millis(100));
     }
-    // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
-    unsafe {
-        libc::kill(recorder.0.id() as i32, libc::SIGINT);
-    }
-    let status = recorder.0.wait().unwrap();
-    let log = log + &log_thread.join().unwrap();
-    assert!(status.success(), "record failed: {status}\n{log}");
+    let log = recorder.stop();
     assert!(log.contains("recorded "), "{log}");
 
     let mut reader = RecordingReader::open(&file).unwrap();
