@@ -5,14 +5,39 @@
 
 mod doctor_support;
 
-use doctor_support::{check_lines, doctor, doctor_with_env, pin_dir};
+use std::net::SocketAddr;
 
-/// A kubeconfig for `yaml` in a temp dir that lives as long as the returned guard.
-fn kubeconfig(yaml: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kubeconfig");
-    std::fs::write(&path, yaml).unwrap();
-    (dir, path.to_string_lossy().into_owned())
+use doctor_support::{check_lines, doctor_with_env, pin_dir};
+
+/// What a doctor run with Kubernetes checks needs: a private bpffs (the host checks run on it)
+/// and a kubeconfig file for the API server at an address; both removed on drop.
+struct KubeDoctor {
+    bpffs: testkit::BpfFs,
+    _dir: tempfile::TempDir,
+    kubeconfig: String,
+}
+
+impl KubeDoctor {
+    fn new(api: SocketAddr) -> KubeDoctor {
+        let bpffs = testkit::BpfFs::new("doctor-kube").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(&path, testkit::apiserver::kubeconfig_yaml_for(api)).unwrap();
+        KubeDoctor {
+            bpffs,
+            _dir: dir,
+            kubeconfig: path.to_string_lossy().into_owned(),
+        }
+    }
+
+    /// Runs `zbridge doctor --pin-dir PIN --kubeconfig FILE ARGS` with `env` set; (exit code,
+    /// stdout).
+    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+        let pin_dir = pin_dir(&self.bpffs);
+        let mut all = vec!["--pin-dir", &pin_dir, "--kubeconfig", &self.kubeconfig];
+        all.extend_from_slice(args);
+        doctor_with_env(&[], &all, env)
+    }
 }
 
 #[test]
@@ -20,20 +45,8 @@ fn everything_allowed_passes() {
     if !testkit::require_root("doctor_kube_everything_allowed_passes") {
         return;
     }
-    let bpffs = testkit::BpfFs::new("doctor-kube").unwrap();
     let server = testkit::FakeApiServer::start().unwrap();
-    let (_dir, config) = kubeconfig(&server.kubeconfig_yaml());
-    let (code, out) = doctor(
-        &[],
-        &[
-            "--pin-dir",
-            &pin_dir(&bpffs),
-            "--kubeconfig",
-            &config,
-            "--node-name",
-            "node-a",
-        ],
-    );
+    let (code, out) = KubeDoctor::new(server.addr()).run(&["--node-name", "node-a"], &[]);
     assert_eq!(code, 0, "{out}");
     for name in [
         "node name",
@@ -67,15 +80,9 @@ fn denied_patch_of_pod_status_is_named_and_fails() {
     if !testkit::require_root("doctor_kube_denied_patch_of_pod_status") {
         return;
     }
-    let bpffs = testkit::BpfFs::new("doctor-kube").unwrap();
     let server = testkit::FakeApiServer::start().unwrap();
     server.deny_access("patch", "pods/status");
-    let (_dir, config) = kubeconfig(&server.kubeconfig_yaml());
-    let (code, out) = doctor_with_env(
-        &[],
-        &["--pin-dir", &pin_dir(&bpffs), "--kubeconfig", &config],
-        &[("NODE_NAME", "node-a")],
-    );
+    let (code, out) = KubeDoctor::new(server.addr()).run(&[], &[("NODE_NAME", "node-a")]);
     assert_ne!(code, 0, "{out}");
     let status = check_lines(&out, "rbac pods/status");
     assert!(status.starts_with("FAIL"), "{out}");
@@ -98,24 +105,12 @@ fn unreachable_server_fails_with_what_was_tried() {
     if !testkit::require_root("doctor_kube_unreachable_server") {
         return;
     }
-    let bpffs = testkit::BpfFs::new("doctor-kube").unwrap();
     // A port that was just free: nothing listens there.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let (_dir, config) = kubeconfig(&testkit::apiserver::kubeconfig_yaml_for(addr));
-    let (code, out) = doctor(
-        &[],
-        &[
-            "--pin-dir",
-            &pin_dir(&bpffs),
-            "--kubeconfig",
-            &config,
-            "--node-name",
-            "node-a",
-        ],
-    );
+    let (code, out) = KubeDoctor::new(addr).run(&["--node-name", "node-a"], &[]);
     assert_ne!(code, 0, "{out}");
     let api = check_lines(&out, "api server");
     assert!(api.starts_with("FAIL"), "{out}");
@@ -132,13 +127,9 @@ fn missing_node_name_fails_and_standalone_leaves_it_out() {
     if !testkit::require_root("doctor_kube_missing_node_name") {
         return;
     }
-    let bpffs = testkit::BpfFs::new("doctor-kube").unwrap();
     let server = testkit::FakeApiServer::start().unwrap();
-    let (_dir, config) = kubeconfig(&server.kubeconfig_yaml());
-    let (code, out) = doctor(
-        &[],
-        &["--pin-dir", &pin_dir(&bpffs), "--kubeconfig", &config],
-    );
+    let kube = KubeDoctor::new(server.addr());
+    let (code, out) = kube.run(&[], &[]);
     assert_ne!(code, 0, "{out}");
     let node = check_lines(&out, "node name");
     assert!(node.starts_with("FAIL"), "{out}");
@@ -149,16 +140,7 @@ fn missing_node_name_fails_and_standalone_leaves_it_out() {
     assert_eq!(out.matches("FAIL  ").count(), 1, "{out}");
     // --standalone: no Kubernetes check at all, and no request to the server.
     let before = server.requests().len();
-    let (code, out) = doctor(
-        &[],
-        &[
-            "--standalone",
-            "--pin-dir",
-            &pin_dir(&bpffs),
-            "--kubeconfig",
-            &config,
-        ],
-    );
+    let (code, out) = kube.run(&["--standalone"], &[]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("node name") && !out.contains("rbac"), "{out}");
     assert_eq!(server.requests().len(), before);

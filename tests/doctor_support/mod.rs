@@ -1,5 +1,7 @@
 //! What the doctor tests share: running the binary and reading its check lines.
 
+#![allow(dead_code)] // each doctor test file uses its own part of this module
+
 use std::process::Command;
 
 /// Runs `zbridge doctor ARGS`, optionally under a wrapper command (`unshare`, `setpriv`).
