@@ -9,7 +9,6 @@
 mod e2e_support;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e_support::Agent;
+use e2e_support::{http_get, Agent};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use programmer::layout::CgroupInfo;
 use programmer::MapBackend;
@@ -297,6 +296,20 @@ impl Node {
         self.sleepers.push(helper);
     }
 
+    /// Applies pod `namespace/name` of this node (running, with `ips` and `labels`) whose UID
+    /// is that of `cgroup`.
+    fn apply_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        cgroup: &PodCgroup,
+        ips: &[IpAddr],
+        labels: serde_json::Value,
+    ) {
+        self.server
+            .apply_pod(&pod(namespace, name, &cgroup.uid, &self.name, ips, labels));
+    }
+
     /// Starts `zbridge run` in Kubernetes mode with a kubeconfig for `api` (the server, or a
     /// proxy in front of it); the node name from `--node-name`, or with `node_name_env` from
     /// `NODE_NAME` as the downward API sets it.
@@ -367,21 +380,7 @@ impl Node {
 
     /// `GET path` on the ops endpoint: status code and body.
     fn ops_get(&self, path: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(self.ops_addr()).unwrap();
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        (code, body)
+        http_get(self.ops_addr(), path)
     }
 
     fn wait_ready(&self, ready: bool) {
@@ -466,24 +465,16 @@ fn namespace_label_captures_and_releases_a_pod_with_status_and_metrics() {
     let app = PodCgroup::new(&node.mesh);
     let late = PodCgroup::new(&node.mesh);
     node.server.apply_namespace(&namespace("shop", false));
-    node.server.apply_pod(&pod(
-        "shop",
-        "app",
-        &app.uid,
-        &node.name,
-        &[POD4, POD6],
-        json!({}),
-    ));
+    node.apply_pod("shop", "app", &app, &[POD4, POD6], json!({}));
     // A pod of its own choosing (pod label), whose container runs nothing yet.
     let late_ip: IpAddr = "10.99.1.3".parse().unwrap();
-    node.server.apply_pod(&pod(
+    node.apply_pod(
         "shop",
         "late",
-        &late.uid,
-        &node.name,
+        &late,
         &[late_ip],
         json!({"istio.io/dataplane-mode": "ambient"}),
-    ));
+    );
     node.sleeper(&app);
     let api = node.server.addr();
     node.start_agent(api, true);
@@ -587,22 +578,8 @@ fn shop_pods_behind_proxy(node: &mut Node, other_ip: IpAddr) -> ShopPods {
     let app = PodCgroup::new(&node.mesh);
     let other = PodCgroup::new(&node.mesh);
     node.server.apply_namespace(&namespace("shop", true));
-    node.server.apply_pod(&pod(
-        "shop",
-        "app",
-        &app.uid,
-        &node.name,
-        &[POD4, POD6],
-        json!({}),
-    ));
-    node.server.apply_pod(&pod(
-        "shop",
-        "other",
-        &other.uid,
-        &node.name,
-        &[other_ip],
-        json!({}),
-    ));
+    node.apply_pod("shop", "app", &app, &[POD4, POD6], json!({}));
+    node.apply_pod("shop", "other", &other, &[other_ip], json!({}));
     node.sleeper(&app);
     node.sleeper(&other);
     let proxy = Proxy::start(node.server.addr());
