@@ -191,7 +191,7 @@ fn main() {
 
     // zbridge: the programs attached to the mesh's attach cgroup, the pod (its namespace is
     // the mesh's pod namespace) and ztunnel enrolled.
-    let pin_dir = bpffs.path().join("zbridge");
+    let pin_dir = bpffs.pin_dir();
     let loaded = Loaded::load_and_attach(LoaderConfig::new(&pin_dir, mesh.attach_dir()))
         .expect("load and attach the programs");
     let mut programmer =

@@ -333,7 +333,7 @@ impl Node {
     }
 
     fn pin_dir(&self) -> PathBuf {
-        self.bpffs.path().join("zbridge")
+        self.bpffs.pin_dir()
     }
 
     fn log(&self) -> String {

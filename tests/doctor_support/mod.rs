@@ -54,5 +54,5 @@ pub fn check_lines(out: &str, name: &str) -> String {
 
 /// `<private bpffs>/zbridge`.
 pub fn pin_dir(bpffs: &testkit::BpfFs) -> String {
-    bpffs.path().join("zbridge").to_string_lossy().into_owned()
+    bpffs.pin_dir().to_string_lossy().into_owned()
 }

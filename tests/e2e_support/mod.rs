@@ -213,7 +213,7 @@ impl World {
     }
 
     pub fn pin_dir(&self) -> PathBuf {
-        self.bpffs.path().join("zbridge")
+        self.bpffs.pin_dir()
     }
 
     /// The pinned `cgroup_info_map`, or `None` while the agent has not made it yet.
