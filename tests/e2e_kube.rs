@@ -673,11 +673,6 @@ fn restart_with_api_server_unreachable_keeps_pinned_state_until_synced() {
         return;
     }
     let mut node = Node::new("e2e-kube-restart");
-    eprintln!(
-        "ZTPID {} TEST {}",
-        node.ztunnel.listener.pid(),
-        std::process::id()
-    );
     let ShopPods {
         app,
         zt_id,
