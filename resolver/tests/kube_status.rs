@@ -189,3 +189,42 @@ fn a_pod_already_annotated_in_the_view_is_not_patched_again() {
     });
     assert!(patches_of(&server, "apps", "web").is_empty());
 }
+
+/// After a restart: a pod annotated by an earlier run that is not captured at `Synced` (it left
+/// the mesh while no agent watched) loses the annotation; a captured one keeps it untouched.
+#[test]
+fn at_synced_annotated_pods_that_are_not_captured_are_unannotated() {
+    let server = FakeApiServer::start().unwrap();
+    let enabled = json!({REDIRECTION_ANNOTATION: "enabled"});
+    server.apply_pod(&pod("apps", "left", enabled.clone()));
+    server.apply_pod(&pod("apps", "kept", enabled));
+    let (tx, _rx) = crossbeam_channel::bounded(64);
+    let cache = KubeCache::start(server.kube_config(), "node-a", tx).unwrap();
+    let view = cache.view();
+    wait_until("the cache synced", || view.is_synced());
+    let mut writer = StatusWriter::start(server.kube_config(), Some(view)).unwrap();
+    writer.observe(&Update::Upsert(Enrolment {
+        cgroup_id: CgroupId(700),
+        cgroup: "/kubepods.slice/kept".into(),
+        pod: Some("apps/kept".into()),
+        role: Role::Ambient,
+        ips: vec!["10.1.0.10".parse().unwrap()],
+    }));
+    assert!(
+        patches_of(&server, "apps", "left").is_empty(),
+        "nothing is removed before the full picture"
+    );
+    writer.observe(&Update::Synced);
+    wait_until("left unannotated", || {
+        redirection(&server, "apps", "left").is_none()
+    });
+    wait_until("all wishes written", || writer.unwritten() == 0);
+    assert_eq!(
+        redirection(&server, "apps", "kept").as_deref(),
+        Some("enabled")
+    );
+    assert!(
+        patches_of(&server, "apps", "kept").is_empty(),
+        "already annotated as wished: not patched"
+    );
+}

@@ -49,6 +49,9 @@ pub struct StatusWriter {
     unwritten: Arc<AtomicUsize>,
     /// For [`StatusWriter::observe`]: the captured cgroups and their pods.
     ambient_cgroups: HashMap<CgroupId, PodName>,
+    /// The kube cache's view: at `Synced`, pods still annotated from an earlier run that are
+    /// not captured now are found there.
+    view: Option<KubeView>,
 }
 
 impl StatusWriter {
@@ -69,6 +72,7 @@ impl StatusWriter {
         };
         let (wishes, received) = mpsc::unbounded_channel();
         let unwritten = Arc::new(AtomicUsize::new(0));
+        let own_view = view.clone();
         let done = unwritten.clone();
         let thread = std::thread::Builder::new()
             .name("kube-status".into())
@@ -82,6 +86,7 @@ impl StatusWriter {
             thread: Some(thread),
             unwritten,
             ambient_cgroups: HashMap::new(),
+            view: own_view,
         })
     }
 
@@ -102,7 +107,8 @@ impl StatusWriter {
         let (cgroup_id, now_ambient) = match update {
             Update::Upsert(e) => (e.cgroup_id, (e.role == Role::Ambient).then_some(&e.pod)),
             Update::Delete { cgroup_id } => (*cgroup_id, None),
-            Update::SetZtunnel { .. } | Update::Synced => return,
+            Update::Synced => return self.unenrol_stale(),
+            Update::SetZtunnel { .. } => return,
         };
         let now = now_ambient.and_then(|p| p.clone());
         let before = match &now {
@@ -135,6 +141,37 @@ impl StatusWriter {
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 log::error!("kube status writer: the thread panicked");
+            }
+        }
+    }
+
+    /// At `Synced` (the full picture: after a restart, after the maps were reconciled), the
+    /// pods the view shows annotated that no captured cgroup belongs to left the mesh while no
+    /// agent was watching (or their entries were stale): remove their annotation.
+    fn unenrol_stale(&self) {
+        let Some(view) = &self.view else {
+            return;
+        };
+        let captured: std::collections::HashSet<&str> =
+            self.ambient_cgroups.values().map(String::as_str).collect();
+        for uid in view.pod_uids() {
+            let Some(pod) = view.pod(&uid) else { continue };
+            let annotated = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+                .is_some_and(|v| v == REDIRECTION_ENABLED);
+            let (Some(namespace), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name)
+            else {
+                continue;
+            };
+            if annotated && !captured.contains(format!("{namespace}/{name}").as_str()) {
+                log::info!(
+                    "kube status writer: {namespace}/{name} is annotated but not captured \
+                     (it left the mesh while no agent watched): removing {REDIRECTION_ANNOTATION}"
+                );
+                self.wish(namespace, name, false);
             }
         }
     }
