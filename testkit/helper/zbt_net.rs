@@ -13,6 +13,8 @@
 //! zbt-net connect --to ADDR:PORT [--count N] [--bind IP] [--latency]
 //!     ok local=A peer=P       (or: err stage=connect|io errno=N)
 //!     latency-ns=N            (with --latency, instead of the above)
+//! zbt-net udp-connect --to ADDR:PORT
+//!     ok local=A peer=P       (the peer the kernel kept after connect(); or: err ...)
 //! ```
 
 use std::io::{Read, Write};
@@ -322,8 +324,24 @@ fn main() {
             }
             say("done");
         }
+        // A UDP connect (as a DNS resolver makes): the hooks must leave it alone.
+        "udp-connect" => {
+            let result = std::net::UdpSocket::bind(match to[0] {
+                SocketAddr::V4(_) => "0.0.0.0:0",
+                SocketAddr::V6(_) => "[::]:0",
+            })
+            .and_then(|socket| {
+                socket.connect(to[0])?;
+                Ok((socket.local_addr()?, socket.peer_addr()?))
+            });
+            match result {
+                Ok((local, peer)) => say(&format!("ok local={local} peer={peer}")),
+                Err(e) => say(&format!("err stage=connect errno={} n=0", errno_of(&e))),
+            }
+            say("done");
+        }
         _ => {
-            eprintln!("usage: zbt-net serve|connect ...");
+            eprintln!("usage: zbt-net serve|connect|udp-connect|sleep ...");
             std::process::exit(2);
         }
     }

@@ -312,6 +312,32 @@ pub fn connect(
     Ok(text.lines().filter_map(Outcome::parse).collect())
 }
 
+/// A UDP `connect()` to `to` from a process placed like [`connect`]'s: where the kernel
+/// says the socket is connected to.
+pub fn udp_connect_once(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    to: SocketAddr,
+) -> std::io::Result<Outcome> {
+    let mut cmd = Command::new(helper_path());
+    cmd.args(["udp-connect", "--to", &to.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    ns.place(&mut cmd, cgroup, path)?;
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !text.lines().any(|l| l == "done") {
+        return Err(std::io::Error::other(format!(
+            "zbt-net udp-connect failed ({}): {text}",
+            out.status
+        )));
+    }
+    text.lines()
+        .find_map(Outcome::parse)
+        .ok_or_else(|| std::io::Error::other("zbt-net udp-connect reported nothing"))
+}
+
 /// Like [`connect`] with one connection.
 pub fn connect_once(
     ns: &NetNs,
