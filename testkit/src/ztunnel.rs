@@ -296,8 +296,19 @@ pub fn connect(
         args.push("--bind".into());
         args.push(ip.to_string());
     }
+    run_client(ns, cgroup, path, &args)
+}
+
+/// Runs `zbt-net ARGS` placed in `cgroup`/`path` and `ns` until it says `done`; the outcomes
+/// it reported, in order.
+fn run_client(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    args: &[String],
+) -> std::io::Result<Vec<Outcome>> {
     let mut cmd = Command::new(helper_path());
-    cmd.args(&args)
+    cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     ns.place(&mut cmd, cgroup, path)?;
@@ -305,8 +316,8 @@ pub fn connect(
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !text.lines().any(|l| l == "done") {
         return Err(std::io::Error::other(format!(
-            "zbt-net connect failed ({}): {text}",
-            out.status
+            "zbt-net {} failed ({}): {text}",
+            args[0], out.status
         )));
     }
     Ok(text.lines().filter_map(Outcome::parse).collect())
@@ -320,21 +331,9 @@ pub fn udp_connect_once(
     path: &str,
     to: SocketAddr,
 ) -> std::io::Result<Outcome> {
-    let mut cmd = Command::new(helper_path());
-    cmd.args(["udp-connect", "--to", &to.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    ns.place(&mut cmd, cgroup, path)?;
-    let out = cmd.output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !text.lines().any(|l| l == "done") {
-        return Err(std::io::Error::other(format!(
-            "zbt-net udp-connect failed ({}): {text}",
-            out.status
-        )));
-    }
-    text.lines()
-        .find_map(Outcome::parse)
+    let args = ["udp-connect".to_string(), "--to".into(), to.to_string()];
+    run_client(ns, cgroup, path, &args)?
+        .pop()
         .ok_or_else(|| std::io::Error::other("zbt-net udp-connect reported nothing"))
 }
 
