@@ -61,13 +61,17 @@ pub struct Programmer<B: MapBackend> {
     /// How many entries sit at each cgroup level.
     level_refs: [u32; 32],
     settings: Settings,
+    /// What the `settings` map holds (read once at start, then what was written): a flush
+    /// writes `settings` only when it differs, with no map read per flush.
+    settings_in_map: Settings,
     reconcile_pending: bool,
 }
 
 impl<B: MapBackend> Programmer<B> {
     /// Starts from what the backend holds now (pinned maps of a previous run).
     pub fn new(backend: B, config: ProgrammerConfig) -> Result<Self, ProgramError> {
-        let mut settings = backend.settings()?;
+        let settings_in_map = backend.settings()?;
+        let mut settings = settings_in_map;
         settings.outbound_port = layout::OUTBOUND_PORT;
         settings.inbound_port = layout::INBOUND_PORT;
         Self::set_flag(&mut settings.flags, layout::S_FAIL_OPEN, config.fail_open);
@@ -82,6 +86,7 @@ impl<B: MapBackend> Programmer<B> {
             addr_refs: HashMap::new(),
             level_refs: [0; 32],
             settings,
+            settings_in_map,
             reconcile_pending: false,
         };
         // Entries of a previous run are kept (traffic stays captured) until the resolver has
@@ -214,7 +219,7 @@ impl<B: MapBackend> Programmer<B> {
                 );
             }
         }
-        if settings != self.settings || self.backend.settings()? != settings {
+        if settings != self.settings_in_map {
             batch.settings = Some(settings);
         }
         // Dedupe address operations: an address released and retained in one batch stays.
@@ -228,6 +233,7 @@ impl<B: MapBackend> Programmer<B> {
             self.backend.apply(&chunk)?;
         }
         self.settings = settings;
+        self.settings_in_map = settings;
         Ok(())
     }
 
