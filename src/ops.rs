@@ -5,9 +5,6 @@
 //! [`Readiness`] (one flag per start-up step); [`serve`] answers from both on its own thread
 //! until the returned [`OpsServer`] is dropped.
 
-// tests/ops_endpoint.rs compiles this module into a test crate that uses only part of it.
-#![allow(dead_code)]
-
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -209,17 +206,6 @@ impl Metrics {
         self.events[kind as usize].inc_by(n);
     }
 
-    /// Raises the count of `kind` to `total`, for a source that keeps its own running totals
-    /// (the live source's counters, polled by one thread). A smaller total is ignored: a
-    /// counter never goes down.
-    pub fn set_event_total(&self, kind: EventKind, total: u64) {
-        let counter = &self.events[kind as usize];
-        let current = counter.get();
-        if total > current {
-            counter.inc_by(total - current);
-        }
-    }
-
     /// Counts one loss of events reported by the kernel.
     pub fn lost_events(&self) {
         self.lost_events.inc();
@@ -338,10 +324,6 @@ impl Readiness {
         }
         missing
     }
-
-    pub fn is_ready(&self) -> bool {
-        self.not_ready().is_empty()
-    }
 }
 
 /// At most this many connections are answered at once; more are closed unanswered (a probe or
@@ -366,7 +348,9 @@ pub struct OpsServer {
 }
 
 impl OpsServer {
-    /// The address it listens on (the real port when `:0` was asked for).
+    /// The address it listens on (the real port when `:0` was asked for). The agent logs it
+    /// from `serve`; tests/ops_endpoint.rs reads it here.
+    #[allow(dead_code)]
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
