@@ -896,7 +896,7 @@ mod tests {
         // This machine: hybrid cgroup2, BTF, root, host namespaces. /sys/fs/bpf is not mounted
         // here by default, so the pin dir is on a private bpffs of the test's own.
         let bpffs = testkit::BpfFs::new("doctor-host").expect("mount a private bpffs");
-        let pin_dir = bpffs.path().join("zbridge");
+        let pin_dir = bpffs.pin_dir();
         let mut checks = host_checks(&HostFiles::default(), &pin_dir);
         checks.extend(kernel_checks());
         let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
