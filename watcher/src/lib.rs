@@ -10,6 +10,7 @@
 
 pub mod connector;
 pub mod event;
+pub mod exec_tap;
 pub mod hostns;
 pub mod live;
 pub mod procfs;

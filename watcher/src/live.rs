@@ -1,4 +1,11 @@
-//! The live event source: the proc connector plus /proc reads, with rescans after loss.
+//! The live event source: the proc connector plus the facts of each exec, with rescans after
+//! loss.
+//!
+//! The facts of an exec come from the exec tap (a BPF program, [`crate::exec_tap`]) when it is
+//! loaded: its record gives the cgroup id and the network namespace without a /proc read, the
+//! cgroup's path comes from a cache by id (read from `/proc/PID/cgroup` once per cgroup), the
+//! addresses from [`ProcReader`]'s cache by namespace. Without the tap, or for an exec whose
+//! record is missing, they are read from /proc as before. The counters say which.
 //!
 //! Order of a run: subscribe (checked by the kernel's ACK), then one scan of /proc (a
 //! [`ProcEvent::Scan`]), then the events. When the kernel drops events (ENOBUFS) the source
@@ -9,14 +16,15 @@
 //! timestamp and counted. Timestamps never decrease: an event stamped (on another CPU) a
 //! little before the previous record is given the previous record's time.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::connector::{
     decode, Connector, ConnectorConfig, ConnectorError, KernelEvent, Message, Received,
 };
-use crate::event::{ProcEvent, Record, TimedRecord};
+use crate::event::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts, Record, TimedRecord};
+use crate::exec_tap::{ExecMatcher, ExecTap, TapRecord};
 use crate::procfs::{MountError, ProcReader};
 use crate::{EventSource, SourceError};
 
@@ -30,7 +38,7 @@ pub enum LiveError {
 }
 
 /// Configuration of the live source.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LiveConfig {
     pub connector: ConnectorConfig,
     /// Where the cgroup2 hierarchy is mounted (cgroup ids are the inodes of directories below
@@ -40,6 +48,21 @@ pub struct LiveConfig {
     /// an exec's /proc reads, so the agent leaves it out; `zbridge record` keeps it for the
     /// person who reads the recording). Scans always carry it.
     pub exec_comm: bool,
+    /// Take the facts of execs from the exec tap (a BPF program on the `sched_process_exec`
+    /// tracepoint) instead of reading /proc for each. If it cannot be loaded (no CAP_BPF and
+    /// CAP_PERFMON, no BTF, ...) the source logs why and reads /proc. Default: true.
+    pub exec_tap: bool,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            connector: ConnectorConfig::default(),
+            cgroup_root: None,
+            exec_comm: false,
+            exec_tap: true,
+        }
+    }
 }
 
 /// Asks a [`LiveSource`] to stop: its `next_record` then returns `Ok(None)` within the
@@ -83,6 +106,18 @@ pub struct LiveCounters {
     pub malformed: AtomicU64,
     /// Events older than the latest scan, discarded because the scan supersedes them.
     pub superseded: AtomicU64,
+    /// Exec events whose facts came from the exec tap's record (no /proc read but, once per
+    /// cgroup, its path).
+    pub execs_from_tap: AtomicU64,
+    /// Exec events whose facts were read from /proc: the tap is not loaded, or it had no
+    /// record for the exec (see `tap_dropped`).
+    pub execs_from_proc: AtomicU64,
+    /// Records the exec tap could not write because its ring was full (as last read from the
+    /// program's counter, about once a second).
+    pub tap_dropped: AtomicU64,
+    /// Tap records thrown away without their exec event (its event lost or superseded by a
+    /// rescan, or handled from /proc before the record could be read).
+    pub tap_unmatched: AtomicU64,
 }
 
 /// A copy of [`LiveCounters`] at one moment.
@@ -99,6 +134,10 @@ pub struct CounterSnapshot {
     pub not_proc: u64,
     pub malformed: u64,
     pub superseded: u64,
+    pub execs_from_tap: u64,
+    pub execs_from_proc: u64,
+    pub tap_dropped: u64,
+    pub tap_unmatched: u64,
 }
 
 impl LiveCounters {
@@ -116,6 +155,10 @@ impl LiveCounters {
             not_proc: get(&self.not_proc),
             malformed: get(&self.malformed),
             superseded: get(&self.superseded),
+            execs_from_tap: get(&self.execs_from_tap),
+            execs_from_proc: get(&self.execs_from_proc),
+            tap_dropped: get(&self.tap_dropped),
+            tap_unmatched: get(&self.tap_unmatched),
         }
     }
 }
@@ -124,10 +167,138 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// More cgroups than this in the path cache: it is cleared (dead cgroups leave entries).
+const CGROUP_PATH_CACHE_MAX: usize = 16 * 1024;
+/// How often the tap's count of dropped records is read (a syscall), in event time.
+const TAP_DROPPED_CHECK_NS: u64 = 1_000_000_000;
+
+/// The exec tap, with the records waiting for their events.
+struct Tap {
+    tap: ExecTap,
+    matcher: ExecMatcher,
+    /// When (event time) to read the tap's dropped count next.
+    next_check_ns: u64,
+}
+
+/// Where the facts of processes come from: the tap's records and the caches, else /proc.
+struct Facts {
+    reader: ProcReader,
+    tap: Option<Tap>,
+    /// Cgroup v2 id -> path, as `/proc/PID/cgroup` gave it for a process whose tap record had
+    /// that id. A cgroup id is never reused within a boot (64-bit kernfs ids) and a v2
+    /// cgroup cannot be renamed, so an entry never names another directory.
+    cgroup_paths: HashMap<CgroupId, String>,
+    /// [`LiveConfig::exec_comm`].
+    exec_comm: bool,
+}
+
+impl Facts {
+    /// The facts of the process `tgid` whose exec event is stamped `event_ns`.
+    fn of_exec(&mut self, tgid: Pid, event_ns: u64, counters: &LiveCounters) -> ProcFacts {
+        if let Some(tap) = self.tap.as_mut() {
+            let matcher = &mut tap.matcher;
+            tap.tap.drain(|record| {
+                matcher.push(record);
+            });
+            if event_ns >= tap.next_check_ns {
+                tap.next_check_ns = event_ns.saturating_add(TAP_DROPPED_CHECK_NS);
+                tap.check_dropped(counters);
+            }
+            let record = tap.matcher.take(tgid, event_ns);
+            counters
+                .tap_unmatched
+                .store(tap.matcher.unmatched(), Ordering::Relaxed);
+            if let Some(facts) = record.and_then(|r| self.of_tap_record(tgid, r)) {
+                bump(&counters.execs_from_tap);
+                return facts;
+            }
+        }
+        bump(&counters.execs_from_proc);
+        // Read right away: the process may be gone a moment later.
+        if self.exec_comm {
+            self.reader.read_facts(tgid)
+        } else {
+            self.reader.read_facts_without_comm(tgid)
+        }
+    }
+
+    /// The facts of an exec from its tap record: the same as /proc would give, with /proc read
+    /// only for a cgroup path not cached yet (and `comm` if asked). `None` (read /proc) when
+    /// the record has no network namespace.
+    fn of_tap_record(&mut self, tgid: Pid, record: TapRecord) -> Option<ProcFacts> {
+        let netns = record.netns?;
+        let cgroup = match self.cgroup_paths.get(&record.cgroup) {
+            Some(path) => CgroupRef {
+                path: path.clone(),
+                id: record.cgroup,
+            },
+            None => {
+                // Gone already: no facts, as /proc would give.
+                let read = self.reader.read_cgroup(tgid)?;
+                if read.id == record.cgroup {
+                    if self.cgroup_paths.len() >= CGROUP_PATH_CACHE_MAX {
+                        self.cgroup_paths.clear();
+                    }
+                    self.cgroup_paths.insert(read.id, read.path.clone());
+                }
+                // Otherwise the process moved after its exec (or the cgroup root given is not
+                // the kernel's cgroup2 mount): /proc's path and id belong together, the tap's
+                // id is not cached under that path.
+                read
+            }
+        };
+        let comm = if self.exec_comm {
+            self.reader.read_comm(tgid)
+        } else {
+            None
+        };
+        let ips = self.reader.netns_addresses(tgid, netns);
+        Some(ProcFacts {
+            cgroup: Some(cgroup),
+            netns: Some(netns),
+            ips,
+            comm,
+        })
+    }
+
+    /// A rescan starts at `started`: records of execs before it are superseded with their
+    /// events.
+    fn rescan_started(&mut self, started: u64) {
+        if let Some(tap) = self.tap.as_mut() {
+            tap.matcher.reset(started);
+        }
+    }
+
+    /// The process `tgid` exited.
+    fn exited(&mut self, tgid: Pid) {
+        if let Some(tap) = self.tap.as_mut() {
+            tap.matcher.forget(tgid);
+        }
+    }
+}
+
+impl Tap {
+    /// Copies the tap's dropped count into the counters, with a warning when it grew.
+    fn check_dropped(&mut self, counters: &LiveCounters) {
+        match self.tap.dropped() {
+            Ok(dropped) => {
+                let before = counters.tap_dropped.swap(dropped, Ordering::Relaxed);
+                if dropped > before {
+                    log::warn!(
+                        "exec tap: {} records dropped (ring full); those execs' facts are read                          from /proc",
+                        dropped - before
+                    );
+                }
+            }
+            Err(e) => log::debug!("{e}"),
+        }
+    }
+}
+
 /// The kernel's process events with /proc facts, as an [`EventSource`].
 pub struct LiveSource {
     connector: Connector,
-    reader: ProcReader,
+    facts: Facts,
     pending: VecDeque<TimedRecord>,
     stop: StopHandle,
     counters: Arc<LiveCounters>,
@@ -135,17 +306,34 @@ pub struct LiveSource {
     discard_before: u64,
     last_ts: u64,
     finished: bool,
-    /// [`LiveConfig::exec_comm`].
-    exec_comm: bool,
 }
 
 impl LiveSource {
-    /// Subscribes to the proc connector (checking the kernel's ACK), then scans /proc; the scan
-    /// is the first record.
+    /// Loads the exec tap (if asked), subscribes to the proc connector (checking the kernel's
+    /// ACK), then scans /proc; the scan is the first record.
     pub fn start(config: &LiveConfig) -> Result<LiveSource, LiveError> {
         let reader = match &config.cgroup_root {
             Some(dir) => ProcReader::with_cgroup_root(dir),
             None => ProcReader::new()?,
+        };
+        // Before the subscribe: every exec event received then has its record in the ring.
+        let tap = if config.exec_tap {
+            match ExecTap::load() {
+                Ok(tap) => {
+                    log::info!("exec tap: attached to sched_process_exec; exec facts come from it");
+                    Some(Tap {
+                        tap,
+                        matcher: ExecMatcher::default(),
+                        next_check_ns: 0,
+                    })
+                }
+                Err(e) => {
+                    log::warn!("{e}; exec facts are read from /proc instead");
+                    None
+                }
+            }
+        } else {
+            None
         };
         let connector = Connector::subscribe(&config.connector)?;
         log::info!(
@@ -159,14 +347,18 @@ impl LiveSource {
         );
         let mut source = LiveSource {
             connector,
-            reader,
+            facts: Facts {
+                reader,
+                tap,
+                cgroup_paths: HashMap::new(),
+                exec_comm: config.exec_comm,
+            },
             pending: VecDeque::new(),
             stop: StopHandle::default(),
             counters: Arc::new(LiveCounters::default()),
             discard_before: 0,
             last_ts: 0,
             finished: false,
-            exec_comm: config.exec_comm,
         };
         source.push_scan();
         Ok(source)
@@ -184,7 +376,12 @@ impl LiveSource {
 
     /// Where the cgroup2 hierarchy is mounted (cgroup ids are inodes below it).
     pub fn cgroup_root(&self) -> &std::path::Path {
-        self.reader.cgroup_root()
+        self.facts.reader.cgroup_root()
+    }
+
+    /// The exec tap, when it is loaded (for its run-time statistics).
+    pub fn exec_tap(&self) -> Option<&ExecTap> {
+        self.facts.tap.as_ref().map(|t| &t.tap)
     }
 
     /// The receive buffer the kernel granted.
@@ -200,7 +397,8 @@ impl LiveSource {
     fn push_scan(&mut self) {
         let started = monotonic_now_ns();
         self.discard_before = started;
-        let processes = self.reader.scan();
+        self.facts.rescan_started(started);
+        let processes = self.facts.reader.scan();
         bump(&self.counters.scans);
         let ts = self.stamp(started);
         self.pending.push_back(TimedRecord {
@@ -244,7 +442,13 @@ impl EventSource for LiveSource {
                 return Ok(Some(record));
             }
             let datagram = match self.connector.recv()? {
-                Received::Timeout => continue,
+                Received::Timeout => {
+                    // Idle: a good moment to refresh the tap's dropped count.
+                    if let Some(tap) = self.facts.tap.as_mut() {
+                        tap.check_dropped(&self.counters);
+                    }
+                    continue;
+                }
                 Received::Overrun => {
                     self.push_lost_and_rescan();
                     continue;
@@ -295,12 +499,7 @@ impl EventSource for LiveSource {
                     }
                     KernelEvent::Exec { pid, tgid } => {
                         bump(&counters.execs);
-                        // Read right away: the process may be gone a moment later.
-                        let facts = if self.exec_comm {
-                            self.reader.read_facts(tgid)
-                        } else {
-                            self.reader.read_facts_without_comm(tgid)
-                        };
+                        let facts = self.facts.of_exec(tgid, ts, counters);
                         if facts.cgroup.is_none() {
                             bump(&counters.execs_without_facts);
                         }
@@ -312,6 +511,9 @@ impl EventSource for LiveSource {
                         exit_code,
                     } => {
                         bump(&counters.exits);
+                        if pid == tgid {
+                            self.facts.exited(tgid);
+                        }
                         ProcEvent::Exit {
                             pid,
                             tgid,

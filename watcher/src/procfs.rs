@@ -152,6 +152,22 @@ impl ProcReader {
         self.read_facts_as_asked(pid, false)
     }
 
+    /// The cgroup of `/proc/PID/cgroup` and its id (an `fstatat` below the cgroup2 root);
+    /// `None` when the process is gone or the cgroup unreadable. For an exec whose cgroup id
+    /// is known already (the exec tap) and whose path is not cached.
+    pub fn read_cgroup(&mut self, pid: Pid) -> Option<CgroupRef> {
+        self.set_path(pid, "cgroup");
+        let f = File::open(&self.path).ok()?;
+        self.read_cgroup_from(f)
+    }
+
+    /// `/proc/PID/comm`; `None` when the process is gone.
+    pub fn read_comm(&mut self, pid: Pid) -> Option<String> {
+        self.set_path(pid, "comm");
+        let f = File::open(&self.path).ok()?;
+        self.read_comm_from(f)
+    }
+
     fn read_facts_as_asked(&mut self, pid: Pid, comm: bool) -> ProcFacts {
         self.set_path(pid, "cgroup");
         let opened = File::open(&self.path);
@@ -161,14 +177,7 @@ impl ProcReader {
             // a spawn storm of short processes).
             return ProcFacts::default();
         }
-        let comm = if comm {
-            self.set_path(pid, "comm");
-            File::open(&self.path)
-                .ok()
-                .and_then(|f| self.read_comm_from(f))
-        } else {
-            None
-        };
+        let comm = if comm { self.read_comm(pid) } else { None };
         self.rest_of_facts(pid, cgroup, comm)
     }
 
@@ -328,8 +337,10 @@ impl ProcReader {
         Some(text.trim_end_matches('\n').to_owned())
     }
 
-    /// The unicast addresses of the network namespace `inode`, read through `pid`, cached.
-    fn netns_addresses(&mut self, pid: Pid, inode: u64) -> Vec<IpAddr> {
+    /// The unicast addresses of the network namespace `inode`, read through `pid` (from its
+    /// `net/fib_trie` and `net/if_inet6`) and cached by namespace for a short while. Empty when
+    /// the namespace has none or `pid` is gone.
+    pub fn netns_addresses(&mut self, pid: Pid, inode: u64) -> Vec<IpAddr> {
         if let Some((read_at, ips)) = self.addresses.get(&inode) {
             if read_at.elapsed() < ADDRESS_CACHE_TTL {
                 return ips.clone();

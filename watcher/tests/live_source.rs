@@ -1,5 +1,6 @@
 //! The live source against the real kernel (root): exec/exit of our own children with their
-//! cgroup, loss and rescan, stop and unsubscribe, facts of a process in its own netns.
+//! cgroup (facts from the exec tap and from /proc), loss and rescan, stop and unsubscribe,
+//! facts of a process in its own netns.
 //!
 //! The proc connector hears the whole machine: every check filters by our children's pids or
 //! by our own test cgroup.
@@ -7,6 +8,7 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -59,13 +61,22 @@ fn live_exec_and_exit_of_a_child_in_its_cgroup() {
     if !testkit::require_root("live_exec_and_exit_of_a_child_in_its_cgroup") {
         return;
     }
-    // By default exec facts leave out comm; `exec_comm` asks for it.
+    // By default exec facts leave out comm; `exec_comm` asks for it. The same facts with the
+    // exec tap (the default) and from /proc.
     live_exec_and_exit(&LiveConfig::default(), None);
     let with_comm = LiveConfig {
         exec_comm: true,
         ..LiveConfig::default()
     };
     live_exec_and_exit(&with_comm, Some("sh"));
+    for exec_comm in [false, true] {
+        let from_proc = LiveConfig {
+            exec_comm,
+            exec_tap: false,
+            ..LiveConfig::default()
+        };
+        live_exec_and_exit(&from_proc, exec_comm.then_some("sh"));
+    }
 }
 
 fn live_exec_and_exit(config: &LiveConfig, want_comm: Option<&str>) {
@@ -116,9 +127,7 @@ fn live_exec_and_exit(config: &LiveConfig, want_comm: Option<&str>) {
                 assert_eq!(cgroup.id, CgroupId(cg.id()));
                 assert_eq!(facts.comm.as_deref(), want_comm);
                 // The child shares this test's network namespace.
-                let netns = std::os::unix::fs::MetadataExt::ino(
-                    &std::fs::metadata("/proc/self/ns/net").unwrap(),
-                );
+                let netns = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
                 assert_eq!(facts.netns, Some(netns));
                 exec_ts = Some(rec.ts);
                 // Let the child exit now.
@@ -142,6 +151,120 @@ fn live_exec_and_exit(config: &LiveConfig, want_comm: Option<&str>) {
     let counters = source.counters().snapshot();
     assert!(counters.execs >= 1 && counters.exits >= 1 && counters.forks >= 1);
     assert_eq!(counters.malformed, 0);
+    if config.exec_tap {
+        assert!(source.exec_tap().is_some(), "the exec tap loads as root");
+        assert!(counters.execs_from_tap >= 1, "{counters:?}");
+    } else {
+        assert!(source.exec_tap().is_none());
+        assert_eq!(counters.execs_from_tap, 0);
+        assert!(counters.execs_from_proc >= 1);
+    }
+}
+
+/// The exec events of `pid` until `want` of them have come (a child that execs twice under
+/// one pid gives two).
+fn execs_of(source: &mut LiveSource, pid: u32, want: usize) -> Vec<watcher::ProcFacts> {
+    let mut facts = Vec::new();
+    while facts.len() < want {
+        if let Record::Proc(ProcEvent::Exec { tgid, facts: f, .. }) = next(source).record {
+            if tgid == pid {
+                facts.push(f);
+            }
+        }
+    }
+    facts
+}
+
+/// Waits until `/proc/PID/comm` says `comm` (the child's second exec is done).
+fn wait_comm(pid: u32, comm: &str) {
+    for _ in 0..1000 {
+        let now = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if now.trim_end() == comm {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("child {pid} never became {comm}");
+}
+
+#[test]
+fn live_exec_facts_come_from_the_tap_at_exec_time() {
+    if !testkit::require_root("live_exec_facts_come_from_the_tap_at_exec_time") {
+        return;
+    }
+    let cg_a = TestCgroup::new("live-tap-a").unwrap();
+    let cg_b = TestCgroup::new("live-tap-b").unwrap();
+    let (a, b) = (CgroupId(cg_a.id()), CgroupId(cg_b.id()));
+    let mut source = LiveSource::start(&LiveConfig::default()).unwrap();
+    assert!(source.exec_tap().is_some(), "the exec tap loads as root");
+    watchdog(source.stop_handle(), 60);
+    next(&mut source); // the scan
+    let host_netns = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    let check = |facts: &watcher::ProcFacts, cg: &TestCgroup, id: CgroupId, what: &str| {
+        let cgroup = facts
+            .cgroup
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what}: no cgroup"));
+        assert_eq!(
+            (cgroup.path.as_str(), cgroup.id),
+            (cg.path.as_str(), id),
+            "{what}"
+        );
+        assert_eq!(facts.netns, Some(host_netns), "{what}");
+        assert_eq!(facts.comm, None, "{what}");
+    };
+    let script = "read x; exec /bin/sleep 1000";
+
+    // 1. A child that joins A itself before its exec: A's path is read from /proc once.
+    let first = ChildGuard(spawn_in(
+        &cg_a,
+        &["/bin/sh", "-c", "read x"],
+        Stdio::piped(),
+        Stdio::null(),
+    ));
+    let facts = execs_of(&mut source, first.0.id(), 1);
+    check(&facts[0], &cg_a, a, "joined A before exec");
+
+    // 2. Moved into B by its parent just before its second exec (what container runtimes
+    // do), under the same pid: the first exec's event says A, the second's B. Both events
+    // are read only after the move, so the first one's A comes from its tap record.
+    let mut moved = ChildGuard(spawn_in(
+        &cg_a,
+        &["/bin/sh", "-c", script],
+        Stdio::piped(),
+        Stdio::null(),
+    ));
+    let pid = moved.0.id();
+    cg_b.enter(&cg_b.path, pid).unwrap();
+    moved.0.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let facts = execs_of(&mut source, pid, 2);
+    check(&facts[0], &cg_a, a, "first exec, in A");
+    check(&facts[1], &cg_b, b, "second exec, moved into B before it");
+
+    // 3. The same, then moved back to A before any event is read: /proc says A, but the
+    // second exec happened in B and its record says so. Each exec event took its own record.
+    let mut twice = ChildGuard(spawn_in(
+        &cg_a,
+        &["/bin/sh", "-c", script],
+        Stdio::piped(),
+        Stdio::null(),
+    ));
+    let pid = twice.0.id();
+    cg_b.enter(&cg_b.path, pid).unwrap();
+    twice.0.stdin.take().unwrap().write_all(b"\n").unwrap();
+    wait_comm(pid, "sleep");
+    cg_a.enter(&cg_a.path, pid).unwrap();
+    let facts = execs_of(&mut source, pid, 2);
+    check(&facts[0], &cg_a, a, "first exec of the double exec");
+    check(
+        &facts[1],
+        &cg_b,
+        b,
+        "second exec of the double exec, in B at the time",
+    );
+
+    let counters = source.counters().snapshot();
+    assert!(counters.execs_from_tap >= 5, "{counters:?}");
 }
 
 #[test]
