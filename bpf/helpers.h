@@ -64,12 +64,14 @@ struct {
 } orig_dst_by_task SEC(".maps");
 
 /* sockops → getsockopt: the original destination by the connection's 4-tuple, the only thing
- * ztunnel's accepted socket has in common with the client's. */
+ * ztunnel's accepted socket has in common with the client's. A set-associative table
+ * (zbridge.h, `struct tuple_set`): an ARRAY, so that its lookup is inlined and a write
+ * allocates nothing; an LRU hash cost ~420 ns per connection here (BENCHMARKS.md). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, ZB_ORIG_DST_ENTRIES);
-	__type(key, struct conn_tuple);
-	__type(value, struct orig_dst);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, ZB_TUPLE_SETS);
+	__type(key, __u32);
+	__type(value, struct tuple_set);
 } orig_dst_by_tuple SEC(".maps");
 
 /* Per-CPU so that counting never contends between CPUs; the reader sums. */
@@ -267,6 +269,50 @@ static __always_inline const struct cgroup_info *zb_lookup_current(__u32 levels)
 			return info;
 	}
 	return NULL;
+}
+
+/* The words of a conn_tuple (36 bytes, 4-byte aligned). */
+#define ZB_TUPLE_WORDS (sizeof(struct conn_tuple) / 4)
+
+static __always_inline int zb_tuple_eq(const struct conn_tuple *a, const struct conn_tuple *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	__u32 diff = 0;
+
+	/* No early exit: nine loads and ors are cheaper than the branches. */
+#pragma unroll
+	for (int i = 0; i < ZB_TUPLE_WORDS; i++)
+		diff |= x[i] ^ y[i];
+	return diff == 0;
+}
+
+/* The hash of a connection's 4-tuple: its low bits pick the set of orig_dst_by_tuple, all of
+ * it is the slot's tag. No secret is mixed in, and none is needed: a pod can only aim at
+ * another pod's pending record by guessing its source port (the kernel's ephemeral pick),
+ * within the microseconds the record waits for ztunnel. */
+static __always_inline __u32 zb_tuple_hash(const struct conn_tuple *t)
+{
+	const __u32 *w = (const __u32 *)t;
+	__u32 h = 0;
+
+#pragma unroll
+	for (int i = 0; i < ZB_TUPLE_WORDS; i++)
+		h = (h ^ w[i]) * 0x9e3779b1u;
+	/* The multiply pushes the mixing up: fold the high half down for the set index. */
+	return h ^ (h >> 16);
+}
+
+/* A record's set in the hot region of orig_dst_by_tuple (the first ZB_TUPLE_HOT_SETS). */
+static __always_inline __u32 zb_tuple_hot_set(__u32 hash)
+{
+	return hash & (ZB_TUPLE_HOT_SETS - 1);
+}
+
+/* A record's set in the overflow region: other bits of the hash than the hot set's, so that
+ * records crowding one hot set spread over many overflow sets. */
+static __always_inline __u32 zb_tuple_overflow_set(__u32 hash)
+{
+	return ZB_TUPLE_HOT_SETS + ((hash >> 8) & (ZB_TUPLE_OVERFLOW_SETS - 1));
 }
 
 #endif /* ZBRIDGE_HELPERS_H */

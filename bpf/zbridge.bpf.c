@@ -168,14 +168,99 @@ int connect6(struct bpf_sock_addr *ctx)
 	return verdict;
 }
 
+/* What zb_tuple_store did. */
+enum zb_store {
+	ZB_STORED,  /* in a slot that held this tuple, nothing, or an answered record */
+	ZB_EVICTED, /* in place of a record still waiting for ztunnel's question */
+	ZB_FULL,    /* not at all: every slot waits (only when `evict` is 0) */
+};
+
+/*
+ * Writes a connection's record into `set`, under the set's lock (sock_ops on one CPU and
+ * getsockopt on another may touch the same set). The slot is, in order: the one already
+ * holding this 4-tuple (a new connection reusing the tuple of an old one must not leave the
+ * old record where getsockopt could find it), a free one, one ztunnel has asked about, and,
+ * with `evict`, the next waiting one in turn. The choice reads the set's first cache line only
+ * (states and tags); a slot's tuple is read only when its tag matches.
+ */
+static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
+						    const struct conn_tuple *tuple, __u32 hash,
+						    const struct orig_dst *dst, int evict)
+{
+	__u32 pick = ZB_TUPLE_WAYS, free = ZB_TUPLE_WAYS, answered = ZB_TUPLE_WAYS;
+	enum zb_store result = ZB_STORED;
+
+	bpf_spin_lock(&set->lock);
+#pragma unroll
+	for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
+		if (set->state[i] == ZB_SLOT_FREE) {
+			if (free == ZB_TUPLE_WAYS)
+				free = i;
+			continue;
+		}
+		if (set->tag[i] == hash && zb_tuple_eq(&set->way[i].tuple, tuple)) {
+			pick = i;
+			break;
+		}
+		if (set->state[i] == ZB_SLOT_ANSWERED && answered == ZB_TUPLE_WAYS)
+			answered = i;
+	}
+	if (pick == ZB_TUPLE_WAYS)
+		pick = free != ZB_TUPLE_WAYS ? free : answered;
+	if (pick == ZB_TUPLE_WAYS) {
+		if (!evict) {
+			bpf_spin_unlock(&set->lock);
+			return ZB_FULL;
+		}
+		/* More connections wait here at once than the set holds: the oldest in turn gives
+		 * way, and its ztunnel will find no record. */
+		pick = set->next;
+		set->next = pick + 1;
+		result = ZB_EVICTED;
+	}
+	pick &= ZB_TUPLE_WAYS - 1;
+	set->way[pick].tuple = *tuple;
+	set->way[pick].dst = *dst;
+	set->tag[pick] = hash;
+	set->state[pick] = ZB_SLOT_PENDING;
+	bpf_spin_unlock(&set->lock);
+	return result;
+}
+
+/*
+ * Copies the record of `tuple` to `out` and marks it answered (its slot may be reused, but
+ * the record stays until then: ztunnel asks SOL_IP first and SOL_IPV6 next for an IPv6
+ * destination). Returns 1 when the set holds it.
+ */
+static __always_inline int zb_tuple_take(struct tuple_set *set, const struct conn_tuple *tuple,
+					 __u32 hash, struct orig_dst *out)
+{
+	int found = 0;
+
+	bpf_spin_lock(&set->lock);
+#pragma unroll
+	for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
+		if (set->state[i] == ZB_SLOT_FREE || set->tag[i] != hash ||
+		    !zb_tuple_eq(&set->way[i].tuple, tuple))
+			continue;
+		*out = set->way[i].dst;
+		set->state[i] = ZB_SLOT_ANSWERED;
+		found = 1;
+		break;
+	}
+	bpf_spin_unlock(&set->lock);
+	return found;
+}
+
 SEC("sockops")
 int sock_ops(struct bpf_sock_ops *skops)
 {
 	const struct settings *s;
 	struct conn_tuple tuple = {};
 	struct connect_record *rec;
+	struct tuple_set *set;
 	struct zb_ip ip = {};
-	__u32 remote_port;
+	__u32 remote_port, hash, idx;
 	__u16 dport;
 
 	/* The kernel calls this program five times for every connect in the subtree (timeout,
@@ -226,7 +311,21 @@ int sock_ops(struct bpf_sock_ops *skops)
 	tuple.sport = bpf_htons((__u16)ZB_CTX(skops->local_port));
 	tuple.dport = dport;
 
-	bpf_map_update_elem(&orig_dst_by_tuple, &tuple, &rec->dst, BPF_ANY);
+	hash = zb_tuple_hash(&tuple);
+	idx = zb_tuple_hot_set(hash);
+	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
+	/* The array holds every index below ZB_TUPLE_SETS; the check is for the verifier. */
+	if (!set)
+		return 1;
+	if (zb_tuple_store(set, &tuple, hash, &rec->dst, 0) != ZB_FULL)
+		return 1;
+	/* The hot set is full of waiting records (a burst): the overflow region takes it. */
+	idx = zb_tuple_overflow_set(hash);
+	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
+	if (!set)
+		return 1;
+	if (zb_tuple_store(set, &tuple, hash, &rec->dst, 1) == ZB_EVICTED)
+		zb_count(ZB_C_ORIG_DST_EVICTED);
 	return 1;
 }
 
@@ -251,11 +350,13 @@ int getsockopt(struct bpf_sockopt *ctx)
 {
 	const struct settings *s;
 	struct conn_tuple tuple = {};
-	struct orig_dst *od;
+	struct orig_dst od = {};
+	struct tuple_set *set;
 	struct bpf_sock *sk;
 	struct zb_ip ip = {};
 	__u16 local_port;
-	int v4;
+	__u32 hash, idx;
+	int found, v4;
 
 	/* Every getsockopt of the subtree comes here: all but SO_ORIGINAL_DST leave untouched
 	 * at once (SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST share the number 80). */
@@ -298,14 +399,24 @@ int getsockopt(struct bpf_sockopt *ctx)
 	tuple.sport = peer_port;
 	tuple.dport = bpf_htons(local_port);
 
-	od = bpf_map_lookup_elem(&orig_dst_by_tuple, &tuple);
-	if (!od) {
+	/* The hot set first: the writer only goes on to the overflow set when the hot one is
+	 * full, and it never leaves a record of the same tuple behind in the hot one. */
+	hash = zb_tuple_hash(&tuple);
+	idx = zb_tuple_hot_set(hash);
+	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
+	found = set && zb_tuple_take(set, &tuple, hash, &od);
+	if (!found) {
+		idx = zb_tuple_overflow_set(hash);
+		set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
+		found = set && zb_tuple_take(set, &tuple, hash, &od);
+	}
+	if (!found) {
 		/* Keep the kernel's own answer (netfilter's, or its error). */
 		zb_count(ZB_C_ORIG_DST_MISS);
 		ZB_DEBUG(s, "SO_ORIGINAL_DST: no record for peer port %d", bpf_ntohs(tuple.sport));
 		return 1;
 	}
-	zb_ip_from_bytes(&ip, od->addr);
+	zb_ip_from_bytes(&ip, od.addr);
 	v4 = zb_ip_is_v4(&ip);
 
 	if (ctx->level == SOL_IP) {
@@ -318,7 +429,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 		if ((void *)(sin + 1) > ctx->optval_end)
 			return 1;
 		sin->family = AF_INET;
-		sin->port = od->port;
+		sin->port = od.port;
 		sin->addr = ip.w[3];
 		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
 		ctx->optlen = sizeof(*sin);
@@ -331,7 +442,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 		if ((void *)(sin6 + 1) > ctx->optval_end)
 			return 1;
 		sin6->family = AF_INET6;
-		sin6->port = od->port;
+		sin6->port = od.port;
 		sin6->flowinfo = 0;
 		sin6->addr[0] = ip.w[0];
 		sin6->addr[1] = ip.w[1];

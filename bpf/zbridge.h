@@ -78,6 +78,53 @@ struct conn_tuple {
 	__u16 dport;
 };
 
+/*
+ * `orig_dst_by_tuple` is a set-associative table in an ARRAY map: a connection's 4-tuple
+ * hashes to a set (an array element) of ZB_TUPLE_WAYS slots, and sock_ops writes the record
+ * into a slot of that set under the set's spin lock. A slot is reused once ztunnel has asked
+ * about it.
+ *
+ * Why this shape: the record is written once per connection, to a place chosen by a hash.
+ * In a table sized for the worst burst, that place is memory no CPU touched lately, and the
+ * write waits for it from DRAM: a hash map's update (bucket, element, free list) cost ~420 ns
+ * here, a set of a large array ~240 ns. So the array has two regions. The first
+ * ZB_TUPLE_HOT_SETS sets (64 KiB) take every record while they have room: small enough to stay
+ * in the caches, and records leave it within microseconds, once ztunnel asks. A record whose
+ * hot set is full of waiting records goes to its set in the overflow region (the other
+ * ZB_TUPLE_OVERFLOW_SETS sets), which holds as many as the LRU hash did; only when that set
+ * is full too is its oldest waiting record replaced (and counted). getsockopt looks in the
+ * hot set first, then in the overflow set.
+ *
+ * A set is 256 bytes, four whole cache lines (array elements are line-aligned), and what
+ * the choice of a slot reads (lock, states, hash tags) is in its first line: a write waits
+ * for one line at most; the slot's own lines go out through the store buffer.
+ */
+#define ZB_TUPLE_WAYS 4                /* a power of two */
+#define ZB_TUPLE_HOT_SETS 256          /* a power of two: 1,024 slots, 64 KiB */
+#define ZB_TUPLE_OVERFLOW_SETS 16384   /* a power of two: 65,536 slots, 4 MiB */
+#define ZB_TUPLE_SETS (ZB_TUPLE_HOT_SETS + ZB_TUPLE_OVERFLOW_SETS)
+
+/* tuple_set.state[] */
+#define ZB_SLOT_FREE 0     /* never written */
+#define ZB_SLOT_PENDING 1  /* written by sock_ops, ztunnel has not asked yet */
+#define ZB_SLOT_ANSWERED 2 /* ztunnel asked; kept for a repeated question until reused */
+
+struct tuple_slot {
+	struct conn_tuple tuple;
+	struct orig_dst dst;
+};
+
+/* The value of `orig_dst_by_tuple` (key: the set's index): 256 bytes. */
+struct tuple_set {
+	struct bpf_spin_lock lock;
+	__u32 next;                  /* the way replaced next when all are pending (round robin) */
+	__u8 state[ZB_TUPLE_WAYS];   /* ZB_SLOT_* */
+	__u32 tag[ZB_TUPLE_WAYS];    /* the tuple's full hash: most slots are ruled out unread */
+	__u32 reserved;              /* 0; puts the slots at byte 32 */
+	struct tuple_slot way[ZB_TUPLE_WAYS];
+};
+_Static_assert(sizeof(struct tuple_set) == 256, "a set is four whole cache lines");
+
 /* Indices of the per-CPU `counters` array (values __u64, summed over CPUs by the reader). */
 enum zb_counter {
 	ZB_C_REDIRECTED_OUT = 0, /* an ambient pod's connect sent to ztunnel's outbound port */
@@ -89,12 +136,12 @@ enum zb_counter {
 	ZB_C_ORIG_DST_MISS = 6,  /* SO_ORIGINAL_DST on a capture socket with no entry */
 	ZB_C_REFUSED_LOOP = 7,   /* a connect straight to a capture port, refused */
 	ZB_C_BIND_REWRITTEN = 8, /* ztunnel's bind to a pod address moved to its own */
-	ZB_C_MAX = 9,
+	ZB_C_ORIG_DST_EVICTED = 9, /* a record replaced before ztunnel asked (its set was full) */
+	ZB_C_MAX = 10,
 };
 
 /* Default sizes; cgroup_info_map and pod_addr_map are resized by the loader. */
 #define ZB_CGROUP_ENTRIES 65536
-#define ZB_ORIG_DST_ENTRIES 65536
 /* Deepest cgroup level the programs look at (bits of settings.levels). */
 #define ZB_MAX_LEVELS 32
 

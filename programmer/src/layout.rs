@@ -27,7 +27,9 @@ pub const MAPS: [&str; 6] = [
 /// map's key or value changes, so that a new agent never reads an old agent's maps.
 /// v2: `settings` holds up to [`MAX_ZTUNNEL_ADDRS`] ztunnel addresses per family; the
 /// connect-time record moved from `orig_dst_by_cookie` to thread storage (`orig_dst_by_task`).
-pub const LAYOUT_VERSION: &str = "v2";
+/// v3: `orig_dst_by_tuple` is a set-associative ARRAY of [`TupleSet`] (was an LRU hash), and
+/// the counters gained `orig_dst_evicted`.
+pub const LAYOUT_VERSION: &str = "v3";
 
 /// How many ztunnel addresses of each family the programs spread connections over
 /// (`ZB_MAX_ZTUNNEL_ADDRS`); further ones are not used.
@@ -214,8 +216,49 @@ pub struct ConnTuple {
     pub dport: u16,
 }
 
+/// `ZB_TUPLE_WAYS`: the slots of one [`TupleSet`].
+pub const TUPLE_WAYS: usize = 4;
+/// `ZB_TUPLE_HOT_SETS`: the first sets of `orig_dst_by_tuple`, which take every record while
+/// they have room (small enough to stay in the CPU caches).
+pub const TUPLE_HOT_SETS: u32 = 256;
+/// `ZB_TUPLE_OVERFLOW_SETS`: the sets after them, for records whose hot set is full.
+pub const TUPLE_OVERFLOW_SETS: u32 = 16384;
+/// `ZB_TUPLE_SETS`: all sets of `orig_dst_by_tuple` (its `max_entries`).
+pub const TUPLE_SETS: u32 = TUPLE_HOT_SETS + TUPLE_OVERFLOW_SETS;
+
+/// `tuple_set.state[]`: never written.
+pub const SLOT_FREE: u8 = 0;
+/// Written by sock_ops; ztunnel has not asked yet.
+pub const SLOT_PENDING: u8 = 1;
+/// ztunnel asked; the record stays until the slot is reused.
+pub const SLOT_ANSWERED: u8 = 2;
+
+/// `struct tuple_slot`: one record of `orig_dst_by_tuple`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TupleSlot {
+    pub tuple: ConnTuple,
+    pub dst: OrigDst,
+}
+
+/// `struct tuple_set`: the value of `orig_dst_by_tuple` (key: the set's `u32` index), 256
+/// bytes. The kernel reads the spin lock back as zero.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TupleSet {
+    /// `struct bpf_spin_lock`.
+    pub lock: u32,
+    pub next: u32,
+    /// [`SLOT_FREE`], [`SLOT_PENDING`] or [`SLOT_ANSWERED`], per way.
+    pub state: [u8; TUPLE_WAYS],
+    /// The hash of each way's tuple.
+    pub tag: [u32; TUPLE_WAYS],
+    pub reserved: u32,
+    pub way: [TupleSlot; TUPLE_WAYS],
+}
+
 /// `enum zb_counter`: the indices of the per-CPU `counters` array, with their names.
-pub const COUNTER_NAMES: [&str; 9] = [
+pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "redirected_out",
     "redirected_in",
     "passed",
@@ -225,7 +268,11 @@ pub const COUNTER_NAMES: [&str; 9] = [
     "orig_dst_miss",
     "refused_loop",
     "bind_rewritten",
+    "orig_dst_evicted",
 ];
+
+/// `ZB_C_MAX`: how many counters there are.
+pub const COUNTER_COUNT: usize = 10;
 
 /// The counters, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -248,11 +295,14 @@ pub struct Counters {
     pub refused_loop: u64,
     /// ztunnel's bind to a pod address moved to its own address.
     pub bind_rewritten: u64,
+    /// A tuple record replaced before ztunnel asked for it (its set of `orig_dst_by_tuple`
+    /// was full of waiting records): that connection's `SO_ORIGINAL_DST` misses.
+    pub orig_dst_evicted: u64,
 }
 
 impl Counters {
     /// From the summed values, by index of `enum zb_counter`.
-    pub fn from_values(v: &[u64; 9]) -> Self {
+    pub fn from_values(v: &[u64; COUNTER_COUNT]) -> Self {
         Counters {
             redirected_out: v[0],
             redirected_in: v[1],
@@ -263,11 +313,12 @@ impl Counters {
             orig_dst_miss: v[6],
             refused_loop: v[7],
             bind_rewritten: v[8],
+            orig_dst_evicted: v[9],
         }
     }
 
     /// Name and value of each counter, in index order.
-    pub fn pairs(&self) -> [(&'static str, u64); 9] {
+    pub fn pairs(&self) -> [(&'static str, u64); COUNTER_COUNT] {
         let v = [
             self.redirected_out,
             self.redirected_in,
@@ -278,13 +329,14 @@ impl Counters {
             self.orig_dst_miss,
             self.refused_loop,
             self.bind_rewritten,
+            self.orig_dst_evicted,
         ];
         std::array::from_fn(|i| (COUNTER_NAMES[i], v[i]))
     }
 }
 
 // SAFETY: #[repr(C)] structs of integers and byte arrays without padding (sizes 24, 96, 16,
-// 20 and 36, checked against the object's BTF by a test).
+// 20, 36, 56 and 256, checked against the object's BTF by a test).
 unsafe impl crate::sys::Plain for CgroupInfo {}
 // SAFETY: as above.
 unsafe impl crate::sys::Plain for Settings {}
@@ -294,6 +346,10 @@ unsafe impl crate::sys::Plain for PodAddr {}
 unsafe impl crate::sys::Plain for OrigDst {}
 // SAFETY: as above.
 unsafe impl crate::sys::Plain for ConnTuple {}
+// SAFETY: as above.
+unsafe impl crate::sys::Plain for TupleSlot {}
+// SAFETY: as above.
+unsafe impl crate::sys::Plain for TupleSet {}
 
 /// `struct pod_addr`: the key of `pod_addr_map` (IPv4 stored IPv4-mapped).
 #[repr(C)]

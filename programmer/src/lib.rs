@@ -20,7 +20,9 @@ use std::path::PathBuf;
 pub use aya_backend::{AyaBackend, BatchMode};
 pub use backend::{MapBackend, MapBatch};
 pub use layout::Counters;
-pub use loader::{detach, read_counters, LoadReport, Loaded, LoaderConfig};
+pub use loader::{
+    detach, read_counters, read_tuple_records, LoadReport, Loaded, LoaderConfig, TupleRecord,
+};
 pub use memory::MemoryBackend;
 pub use programmer::{Programmer, ProgrammerConfig};
 

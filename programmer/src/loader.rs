@@ -413,7 +413,7 @@ pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
         op: "count possible CPUs",
         source: e,
     })?;
-    let mut sums = [0u64; 9];
+    let mut sums = [0u64; layout::COUNTER_COUNT];
     let mut values = vec![0u8; 8 * cpus];
     for (index, sum) in sums.iter_mut().enumerate() {
         let key = index as u32;
@@ -430,6 +430,34 @@ pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
             .sum();
     }
     Ok(Counters::from_values(&sums))
+}
+
+/// One record of `orig_dst_by_tuple`: a redirected connection and where it was going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TupleRecord {
+    pub tuple: layout::ConnTuple,
+    pub dst: layout::OrigDst,
+    /// ztunnel has asked for it (`SO_ORIGINAL_DST`); its slot may be reused.
+    pub answered: bool,
+}
+
+/// Reads every record of the pinned `orig_dst_by_tuple` (all its sets, every used slot).
+pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramError> {
+    let fd = open_pinned_map(pin_dir, layout::ORIG_DST_BY_TUPLE_MAP)?;
+    let sets = crate::aya_backend::read_entries::<u32, layout::TupleSet>(
+        layout::ORIG_DST_BY_TUPLE_MAP,
+        fd.as_fd(),
+    )?;
+    Ok(sets
+        .iter()
+        .flat_map(|(_, set)| set.state.iter().zip(&set.way))
+        .filter(|(state, _)| **state != layout::SLOT_FREE)
+        .map(|(state, slot)| TupleRecord {
+            tuple: slot.tuple,
+            dst: slot.dst,
+            answered: *state == layout::SLOT_ANSWERED,
+        })
+        .collect())
 }
 
 /// Loads the embedded object's maps and programs into the kernel, so that the verifier checks

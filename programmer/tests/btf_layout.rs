@@ -4,7 +4,9 @@
 use std::mem::{offset_of, size_of};
 use std::process::Command;
 
-use programmer::layout::{self, CgroupInfo, ConnTuple, OrigDst, PodAddr, Settings};
+use programmer::layout::{
+    self, CgroupInfo, ConnTuple, OrigDst, PodAddr, Settings, TupleSet, TupleSlot,
+};
 use programmer::object;
 
 /// (name, byte offset) of each member, and the size, of a BTF struct.
@@ -99,6 +101,26 @@ fn rust_mirrors_match_the_objects_btf() {
                 ("dport", offset_of!(ConnTuple, dport)),
             ]),
         ),
+        (
+            "tuple_slot",
+            size_of::<TupleSlot>(),
+            owned(&[
+                ("tuple", offset_of!(TupleSlot, tuple)),
+                ("dst", offset_of!(TupleSlot, dst)),
+            ]),
+        ),
+        (
+            "tuple_set",
+            size_of::<TupleSet>(),
+            owned(&[
+                ("lock", offset_of!(TupleSet, lock)),
+                ("next", offset_of!(TupleSet, next)),
+                ("state", offset_of!(TupleSet, state)),
+                ("tag", offset_of!(TupleSet, tag)),
+                ("reserved", offset_of!(TupleSet, reserved)),
+                ("way", offset_of!(TupleSet, way)),
+            ]),
+        ),
     ];
     for (name, rust_size, rust_fields) in cases {
         let (c_size, c_fields) = btf_struct(types, name);
@@ -133,7 +155,12 @@ fn maps_of_the_object_are_the_ones_layout_names_with_their_key_and_value_sizes()
     assert_eq!(specs[layout::ORIG_DST_BY_TASK_MAP].map_type, 29); // BPF_MAP_TYPE_TASK_STORAGE
     assert_eq!(
         kv(layout::ORIG_DST_BY_TUPLE_MAP),
-        (size_of::<ConnTuple>(), size_of::<OrigDst>())
+        (4, size_of::<TupleSet>())
+    );
+    assert_eq!(specs[layout::ORIG_DST_BY_TUPLE_MAP].map_type, 2); // BPF_MAP_TYPE_ARRAY
+    assert_eq!(
+        specs[layout::ORIG_DST_BY_TUPLE_MAP].max_entries,
+        layout::TUPLE_SETS
     );
     assert_eq!(kv(layout::COUNTERS_MAP), (4, 8));
     // One counter slot per name the reader decodes (ZB_C_MAX).

@@ -8,9 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 
 use common::{bpffs, config, connect_from};
-use programmer::aya_backend::read_entries;
 use programmer::layout::{self, CgroupInfo, ConnTuple, OrigDst, PodAddr};
-use programmer::loader::open_pinned_map;
 use programmer::{sys, BatchMode, Loaded, MapBackend, MapBatch, Programmer, ProgrammerConfig};
 use resolver::{Enrolment, Role, Update};
 use testkit::{BpfFs, TestCgroup};
@@ -355,13 +353,7 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
     );
     let (_conn, peer) = listener.accept().unwrap();
     assert_eq!(loaded.counters().unwrap().redirected_out, 1);
-    let tuples = read_entries::<ConnTuple, OrigDst>(
-        layout::ORIG_DST_BY_TUPLE_MAP,
-        open_pinned_map(&fs.pin_dir(), layout::ORIG_DST_BY_TUPLE_MAP)
-            .unwrap()
-            .as_fd(),
-    )
-    .unwrap();
+    let tuples = programmer::read_tuple_records(&fs.pin_dir()).unwrap();
     let mapped = |ip: Ipv4Addr| ip.to_ipv6_mapped().octets();
     let want_key = ConnTuple {
         src: mapped(Ipv4Addr::LOCALHOST),
@@ -374,7 +366,12 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
         port: 80u16.to_be(),
         family: libc::AF_INET as u16,
     };
-    assert_eq!(tuples, vec![(want_key, want_value)]);
+    let record = programmer::TupleRecord {
+        tuple: want_key,
+        dst: want_value,
+        answered: false,
+    };
+    assert_eq!(tuples, vec![record]);
 
     // A connect straight to the capture port is refused (ztunnel would loop on it).
     let out = connect_from(&cg, &pod, "127.0.0.1", port);

@@ -2,14 +2,12 @@
 //! the counters.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use programmer::aya_backend::read_entries;
-use programmer::layout::{self, CgroupInfo, ConnTuple, OrigDst};
+use programmer::layout::{self, CgroupInfo};
 use programmer::{AyaBackend, MapBackend};
 
 /// Flags of `zbridge dump`.
@@ -137,14 +135,12 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
     for (addr, flags) in &addrs {
         println!("  {:<40} {}", addr.ip(), role_of(*flags));
     }
-    // The socket-storage map (the connect-time records) cannot be iterated: only the
+    // The thread-storage map (the connect-time records) cannot be iterated: only the
     // tuple records, which ztunnel's questions are answered from, are counted.
-    let by_tuple = read_entries::<ConnTuple, OrigDst>(
-        layout::ORIG_DST_BY_TUPLE_MAP,
-        programmer::loader::open_pinned_map(&args.pin_dir, layout::ORIG_DST_BY_TUPLE_MAP)?.as_fd(),
-    )?;
+    let by_tuple = programmer::read_tuple_records(&args.pin_dir)?;
+    let waiting = by_tuple.iter().filter(|r| !r.answered).count();
     println!(
-        "{}: {} entries",
+        "{}: {} records ({waiting} waiting for ztunnel's question)",
         layout::ORIG_DST_BY_TUPLE_MAP,
         by_tuple.len()
     );
