@@ -4,12 +4,19 @@
 //!    `connector::decode`, in events per second.
 //! 2. Spawn storm (root): spawner threads start `/bin/true` as fast as they can for
 //!    `WATCHER_BENCH_SECS` seconds (default 5) while a watcher thread reads the machine's
-//!    events: once through the raw connector (decode only), once through `LiveSource` (decode,
-//!    /proc facts for every exec, records). Reports events/s received, events lost, and the
-//!    watcher thread's CPU time (getrusage RUSAGE_THREAD) per event and per 10,000 events.
+//!    events: once through the raw connector (decode only), once through `LiveSource` with the
+//!    exec tap (`live-source`: facts of execs from the tap's records and caches), once through
+//!    `LiveSource` without it (`live-source-proc`: /proc reads for every exec). Reports events/s
+//!    received, events lost, and the watcher thread's CPU time (getrusage RUSAGE_THREAD) per
+//!    event and per 10,000 events. With the tap it also reports the tap program's own run time
+//!    per exec (`BPF_ENABLE_STATS`): the cost moved into every exec of the machine.
 //!    The baseline, in the same storm and with the same CPU measure: `benches/c_subscriber.c`,
 //!    a plain C subscriber (one recv per datagram, counting fork/exec/exit), compiled here
-//!    with `cc -O2` and run as a child process (skipped when there is no `cc`).
+//!    with `cc -O2` and run as a child process (skipped when there is no `cc`). The Rust
+//!    readers run as threads of this process, whose spawner threads fork and start threads;
+//!    `raw-connector-process` and `live-source-process` run them in a child process instead
+//!    (this binary again, with `WATCHER_BENCH_READER`), as the C subscriber runs, so that the
+//!    difference between the two placements is visible.
 
 use std::hint::black_box;
 use std::io::{BufRead, BufReader};
@@ -23,7 +30,14 @@ use watcher::connector::{decode, wire, Connector, ConnectorConfig, Message, Rece
 use watcher::live::{LiveConfig, LiveSource};
 use watcher::EventSource;
 
+/// Set in a child process of the storm: the reader it runs (see [`reader_process`]).
+const READER_ENV: &str = "WATCHER_BENCH_READER";
+
 fn main() {
+    if let Ok(reader) = std::env::var(READER_ENV) {
+        reader_process(&reader);
+        return;
+    }
     // `cargo bench` passes `--bench`; a filter argument selects one part.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
@@ -33,7 +47,14 @@ fn main() {
     if want("facts") {
         bench_facts();
     }
-    if want("storm") {
+    // `-- storm` runs every storm, `-- storm/processes` the readers of one storm,
+    // `-- storm/processes/live-source` one reader.
+    let want_storm = |name: &str| {
+        filter.as_deref().is_none_or(|f| {
+            f == "storm" || name == f || name.starts_with(&format!("{}/", f.trim_end_matches('/')))
+        })
+    };
+    if filter.as_deref().is_none_or(|f| f.starts_with("storm")) {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             println!("storm: SKIPPED (needs root for the proc connector)");
@@ -48,30 +69,27 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(1);
         let c_subscriber = build_c_subscriber();
+        type Watcher = fn(Arc<AtomicBool>, Arc<AtomicBool>) -> WatcherResult;
+        let mut readers: Vec<(&str, Watcher)> = Vec::new();
+        if c_subscriber.is_some() {
+            readers.push(("c-subscriber", c_watcher));
+        }
+        readers.push(("raw-connector", raw_watcher));
+        readers.push(("live-source", live_watcher_tap));
+        readers.push(("live-source-proc", live_watcher_proc));
+        readers.push(("raw-connector-process", |stop, ready| {
+            own_process_watcher("raw-connector", stop, ready)
+        }));
+        readers.push(("live-source-process", |stop, ready| {
+            own_process_watcher("live-source", stop, ready)
+        }));
         for kind in [Storm::Processes, Storm::Threads { per_second: 6000 }] {
-            if c_subscriber.is_some() {
-                storm(
-                    &format!("storm/{kind}/c-subscriber"),
-                    kind,
-                    secs,
-                    spawners,
-                    c_watcher,
-                );
+            for (reader, watcher) in &readers {
+                let name = format!("storm/{kind}/{reader}");
+                if want_storm(&name) {
+                    storm(&name, kind, secs, spawners, *watcher);
+                }
             }
-            storm(
-                &format!("storm/{kind}/raw-connector"),
-                kind,
-                secs,
-                spawners,
-                raw_watcher,
-            );
-            storm(
-                &format!("storm/{kind}/live-source"),
-                kind,
-                secs,
-                spawners,
-                live_watcher,
-            );
         }
         if let Some(binary) = c_subscriber {
             let _ = std::fs::remove_file(binary);
@@ -163,6 +181,8 @@ struct WatcherResult {
     events: u64,
     lost: u64,
     cpu_seconds: f64,
+    /// More to print after the figures (may be empty).
+    notes: String,
 }
 
 /// Reads raw connector datagrams until `stop`, counting events.
@@ -189,6 +209,7 @@ fn raw_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
         events,
         lost,
         cpu_seconds,
+        notes: String::new(),
     }
 }
 
@@ -240,14 +261,63 @@ fn c_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
     if kernel_takes_event_mask() {
         command.arg("--mask");
     }
+    child_watcher(command, stop, ready)
+}
+
+/// Runs one of the Rust readers in a child process (this binary), as the C subscriber runs.
+fn own_process_watcher(
+    reader: &str,
+    stop: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+) -> WatcherResult {
+    let mut command = Command::new(std::env::current_exe().expect("this binary"));
+    command.env(READER_ENV, reader);
+    child_watcher(command, stop, ready)
+}
+
+/// The child side of [`own_process_watcher`]: runs `reader` on its main thread until SIGTERM,
+/// speaking the C subscriber's protocol ("ready", then "events N lost L cpu_s S", here
+/// followed by "notes ...").
+fn reader_process(reader: &str) {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(libc::SIGTERM, Arc::clone(&stop)).expect("SIGTERM handler");
+    let ready = Arc::new(AtomicBool::new(false));
+    {
+        let ready = Arc::clone(&ready);
+        std::thread::spawn(move || {
+            while !ready.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            println!("ready");
+        });
+    }
+    let r = match reader {
+        "raw-connector" => raw_watcher(stop, ready),
+        "live-source" => live_watcher_tap(stop, ready),
+        other => panic!("{READER_ENV}={other}: no such reader"),
+    };
+    println!(
+        "events {} lost {} cpu_s {:.6} notes {}",
+        r.events, r.lost, r.cpu_seconds, r.notes
+    );
+}
+
+/// Runs a reader process until `stop`, and reads its counts and CPU time.
+fn child_watcher(
+    mut command: Command,
+    stop: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+) -> WatcherResult {
     let mut child = command
         .stdout(Stdio::piped())
         .spawn()
-        .expect("start the C subscriber");
+        .expect("start the reader process");
     let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut line = String::new();
-    stdout.read_line(&mut line).expect("read the C subscriber");
-    assert_eq!(line.trim(), "ready", "the C subscriber did not start");
+    stdout
+        .read_line(&mut line)
+        .expect("read the reader process");
+    assert_eq!(line.trim(), "ready", "the reader process did not start");
     ready.store(true, Ordering::SeqCst);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
@@ -257,9 +327,15 @@ fn c_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     line.clear();
-    stdout.read_line(&mut line).expect("read the C subscriber");
-    assert!(child.wait().expect("wait").success(), "C subscriber failed");
-    // "events N lost L cpu_s S"
+    stdout
+        .read_line(&mut line)
+        .expect("read the reader process");
+    assert!(
+        child.wait().expect("wait").success(),
+        "the reader process failed"
+    );
+    // "events N lost L cpu_s S", and " notes ..." from a Rust reader.
+    let (line, notes) = line.split_once(" notes ").unwrap_or((line.as_str(), ""));
     let fields: Vec<&str> = line.split_whitespace().collect();
     let field = |name: &str| -> &str {
         let at = fields.iter().position(|f| *f == name).expect(name);
@@ -269,12 +345,41 @@ fn c_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
         events: field("events").parse().expect("events"),
         lost: field("lost").parse().expect("lost"),
         cpu_seconds: field("cpu_s").parse().expect("cpu_s"),
+        notes: notes.trim_end().to_string(),
     }
 }
 
+/// `LiveSource` with the exec tap (the default).
+fn live_watcher_tap(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
+    live_watcher(stop, ready, true)
+}
+
+/// `LiveSource` reading /proc for every exec.
+fn live_watcher_proc(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
+    live_watcher(stop, ready, false)
+}
+
 /// Reads `LiveSource` records until `stop`, counting events (not scans).
-fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
-    let mut source = LiveSource::start(&LiveConfig::default()).expect("live source");
+fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>, exec_tap: bool) -> WatcherResult {
+    let config = LiveConfig {
+        exec_tap,
+        ..LiveConfig::default()
+    };
+    let mut source = LiveSource::start(&config).expect("live source");
+    assert_eq!(
+        source.exec_tap().is_some(),
+        exec_tap,
+        "the exec tap loads as root (see the warning above)"
+    );
+    // The kernel counts programs' run time only while this fd is open.
+    let _stats =
+        exec_tap.then(|| programmer::sys::enable_run_time_stats().expect("BPF_ENABLE_STATS"));
+    let tap_stats = |source: &LiveSource| {
+        source
+            .exec_tap()
+            .map(|tap| tap.run_stats().expect("exec tap run stats"))
+    };
+    let stats0 = tap_stats(&source);
     let stop_source = source.stop_handle();
     // Forward the bench's stop to the source's own stop handle.
     std::thread::spawn(move || {
@@ -291,10 +396,28 @@ fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult 
     }
     let cpu_seconds = thread_cpu_seconds() - cpu0;
     let c = source.counters().snapshot();
+    let mut notes = format!(
+        "execs {} (facts from the tap {}, from /proc {}, without facts {}); tap dropped {}, \
+         unmatched {}",
+        c.execs,
+        c.execs_from_tap,
+        c.execs_from_proc,
+        c.execs_without_facts,
+        c.tap_dropped,
+        c.tap_unmatched
+    );
+    if let (Some((runs0, time0)), Some((runs1, time1))) = (stats0, tap_stats(&source)) {
+        let runs = runs1 - runs0;
+        notes += &format!(
+            "; tap program: {runs} runs, {:.0} ns/run (BPF_ENABLE_STATS, in the execing task)",
+            (time1 - time0).as_nanos() as f64 / runs.max(1) as f64
+        );
+    }
     WatcherResult {
         events: c.forks + c.execs + c.exits,
         lost: c.lost,
         cpu_seconds,
+        notes,
     }
 }
 
@@ -328,7 +451,10 @@ fn storm(
     let ready = Arc::new(AtomicBool::new(false));
     let handle = {
         let (stop, ready) = (stop_watcher.clone(), ready.clone());
-        std::thread::spawn(move || watcher(stop, ready))
+        std::thread::Builder::new()
+            .name("watcher".into())
+            .spawn(move || watcher(stop, ready))
+            .expect("spawn the watcher thread")
     };
     while !ready.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(10));
@@ -384,4 +510,7 @@ fn storm(
         r.cpu_seconds * 1e6 / r.events.max(1) as f64,
         r.cpu_seconds * 1e4 / r.events.max(1) as f64,
     );
+    if !r.notes.is_empty() {
+        println!("  {name}: {}", r.notes);
+    }
 }
