@@ -287,18 +287,25 @@ static __always_inline int zb_tuple_eq(const struct conn_tuple *a, const struct 
 }
 
 /* The hash of a connection's 4-tuple: its low bits pick the set of orig_dst_by_tuple, all of
- * it is the slot's tag. No secret is mixed in, and none is needed: a pod can only aim at
- * another pod's pending record by guessing its source port (the kernel's ephemeral pick),
- * within the microseconds the record waits for ztunnel. */
+ * it is the slot's tag. Every output bit depends on every input bit (a multiply alone carries
+ * only upwards: the shifts bring the high bits down, so that the last octet of a pod's
+ * address and the low byte of its port count for the set too). No secret is mixed in, and
+ * none is needed: a pod can only aim at another pod's waiting record by guessing its source
+ * port (the kernel's ephemeral pick), within the microseconds the record waits for ztunnel. */
 static __always_inline __u32 zb_tuple_hash(const struct conn_tuple *t)
 {
 	const __u32 *w = (const __u32 *)t;
 	__u32 h = 0;
 
 #pragma unroll
-	for (int i = 0; i < ZB_TUPLE_WORDS; i++)
+	for (int i = 0; i < ZB_TUPLE_WORDS; i++) {
 		h = (h ^ w[i]) * 0x9e3779b1u;
-	/* The multiply pushes the mixing up: fold the high half down for the set index. */
+		h ^= h >> 16;
+	}
+	/* murmur3's finalizer. */
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
 	return h ^ (h >> 16);
 }
 

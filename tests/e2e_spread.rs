@@ -66,6 +66,7 @@ fn connections_spread_over_two_ztunnel_addresses_by_destination() {
         &ClientOptions {
             count: 40,
             bind: None,
+            ..ClientOptions::default()
         },
     )
     .expect("client");

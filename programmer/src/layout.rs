@@ -257,6 +257,47 @@ pub struct TupleSet {
     pub way: [TupleSlot; TUPLE_WAYS],
 }
 
+impl ConnTuple {
+    /// A connection seen from its client: `src` the client, `dst` ztunnel's capture socket.
+    pub fn new(src: SocketAddr, dst: SocketAddr) -> Self {
+        ConnTuple {
+            src: PodAddr::from(src.ip()).addr,
+            dst: PodAddr::from(dst.ip()).addr,
+            sport: src.port().to_be(),
+            dport: dst.port().to_be(),
+        }
+    }
+
+    /// The mirror of `zb_tuple_hash` in `bpf/helpers.h`: the same mixing of the tuple's nine
+    /// words, read in the CPU's byte order as the program reads them.
+    pub fn hash(&self) -> u32 {
+        let mut bytes = [0u8; 36];
+        bytes[..16].copy_from_slice(&self.src);
+        bytes[16..32].copy_from_slice(&self.dst);
+        bytes[32..34].copy_from_slice(&self.sport.to_ne_bytes());
+        bytes[34..36].copy_from_slice(&self.dport.to_ne_bytes());
+        let h = bytes.chunks_exact(4).fold(0u32, |h, word| {
+            let h = (h ^ u32::from_ne_bytes(word.try_into().expect("4 bytes")))
+                .wrapping_mul(0x9e37_79b1);
+            h ^ (h >> 16)
+        });
+        let h = h.wrapping_mul(0x85eb_ca6b);
+        let h = (h ^ (h >> 13)).wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+
+    /// The set of `orig_dst_by_tuple` its record goes to while that set has room
+    /// (`zb_tuple_hot_set`).
+    pub fn hot_set(&self) -> u32 {
+        self.hash() & (TUPLE_HOT_SETS - 1)
+    }
+
+    /// The set its record goes to when the hot one is full (`zb_tuple_overflow_set`).
+    pub fn overflow_set(&self) -> u32 {
+        TUPLE_HOT_SETS + ((self.hash() >> 8) & (TUPLE_OVERFLOW_SETS - 1))
+    }
+}
+
 /// `enum zb_counter`: the indices of the per-CPU `counters` array, with their names.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "redirected_out",

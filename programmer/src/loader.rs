@@ -435,6 +435,8 @@ pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
 /// One record of `orig_dst_by_tuple`: a redirected connection and where it was going.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TupleRecord {
+    /// The index of its set (below [`layout::TUPLE_HOT_SETS`]: the hot region).
+    pub set: u32,
     pub tuple: layout::ConnTuple,
     pub dst: layout::OrigDst,
     /// ztunnel has asked for it (`SO_ORIGINAL_DST`); its slot may be reused.
@@ -450,9 +452,15 @@ pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramErr
     )?;
     Ok(sets
         .iter()
-        .flat_map(|(_, set)| set.state.iter().zip(&set.way))
-        .filter(|(state, _)| **state != layout::SLOT_FREE)
-        .map(|(state, slot)| TupleRecord {
+        .flat_map(|(index, set)| {
+            set.state
+                .iter()
+                .zip(&set.way)
+                .map(move |(state, slot)| (*index, state, slot))
+        })
+        .filter(|(_, state, _)| **state != layout::SLOT_FREE)
+        .map(|(set, state, slot)| TupleRecord {
+            set,
             tuple: slot.tuple,
             dst: slot.dst,
             answered: *state == layout::SLOT_ANSWERED,

@@ -367,6 +367,8 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
         family: libc::AF_INET as u16,
     };
     let record = programmer::TupleRecord {
+        // The Rust mirror of the programs' hash names the set the record went to.
+        set: want_key.hot_set(),
         tuple: want_key,
         dst: want_value,
         answered: false,

@@ -8,9 +8,12 @@
 //! ```text
 //! zbt-net serve --listen ADDR:PORT... [--orig-dst] [--upstream]
 //!     accept local=A peer=P orig=O|orig-errno=N [upstream-local=L|upstream-errno=N]
+//! zbt-net serve --listen ADDR:PORT --ask-after N
+//!     (holds N accepted connections, then asks each) accept local=A peer=P orig=O|orig-errno=N
 //! zbt-net sleep
 //!     ready           (then nothing, until killed)
-//! zbt-net connect --to ADDR:PORT [--count N] [--bind IP] [--latency]
+//! zbt-net connect --to ADDR:PORT [--count N] [--bind IP|IP:PORT]... [--no-echo] [--rst]
+//!                 [--latency]
 //!     ok local=A peer=P       (or: err stage=connect|io errno=N)
 //!     latency-ns=N            (with --latency, instead of the above)
 //! zbt-net udp-connect --to ADDR:PORT
@@ -33,6 +36,8 @@ const AF_INET: i32 = 2;
 const AF_INET6: i32 = 10;
 const SOCK_STREAM: i32 = 1;
 const SOCK_CLOEXEC: i32 = 0o2000000;
+const SOL_SOCKET: i32 = 1;
+const SO_LINGER: i32 = 13;
 
 extern "C" {
     fn getsockopt(fd: i32, level: i32, name: i32, val: *mut u8, len: *mut u32) -> i32;
@@ -163,6 +168,36 @@ fn echo_one(stream: &mut TcpStream) {
     }
 }
 
+/// A ztunnel that is slow to ask: on its (one) listener it accepts `n` connections, holding
+/// them, and only then asks each its original destination, in accept order.
+fn serve_deferred(listens: Vec<SocketAddr>, n: usize) {
+    let listener = match TcpListener::bind(listens[0]) {
+        Ok(l) => l,
+        Err(e) => {
+            say(&format!("fatal bind {} errno={}", listens[0], errno_of(&e)));
+            std::process::exit(1);
+        }
+    };
+    say("ready");
+    loop {
+        let held: Vec<TcpStream> = listener.incoming().take(n).flatten().collect();
+        for stream in &held {
+            let local = stream.local_addr().ok();
+            let peer = stream.peer_addr().ok();
+            let v6 = local.map(|a| a.is_ipv6()).unwrap_or(false);
+            let answer = match original_dst(stream.as_raw_fd(), v6) {
+                Ok(dst) => format!("orig={dst}"),
+                Err(e) => format!("orig-errno={e}"),
+            };
+            say(&format!(
+                "accept local={} peer={} {answer}",
+                local.map(|a| a.to_string()).unwrap_or_default(),
+                peer.map(|a| a.to_string()).unwrap_or_default()
+            ));
+        }
+    }
+}
+
 fn serve(listens: Vec<SocketAddr>, orig: bool, up: bool) {
     let mut listeners = Vec::new();
     for addr in &listens {
@@ -223,13 +258,24 @@ fn serve(listens: Vec<SocketAddr>, orig: bool, up: bool) {
     }
 }
 
+/// How a client connection goes after the connect.
+#[derive(Clone, Copy)]
+struct ClientStyle {
+    /// Write a byte and wait for its echo (else close right after the connect).
+    echo: bool,
+    /// Close with a reset (SO_LINGER 0): neither side keeps the 4-tuple in TIME_WAIT, so the
+    /// next connection may use it again at once.
+    rst: bool,
+}
+
 fn connect_once(
     to: SocketAddr,
-    bind_ip: Option<IpAddr>,
+    bind_addr: Option<SocketAddr>,
+    style: ClientStyle,
 ) -> Result<(SocketAddr, SocketAddr), (&'static str, i32)> {
-    let mut stream = match bind_ip {
+    let mut stream = match bind_addr {
         None => TcpStream::connect(to).map_err(|e| ("connect", errno_of(&e)))?,
-        Some(ip) => {
+        Some(src) => {
             let domain = if to.is_ipv4() { AF_INET } else { AF_INET6 };
             // SAFETY: plain syscalls on a descriptor this function owns.
             unsafe {
@@ -237,7 +283,7 @@ fn connect_once(
                 if fd < 0 {
                     return Err(("socket", errno()));
                 }
-                let src = sockaddr(SocketAddr::new(ip, 0));
+                let src = sockaddr(src);
                 if bind(fd, src.as_ptr(), src.len() as u32) != 0 {
                     let e = errno();
                     close(fd);
@@ -255,11 +301,26 @@ fn connect_once(
     };
     let local = stream.local_addr().map_err(|e| ("io", errno_of(&e)))?;
     let peer = stream.peer_addr().map_err(|e| ("io", errno_of(&e)))?;
-    stream.write_all(b"x").map_err(|e| ("io", errno_of(&e)))?;
-    let mut b = [0u8; 1];
-    stream
-        .read_exact(&mut b)
-        .map_err(|e| ("io", errno_of(&e)))?;
+    if style.echo {
+        stream.write_all(b"x").map_err(|e| ("io", errno_of(&e)))?;
+        let mut b = [0u8; 1];
+        stream
+            .read_exact(&mut b)
+            .map_err(|e| ("io", errno_of(&e)))?;
+    }
+    if style.rst {
+        let linger: [i32; 2] = [1, 0];
+        // SAFETY: an 8-byte struct linger for a descriptor the stream owns.
+        unsafe {
+            setsockopt(
+                stream.as_raw_fd(),
+                SOL_SOCKET,
+                SO_LINGER,
+                linger.as_ptr() as *const u8,
+                8,
+            );
+        }
+    }
     // The client closes first (as the benchmark of the tuple space requires).
     drop(stream);
     Ok((local, peer))
@@ -271,7 +332,12 @@ fn main() {
     let mut listens = Vec::new();
     let mut to = Vec::new();
     let mut count = 1u64;
-    let mut bind_ip = None;
+    let mut binds: Vec<SocketAddr> = Vec::new();
+    let mut ask_after = 0usize;
+    let mut style = ClientStyle {
+        echo: true,
+        rst: false,
+    };
     let (mut orig, mut up, mut latency) = (false, false, false);
     let mut i = 1;
     while i < args.len() {
@@ -280,7 +346,21 @@ fn main() {
             "--listen" => listens.push(value().parse().expect("--listen ADDR:PORT")),
             "--to" => to.push(value().parse::<SocketAddr>().expect("--to ADDR:PORT")),
             "--count" => count = value().parse().expect("--count N"),
-            "--bind" => bind_ip = Some(value().parse::<IpAddr>().expect("--bind IP")),
+            // IP (any port) or IP:PORT; several are used round-robin, like --to.
+            "--bind" => binds.push(value().parse::<SocketAddr>().unwrap_or_else(|_| {
+                SocketAddr::new(value().parse().expect("--bind IP or IP:PORT"), 0)
+            })),
+            "--ask-after" => ask_after = value().parse().expect("--ask-after N"),
+            "--no-echo" => {
+                style.echo = false;
+                i += 1;
+                continue;
+            }
+            "--rst" => {
+                style.rst = true;
+                i += 1;
+                continue;
+            }
             "--orig-dst" => {
                 orig = true;
                 i += 1;
@@ -301,6 +381,7 @@ fn main() {
         i += 2;
     }
     match mode.as_str() {
+        "serve" if ask_after > 0 => serve_deferred(listens, ask_after),
         "serve" => serve(listens, orig, up),
         // A process that only exists (so that its cgroup is live), until killed.
         "sleep" => {
@@ -314,7 +395,8 @@ fn main() {
             for n in 0..count {
                 let dst = to[(n as usize) % to.len()];
                 let start = Instant::now();
-                let result = connect_once(dst, bind_ip);
+                let bind = (!binds.is_empty()).then(|| binds[(n as usize) % binds.len()]);
+                let result = connect_once(dst, bind, style);
                 let took = start.elapsed().as_nanos();
                 match result {
                     Ok(_) if latency => say(&format!("latency-ns={took}")),

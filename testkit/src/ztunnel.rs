@@ -216,6 +216,29 @@ impl FakeZtunnel {
     }
 }
 
+/// A fake ztunnel slow to ask: it listens on `listen`, holds `n` accepted connections, and
+/// only then asks each its original destination (reported like [`FakeZtunnel`]'s).
+pub fn deferred_ztunnel(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    listen: SocketAddr,
+    n: usize,
+) -> std::io::Result<Listener> {
+    Listener::start(
+        ns,
+        cgroup,
+        path,
+        vec![
+            "serve".into(),
+            "--listen".into(),
+            listen.to_string(),
+            "--ask-after".into(),
+            n.to_string(),
+        ],
+    )
+}
+
 /// A plain listener ("remote service") on the given addresses; it echoes one byte.
 pub fn service(
     ns: &NetNs,
@@ -272,6 +295,12 @@ pub struct ClientOptions {
     pub count: u64,
     /// Bind the source address before connecting.
     pub bind: Option<IpAddr>,
+    /// Bind these source addresses and ports, round-robin (instead of `bind`).
+    pub bind_addrs: Vec<SocketAddr>,
+    /// Close right after the connect, without the one-byte exchange.
+    pub no_echo: bool,
+    /// Close with a reset (no TIME_WAIT on either side: the 4-tuple is free again at once).
+    pub rst: bool,
 }
 
 /// Runs a client process in `cgroup`/`path` and `ns` that connects `count` times (round-robin
@@ -295,6 +324,16 @@ pub fn connect(
     if let Some(ip) = options.bind {
         args.push("--bind".into());
         args.push(ip.to_string());
+    }
+    for addr in &options.bind_addrs {
+        args.push("--bind".into());
+        args.push(addr.to_string());
+    }
+    if options.no_echo {
+        args.push("--no-echo".into());
+    }
+    if options.rst {
+        args.push("--rst".into());
     }
     run_client(ns, cgroup, path, &args)
 }
@@ -352,6 +391,7 @@ pub fn connect_once(
         &ClientOptions {
             count: 1,
             bind: None,
+            ..ClientOptions::default()
         },
     )?;
     all.pop()

@@ -1,0 +1,260 @@
+//! `orig_dst_by_tuple` on a real kernel: the set-associative table sock_ops writes and
+//! getsockopt reads (bpf/zbridge.h). Each test builds its own cgroup, bpffs and network
+//! namespace: a "pod" whose connects to a service address go to a fake ztunnel on 127.0.0.1,
+//! which asks `SO_ORIGINAL_DST` as ztunnel does (at once, or only after holding N
+//! connections, so that records pile up).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{bpffs, config};
+use programmer::layout::{self, CgroupInfo, ConnTuple};
+use programmer::{Loaded, MapBackend, MapBatch, TupleRecord};
+use testkit::ztunnel::{self, Accepted, ClientOptions, Listener};
+use testkit::{BpfFs, NetNs, TestCgroup};
+use watcher::CgroupId;
+
+/// The service the pod connects to, and the second one of the reused-tuple test.
+const SERVICE: &str = "10.200.0.99:80";
+const OTHER_SERVICE: &str = "10.200.0.98:81";
+
+/// ztunnel's outbound capture socket, in the test's namespace.
+fn ztunnel_addr() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ztunnel::OUTBOUND)
+}
+
+/// A pod cgroup enrolled as ambient and a ztunnel cgroup, both under the attach cgroup, in a
+/// namespace of their own (loopback only), with ztunnel on 127.0.0.1.
+struct Setup {
+    cg: TestCgroup,
+    _fs: BpfFs,
+    ns: NetNs,
+    loaded: Loaded,
+    pod: String,
+    zt: String,
+}
+
+impl Setup {
+    fn new(prefix: &str) -> Setup {
+        let cg = TestCgroup::new(prefix).unwrap();
+        let fs = bpffs(prefix);
+        let ns = NetNs::new(prefix).unwrap();
+        let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+        let pod = cg.child("pod").unwrap();
+        let zt = cg.child("ztunnel").unwrap();
+        let mut backend = loaded.backend().unwrap();
+        let mut settings = backend.settings().unwrap();
+        settings.set_ztunnel_ips(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+        settings.outbound_port = ztunnel::OUTBOUND;
+        settings.inbound_port = ztunnel::INBOUND;
+        settings.levels = 1 << 2;
+        let info = |flags| CgroupInfo {
+            flags,
+            addr4: u32::from(Ipv4Addr::new(10, 200, 0, 5)).to_be(),
+            addr6: [0; 16],
+        };
+        backend
+            .apply(&MapBatch {
+                cgroup_upserts: vec![
+                    (
+                        CgroupId(cg.id_of(&pod).unwrap()),
+                        info(layout::F_AMBIENT | layout::F_HAS_V4),
+                    ),
+                    (CgroupId(cg.id_of(&zt).unwrap()), info(layout::F_ZTUNNEL)),
+                ],
+                settings: Some(settings),
+                ..MapBatch::default()
+            })
+            .unwrap();
+        Setup {
+            cg,
+            _fs: fs,
+            ns,
+            loaded,
+            pod,
+            zt,
+        }
+    }
+
+    /// Runs the pod's client; every connect must succeed.
+    fn connect(&self, to: &[SocketAddr], options: ClientOptions) {
+        let outcomes =
+            ztunnel::connect(&self.ns, &self.cg, &self.pod, to, &options).expect("client");
+        assert_eq!(outcomes.len() as u64, options.count);
+        for o in &outcomes {
+            assert!(o.errno().is_none(), "{o:?}");
+        }
+    }
+
+    fn records(&self) -> Vec<TupleRecord> {
+        programmer::read_tuple_records(self.loaded.pin_dir()).unwrap()
+    }
+}
+
+/// Everything `listener` reports, until `n` connections (or 10 s of silence).
+fn accepted(listener: &Listener, n: usize) -> Vec<Accepted> {
+    let all: Vec<Accepted> = std::iter::from_fn(|| listener.next(Duration::from_secs(10)))
+        .take(n)
+        .collect();
+    assert_eq!(all.len(), n, "accepted {all:?}");
+    all
+}
+
+#[test]
+fn records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answered() {
+    if !testkit::require_root(
+        "records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answered",
+    ) {
+        return;
+    }
+    // Twice as many waiting records as the hot region has slots.
+    const N: usize = 2 * layout::TUPLE_HOT_SETS as usize * layout::TUPLE_WAYS;
+    let s = Setup::new("tuple-overflow");
+    let zt = ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), N).unwrap();
+    s.connect(
+        &[SERVICE.parse().unwrap()],
+        ClientOptions {
+            count: N as u64,
+            no_echo: true,
+            ..ClientOptions::default()
+        },
+    );
+    let answers = accepted(&zt, N);
+    for a in &answers {
+        assert_eq!(a.orig, Some(Ok(SERVICE.parse().unwrap())), "{a:?}");
+    }
+    let records = s.records();
+    assert_eq!(records.len(), N);
+    assert!(records.iter().all(|r| r.answered));
+    let hot = records
+        .iter()
+        .filter(|r| r.set < layout::TUPLE_HOT_SETS)
+        .count();
+    // Every hot set took records until it was full; the rest waited in the overflow region.
+    let mut per_hot_set: HashMap<u32, usize> = HashMap::new();
+    for a in &answers {
+        *per_hot_set
+            .entry(ConnTuple::new(a.peer, a.local).hot_set())
+            .or_default() += 1;
+    }
+    let want_hot: usize = per_hot_set
+        .values()
+        .map(|n| (*n).min(layout::TUPLE_WAYS))
+        .sum();
+    assert_eq!(hot, want_hot);
+    assert!(hot < N, "the overflow region took none");
+    let c = s.loaded.counters().unwrap();
+    assert_eq!(c.orig_dst_hit, N as u64);
+    assert_eq!(c.orig_dst_miss, 0);
+    assert_eq!(c.orig_dst_evicted, 0);
+}
+
+/// Nine source addresses and ports whose records share one hot set and one overflow set
+/// (found with the Rust mirror of the programs' hash).
+fn colliding_sources() -> Vec<SocketAddr> {
+    const WANT: usize = 2 * layout::TUPLE_WAYS + 1;
+    let key_bits = (layout::TUPLE_HOT_SETS * layout::TUPLE_OVERFLOW_SETS).trailing_zeros();
+    let key = |src: SocketAddr| ConnTuple::new(src, ztunnel_addr()).hash() & ((1 << key_bits) - 1);
+    let candidates = (2..=255u8).flat_map(|b| {
+        (30_000..60_000u16)
+            .map(move |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 9, b)), port))
+    });
+    let mut count = vec![0u8; 1 << key_bits];
+    for src in candidates.clone() {
+        let k = key(src) as usize;
+        count[k] += 1;
+        if count[k] as usize == WANT {
+            let found: Vec<SocketAddr> = candidates.filter(|s| key(*s) as usize == k).collect();
+            return found[..WANT].to_vec();
+        }
+    }
+    panic!("no {WANT} colliding sources among the candidates");
+}
+
+#[test]
+fn a_full_overflow_set_gives_way_oldest_first_and_counts_it() {
+    if !testkit::require_root("a_full_overflow_set_gives_way_oldest_first_and_counts_it") {
+        return;
+    }
+    let sources = colliding_sources();
+    let s = Setup::new("tuple-evict");
+    let zt =
+        ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), sources.len()).unwrap();
+    s.connect(
+        &[SERVICE.parse().unwrap()],
+        ClientOptions {
+            count: sources.len() as u64,
+            bind_addrs: sources.clone(),
+            no_echo: true,
+            ..ClientOptions::default()
+        },
+    );
+    let answers: HashMap<SocketAddr, Accepted> = accepted(&zt, sources.len())
+        .into_iter()
+        .map(|a| (a.peer, a))
+        .collect();
+    // Four records filled the hot set, four the overflow set; the ninth took the place of the
+    // oldest waiting one there, the fifth connection's, whose ztunnel then found nothing.
+    let evicted = sources[layout::TUPLE_WAYS];
+    for src in &sources {
+        let a = &answers[src];
+        if *src == evicted {
+            assert!(matches!(a.orig, Some(Err(_))), "{a:?}");
+        } else {
+            assert_eq!(a.orig, Some(Ok(SERVICE.parse().unwrap())), "{a:?}");
+        }
+    }
+    let c = s.loaded.counters().unwrap();
+    assert_eq!(c.orig_dst_evicted, 1);
+    assert_eq!(c.orig_dst_hit, sources.len() as u64 - 1);
+    let records = s.records();
+    assert_eq!(records.len(), 2 * layout::TUPLE_WAYS);
+    assert!(!records
+        .iter()
+        .any(|r| r.tuple == ConnTuple::new(evicted, ztunnel_addr())));
+}
+
+#[test]
+fn a_connection_reusing_a_4_tuple_gets_its_own_original_destination() {
+    if !testkit::require_root("a_connection_reusing_a_4_tuple_gets_its_own_original_destination") {
+        return;
+    }
+    let s = Setup::new("tuple-reuse");
+    let zt = ztunnel::FakeZtunnel::start(
+        &s.ns,
+        &s.cg,
+        &s.zt,
+        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        false,
+    )
+    .unwrap();
+    // The same source twice; closed with a reset, so that the 4-tuple is free again at once.
+    let src: SocketAddr = "127.0.0.3:41000".parse().unwrap();
+    let services: [SocketAddr; 2] = [SERVICE.parse().unwrap(), OTHER_SERVICE.parse().unwrap()];
+    s.connect(
+        &services,
+        ClientOptions {
+            count: 2,
+            bind_addrs: vec![src],
+            rst: true,
+            ..ClientOptions::default()
+        },
+    );
+    let answers = accepted(&zt.listener, 2);
+    assert_eq!(answers[0].peer, src);
+    assert_eq!(answers[1].peer, src);
+    assert_eq!(answers[0].orig, Some(Ok(services[0])));
+    assert_eq!(answers[1].orig, Some(Ok(services[1])));
+    // One record for the tuple: the second connection's, written over the first in place.
+    let records = s.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].tuple, ConnTuple::new(src, ztunnel_addr()));
+    assert_eq!(
+        records[0].dst.port,
+        services[1].port().to_be(),
+        "{records:?}"
+    );
+}
