@@ -181,8 +181,7 @@ fn a_full_overflow_set_gives_way_oldest_first_and_counts_it() {
     }
     let sources = colliding_sources();
     let s = Setup::new("tuple-evict");
-    let zt =
-        ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), sources.len()).unwrap();
+    let zt = ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), sources.len()).unwrap();
     s.connect(
         &[SERVICE.parse().unwrap()],
         ClientOptions {
