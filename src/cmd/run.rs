@@ -249,6 +249,15 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     let stop = source.stop_handle();
+    log::info!(
+        "process watcher: exec facts from {}",
+        if source.exec_tap().is_some() {
+            "the exec tap (BPF on sched_process_exec)"
+        } else {
+            "/proc reads (the exec tap is not loaded: see the warning above)"
+        }
+    );
+    let watcher_counters = source.counters();
 
     // 3. The resolver, fed by the watcher and by the workloads file or the kube cache.
     let pipeline_config = PipelineConfig {
@@ -419,6 +428,16 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         result.with_context(|| format!("the {stage} stage ended unexpectedly"))?;
         bail!("the {stage} stage ended unexpectedly");
     }
+    let c = watcher_counters.snapshot();
+    log::info!(
+        "process watcher: {} execs (facts from the exec tap {}, from /proc {}), exec tap records \
+         dropped {}, unmatched {}",
+        c.execs,
+        c.execs_from_tap,
+        c.execs_from_proc,
+        c.tap_dropped,
+        c.tap_unmatched
+    );
     let programmer = result?;
     drop(programmer);
     if args.cleanup_on_exit {
