@@ -76,16 +76,10 @@ impl EventKind {
 /// The roles of `zbridge_decisions{role=...}`.
 const ROLES: [Role; 4] = [Role::Ambient, Role::Ztunnel, Role::Exempt, Role::None];
 
-/// The BPF programs' counters exported as `zbridge_bpf_counter{counter=...}` (the names of
-/// `enum zb_counter` in `bpf/zbridge.h`, as `programmer::layout::COUNTER_NAMES` lists them).
-pub const BPF_COUNTERS: [&str; 6] = [
-    "redirected_out",
-    "redirected_in",
-    "passed",
-    "fail_closed",
-    "orig_dst_hit",
-    "orig_dst_miss",
-];
+/// The BPF programs' counters exported as `zbridge_bpf_counter{counter=...}`: the names of
+/// `enum zb_counter` in `bpf/zbridge.h`, every one of them (series exist from the start, at 0).
+pub const BPF_COUNTERS: [&str; programmer::layout::COUNTER_COUNT] =
+    programmer::layout::COUNTER_NAMES;
 
 /// The agent's metrics. Clones share the same values; every update is an atomic operation, so
 /// any thread may update without coordination.

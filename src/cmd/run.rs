@@ -625,17 +625,7 @@ const BPF_COUNTERS_EVERY: Duration = Duration::from_secs(5);
 fn export_bpf_counters(pin_dir: &Path, metrics: &Metrics) {
     match programmer::read_counters(pin_dir) {
         Ok(c) => {
-            for (name, value) in [
-                ("redirected_out", c.redirected_out),
-                ("redirected_in", c.redirected_in),
-                ("passed", c.passed),
-                ("fail_closed", c.fail_closed),
-                ("fail_open", c.fail_open),
-                ("orig_dst_hit", c.orig_dst_hit),
-                ("orig_dst_miss", c.orig_dst_miss),
-                ("refused_loop", c.refused_loop),
-                ("bind_rewritten", c.bind_rewritten),
-            ] {
+            for (name, value) in c.pairs() {
                 metrics.set_bpf_counter(name, value);
             }
         }
