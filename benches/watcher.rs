@@ -83,13 +83,29 @@ fn main() {
         readers.push(("live-source-process", |stop, ready| {
             own_process_watcher("live-source", stop, ready)
         }));
+        // Rounds run the readers in turn, again and again: a CPU figure per event varies by
+        // ±30% between runs on this shared VM (how often the reader sleeps and is woken
+        // depends on timing), so the summary compares medians over interleaved rounds.
+        let rounds: usize = std::env::var("WATCHER_BENCH_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1)
+            .max(1);
         for kind in [Storm::Processes, Storm::Threads { per_second: 6000 }] {
-            for (reader, watcher) in &readers {
-                let name = format!("storm/{kind}/{reader}");
-                if want_storm(&name) {
-                    storm(&name, kind, secs, spawners, *watcher);
+            let mut figures: Vec<(String, Vec<f64>)> = Vec::new();
+            for _ in 0..rounds {
+                for (reader, watcher) in &readers {
+                    let name = format!("storm/{kind}/{reader}");
+                    if want_storm(&name) {
+                        let us = storm(&name, kind, secs, spawners, *watcher);
+                        match figures.iter_mut().find(|(n, _)| *n == name) {
+                            Some((_, v)) => v.push(us),
+                            None => figures.push((name, vec![us])),
+                        }
+                    }
                 }
             }
+            summarize(&figures);
         }
         if let Some(binary) = c_subscriber {
             let _ = std::fs::remove_file(binary);
@@ -176,6 +192,26 @@ fn thread_cpu_seconds() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// Context switches of the calling thread so far (voluntary + involuntary): a reader's CPU per
+/// event depends mostly on how often it sleeps and is woken again.
+fn thread_switches() -> u64 {
+    // SAFETY: an all-zero rusage is valid; getrusage writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid rusage to write to.
+    unsafe {
+        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+    }
+    (usage.ru_nvcsw + usage.ru_nivcsw) as u64
+}
+
+/// "N context switches (X per event)".
+fn switches_note(switches: u64, events: u64) -> String {
+    format!(
+        "{switches} context switches ({:.2} per event)",
+        switches as f64 / events.max(1) as f64
+    )
+}
+
 /// What a watcher thread measured.
 struct WatcherResult {
     events: u64,
@@ -189,7 +225,7 @@ struct WatcherResult {
 fn raw_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
     let mut connector = Connector::subscribe(&ConnectorConfig::default()).expect("subscribe");
     ready.store(true, Ordering::SeqCst);
-    let cpu0 = thread_cpu_seconds();
+    let (cpu0, switches0) = (thread_cpu_seconds(), thread_switches());
     let (mut events, mut lost) = (0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
         match connector.recv().expect("recv") {
@@ -209,7 +245,7 @@ fn raw_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
         events,
         lost,
         cpu_seconds,
-        notes: String::new(),
+        notes: switches_note(thread_switches() - switches0, events),
     }
 }
 
@@ -390,15 +426,17 @@ fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>, exec_tap: bool) -
     });
     source.next_record().expect("scan").expect("scan record");
     ready.store(true, Ordering::SeqCst);
-    let cpu0 = thread_cpu_seconds();
+    let (cpu0, switches0) = (thread_cpu_seconds(), thread_switches());
     while let Some(rec) = source.next_record().expect("next record") {
         black_box(&rec);
     }
     let cpu_seconds = thread_cpu_seconds() - cpu0;
+    let switches = thread_switches() - switches0;
     let c = source.counters().snapshot();
     let mut notes = format!(
-        "execs {} (facts from the tap {}, from /proc {}, without facts {}); tap dropped {}, \
+        "{}; execs {} (facts from the tap {}, from /proc {}, without facts {}); tap dropped {}, \
          unmatched {}",
+        switches_note(switches, c.forks + c.execs + c.exits),
         c.execs,
         c.execs_from_tap,
         c.execs_from_proc,
@@ -440,13 +478,46 @@ impl std::fmt::Display for Storm {
     }
 }
 
+/// The median CPU µs per event of each reader over the rounds, and its ratio to the C
+/// subscriber's median.
+fn summarize(figures: &[(String, Vec<f64>)]) {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let baseline = figures
+        .iter()
+        .find(|(n, _)| n.ends_with("/c-subscriber"))
+        .map(|(_, v)| median(v));
+    for (name, v) in figures {
+        let m = median(v);
+        let all: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
+        match baseline {
+            Some(b) => println!(
+                "summary {name}: median {m:.2} µs/event ({:.2}x the C subscriber) over {} \
+                 rounds: {}",
+                m / b,
+                v.len(),
+                all.join(" ")
+            ),
+            None => println!(
+                "summary {name}: median {m:.2} µs/event over {} rounds: {}",
+                v.len(),
+                all.join(" ")
+            ),
+        }
+    }
+}
+
+/// One storm with one reader; returns the reader's CPU µs per event.
 fn storm(
     name: &str,
     kind: Storm,
     secs: u64,
     spawners: usize,
     watcher: fn(Arc<AtomicBool>, Arc<AtomicBool>) -> WatcherResult,
-) {
+) -> f64 {
     let stop_watcher = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(AtomicBool::new(false));
     let handle = {
@@ -513,4 +584,5 @@ fn storm(
     if !r.notes.is_empty() {
         println!("  {name}: {}", r.notes);
     }
+    r.cpu_seconds * 1e6 / r.events.max(1) as f64
 }
