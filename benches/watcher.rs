@@ -83,6 +83,9 @@ fn main() {
         readers.push(("live-source-process", |stop, ready| {
             own_process_watcher("live-source", stop, ready)
         }));
+        readers.push(("live-source-proc-process", |stop, ready| {
+            own_process_watcher("live-source-proc", stop, ready)
+        }));
         // Rounds run the readers in turn, again and again: a CPU figure per event varies by
         // ±30% between runs on this shared VM (how often the reader sleeps and is woken
         // depends on timing), so the summary compares medians over interleaved rounds.
@@ -330,6 +333,7 @@ fn reader_process(reader: &str) {
     let r = match reader {
         "raw-connector" => raw_watcher(stop, ready),
         "live-source" => live_watcher_tap(stop, ready),
+        "live-source-proc" => live_watcher_proc(stop, ready),
         other => panic!("{READER_ENV}={other}: no such reader"),
     };
     println!(
