@@ -81,6 +81,17 @@ const ROLES: [Role; 4] = [Role::Ambient, Role::Ztunnel, Role::Exempt, Role::None
 pub const BPF_COUNTERS: [&str; programmer::layout::COUNTER_COUNT] =
     programmer::layout::COUNTER_NAMES;
 
+/// The watcher's counters exported as `zbridge_watcher_counter{counter=...}`: where each exec's
+/// facts came from (the exec tap, or /proc when the tap is not loaded or missed a record), and
+/// the tap's losses.
+pub const WATCHER_COUNTERS: [&str; 5] = [
+    "execs_from_tap",
+    "execs_from_proc",
+    "execs_without_facts",
+    "exec_tap_dropped",
+    "exec_tap_unmatched",
+];
+
 /// The agent's metrics. Clones share the same values; every update is an atomic operation, so
 /// any thread may update without coordination.
 #[derive(Clone)]
@@ -98,6 +109,8 @@ pub struct Metrics {
     batch_apply_seconds: Histogram,
     enrolment_latency_seconds: Histogram,
     bpf_counters: Family<[(&'static str, String); 1], Gauge<u64, std::sync::atomic::AtomicU64>>,
+    watcher_counters:
+        Family<[(&'static str, &'static str); 1], Gauge<u64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -122,6 +135,7 @@ impl Metrics {
         // 100 µs .. 13 s from the kernel's exec timestamp to the map write.
         let enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 18));
         let bpf_counters = Family::default();
+        let watcher_counters = Family::default();
 
         let event_series =
             EventKind::ALL.map(|kind| events.get_or_create(&[("type", kind.as_str())]).clone());
@@ -129,6 +143,9 @@ impl Metrics {
             ROLES.map(|role| decisions.get_or_create(&[("role", role.as_str())]).clone());
         for name in BPF_COUNTERS {
             let _ = bpf_counters.get_or_create(&[("counter", name.to_string())]);
+        }
+        for name in WATCHER_COUNTERS {
+            let _ = watcher_counters.get_or_create(&[("counter", name)]);
         }
 
         let mut registry = Registry::with_prefix("zbridge");
@@ -175,6 +192,12 @@ impl Metrics {
             "The BPF programs' counters summed over CPUs, as last read from the counters map",
             bpf_counters.clone(),
         );
+        registry.register(
+            "watcher_counter",
+            "The process watcher's counters: where exec facts came from (exec tap or /proc) \
+             and the exec tap's losses",
+            watcher_counters.clone(),
+        );
 
         Metrics {
             registry: Arc::new(registry),
@@ -187,6 +210,7 @@ impl Metrics {
             batch_apply_seconds,
             enrolment_latency_seconds,
             bpf_counters,
+            watcher_counters,
         }
     }
 
@@ -252,6 +276,15 @@ impl Metrics {
         self.bpf_counters
             .get_or_create(&[("counter", name.to_string())])
             .set(value);
+    }
+
+    /// Sets one of [`WATCHER_COUNTERS`] (other names are not exported).
+    pub fn set_watcher_counter(&self, name: &str, value: u64) {
+        if let Some(name) = WATCHER_COUNTERS.iter().find(|n| **n == name) {
+            self.watcher_counters
+                .get_or_create(&[("counter", name)])
+                .set(value);
+        }
     }
 
     /// The exposition, OpenMetrics text format (which Prometheus scrapes).

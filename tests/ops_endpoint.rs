@@ -100,6 +100,8 @@ fn metrics_expose_every_family_with_the_values_set() {
         updater.observe_enrolment_latency(Duration::from_millis(3));
         updater.set_bpf_counter("redirected_out", 42);
         updater.set_bpf_counter("orig_dst_miss", 2);
+        updater.set_watcher_counter("execs_from_proc", 3);
+        updater.set_watcher_counter("no_such_counter", 9);
     })
     .join()
     .unwrap();
@@ -161,8 +163,21 @@ fn metrics_expose_every_family_with_the_values_set() {
         42.0
     );
     assert_eq!(value("zbridge_bpf_counter{counter=\"orig_dst_miss\"}"), 2.0);
+    assert_eq!(
+        value("zbridge_watcher_counter{counter=\"execs_from_proc\"}"),
+        3.0
+    );
+    assert_eq!(
+        value("zbridge_watcher_counter{counter=\"execs_from_tap\"}"),
+        0.0
+    );
+    assert!(!text.contains("no_such_counter"));
     for name in ops::BPF_COUNTERS {
         let series = format!("zbridge_bpf_counter{{counter=\"{name}\"}}");
+        assert!(sample(&text, &series).is_some(), "no {series} in:\n{text}");
+    }
+    for name in ops::WATCHER_COUNTERS {
+        let series = format!("zbridge_watcher_counter{{counter=\"{name}\"}}");
         assert!(sample(&text, &series).is_some(), "no {series} in:\n{text}");
     }
 }
