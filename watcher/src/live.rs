@@ -224,7 +224,8 @@ impl Facts {
 
     /// The facts of an exec from its tap record: the same as /proc would give, with /proc read
     /// only for a cgroup path not cached yet (and `comm` if asked). `None` (read /proc) when
-    /// the record has no network namespace.
+    /// the record has no network namespace, or when the cgroup cannot be read of a process
+    /// that is still there.
     fn of_tap_record(&mut self, tgid: Pid, record: TapRecord) -> Option<ProcFacts> {
         let netns = record.netns?;
         let cgroup = match self.cgroup_paths.get(&record.cgroup) {
@@ -233,8 +234,14 @@ impl Facts {
                 id: record.cgroup,
             },
             None => {
-                // Gone already: no facts, as /proc would give.
-                let read = self.reader.read_cgroup(tgid)?;
+                let Some(read) = self.reader.read_cgroup(tgid) else {
+                    // Gone already: no facts, as /proc would give, without asking /proc a
+                    // second time (short processes of a spawn storm are often gone).
+                    if !self.reader.process_exists(tgid) {
+                        return Some(ProcFacts::default());
+                    }
+                    return None;
+                };
                 if read.id == record.cgroup {
                     if self.cgroup_paths.len() >= CGROUP_PATH_CACHE_MAX {
                         self.cgroup_paths.clear();

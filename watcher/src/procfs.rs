@@ -169,10 +169,8 @@ impl ProcReader {
     }
 
     fn read_facts_as_asked(&mut self, pid: Pid, comm: bool) -> ProcFacts {
-        self.set_path(pid, "cgroup");
-        let opened = File::open(&self.path);
-        let cgroup = opened.ok().and_then(|f| self.read_cgroup_from(f));
-        if cgroup.is_none() && !self.process_dir_exists(pid) {
+        let cgroup = self.read_cgroup(pid);
+        if cgroup.is_none() && !self.process_exists(pid) {
             // Gone already: every other read would fail too (a third of this path's cost in
             // a spawn storm of short processes).
             return ProcFacts::default();
@@ -311,7 +309,8 @@ impl ProcReader {
         (rc == 0).then_some(CgroupId(st.st_ino))
     }
 
-    fn process_dir_exists(&mut self, pid: Pid) -> bool {
+    /// Whether `/proc/PID` is still there.
+    pub(crate) fn process_exists(&mut self, pid: Pid) -> bool {
         self.set_path(pid, "");
         std::fs::symlink_metadata(&self.path).is_ok()
     }
