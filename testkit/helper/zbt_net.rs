@@ -168,47 +168,49 @@ fn echo_one(stream: &mut TcpStream) {
     }
 }
 
+/// Binds `addr`, or says why on a `fatal` line and exits.
+fn listen(addr: SocketAddr) -> TcpListener {
+    TcpListener::bind(addr).unwrap_or_else(|e| {
+        say(&format!("fatal bind {addr} errno={}", errno_of(&e)));
+        std::process::exit(1);
+    })
+}
+
+/// The start of an `accept` line: where the connection was accepted, and from whom.
+fn accept_line(stream: &TcpStream) -> String {
+    let shown = |a: std::io::Result<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    format!(
+        "accept local={} peer={}",
+        shown(stream.local_addr()),
+        shown(stream.peer_addr())
+    )
+}
+
+/// ztunnel's question about an accepted connection, in the family it was accepted in first.
+fn ask_original_dst(stream: &TcpStream) -> Result<SocketAddr, i32> {
+    let v6 = stream.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+    original_dst(stream.as_raw_fd(), v6)
+}
+
 /// A ztunnel that is slow to ask: on its (one) listener it accepts `n` connections, holding
 /// them, and only then asks each its original destination, in accept order.
 fn serve_deferred(listens: Vec<SocketAddr>, n: usize) {
-    let listener = match TcpListener::bind(listens[0]) {
-        Ok(l) => l,
-        Err(e) => {
-            say(&format!("fatal bind {} errno={}", listens[0], errno_of(&e)));
-            std::process::exit(1);
-        }
-    };
+    let listener = listen(listens[0]);
     say("ready");
     loop {
         let held: Vec<TcpStream> = listener.incoming().take(n).flatten().collect();
         for stream in &held {
-            let local = stream.local_addr().ok();
-            let peer = stream.peer_addr().ok();
-            let v6 = local.map(|a| a.is_ipv6()).unwrap_or(false);
-            let answer = match original_dst(stream.as_raw_fd(), v6) {
+            let answer = match ask_original_dst(stream) {
                 Ok(dst) => format!("orig={dst}"),
                 Err(e) => format!("orig-errno={e}"),
             };
-            say(&format!(
-                "accept local={} peer={} {answer}",
-                local.map(|a| a.to_string()).unwrap_or_default(),
-                peer.map(|a| a.to_string()).unwrap_or_default()
-            ));
+            say(&format!("{} {answer}", accept_line(stream)));
         }
     }
 }
 
 fn serve(listens: Vec<SocketAddr>, orig: bool, up: bool) {
-    let mut listeners = Vec::new();
-    for addr in &listens {
-        match TcpListener::bind(addr) {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                say(&format!("fatal bind {addr} errno={}", errno_of(&e)));
-                std::process::exit(1);
-            }
-        }
-    }
+    let listeners: Vec<TcpListener> = listens.into_iter().map(listen).collect();
     say("ready");
     let mut threads = Vec::new();
     for listener in listeners {
@@ -216,21 +218,15 @@ fn serve(listens: Vec<SocketAddr>, orig: bool, up: bool) {
             for conn in listener.incoming() {
                 let Ok(mut stream) = conn else { continue };
                 std::thread::spawn(move || {
-                    let local = stream.local_addr().ok();
-                    let peer = stream.peer_addr().ok();
-                    let mut line = format!(
-                        "accept local={} peer={}",
-                        local.map(|a| a.to_string()).unwrap_or_default(),
-                        peer.map(|a| a.to_string()).unwrap_or_default()
-                    );
+                    let mut line = accept_line(&stream);
                     let mut upstream_stream = None;
                     if orig {
-                        let v6 = local.map(|a| a.is_ipv6()).unwrap_or(false);
-                        match original_dst(stream.as_raw_fd(), v6) {
+                        match ask_original_dst(&stream) {
                             Ok(dst) => {
                                 line.push_str(&format!(" orig={dst}"));
                                 if up {
-                                    match upstream(peer.map(|p| p.ip()).unwrap(), dst) {
+                                    let peer = stream.peer_addr().expect("a connected peer");
+                                    match upstream(peer.ip(), dst) {
                                         Ok((l, s)) => {
                                             line.push_str(&format!(" upstream-local={l}"));
                                             upstream_stream = Some(s);
