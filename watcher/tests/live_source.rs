@@ -213,7 +213,19 @@ fn live_exec_facts_come_from_the_tap_at_exec_time() {
         assert_eq!(facts.netns, Some(host_netns), "{what}");
         assert_eq!(facts.comm, None, "{what}");
     };
-    let script = "read x; exec /bin/sleep 1000";
+    // A child started in A that waits, is moved into B by its parent (what container runtimes
+    // do) and is then let go: it execs a second time, under the same pid, in B.
+    let moved_into_b = || {
+        let mut child = ChildGuard(spawn_in(
+            &cg_a,
+            &["/bin/sh", "-c", "read x; exec /bin/sleep 1000"],
+            Stdio::piped(),
+            Stdio::null(),
+        ));
+        cg_b.enter(&cg_b.path, child.0.id()).unwrap();
+        child.0.stdin.take().unwrap().write_all(b"\n").unwrap();
+        child
+    };
 
     // 1. A child that joins A itself before its exec: A's path is read from /proc once.
     let first = ChildGuard(spawn_in(
@@ -228,30 +240,15 @@ fn live_exec_facts_come_from_the_tap_at_exec_time() {
     // 2. Moved into B by its parent just before its second exec (what container runtimes
     // do), under the same pid: the first exec's event says A, the second's B. Both events
     // are read only after the move, so the first one's A comes from its tap record.
-    let mut moved = ChildGuard(spawn_in(
-        &cg_a,
-        &["/bin/sh", "-c", script],
-        Stdio::piped(),
-        Stdio::null(),
-    ));
-    let pid = moved.0.id();
-    cg_b.enter(&cg_b.path, pid).unwrap();
-    moved.0.stdin.take().unwrap().write_all(b"\n").unwrap();
-    let facts = execs_of(&mut source, pid, 2);
+    let moved = moved_into_b();
+    let facts = execs_of(&mut source, moved.0.id(), 2);
     check(&facts[0], &cg_a, a, "first exec, in A");
     check(&facts[1], &cg_b, b, "second exec, moved into B before it");
 
     // 3. The same, then moved back to A before any event is read: /proc says A, but the
     // second exec happened in B and its record says so. Each exec event took its own record.
-    let mut twice = ChildGuard(spawn_in(
-        &cg_a,
-        &["/bin/sh", "-c", script],
-        Stdio::piped(),
-        Stdio::null(),
-    ));
+    let twice = moved_into_b();
     let pid = twice.0.id();
-    cg_b.enter(&cg_b.path, pid).unwrap();
-    twice.0.stdin.take().unwrap().write_all(b"\n").unwrap();
     wait_comm(pid, "sleep");
     cg_a.enter(&cg_a.path, pid).unwrap();
     let facts = execs_of(&mut source, pid, 2);
