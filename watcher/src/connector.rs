@@ -9,6 +9,18 @@
 //! payload       : subscribe: op u32 (or struct proc_input {op u32, event_mask u32}, 6.6+)
 //!                 event: struct proc_event {what u32, cpu u32, timestamp_ns u64, union ...}
 //! ```
+//!
+//! Receiving: the kernel sends one message per datagram and wakes a blocked reader for each,
+//! and every wake-up costs the reader a context switch (about 3 µs here, more than the
+//! datagram itself). So [`Connector::recv`] reads in batches: `recvmmsg` with
+//! `MSG_WAITFORONE` blocks for the first datagram and takes every one already queued with it,
+//! then later reads do not block until one finds the socket empty. Under a storm it also
+//! coalesces wake-ups, like a network card's interrupt moderation: when a blocking wait
+//! returned quickly (events arriving faster than one per [`FAST_WAKEUP`]) the reader, instead
+//! of blocking again on an empty socket, sleeps [`ConnectorConfig::coalesce_window`] and then
+//! takes everything that came meanwhile in one read. It keeps doing so while each window
+//! brings something, and goes back to blocking waits (no added latency) after the first empty
+//! one. The window delays an event by at most its length (plus the timer's slack).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -48,6 +60,21 @@ const CN_MSG_LEN: usize = 20;
 const PROC_EVENT_HEADER_LEN: usize = 16;
 /// The length of the subscribe message: nlmsghdr + cn_msg + the u32 op.
 pub const SUBSCRIBE_LEN: usize = NLMSGHDR_LEN + CN_MSG_LEN + 4;
+
+/// Datagrams one `recvmmsg` can take.
+const BATCH: usize = 32;
+/// Room for one datagram of a batch. A proc connector datagram is 76 bytes (nlmsghdr, cn_msg,
+/// `struct proc_event`); a longer one would be cut (MSG_TRUNC), decoded as far as it goes
+/// (its last message then fails to decode) and counted in [`ReceiveStats::truncated`].
+const SLOT_LEN: usize = 4096;
+/// A blocking wait that returned a datagram within this saw events arriving fast: the next
+/// wait on an empty socket is the coalescing window instead (see [`Connector::recv`]).
+pub const FAST_WAKEUP: Duration = Duration::from_millis(1);
+/// The longest coalescing window used: a longer one is cut to this, so that a stop request
+/// (looked at between receives) is still honoured within the window plus the receive timeout.
+pub const MAX_COALESCE_WINDOW: Duration = Duration::from_millis(100);
+/// The default coalescing window (see BENCHMARKS.md, "Watcher", for what it saves and costs).
+pub const DEFAULT_COALESCE_WINDOW: Duration = Duration::from_micros(250);
 
 /// Errors of the proc connector.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +133,13 @@ pub struct ConnectorConfig {
     pub recv_timeout: Duration,
     /// On kernels from 6.6, ask the kernel for fork, exec and exit only.
     pub event_mask: bool,
+    /// Receive coalescing (interrupt moderation): while events arrive faster than one per
+    /// [`FAST_WAKEUP`], the reader sleeps this long instead of blocking on an empty socket,
+    /// then reads everything that came meanwhile in one batch, so that a storm costs one
+    /// wake-up per window instead of nearly one per event. Each event of a storm is delivered
+    /// up to this much later (plus the timer's slack, 50 µs by default); under light load
+    /// nothing changes. Zero turns it off; at most [`MAX_COALESCE_WINDOW`] is used.
+    pub coalesce_window: Duration,
 }
 
 impl Default for ConnectorConfig {
@@ -115,6 +149,7 @@ impl Default for ConnectorConfig {
             ack_timeout: Duration::from_secs(2),
             recv_timeout: Duration::from_millis(200),
             event_mask: true,
+            coalesce_window: DEFAULT_COALESCE_WINDOW,
         }
     }
 }
@@ -130,6 +165,47 @@ pub enum Received<'a> {
     Overrun,
 }
 
+/// How the receives of a [`Connector`] went, counted since the subscribe.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveStats {
+    /// Datagrams received.
+    pub datagrams: u64,
+    /// `recvmmsg` calls that returned datagrams (each took one batch).
+    pub reads: u64,
+    /// Blocking waits that ended with a datagram: the wake-ups by the kernel.
+    pub wakeups: u64,
+    /// Coalescing windows slept.
+    pub windows: u64,
+    /// Windows after which the socket was still empty (the storm was over: back to blocking).
+    pub empty_windows: u64,
+    /// Datagrams longer than a batch slot, cut (never seen from the proc connector).
+    pub truncated: u64,
+}
+
+impl ReceiveStats {
+    /// The counts since `earlier` (a copy taken from the same connector before).
+    pub fn since(&self, earlier: &ReceiveStats) -> ReceiveStats {
+        ReceiveStats {
+            datagrams: self.datagrams - earlier.datagrams,
+            reads: self.reads - earlier.reads,
+            wakeups: self.wakeups - earlier.wakeups,
+            windows: self.windows - earlier.windows,
+            empty_windows: self.empty_windows - earlier.empty_windows,
+            truncated: self.truncated - earlier.truncated,
+        }
+    }
+}
+
+/// What one `recvmmsg` gave.
+enum Read {
+    /// One or more datagrams, now in the batch.
+    Got,
+    /// Nothing queued (non-blocking), or nothing within the receive timeout, or a signal.
+    Empty,
+    /// ENOBUFS: the kernel dropped events.
+    Overrun,
+}
+
 /// A subscribed proc connector socket. Unsubscribes on drop.
 pub struct Connector {
     socket: Socket,
@@ -138,7 +214,20 @@ pub struct Connector {
     subscribed: bool,
     event_mask_active: bool,
     recv_buffer_bytes: usize,
+    /// [`BATCH`] slots of [`SLOT_LEN`] bytes: the datagrams of the last read.
     buf: Vec<u8>,
+    /// The length of each datagram of the batch.
+    lens: [usize; BATCH],
+    /// Datagrams in the batch, and the next one to hand out.
+    filled: usize,
+    next: usize,
+    /// The last read filled the batch: more may be queued.
+    batch_was_full: bool,
+    /// [`ConnectorConfig::coalesce_window`], capped; zero until the subscribe is acknowledged.
+    coalesce_window: Duration,
+    /// Events are arriving fast: an empty socket is waited on with the window.
+    storm: bool,
+    stats: ReceiveStats,
 }
 
 impl Connector {
@@ -160,8 +249,14 @@ impl Connector {
             subscribed: false,
             event_mask_active: false,
             recv_buffer_bytes,
-            // Larger than any datagram the connector sends (one message per datagram today).
-            buf: vec![0; 64 * 1024],
+            buf: vec![0; BATCH * SLOT_LEN],
+            lens: [0; BATCH],
+            filled: 0,
+            next: 0,
+            batch_was_full: false,
+            coalesce_window: Duration::ZERO,
+            storm: false,
+            stats: ReceiveStats::default(),
         };
         connector.set_recv_timeout(config.ack_timeout.min(Duration::from_millis(100)))?;
         connector.send_op(PROC_CN_MCAST_LISTEN, None, "subscribe")?;
@@ -181,7 +276,18 @@ impl Connector {
             connector.event_mask_active = true;
         }
         connector.set_recv_timeout(config.recv_timeout)?;
+        connector.coalesce_window = config.coalesce_window.min(MAX_COALESCE_WINDOW);
         Ok(connector)
+    }
+
+    /// The coalescing window in use (zero: off).
+    pub fn coalesce_window(&self) -> Duration {
+        self.coalesce_window
+    }
+
+    /// How the receives went so far.
+    pub fn receive_stats(&self) -> ReceiveStats {
+        self.stats
     }
 
     /// Whether the kernel was asked for fork, exec and exit only.
@@ -194,26 +300,114 @@ impl Connector {
         self.recv_buffer_bytes
     }
 
-    /// Receives one datagram, waiting at most the receive timeout.
+    /// Receives one datagram, waiting at most the coalescing window plus the receive timeout.
+    ///
+    /// Datagrams come from a batch: when it is used up the next batch is read with
+    /// `recvmmsg`, without blocking first if the last batch was full. On an empty socket,
+    /// while a storm lasts (the last blocking wait returned within [`FAST_WAKEUP`], and every
+    /// window since brought something) the reader sleeps the coalescing window and reads
+    /// again without blocking; otherwise, or when that read finds nothing, it blocks for at
+    /// most the receive timeout. An overrun (ENOBUFS) is reported after the datagrams read
+    /// before it, as the kernel reports it.
     pub fn recv(&mut self) -> Result<Received<'_>, ConnectorError> {
-        // SAFETY: the pointer and length describe `self.buf`, which outlives the call.
+        if self.next == self.filled {
+            match self.refill()? {
+                Read::Got => {}
+                Read::Empty => return Ok(Received::Timeout),
+                Read::Overrun => return Ok(Received::Overrun),
+            }
+        }
+        let i = self.next;
+        self.next += 1;
+        let start = i * SLOT_LEN;
+        Ok(Received::Datagram(&self.buf[start..start + self.lens[i]]))
+    }
+
+    /// Reads the next batch (see [`Connector::recv`]).
+    fn refill(&mut self) -> Result<Read, ConnectorError> {
+        if std::mem::take(&mut self.batch_was_full) {
+            match self.read(libc::MSG_DONTWAIT)? {
+                Read::Empty => {}
+                other => return Ok(other),
+            }
+        }
+        if self.storm {
+            std::thread::sleep(self.coalesce_window);
+            self.stats.windows += 1;
+            match self.read(libc::MSG_DONTWAIT)? {
+                Read::Empty => {
+                    self.stats.empty_windows += 1;
+                    self.storm = false;
+                }
+                other => return Ok(other),
+            }
+        }
+        let waited_since = Instant::now();
+        let read = self.read(libc::MSG_WAITFORONE)?;
+        if matches!(read, Read::Got) {
+            self.stats.wakeups += 1;
+            self.storm = !self.coalesce_window.is_zero() && waited_since.elapsed() < FAST_WAKEUP;
+        } else {
+            self.storm = false;
+        }
+        Ok(read)
+    }
+
+    /// One `recvmmsg` into the batch slots, with `flags` (MSG_DONTWAIT: never block;
+    /// MSG_WAITFORONE: block for the first datagram, up to the receive timeout, not for the
+    /// rest).
+    fn read(&mut self, flags: libc::c_int) -> Result<Read, ConnectorError> {
+        self.filled = 0;
+        self.next = 0;
+        // SAFETY: all-zero iovec and mmsghdr are valid values (null pointers, zero lengths).
+        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        let base = self.buf.as_mut_ptr();
+        for (i, (iov, msg)) in iov.iter_mut().zip(msgs.iter_mut()).enumerate() {
+            // SAFETY: slot i lies within `self.buf` (BATCH * SLOT_LEN bytes).
+            iov.iov_base = unsafe { base.add(i * SLOT_LEN) }.cast();
+            iov.iov_len = SLOT_LEN;
+            msg.msg_hdr.msg_iov = iov;
+            msg.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: `msgs` describes BATCH iovecs into `self.buf`, all of which outlive the
+        // call; no timeout pointer (the socket's SO_RCVTIMEO bounds a blocking wait).
         let n = unsafe {
-            libc::recv(
+            libc::recvmmsg(
                 self.socket.as_raw_fd(),
-                self.buf.as_mut_ptr().cast(),
-                self.buf.len(),
-                0,
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                flags,
+                std::ptr::null_mut(),
             )
         };
-        if n >= 0 {
-            return Ok(Received::Datagram(&self.buf[..n as usize]));
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(Read::Empty),
+                Some(libc::ENOBUFS) => {
+                    // The queue is likely full behind the error: read on without blocking.
+                    self.batch_was_full = true;
+                    Ok(Read::Overrun)
+                }
+                _ => Err(ConnectorError::Recv(err)),
+            };
         }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(Received::Timeout),
-            Some(libc::ENOBUFS) => Ok(Received::Overrun),
-            _ => Err(ConnectorError::Recv(err)),
+        let n = n as usize;
+        if n == 0 {
+            return Ok(Read::Empty);
         }
+        for (len, msg) in self.lens.iter_mut().zip(&msgs[..n]) {
+            *len = (msg.msg_len as usize).min(SLOT_LEN);
+            if msg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                self.stats.truncated += 1;
+            }
+        }
+        self.filled = n;
+        self.batch_was_full = n == BATCH;
+        self.stats.reads += 1;
+        self.stats.datagrams += n as u64;
+        Ok(Read::Got)
     }
 
     /// Tells the kernel to stop sending events to this socket. The kernel counts listeners

@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::connector::{
-    decode, Connector, ConnectorConfig, ConnectorError, KernelEvent, Message, Received,
+    decode, Connector, ConnectorConfig, ConnectorError, KernelEvent, Message, ReceiveStats,
+    Received,
 };
 use crate::event::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts, Record, TimedRecord};
 use crate::exec_tap::{ExecMatcher, ExecTap, TapRecord};
@@ -66,7 +67,8 @@ impl Default for LiveConfig {
 }
 
 /// Asks a [`LiveSource`] to stop: its `next_record` then returns `Ok(None)` within the
-/// connector's receive timeout (0.2 s by default). Cloneable, usable from any thread.
+/// connector's receive timeout plus its coalescing window (0.2 s + 250 µs by default).
+/// Cloneable, usable from any thread.
 #[derive(Debug, Clone, Default)]
 pub struct StopHandle(Arc<AtomicBool>);
 
@@ -344,13 +346,15 @@ impl LiveSource {
         };
         let connector = Connector::subscribe(&config.connector)?;
         log::info!(
-            "proc connector: subscribed (receive buffer {} bytes, event mask {})",
+            "proc connector: subscribed (receive buffer {} bytes, event mask {}, coalescing \
+             window {:?})",
             connector.recv_buffer_bytes(),
             if connector.event_mask_active() {
                 "fork|exec|exit"
             } else {
                 "none: all events"
-            }
+            },
+            connector.coalesce_window()
         );
         let mut source = LiveSource {
             connector,
@@ -394,6 +398,11 @@ impl LiveSource {
     /// The receive buffer the kernel granted.
     pub fn recv_buffer_bytes(&self) -> usize {
         self.connector.recv_buffer_bytes()
+    }
+
+    /// How the connector's receives went (batches, wake-ups, coalescing windows).
+    pub fn receive_stats(&self) -> ReceiveStats {
+        self.connector.receive_stats()
     }
 
     fn stamp(&mut self, ts: u64) -> u64 {
