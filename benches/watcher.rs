@@ -16,7 +16,13 @@
 //!    readers run as threads of this process, whose spawner threads fork and start threads;
 //!    `raw-connector-process` and `live-source-process` run them in a child process instead
 //!    (this binary again, with `WATCHER_BENCH_READER`), as the C subscriber runs, so that the
-//!    difference between the two placements is visible.
+//!    difference between the two placements is visible. The Rust readers receive with the
+//!    connector's coalescing window (`ConnectorConfig::coalesce_window`, the default or
+//!    `WATCHER_BENCH_WINDOW_US`); `live-source-no-coalesce` (and its `-process` twin) is the
+//!    LiveSource with the window off. Each Rust reader also reports its context switches per
+//!    event and the delivery latency of events: the kernel's timestamp of the event
+//!    (CLOCK_MONOTONIC) against the moment the reader has it in hand, p50/p90/p99/max.
+//!    `WATCHER_BENCH_READERS=a,b,...` runs only the readers named.
 
 use std::hint::black_box;
 use std::io::{BufRead, BufReader};
@@ -26,9 +32,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use watcher::connector::{decode, wire, Connector, ConnectorConfig, Message, Received};
-use watcher::live::{LiveConfig, LiveSource};
-use watcher::EventSource;
+use watcher::connector::{
+    decode, wire, Connector, ConnectorConfig, Message, ReceiveStats, Received,
+};
+use watcher::live::{monotonic_now_ns, LiveConfig, LiveSource};
+use watcher::{EventSource, ProcEvent, Record};
 
 /// Set in a child process of the storm: the reader it runs (see [`reader_process`]).
 const READER_ENV: &str = "WATCHER_BENCH_READER";
@@ -76,6 +84,7 @@ fn main() {
         }
         readers.push(("raw-connector", raw_watcher));
         readers.push(("live-source", live_watcher_tap));
+        readers.push(("live-source-no-coalesce", live_watcher_no_coalesce));
         readers.push(("live-source-proc", live_watcher_proc));
         readers.push(("raw-connector-process", |stop, ready| {
             own_process_watcher("raw-connector", stop, ready)
@@ -83,9 +92,20 @@ fn main() {
         readers.push(("live-source-process", |stop, ready| {
             own_process_watcher("live-source", stop, ready)
         }));
+        readers.push(("live-source-no-coalesce-process", |stop, ready| {
+            own_process_watcher("live-source-no-coalesce", stop, ready)
+        }));
         readers.push(("live-source-proc-process", |stop, ready| {
             own_process_watcher("live-source-proc", stop, ready)
         }));
+        if let Ok(only) = std::env::var("WATCHER_BENCH_READERS") {
+            let only: Vec<&str> = only.split(',').map(str::trim).collect();
+            readers.retain(|(name, _)| only.contains(name));
+        }
+        println!(
+            "storm: coalescing window of the Rust readers {:?} (live-source-no-coalesce: off)",
+            coalesce_window()
+        );
         // Rounds run the readers in turn, again and again: a CPU figure per event varies by
         // ±30% between runs on this shared VM (how often the reader sleeps and is woken
         // depends on timing), so the summary compares medians over interleaved rounds.
@@ -95,15 +115,15 @@ fn main() {
             .unwrap_or(1)
             .max(1);
         for kind in [Storm::Processes, Storm::Threads { per_second: 6000 }] {
-            let mut figures: Vec<(String, Vec<f64>)> = Vec::new();
+            let mut figures: Vec<(String, Vec<Figures>)> = Vec::new();
             for _ in 0..rounds {
                 for (reader, watcher) in &readers {
                     let name = format!("storm/{kind}/{reader}");
                     if want_storm(&name) {
-                        let us = storm(&name, kind, secs, spawners, *watcher);
+                        let got = storm(&name, kind, secs, spawners, *watcher);
                         match figures.iter_mut().find(|(n, _)| *n == name) {
-                            Some((_, v)) => v.push(us),
-                            None => figures.push((name, vec![us])),
+                            Some((_, v)) => v.push(got),
+                            None => figures.push((name, vec![got])),
                         }
                     }
                 }
@@ -220,35 +240,126 @@ struct WatcherResult {
     events: u64,
     lost: u64,
     cpu_seconds: f64,
+    /// Context switches of the reader per event (the Rust readers).
+    switches_per_event: Option<f64>,
+    /// Delivery latency of the events (the Rust readers).
+    latency: Option<Latency>,
     /// More to print after the figures (may be empty).
     notes: String,
 }
 
+/// One reader's figures in one round, for the summary.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    us_per_event: f64,
+    switches_per_event: Option<f64>,
+    latency: Option<Latency>,
+}
+
+/// Percentiles of the delivery latency of events, in µs: from the kernel's timestamp of the
+/// event (`ktime_get_ns()`, CLOCK_MONOTONIC, taken as the connector builds the message) to the
+/// moment the reader has the event in hand (CLOCK_MONOTONIC read right after the receive, or
+/// after `next_record` returned it).
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Latency {
+    /// From latencies in ns (sorted here); `None` for none.
+    fn of(mut ns: Vec<u64>) -> Option<Latency> {
+        if ns.is_empty() {
+            return None;
+        }
+        ns.sort_unstable();
+        let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
+        Some(Latency {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: at(1.0),
+        })
+    }
+}
+
+impl std::fmt::Display for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "latency p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            self.p50, self.p90, self.p99, self.max
+        )
+    }
+}
+
+/// The coalescing window of the Rust readers: `WATCHER_BENCH_WINDOW_US`, else the default.
+fn coalesce_window() -> Duration {
+    std::env::var("WATCHER_BENCH_WINDOW_US")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_micros)
+        .unwrap_or(ConnectorConfig::default().coalesce_window)
+}
+
+/// "receives: D datagrams in R reads (B per read), W wake-ups, N windows (E empty)".
+fn receive_note(r: ReceiveStats) -> String {
+    format!(
+        "receives: {} datagrams in {} reads ({:.2} per read), {} wake-ups, {} windows ({} \
+         empty), {} truncated",
+        r.datagrams,
+        r.reads,
+        r.datagrams as f64 / r.reads.max(1) as f64,
+        r.wakeups,
+        r.windows,
+        r.empty_windows,
+        r.truncated
+    )
+}
+
 /// Reads raw connector datagrams until `stop`, counting events.
 fn raw_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
-    let mut connector = Connector::subscribe(&ConnectorConfig::default()).expect("subscribe");
+    let config = ConnectorConfig {
+        coalesce_window: coalesce_window(),
+        ..ConnectorConfig::default()
+    };
+    let mut connector = Connector::subscribe(&config).expect("subscribe");
+    let mut latencies: Vec<u64> = Vec::with_capacity(1 << 20);
     ready.store(true, Ordering::SeqCst);
     let (cpu0, switches0) = (thread_cpu_seconds(), thread_switches());
+    let stats0 = connector.receive_stats();
     let (mut events, mut lost) = (0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
         match connector.recv().expect("recv") {
             Received::Timeout => {}
             Received::Overrun => lost += 1,
             Received::Datagram(d) => {
+                let now = monotonic_now_ns();
                 for m in decode(d) {
-                    if let Ok(Message::Event { .. }) = m {
+                    if let Ok(Message::Event { ts_ns, .. }) = m {
                         events += 1;
+                        latencies.push(now.saturating_sub(ts_ns));
                     }
                 }
             }
         }
     }
     let cpu_seconds = thread_cpu_seconds() - cpu0;
+    let switches = thread_switches() - switches0;
+    let stats = connector.receive_stats().since(&stats0);
     WatcherResult {
         events,
         lost,
         cpu_seconds,
-        notes: switches_note(thread_switches() - switches0, events),
+        switches_per_event: Some(switches as f64 / events.max(1) as f64),
+        latency: Latency::of(latencies),
+        notes: format!(
+            "{}; {}",
+            switches_note(switches, events),
+            receive_note(stats)
+        ),
     }
 }
 
@@ -333,13 +444,24 @@ fn reader_process(reader: &str) {
     let r = match reader {
         "raw-connector" => raw_watcher(stop, ready),
         "live-source" => live_watcher_tap(stop, ready),
+        "live-source-no-coalesce" => live_watcher_no_coalesce(stop, ready),
         "live-source-proc" => live_watcher_proc(stop, ready),
         other => panic!("{READER_ENV}={other}: no such reader"),
     };
-    println!(
-        "events {} lost {} cpu_s {:.6} notes {}",
-        r.events, r.lost, r.cpu_seconds, r.notes
+    let mut line = format!(
+        "events {} lost {} cpu_s {:.6}",
+        r.events, r.lost, r.cpu_seconds
     );
+    if let Some(sw) = r.switches_per_event {
+        line += &format!(" switches_per_event {sw:.6}");
+    }
+    if let Some(l) = r.latency {
+        line += &format!(
+            " p50_us {:.3} p90_us {:.3} p99_us {:.3} max_us {:.3}",
+            l.p50, l.p90, l.p99, l.max
+        );
+    }
+    println!("{line} notes {}", r.notes);
 }
 
 /// Runs a reader process until `stop`, and reads its counts and CPU time.
@@ -358,10 +480,13 @@ fn child_watcher(
         .read_line(&mut line)
         .expect("read the reader process");
     assert_eq!(line.trim(), "ready", "the reader process did not start");
+    // The C subscriber counts no context switches itself: its (only) thread's are read here.
+    let switches0 = process_switches(child.id());
     ready.store(true, Ordering::SeqCst);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let switches = process_switches(child.id()).saturating_sub(switches0);
     // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
@@ -374,35 +499,79 @@ fn child_watcher(
         child.wait().expect("wait").success(),
         "the reader process failed"
     );
-    // "events N lost L cpu_s S", and " notes ..." from a Rust reader.
+    // "events N lost L cpu_s S", and from a Rust reader "switches_per_event X p50_us ...
+    // notes ...".
     let (line, notes) = line.split_once(" notes ").unwrap_or((line.as_str(), ""));
     let fields: Vec<&str> = line.split_whitespace().collect();
-    let field = |name: &str| -> &str {
-        let at = fields.iter().position(|f| *f == name).expect(name);
-        fields[at + 1]
+    let optional = |name: &str| -> Option<f64> {
+        let at = fields.iter().position(|f| *f == name)?;
+        fields.get(at + 1)?.parse().ok()
     };
-    WatcherResult {
-        events: field("events").parse().expect("events"),
-        lost: field("lost").parse().expect("lost"),
-        cpu_seconds: field("cpu_s").parse().expect("cpu_s"),
-        notes: notes.trim_end().to_string(),
+    let field = |name: &str| -> f64 { optional(name).expect(name) };
+    let latency = optional("p50_us").map(|p50| Latency {
+        p50,
+        p90: field("p90_us"),
+        p99: field("p99_us"),
+        max: field("max_us"),
+    });
+    let events = field("events") as u64;
+    let switches_per_event = optional("switches_per_event");
+    let mut notes = notes.trim_end().to_string();
+    if switches_per_event.is_none() {
+        // A single-threaded C reader: its process's switches are its thread's.
+        notes = switches_note(switches, events);
     }
+    WatcherResult {
+        events,
+        lost: field("lost") as u64,
+        cpu_seconds: field("cpu_s"),
+        switches_per_event: switches_per_event.or(Some(switches as f64 / events.max(1) as f64)),
+        latency,
+        notes,
+    }
+}
+
+/// Voluntary + involuntary context switches of the main thread of process `pid`, from
+/// `/proc/PID/status` (0 if it cannot be read).
+fn process_switches(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| {
+            l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches")
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// `LiveSource` with the exec tap (the default).
 fn live_watcher_tap(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
-    live_watcher(stop, ready, true)
+    live_watcher(stop, ready, true, coalesce_window())
+}
+
+/// `LiveSource` with the exec tap and without receive coalescing.
+fn live_watcher_no_coalesce(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
+    live_watcher(stop, ready, true, Duration::ZERO)
 }
 
 /// `LiveSource` reading /proc for every exec.
 fn live_watcher_proc(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) -> WatcherResult {
-    live_watcher(stop, ready, false)
+    live_watcher(stop, ready, false, coalesce_window())
 }
 
 /// Reads `LiveSource` records until `stop`, counting events (not scans).
-fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>, exec_tap: bool) -> WatcherResult {
+fn live_watcher(
+    stop: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+    exec_tap: bool,
+    coalesce_window: Duration,
+) -> WatcherResult {
     let config = LiveConfig {
         exec_tap,
+        connector: ConnectorConfig {
+            coalesce_window,
+            ..ConnectorConfig::default()
+        },
         ..LiveConfig::default()
     };
     let mut source = LiveSource::start(&config).expect("live source");
@@ -429,18 +598,31 @@ fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>, exec_tap: bool) -
         stop_source.stop();
     });
     source.next_record().expect("scan").expect("scan record");
+    let mut latencies: Vec<u64> = Vec::with_capacity(1 << 20);
     ready.store(true, Ordering::SeqCst);
     let (cpu0, switches0) = (thread_cpu_seconds(), thread_switches());
+    let receives0 = source.receive_stats();
     while let Some(rec) = source.next_record().expect("next record") {
+        // The record's ts is the kernel's event time (raised to the previous record's when an
+        // event of another CPU was stamped a little earlier: never by more than that).
+        if let Record::Proc(
+            ProcEvent::Fork { .. } | ProcEvent::Exec { .. } | ProcEvent::Exit { .. },
+        ) = rec.record
+        {
+            latencies.push(monotonic_now_ns().saturating_sub(rec.ts));
+        }
         black_box(&rec);
     }
     let cpu_seconds = thread_cpu_seconds() - cpu0;
     let switches = thread_switches() - switches0;
     let c = source.counters().snapshot();
+    let events = c.forks + c.execs + c.exits;
+    let stats = source.receive_stats().since(&receives0);
     let mut notes = format!(
-        "{}; execs {} (facts from the tap {}, from /proc {}, without facts {}); tap dropped {}, \
-         unmatched {}",
-        switches_note(switches, c.forks + c.execs + c.exits),
+        "{}; {}; execs {} (facts from the tap {}, from /proc {}, without facts {}); tap \
+         dropped {}, unmatched {}",
+        switches_note(switches, events),
+        receive_note(stats),
         c.execs,
         c.execs_from_tap,
         c.execs_from_proc,
@@ -456,9 +638,11 @@ fn live_watcher(stop: Arc<AtomicBool>, ready: Arc<AtomicBool>, exec_tap: bool) -
         );
     }
     WatcherResult {
-        events: c.forks + c.execs + c.exits,
+        events,
         lost: c.lost,
         cpu_seconds,
+        switches_per_event: Some(switches as f64 / events.max(1) as f64),
+        latency: Latency::of(latencies),
         notes,
     }
 }
@@ -483,45 +667,56 @@ impl std::fmt::Display for Storm {
 }
 
 /// The median CPU µs per event of each reader over the rounds, and its ratio to the C
-/// subscriber's median.
-fn summarize(figures: &[(String, Vec<f64>)]) {
+/// subscriber's median; the medians of its switches per event and latency percentiles.
+fn summarize(figures: &[(String, Vec<Figures>)]) {
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let median_of = |v: &[Figures], f: &dyn Fn(&Figures) -> Option<f64>| {
+        let got: Vec<f64> = v.iter().filter_map(f).collect();
+        (!got.is_empty()).then(|| median(&got))
+    };
     let baseline = figures
         .iter()
         .find(|(n, _)| n.ends_with("/c-subscriber"))
-        .map(|(_, v)| median(v));
+        .map(|(_, v)| median(&v.iter().map(|f| f.us_per_event).collect::<Vec<_>>()));
     for (name, v) in figures {
-        let m = median(v);
-        let all: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
-        match baseline {
-            Some(b) => println!(
-                "summary {name}: median {m:.2} µs/event ({:.2}x the C subscriber) over {} \
-                 rounds: {}",
-                m / b,
-                v.len(),
-                all.join(" ")
-            ),
-            None => println!(
-                "summary {name}: median {m:.2} µs/event over {} rounds: {}",
-                v.len(),
-                all.join(" ")
-            ),
+        let us: Vec<f64> = v.iter().map(|f| f.us_per_event).collect();
+        let m = median(&us);
+        let all: Vec<String> = us.iter().map(|x| format!("{x:.2}")).collect();
+        let mut line = format!("summary {name}: median {m:.2} µs/event");
+        if let Some(b) = baseline {
+            line += &format!(" ({:.2}x the C subscriber)", m / b);
         }
+        line += &format!(" over {} rounds: {}", v.len(), all.join(" "));
+        if let Some(sw) = median_of(v, &|f| f.switches_per_event) {
+            let all: Vec<String> = v
+                .iter()
+                .filter_map(|f| f.switches_per_event)
+                .map(|x| format!("{x:.2}"))
+                .collect();
+            line += &format!("; switches/event median {sw:.2} ({})", all.join(" "));
+        }
+        if let (Some(p50), Some(p99)) = (
+            median_of(v, &|f| f.latency.map(|l| l.p50)),
+            median_of(v, &|f| f.latency.map(|l| l.p99)),
+        ) {
+            line += &format!("; latency median of p50 {p50:.0} µs, of p99 {p99:.0} µs");
+        }
+        println!("{line}");
     }
 }
 
-/// One storm with one reader; returns the reader's CPU µs per event.
+/// One storm with one reader; returns the reader's figures.
 fn storm(
     name: &str,
     kind: Storm,
     secs: u64,
     spawners: usize,
     watcher: fn(Arc<AtomicBool>, Arc<AtomicBool>) -> WatcherResult,
-) -> f64 {
+) -> Figures {
     let stop_watcher = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(AtomicBool::new(false));
     let handle = {
@@ -585,8 +780,15 @@ fn storm(
         r.cpu_seconds * 1e6 / r.events.max(1) as f64,
         r.cpu_seconds * 1e4 / r.events.max(1) as f64,
     );
+    if let Some(latency) = r.latency {
+        println!("  {name}: {latency}");
+    }
     if !r.notes.is_empty() {
         println!("  {name}: {}", r.notes);
     }
-    r.cpu_seconds * 1e6 / r.events.max(1) as f64
+    Figures {
+        us_per_event: r.cpu_seconds * 1e6 / r.events.max(1) as f64,
+        switches_per_event: r.switches_per_event,
+        latency: r.latency,
+    }
 }
