@@ -42,7 +42,8 @@ fn build_bpf_object(
     };
 
     let mut cmd = Command::new(&clang);
-    cmd.args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+    // -mcpu=v3: 32-bit compare-and-swap and jmp32 (kernel 5.12+; zbridge needs 6.x anyway).
+    cmd.args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-mcpu=v3"])
         .arg(format!("-D__TARGET_ARCH_{target_arch}"))
         .arg("-I")
         .arg(&bpf_dir);

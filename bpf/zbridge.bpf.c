@@ -172,84 +172,126 @@ int connect6(struct bpf_sock_addr *ctx)
 enum zb_store {
 	ZB_STORED,  /* in a slot that held this tuple, nothing, or an answered record */
 	ZB_EVICTED, /* in place of a record still waiting for ztunnel's question */
-	ZB_FULL,    /* not at all: every slot waits (only when `evict` is 0) */
+	ZB_FULL,    /* not at all: every slot waits (only when `evict` is 0), or other writers
+		     * kept claiming the slots it chose */
 };
 
+/* Rounds of choosing and claiming a slot before zb_tuple_store gives up. A claim fails only
+ * when another CPU changed that slot since it was read: another writer took it, or ztunnel
+ * marked it answered. */
+#define ZB_STORE_TRIES 3
+
+/* The next generation of a slot's sequence word `seq`, in state `state`. */
+static __always_inline __u32 zb_seq_next(__u32 seq, __u32 state)
+{
+	return ((seq >> ZB_SLOT_STATE_BITS) + 1) << ZB_SLOT_STATE_BITS | state;
+}
+
 /*
- * Writes a connection's record into `set`, under the set's lock (sock_ops on one CPU and
- * getsockopt on another may touch the same set). The slot is, in order: the one already
- * holding this 4-tuple (a new connection reusing the tuple of an old one must not leave the
- * old record where getsockopt could find it), a free one, one ztunnel has asked about, and,
- * with `evict`, the next waiting one in turn. The choice reads the set's first cache line only
- * (states and tags); a slot's tuple is read only when its tag matches.
+ * Writes a connection's record into `set`. The slot is, in order: the one already holding
+ * this 4-tuple (a new connection reusing the tuple of an old one must not leave the old
+ * record where getsockopt could find it), a free one, one ztunnel has asked about, and, with
+ * `evict`, the next waiting one in turn. The choice reads the set's first cache line only
+ * (sequence words and tags); a slot's tuple is read only when its tag matches. The slot is
+ * claimed by compare-and-swap (see zbridge.h), so nothing waits for a lock: a claim that
+ * loses to another CPU chooses again.
  */
 static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
 						    const struct conn_tuple *tuple, __u32 hash,
 						    const struct orig_dst *dst, int evict)
 {
-	__u32 pick = ZB_TUPLE_WAYS, free = ZB_TUPLE_WAYS, answered = ZB_TUPLE_WAYS;
-	enum zb_store result = ZB_STORED;
+	__u16 tag = zb_tuple_tag(hash);
 
-	bpf_spin_lock(&set->lock);
+	for (int attempt = 0; attempt < ZB_STORE_TRIES; attempt++) {
+		__u32 pick = ZB_TUPLE_WAYS, free = ZB_TUPLE_WAYS, answered = ZB_TUPLE_WAYS;
+		enum zb_store result = ZB_STORED;
+		__u32 old, busy;
+
 #pragma unroll
-	for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
-		if (set->state[i] == ZB_SLOT_FREE) {
-			if (free == ZB_TUPLE_WAYS)
-				free = i;
+		for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
+			__u32 state = ZB_CTX(set->seq[i]) & ZB_SLOT_STATE_MASK;
+
+			if (state == ZB_SLOT_FREE) {
+				if (free == ZB_TUPLE_WAYS)
+					free = i;
+				continue;
+			}
+			/* Another writer's, half written: neither this tuple's nor free. */
+			if (state == ZB_SLOT_BUSY)
+				continue;
+			if (set->tag[i] == tag && zb_tuple_eq(&set->way[i].tuple, tuple)) {
+				pick = i;
+				break;
+			}
+			if (state == ZB_SLOT_ANSWERED && answered == ZB_TUPLE_WAYS)
+				answered = i;
+		}
+		if (pick == ZB_TUPLE_WAYS)
+			pick = free != ZB_TUPLE_WAYS ? free : answered;
+		if (pick == ZB_TUPLE_WAYS) {
+			if (!evict)
+				return ZB_FULL;
+			/* More connections wait here at once than the set holds: the oldest in
+			 * turn gives way, and its ztunnel will find no record. */
+			pick = __sync_fetch_and_add(&set->next, 1);
+			result = ZB_EVICTED;
+		}
+		pick &= ZB_TUPLE_WAYS - 1;
+		old = ZB_CTX(set->seq[pick]);
+		/* Being written by another CPU: choose again. */
+		if ((old & ZB_SLOT_STATE_MASK) == ZB_SLOT_BUSY)
 			continue;
-		}
-		if (set->tag[i] == hash && zb_tuple_eq(&set->way[i].tuple, tuple)) {
-			pick = i;
-			break;
-		}
-		if (set->state[i] == ZB_SLOT_ANSWERED && answered == ZB_TUPLE_WAYS)
-			answered = i;
+		busy = zb_seq_next(old, ZB_SLOT_BUSY);
+		if (__sync_val_compare_and_swap(&set->seq[pick], old, busy) != old)
+			continue;
+		/* Claimed: no reader takes a copy of it until it is published. */
+		set->way[pick].tuple = *tuple;
+		set->way[pick].dst = *dst;
+		set->tag[pick] = tag;
+		/* Publish (a full barrier: the record is visible before its state). Only the
+		 * claimer changes a BUSY word, so this cannot fail. */
+		__sync_val_compare_and_swap(&set->seq[pick], busy,
+					    (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+		return result;
 	}
-	if (pick == ZB_TUPLE_WAYS)
-		pick = free != ZB_TUPLE_WAYS ? free : answered;
-	if (pick == ZB_TUPLE_WAYS) {
-		if (!evict) {
-			bpf_spin_unlock(&set->lock);
-			return ZB_FULL;
-		}
-		/* More connections wait here at once than the set holds: the oldest in turn gives
-		 * way, and its ztunnel will find no record. */
-		pick = set->next;
-		set->next = pick + 1;
-		result = ZB_EVICTED;
-	}
-	pick &= ZB_TUPLE_WAYS - 1;
-	set->way[pick].tuple = *tuple;
-	set->way[pick].dst = *dst;
-	set->tag[pick] = hash;
-	set->state[pick] = ZB_SLOT_PENDING;
-	bpf_spin_unlock(&set->lock);
-	return result;
+	return ZB_FULL;
 }
 
 /*
  * Copies the record of `tuple` to `out` and marks it answered (its slot may be reused, but
  * the record stays until then: ztunnel asks SOL_IP first and SOL_IPV6 next for an IPv6
- * destination). Returns 1 when the set holds it.
+ * destination). Returns 1 when the set holds it. The copy counts only if the slot's sequence
+ * word is unchanged from before the copy to the compare-and-swap that marks it: then no
+ * writer claimed the slot in between, and the copy is whole.
  */
 static __always_inline int zb_tuple_take(struct tuple_set *set, const struct conn_tuple *tuple,
 					 __u32 hash, struct orig_dst *out)
 {
-	int found = 0;
+	__u16 tag = zb_tuple_tag(hash);
 
-	bpf_spin_lock(&set->lock);
 #pragma unroll
 	for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
-		if (set->state[i] == ZB_SLOT_FREE || set->tag[i] != hash ||
-		    !zb_tuple_eq(&set->way[i].tuple, tuple))
+		struct tuple_slot copy;
+		__u32 seq, state;
+
+		if (set->tag[i] != tag)
 			continue;
-		*out = set->way[i].dst;
-		set->state[i] = ZB_SLOT_ANSWERED;
-		found = 1;
-		break;
+		/* An atomic read: the copy below cannot be read before it (on any CPU). */
+		seq = __sync_fetch_and_add(&set->seq[i], 0);
+		state = seq & ZB_SLOT_STATE_MASK;
+		if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
+			continue;
+		copy = set->way[i];
+		if (!zb_tuple_eq(&copy.tuple, tuple))
+			continue;
+		if (__sync_val_compare_and_swap(&set->seq[i], seq,
+						(seq & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_ANSWERED) != seq)
+			/* Claimed by a writer since: this record was just replaced. */
+			continue;
+		*out = copy.dst;
+		return 1;
 	}
-	bpf_spin_unlock(&set->lock);
-	return found;
+	return 0;
 }
 
 SEC("sockops")

@@ -81,8 +81,7 @@ struct conn_tuple {
 /*
  * `orig_dst_by_tuple` is a set-associative table in an ARRAY map: a connection's 4-tuple
  * hashes to a set (an array element) of ZB_TUPLE_WAYS slots, and sock_ops writes the record
- * into a slot of that set under the set's spin lock. A slot is reused once ztunnel has asked
- * about it.
+ * into a slot of that set. A slot is reused once ztunnel has asked about it.
  *
  * Why this shape: the record is written once per connection, to a place chosen by a hash.
  * In a table sized for the worst burst, that place is memory no CPU touched lately, and the
@@ -95,19 +94,31 @@ struct conn_tuple {
  * is full too is its oldest waiting record replaced (and counted). getsockopt looks in the
  * hot set first, then in the overflow set.
  *
- * A set is 256 bytes, four whole cache lines (array elements are line-aligned), and what
- * the choice of a slot reads (lock, states, hash tags) is in its first line: a write waits
- * for one line at most; the slot's own lines go out through the store buffer.
+ * No lock: each slot has a sequence word (`seq`: a generation above ZB_SLOT_STATE_BITS bits
+ * of state). A writer claims a slot by compare-and-swap to ZB_SLOT_BUSY with the next
+ * generation, writes it and publishes it as PENDING; a reader copies a slot and keeps the
+ * copy only if its compare-and-swap of the same `seq` to ANSWERED succeeds, i.e. nobody
+ * claimed the slot meanwhile. A bpf_spin_lock pair (interrupts off and on) cost ~450 ns per
+ * program run on this VM, more than the rest of sock_ops and getsockopt together
+ * (BENCHMARKS.md, "Programmer").
+ *
+ * A set is 256 bytes, four whole cache lines (the map is BPF_F_MMAPABLE, whose elements start
+ * on a page: a plain array's start 56 bytes into a line), and what the choice of a slot reads
+ * (sequence words, tags) is in its first line.
  */
 #define ZB_TUPLE_WAYS 4                /* a power of two */
 #define ZB_TUPLE_HOT_SETS 256          /* a power of two: 1,024 slots, 64 KiB */
 #define ZB_TUPLE_OVERFLOW_SETS 16384   /* a power of two: 65,536 slots, 4 MiB */
 #define ZB_TUPLE_SETS (ZB_TUPLE_HOT_SETS + ZB_TUPLE_OVERFLOW_SETS)
 
-/* tuple_set.state[] */
+/* The state in the low bits of tuple_set.seq[]; the generation above it counts the slot's
+ * claims, so that a reader's copy is known to be whole. */
+#define ZB_SLOT_STATE_BITS 2
+#define ZB_SLOT_STATE_MASK 3u
 #define ZB_SLOT_FREE 0     /* never written */
 #define ZB_SLOT_PENDING 1  /* written by sock_ops, ztunnel has not asked yet */
 #define ZB_SLOT_ANSWERED 2 /* ztunnel asked; kept for a repeated question until reused */
+#define ZB_SLOT_BUSY 3     /* being written (claimed, not yet published) */
 
 struct tuple_slot {
 	struct conn_tuple tuple;
@@ -116,11 +127,11 @@ struct tuple_slot {
 
 /* The value of `orig_dst_by_tuple` (key: the set's index): 256 bytes. */
 struct tuple_set {
-	struct bpf_spin_lock lock;
-	__u32 next;                  /* the way replaced next when all are pending (round robin) */
-	__u8 state[ZB_TUPLE_WAYS];   /* ZB_SLOT_* */
-	__u32 tag[ZB_TUPLE_WAYS];    /* the tuple's full hash: most slots are ruled out unread */
-	__u32 reserved;              /* 0; puts the slots at byte 32 */
+	__u32 seq[ZB_TUPLE_WAYS];    /* generation << ZB_SLOT_STATE_BITS | ZB_SLOT_* */
+	__u32 next;                  /* counts evictions: the way replaced next (round robin) */
+	__u32 reserved;              /* 0 */
+	__u16 tag[ZB_TUPLE_WAYS];    /* the upper half of the tuple's hash: most slots are ruled
+				      * out unread */
 	struct tuple_slot way[ZB_TUPLE_WAYS];
 };
 _Static_assert(sizeof(struct tuple_set) == 256, "a set is four whole cache lines");
@@ -136,7 +147,8 @@ enum zb_counter {
 	ZB_C_ORIG_DST_MISS = 6,  /* SO_ORIGINAL_DST on a capture socket with no entry */
 	ZB_C_REFUSED_LOOP = 7,   /* a connect straight to a capture port, refused */
 	ZB_C_BIND_REWRITTEN = 8, /* ztunnel's bind to a pod address moved to its own */
-	ZB_C_ORIG_DST_EVICTED = 9, /* a record replaced before ztunnel asked (its set was full) */
+	ZB_C_ORIG_DST_EVICTED = 9, /* a record replaced before ztunnel asked (its set was full),
+				    * or not stored (other writers kept taking its slots) */
 	ZB_C_MAX = 10,
 };
 

@@ -29,7 +29,9 @@ pub const MAPS: [&str; 6] = [
 /// connect-time record moved from `orig_dst_by_cookie` to thread storage (`orig_dst_by_task`).
 /// v3: `orig_dst_by_tuple` is a set-associative ARRAY of [`TupleSet`] (was an LRU hash), and
 /// the counters gained `orig_dst_evicted`.
-pub const LAYOUT_VERSION: &str = "v3";
+/// v4: [`TupleSet`] is lock-free (a sequence word per way instead of a spin lock and a state
+/// byte; 16-bit tags), and `orig_dst_by_tuple` is `BPF_F_MMAPABLE` (its sets start on a line).
+pub const LAYOUT_VERSION: &str = "v4";
 
 /// How many ztunnel addresses of each family the programs spread connections over
 /// (`ZB_MAX_ZTUNNEL_ADDRS`); further ones are not used.
@@ -226,12 +228,17 @@ pub const TUPLE_OVERFLOW_SETS: u32 = 16384;
 /// `ZB_TUPLE_SETS`: all sets of `orig_dst_by_tuple` (its `max_entries`).
 pub const TUPLE_SETS: u32 = TUPLE_HOT_SETS + TUPLE_OVERFLOW_SETS;
 
-/// `tuple_set.state[]`: never written.
-pub const SLOT_FREE: u8 = 0;
+/// Bits of state at the bottom of each `tuple_set.seq[]` word (`ZB_SLOT_STATE_BITS`); the
+/// generation is above them.
+pub const SLOT_STATE_BITS: u32 = 2;
+/// `tuple_set.seq[]` state: never written.
+pub const SLOT_FREE: u32 = 0;
 /// Written by sock_ops; ztunnel has not asked yet.
-pub const SLOT_PENDING: u8 = 1;
+pub const SLOT_PENDING: u32 = 1;
 /// ztunnel asked; the record stays until the slot is reused.
-pub const SLOT_ANSWERED: u8 = 2;
+pub const SLOT_ANSWERED: u32 = 2;
+/// Being written (claimed by a writer, not yet published).
+pub const SLOT_BUSY: u32 = 3;
 
 /// `struct tuple_slot`: one record of `orig_dst_by_tuple`.
 #[repr(C)]
@@ -242,19 +249,26 @@ pub struct TupleSlot {
 }
 
 /// `struct tuple_set`: the value of `orig_dst_by_tuple` (key: the set's `u32` index), 256
-/// bytes. The kernel reads the spin lock back as zero.
+/// bytes.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TupleSet {
-    /// `struct bpf_spin_lock`.
-    pub lock: u32,
+    /// Per way: a generation above [`SLOT_STATE_BITS`] bits of state ([`SLOT_FREE`],
+    /// [`SLOT_PENDING`], [`SLOT_ANSWERED`], [`SLOT_BUSY`]).
+    pub seq: [u32; TUPLE_WAYS],
+    /// Counts evictions: the way replaced next when all wait.
     pub next: u32,
-    /// [`SLOT_FREE`], [`SLOT_PENDING`] or [`SLOT_ANSWERED`], per way.
-    pub state: [u8; TUPLE_WAYS],
-    /// The hash of each way's tuple.
-    pub tag: [u32; TUPLE_WAYS],
     pub reserved: u32,
+    /// [`ConnTuple::tag`] of each way's tuple.
+    pub tag: [u16; TUPLE_WAYS],
     pub way: [TupleSlot; TUPLE_WAYS],
+}
+
+impl TupleSet {
+    /// The state of way `i` ([`SLOT_FREE`], ...).
+    pub fn state(&self, i: usize) -> u32 {
+        self.seq[i] & ((1 << SLOT_STATE_BITS) - 1)
+    }
 }
 
 impl ConnTuple {
@@ -284,6 +298,11 @@ impl ConnTuple {
         let h = h.wrapping_mul(0x85eb_ca6b);
         let h = (h ^ (h >> 13)).wrapping_mul(0xc2b2_ae35);
         h ^ (h >> 16)
+    }
+
+    /// Its tag in a set (`zb_tuple_tag`): the upper half of the hash.
+    pub fn tag(&self) -> u16 {
+        (self.hash() >> 16) as u16
     }
 
     /// The set of `orig_dst_by_tuple` its record goes to while that set has room

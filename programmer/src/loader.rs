@@ -127,6 +127,7 @@ fn check_pinned_maps(
                 diff("key size", info.key_size, want.key_size);
                 diff("value size", info.value_size, want.value_size);
                 diff("max entries", info.max_entries, want.max_entries);
+                diff("flags", info.map_flags, want.map_flags);
                 (!diffs.is_empty()).then(|| format!("has {}", diffs.join(", ")))
             }
         };
@@ -453,17 +454,15 @@ pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramErr
     Ok(sets
         .iter()
         .flat_map(|(index, set)| {
-            set.state
-                .iter()
-                .zip(&set.way)
-                .map(move |(state, slot)| (*index, state, slot))
+            (0..layout::TUPLE_WAYS).map(move |i| (*index, set.state(i), set.way[i]))
         })
-        .filter(|(_, state, _)| **state != layout::SLOT_FREE)
+        // Free slots hold nothing; a busy one is being rewritten this very moment.
+        .filter(|(_, state, _)| *state == layout::SLOT_PENDING || *state == layout::SLOT_ANSWERED)
         .map(|(set, state, slot)| TupleRecord {
             set,
             tuple: slot.tuple,
             dst: slot.dst,
-            answered: *state == layout::SLOT_ANSWERED,
+            answered: state == layout::SLOT_ANSWERED,
         })
         .collect())
 }

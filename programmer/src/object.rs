@@ -42,6 +42,8 @@ pub struct MapSpec {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    /// `BPF_F_*` (BPF_F_MMAPABLE changes where a map's elements start).
+    pub map_flags: u32,
 }
 
 /// The object's named maps (not the `.rodata`-style data sections clang adds).
@@ -59,6 +61,7 @@ pub fn map_specs(object: &[u8]) -> Result<BTreeMap<String, MapSpec>, ProgramErro
                     key_size: map.key_size(),
                     value_size: map.value_size(),
                     max_entries: map.max_entries(),
+                    map_flags: map.map_flags(),
                 },
             )
         })

@@ -113,11 +113,10 @@ fn rust_mirrors_match_the_objects_btf() {
             "tuple_set",
             size_of::<TupleSet>(),
             owned(&[
-                ("lock", offset_of!(TupleSet, lock)),
+                ("seq", offset_of!(TupleSet, seq)),
                 ("next", offset_of!(TupleSet, next)),
-                ("state", offset_of!(TupleSet, state)),
-                ("tag", offset_of!(TupleSet, tag)),
                 ("reserved", offset_of!(TupleSet, reserved)),
+                ("tag", offset_of!(TupleSet, tag)),
                 ("way", offset_of!(TupleSet, way)),
             ]),
         ),
