@@ -67,7 +67,7 @@ impl Default for LiveConfig {
 }
 
 /// Asks a [`LiveSource`] to stop: its `next_record` then returns `Ok(None)` within the
-/// connector's receive timeout plus its coalescing window (0.2 s + 250 µs by default).
+/// connector's receive timeout plus its coalescing window (0.2 s + 500 µs by default).
 /// Cloneable, usable from any thread.
 #[derive(Debug, Clone, Default)]
 pub struct StopHandle(Arc<AtomicBool>);

@@ -71,8 +71,8 @@ fn live_burst_arrives_complete_while_coalescing() {
     }
     let cg = TestCgroup::new("live-coalesce").unwrap();
     let cgroup = CgroupId(cg.id());
-    // Twice the default window: more events per window, the same code.
-    let mut source = LiveSource::start(&coalescing(Duration::from_micros(500))).unwrap();
+    let mut source =
+        LiveSource::start(&coalescing(ConnectorConfig::default().coalesce_window)).unwrap();
     watchdog(source.stop_handle(), 120);
     assert!(matches!(
         source.next_record().unwrap().unwrap().record,
