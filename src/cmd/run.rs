@@ -130,6 +130,18 @@ pub struct RunArgs {
     /// Let the programs bpf_printk their decisions (read them from tracefs).
     #[arg(long)]
     pub bpf_debug: bool,
+
+    /// Proc connector receive coalescing, in microseconds (0 = off, at most 100000). While
+    /// process events arrive faster than one per millisecond the watcher sleeps this long
+    /// instead of waking for each event, then reads all that came meanwhile at once: a spawn
+    /// storm costs it one wake-up per window instead of nearly one per event (less CPU), and
+    /// each event of the storm is delivered up to this much later (plus ~50 µs of timer
+    /// slack). Under light load events are read at once, as with 0.
+    #[arg(long, value_name = "MICROSECONDS",
+          default_value_t = watcher::connector::DEFAULT_COALESCE_WINDOW.as_micros() as u64,
+          value_parser = clap::value_parser!(u64)
+              .range(0..=watcher::connector::MAX_COALESCE_WINDOW.as_micros() as u64))]
+    pub coalesce_window_us: u64,
 }
 
 /// Where the resolver learns who is who.
@@ -238,10 +250,11 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     // 2. The watcher: subscribe, then the first scan of /proc; cgroup paths and ids are read
     // against the same cgroup2 root as the resolver's.
-    let watcher_config = LiveConfig {
+    let mut watcher_config = LiveConfig {
         cgroup_root: Some(cgroup_root.clone()),
         ..LiveConfig::default()
     };
+    watcher_config.connector.coalesce_window = Duration::from_micros(args.coalesce_window_us);
     let source = LiveSource::start(&watcher_config).with_context(|| {
         format!(
             "starting the process watcher (proc connector, cgroup2 root {})",
