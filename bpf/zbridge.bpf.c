@@ -294,6 +294,60 @@ static __always_inline int zb_tuple_take(struct tuple_set *set, const struct con
 	return 0;
 }
 
+/*
+ * The hot set is full of records ztunnel has not asked about: moves its oldest in turn
+ * (round robin) to that record's overflow set and writes `tuple`'s record in its place, so
+ * that the hot region always holds the newest records. Records never asked about (a client
+ * that gave up before ztunnel accepted) would otherwise stay in the hot region for good and
+ * send every later record to the cold overflow region. Returns 0 when it did not (the slot
+ * changed meanwhile, or the move failed): the caller stores the record in the overflow
+ * region itself.
+ */
+static __always_inline int zb_tuple_demote(struct tuple_set *hot, const struct conn_tuple *tuple,
+					   __u32 hash, const struct orig_dst *dst)
+{
+	struct tuple_slot old;
+	struct tuple_set *overflow;
+	struct orig_dst scratch;
+	__u32 pick, seq, busy, old_hash, idx;
+	enum zb_store moved;
+
+	pick = __sync_fetch_and_add(&hot->next, 1) & (ZB_TUPLE_WAYS - 1);
+	seq = __sync_fetch_and_add(&hot->seq[pick], 0);
+	if ((seq & ZB_SLOT_STATE_MASK) != ZB_SLOT_PENDING)
+		return 0;
+	old = hot->way[pick];
+	/* The copy is whole only if nobody claimed the slot while it was read. */
+	if (__sync_fetch_and_add(&hot->seq[pick], 0) != seq)
+		return 0;
+	old_hash = zb_tuple_hash(&old.tuple);
+	idx = zb_tuple_overflow_set(old_hash);
+	overflow = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
+	if (!overflow)
+		return 0;
+	/* The copy goes in first, so that getsockopt finds the record in one region or the
+	 * other at every moment. */
+	moved = zb_tuple_store(overflow, &old.tuple, old_hash, &old.dst, 1);
+	if (moved == ZB_FULL)
+		/* Not moved: it keeps its place. */
+		return 0;
+	if (moved == ZB_EVICTED)
+		zb_count(ZB_C_ORIG_DST_EVICTED);
+	busy = zb_seq_next(seq, ZB_SLOT_BUSY);
+	if (__sync_val_compare_and_swap(&hot->seq[pick], seq, busy) != seq) {
+		/* ztunnel asked for it (or another writer moved it) meanwhile: the copy is a
+		 * duplicate, marked answered so that it is reused like one. */
+		zb_tuple_take(overflow, &old.tuple, old_hash, &scratch);
+		return 0;
+	}
+	hot->way[pick].tuple = *tuple;
+	hot->way[pick].dst = *dst;
+	hot->tag[pick] = zb_tuple_tag(hash);
+	__sync_val_compare_and_swap(&hot->seq[pick], busy,
+				    (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+	return 1;
+}
+
 SEC("sockops")
 int sock_ops(struct bpf_sock_ops *skops)
 {
@@ -361,7 +415,11 @@ int sock_ops(struct bpf_sock_ops *skops)
 		return 1;
 	if (zb_tuple_store(set, &tuple, hash, &rec->dst, 0) != ZB_FULL)
 		return 1;
-	/* The hot set is full of waiting records (a burst): the overflow region takes it. */
+	/* The hot set is full of waiting records (a burst, or records never asked about): its
+	 * oldest moves to the overflow region and this one takes its place. */
+	if (zb_tuple_demote(set, &tuple, hash, &rec->dst))
+		return 1;
+	/* That failed (rare: the slot changed meanwhile): the overflow region takes this one. */
 	idx = zb_tuple_overflow_set(hash);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	if (!set)

@@ -88,11 +88,13 @@ struct conn_tuple {
  * write waits for it from DRAM: a hash map's update (bucket, element, free list) cost ~420 ns
  * here, a set of a large array ~240 ns. So the array has two regions. The first
  * ZB_TUPLE_HOT_SETS sets (64 KiB) take every record while they have room: small enough to stay
- * in the caches, and records leave it within microseconds, once ztunnel asks. A record whose
- * hot set is full of waiting records goes to its set in the overflow region (the other
- * ZB_TUPLE_OVERFLOW_SETS sets), which holds as many as the LRU hash did; only when that set
- * is full too is its oldest waiting record replaced (and counted). getsockopt looks in the
- * hot set first, then in the overflow set.
+ * in the caches, and records leave it within microseconds, once ztunnel asks. When a hot set
+ * is full of waiting records (a burst, or records ztunnel never asks about), its oldest one
+ * in turn moves to that record's set in the overflow region (the other
+ * ZB_TUPLE_OVERFLOW_SETS sets, as many slots as the LRU hash had) and the new record takes
+ * its place: the hot region always holds the newest records, and records nobody asks about
+ * drift out of it. Only when an overflow set is full too is its oldest waiting record
+ * replaced (and counted). getsockopt looks in the hot set first, then in the overflow set.
  *
  * No lock: each slot has a sequence word (`seq`: a generation above ZB_SLOT_STATE_BITS bits
  * of state). A writer claims a slot by compare-and-swap to ZB_SLOT_BUSY with the next

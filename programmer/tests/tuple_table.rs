@@ -133,18 +133,34 @@ fn records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answer
         .iter()
         .filter(|r| r.set < layout::TUPLE_HOT_SETS)
         .count();
-    // Every hot set took records until it was full; the rest waited in the overflow region.
-    let mut per_hot_set: HashMap<u32, usize> = HashMap::new();
+    // Each hot set holds the newest records that hashed to it (the client connects one at a
+    // time, so the order of the answers is the order of the writes); the older ones moved on
+    // to the overflow region as newer ones came.
+    let mut per_hot_set: HashMap<u32, Vec<ConnTuple>> = HashMap::new();
     for a in &answers {
-        *per_hot_set
-            .entry(ConnTuple::new(a.peer, a.local).hot_set())
-            .or_default() += 1;
+        let tuple = ConnTuple::new(a.peer, a.local);
+        per_hot_set.entry(tuple.hot_set()).or_default().push(tuple);
     }
-    let want_hot: usize = per_hot_set
-        .values()
-        .map(|n| (*n).min(layout::TUPLE_WAYS))
-        .sum();
-    assert_eq!(hot, want_hot);
+    let mut want_hot: Vec<(u32, ConnTuple)> = per_hot_set
+        .iter()
+        .flat_map(|(set, tuples)| {
+            let newest = tuples.len().saturating_sub(layout::TUPLE_WAYS);
+            tuples[newest..].iter().map(move |t| (*set, *t))
+        })
+        .collect();
+    let mut in_hot: Vec<(u32, ConnTuple)> = records
+        .iter()
+        .filter(|r| r.set < layout::TUPLE_HOT_SETS)
+        .map(|r| (r.set, r.tuple))
+        .collect();
+    let key = |x: &(u32, ConnTuple)| (x.0, x.1.src, x.1.sport);
+    want_hot.sort_by_key(key);
+    in_hot.sort_by_key(key);
+    assert_eq!(in_hot, want_hot);
+    // Every record that left the hot region sits in its own overflow set.
+    for r in records.iter().filter(|r| r.set >= layout::TUPLE_HOT_SETS) {
+        assert_eq!(r.set, r.tuple.overflow_set(), "{r:?}");
+    }
     assert!(hot < N, "the overflow region took none");
     let c = s.loaded.counters().unwrap();
     assert_eq!(c.orig_dst_hit, N as u64);
@@ -195,9 +211,11 @@ fn a_full_overflow_set_gives_way_oldest_first_and_counts_it() {
         .into_iter()
         .map(|a| (a.peer, a))
         .collect();
-    // Four records filled the hot set, four the overflow set; the ninth took the place of the
-    // oldest waiting one there, the fifth connection's, whose ztunnel then found nothing.
-    let evicted = sources[layout::TUPLE_WAYS];
+    // Four records filled the hot set; each of the next four moved the oldest there to the
+    // overflow set and took its place; the ninth moved the fifth connection's record to the
+    // full overflow set, which gave up its oldest waiting one: the first connection's, whose
+    // ztunnel then found nothing.
+    let evicted = sources[0];
     for src in &sources {
         let a = &answers[src];
         if *src == evicted {
