@@ -97,6 +97,10 @@ struct zb_ip {
  * refuses for context structures. */
 #define ZB_CTX(field) (*(volatile __typeof__(field) *)&(field))
 
+/* One load of a word other CPUs change (a tuple_set's sequence words): read once, where the
+ * code reads it, never merged with another read or repeated. */
+#define ZB_READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
+
 #define ZB_DEBUG(s, fmt, ...)                                                                      \
 	do {                                                                                       \
 		if ((s)->flags & ZB_S_DEBUG)                                                       \

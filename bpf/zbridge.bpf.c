@@ -209,7 +209,7 @@ static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
 
 #pragma unroll
 		for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
-			__u32 state = ZB_CTX(set->seq[i]) & ZB_SLOT_STATE_MASK;
+			__u32 state = ZB_READ_ONCE(set->seq[i]) & ZB_SLOT_STATE_MASK;
 
 			if (state == ZB_SLOT_FREE) {
 				if (free == ZB_TUPLE_WAYS)
@@ -237,7 +237,7 @@ static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
 			result = ZB_EVICTED;
 		}
 		pick &= ZB_TUPLE_WAYS - 1;
-		old = ZB_CTX(set->seq[pick]);
+		old = ZB_READ_ONCE(set->seq[pick]);
 		/* Being written by another CPU: choose again. */
 		if ((old & ZB_SLOT_STATE_MASK) == ZB_SLOT_BUSY)
 			continue;

@@ -89,6 +89,18 @@ impl Setup {
         }
     }
 
+    /// A fake ztunnel on 127.0.0.1 that asks `SO_ORIGINAL_DST` for each connection at once.
+    fn fake_ztunnel(&self) -> ztunnel::FakeZtunnel {
+        ztunnel::FakeZtunnel::start(
+            &self.ns,
+            &self.cg,
+            &self.zt,
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            false,
+        )
+        .unwrap()
+    }
+
     fn records(&self) -> Vec<TupleRecord> {
         programmer::read_tuple_records(self.loaded.pin_dir()).unwrap()
     }
@@ -240,14 +252,7 @@ fn a_connection_reusing_a_4_tuple_gets_its_own_original_destination() {
         return;
     }
     let s = Setup::new("tuple-reuse");
-    let zt = ztunnel::FakeZtunnel::start(
-        &s.ns,
-        &s.cg,
-        &s.zt,
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        false,
-    )
-    .unwrap();
+    let zt = s.fake_ztunnel();
     // The same source twice; closed with a reset, so that the 4-tuple is free again at once.
     let src: SocketAddr = "127.0.0.3:41000".parse().unwrap();
     let services: [SocketAddr; 2] = [SERVICE.parse().unwrap(), OTHER_SERVICE.parse().unwrap()];
@@ -289,14 +294,7 @@ fn concurrent_clients_each_get_their_own_original_destination() {
     const CLIENTS: u8 = 4;
     const EACH: u64 = 500;
     let s = Setup::new("tuple-concurrent");
-    let zt = ztunnel::FakeZtunnel::start(
-        &s.ns,
-        &s.cg,
-        &s.zt,
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        false,
-    )
-    .unwrap();
+    let zt = s.fake_ztunnel();
     // Client i binds 127.0.0.(10+i) and connects to 10.200.1.(10+i):80.
     let source = |i: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + i));
     let service = |i: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 200, 1, 10 + i)), 80);
