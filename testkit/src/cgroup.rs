@@ -57,8 +57,34 @@ impl TestCgroup {
     /// A `std::process::Command` hook: the child joins `path` before it execs, so its exec
     /// event already carries that cgroup.
     pub fn pre_exec_join(&self, path: &str) -> impl FnMut() -> std::io::Result<()> + Send + Sync {
-        let procs = self.dir_of(path).join("cgroup.procs");
+        let procs = self.joiner(path).procs;
         move || std::fs::write(&procs, b"0")
+    }
+
+    /// What makes children join `path` before they exec, as a value a spawning thread can own
+    /// (it needs no borrow of this cgroup).
+    pub fn joiner(&self, path: &str) -> CgroupJoiner {
+        CgroupJoiner {
+            procs: self.dir_of(path).join("cgroup.procs"),
+        }
+    }
+}
+
+/// Makes a command's child join a cgroup before it execs ([`TestCgroup::joiner`]).
+#[derive(Debug, Clone)]
+pub struct CgroupJoiner {
+    procs: PathBuf,
+}
+
+impl CgroupJoiner {
+    /// Adds the hook to `cmd`: the child writes itself into the cgroup's `cgroup.procs`.
+    pub fn apply(&self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        let procs = self.procs.clone();
+        // SAFETY: between fork and exec the hook only opens, writes and closes a file.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
     }
 }
 

@@ -84,17 +84,12 @@ fn tap_record_is_readable_when_the_connector_event_arrives() {
     let mut connector = Connector::subscribe(&ConnectorConfig::default()).unwrap();
     const CHILDREN: usize = 300;
     let spawner = {
-        let path = cg.path.clone();
-        let procs = cg.dir_of(&path).join("cgroup.procs");
+        let join = cg.joiner(&cg.path);
         std::thread::spawn(move || {
             (0..CHILDREN)
                 .map(|_| {
-                    let procs = procs.clone();
                     let mut cmd = Command::new("/bin/true");
-                    // SAFETY: the hook only writes to a file (open/write/close).
-                    unsafe {
-                        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
-                    }
+                    join.apply(&mut cmd);
                     let mut child = cmd.spawn().expect("spawn /bin/true");
                     let pid = child.id();
                     child.wait().unwrap();

@@ -6,7 +6,6 @@
 //! The proc connector hears the whole machine: the checks filter by our children's pids.
 
 use std::collections::HashSet;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -44,18 +43,13 @@ fn spawn_burst(
     count: Option<usize>,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<Vec<u32>> {
-    // What `TestCgroup::pre_exec_join` does, for a thread of its own.
-    let procs = cg.dir().join("cgroup.procs");
+    let join = cg.joiner(&cg.path);
     std::thread::spawn(move || {
         let mut pids = Vec::new();
         while count.is_none_or(|n| pids.len() < n) && !stop.load(Ordering::Relaxed) {
             let mut cmd = Command::new("/bin/true");
             cmd.stdin(Stdio::null()).stdout(Stdio::null());
-            let procs = procs.clone();
-            // SAFETY: the hook only writes to a file (open/write/close), as testkit's does.
-            unsafe {
-                cmd.pre_exec(move || std::fs::write(&procs, b"0"));
-            }
+            join.apply(&mut cmd);
             let mut child = cmd.spawn().expect("spawn /bin/true");
             pids.push(child.id());
             child.wait().expect("wait /bin/true");
