@@ -6,6 +6,8 @@
 //!    ambient cgroup opens connections that connect4 redirects to a listener on loopback.
 //!
 //! `cargo bench --bench programmer` prints the figures; BENCHMARKS.md ("Programmer") keeps them.
+//! `ONLY_ASKS=1` runs only the production-like set-up of 2. (a fake ztunnel that asks for
+//! every connection), for comparing two builds of the programs side by side.
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
@@ -135,19 +137,22 @@ fn main() {
     // 1. A listener outside the cgroup that never asks SO_ORIGINAL_DST: no record is ever
     //    taken, so once the hot region of orig_dst_by_tuple is full every record goes to the
     //    overflow region (the worst case for the write).
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-    enrol(listener.local_addr().expect("addr").port());
-    let acceptor = std::thread::spawn(move || {
-        for _ in 0..CONNECTIONS * RUN_TIME_ROUNDS {
-            drop(listener.accept().expect("accept"));
-        }
-    });
-    let never_asks = run_time_rounds(&loaded, || client(None));
-    acceptor.join().expect("acceptor");
-    report(
-        "a listener that never asks SO_ORIGINAL_DST (records pile up)",
-        &never_asks,
-    );
+    // ONLY_ASKS=1 skips this set-up (for comparing builds of the programs on set-up 2).
+    if std::env::var_os("ONLY_ASKS").is_none() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        enrol(listener.local_addr().expect("addr").port());
+        let acceptor = std::thread::spawn(move || {
+            for _ in 0..CONNECTIONS * RUN_TIME_ROUNDS {
+                drop(listener.accept().expect("accept"));
+            }
+        });
+        let never_asks = run_time_rounds(&loaded, || client(None));
+        acceptor.join().expect("acceptor");
+        report(
+            "a listener that never asks SO_ORIGINAL_DST (records pile up)",
+            &never_asks,
+        );
+    }
 
     // 2. As in production: a fake ztunnel (testkit's zbt-net, in its own cgroup outside the
     //    attach point, with only getsockopt attached there, so that its own sockets' sock_ops
