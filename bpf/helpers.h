@@ -116,6 +116,18 @@ static __always_inline void zb_count(__u32 idx)
 		__sync_fetch_and_add(value, 1);
 }
 
+/* A full memory barrier. BPF has none but its atomic instructions that return a value,
+ * which are fully ordered (an add whose result is unused compiles to one that is not): a
+ * compare-and-swap that changes nothing (0 for 0) on this CPU's own counter line. */
+static __always_inline void zb_full_barrier(void)
+{
+	__u32 idx = ZB_C_REDIRECTED_OUT;
+	__u64 *value = bpf_map_lookup_elem(&counters, &idx);
+
+	if (value)
+		__sync_val_compare_and_swap(value, 0, 0);
+}
+
 static __always_inline const struct settings *zb_settings(void)
 {
 	__u32 zero = 0;

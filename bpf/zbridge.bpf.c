@@ -32,6 +32,51 @@ static __always_inline int zb_no_ztunnel(const struct settings *s)
 }
 
 /*
+ * The cgroup_info entry that applies to the calling thread (its cgroup's, or its nearest
+ * enrolled ancestor's), or NULL: from the thread's cached decision when it still holds
+ * (struct connect_record says when), else from the walk, whose result is then cached. `*rec`
+ * is the thread's storage or NULL; a found entry creates it. The entry is copied to `*entry`
+ * (the map's element may change under a cached copy's feet, the copy may not).
+ */
+static __always_inline const struct cgroup_info *
+zb_current_entry(const struct settings *s, struct connect_record **rec, struct cgroup_info *entry)
+{
+	struct connect_record *r = *rec;
+	const struct cgroup_info *info;
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	/* Read before the walk: an entry changed after this read bumps the generation past it,
+	 * so a decision cached from a walk that saw the old entry is not used again. */
+	__u32 generation = ZB_READ_ONCE(s->generation);
+
+	if (r && r->cached_cgroup == cgroup && r->cached_generation == generation) {
+		*entry = r->cached_info;
+		return entry;
+	}
+	/* Weakly ordered CPUs (arm64) may load the entry before the generation: a full barrier
+	 * keeps the walk after it. Only here, on a miss. */
+	zb_full_barrier();
+	info = zb_lookup_current(s->levels);
+	if (!info) {
+		/* Left its pod's cgroup, or the pod left the mesh. */
+		if (r)
+			r->cached_cgroup = 0;
+		return NULL;
+	}
+	*entry = *info;
+	if (!r)
+		r = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0,
+					 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	/* No storage (out of memory): the decision stands, only uncached. */
+	if (r) {
+		r->cached_cgroup = cgroup;
+		r->cached_generation = generation;
+		r->cached_info = *entry;
+	}
+	*rec = r;
+	return entry;
+}
+
+/*
  * The connect decision shared by connect4 and connect6. `dst`/`port` (network order) are the
  * requested destination; on a redirect they are replaced by ztunnel's address and port and
  * *rewrite is set. Returns ZB_ALLOW or ZB_REFUSE.
@@ -41,6 +86,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 {
 	const struct settings *s = zb_settings();
 	const struct cgroup_info *info;
+	struct cgroup_info entry;
 	struct connect_record *rec;
 	struct zb_ip zt = {};
 	__u16 capture_port;
@@ -67,7 +113,8 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	if (!s->levels)
 		return ZB_ALLOW;
 
-	info = zb_lookup_current(s->levels);
+	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0, 0);
+	info = zb_current_entry(s, &rec, &entry);
 	if (info && (info->flags & ZB_F_ZTUNNEL))
 		/* ztunnel's own connects go where ztunnel wants them. */
 		return ZB_ALLOW;
@@ -98,10 +145,12 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 		counter = ZB_C_REDIRECTED_IN;
 	}
 
-	/* The record rides on the thread: created on its first redirected connect, overwritten
-	 * by each later one, read by sock_ops before this connect() returns. */
-	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0,
-				   BPF_LOCAL_STORAGE_GET_F_CREATE);
+	/* The record rides on the thread: overwritten by each redirected connect, read by
+	 * sock_ops before this connect() returns. A thread of an enrolled cgroup has its storage
+	 * from zb_current_entry; a host process connecting to a pod gets it here. */
+	if (!rec)
+		rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0,
+					   BPF_LOCAL_STORAGE_GET_F_CREATE);
 	/* Without the record ztunnel could not tell where to go; refusing is the safe answer. */
 	if (!rec) {
 		zb_count(ZB_C_FAIL_CLOSED);

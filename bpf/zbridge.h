@@ -42,6 +42,9 @@ struct settings {
 	__u8 ztunnel_count4;    /* addresses used in ztunnel_addr4, 0..ZB_MAX_ZTUNNEL_ADDRS */
 	__u8 ztunnel_count6;    /* addresses used in ztunnel_addr6 */
 	__u16 reserved;         /* 0 */
+	__u32 generation;       /* bumped by the programmer after every change of cgroup_info_map
+				 * or of these settings: a thread's cached decision (see
+				 * connect_record) is good only for the generation it was made in */
 	__u32 ztunnel_addr4[ZB_MAX_ZTUNNEL_ADDRS];     /* network byte order */
 	__u8 ztunnel_addr6[ZB_MAX_ZTUNNEL_ADDRS][16];
 };
@@ -60,12 +63,25 @@ struct orig_dst {
 	__u16 family;   /* AF_INET (2) or AF_INET6 (10): what the application asked for */
 };
 
-/* Value of `orig_dst_by_task`: the last redirected connect of a thread, handed from connect4/6
- * to sock_ops within the same connect() call. BPF only (not mirrored in Rust). */
+/* Value of `orig_dst_by_task`, a thread's own storage, created on its first connect from an
+ * enrolled cgroup. BPF only (not mirrored in Rust).
+ *
+ * The last redirected connect of the thread, handed from connect4/6 to sock_ops within the
+ * same connect() call (cookie, dst); and the thread's cached decision: the cgroup_info entry
+ * that applied to its cgroup, so that its next connects skip the walk to the nearest enrolled
+ * ancestor and the hash lookup (~100 ns of connect4's ~400 here: BENCHMARKS.md). The cache is
+ * good while the thread is still in `cached_cgroup` (cgroup ids are never reused) and
+ * settings.generation is still `cached_generation` (the programmer bumps it after every change
+ * of cgroup_info_map). Only found entries are cached: a thread with no enrolled ancestor walks
+ * every time, and so sees its pod's enrolment on its very next connect. */
 struct connect_record {
 	__u64 cookie;        /* the socket's cookie: sock_ops takes the record only for it */
 	struct orig_dst dst;
 	__u32 reserved;
+	__u64 cached_cgroup; /* 0: nothing cached */
+	__u32 cached_generation;
+	__u32 reserved2;
+	struct cgroup_info cached_info;
 };
 
 /* Key of `orig_dst_by_tuple`: a TCP connection seen from its client (src = the client).

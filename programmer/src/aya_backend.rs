@@ -25,8 +25,13 @@ pub enum BatchMode {
 /// How many syscalls the backend made, by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BackendStats {
+    /// `BPF_MAP_UPDATE_BATCH` / `DELETE_BATCH` calls.
     pub batch_calls: u64,
+    /// Entries written or deleted one syscall each (the fallback, or `SingleOps`).
     pub single_ops: u64,
+    /// Writes of the single `settings` value (with each change of it or of
+    /// `cgroup_info_map`: the generation moves).
+    pub settings_writes: u64,
 }
 
 /// The pinned `cgroup_info_map`, `pod_addr_map` and `settings`.
@@ -223,6 +228,8 @@ pub fn read_entries<K: Plain, V: Plain>(
 impl MapBackend for AyaBackend {
     fn apply(&mut self, batch: &MapBatch) -> Result<(), ProgramError> {
         let batches = self.use_batches();
+        // What `settings` holds now: the generation to count on from.
+        let current_settings = self.settings()?;
         let stats = &mut self.stats;
         // Same order as the MemoryBackend: deletes before upserts of each map.
         let deletes: Vec<u64> = batch.cgroup_deletes.iter().map(|id| id.0).collect();
@@ -259,12 +266,14 @@ impl MapBackend for AyaBackend {
             batches && !refused,
             stats,
         )?;
-        if let Some(settings) = &batch.settings {
-            stats.single_ops += 1;
+        // Last, after the entries it vouches for: the generation that tells the programs
+        // their cached entries are stale.
+        if let Some(settings) = batch.settings_after(&current_settings) {
+            stats.settings_writes += 1;
             sys::update_elem(
                 self.settings.as_fd(),
                 sys::bytes_of(&0u32),
-                sys::bytes_of(settings),
+                sys::bytes_of(&settings),
                 sys::BPF_ANY,
             )
             .map_err(|e| ProgramError::Map {

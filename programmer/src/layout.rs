@@ -31,7 +31,9 @@ pub const MAPS: [&str; 6] = [
 /// the counters gained `orig_dst_evicted`.
 /// v4: [`TupleSet`] is lock-free (a sequence word per way instead of a spin lock and a state
 /// byte; 16-bit tags), and `orig_dst_by_tuple` is `BPF_F_MMAPABLE` (its sets start on a line).
-pub const LAYOUT_VERSION: &str = "v4";
+/// v5: `settings` gained `generation`, and a thread's storage (`orig_dst_by_task`) caches the
+/// thread's cgroup entry for that generation.
+pub const LAYOUT_VERSION: &str = "v5";
 
 /// How many ztunnel addresses of each family the programs spread connections over
 /// (`ZB_MAX_ZTUNNEL_ADDRS`); further ones are not used.
@@ -94,6 +96,10 @@ pub struct Settings {
     /// How many of `ztunnel_addr6` are used.
     pub ztunnel_count6: u8,
     pub reserved: u16,
+    /// Moves after every change of `cgroup_info_map` or of these settings: the programs' cached
+    /// decision of a thread is good for one generation only. Backends count it
+    /// ([`crate::MapBatch::settings_after`]).
+    pub generation: u32,
     /// Network byte order.
     pub ztunnel_addr4: [u32; MAX_ZTUNNEL_ADDRS],
     pub ztunnel_addr6: [[u8; 16]; MAX_ZTUNNEL_ADDRS],
@@ -205,6 +211,27 @@ pub struct OrigDst {
     pub port: u16,
     /// `AF_INET` (2) or `AF_INET6` (10).
     pub family: u16,
+}
+
+/// `struct connect_record`: a thread's own storage in `orig_dst_by_task` (the map is keyed by
+/// the thread; from user space, by a pidfd). The programs hand the original destination from
+/// connect4/6 to sock_ops in it and cache the thread's cgroup entry in it; user space only
+/// reads it (tests, diagnostics).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnectRecord {
+    /// The socket cookie of the thread's last redirected connect.
+    pub cookie: u64,
+    /// Where that connect was going.
+    pub dst: OrigDst,
+    pub reserved: u32,
+    /// The cgroup whose entry is cached (0: none).
+    pub cached_cgroup: u64,
+    /// The `settings.generation` the cached entry was read in.
+    pub cached_generation: u32,
+    pub reserved2: u32,
+    /// The cached entry: the cgroup's own, or its nearest enrolled ancestor's.
+    pub cached_info: CgroupInfo,
 }
 
 /// `struct conn_tuple`: a connection seen from its client (addresses IPv4-mapped, ports in
@@ -404,6 +431,8 @@ unsafe impl crate::sys::Plain for Settings {}
 unsafe impl crate::sys::Plain for PodAddr {}
 // SAFETY: as above.
 unsafe impl crate::sys::Plain for OrigDst {}
+// SAFETY: as above.
+unsafe impl crate::sys::Plain for ConnectRecord {}
 // SAFETY: as above.
 unsafe impl crate::sys::Plain for ConnTuple {}
 // SAFETY: as above.

@@ -21,7 +21,8 @@ pub use aya_backend::{AyaBackend, BatchMode};
 pub use backend::{MapBackend, MapBatch};
 pub use layout::Counters;
 pub use loader::{
-    detach, read_counters, read_tuple_records, LoadReport, Loaded, LoaderConfig, TupleRecord,
+    detach, read_counters, read_thread_record, read_tuple_records, LoadReport, Loaded,
+    LoaderConfig, TupleRecord,
 };
 pub use memory::MemoryBackend;
 pub use programmer::{Programmer, ProgrammerConfig};

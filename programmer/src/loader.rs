@@ -9,7 +9,7 @@
 //! (`BPF_LINK_UPDATE`), so redirection never stops.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -465,6 +465,24 @@ pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramErr
             answered: state == layout::SLOT_ANSWERED,
         })
         .collect())
+}
+
+/// The record the programs keep in the storage of process `pid`'s main thread
+/// (`orig_dst_by_task`), or `None` when it has none (it never connected from an enrolled
+/// cgroup). Other threads are not reachable this way (see [`crate::sys::pidfd_open`]).
+pub fn read_thread_record(
+    pin_dir: &Path,
+    pid: u32,
+) -> Result<Option<layout::ConnectRecord>, ProgramError> {
+    let map = layout::ORIG_DST_BY_TASK_MAP;
+    let fd = open_pinned_map(pin_dir, map)?;
+    let err = |op, source| ProgramError::Map { map, op, source };
+    // Task storage is keyed by a pidfd from user space.
+    let pidfd = crate::sys::pidfd_open(pid).map_err(|e| err("pidfd_open", e))?;
+    let mut value = [0u8; size_of::<layout::ConnectRecord>()];
+    let found = crate::sys::lookup_elem(fd.as_fd(), &pidfd.as_raw_fd().to_ne_bytes(), &mut value)
+        .map_err(|e| err("lookup", e))?;
+    Ok(found.then(|| crate::sys::from_bytes(&value)))
 }
 
 /// Loads the embedded object's maps and programs into the kernel, so that the verifier checks

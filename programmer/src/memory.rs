@@ -31,7 +31,7 @@ impl MapBackend for MemoryBackend {
         for (addr, flags) in &batch.addr_upserts {
             self.addrs.insert(*addr, *flags);
         }
-        if let Some(settings) = batch.settings {
+        if let Some(settings) = batch.settings_after(&self.settings) {
             self.settings = settings;
         }
         self.batches += 1;

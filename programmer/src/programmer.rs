@@ -62,7 +62,8 @@ pub struct Programmer<B: MapBackend> {
     level_refs: [u32; 32],
     settings: Settings,
     /// What the `settings` map holds (read once at start, then what was written): a flush
-    /// writes `settings` only when it differs, with no map read per flush.
+    /// writes `settings` only when it differs, with no map read per flush. Its `generation`
+    /// is the one read at start, as is `settings`'s: the backend counts the real one.
     settings_in_map: Settings,
     reconcile_pending: bool,
 }

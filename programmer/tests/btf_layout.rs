@@ -5,7 +5,7 @@ use std::mem::{offset_of, size_of};
 use std::process::Command;
 
 use programmer::layout::{
-    self, CgroupInfo, ConnTuple, OrigDst, PodAddr, Settings, TupleSet, TupleSlot,
+    self, CgroupInfo, ConnTuple, ConnectRecord, OrigDst, PodAddr, Settings, TupleSet, TupleSlot,
 };
 use programmer::object;
 
@@ -73,6 +73,7 @@ fn rust_mirrors_match_the_objects_btf() {
                 ("ztunnel_count4", offset_of!(Settings, ztunnel_count4)),
                 ("ztunnel_count6", offset_of!(Settings, ztunnel_count6)),
                 ("reserved", offset_of!(Settings, reserved)),
+                ("generation", offset_of!(Settings, generation)),
                 ("ztunnel_addr4", offset_of!(Settings, ztunnel_addr4)),
                 ("ztunnel_addr6", offset_of!(Settings, ztunnel_addr6)),
             ]),
@@ -99,6 +100,22 @@ fn rust_mirrors_match_the_objects_btf() {
                 ("dst", offset_of!(ConnTuple, dst)),
                 ("sport", offset_of!(ConnTuple, sport)),
                 ("dport", offset_of!(ConnTuple, dport)),
+            ]),
+        ),
+        (
+            "connect_record",
+            size_of::<ConnectRecord>(),
+            owned(&[
+                ("cookie", offset_of!(ConnectRecord, cookie)),
+                ("dst", offset_of!(ConnectRecord, dst)),
+                ("reserved", offset_of!(ConnectRecord, reserved)),
+                ("cached_cgroup", offset_of!(ConnectRecord, cached_cgroup)),
+                (
+                    "cached_generation",
+                    offset_of!(ConnectRecord, cached_generation),
+                ),
+                ("reserved2", offset_of!(ConnectRecord, reserved2)),
+                ("cached_info", offset_of!(ConnectRecord, cached_info)),
             ]),
         ),
         (
@@ -145,11 +162,10 @@ fn maps_of_the_object_are_the_ones_layout_names_with_their_key_and_value_sizes()
     assert_eq!(kv(layout::CGROUP_INFO_MAP), (8, size_of::<CgroupInfo>()));
     assert_eq!(kv(layout::SETTINGS_MAP), (4, size_of::<Settings>()));
     assert_eq!(kv(layout::POD_ADDR_MAP), (size_of::<PodAddr>(), 4));
-    // Thread storage: the key is a pidfd in map operations; the value a socket cookie and an
-    // orig_dst (struct connect_record, BPF only).
+    // Thread storage: the key is a pidfd in map operations; the value a connect_record.
     assert_eq!(
         kv(layout::ORIG_DST_BY_TASK_MAP),
-        (4, 8 + size_of::<OrigDst>() + 4)
+        (4, size_of::<ConnectRecord>())
     );
     assert_eq!(specs[layout::ORIG_DST_BY_TASK_MAP].map_type, 29); // BPF_MAP_TYPE_TASK_STORAGE
     assert_eq!(

@@ -381,3 +381,148 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
     let c = loaded.counters().unwrap();
     assert_eq!(c.refused_loop, 1, "{c:?}");
 }
+
+/// connect4 caches a thread's cgroup entry in the thread's storage (`struct connect_record`),
+/// good for one `settings.generation`. One long-lived shell (one thread) connects again and
+/// again while the programmer changes its pod's entry: each change takes effect on the very
+/// next connect of the thread that had the old entry cached.
+#[test]
+fn a_changed_entry_takes_effect_for_a_thread_that_has_it_cached() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    if !testkit::require_root("a_changed_entry_takes_effect_for_a_thread_that_has_it_cached") {
+        return;
+    }
+    let cg = TestCgroup::new("prog-cache").unwrap();
+    let fs = bpffs("prog-cache");
+    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let pod = cg.child("pod").unwrap();
+    let zt = cg.child("zt").unwrap();
+    let pod_id = cg.id_of(&pod).unwrap();
+    let mut prog = Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    prog.queue(&enrolment(&cg, &zt, Role::Ztunnel, vec![loopback]));
+    prog.queue(&Update::SetZtunnel {
+        ips: vec![loopback],
+    });
+    prog.queue(&enrolment(
+        &cg,
+        &pod,
+        Role::Ambient,
+        vec!["10.200.0.5".parse().unwrap()],
+    ));
+    prog.flush().unwrap();
+
+    // In a namespace of the test's own: ztunnel on its loopback, and no route anywhere else,
+    // so a connect that is not redirected fails at once and sends nothing.
+    let ns = testkit::NetNs::new("prog-cache").unwrap();
+    let ztunnel = testkit::ztunnel::FakeZtunnel::start(&ns, &cg, &zt, &[loopback], false).unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(
+            "while read -r dst; do \
+               if true 2>/dev/null 3<>/dev/tcp/$dst/80; then echo ok; else echo fail; fi; \
+             done",
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    ns.place(&mut cmd, &cg, &pod).unwrap();
+    // Killed (by its PID) and reaped on every way out, a failed assertion included.
+    struct Shell(std::process::Child);
+    impl Drop for Shell {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut shell = Shell(cmd.spawn().unwrap());
+    let pid = shell.0.id();
+    let mut to_shell = shell.0.stdin.take().unwrap();
+    let mut from_shell = BufReader::new(shell.0.stdout.take().unwrap());
+    let mut connect = || -> String {
+        writeln!(to_shell, "10.200.0.99").unwrap();
+        let mut line = String::new();
+        from_shell.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    let generation = || loaded.backend().unwrap().settings().unwrap().generation;
+    let record = || programmer::read_thread_record(&fs.pin_dir(), pid).unwrap();
+    let redirected = |want: u64| {
+        assert_eq!(loaded.counters().unwrap().redirected_out, want);
+    };
+    let landed = || {
+        let a = ztunnel
+            .next(Duration::from_secs(5))
+            .expect("no connection on ztunnel");
+        assert_eq!(a.orig, Some(Ok("10.200.0.99:80".parse().unwrap())));
+    };
+
+    // Redirected, and the thread's entry is cached under the current generation.
+    assert_eq!(connect(), "ok");
+    landed();
+    redirected(1);
+    let cached = record().expect("the thread has its record");
+    assert_eq!(cached.cached_cgroup, pod_id);
+    assert_eq!(cached.cached_generation, generation());
+    assert_eq!(
+        cached.cached_info.flags & layout::F_AMBIENT,
+        layout::F_AMBIENT
+    );
+    // The second connect is decided from the cache (nothing changed): still redirected.
+    assert_eq!(connect(), "ok");
+    landed();
+    redirected(2);
+
+    // The entry changes in place: the pod's own address becomes the destination, which a pod
+    // reaches directly. The cached entry must not be used: the connect passes (and fails, as
+    // nothing routes there).
+    let before = generation();
+    prog.queue(&enrolment(
+        &cg,
+        &pod,
+        Role::Ambient,
+        vec!["10.200.0.99".parse().unwrap()],
+    ));
+    prog.flush().unwrap();
+    assert!(generation() > before, "the programmer bumps the generation");
+    let passed = loaded.counters().unwrap().passed;
+    assert_eq!(connect(), "fail");
+    redirected(2);
+    assert_eq!(loaded.counters().unwrap().passed, passed + 1);
+    let cached = record().unwrap();
+    assert_eq!(
+        (cached.cached_cgroup, cached.cached_generation),
+        (pod_id, generation())
+    );
+    assert_eq!(
+        cached.cached_info.addr4,
+        u32::from(Ipv4Addr::new(10, 200, 0, 99)).to_be()
+    );
+
+    // The entry is deleted: the thread is a host process now (not redirected), and its cache
+    // is dropped, not kept.
+    prog.queue(&Update::Delete {
+        cgroup_id: CgroupId(pod_id),
+    });
+    prog.flush().unwrap();
+    assert_eq!(connect(), "fail");
+    redirected(2);
+    assert_eq!(record().unwrap().cached_cgroup, 0);
+
+    // Enrolled again: captured on the thread's very next connect.
+    prog.queue(&enrolment(
+        &cg,
+        &pod,
+        Role::Ambient,
+        vec!["10.200.0.5".parse().unwrap()],
+    ));
+    prog.flush().unwrap();
+    assert_eq!(connect(), "ok");
+    landed();
+    redirected(3);
+    assert_eq!(record().unwrap().cached_generation, generation());
+    drop(to_shell);
+    drop(shell);
+}
