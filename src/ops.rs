@@ -82,14 +82,19 @@ pub const BPF_COUNTERS: [&str; programmer::layout::COUNTER_COUNT] =
     programmer::layout::COUNTER_NAMES;
 
 /// The watcher's counters exported as `zbridge_watcher_counter{counter=...}`: where each exec's
-/// facts came from (the exec tap, or /proc when the tap is not loaded or missed a record), and
-/// the tap's losses.
-pub const WATCHER_COUNTERS: [&str; 5] = [
+/// facts came from (the exec tap, or /proc when the tap is not loaded or missed a record), the
+/// tap's losses, and what the proc connector sent that could not be used (each also logged):
+/// undecodable messages (a cut datagram among them), event types this build does not know (a
+/// newer kernel), and events dropped because a rescan after a loss superseded them.
+pub const WATCHER_COUNTERS: [&str; 8] = [
     "execs_from_tap",
     "execs_from_proc",
     "execs_without_facts",
     "exec_tap_dropped",
     "exec_tap_unmatched",
+    "proc_messages_malformed",
+    "proc_event_types_unknown",
+    "events_superseded_by_rescan",
 ];
 
 /// The agent's metrics. Clones share the same values; every update is an atomic operation, so
@@ -276,6 +281,23 @@ impl Metrics {
         self.bpf_counters
             .get_or_create(&[("counter", name.to_string())])
             .set(value);
+    }
+
+    /// Sets every one of [`WATCHER_COUNTERS`] from the watcher's counters.
+    pub fn set_watcher_counters(&self, c: &watcher::live::CounterSnapshot) {
+        let values = [
+            c.execs_from_tap,
+            c.execs_from_proc,
+            c.execs_without_facts,
+            c.tap_dropped,
+            c.tap_unmatched,
+            c.malformed,
+            c.unknown,
+            c.superseded,
+        ];
+        for (name, value) in WATCHER_COUNTERS.into_iter().zip(values) {
+            self.set_watcher_counter(name, value);
+        }
     }
 
     /// Sets one of [`WATCHER_COUNTERS`] (other names are not exported).

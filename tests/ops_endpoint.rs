@@ -182,6 +182,47 @@ fn metrics_expose_every_family_with_the_values_set() {
     }
 }
 
+/// Each of the watcher's counters lands in its own series: every field of the snapshot gets
+/// a distinct value, and each series must show the value of the field it names.
+#[test]
+fn watcher_counters_are_exported_each_under_its_own_name() {
+    let metrics = Metrics::new();
+    let snapshot = watcher::live::CounterSnapshot {
+        execs_from_tap: 1,
+        execs_from_proc: 2,
+        execs_without_facts: 3,
+        tap_dropped: 4,
+        tap_unmatched: 5,
+        malformed: 6,
+        unknown: 7,
+        superseded: 8,
+        ..Default::default()
+    };
+    metrics.set_watcher_counters(&snapshot);
+    let text = metrics.encode();
+    let exported: Vec<(&str, f64)> = ops::WATCHER_COUNTERS
+        .iter()
+        .map(|name| {
+            let series = format!("zbridge_watcher_counter{{counter=\"{name}\"}}");
+            (*name, sample(&text, &series).unwrap_or(-1.0))
+        })
+        .collect();
+    assert_eq!(
+        exported,
+        vec![
+            ("execs_from_tap", 1.0),
+            ("execs_from_proc", 2.0),
+            ("execs_without_facts", 3.0),
+            ("exec_tap_dropped", 4.0),
+            ("exec_tap_unmatched", 5.0),
+            ("proc_messages_malformed", 6.0),
+            ("proc_event_types_unknown", 7.0),
+            ("events_superseded_by_rescan", 8.0),
+        ],
+        "{text}"
+    );
+}
+
 #[test]
 fn enrolment_since_a_kernel_timestamp_is_observed() {
     let metrics = Metrics::new();

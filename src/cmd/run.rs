@@ -399,7 +399,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         select! {
             recv(counters_tick) -> _ => {
                 export_bpf_counters(&args.pin_dir, &metrics);
-                export_watcher_counters(&watcher_counters.snapshot(), &metrics);
+                metrics.set_watcher_counters(&watcher_counters.snapshot());
             },
             recv(health_tick) -> _ => {
                 if let Some(kube) = kube.as_mut() {
@@ -646,19 +646,6 @@ fn export_bpf_counters(pin_dir: &Path, metrics: &Metrics) {
             }
         }
         Err(e) => log::warn!("reading the BPF counters under {}: {e}", pin_dir.display()),
-    }
-}
-
-/// Copies the watcher's exec-facts counters into `zbridge_watcher_counter` metrics.
-fn export_watcher_counters(c: &watcher::live::CounterSnapshot, metrics: &Metrics) {
-    for (name, value) in [
-        ("execs_from_tap", c.execs_from_tap),
-        ("execs_from_proc", c.execs_from_proc),
-        ("execs_without_facts", c.execs_without_facts),
-        ("exec_tap_dropped", c.tap_dropped),
-        ("exec_tap_unmatched", c.tap_unmatched),
-    ] {
-        metrics.set_watcher_counter(name, value);
     }
 }
 
