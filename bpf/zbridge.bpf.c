@@ -42,7 +42,6 @@ static __always_inline const struct cgroup_info *
 zb_current_entry(const struct settings *s, struct connect_record **rec, struct cgroup_info *entry)
 {
 	struct connect_record *r = *rec;
-	const struct cgroup_info *info;
 	__u64 cgroup = bpf_get_current_cgroup_id();
 	/* Read before the walk: an entry changed after this read bumps the generation past it,
 	 * so a decision cached from a walk that saw the old entry is not used again. */
@@ -55,14 +54,12 @@ zb_current_entry(const struct settings *s, struct connect_record **rec, struct c
 	/* Weakly ordered CPUs (arm64) may load the entry before the generation: a full barrier
 	 * keeps the walk after it. Only here, on a miss. */
 	zb_full_barrier();
-	info = zb_lookup_current(s->levels);
-	if (!info) {
+	if (!zb_lookup_current(s->levels, entry)) {
 		/* Left its pod's cgroup, or the pod left the mesh. */
 		if (r)
 			r->cached_cgroup = 0;
 		return NULL;
 	}
-	*entry = *info;
 	if (!r)
 		r = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0,
 					 BPF_LOCAL_STORAGE_GET_F_CREATE);
@@ -86,7 +83,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 {
 	const struct settings *s = zb_settings();
 	const struct cgroup_info *info;
-	struct cgroup_info entry;
+	struct cgroup_info entry = {};
 	struct connect_record *rec;
 	struct zb_ip zt = {};
 	__u16 capture_port;
@@ -613,7 +610,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 static __always_inline int zb_bind(struct zb_ip *addr)
 {
 	const struct settings *s = zb_settings();
-	const struct cgroup_info *info;
+	struct cgroup_info info = {};
 	struct zb_ip zt = {};
 	__u32 n;
 
@@ -623,9 +620,8 @@ static __always_inline int zb_bind(struct zb_ip *addr)
 	/* Most binds are to other addresses: one lookup, before the cgroup walk. */
 	if (!bpf_map_lookup_elem(&pod_addr_map, addr))
 		return 0;
-	info = zb_lookup_current(s->levels);
 	/* Only ztunnel's binds are rewritten; a pod binding its own address is normal. */
-	if (!info || !(info->flags & ZB_F_ZTUNNEL))
+	if (!zb_lookup_current(s->levels, &info) || !(info.flags & ZB_F_ZTUNNEL))
 		return 0;
 	/* No own address to use: the bind goes on and fails or succeeds as it would. */
 	n = zb_ztunnel_count(s, addr);

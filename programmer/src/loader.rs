@@ -485,16 +485,28 @@ pub fn read_thread_record(
     Ok(found.then(|| crate::sys::from_bytes(&value)))
 }
 
+/// A program the verifier accepted, and how much of the verifier's budget it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiedProgram {
+    pub name: &'static str,
+    /// The instructions the verifier processed (its limit is 1,000,000 on every kernel since
+    /// 5.2); `None` on kernels before 5.16, which do not report it.
+    pub verified_insns: Option<u32>,
+}
+
+/// The verifier's limit of processed instructions per program (`BPF_COMPLEXITY_LIMIT_INSNS`).
+pub const VERIFIER_INSN_LIMIT: u32 = 1_000_000;
+
 /// Loads the embedded object's maps and programs into the kernel, so that the verifier checks
 /// every program, without pinning or attaching anything; all of it is released on return.
 /// Returns the programs the verifier accepted, in [`object::PROGRAMS`] order. For
 /// `zbridge doctor`.
-pub fn verify_object() -> Result<Vec<&'static str>, ProgramError> {
+pub fn verify_object() -> Result<Vec<VerifiedProgram>, ProgramError> {
     verify_object_bytes(object::OBJECT)
 }
 
 /// [`verify_object`] for a given object (tests feed it a broken one).
-pub fn verify_object_bytes(bytes: &[u8]) -> Result<Vec<&'static str>, ProgramError> {
+pub fn verify_object_bytes(bytes: &[u8]) -> Result<Vec<VerifiedProgram>, ProgramError> {
     // No map pin paths: the maps are created afresh and vanish with `ebpf`.
     let mut ebpf = EbpfLoader::new()
         .allow_unsupported_maps()
@@ -521,14 +533,20 @@ pub fn verify_object_bytes(bytes: &[u8]) -> Result<Vec<&'static str>, ProgramErr
             ($ty:ty) => {{
                 let prog: &mut $ty = program.try_into().map_err(|e| load_error(name, e))?;
                 prog.load().map_err(|e| load_error(name, e))?;
+                prog.info()
+                    .map_err(|e| load_error(name, e))?
+                    .verified_instruction_count()
             }};
         }
-        match kind {
+        let verified_insns = match kind {
             ProgramKind::SockAddr => load!(CgroupSockAddr),
             ProgramKind::SockOps => load!(SockOps),
             ProgramKind::Sockopt => load!(CgroupSockopt),
-        }
-        verified.push(name);
+        };
+        verified.push(VerifiedProgram {
+            name,
+            verified_insns,
+        });
     }
     Ok(verified)
 }

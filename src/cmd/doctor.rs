@@ -433,14 +433,26 @@ fn is_eperm_chain(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The words for loading the embedded object's programs into the verifier (nothing attached,
 /// nothing pinned).
-pub fn check_bpf_object(result: Result<Vec<&'static str>, programmer::ProgramError>) -> Outcome {
+pub fn check_bpf_object(
+    result: Result<Vec<programmer::loader::VerifiedProgram>, programmer::ProgramError>,
+) -> Outcome {
     use programmer::ProgramError;
     let error = match result {
         Ok(programs) => {
+            // How close each came to the verifier's limit: a program near it is the first a
+            // kernel with weaker pruning refuses.
+            let names: Vec<String> = programs
+                .iter()
+                .map(|p| match p.verified_insns {
+                    Some(n) => format!("{} ({n} instructions checked)", p.name),
+                    None => p.name.to_string(),
+                })
+                .collect();
             return Outcome::Pass(format!(
-                "the verifier accepted {} (loaded, not attached)",
-                programs.join(", ")
-            ))
+                "the verifier accepted {} (loaded, not attached; its limit is {} per program)",
+                names.join(", "),
+                programmer::loader::VERIFIER_INSN_LIMIT
+            ));
         }
         Err(e) => e,
     };
