@@ -145,7 +145,42 @@ fn check_pinned_maps(
             }
         }
     }
+    forget_caches_of_a_new_settings_map(maps_dir, &mut reused, &mut recreated)?;
     Ok((reused, recreated))
+}
+
+/// The thread records (`orig_dst_by_task`) cache cgroup entries under
+/// `settings.generation`. A `settings` map created afresh (recreated above, or its pin gone)
+/// starts its generation again at 0, where a cache made under the old map could match: the
+/// thread records are not reused then either.
+fn forget_caches_of_a_new_settings_map(
+    maps_dir: &Path,
+    reused: &mut Vec<String>,
+    recreated: &mut Vec<String>,
+) -> Result<(), ProgramError> {
+    if reused.iter().any(|n| n == layout::SETTINGS_MAP) {
+        return Ok(());
+    }
+    let Some(pos) = reused
+        .iter()
+        .position(|n| n == layout::ORIG_DST_BY_TASK_MAP)
+    else {
+        return Ok(());
+    };
+    reused.remove(pos);
+    let path = maps_dir.join(layout::ORIG_DST_BY_TASK_MAP);
+    std::fs::remove_file(&path)
+        .map_err(|e| ProgramError::path(&path, "remove thread records", e))?;
+    let msg = format!(
+        "map `{}`: pinned at {} holds decisions cached under the `{}` map that is no longer \
+         pinned: recreated",
+        layout::ORIG_DST_BY_TASK_MAP,
+        path.display(),
+        layout::SETTINGS_MAP
+    );
+    log::warn!("{msg}");
+    recreated.push(msg);
+    Ok(())
 }
 
 fn load_error(program: &str, e: aya::programs::ProgramError) -> ProgramError {

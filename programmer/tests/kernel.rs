@@ -6,6 +6,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 
 use common::{bpffs, config, connect_from};
 use programmer::layout::{self, CgroupInfo, ConnTuple, OrigDst, PodAddr};
@@ -188,6 +189,52 @@ fn pinned_map_with_a_wrong_layout_is_recreated() {
         ),
         (sys::BPF_MAP_TYPE_HASH, 8, 24, 65536)
     );
+}
+
+/// A `settings` map created afresh restarts its generation at 0: the thread records, whose
+/// cached decisions are good for a generation of the old map, are recreated with it.
+#[test]
+fn a_new_settings_map_takes_the_thread_records_with_it() {
+    if !testkit::require_root("a_new_settings_map_takes_the_thread_records_with_it") {
+        return;
+    }
+    let cg = TestCgroup::new("prog-newsettings").unwrap();
+    let fs = bpffs("prog-newsettings");
+    let maps = fs
+        .pin_dir()
+        .join(format!("{}/maps", layout::LAYOUT_VERSION));
+    let inode = |name: &str| std::fs::metadata(maps.join(name)).unwrap().ino();
+    let first = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let (task_map, info_map) = (
+        inode(layout::ORIG_DST_BY_TASK_MAP),
+        inode(layout::CGROUP_INFO_MAP),
+    );
+    drop(first);
+
+    // Everything reused while `settings` stays.
+    let second = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    assert!(second.report().maps_recreated.is_empty());
+    assert_eq!(inode(layout::ORIG_DST_BY_TASK_MAP), task_map);
+    drop(second);
+
+    std::fs::remove_file(maps.join(layout::SETTINGS_MAP)).unwrap();
+    let third = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let report = third.report();
+    assert_eq!(
+        report.maps_recreated,
+        vec![format!(
+            "map `orig_dst_by_task`: pinned at {} holds decisions cached under the `settings` \
+             map that is no longer pinned: recreated",
+            maps.join(layout::ORIG_DST_BY_TASK_MAP).display()
+        )]
+    );
+    assert!(!report
+        .maps_reused
+        .iter()
+        .any(|m| m == layout::ORIG_DST_BY_TASK_MAP));
+    assert_ne!(inode(layout::ORIG_DST_BY_TASK_MAP), task_map);
+    // The other maps keep their entries.
+    assert_eq!(inode(layout::CGROUP_INFO_MAP), info_map);
 }
 
 #[test]
