@@ -123,4 +123,12 @@ fn connections_spread_over_two_ztunnel_addresses_by_destination() {
         text.contains("ztunnel 10.99.0.1, 10.99.0.2, fd00:99::1 (2 IPv4, 1 IPv6"),
         "{text}"
     );
+    // The agent has written entries and settings: the generation has moved from 0.
+    let generation: u32 = text
+        .split("; generation ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no generation in:\n{text}"));
+    assert!(generation >= 1, "{text}");
 }

@@ -81,7 +81,7 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
         programmer::loader::versioned_dir(&args.pin_dir).display()
     );
     println!(
-        "settings: ztunnel {} ({} IPv4, {} IPv6, spread by destination); ports outbound {} inbound {}; {}; debug {}; levels [{}]",
+        "settings: ztunnel {} ({} IPv4, {} IPv6, spread by destination); ports outbound {} inbound {}; {}; debug {}; levels [{}]; generation {} (moves with each change of the entries or settings)",
         if ztunnel.is_empty() {
             "unknown".to_string()
         } else {
@@ -101,7 +101,8 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
         } else {
             "off"
         },
-        levels.join(",")
+        levels.join(","),
+        settings.generation
     );
 
     let entries: Vec<(watcher::CgroupId, CgroupInfo)> = backend.cgroup_entries()?;
