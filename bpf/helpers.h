@@ -272,8 +272,8 @@ static __always_inline __u32 zb_fls(__u32 x)
  * A global function, not inlined: the verifier checks it once, on its own, and each caller
  * sees only its result. Inlined, the walk's 32 possible steps multiplied with every path of
  * connect4/6 (the unknown `levels`, the cache, the address checks) took connect4 to ~680,000
- * processed instructions of the verifier's 1,000,000, and a compiler-barrier-only variant
- * past the limit. `out` may be NULL as far as the verifier knows.
+ * processed instructions of the verifier's 1,000,000 (now ~70,000: BENCHMARKS.md). `out` may
+ * be NULL as far as the verifier knows.
  */
 __attribute__((noinline)) int zb_lookup_current(__u32 levels, struct cgroup_info *out)
 {

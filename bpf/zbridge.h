@@ -64,7 +64,8 @@ struct orig_dst {
 };
 
 /* Value of `orig_dst_by_task`, a thread's own storage, created on its first connect from an
- * enrolled cgroup. BPF only (not mirrored in Rust).
+ * enrolled cgroup (or a host thread's first connect redirected to a pod). User space only
+ * reads it (`programmer::layout::ConnectRecord`, for tests and diagnostics).
  *
  * The last redirected connect of the thread, handed from connect4/6 to sock_ops within the
  * same connect() call (cookie, dst); and the thread's cached decision: the cgroup_info entry
