@@ -2,12 +2,14 @@
 //!
 //! 1. Writing 10,000 `cgroup_info_map` entries and deleting them again: one
 //!    `BPF_MAP_UPDATE_BATCH` / `DELETE_BATCH` call against one syscall per entry.
-//! 2. The programs' own run time per connection (`BPF_ENABLE_STATS`): a process in an
-//!    ambient cgroup opens connections that connect4 redirects to a listener on loopback.
+//! 2. The programs' own run time per connection (`BPF_ENABLE_STATS`), in three set-ups: (1) a
+//!    process in an ambient cgroup whose connections connect4 redirects to a listener on
+//!    loopback that never asks for the original destination; (2) the same to a fake ztunnel
+//!    that asks for every one, as ztunnel does; (3) a host process (no enrolled ancestor)
+//!    whose connects are not redirected.
 //!
 //! `cargo bench --bench programmer` prints the figures; BENCHMARKS.md ("Programmer") keeps them.
-//! `ONLY_ASKS=1` runs only the production-like set-up of 2. (a fake ztunnel that asks for
-//! every connection), for comparing two builds of the programs side by side.
+//! `ONLY_ASKS=1` skips set-up (1), for comparing two builds of the programs side by side.
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
@@ -137,7 +139,7 @@ fn main() {
     // 1. A listener outside the cgroup that never asks SO_ORIGINAL_DST: no record is ever
     //    taken, so once the hot region of orig_dst_by_tuple is full every record goes to the
     //    overflow region (the worst case for the write).
-    // ONLY_ASKS=1 skips this set-up (for comparing builds of the programs on set-up 2).
+    // ONLY_ASKS=1 skips this set-up (for comparing builds of the programs on the others).
     if std::env::var_os("ONLY_ASKS").is_none() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
         enrol(listener.local_addr().expect("addr").port());
@@ -146,7 +148,7 @@ fn main() {
                 drop(listener.accept().expect("accept"));
             }
         });
-        let never_asks = run_time_rounds(&loaded, || client(None));
+        let never_asks = run_time_rounds(&loaded, true, || client(None));
         acceptor.join().expect("acceptor");
         report(
             "a listener that never asks SO_ORIGINAL_DST (records pile up)",
@@ -179,7 +181,7 @@ fn main() {
     )
     .expect("fake ztunnel");
     let before = loaded.counters().expect("counters");
-    let asks = run_time_rounds(&loaded, || client(Some(&ns)));
+    let asks = run_time_rounds(&loaded, true, || client(Some(&ns)));
     // ztunnel asks after the accept, so its last answers may come after the client is done.
     let answered: Vec<_> = std::iter::from_fn(|| ztunnel.next(Duration::from_secs(5)))
         .take(CONNECTIONS * RUN_TIME_ROUNDS)
@@ -199,6 +201,27 @@ fn main() {
     );
     drop(ztunnel);
     drop(link);
+
+    // 3. A host process (a cgroup under the attach point with no entry, on a node with an
+    //    enrolled pod) connecting to an address that is no pod's: what every process outside
+    //    the mesh pays per connect. Nothing routes there in the namespace, so the connect fails
+    //    at the route lookup, before any sock_ops callback: the figure is connect4's alone.
+    let host = cg.child("host").expect("host cgroup");
+    let host_client = || {
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c").arg(format!(
+            "for i in $(seq {CONNECTIONS}); do true 2>/dev/null 3<>/dev/tcp/10.200.0.99/80; done; true"
+        ));
+        ns.place(&mut cmd, &cg, &host).expect("place host client");
+        let status = cmd.status().expect("bash");
+        assert!(status.success(), "host client loop failed");
+    };
+    let host_rounds = run_time_rounds(&loaded, false, host_client);
+    report(
+        "a host process (no enrolled ancestor) connecting to an address that is no pod's \
+         (not redirected)",
+        &host_rounds,
+    );
     drop(stats);
 }
 
@@ -206,8 +229,9 @@ fn main() {
 /// of all programs together.
 type Round = (Vec<(f64, u64)>, f64);
 
-/// RUN_TIME_ROUNDS rounds of `client()` (CONNECTIONS redirected connections each).
-fn run_time_rounds(loaded: &Loaded, client: impl Fn()) -> Vec<Round> {
+/// RUN_TIME_ROUNDS rounds of `client()` (CONNECTIONS connections each, every one of them
+/// redirected by connect4, or with `redirected` false, none of them).
+fn run_time_rounds(loaded: &Loaded, redirected_each: bool, client: impl Fn()) -> Vec<Round> {
     let totals = || -> Vec<(f64, u64)> {
         programmer::object::PROGRAMS
             .iter()
@@ -235,9 +259,14 @@ fn run_time_rounds(loaded: &Loaded, client: impl Fn()) -> Vec<Round> {
         let all = delta.iter().map(|(ns, _)| ns).sum::<f64>() / CONNECTIONS as f64;
         rounds.push((delta, all));
     }
+    let want = if redirected_each {
+        CONNECTIONS * RUN_TIME_ROUNDS
+    } else {
+        0
+    };
     assert_eq!(
         loaded.counters().expect("counters").redirected_out - redirected,
-        (CONNECTIONS * RUN_TIME_ROUNDS) as u64
+        want as u64
     );
     rounds
 }
@@ -249,7 +278,7 @@ fn report(scenario: &str, rounds: &[Round]) {
     let mut rounds = rounds.to_vec();
     rounds.sort_by(|a, b| a.1.total_cmp(&b.1));
     println!(
-        "programs' run time, {scenario}: {RUN_TIME_ROUNDS} rounds of {CONNECTIONS} redirected \
+        "programs' run time, {scenario}: {RUN_TIME_ROUNDS} rounds of {CONNECTIONS} \
          connections (BPF_ENABLE_STATS)"
     );
     let all: Vec<String> = rounds.iter().map(|r| format!("{:.0}", r.1)).collect();
