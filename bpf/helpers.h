@@ -54,8 +54,8 @@ struct {
  * connect4/6 and sock_ops' TCP_CONNECT callback run in the same connect() call of the same
  * thread (the source port is chosen between them), so one slot per thread is enough: it is
  * created on the thread's first redirected connect, overwritten by every later one (no
- * allocation, no delete, nothing left behind), and freed with the thread. The socket cookie
- * in the record makes sure sock_ops only takes it for the socket it was written for. */
+ * allocation, no delete, nothing left behind), and freed with the thread. sock_ops takes it
+ * once, at the thread's next TCP_CONNECT (see `armed`). */
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);

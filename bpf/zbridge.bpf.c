@@ -153,7 +153,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 		zb_count(ZB_C_FAIL_CLOSED);
 		return ZB_REFUSE;
 	}
-	rec->cookie = bpf_get_socket_cookie(ctx);
+	rec->armed = 1;
 	__builtin_memcpy(rec->dst.addr, dst->w, 16);
 	rec->dst.port = *port;
 	rec->dst.family = zb_ip_is_v4(dst) ? AF_INET : AF_INET6;
@@ -413,9 +413,16 @@ int sock_ops(struct bpf_sock_ops *skops)
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
 	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0, 0);
-	/* Not a connect the programs redirected (or not this socket's). */
-	if (!rec || rec->cookie != bpf_get_socket_cookie(skops))
+	/* Not a connect the programs redirected. The first TCP_CONNECT after a redirect is the
+	 * redirected socket's (connect4/6 and this callback run in the same connect() call),
+	 * unless that connect failed before its SYN (no source port, no route): then the record
+	 * is still armed for the thread's next connect, which connect4/6 did not redirect. That
+	 * one is taken below only if it goes to a capture port on an address other than
+	 * ztunnel's (connect4/6 refuse a direct connect to ztunnel's), so the stray record is
+	 * one no ztunnel of this node accepts a connection for. Disarmed either way. */
+	if (!rec || !rec->armed)
 		return 1;
+	rec->armed = 0;
 	/* A socket redirected once and then connected elsewhere (after a failed attempt) keeps
 	 * its old record: only a connection to a capture port is one ztunnel will ask about. */
 	remote_port = ZB_CTX(skops->remote_port);

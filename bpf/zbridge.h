@@ -68,7 +68,7 @@ struct orig_dst {
  * reads it (`programmer::layout::ConnectRecord`, for tests and diagnostics).
  *
  * The last redirected connect of the thread, handed from connect4/6 to sock_ops within the
- * same connect() call (cookie, dst); and the thread's cached decision: the cgroup_info entry
+ * same connect() call (armed, dst); and the thread's cached decision: the cgroup_info entry
  * that applied to its cgroup, so that its next connects skip the walk to the nearest enrolled
  * ancestor and the hash lookup (~100 ns of connect4's ~400 here: BENCHMARKS.md). The cache is
  * good while the thread is still in `cached_cgroup` (cgroup ids are never reused) and
@@ -76,7 +76,9 @@ struct orig_dst {
  * of cgroup_info_map). Only found entries are cached: a thread with no enrolled ancestor walks
  * every time, and so sees its pod's enrolment on its very next connect. */
 struct connect_record {
-	__u64 cookie;        /* the socket's cookie: sock_ops takes the record only for it */
+	__u32 armed;         /* 1 from connect4/6's redirect to the next TCP_CONNECT of the thread,
+			      * which takes the record and disarms it */
+	__u32 reserved0;
 	struct orig_dst dst;
 	__u32 reserved;
 	__u64 cached_cgroup; /* 0: nothing cached */

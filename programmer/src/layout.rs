@@ -220,8 +220,9 @@ pub struct OrigDst {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ConnectRecord {
-    /// The socket cookie of the thread's last redirected connect.
-    pub cookie: u64,
+    /// 1 from a redirect until the thread's next TCP_CONNECT takes the record.
+    pub armed: u32,
+    pub reserved0: u32,
     /// Where that connect was going.
     pub dst: OrigDst,
     pub reserved: u32,

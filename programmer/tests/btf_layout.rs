@@ -106,7 +106,8 @@ fn rust_mirrors_match_the_objects_btf() {
             "connect_record",
             size_of::<ConnectRecord>(),
             owned(&[
-                ("cookie", offset_of!(ConnectRecord, cookie)),
+                ("armed", offset_of!(ConnectRecord, armed)),
+                ("reserved0", offset_of!(ConnectRecord, reserved0)),
                 ("dst", offset_of!(ConnectRecord, dst)),
                 ("reserved", offset_of!(ConnectRecord, reserved)),
                 ("cached_cgroup", offset_of!(ConnectRecord, cached_cgroup)),
