@@ -227,6 +227,40 @@ enum zb_store {
  * marked it answered. */
 #define ZB_STORE_TRIES 3
 
+/*
+ * The two orderings the table needs: a writer's record is visible before the sequence word
+ * that publishes it, and a reader's copy is not read before the word it checks. x86 gives
+ * both to plain stores and loads (TSO: stores are not reordered with stores, nor loads with
+ * loads), so there only the compiler must keep them in place; other CPUs (arm64) need BPF's
+ * fully ordered atomics, the only barriers it has.
+ */
+#if defined(__TARGET_ARCH_x86)
+static __always_inline __u32 zb_seq_read(__u32 *seq)
+{
+	__u32 value = ZB_READ_ONCE(*seq);
+
+	asm volatile("" ::: "memory");
+	return value;
+}
+
+/* Only the claimer changes a BUSY word, so `busy` is what the word holds. */
+static __always_inline void zb_seq_publish(__u32 *seq, __u32 busy, __u32 value)
+{
+	asm volatile("" ::: "memory");
+	ZB_READ_ONCE(*seq) = value;
+}
+#else
+static __always_inline __u32 zb_seq_read(__u32 *seq)
+{
+	return __sync_fetch_and_add(seq, 0);
+}
+
+static __always_inline void zb_seq_publish(__u32 *seq, __u32 busy, __u32 value)
+{
+	__sync_val_compare_and_swap(seq, busy, value);
+}
+#endif
+
 /* The next generation of a slot's sequence word `seq`, in state `state`. */
 static __always_inline __u32 zb_seq_next(__u32 seq, __u32 state)
 {
@@ -294,10 +328,8 @@ static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
 		set->way[pick].tuple = *tuple;
 		set->way[pick].dst = *dst;
 		set->tag[pick] = tag;
-		/* Publish (a full barrier: the record is visible before its state). Only the
-		 * claimer changes a BUSY word, so this cannot fail. */
-		__sync_val_compare_and_swap(&set->seq[pick], busy,
-					    (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+		/* Publish: the record is visible before its state. */
+		zb_seq_publish(&set->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
 		return result;
 	}
 	return ZB_FULL;
@@ -322,8 +354,8 @@ static __always_inline int zb_tuple_take(struct tuple_set *set, const struct con
 
 		if (set->tag[i] != tag)
 			continue;
-		/* An atomic read: the copy below cannot be read before it (on any CPU). */
-		seq = __sync_fetch_and_add(&set->seq[i], 0);
+		/* The copy below cannot be read before it. */
+		seq = zb_seq_read(&set->seq[i]);
 		state = seq & ZB_SLOT_STATE_MASK;
 		if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
 			continue;
@@ -389,8 +421,7 @@ static __always_inline int zb_tuple_demote(struct tuple_set *hot, const struct c
 	hot->way[pick].tuple = *tuple;
 	hot->way[pick].dst = *dst;
 	hot->tag[pick] = zb_tuple_tag(hash);
-	__sync_val_compare_and_swap(&hot->seq[pick], busy,
-				    (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+	zb_seq_publish(&hot->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
 	return 1;
 }
 
