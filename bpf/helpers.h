@@ -116,10 +116,20 @@ static __always_inline void zb_count(__u32 idx)
 		__sync_fetch_and_add(value, 1);
 }
 
-/* A full memory barrier. BPF has none but its atomic instructions that return a value,
- * which are fully ordered (an add whose result is unused compiles to one that is not): a
- * compare-and-swap that changes nothing (0 for 0) on this CPU's own counter line. */
-static __always_inline void zb_full_barrier(void)
+/*
+ * Keeps the loads before it ahead of the loads after it (the reader's side of a generation
+ * check). x86 never reorders a load with an earlier load (TSO): only the compiler must be
+ * held back. Elsewhere (arm64) BPF has no barrier but its atomics that return a value, which
+ * are fully ordered (an add whose result is unused compiles to one that is not): a
+ * compare-and-swap that changes nothing (0 for 0) on this CPU's own counter line.
+ */
+#if defined(__TARGET_ARCH_x86)
+static __always_inline void zb_load_barrier(void)
+{
+	asm volatile("" ::: "memory");
+}
+#else
+static __always_inline void zb_load_barrier(void)
 {
 	__u32 idx = ZB_C_REDIRECTED_OUT;
 	__u64 *value = bpf_map_lookup_elem(&counters, &idx);
@@ -127,6 +137,7 @@ static __always_inline void zb_full_barrier(void)
 	if (value)
 		__sync_val_compare_and_swap(value, 0, 0);
 }
+#endif
 
 static __always_inline const struct settings *zb_settings(void)
 {

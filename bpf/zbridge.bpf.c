@@ -51,9 +51,9 @@ zb_current_entry(const struct settings *s, struct connect_record **rec, struct c
 		*entry = r->cached_info;
 		return entry;
 	}
-	/* Weakly ordered CPUs (arm64) may load the entry before the generation: a full barrier
-	 * keeps the walk after it. Only here, on a miss. */
-	zb_full_barrier();
+	/* The walk's loads stay after the generation's (a weakly ordered CPU could otherwise
+	 * load an old entry and cache it under a newer generation). */
+	zb_load_barrier();
 	if (!zb_lookup_current(s->levels, entry)) {
 		/* Left its pod's cgroup, or the pod left the mesh. */
 		if (r)
