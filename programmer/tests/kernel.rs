@@ -57,9 +57,7 @@ fn object_loads_attaches_every_program_and_pins_outlive_the_loader() {
     if !testkit::require_root("object_loads_attaches_every_program_and_pins_outlive_the_loader") {
         return;
     }
-    let cg = TestCgroup::new("prog-load").unwrap();
-    let fs = bpffs("prog-load");
-    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let (cg, fs, loaded) = common::attached("prog-load");
     let created: Vec<&str> = loaded
         .report()
         .links_created
@@ -242,9 +240,7 @@ fn batch_update_and_delete_of_10000_entries_land_exactly_and_single_ops_agree() 
     if !testkit::require_root("batch_update_and_delete_of_10000_entries_land_exactly") {
         return;
     }
-    let cg = TestCgroup::new("prog-batch").unwrap();
-    let fs = bpffs("prog-batch");
-    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let (cg, fs, loaded) = common::attached("prog-batch");
     let entries: Vec<(CgroupId, CgroupInfo)> = (0..10_000).map(entry).collect();
     let addrs: Vec<(PodAddr, u32)> = (0..10_000u32)
         .map(|i| {
@@ -327,9 +323,7 @@ fn reconciliation_removes_entries_not_confirmed_after_synced() {
     if !testkit::require_root("reconciliation_removes_entries_not_confirmed_after_synced") {
         return;
     }
-    let cg = TestCgroup::new("prog-reconcile").unwrap();
-    let fs = bpffs("prog-reconcile");
-    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let (cg, fs, loaded) = common::attached("prog-reconcile");
     let kept = cg.child("kept").unwrap();
     let gone = cg.child("gone").unwrap();
     let kept_ip: IpAddr = "10.77.0.1".parse().unwrap();
@@ -369,9 +363,7 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
     if !testkit::require_root("ambient_process_loopback_passes_no_ztunnel_fails_closed") {
         return;
     }
-    let cg = TestCgroup::new("prog-smoke").unwrap();
-    let fs = bpffs("prog-smoke");
-    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let (cg, fs, loaded) = common::attached("prog-smoke");
     let pod = cg.child("pod").unwrap();
     let mut prog = Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
     prog.queue(&enrolment(
@@ -468,9 +460,7 @@ fn a_changed_entry_takes_effect_for_a_thread_that_has_it_cached() {
     if !testkit::require_root("a_changed_entry_takes_effect_for_a_thread_that_has_it_cached") {
         return;
     }
-    let cg = TestCgroup::new("prog-cache").unwrap();
-    let fs = bpffs("prog-cache");
-    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    let (cg, fs, loaded) = common::attached("prog-cache");
     let pod = cg.child("pod").unwrap();
     let zt = cg.child("zt").unwrap();
     let pod_id = cg.id_of(&pod).unwrap();

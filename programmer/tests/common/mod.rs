@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use programmer::LoaderConfig;
+use programmer::{Loaded, LoaderConfig};
 use testkit::{BpfFs, TestCgroup};
 
 /// A private bpffs (testkit's guard: unmounted, dropping every pin, and removed on drop).
@@ -14,6 +14,16 @@ pub fn bpffs(prefix: &str) -> BpfFs {
 /// A loader config: the embedded object, pins on `fs`, programs on `cgroup`.
 pub fn config(fs: &BpfFs, cgroup: &TestCgroup) -> LoaderConfig {
     LoaderConfig::new(fs.pin_dir(), cgroup.dir())
+}
+
+/// A test cgroup and a private bpffs, both named after `prefix`, with the object loaded and its
+/// programs attached to the cgroup. Bound as `let (cg, fs, loaded) = ...`, they drop in reverse:
+/// the loader, then the pins, then the cgroup.
+pub fn attached(prefix: &str) -> (TestCgroup, BpfFs, Loaded) {
+    let cg = TestCgroup::new(prefix).expect("make a test cgroup");
+    let fs = bpffs(prefix);
+    let loaded = Loaded::load_and_attach(config(&fs, &cg)).expect("load and attach");
+    (cg, fs, loaded)
 }
 
 /// Runs bash in cgroup `path` opening a TCP connection to `addr:port` (bash's /dev/tcp).
