@@ -444,18 +444,9 @@ int sock_ops(struct bpf_sock_ops *skops)
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
 	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0, 0);
-	/* Not a connect the programs redirected. The first TCP_CONNECT after a redirect is the
-	 * redirected socket's (connect4/6 and this callback run in the same connect() call),
-	 * unless that connect failed before its SYN (no source port, no route): then the record
-	 * is still armed for the thread's next connect, which connect4/6 did not redirect. That
-	 * one is taken below only if it goes to a capture port on an address other than
-	 * ztunnel's (connect4/6 refuse a direct connect to ztunnel's), so the stray record is
-	 * one no ztunnel of this node accepts a connection for. Disarmed either way. */
+	/* No redirect is waiting for its TCP_CONNECT in this thread. */
 	if (!rec || !rec->armed)
 		return 1;
-	rec->armed = 0;
-	/* A socket redirected once and then connected elsewhere (after a failed attempt) keeps
-	 * its old record: only a connection to a capture port is one ztunnel will ask about. */
 	remote_port = ZB_CTX(skops->remote_port);
 	/* remote_port is network order, in the upper 16 bits on current kernels (older ones put
 	 * it in the lower 16: take whichever half is set); local_port is host order. */
@@ -463,8 +454,17 @@ int sock_ops(struct bpf_sock_ops *skops)
 	s = zb_settings();
 	if (!s)
 		return 1;
+	/* Not to a capture port: not the redirected connection (a connect of another socket
+	 * while a redirected one waits for its SYN, a TCP_FASTOPEN_CONNECT sends it with the
+	 * first write). The record stays armed for it. */
 	if (bpf_ntohs(dport) != s->outbound_port && bpf_ntohs(dport) != s->inbound_port)
 		return 1;
+	/* The first TCP_CONNECT to a capture port after a redirect is the redirected socket's
+	 * (connect4/6 and this callback run in the same connect() call), unless that connect
+	 * failed before its SYN (no source port, no route) and this thread now connects, without
+	 * a redirect, to a capture port on an address that is not ztunnel's (connect4/6 refuse
+	 * ztunnel's): a record then stands for a connection no ztunnel of this node accepts. */
+	rec->armed = 0;
 
 	/* Every field is read up front, unconditionally: with per-family reads clang merges the
 	 * branches into loads off a moved context pointer, which the verifier refuses. */

@@ -240,7 +240,7 @@ fn batch_update_and_delete_of_10000_entries_land_exactly_and_single_ops_agree() 
     if !testkit::require_root("batch_update_and_delete_of_10000_entries_land_exactly") {
         return;
     }
-    let (cg, fs, loaded) = common::attached("prog-batch");
+    let (_cg, _fs, loaded) = common::attached("prog-batch");
     let entries: Vec<(CgroupId, CgroupInfo)> = (0..10_000).map(entry).collect();
     let addrs: Vec<(PodAddr, u32)> = (0..10_000u32)
         .map(|i| {
@@ -323,7 +323,7 @@ fn reconciliation_removes_entries_not_confirmed_after_synced() {
     if !testkit::require_root("reconciliation_removes_entries_not_confirmed_after_synced") {
         return;
     }
-    let (cg, fs, loaded) = common::attached("prog-reconcile");
+    let (cg, _fs, loaded) = common::attached("prog-reconcile");
     let kept = cg.child("kept").unwrap();
     let gone = cg.child("gone").unwrap();
     let kept_ip: IpAddr = "10.77.0.1".parse().unwrap();
@@ -447,14 +447,77 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
     assert_eq!(c.refused_loop, 1, "{c:?}");
 }
 
+/// A redirect arms the thread's record for its next TCP_CONNECT to a capture port: a redirected
+/// connect that fails before its SYN leaves it armed, another socket's connect to another port
+/// leaves it armed (a `TCP_FASTOPEN_CONNECT` socket sends its SYN only with its first write),
+/// and the next redirected connection takes it, with its own destination.
+#[test]
+fn a_redirect_stays_armed_until_a_connect_to_a_capture_port_takes_it() {
+    use std::time::Duration;
+
+    if !testkit::require_root("a_redirect_stays_armed_until_a_connect_to_a_capture_port") {
+        return;
+    }
+    let (cg, fs, loaded) = common::attached("prog-armed");
+    let pod = cg.child("pod").unwrap();
+    let zt = cg.child("zt").unwrap();
+    let mut prog = Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    // First a ztunnel address nothing routes to in the test's namespace: the redirected
+    // connect fails at the route lookup, before TCP_CONNECT.
+    prog.queue(&enrolment(&cg, &zt, Role::Ztunnel, vec![loopback]));
+    prog.queue(&Update::SetZtunnel {
+        ips: vec!["10.9.9.9".parse().unwrap()],
+    });
+    prog.queue(&enrolment(
+        &cg,
+        &pod,
+        Role::Ambient,
+        vec!["10.200.0.5".parse().unwrap()],
+    ));
+    prog.flush().unwrap();
+    let ns = testkit::NetNs::new("prog-armed").unwrap();
+    let ztunnel = testkit::ztunnel::FakeZtunnel::start(&ns, &cg, &zt, &[loopback], false).unwrap();
+    let mut shell = common::ConnectShell::start(&ns, &cg, &pod);
+    let pid = shell.pid();
+    let record = || {
+        programmer::read_thread_record(&fs.pin_dir(), pid)
+            .unwrap()
+            .expect("the thread has its record")
+    };
+
+    assert!(!shell.connect("10.200.0.98", 80), "no route to 10.9.9.9");
+    assert_eq!(loaded.counters().unwrap().redirected_out, 1);
+    let armed = record();
+    assert_eq!(armed.armed, 1);
+    assert_eq!(armed.dst.port, 80u16.to_be());
+
+    // Loopback is not redirected; its TCP_CONNECT (port 80, refused) leaves the record armed.
+    assert!(!shell.connect("127.0.0.1", 80));
+    assert_eq!(loaded.counters().unwrap().redirected_out, 1);
+    assert_eq!(record().armed, 1);
+
+    // ztunnel reachable now: the next redirected connection takes the record, with its own
+    // destination, and disarms it.
+    prog.queue(&Update::SetZtunnel {
+        ips: vec![loopback],
+    });
+    prog.flush().unwrap();
+    assert!(shell.connect("10.200.0.99", 8080));
+    let accepted = ztunnel
+        .next(Duration::from_secs(5))
+        .expect("no connection on ztunnel");
+    assert_eq!(accepted.orig, Some(Ok("10.200.0.99:8080".parse().unwrap())));
+    assert_eq!(record().armed, 0);
+    assert_eq!(loaded.counters().unwrap().redirected_out, 2);
+}
+
 /// connect4 caches a thread's cgroup entry in the thread's storage (`struct connect_record`),
 /// good for one `settings.generation`. One long-lived shell (one thread) connects again and
 /// again while the programmer changes its pod's entry: each change takes effect on the very
 /// next connect of the thread that had the old entry cached.
 #[test]
 fn a_changed_entry_takes_effect_for_a_thread_that_has_it_cached() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
     use std::time::Duration;
 
     if !testkit::require_root("a_changed_entry_takes_effect_for_a_thread_that_has_it_cached") {
@@ -482,33 +545,14 @@ fn a_changed_entry_takes_effect_for_a_thread_that_has_it_cached() {
     // so a connect that is not redirected fails at once and sends nothing.
     let ns = testkit::NetNs::new("prog-cache").unwrap();
     let ztunnel = testkit::ztunnel::FakeZtunnel::start(&ns, &cg, &zt, &[loopback], false).unwrap();
-    let mut cmd = Command::new("bash");
-    cmd.arg("-c")
-        .arg(
-            "while read -r dst; do \
-               if true 2>/dev/null 3<>/dev/tcp/$dst/80; then echo ok; else echo fail; fi; \
-             done",
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    ns.place(&mut cmd, &cg, &pod).unwrap();
-    // Killed (by its PID) and reaped on every way out, a failed assertion included.
-    struct Shell(std::process::Child);
-    impl Drop for Shell {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+    let mut shell = common::ConnectShell::start(&ns, &cg, &pod);
+    let pid = shell.pid();
+    let mut connect = || {
+        if shell.connect("10.200.0.99", 80) {
+            "ok"
+        } else {
+            "fail"
         }
-    }
-    let mut shell = Shell(cmd.spawn().unwrap());
-    let pid = shell.0.id();
-    let mut to_shell = shell.0.stdin.take().unwrap();
-    let mut from_shell = BufReader::new(shell.0.stdout.take().unwrap());
-    let mut connect = || -> String {
-        writeln!(to_shell, "10.200.0.99").unwrap();
-        let mut line = String::new();
-        from_shell.read_line(&mut line).unwrap();
-        line.trim().to_string()
     };
     let generation = || loaded.backend().unwrap().settings().unwrap().generation;
     let record = || programmer::read_thread_record(&fs.pin_dir(), pid).unwrap();
@@ -586,6 +630,4 @@ fn a_changed_entry_takes_effect_for_a_thread_that_has_it_cached() {
     landed();
     redirected(3);
     assert_eq!(record().unwrap().cached_generation, generation());
-    drop(to_shell);
-    drop(shell);
 }
