@@ -447,6 +447,53 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
     assert_eq!(c.refused_loop, 1, "{c:?}");
 }
 
+/// What the per-thread tests share: cgroup `pod` enrolled ambient (10.200.0.5) and `zt`
+/// enrolled as ztunnel, the programs sending connections to `ztunnel_ip`; a namespace of the
+/// test's own (loopback only: a connect that is not redirected, or redirected to an address
+/// other than loopback, fails at once and sends nothing) with a fake ztunnel on its loopback;
+/// and a one-thread shell in the pod. Fields drop in order: the shell and the fake ztunnel
+/// (killed by their PIDs) before the namespace; tests that take the fields apart bind `_ns`
+/// first, so that it drops last.
+struct ThreadWorld {
+    shell: common::ConnectShell,
+    ztunnel: testkit::ztunnel::FakeZtunnel,
+    _ns: testkit::NetNs,
+    prog: Programmer<programmer::AyaBackend>,
+    pod: String,
+}
+
+impl ThreadWorld {
+    fn new(cg: &TestCgroup, loaded: &Loaded, name: &str, ztunnel_ip: IpAddr) -> ThreadWorld {
+        let pod = cg.child("pod").unwrap();
+        let zt = cg.child("zt").unwrap();
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut prog =
+            Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
+        prog.queue(&enrolment(cg, &zt, Role::Ztunnel, vec![loopback]));
+        prog.queue(&Update::SetZtunnel {
+            ips: vec![ztunnel_ip],
+        });
+        prog.queue(&enrolment(
+            cg,
+            &pod,
+            Role::Ambient,
+            vec!["10.200.0.5".parse().unwrap()],
+        ));
+        prog.flush().unwrap();
+        let ns = testkit::NetNs::new(name).unwrap();
+        let ztunnel =
+            testkit::ztunnel::FakeZtunnel::start(&ns, cg, &zt, &[loopback], false).unwrap();
+        let shell = common::ConnectShell::start(&ns, cg, &pod);
+        ThreadWorld {
+            shell,
+            ztunnel,
+            _ns: ns,
+            prog,
+            pod,
+        }
+    }
+}
+
 /// A redirect arms the thread's record for its next TCP_CONNECT to a capture port: a redirected
 /// connect that fails before its SYN leaves it armed, another socket's connect to another port
 /// leaves it armed (a `TCP_FASTOPEN_CONNECT` socket sends its SYN only with its first write),
@@ -459,26 +506,18 @@ fn a_redirect_stays_armed_until_a_connect_to_a_capture_port_takes_it() {
         return;
     }
     let (cg, fs, loaded) = common::attached("prog-armed");
-    let pod = cg.child("pod").unwrap();
-    let zt = cg.child("zt").unwrap();
-    let mut prog = Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     // First a ztunnel address nothing routes to in the test's namespace: the redirected
     // connect fails at the route lookup, before TCP_CONNECT.
-    prog.queue(&enrolment(&cg, &zt, Role::Ztunnel, vec![loopback]));
-    prog.queue(&Update::SetZtunnel {
-        ips: vec!["10.9.9.9".parse().unwrap()],
-    });
-    prog.queue(&enrolment(
-        &cg,
-        &pod,
-        Role::Ambient,
-        vec!["10.200.0.5".parse().unwrap()],
-    ));
-    prog.flush().unwrap();
-    let ns = testkit::NetNs::new("prog-armed").unwrap();
-    let ztunnel = testkit::ztunnel::FakeZtunnel::start(&ns, &cg, &zt, &[loopback], false).unwrap();
-    let mut shell = common::ConnectShell::start(&ns, &cg, &pod);
+    // `_ns` is bound first, to keep the namespace until the end and drop it last (a `..`
+    // would drop it here).
+    let ThreadWorld {
+        _ns,
+        mut prog,
+        mut shell,
+        ztunnel,
+        ..
+    } = ThreadWorld::new(&cg, &loaded, "prog-armed", "10.9.9.9".parse().unwrap());
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let pid = shell.pid();
     let record = || {
         programmer::read_thread_record(&fs.pin_dir(), pid)
@@ -524,28 +563,17 @@ fn a_changed_entry_takes_effect_for_a_thread_that_has_it_cached() {
         return;
     }
     let (cg, fs, loaded) = common::attached("prog-cache");
-    let pod = cg.child("pod").unwrap();
-    let zt = cg.child("zt").unwrap();
-    let pod_id = cg.id_of(&pod).unwrap();
-    let mut prog = Programmer::new(loaded.backend().unwrap(), ProgrammerConfig::default()).unwrap();
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    prog.queue(&enrolment(&cg, &zt, Role::Ztunnel, vec![loopback]));
-    prog.queue(&Update::SetZtunnel {
-        ips: vec![loopback],
-    });
-    prog.queue(&enrolment(
-        &cg,
-        &pod,
-        Role::Ambient,
-        vec!["10.200.0.5".parse().unwrap()],
-    ));
-    prog.flush().unwrap();
-
-    // In a namespace of the test's own: ztunnel on its loopback, and no route anywhere else,
-    // so a connect that is not redirected fails at once and sends nothing.
-    let ns = testkit::NetNs::new("prog-cache").unwrap();
-    let ztunnel = testkit::ztunnel::FakeZtunnel::start(&ns, &cg, &zt, &[loopback], false).unwrap();
-    let mut shell = common::ConnectShell::start(&ns, &cg, &pod);
+    // Bound in this order so that they drop in reverse: the shell and the fake ztunnel before
+    // the namespace.
+    let ThreadWorld {
+        _ns,
+        mut prog,
+        pod,
+        mut shell,
+        ztunnel,
+    } = ThreadWorld::new(&cg, &loaded, "prog-cache", loopback);
+    let pod_id = cg.id_of(&pod).unwrap();
     let pid = shell.pid();
     let mut connect = || {
         if shell.connect("10.200.0.99", 80) {
