@@ -117,18 +117,38 @@ static __always_inline void zb_count(__u32 idx)
 }
 
 /*
- * Keeps the loads before it ahead of the loads after it (the reader's side of a generation
- * check). x86 never reorders a load with an earlier load (TSO): only the compiler must be
- * held back. Elsewhere (arm64) BPF has no barrier but its atomics that return a value, which
- * are fully ordered (an add whose result is unused compiles to one that is not): a
- * compare-and-swap that changes nothing (0 for 0) on this CPU's own counter line.
+ * Memory ordering between CPUs, in one place. Two orders are needed: a reader's later loads
+ * stay after an earlier load (a generation or sequence word, then the data it vouches for),
+ * and a writer's data is visible before the store that publishes it. x86 gives both to every
+ * plain load and store (TSO: loads are not reordered with loads, nor stores with stores), so
+ * there only the compiler must be held back. Elsewhere (arm64) BPF has no barrier instruction
+ * but its atomics that return a value, which are fully ordered (an add whose result is unused
+ * compiles to one that is not). The object is built for the target's architecture.
  */
 #if defined(__TARGET_ARCH_x86)
 static __always_inline void zb_load_barrier(void)
 {
 	asm volatile("" ::: "memory");
 }
+
+/* A load that the loads after it cannot pass. */
+static __always_inline __u32 zb_load_acquire(__u32 *p)
+{
+	__u32 value = ZB_READ_ONCE(*p);
+
+	asm volatile("" ::: "memory");
+	return value;
+}
+
+/* A store that the stores before it cannot pass. `*p` holds `old`, and only this CPU may
+ * change it now (the atomic fallback relies on that). */
+static __always_inline void zb_store_release(__u32 *p, __u32 old, __u32 value)
+{
+	asm volatile("" ::: "memory");
+	ZB_READ_ONCE(*p) = value;
+}
 #else
+/* A compare-and-swap that changes nothing (0 for 0) on this CPU's own counter line. */
 static __always_inline void zb_load_barrier(void)
 {
 	__u32 idx = ZB_C_REDIRECTED_OUT;
@@ -136,6 +156,16 @@ static __always_inline void zb_load_barrier(void)
 
 	if (value)
 		__sync_val_compare_and_swap(value, 0, 0);
+}
+
+static __always_inline __u32 zb_load_acquire(__u32 *p)
+{
+	return __sync_fetch_and_add(p, 0);
+}
+
+static __always_inline void zb_store_release(__u32 *p, __u32 old, __u32 value)
+{
+	__sync_val_compare_and_swap(p, old, value);
 }
 #endif
 

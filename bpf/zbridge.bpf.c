@@ -32,13 +32,13 @@ static __always_inline int zb_no_ztunnel(const struct settings *s)
 }
 
 /*
- * The cgroup_info entry that applies to the calling thread (its cgroup's, or its nearest
- * enrolled ancestor's), or NULL: from the thread's cached decision when it still holds
- * (struct connect_record says when), else from the walk, whose result is then cached. `*rec`
- * is the thread's storage or NULL; a found entry creates it. The entry is copied to `*entry`
- * (the map's element may change under a cached copy's feet, the copy may not).
+ * Copies to `*entry` the cgroup_info entry that applies to the calling thread (its cgroup's,
+ * or its nearest enrolled ancestor's), from the thread's cached decision when it still holds
+ * (struct connect_record says when), else from the walk, whose result is then cached. With
+ * no entry, `*entry` stays as the caller zeroed it: flags 0, no role. `*rec` is the thread's
+ * storage or NULL; a found entry creates it.
  */
-static __always_inline const struct cgroup_info *
+static __always_inline void
 zb_current_entry(const struct settings *s, struct connect_record **rec, struct cgroup_info *entry)
 {
 	struct connect_record *r = *rec;
@@ -49,7 +49,7 @@ zb_current_entry(const struct settings *s, struct connect_record **rec, struct c
 
 	if (r && r->cached_cgroup == cgroup && r->cached_generation == generation) {
 		*entry = r->cached_info;
-		return entry;
+		return;
 	}
 	/* The walk's loads stay after the generation's (a weakly ordered CPU could otherwise
 	 * load an old entry and cache it under a newer generation). */
@@ -58,7 +58,7 @@ zb_current_entry(const struct settings *s, struct connect_record **rec, struct c
 		/* Left its pod's cgroup, or the pod left the mesh. */
 		if (r)
 			r->cached_cgroup = 0;
-		return NULL;
+		return;
 	}
 	if (!r)
 		r = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0,
@@ -70,7 +70,6 @@ zb_current_entry(const struct settings *s, struct connect_record **rec, struct c
 		r->cached_info = *entry;
 	}
 	*rec = r;
-	return entry;
 }
 
 /*
@@ -82,7 +81,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 				      int *rewrite)
 {
 	const struct settings *s = zb_settings();
-	const struct cgroup_info *info;
+	/* Zeroed: no role, unless zb_current_entry finds one. */
 	struct cgroup_info entry = {};
 	struct connect_record *rec;
 	struct zb_ip zt = {};
@@ -111,13 +110,13 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 		return ZB_ALLOW;
 
 	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0, 0);
-	info = zb_current_entry(s, &rec, &entry);
-	if (info && (info->flags & ZB_F_ZTUNNEL))
+	zb_current_entry(s, &rec, &entry);
+	if (entry.flags & ZB_F_ZTUNNEL)
 		/* ztunnel's own connects go where ztunnel wants them. */
 		return ZB_ALLOW;
-	if (info && (info->flags & ZB_F_AMBIENT)) {
+	if (entry.flags & ZB_F_AMBIENT) {
 		/* Loopback stays in the pod; a pod talking to itself is not mesh traffic. */
-		if (zb_ip_is_loopback(dst) || zb_is_own_ip(info, dst)) {
+		if (zb_ip_is_loopback(dst) || zb_is_own_ip(&entry, dst)) {
 			zb_count(ZB_C_PASSED);
 			return ZB_ALLOW;
 		}
@@ -128,7 +127,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	} else {
 		/* A host process (no enrolled ancestor, or one not in the mesh). Exempt cgroups
 		 * (the kubelet) reach pods directly, so that probes work. */
-		if (info && (info->flags & ZB_F_EXEMPT))
+		if (entry.flags & ZB_F_EXEMPT)
 			return ZB_ALLOW;
 		/* Loopback is never a pod's address: spare the lookup. */
 		if (zb_ip_is_loopback(dst))
@@ -227,40 +226,6 @@ enum zb_store {
  * marked it answered. */
 #define ZB_STORE_TRIES 3
 
-/*
- * The two orderings the table needs: a writer's record is visible before the sequence word
- * that publishes it, and a reader's copy is not read before the word it checks. x86 gives
- * both to plain stores and loads (TSO: stores are not reordered with stores, nor loads with
- * loads), so there only the compiler must keep them in place; other CPUs (arm64) need BPF's
- * fully ordered atomics, the only barriers it has.
- */
-#if defined(__TARGET_ARCH_x86)
-static __always_inline __u32 zb_seq_read(__u32 *seq)
-{
-	__u32 value = ZB_READ_ONCE(*seq);
-
-	asm volatile("" ::: "memory");
-	return value;
-}
-
-/* Only the claimer changes a BUSY word, so `busy` is what the word holds. */
-static __always_inline void zb_seq_publish(__u32 *seq, __u32 busy, __u32 value)
-{
-	asm volatile("" ::: "memory");
-	ZB_READ_ONCE(*seq) = value;
-}
-#else
-static __always_inline __u32 zb_seq_read(__u32 *seq)
-{
-	return __sync_fetch_and_add(seq, 0);
-}
-
-static __always_inline void zb_seq_publish(__u32 *seq, __u32 busy, __u32 value)
-{
-	__sync_val_compare_and_swap(seq, busy, value);
-}
-#endif
-
 /* The next generation of a slot's sequence word `seq`, in state `state`. */
 static __always_inline __u32 zb_seq_next(__u32 seq, __u32 state)
 {
@@ -328,8 +293,9 @@ static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
 		set->way[pick].tuple = *tuple;
 		set->way[pick].dst = *dst;
 		set->tag[pick] = tag;
-		/* Publish: the record is visible before its state. */
-		zb_seq_publish(&set->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+		/* Publish: the record is visible before its state. Only the claimer changes a
+		 * BUSY word, so the word still holds `busy`. */
+		zb_store_release(&set->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
 		return result;
 	}
 	return ZB_FULL;
@@ -355,7 +321,7 @@ static __always_inline int zb_tuple_take(struct tuple_set *set, const struct con
 		if (set->tag[i] != tag)
 			continue;
 		/* The copy below cannot be read before it. */
-		seq = zb_seq_read(&set->seq[i]);
+		seq = zb_load_acquire(&set->seq[i]);
 		state = seq & ZB_SLOT_STATE_MASK;
 		if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
 			continue;
@@ -421,7 +387,7 @@ static __always_inline int zb_tuple_demote(struct tuple_set *hot, const struct c
 	hot->way[pick].tuple = *tuple;
 	hot->way[pick].dst = *dst;
 	hot->tag[pick] = zb_tuple_tag(hash);
-	zb_seq_publish(&hot->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+	zb_store_release(&hot->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
 	return 1;
 }
 
