@@ -121,8 +121,9 @@ struct conn_tuple {
  *   them) take nearby ports, since the kernel moves its per-destination port offset a few
  *   ports per connect, so its records fall in the set of the one before or the next one, on
  *   lines still warm from it, instead of anywhere in the region (all programs together
- *   100-260 ns less per connection, side by side: BENCHMARKS.md, "Layout v6"). The ways are tried in order from way 0, so the common case, an
- *   answered record in way 0, is one line.
+ *   100-260 ns less per connection, side by side: BENCHMARKS.md, "Layout v6"). The ways
+ *   are tried in order from way 0, so the common case, an answered record in way 0, is one
+ *   line.
  * - A slot is one cache line: its sequence word, tuple and record come together. (The map is
  *   BPF_F_MMAPABLE, whose elements start on a page, so each 256-byte set is four whole lines:
  *   a plain array's elements start 56 bytes into a line on this kernel.)
