@@ -5,8 +5,8 @@
 //! 2. The programs' own run time per connection (`BPF_ENABLE_STATS`), in three set-ups: (1) a
 //!    process in an ambient cgroup whose connections connect4 redirects to a listener on
 //!    loopback that never asks for the original destination; (2) the same to a fake ztunnel
-//!    that asks for every one, as ztunnel does; (3) a host process (no enrolled ancestor)
-//!    whose connects are not redirected.
+//!    that asks for every one, as ztunnel does (from bash, and (2b) from a compiled client);
+//!    (3) a host process (no enrolled ancestor) whose connects are not redirected.
 //!
 //! `cargo bench --bench programmer` prints the figures; BENCHMARKS.md ("Programmer") keeps them.
 //! `ONLY_ASKS=1` skips set-up (1), for comparing two builds of the programs side by side.
@@ -182,22 +182,44 @@ fn main() {
     .expect("fake ztunnel");
     let before = loaded.counters().expect("counters");
     let asks = run_time_rounds(&loaded, true, || client(Some(&ns)));
+    // (2b) The same from a compiled client (testkit's zbt-net) that connects and closes in a
+    // loop, with none of bash's work between two connections.
+    let compiled_client = || {
+        let outcomes = testkit::ztunnel::connect(
+            &ns,
+            &cg,
+            &pod,
+            &["10.200.0.99:80".parse().expect("addr")],
+            &testkit::ztunnel::ClientOptions {
+                count: CONNECTIONS as u64,
+                no_echo: true,
+                ..Default::default()
+            },
+        )
+        .expect("compiled client");
+        assert!(outcomes.iter().all(|o| o.errno().is_none()));
+    };
+    let asks_compiled = run_time_rounds(&loaded, true, compiled_client);
     // ztunnel asks after the accept, so its last answers may come after the client is done.
     let answered: Vec<_> = std::iter::from_fn(|| ztunnel.next(Duration::from_secs(5)))
-        .take(CONNECTIONS * RUN_TIME_ROUNDS)
+        .take(2 * CONNECTIONS * RUN_TIME_ROUNDS)
         .collect();
     let after = loaded.counters().expect("counters");
     report(
         "a fake ztunnel that asks SO_ORIGINAL_DST for each connection (as ztunnel does)",
         &asks,
     );
-    assert_eq!(answered.len(), CONNECTIONS * RUN_TIME_ROUNDS);
+    report(
+        "(2b) as (2), from a compiled client (testkit's zbt-net) instead of bash",
+        &asks_compiled,
+    );
+    assert_eq!(answered.len(), 2 * CONNECTIONS * RUN_TIME_ROUNDS);
     assert!(answered
         .iter()
         .all(|a| a.orig == Some(Ok("10.200.0.99:80".parse().expect("addr")))));
     assert_eq!(
         after.orig_dst_hit - before.orig_dst_hit,
-        (CONNECTIONS * RUN_TIME_ROUNDS) as u64
+        (2 * CONNECTIONS * RUN_TIME_ROUNDS) as u64
     );
     drop(ztunnel);
     drop(link);
