@@ -232,71 +232,70 @@ static __always_inline __u32 zb_seq_next(__u32 seq, __u32 state)
 	return ((seq >> ZB_SLOT_STATE_BITS) + 1) << ZB_SLOT_STATE_BITS | state;
 }
 
-/* Writes `tuple`'s record into `slot`, claimed (sequence word `busy`), and publishes it. */
-static __always_inline void zb_slot_fill(struct tuple_slot *slot, __u32 busy,
-					 const struct conn_tuple *tuple, const struct orig_dst *dst)
-{
-	slot->tuple = *tuple;
-	slot->dst = *dst;
-	/* Publish: the record is visible before its state. Only the claimer changes a BUSY
-	 * word, so the word still holds `busy`. */
-	zb_store_release(&slot->seq, busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
-}
-
 /*
- * Writes a connection's record into `set`: in the first slot, from way 0 on, that is free,
- * answered, or holds this same tuple (a new connection reusing the tuple of an old one leaves
- * no older record before its own, where getsockopt, looking in the same order, would meet it
- * first); with `evict`, when every slot waits for ztunnel, in place of the next one in turn.
- * The common case reads and writes one cache line, way 0's. The slot is claimed by
- * compare-and-swap (see zbridge.h), so nothing waits for a lock: a claim that loses to
- * another CPU chooses again.
+ * Writes a connection's record into `set`. The slot is, in order: the one already holding
+ * this 4-tuple (a new connection reusing the tuple of an old one must not leave the old
+ * record where getsockopt could find it), a free one, one ztunnel has asked about, and, with
+ * `evict`, the next waiting one in turn. The choice reads the set's first cache line only
+ * (sequence words and tags); a slot's tuple is read only when its tag matches. The slot is
+ * claimed by compare-and-swap (see zbridge.h), so nothing waits for a lock: a claim that
+ * loses to another CPU chooses again.
  */
 static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
-						    const struct conn_tuple *tuple,
+						    const struct conn_tuple *tuple, __u32 hash,
 						    const struct orig_dst *dst, int evict)
 {
+	__u16 tag = zb_tuple_tag(hash);
+
 	for (int attempt = 0; attempt < ZB_STORE_TRIES; attempt++) {
+		__u32 pick = ZB_TUPLE_WAYS, free = ZB_TUPLE_WAYS, answered = ZB_TUPLE_WAYS;
 		enum zb_store result = ZB_STORED;
-		__u32 pick = ZB_TUPLE_WAYS, old = 0, busy;
-		struct tuple_slot *slot;
+		__u32 old, busy;
 
-		/* A loop, not unrolled: sock_ops inlines this three times, and unrolled copies
-		 * took its stack past BPF's 512 bytes. */
-#pragma nounroll
-		for (__u32 way = 0; way < ZB_TUPLE_WAYS; way++) {
-			__u32 seq = zb_read_for_update(&set->way[way].seq);
-			__u32 state = seq & ZB_SLOT_STATE_MASK;
+#pragma unroll
+		for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
+			__u32 state = ZB_READ_ONCE(set->seq[i]) & ZB_SLOT_STATE_MASK;
 
+			if (state == ZB_SLOT_FREE) {
+				if (free == ZB_TUPLE_WAYS)
+					free = i;
+				continue;
+			}
 			/* Another writer's, half written: neither this tuple's nor free. */
 			if (state == ZB_SLOT_BUSY)
 				continue;
-			/* Waiting for ztunnel's question about another connection. */
-			if (state == ZB_SLOT_PENDING && !zb_tuple_eq(&set->way[way].tuple, tuple))
-				continue;
-			pick = way;
-			old = seq;
-			break;
+			if (set->tag[i] == tag && zb_tuple_eq(&set->way[i].tuple, tuple)) {
+				pick = i;
+				break;
+			}
+			if (state == ZB_SLOT_ANSWERED && answered == ZB_TUPLE_WAYS)
+				answered = i;
 		}
+		if (pick == ZB_TUPLE_WAYS)
+			pick = free != ZB_TUPLE_WAYS ? free : answered;
 		if (pick == ZB_TUPLE_WAYS) {
 			if (!evict)
 				return ZB_FULL;
 			/* More connections wait here at once than the set holds: the oldest in
 			 * turn gives way, and its ztunnel will find no record. */
-			pick = __sync_fetch_and_add(&set->way[0].evictions, 1);
-			pick &= ZB_TUPLE_WAYS - 1;
-			old = zb_read_for_update(&set->way[pick].seq);
-			/* Being written by another CPU: choose again. */
-			if ((old & ZB_SLOT_STATE_MASK) == ZB_SLOT_BUSY)
-				continue;
+			pick = __sync_fetch_and_add(&set->next, 1);
 			result = ZB_EVICTED;
 		}
-		slot = &set->way[pick & (ZB_TUPLE_WAYS - 1)];
+		pick &= ZB_TUPLE_WAYS - 1;
+		old = ZB_READ_ONCE(set->seq[pick]);
+		/* Being written by another CPU: choose again. */
+		if ((old & ZB_SLOT_STATE_MASK) == ZB_SLOT_BUSY)
+			continue;
 		busy = zb_seq_next(old, ZB_SLOT_BUSY);
-		if (__sync_val_compare_and_swap(&slot->seq, old, busy) != old)
+		if (__sync_val_compare_and_swap(&set->seq[pick], old, busy) != old)
 			continue;
 		/* Claimed: no reader takes a copy of it until it is published. */
-		zb_slot_fill(slot, busy, tuple, dst);
+		set->way[pick].tuple = *tuple;
+		set->way[pick].dst = *dst;
+		set->tag[pick] = tag;
+		/* Publish: the record is visible before its state. Only the claimer changes a
+		 * BUSY word, so the word still holds `busy`. */
+		zb_store_release(&set->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
 		return result;
 	}
 	return ZB_FULL;
@@ -305,34 +304,35 @@ static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
 /*
  * Copies the record of `tuple` to `out` and marks it answered (its slot may be reused, but
  * the record stays until then: ztunnel asks SOL_IP first and SOL_IPV6 next for an IPv6
- * destination). Returns 1 when the set holds it. The slots are tried in the writer's order,
- * so the newest record of the tuple comes first; way 0 holds it unless that way was waiting
- * for another connection. The copy counts only if the slot's sequence word is unchanged from
- * before the copy to the compare-and-swap that marks it: then no writer claimed the slot in
- * between, and the copy is whole.
+ * destination). Returns 1 when the set holds it. The copy counts only if the slot's sequence
+ * word is unchanged from before the copy to the compare-and-swap that marks it: then no
+ * writer claimed the slot in between, and the copy is whole.
  */
 static __always_inline int zb_tuple_take(struct tuple_set *set, const struct conn_tuple *tuple,
-					 struct orig_dst *out)
+					 __u32 hash, struct orig_dst *out)
 {
+	__u16 tag = zb_tuple_tag(hash);
+
 #pragma unroll
-	for (__u32 way = 0; way < ZB_TUPLE_WAYS; way++) {
-		struct tuple_slot *slot = &set->way[way];
-		struct orig_dst copy;
+	for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
+		struct tuple_slot copy;
 		__u32 seq, state;
 
+		if (set->tag[i] != tag)
+			continue;
 		/* The copy below cannot be read before it. */
-		seq = zb_read_for_update(&slot->seq);
+		seq = zb_load_acquire(&set->seq[i]);
 		state = seq & ZB_SLOT_STATE_MASK;
 		if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
 			continue;
-		if (!zb_tuple_eq(&slot->tuple, tuple))
+		copy = set->way[i];
+		if (!zb_tuple_eq(&copy.tuple, tuple))
 			continue;
-		copy = slot->dst;
-		if (__sync_val_compare_and_swap(&slot->seq, seq,
+		if (__sync_val_compare_and_swap(&set->seq[i], seq,
 						(seq & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_ANSWERED) != seq)
 			/* Claimed by a writer since: this record was just replaced. */
 			continue;
-		*out = copy;
+		*out = copy.dst;
 		return 1;
 	}
 	return 0;
@@ -348,45 +348,46 @@ static __always_inline int zb_tuple_take(struct tuple_set *set, const struct con
  * region itself.
  */
 static __always_inline int zb_tuple_demote(struct tuple_set *hot, const struct conn_tuple *tuple,
-					   const struct orig_dst *dst)
+					   __u32 hash, const struct orig_dst *dst)
 {
-	struct conn_tuple old_tuple;
-	struct orig_dst old_dst, scratch;
+	struct tuple_slot old;
 	struct tuple_set *overflow;
-	struct tuple_slot *slot;
-	__u32 pick, seq, busy, idx;
+	struct orig_dst scratch;
+	__u32 pick, seq, busy, old_hash, idx;
 	enum zb_store moved;
 
-	pick = __sync_fetch_and_add(&hot->way[0].evictions, 1) & (ZB_TUPLE_WAYS - 1);
-	slot = &hot->way[pick];
-	seq = zb_read_for_update(&slot->seq);
+	pick = __sync_fetch_and_add(&hot->next, 1) & (ZB_TUPLE_WAYS - 1);
+	seq = __sync_fetch_and_add(&hot->seq[pick], 0);
 	if ((seq & ZB_SLOT_STATE_MASK) != ZB_SLOT_PENDING)
 		return 0;
-	old_tuple = slot->tuple;
-	old_dst = slot->dst;
+	old = hot->way[pick];
 	/* The copy is whole only if nobody claimed the slot while it was read. */
-	if (zb_read_for_update(&slot->seq) != seq)
+	if (__sync_fetch_and_add(&hot->seq[pick], 0) != seq)
 		return 0;
-	idx = zb_tuple_overflow_set(zb_tuple_hash(&old_tuple));
+	old_hash = zb_tuple_hash(&old.tuple);
+	idx = zb_tuple_overflow_set(old_hash);
 	overflow = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	if (!overflow)
 		return 0;
 	/* The copy goes in first, so that getsockopt finds the record in one region or the
 	 * other at every moment. */
-	moved = zb_tuple_store(overflow, &old_tuple, &old_dst, 1);
+	moved = zb_tuple_store(overflow, &old.tuple, old_hash, &old.dst, 1);
 	if (moved == ZB_FULL)
 		/* Not moved: it keeps its place. */
 		return 0;
 	if (moved == ZB_EVICTED)
 		zb_count(ZB_C_ORIG_DST_EVICTED);
 	busy = zb_seq_next(seq, ZB_SLOT_BUSY);
-	if (__sync_val_compare_and_swap(&slot->seq, seq, busy) != seq) {
+	if (__sync_val_compare_and_swap(&hot->seq[pick], seq, busy) != seq) {
 		/* ztunnel asked for it (or another writer moved it) meanwhile: the copy is a
 		 * duplicate, marked answered so that it is reused like one. */
-		zb_tuple_take(overflow, &old_tuple, &scratch);
+		zb_tuple_take(overflow, &old.tuple, old_hash, &scratch);
 		return 0;
 	}
-	zb_slot_fill(slot, busy, tuple, dst);
+	hot->way[pick].tuple = *tuple;
+	hot->way[pick].dst = *dst;
+	hot->tag[pick] = zb_tuple_tag(hash);
+	zb_store_release(&hot->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
 	return 1;
 }
 
@@ -398,7 +399,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 	struct connect_record *rec;
 	struct tuple_set *set;
 	struct zb_ip ip = {};
-	__u32 remote_port, idx;
+	__u32 remote_port, hash, idx;
 	__u16 dport;
 
 	/* The kernel calls this program five times for every connect in the subtree (timeout,
@@ -456,23 +457,24 @@ int sock_ops(struct bpf_sock_ops *skops)
 	tuple.sport = bpf_htons((__u16)ZB_CTX(skops->local_port));
 	tuple.dport = dport;
 
-	idx = zb_tuple_hot_set(&tuple);
+	hash = zb_tuple_hash(&tuple);
+	idx = zb_tuple_hot_set(hash);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	/* The array holds every index below ZB_TUPLE_SETS; the check is for the verifier. */
 	if (!set)
 		return 1;
-	if (zb_tuple_store(set, &tuple, &rec->dst, 0) != ZB_FULL)
+	if (zb_tuple_store(set, &tuple, hash, &rec->dst, 0) != ZB_FULL)
 		return 1;
 	/* The hot set is full of waiting records (a burst, or records never asked about): its
 	 * oldest moves to the overflow region and this one takes its place. */
-	if (zb_tuple_demote(set, &tuple, &rec->dst))
+	if (zb_tuple_demote(set, &tuple, hash, &rec->dst))
 		return 1;
 	/* That failed (rare: the slot changed meanwhile): the overflow region takes this one. */
-	idx = zb_tuple_overflow_set(zb_tuple_hash(&tuple));
+	idx = zb_tuple_overflow_set(hash);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	if (!set)
 		return 1;
-	if (zb_tuple_store(set, &tuple, &rec->dst, 1) == ZB_EVICTED)
+	if (zb_tuple_store(set, &tuple, hash, &rec->dst, 1) == ZB_EVICTED)
 		zb_count(ZB_C_ORIG_DST_EVICTED);
 	return 1;
 }
@@ -503,7 +505,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk;
 	struct zb_ip ip = {};
 	__u16 local_port;
-	__u32 idx;
+	__u32 hash, idx;
 	int found, v4;
 
 	/* Every getsockopt of the subtree comes here: all but SO_ORIGINAL_DST leave untouched
@@ -549,13 +551,14 @@ int getsockopt(struct bpf_sockopt *ctx)
 
 	/* The hot set first: the writer only goes on to the overflow set when the hot one is
 	 * full, and it never leaves a record of the same tuple behind in the hot one. */
-	idx = zb_tuple_hot_set(&tuple);
+	hash = zb_tuple_hash(&tuple);
+	idx = zb_tuple_hot_set(hash);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-	found = set && zb_tuple_take(set, &tuple, &od);
+	found = set && zb_tuple_take(set, &tuple, hash, &od);
 	if (!found) {
-		idx = zb_tuple_overflow_set(zb_tuple_hash(&tuple));
+		idx = zb_tuple_overflow_set(hash);
 		set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-		found = set && zb_tuple_take(set, &tuple, &od);
+		found = set && zb_tuple_take(set, &tuple, hash, &od);
 	}
 	if (!found) {
 		/* Keep the kernel's own answer (netfilter's, or its error). */

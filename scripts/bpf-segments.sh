@@ -4,8 +4,8 @@
 # Builds the programmer bench from a copy of HEAD with scripts/bpf-segments.patch applied: it
 # takes a timestamp (bpf_ktime_get_ns) between the steps of connect4, of sock_ops' TCP_CONNECT
 # callback and of getsockopt, and sums the time between them per step in a per-CPU map. Runs
-# set-up (2) of the bench (a pod's connects through a fake ztunnel that asks SO_ORIGINAL_DST,
-# 9 x 2,000 connections), reads the map with bpftool while the bench holds, and prints ns per
+# set-ups (2) and (2b) of the bench (a pod's connects through a fake ztunnel that asks
+# SO_ORIGINAL_DST, 2 x 9 x 2,000 connections), reads the map with bpftool while the bench holds, and prints ns per
 # connection for each step. Each figure includes one timestamp's own cost: the "(a timestamp
 # alone)" rows measure it. Run as root; needs bpftool.
 #
@@ -59,12 +59,12 @@ steps = {
     25: "connect4: (a timestamp alone)",
     10: "sock_ops TCP_CONNECT: thread storage, armed",
     11: "sock_ops TCP_CONNECT: settings, ports, tuple",
-    12: "sock_ops TCP_CONNECT: hot set lookup",
+    12: "sock_ops TCP_CONNECT: hash, hot set lookup",
     13: "sock_ops TCP_CONNECT: record stored",
     14: "sock_ops TCP_CONNECT: (a timestamp alone)",
     0: "getsockopt: settings, local port",
     1: "getsockopt: the tuple (socket fields)",
-    2: "getsockopt: hot set lookup, record taken",
+    2: "getsockopt: hash, hot set lookup, record taken",
     3: "getsockopt: answer written",
     4: "getsockopt: counter",
     5: "getsockopt: (a timestamp alone)",

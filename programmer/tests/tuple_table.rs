@@ -145,7 +145,7 @@ fn records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answer
         .iter()
         .filter(|r| r.set < layout::TUPLE_HOT_SETS)
         .count();
-    // Each hot set holds the newest records of its ports (the client connects one at a
+    // Each hot set holds the newest records that hashed to it (the client connects one at a
     // time, so the order of the answers is the order of the writes); the older ones moved on
     // to the overflow region as newer ones came.
     let mut per_hot_set: HashMap<u32, Vec<ConnTuple>> = HashMap::new();
@@ -180,27 +180,22 @@ fn records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answer
     assert_eq!(c.orig_dst_evicted, 0);
 }
 
-/// Nine source addresses and ports whose records share one hot set (their ports fall in the
-/// same window of the hot region) and one overflow set (found with the Rust mirror of the
-/// programs' hash).
+/// Nine source addresses and ports whose records share one hot set and one overflow set
+/// (found with the Rust mirror of the programs' hash).
 fn colliding_sources() -> Vec<SocketAddr> {
     const WANT: usize = 2 * layout::TUPLE_WAYS + 1;
-    let tuple = |src: SocketAddr| ConnTuple::new(src, ztunnel_addr());
-    let hot = |port: u16| tuple(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)).hot_set();
-    let candidates = (2..=255u8).flat_map(move |b| {
-        (1024..=u16::MAX)
-            .filter(move |port| hot(*port) == hot(30_000))
+    let key_bits = (layout::TUPLE_HOT_SETS * layout::TUPLE_OVERFLOW_SETS).trailing_zeros();
+    let key = |src: SocketAddr| ConnTuple::new(src, ztunnel_addr()).hash() & ((1 << key_bits) - 1);
+    let candidates = (2..=255u8).flat_map(|b| {
+        (30_000..60_000u16)
             .map(move |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 9, b)), port))
     });
-    let mut count: HashMap<u32, usize> = HashMap::new();
+    let mut count = vec![0u8; 1 << key_bits];
     for src in candidates.clone() {
-        let set = tuple(src).overflow_set();
-        let n = count.entry(set).or_default();
-        *n += 1;
-        if *n == WANT {
-            let found: Vec<SocketAddr> = candidates
-                .filter(|s| tuple(*s).overflow_set() == set)
-                .collect();
+        let k = key(src) as usize;
+        count[k] += 1;
+        if count[k] as usize == WANT {
+            let found: Vec<SocketAddr> = candidates.filter(|s| key(*s) as usize == k).collect();
             return found[..WANT].to_vec();
         }
     }
