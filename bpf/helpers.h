@@ -118,8 +118,9 @@ static __always_inline void zb_count(__u32 idx)
 
 /*
  * Memory ordering between CPUs, in one place. Two orders are needed: a reader's later loads
- * stay after an earlier load (a generation or sequence word, then the data it vouches for),
- * and a writer's data is visible before the store that publishes it. x86 gives both to every
+ * stay after an earlier load (settings.generation, then the entries it vouches for), and a
+ * writer's data is visible before the store that publishes it. (A tuple slot's reader orders
+ * its loads with zb_read_for_update, an atomic.) x86 gives both to every
  * plain load and store (TSO: loads are not reordered with loads, nor stores with stores), so
  * there only the compiler must be held back. Elsewhere (arm64) BPF has no barrier instruction
  * but its atomics that return a value, which are fully ordered (an add whose result is unused
@@ -129,15 +130,6 @@ static __always_inline void zb_count(__u32 idx)
 static __always_inline void zb_load_barrier(void)
 {
 	asm volatile("" ::: "memory");
-}
-
-/* A load that the loads after it cannot pass. */
-static __always_inline __u32 zb_load_acquire(__u32 *p)
-{
-	__u32 value = ZB_READ_ONCE(*p);
-
-	asm volatile("" ::: "memory");
-	return value;
 }
 
 /* A store that the stores before it cannot pass. `*p` holds `old`, and only this CPU may
@@ -158,16 +150,24 @@ static __always_inline void zb_load_barrier(void)
 		__sync_val_compare_and_swap(value, 0, 0);
 }
 
-static __always_inline __u32 zb_load_acquire(__u32 *p)
-{
-	return __sync_fetch_and_add(p, 0);
-}
-
 static __always_inline void zb_store_release(__u32 *p, __u32 old, __u32 value)
 {
 	__sync_val_compare_and_swap(p, old, value);
 }
 #endif
+
+/*
+ * Reads a slot's sequence word with an atomic add of 0, which asks for its cache line to
+ * write it (on x86, `lock xadd`), not to share it: the compare-and-swap that claims or
+ * answers the slot next then finds the line on this CPU, and the slot's tuple and record
+ * (same line) come with it. A plain load would fetch the line shared and the
+ * compare-and-swap fetch it again, two waits for the other CPU instead of one. The atomic
+ * also orders the slot's loads after it, on every architecture.
+ */
+static __always_inline __u32 zb_read_for_update(__u32 *p)
+{
+	return __sync_fetch_and_add(p, 0);
+}
 
 static __always_inline const struct settings *zb_settings(void)
 {
@@ -342,6 +342,15 @@ __attribute__((noinline)) int zb_lookup_current(__u32 levels, struct cgroup_info
 	return 0;
 }
 
+/* Whether an original destination is IPv4 (stored IPv4-mapped). */
+static __always_inline int zb_orig_dst_is_v4(const struct orig_dst *od)
+{
+	struct zb_ip ip = {};
+
+	zb_ip_from_bytes(&ip, od->addr);
+	return zb_ip_is_v4(&ip);
+}
+
 /* The words of a conn_tuple (36 bytes, 4-byte aligned). */
 #define ZB_TUPLE_WORDS (sizeof(struct conn_tuple) / 4)
 
@@ -357,12 +366,14 @@ static __always_inline int zb_tuple_eq(const struct conn_tuple *a, const struct 
 	return diff == 0;
 }
 
-/* The hash of a connection's 4-tuple: its low bits pick the set of orig_dst_by_tuple, all of
- * it is the slot's tag. Every output bit depends on every input bit (a multiply alone carries
+/* The hash of a connection's 4-tuple, which picks its set in the overflow region of
+ * orig_dst_by_tuple. Every output bit depends on every input bit (a multiply alone carries
  * only upwards: the shifts bring the high bits down, so that the last octet of a pod's
  * address and the low byte of its port count for the set too). No secret is mixed in, and
  * none is needed: a pod can only aim at another pod's waiting record by guessing its source
- * port (the kernel's ephemeral pick), within the microseconds the record waits for ztunnel. */
+ * port (the kernel's ephemeral pick), within the microseconds the record waits for ztunnel.
+ * (A pod can crowd the hot set of any port range, by binding its own source ports there;
+ * that only moves the waiting records there to their overflow sets.) */
 static __always_inline __u32 zb_tuple_hash(const struct conn_tuple *t)
 {
 	const __u32 *w = (const __u32 *)t;
@@ -380,23 +391,19 @@ static __always_inline __u32 zb_tuple_hash(const struct conn_tuple *t)
 	return h ^ (h >> 16);
 }
 
-/* The tag of a tuple in its set: the half of the hash the set indices use least. */
-static __always_inline __u16 zb_tuple_tag(__u32 hash)
+/* A record's set in the hot region of orig_dst_by_tuple (the first ZB_TUPLE_HOT_SETS): by
+ * the client's source port (network order in the tuple), so that a client's successive
+ * connections share sets and lines (zbridge.h says why). */
+static __always_inline __u32 zb_tuple_hot_set(const struct conn_tuple *t)
 {
-	return (__u16)(hash >> 16);
+	return (bpf_ntohs(t->sport) / ZB_TUPLE_PORTS_PER_SET) & (ZB_TUPLE_HOT_SETS - 1);
 }
 
-/* A record's set in the hot region of orig_dst_by_tuple (the first ZB_TUPLE_HOT_SETS). */
-static __always_inline __u32 zb_tuple_hot_set(__u32 hash)
-{
-	return hash & (ZB_TUPLE_HOT_SETS - 1);
-}
-
-/* A record's set in the overflow region: other bits of the hash than the hot set's, so that
- * records crowding one hot set spread over many overflow sets. */
+/* A record's set in the overflow region (the ZB_TUPLE_OVERFLOW_SETS after the hot ones): by
+ * the tuple's hash, so that records crowding one hot set spread over many overflow sets. */
 static __always_inline __u32 zb_tuple_overflow_set(__u32 hash)
 {
-	return ZB_TUPLE_HOT_SETS + ((hash >> 8) & (ZB_TUPLE_OVERFLOW_SETS - 1));
+	return ZB_TUPLE_HOT_SETS + (hash & (ZB_TUPLE_OVERFLOW_SETS - 1));
 }
 
 #endif /* ZBRIDGE_HELPERS_H */

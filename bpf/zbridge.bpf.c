@@ -221,6 +221,21 @@ enum zb_store {
 		     * kept claiming the slots it chose */
 };
 
+/* What zb_tuple_take found. */
+enum zb_take {
+	ZB_TAKE_ABSENT,       /* no record of the tuple in the set */
+	ZB_TAKEN,             /* copied, and marked answered */
+	ZB_TAKE_OTHER_FAMILY, /* a record for the other question, left waiting */
+};
+
+/* The question zb_tuple_take answers. ztunnel asks SOL_IP first and SOL_IPV6 next: the first
+ * question leaves an IPv6 record waiting, so that its slot is not reused before the second. */
+enum zb_question {
+	ZB_ASK_ANY, /* any record (a duplicate marked answered) */
+	ZB_ASK_V4,  /* SO_ORIGINAL_DST: an IPv4 destination */
+	ZB_ASK_V6,  /* IP6T_SO_ORIGINAL_DST: an IPv6 destination */
+};
+
 /* Rounds of choosing and claiming a slot before zb_tuple_store gives up. A claim fails only
  * when another CPU changed that slot since it was read: another writer took it, or ztunnel
  * marked it answered. */
@@ -233,69 +248,104 @@ static __always_inline __u32 zb_seq_next(__u32 seq, __u32 state)
 }
 
 /*
- * Writes a connection's record into `set`. The slot is, in order: the one already holding
- * this 4-tuple (a new connection reusing the tuple of an old one must not leave the old
- * record where getsockopt could find it), a free one, one ztunnel has asked about, and, with
- * `evict`, the next waiting one in turn. The choice reads the set's first cache line only
- * (sequence words and tags); a slot's tuple is read only when its tag matches. The slot is
- * claimed by compare-and-swap (see zbridge.h), so nothing waits for a lock: a claim that
- * loses to another CPU chooses again.
+ * Frees the records of `tuple` in the ways after `way`. A writer takes the first way, from
+ * way 0, that is free, answered or holds the same tuple, so a tuple's newest record is in its
+ * lowest way and any later one is older: a 4-tuple's earlier connection whose record ztunnel
+ * never asked about. Called before the newest one leaves the set, since getsockopt would then
+ * meet the older one first and answer its destination.
+ */
+static __always_inline void zb_tuple_drop_after(struct tuple_set *set, __u32 way,
+						const struct conn_tuple *tuple)
+{
+#pragma nounroll
+	for (__u32 later = 1; later < ZB_TUPLE_WAYS; later++) {
+		struct tuple_slot *slot = &set->way[later];
+		__u32 seq, state;
+
+		if (later <= way)
+			continue;
+		seq = zb_read_for_update(&slot->seq);
+		state = seq & ZB_SLOT_STATE_MASK;
+		if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
+			continue;
+		if (!zb_tuple_eq(&slot->tuple, tuple))
+			continue;
+		/* Free with a new generation: a copy being taken of it fails its compare-and-swap.
+		 * A claim by a writer since makes this one fail, which is as good. */
+		__sync_val_compare_and_swap(&slot->seq, seq, zb_seq_next(seq, ZB_SLOT_FREE));
+	}
+}
+
+/* Writes `tuple`'s record into `slot`, claimed (sequence word `busy`), and publishes it. */
+static __always_inline void zb_slot_fill(struct tuple_slot *slot, __u32 busy,
+					 const struct conn_tuple *tuple, const struct orig_dst *dst)
+{
+	slot->tuple = *tuple;
+	slot->dst = *dst;
+	/* Publish: the record is visible before its state. Only the claimer changes a BUSY
+	 * word, so the word still holds `busy`. */
+	zb_store_release(&slot->seq, busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+}
+
+/*
+ * Writes a connection's record into `set`: in the first slot, from way 0 on, that is free,
+ * answered, or holds this same tuple (a new connection reusing the tuple of an old one leaves
+ * no older record before its own, where getsockopt, looking in the same order, would meet it
+ * first); with `evict`, when every slot waits for ztunnel, in place of the next one in turn.
+ * The common case reads and writes one cache line, way 0's. The slot is claimed by
+ * compare-and-swap (see zbridge.h), so nothing waits for a lock: a claim that loses to
+ * another CPU chooses again.
  */
 static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
-						    const struct conn_tuple *tuple, __u32 hash,
+						    const struct conn_tuple *tuple,
 						    const struct orig_dst *dst, int evict)
 {
-	__u16 tag = zb_tuple_tag(hash);
-
 	for (int attempt = 0; attempt < ZB_STORE_TRIES; attempt++) {
-		__u32 pick = ZB_TUPLE_WAYS, free = ZB_TUPLE_WAYS, answered = ZB_TUPLE_WAYS;
 		enum zb_store result = ZB_STORED;
-		__u32 old, busy;
+		__u32 pick = ZB_TUPLE_WAYS, old = 0, busy;
+		struct tuple_slot *slot;
 
-#pragma unroll
-		for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
-			__u32 state = ZB_READ_ONCE(set->seq[i]) & ZB_SLOT_STATE_MASK;
+		/* A loop, not unrolled: sock_ops inlines this three times, and unrolled copies
+		 * took its stack past BPF's 512 bytes. */
+#pragma nounroll
+		for (__u32 way = 0; way < ZB_TUPLE_WAYS; way++) {
+			__u32 seq = zb_read_for_update(&set->way[way].seq);
+			__u32 state = seq & ZB_SLOT_STATE_MASK;
 
-			if (state == ZB_SLOT_FREE) {
-				if (free == ZB_TUPLE_WAYS)
-					free = i;
-				continue;
-			}
 			/* Another writer's, half written: neither this tuple's nor free. */
 			if (state == ZB_SLOT_BUSY)
 				continue;
-			if (set->tag[i] == tag && zb_tuple_eq(&set->way[i].tuple, tuple)) {
-				pick = i;
-				break;
-			}
-			if (state == ZB_SLOT_ANSWERED && answered == ZB_TUPLE_WAYS)
-				answered = i;
+			/* Waiting for ztunnel's question about another connection. */
+			if (state == ZB_SLOT_PENDING && !zb_tuple_eq(&set->way[way].tuple, tuple))
+				continue;
+			pick = way;
+			old = seq;
+			break;
 		}
-		if (pick == ZB_TUPLE_WAYS)
-			pick = free != ZB_TUPLE_WAYS ? free : answered;
 		if (pick == ZB_TUPLE_WAYS) {
 			if (!evict)
 				return ZB_FULL;
 			/* More connections wait here at once than the set holds: the oldest in
 			 * turn gives way, and its ztunnel will find no record. */
-			pick = __sync_fetch_and_add(&set->next, 1);
+			pick = __sync_fetch_and_add(&set->way[0].evictions, 1);
+			pick &= ZB_TUPLE_WAYS - 1;
+			old = zb_read_for_update(&set->way[pick].seq);
+			/* Being written by another CPU: choose again. */
+			if ((old & ZB_SLOT_STATE_MASK) == ZB_SLOT_BUSY)
+				continue;
 			result = ZB_EVICTED;
 		}
-		pick &= ZB_TUPLE_WAYS - 1;
-		old = ZB_READ_ONCE(set->seq[pick]);
-		/* Being written by another CPU: choose again. */
-		if ((old & ZB_SLOT_STATE_MASK) == ZB_SLOT_BUSY)
-			continue;
+		slot = &set->way[pick & (ZB_TUPLE_WAYS - 1)];
 		busy = zb_seq_next(old, ZB_SLOT_BUSY);
-		if (__sync_val_compare_and_swap(&set->seq[pick], old, busy) != old)
+		if (__sync_val_compare_and_swap(&slot->seq, old, busy) != old)
 			continue;
 		/* Claimed: no reader takes a copy of it until it is published. */
-		set->way[pick].tuple = *tuple;
-		set->way[pick].dst = *dst;
-		set->tag[pick] = tag;
-		/* Publish: the record is visible before its state. Only the claimer changes a
-		 * BUSY word, so the word still holds `busy`. */
-		zb_store_release(&set->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+		zb_slot_fill(slot, busy, tuple, dst);
+		/* In the overflow region (the only caller that evicts) a record stays until it is
+		 * evicted, so older records of the tuple go now; in the hot region, when it
+		 * leaves (zb_tuple_demote), to keep the common write to one line. */
+		if (evict)
+			zb_tuple_drop_after(set, pick & (ZB_TUPLE_WAYS - 1), tuple);
 		return result;
 	}
 	return ZB_FULL;
@@ -304,38 +354,41 @@ static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
 /*
  * Copies the record of `tuple` to `out` and marks it answered (its slot may be reused, but
  * the record stays until then: ztunnel asks SOL_IP first and SOL_IPV6 next for an IPv6
- * destination). Returns 1 when the set holds it. The copy counts only if the slot's sequence
- * word is unchanged from before the copy to the compare-and-swap that marks it: then no
- * writer claimed the slot in between, and the copy is whole.
+ * destination). Returns 1 when the set holds it. The slots are tried in the writer's order,
+ * so the newest record of the tuple comes first; way 0 holds it unless that way was waiting
+ * for another connection. The copy counts only if the slot's sequence word is unchanged from
+ * before the copy to the compare-and-swap that marks it: then no writer claimed the slot in
+ * between, and the copy is whole.
  */
-static __always_inline int zb_tuple_take(struct tuple_set *set, const struct conn_tuple *tuple,
-					 __u32 hash, struct orig_dst *out)
+static __always_inline enum zb_take zb_tuple_take(struct tuple_set *set,
+						  const struct conn_tuple *tuple,
+						  enum zb_question question, struct orig_dst *out)
 {
-	__u16 tag = zb_tuple_tag(hash);
-
 #pragma unroll
-	for (__u32 i = 0; i < ZB_TUPLE_WAYS; i++) {
-		struct tuple_slot copy;
+	for (__u32 way = 0; way < ZB_TUPLE_WAYS; way++) {
+		struct tuple_slot *slot = &set->way[way];
+		struct orig_dst copy;
 		__u32 seq, state;
 
-		if (set->tag[i] != tag)
-			continue;
 		/* The copy below cannot be read before it. */
-		seq = zb_load_acquire(&set->seq[i]);
+		seq = zb_read_for_update(&slot->seq);
 		state = seq & ZB_SLOT_STATE_MASK;
 		if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
 			continue;
-		copy = set->way[i];
-		if (!zb_tuple_eq(&copy.tuple, tuple))
+		if (!zb_tuple_eq(&slot->tuple, tuple))
 			continue;
-		if (__sync_val_compare_and_swap(&set->seq[i], seq,
+		copy = slot->dst;
+		if (question != ZB_ASK_ANY && (question == ZB_ASK_V4) != zb_orig_dst_is_v4(&copy))
+			/* Not this question's: left waiting for the other one. */
+			return ZB_TAKE_OTHER_FAMILY;
+		if (__sync_val_compare_and_swap(&slot->seq, seq,
 						(seq & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_ANSWERED) != seq)
 			/* Claimed by a writer since: this record was just replaced. */
 			continue;
-		*out = copy.dst;
-		return 1;
+		*out = copy;
+		return ZB_TAKEN;
 	}
-	return 0;
+	return ZB_TAKE_ABSENT;
 }
 
 /*
@@ -348,46 +401,47 @@ static __always_inline int zb_tuple_take(struct tuple_set *set, const struct con
  * region itself.
  */
 static __always_inline int zb_tuple_demote(struct tuple_set *hot, const struct conn_tuple *tuple,
-					   __u32 hash, const struct orig_dst *dst)
+					   const struct orig_dst *dst)
 {
-	struct tuple_slot old;
+	struct conn_tuple old_tuple;
+	struct orig_dst old_dst, scratch;
 	struct tuple_set *overflow;
-	struct orig_dst scratch;
-	__u32 pick, seq, busy, old_hash, idx;
+	struct tuple_slot *slot;
+	__u32 pick, seq, busy, idx;
 	enum zb_store moved;
 
-	pick = __sync_fetch_and_add(&hot->next, 1) & (ZB_TUPLE_WAYS - 1);
-	seq = __sync_fetch_and_add(&hot->seq[pick], 0);
+	pick = __sync_fetch_and_add(&hot->way[0].evictions, 1) & (ZB_TUPLE_WAYS - 1);
+	slot = &hot->way[pick];
+	seq = zb_read_for_update(&slot->seq);
 	if ((seq & ZB_SLOT_STATE_MASK) != ZB_SLOT_PENDING)
 		return 0;
-	old = hot->way[pick];
+	old_tuple = slot->tuple;
+	old_dst = slot->dst;
 	/* The copy is whole only if nobody claimed the slot while it was read. */
-	if (__sync_fetch_and_add(&hot->seq[pick], 0) != seq)
+	if (zb_read_for_update(&slot->seq) != seq)
 		return 0;
-	old_hash = zb_tuple_hash(&old.tuple);
-	idx = zb_tuple_overflow_set(old_hash);
+	/* Older records of its tuple would be met first once it is gone. */
+	zb_tuple_drop_after(hot, pick, &old_tuple);
+	idx = zb_tuple_overflow_set(zb_tuple_hash(&old_tuple));
 	overflow = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	if (!overflow)
 		return 0;
 	/* The copy goes in first, so that getsockopt finds the record in one region or the
 	 * other at every moment. */
-	moved = zb_tuple_store(overflow, &old.tuple, old_hash, &old.dst, 1);
+	moved = zb_tuple_store(overflow, &old_tuple, &old_dst, 1);
 	if (moved == ZB_FULL)
 		/* Not moved: it keeps its place. */
 		return 0;
 	if (moved == ZB_EVICTED)
 		zb_count(ZB_C_ORIG_DST_EVICTED);
 	busy = zb_seq_next(seq, ZB_SLOT_BUSY);
-	if (__sync_val_compare_and_swap(&hot->seq[pick], seq, busy) != seq) {
+	if (__sync_val_compare_and_swap(&slot->seq, seq, busy) != seq) {
 		/* ztunnel asked for it (or another writer moved it) meanwhile: the copy is a
 		 * duplicate, marked answered so that it is reused like one. */
-		zb_tuple_take(overflow, &old.tuple, old_hash, &scratch);
+		zb_tuple_take(overflow, &old_tuple, ZB_ASK_ANY, &scratch);
 		return 0;
 	}
-	hot->way[pick].tuple = *tuple;
-	hot->way[pick].dst = *dst;
-	hot->tag[pick] = zb_tuple_tag(hash);
-	zb_store_release(&hot->seq[pick], busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
+	zb_slot_fill(slot, busy, tuple, dst);
 	return 1;
 }
 
@@ -399,7 +453,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 	struct connect_record *rec;
 	struct tuple_set *set;
 	struct zb_ip ip = {};
-	__u32 remote_port, hash, idx;
+	__u32 remote_port, idx;
 	__u16 dport;
 
 	/* The kernel calls this program five times for every connect in the subtree (timeout,
@@ -457,24 +511,23 @@ int sock_ops(struct bpf_sock_ops *skops)
 	tuple.sport = bpf_htons((__u16)ZB_CTX(skops->local_port));
 	tuple.dport = dport;
 
-	hash = zb_tuple_hash(&tuple);
-	idx = zb_tuple_hot_set(hash);
+	idx = zb_tuple_hot_set(&tuple);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	/* The array holds every index below ZB_TUPLE_SETS; the check is for the verifier. */
 	if (!set)
 		return 1;
-	if (zb_tuple_store(set, &tuple, hash, &rec->dst, 0) != ZB_FULL)
+	if (zb_tuple_store(set, &tuple, &rec->dst, 0) != ZB_FULL)
 		return 1;
 	/* The hot set is full of waiting records (a burst, or records never asked about): its
 	 * oldest moves to the overflow region and this one takes its place. */
-	if (zb_tuple_demote(set, &tuple, hash, &rec->dst))
+	if (zb_tuple_demote(set, &tuple, &rec->dst))
 		return 1;
 	/* That failed (rare: the slot changed meanwhile): the overflow region takes this one. */
-	idx = zb_tuple_overflow_set(hash);
+	idx = zb_tuple_overflow_set(zb_tuple_hash(&tuple));
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	if (!set)
 		return 1;
-	if (zb_tuple_store(set, &tuple, hash, &rec->dst, 1) == ZB_EVICTED)
+	if (zb_tuple_store(set, &tuple, &rec->dst, 1) == ZB_EVICTED)
 		zb_count(ZB_C_ORIG_DST_EVICTED);
 	return 1;
 }
@@ -505,8 +558,9 @@ int getsockopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk;
 	struct zb_ip ip = {};
 	__u16 local_port;
-	__u32 hash, idx;
-	int found, v4;
+	enum zb_question question;
+	enum zb_take found;
+	__u32 idx;
 
 	/* Every getsockopt of the subtree comes here: all but SO_ORIGINAL_DST leave untouched
 	 * at once (SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST share the number 80). */
@@ -550,31 +604,31 @@ int getsockopt(struct bpf_sockopt *ctx)
 	tuple.dport = bpf_htons(local_port);
 
 	/* The hot set first: the writer only goes on to the overflow set when the hot one is
-	 * full, and it never leaves a record of the same tuple behind in the hot one. */
-	hash = zb_tuple_hash(&tuple);
-	idx = zb_tuple_hot_set(hash);
+	 * full, and a record leaving the hot set takes the older ones of its tuple with it. */
+	question = ctx->level == SOL_IP ? ZB_ASK_V4 : ZB_ASK_V6;
+	idx = zb_tuple_hot_set(&tuple);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-	found = set && zb_tuple_take(set, &tuple, hash, &od);
-	if (!found) {
-		idx = zb_tuple_overflow_set(hash);
+	found = set ? zb_tuple_take(set, &tuple, question, &od) : ZB_TAKE_ABSENT;
+	if (found == ZB_TAKE_ABSENT) {
+		idx = zb_tuple_overflow_set(zb_tuple_hash(&tuple));
 		set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-		found = set && zb_tuple_take(set, &tuple, hash, &od);
+		found = set ? zb_tuple_take(set, &tuple, question, &od) : ZB_TAKE_ABSENT;
 	}
-	if (!found) {
+	if (found == ZB_TAKE_ABSENT) {
 		/* Keep the kernel's own answer (netfilter's, or its error). */
 		zb_count(ZB_C_ORIG_DST_MISS);
 		ZB_DEBUG(s, "SO_ORIGINAL_DST: no record for peer port %d", bpf_ntohs(tuple.sport));
 		return 1;
 	}
+	/* An IPv6 destination is given to the IPv6 question, which ztunnel asks next, and an
+	 * IPv4 one only to SOL_IP, as the kernel would. */
+	if (found == ZB_TAKE_OTHER_FAMILY)
+		return 1;
 	zb_ip_from_bytes(&ip, od.addr);
-	v4 = zb_ip_is_v4(&ip);
 
-	if (ctx->level == SOL_IP) {
+	if (question == ZB_ASK_V4) {
 		struct zb_sockaddr_in *sin = ctx->optval;
 
-		/* An IPv6 destination is given to the IPv6 question, which ztunnel asks next. */
-		if (!v4)
-			return 1;
 		/* The caller's buffer is too small for a sockaddr_in: the kernel's error stands. */
 		if ((void *)(sin + 1) > ctx->optval_end)
 			return 1;
@@ -586,9 +640,6 @@ int getsockopt(struct bpf_sockopt *ctx)
 	} else {
 		struct zb_sockaddr_in6 *sin6 = ctx->optval;
 
-		/* An IPv4 destination was answered to SOL_IP, as the kernel would. */
-		if (v4)
-			return 1;
 		if ((void *)(sin6 + 1) > ctx->optval_end)
 			return 1;
 		sin6->family = AF_INET6;

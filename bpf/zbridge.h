@@ -98,37 +98,46 @@ struct conn_tuple {
 };
 
 /*
- * `orig_dst_by_tuple` is a set-associative table in an ARRAY map: a connection's 4-tuple
- * hashes to a set (an array element) of ZB_TUPLE_WAYS slots, and sock_ops writes the record
- * into a slot of that set. A slot is reused once ztunnel has asked about it.
+ * `orig_dst_by_tuple` is a set-associative table in an ARRAY map: a connection's record goes
+ * into one of the ZB_TUPLE_WAYS slots of a set (an array element), written by sock_ops and
+ * read by getsockopt. A slot is reused once ztunnel has asked about it.
  *
- * Why this shape: the record is written once per connection, to a place chosen by a hash.
- * In a table sized for the worst burst, that place is memory no CPU touched lately, and the
- * write waits for it from DRAM: a hash map's update (bucket, element, free list) cost ~420 ns
- * here, a set of a large array ~240 ns. So the array has two regions. The first
- * ZB_TUPLE_HOT_SETS sets (64 KiB) take every record while they have room: small enough to stay
- * in the caches, and records leave it within microseconds, once ztunnel asks. When a hot set
- * is full of waiting records (a burst, or records ztunnel never asks about), its oldest one
- * in turn moves to that record's set in the overflow region (the other
- * ZB_TUPLE_OVERFLOW_SETS sets, as many slots as the LRU hash had) and the new record takes
- * its place: the hot region always holds the newest records, and records nobody asks about
- * drift out of it. Only when an overflow set is full too is its oldest waiting record
- * replaced (and counted). getsockopt looks in the hot set first, then in the overflow set.
+ * Why this shape: the record is written once per connection and read once, on another CPU,
+ * and what both pay for is the memory they touch, not the instructions: a cache line no CPU
+ * touched lately costs ~150-270 ns here, the rest of the work a few tens (BENCHMARKS.md,
+ * "Where the time goes"). A hash map's update (bucket, element, free list) cost ~420 ns, a
+ * set of a large array picked by a hash ~240 ns. So:
+ *
+ * - The array has two regions. The first ZB_TUPLE_HOT_SETS sets (64 KiB) take every record
+ *   while they have room: small, and records leave it within microseconds, once ztunnel asks.
+ *   When a hot set is full of waiting records (a burst, or records ztunnel never asks about),
+ *   its oldest one in turn moves to its own set in the overflow region (the other
+ *   ZB_TUPLE_OVERFLOW_SETS sets, chosen by a hash of the tuple) and the new record takes its
+ *   place: the hot region always holds the newest records, and records nobody asks about
+ *   drift out of it. Only when an overflow set is full too is its oldest waiting record
+ *   replaced (and counted). getsockopt looks in the hot set first, then in the overflow set.
+ * - The hot set is chosen by the client's source port, ZB_TUPLE_PORTS_PER_SET ports to a set,
+ *   not by a hash: a client's successive connections to ztunnel (one destination for all of
+ *   them) take nearby ports, since the kernel moves its per-destination port offset a few
+ *   ports per connect, so its records fall in the set of the one before or the next one, on
+ *   lines still warm from it, instead of anywhere in the region (all programs together
+ *   100-260 ns less per connection, side by side: BENCHMARKS.md, "Layout v6"). The ways
+ *   are tried in order from way 0, so the common case, an answered record in way 0, is one
+ *   line.
+ * - A slot is one cache line: its sequence word, tuple and record come together. (The map is
+ *   BPF_F_MMAPABLE, whose elements start on a page, so each 256-byte set is four whole lines:
+ *   a plain array's elements start 56 bytes into a line on this kernel.)
  *
  * No lock: each slot has a sequence word (`seq`: a generation above ZB_SLOT_STATE_BITS bits
  * of state). A writer claims a slot by compare-and-swap to ZB_SLOT_BUSY with the next
  * generation, writes it and publishes it as PENDING; a reader copies a slot and keeps the
  * copy only if its compare-and-swap of the same `seq` to ANSWERED succeeds, i.e. nobody
  * claimed the slot meanwhile. A bpf_spin_lock pair (interrupts off and on) cost ~450 ns per
- * program run on this VM, more than the rest of sock_ops and getsockopt together
- * (BENCHMARKS.md, "Programmer").
- *
- * A set is 256 bytes, four whole cache lines (the map is BPF_F_MMAPABLE, whose elements start
- * on a page: a plain array's start 56 bytes into a line), and what the choice of a slot reads
- * (sequence words, tags) is in its first line.
+ * program run on this VM, more than the rest of sock_ops and getsockopt together.
  */
 #define ZB_TUPLE_WAYS 4                /* a power of two */
 #define ZB_TUPLE_HOT_SETS 256          /* a power of two: 1,024 slots, 64 KiB */
+#define ZB_TUPLE_PORTS_PER_SET 8       /* a power of two: source ports sharing a hot set */
 #define ZB_TUPLE_OVERFLOW_SETS 16384   /* a power of two: 65,536 slots, 4 MiB */
 #define ZB_TUPLE_SETS (ZB_TUPLE_HOT_SETS + ZB_TUPLE_OVERFLOW_SETS)
 
@@ -141,18 +150,19 @@ struct conn_tuple {
 #define ZB_SLOT_ANSWERED 2 /* ztunnel asked; kept for a repeated question until reused */
 #define ZB_SLOT_BUSY 3     /* being written (claimed, not yet published) */
 
+/* One record of orig_dst_by_tuple, one cache line: its sequence word, its tuple and its
+ * record travel between the writer's CPU and the reader's together, in one transfer. */
 struct tuple_slot {
+	__u32 seq;                /* generation << ZB_SLOT_STATE_BITS | ZB_SLOT_* */
 	struct conn_tuple tuple;
 	struct orig_dst dst;
+	__u32 evictions;          /* way 0's only: the set's count of evictions, whose low bits
+				   * name the way replaced next (round robin); 0 in the others */
 };
+_Static_assert(sizeof(struct tuple_slot) == 64, "a slot is one cache line");
 
 /* The value of `orig_dst_by_tuple` (key: the set's index): 256 bytes. */
 struct tuple_set {
-	__u32 seq[ZB_TUPLE_WAYS];    /* generation << ZB_SLOT_STATE_BITS | ZB_SLOT_* */
-	__u32 next;                  /* counts evictions: the way replaced next (round robin) */
-	__u32 reserved;              /* 0 */
-	__u16 tag[ZB_TUPLE_WAYS];    /* the upper half of the tuple's hash: most slots are ruled
-				      * out unread */
 	struct tuple_slot way[ZB_TUPLE_WAYS];
 };
 _Static_assert(sizeof(struct tuple_set) == 256, "a set is four whole cache lines");

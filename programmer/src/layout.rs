@@ -33,7 +33,9 @@ pub const MAPS: [&str; 6] = [
 /// byte; 16-bit tags), and `orig_dst_by_tuple` is `BPF_F_MMAPABLE` (its sets start on a line).
 /// v5: `settings` gained `generation`, and a thread's storage (`orig_dst_by_task`) caches the
 /// thread's cgroup entry for that generation.
-pub const LAYOUT_VERSION: &str = "v5";
+/// v6: a [`TupleSlot`] is one cache line with its own sequence word (no tags), and a record's
+/// hot set is chosen by its source port ([`ConnTuple::hot_set`]).
+pub const LAYOUT_VERSION: &str = "v6";
 
 /// How many ztunnel addresses of each family the programs spread connections over
 /// (`ZB_MAX_ZTUNNEL_ADDRS`); further ones are not used.
@@ -251,15 +253,17 @@ pub const TUPLE_WAYS: usize = 4;
 /// `ZB_TUPLE_HOT_SETS`: the first sets of `orig_dst_by_tuple`, which take every record while
 /// they have room (small enough to stay in the CPU caches).
 pub const TUPLE_HOT_SETS: u32 = 256;
+/// `ZB_TUPLE_PORTS_PER_SET`: consecutive source ports that share a hot set.
+pub const TUPLE_PORTS_PER_SET: u16 = 8;
 /// `ZB_TUPLE_OVERFLOW_SETS`: the sets after them, for records whose hot set is full.
 pub const TUPLE_OVERFLOW_SETS: u32 = 16384;
 /// `ZB_TUPLE_SETS`: all sets of `orig_dst_by_tuple` (its `max_entries`).
 pub const TUPLE_SETS: u32 = TUPLE_HOT_SETS + TUPLE_OVERFLOW_SETS;
 
-/// Bits of state at the bottom of each `tuple_set.seq[]` word (`ZB_SLOT_STATE_BITS`); the
+/// Bits of state at the bottom of each `tuple_slot.seq` word (`ZB_SLOT_STATE_BITS`); the
 /// generation is above them.
 pub const SLOT_STATE_BITS: u32 = 2;
-/// `tuple_set.seq[]` state: never written.
+/// `tuple_slot.seq` state: never written.
 pub const SLOT_FREE: u32 = 0;
 /// Written by sock_ops; ztunnel has not asked yet.
 pub const SLOT_PENDING: u32 = 1;
@@ -268,12 +272,24 @@ pub const SLOT_ANSWERED: u32 = 2;
 /// Being written (claimed by a writer, not yet published).
 pub const SLOT_BUSY: u32 = 3;
 
-/// `struct tuple_slot`: one record of `orig_dst_by_tuple`.
+/// `struct tuple_slot`: one record of `orig_dst_by_tuple`, one cache line (64 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TupleSlot {
+    /// A generation above [`SLOT_STATE_BITS`] bits of state ([`SLOT_FREE`],
+    /// [`SLOT_PENDING`], [`SLOT_ANSWERED`], [`SLOT_BUSY`]).
+    pub seq: u32,
     pub tuple: ConnTuple,
     pub dst: OrigDst,
+    /// Way 0's only: the set's count of evictions (the way replaced next when all wait).
+    pub evictions: u32,
+}
+
+impl TupleSlot {
+    /// Its state ([`SLOT_FREE`], ...).
+    pub fn state(&self) -> u32 {
+        self.seq & ((1 << SLOT_STATE_BITS) - 1)
+    }
 }
 
 /// `struct tuple_set`: the value of `orig_dst_by_tuple` (key: the set's `u32` index), 256
@@ -281,22 +297,7 @@ pub struct TupleSlot {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TupleSet {
-    /// Per way: a generation above [`SLOT_STATE_BITS`] bits of state ([`SLOT_FREE`],
-    /// [`SLOT_PENDING`], [`SLOT_ANSWERED`], [`SLOT_BUSY`]).
-    pub seq: [u32; TUPLE_WAYS],
-    /// Counts evictions: the way replaced next when all wait.
-    pub next: u32,
-    pub reserved: u32,
-    /// [`ConnTuple::tag`] of each way's tuple.
-    pub tag: [u16; TUPLE_WAYS],
     pub way: [TupleSlot; TUPLE_WAYS],
-}
-
-impl TupleSet {
-    /// The state of way `i` ([`SLOT_FREE`], ...).
-    pub fn state(&self, i: usize) -> u32 {
-        self.seq[i] & ((1 << SLOT_STATE_BITS) - 1)
-    }
 }
 
 impl ConnTuple {
@@ -328,20 +329,16 @@ impl ConnTuple {
         h ^ (h >> 16)
     }
 
-    /// Its tag in a set (`zb_tuple_tag`): the upper half of the hash.
-    pub fn tag(&self) -> u16 {
-        (self.hash() >> 16) as u16
-    }
-
     /// The set of `orig_dst_by_tuple` its record goes to while that set has room
-    /// (`zb_tuple_hot_set`).
+    /// (`zb_tuple_hot_set`): by the client's source port.
     pub fn hot_set(&self) -> u32 {
-        self.hash() & (TUPLE_HOT_SETS - 1)
+        u32::from(u16::from_be(self.sport) / TUPLE_PORTS_PER_SET) & (TUPLE_HOT_SETS - 1)
     }
 
-    /// The set its record goes to when the hot one is full (`zb_tuple_overflow_set`).
+    /// The set its record goes to when the hot one is full (`zb_tuple_overflow_set`): by
+    /// [`ConnTuple::hash`].
     pub fn overflow_set(&self) -> u32 {
-        TUPLE_HOT_SETS + ((self.hash() >> 8) & (TUPLE_OVERFLOW_SETS - 1))
+        TUPLE_HOT_SETS + (self.hash() & (TUPLE_OVERFLOW_SETS - 1))
     }
 }
 

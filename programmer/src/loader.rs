@@ -489,7 +489,9 @@ pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramErr
     Ok(sets
         .iter()
         .flat_map(|(index, set)| {
-            (0..layout::TUPLE_WAYS).map(move |i| (*index, set.state(i), set.way[i]))
+            set.way
+                .iter()
+                .map(move |slot| (*index, slot.state(), *slot))
         })
         // Free slots hold nothing; a busy one is being rewritten this very moment.
         .filter(|(_, state, _)| *state == layout::SLOT_PENDING || *state == layout::SLOT_ANSWERED)

@@ -123,20 +123,16 @@ fn rust_mirrors_match_the_objects_btf() {
             "tuple_slot",
             size_of::<TupleSlot>(),
             owned(&[
+                ("seq", offset_of!(TupleSlot, seq)),
                 ("tuple", offset_of!(TupleSlot, tuple)),
                 ("dst", offset_of!(TupleSlot, dst)),
+                ("evictions", offset_of!(TupleSlot, evictions)),
             ]),
         ),
         (
             "tuple_set",
             size_of::<TupleSet>(),
-            owned(&[
-                ("seq", offset_of!(TupleSet, seq)),
-                ("next", offset_of!(TupleSet, next)),
-                ("reserved", offset_of!(TupleSet, reserved)),
-                ("tag", offset_of!(TupleSet, tag)),
-                ("way", offset_of!(TupleSet, way)),
-            ]),
+            owned(&[("way", offset_of!(TupleSet, way))]),
         ),
     ];
     for (name, rust_size, rust_fields) in cases {

@@ -145,7 +145,7 @@ fn records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answer
         .iter()
         .filter(|r| r.set < layout::TUPLE_HOT_SETS)
         .count();
-    // Each hot set holds the newest records that hashed to it (the client connects one at a
+    // Each hot set holds the newest records of its ports (the client connects one at a
     // time, so the order of the answers is the order of the writes); the older ones moved on
     // to the overflow region as newer ones came.
     let mut per_hot_set: HashMap<u32, Vec<ConnTuple>> = HashMap::new();
@@ -180,22 +180,27 @@ fn records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answer
     assert_eq!(c.orig_dst_evicted, 0);
 }
 
-/// Nine source addresses and ports whose records share one hot set and one overflow set
-/// (found with the Rust mirror of the programs' hash).
+/// Nine source addresses and ports whose records share one hot set (their ports fall in the
+/// same window of the hot region) and one overflow set (found with the Rust mirror of the
+/// programs' hash).
 fn colliding_sources() -> Vec<SocketAddr> {
     const WANT: usize = 2 * layout::TUPLE_WAYS + 1;
-    let key_bits = (layout::TUPLE_HOT_SETS * layout::TUPLE_OVERFLOW_SETS).trailing_zeros();
-    let key = |src: SocketAddr| ConnTuple::new(src, ztunnel_addr()).hash() & ((1 << key_bits) - 1);
-    let candidates = (2..=255u8).flat_map(|b| {
-        (30_000..60_000u16)
+    let tuple = |src: SocketAddr| ConnTuple::new(src, ztunnel_addr());
+    let hot = |port: u16| tuple(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)).hot_set();
+    let candidates = (2..=255u8).flat_map(move |b| {
+        (1024..=u16::MAX)
+            .filter(move |port| hot(*port) == hot(30_000))
             .map(move |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 9, b)), port))
     });
-    let mut count = vec![0u8; 1 << key_bits];
+    let mut count: HashMap<u32, usize> = HashMap::new();
     for src in candidates.clone() {
-        let k = key(src) as usize;
-        count[k] += 1;
-        if count[k] as usize == WANT {
-            let found: Vec<SocketAddr> = candidates.filter(|s| key(*s) as usize == k).collect();
+        let set = tuple(src).overflow_set();
+        let n = count.entry(set).or_default();
+        *n += 1;
+        if *n == WANT {
+            let found: Vec<SocketAddr> = candidates
+                .filter(|s| tuple(*s).overflow_set() == set)
+                .collect();
             return found[..WANT].to_vec();
         }
     }
@@ -334,4 +339,97 @@ fn concurrent_clients_each_get_their_own_original_destination() {
     assert_eq!(missed, c.orig_dst_evicted, "{c:?}");
     assert_eq!(c.orig_dst_hit + missed, CLIENTS as u64 * EACH);
     assert_eq!(missed, 0, "{c:?}");
+}
+
+/// Writes `set` as set `index` of the pinned `orig_dst_by_tuple`, as the programs would have.
+fn write_set(loaded: &Loaded, index: u32, set: &layout::TupleSet) {
+    let fd = programmer::loader::open_pinned_map(loaded.pin_dir(), layout::ORIG_DST_BY_TUPLE_MAP)
+        .unwrap();
+    programmer::sys::update_elem(
+        std::os::fd::AsFd::as_fd(&fd),
+        programmer::sys::bytes_of(&index),
+        programmer::sys::bytes_of(set),
+        0,
+    )
+    .unwrap();
+}
+
+/// A record of the tuple `src` → ztunnel, to `dst`, in state `state`.
+fn slot(src: SocketAddr, dst: SocketAddr, state: u32) -> layout::TupleSlot {
+    layout::TupleSlot {
+        seq: (1 << layout::SLOT_STATE_BITS) | state,
+        tuple: ConnTuple::new(src, ztunnel_addr()),
+        dst: layout::OrigDst {
+            addr: layout::PodAddr::from(dst.ip()).addr,
+            port: dst.port().to_be(),
+            family: 2,
+        },
+        evictions: 0,
+    }
+}
+
+#[test]
+fn an_older_record_of_a_reused_tuple_is_never_answered_once_the_newer_one_moves_on() {
+    if !testkit::require_root(
+        "an_older_record_of_a_reused_tuple_is_never_answered_once_the_newer_one_moves_on",
+    ) {
+        return;
+    }
+    let s = Setup::new("tuple-stale");
+    // Two sources on one port: one hot set. `reused` had a connection before whose record
+    // ztunnel never asked for; it waits in way 1 with that connection's destination.
+    let reused: SocketAddr = "127.0.9.2:40000".parse().unwrap();
+    let other: SocketAddr = "127.0.9.3:40000".parse().unwrap();
+    let stale: SocketAddr = "10.200.0.66:66".parse().unwrap();
+    let hot = ConnTuple::new(reused, ztunnel_addr()).hot_set();
+    assert_eq!(hot, ConnTuple::new(other, ztunnel_addr()).hot_set());
+    let filler = |b: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 9, b)), 40000);
+    write_set(
+        &s.loaded,
+        hot,
+        &layout::TupleSet {
+            way: [
+                // Answered: the next record of the set goes here.
+                slot(filler(9), stale, layout::SLOT_ANSWERED),
+                slot(reused, stale, layout::SLOT_PENDING),
+                slot(filler(10), stale, layout::SLOT_PENDING),
+                slot(filler(11), stale, layout::SLOT_PENDING),
+            ],
+        },
+    );
+    let zt = ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), 2).unwrap();
+    // The tuple's new connection takes way 0 (the first free or answered one); the other
+    // source's then finds every way waiting, and way 0, next in turn, moves to the overflow
+    // region to make room: the new record of `reused` leaves the hot set.
+    for src in [reused, other] {
+        s.connect(
+            &[SERVICE.parse().unwrap()],
+            ClientOptions {
+                count: 1,
+                bind_addrs: vec![src],
+                no_echo: true,
+                ..ClientOptions::default()
+            },
+        );
+    }
+    let answers: HashMap<SocketAddr, Accepted> =
+        accepted(&zt, 2).into_iter().map(|a| (a.peer, a)).collect();
+    for src in [reused, other] {
+        assert_eq!(
+            answers[&src].orig,
+            Some(Ok(SERVICE.parse().unwrap())),
+            "{:?}",
+            answers[&src]
+        );
+    }
+    let records = s.records();
+    let of_reused: Vec<&TupleRecord> = records
+        .iter()
+        .filter(|r| r.tuple == ConnTuple::new(reused, ztunnel_addr()))
+        .collect();
+    assert_eq!(of_reused.len(), 1, "{records:?}");
+    assert_eq!(
+        of_reused[0].set,
+        ConnTuple::new(reused, ztunnel_addr()).overflow_set()
+    );
 }
