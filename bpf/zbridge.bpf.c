@@ -248,6 +248,23 @@ static __always_inline __u32 zb_seq_next(__u32 seq, __u32 state)
 }
 
 /*
+ * Whether `slot` holds a record (waiting or answered) of `tuple`; `*seq` is its sequence word
+ * as read, taken for writing (zb_read_for_update), so that a compare-and-swap of it next
+ * finds the line in place, and the slot's loads stay after it.
+ */
+static __always_inline int zb_slot_holds(struct tuple_slot *slot, const struct conn_tuple *tuple,
+					 __u32 *seq)
+{
+	__u32 state;
+
+	*seq = zb_read_for_update(&slot->seq);
+	state = *seq & ZB_SLOT_STATE_MASK;
+	if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
+		return 0;
+	return zb_tuple_eq(&slot->tuple, tuple);
+}
+
+/*
  * Frees the records of `tuple` in the ways after `way`. A writer takes the first way, from
  * way 0, that is free, answered or holds the same tuple, so a tuple's newest record is in its
  * lowest way and any later one is older: a 4-tuple's earlier connection whose record ztunnel
@@ -260,15 +277,9 @@ static __always_inline void zb_tuple_drop_after(struct tuple_set *set, __u32 way
 #pragma nounroll
 	for (__u32 later = 1; later < ZB_TUPLE_WAYS; later++) {
 		struct tuple_slot *slot = &set->way[later];
-		__u32 seq, state;
+		__u32 seq;
 
-		if (later <= way)
-			continue;
-		seq = zb_read_for_update(&slot->seq);
-		state = seq & ZB_SLOT_STATE_MASK;
-		if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
-			continue;
-		if (!zb_tuple_eq(&slot->tuple, tuple))
+		if (later <= way || !zb_slot_holds(slot, tuple, &seq))
 			continue;
 		/* Free with a new generation: a copy being taken of it fails its compare-and-swap.
 		 * A claim by a writer since makes this one fail, which is as good. */
@@ -368,14 +379,9 @@ static __always_inline enum zb_take zb_tuple_take(struct tuple_set *set,
 	for (__u32 way = 0; way < ZB_TUPLE_WAYS; way++) {
 		struct tuple_slot *slot = &set->way[way];
 		struct orig_dst copy;
-		__u32 seq, state;
+		__u32 seq;
 
-		/* The copy below cannot be read before it. */
-		seq = zb_read_for_update(&slot->seq);
-		state = seq & ZB_SLOT_STATE_MASK;
-		if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
-			continue;
-		if (!zb_tuple_eq(&slot->tuple, tuple))
+		if (!zb_slot_holds(slot, tuple, &seq))
 			continue;
 		copy = slot->dst;
 		if (question != ZB_ASK_ANY && (question == ZB_ASK_V4) != zb_orig_dst_is_v4(&copy))
