@@ -364,8 +364,8 @@ static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
 
 /*
  * Copies the record of `tuple` to `out` and marks it answered (its slot may be reused, but
- * the record stays until then: ztunnel asks SOL_IP first and SOL_IPV6 next for an IPv6
- * destination). Returns 1 when the set holds it. The slots are tried in the writer's order,
+ * the record stays until then), when it answers `question`; a record of the other family is
+ * left waiting for ztunnel's other question. The slots are tried in the writer's order,
  * so the newest record of the tuple comes first; way 0 holds it unless that way was waiting
  * for another connection. The copy counts only if the slot's sequence word is unchanged from
  * before the copy to the compare-and-swap that marks it: then no writer claimed the slot in

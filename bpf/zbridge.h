@@ -123,7 +123,9 @@ struct conn_tuple {
  *   lines still warm from it, instead of anywhere in the region (all programs together
  *   100-260 ns less per connection, side by side: BENCHMARKS.md, "Layout v6"). The ways
  *   are tried in order from way 0, so the common case, an answered record in way 0, is one
- *   line.
+ *   line. The writer does not look past the way it takes, so a reused 4-tuple's older
+ *   record can wait in a later way; the newest is always first in that order, and a record
+ *   leaving its set frees the older ones of its tuple (zb_tuple_drop_after).
  * - A slot is one cache line: its sequence word, tuple and record come together. (The map is
  *   BPF_F_MMAPABLE, whose elements start on a page, so each 256-byte set is four whole lines:
  *   a plain array's elements start 56 bytes into a line on this kernel.)
@@ -141,11 +143,11 @@ struct conn_tuple {
 #define ZB_TUPLE_OVERFLOW_SETS 16384   /* a power of two: 65,536 slots, 4 MiB */
 #define ZB_TUPLE_SETS (ZB_TUPLE_HOT_SETS + ZB_TUPLE_OVERFLOW_SETS)
 
-/* The state in the low bits of tuple_set.seq[]; the generation above it counts the slot's
+/* The state in the low bits of tuple_slot.seq; the generation above it counts the slot's
  * claims, so that a reader's copy is known to be whole. */
 #define ZB_SLOT_STATE_BITS 2
 #define ZB_SLOT_STATE_MASK 3u
-#define ZB_SLOT_FREE 0     /* never written */
+#define ZB_SLOT_FREE 0     /* never written, or an older record of a reused tuple, freed */
 #define ZB_SLOT_PENDING 1  /* written by sock_ops, ztunnel has not asked yet */
 #define ZB_SLOT_ANSWERED 2 /* ztunnel asked; kept for a repeated question until reused */
 #define ZB_SLOT_BUSY 3     /* being written (claimed, not yet published) */

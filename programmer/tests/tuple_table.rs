@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use common::{bpffs, config};
@@ -346,7 +347,7 @@ fn write_set(loaded: &Loaded, index: u32, set: &layout::TupleSet) {
     let fd = programmer::loader::open_pinned_map(loaded.pin_dir(), layout::ORIG_DST_BY_TUPLE_MAP)
         .unwrap();
     programmer::sys::update_elem(
-        std::os::fd::AsFd::as_fd(&fd),
+        fd.as_fd(),
         programmer::sys::bytes_of(&index),
         programmer::sys::bytes_of(set),
         0,
