@@ -8,8 +8,9 @@
 //! ```text
 //! zbt-net serve --listen ADDR:PORT... [--orig-dst] [--upstream]
 //!     accept local=A peer=P orig=O|orig-errno=N [upstream-local=L|upstream-errno=N]
-//! zbt-net serve --listen ADDR:PORT --ask-after N
-//!     (holds N accepted connections, then asks each) accept local=A peer=P orig=O|orig-errno=N
+//! zbt-net serve --listen ADDR:PORT --ask-after N [--sol-ip-only]
+//!     (holds N accepted connections, then asks each; with --sol-ip-only, only the first of
+//!     ztunnel's two questions) accept local=A peer=P orig=O|orig-errno=N
 //! zbt-net sleep
 //!     ready           (then nothing, until killed)
 //! zbt-net connect --to ADDR:PORT [--count N] [--bind IP|IP:PORT]... [--no-echo] [--rst]
@@ -102,16 +103,16 @@ fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
     }
 }
 
-/// What ztunnel asks: `SO_ORIGINAL_DST`, then `IP6T_SO_ORIGINAL_DST`.
-fn original_dst(fd: RawFd, v6: bool) -> Result<SocketAddr, i32> {
+/// ztunnel's two questions, in its order, whatever the socket's family: `SO_ORIGINAL_DST`
+/// (`SOL_IP`), then `IP6T_SO_ORIGINAL_DST` (`SOL_IPV6`) when the first fails. An IPv6
+/// connection is asked `SOL_IP` first too, and fails it.
+const QUESTIONS: [(i32, u32); 2] = [(SOL_IP, 16), (SOL_IPV6, 28)];
+
+/// Asks `questions` in turn, until one is answered.
+fn original_dst(fd: RawFd, questions: &[(i32, u32)]) -> Result<SocketAddr, i32> {
     let mut buf = [0u8; 28];
-    let tries: &[(i32, u32)] = if v6 {
-        &[(SOL_IPV6, 28), (SOL_IP, 16)]
-    } else {
-        &[(SOL_IP, 16), (SOL_IPV6, 28)]
-    };
     let mut last = 0;
-    for (level, size) in tries {
+    for (level, size) in questions {
         let mut len = *size;
         // SAFETY: buf holds 28 bytes, at least len.
         let rc = unsafe { getsockopt(fd, *level, SO_ORIGINAL_DST, buf.as_mut_ptr(), &mut len) };
@@ -186,21 +187,27 @@ fn accept_line(stream: &TcpStream) -> String {
     )
 }
 
-/// ztunnel's question about an accepted connection, in the family it was accepted in first.
+/// ztunnel's questions about an accepted connection.
 fn ask_original_dst(stream: &TcpStream) -> Result<SocketAddr, i32> {
-    let v6 = stream.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
-    original_dst(stream.as_raw_fd(), v6)
+    original_dst(stream.as_raw_fd(), &QUESTIONS)
 }
 
 /// A ztunnel that is slow to ask: on its (one) listener it accepts `n` connections, holding
-/// them, and only then asks each its original destination, in accept order.
-fn serve_deferred(listens: Vec<SocketAddr>, n: usize) {
+/// them, and only then asks each its original destination, in accept order. With
+/// `sol_ip_only`, it asks only the first question (so that a test can look at the table
+/// between ztunnel's two questions).
+fn serve_deferred(listens: Vec<SocketAddr>, n: usize, sol_ip_only: bool) {
     let listener = listen(listens[0]);
+    let questions = if sol_ip_only {
+        &QUESTIONS[..1]
+    } else {
+        &QUESTIONS[..]
+    };
     say("ready");
     loop {
         let held: Vec<TcpStream> = listener.incoming().take(n).flatten().collect();
         for stream in &held {
-            let answer = match ask_original_dst(stream) {
+            let answer = match original_dst(stream.as_raw_fd(), questions) {
                 Ok(dst) => format!("orig={dst}"),
                 Err(e) => format!("orig-errno={e}"),
             };
@@ -334,7 +341,7 @@ fn main() {
         echo: true,
         rst: false,
     };
-    let (mut orig, mut up, mut latency) = (false, false, false);
+    let (mut orig, mut up, mut latency, mut sol_ip_only) = (false, false, false, false);
     let mut i = 1;
     while i < args.len() {
         let value = || args.get(i + 1).cloned().unwrap_or_default();
@@ -362,6 +369,11 @@ fn main() {
                 i += 1;
                 continue;
             }
+            "--sol-ip-only" => {
+                sol_ip_only = true;
+                i += 1;
+                continue;
+            }
             "--upstream" => {
                 up = true;
                 i += 1;
@@ -377,7 +389,7 @@ fn main() {
         i += 2;
     }
     match mode.as_str() {
-        "serve" if ask_after > 0 => serve_deferred(listens, ask_after),
+        "serve" if ask_after > 0 => serve_deferred(listens, ask_after, sol_ip_only),
         "serve" => serve(listens, orig, up),
         // A process that only exists (so that its cgroup is live), until killed.
         "sleep" => {

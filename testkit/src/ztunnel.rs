@@ -2,7 +2,7 @@
 //! test cgroup and network namespace, reporting what really happened over channels.
 //!
 //! The fake ztunnel listens on 15001 and 15006 of its addresses; for each connection it asks
-//! `SO_ORIGINAL_DST` (then `IP6T_SO_ORIGINAL_DST`) as ztunnel does, reports the port it
+//! `SO_ORIGINAL_DST` (then `IP6T_SO_ORIGINAL_DST`, whatever the family) as ztunnel does, reports the port it
 //! accepted on, the peer and the original destination (or the errno), optionally connects
 //! upstream binding the client's address (as ztunnel does under TPROXY), then echoes one byte.
 
@@ -225,18 +225,40 @@ pub fn deferred_ztunnel(
     listen: SocketAddr,
     n: usize,
 ) -> std::io::Result<Listener> {
-    Listener::start(
-        ns,
-        cgroup,
-        path,
-        vec![
-            "serve".into(),
-            "--listen".into(),
-            listen.to_string(),
-            "--ask-after".into(),
-            n.to_string(),
-        ],
-    )
+    deferred(ns, cgroup, path, listen, n, false)
+}
+
+/// [`deferred_ztunnel`] that asks only ztunnel's first question, `SOL_IP`'s
+/// `SO_ORIGINAL_DST`, and never the `SOL_IPV6` one that follows it for an IPv6 connection.
+pub fn deferred_ztunnel_sol_ip_only(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    listen: SocketAddr,
+    n: usize,
+) -> std::io::Result<Listener> {
+    deferred(ns, cgroup, path, listen, n, true)
+}
+
+fn deferred(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    listen: SocketAddr,
+    n: usize,
+    sol_ip_only: bool,
+) -> std::io::Result<Listener> {
+    let mut args = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        listen.to_string(),
+        "--ask-after".into(),
+        n.to_string(),
+    ];
+    if sol_ip_only {
+        args.push("--sol-ip-only".into());
+    }
+    Listener::start(ns, cgroup, path, args)
 }
 
 /// A plain listener ("remote service") on the given addresses; it echoes one byte.
