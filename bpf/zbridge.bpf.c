@@ -32,17 +32,17 @@ static __always_inline int zb_no_ztunnel(const struct settings *s)
 }
 
 /*
- * Copies to `*entry` the cgroup_info entry that applies to the calling thread (its cgroup's,
- * or its nearest enrolled ancestor's), from the thread's cached decision when it still holds
- * (struct connect_record says when), else from the walk, whose result is then cached. With
- * no entry, `*entry` stays as the caller zeroed it: flags 0, no role. `*rec` is the thread's
- * storage or NULL; a found entry creates it.
+ * Copies to `*entry` the cgroup_info entry that applies to the calling thread `task` (its
+ * cgroup's, or its nearest enrolled ancestor's), from the thread's cached decision when it
+ * still holds (struct connect_record says when), else from the walk, whose result is then
+ * cached. With no entry, `*entry` stays as the caller zeroed it: flags 0, no role. `*rec` is
+ * the thread's storage or NULL; a found entry creates it.
  */
-static __always_inline void
-zb_current_entry(const struct settings *s, struct connect_record **rec, struct cgroup_info *entry)
+static __always_inline void zb_current_entry(const struct settings *s, struct task_struct *task,
+					     struct connect_record **rec, struct cgroup_info *entry)
 {
 	struct connect_record *r = *rec;
-	__u64 cgroup = bpf_get_current_cgroup_id();
+	__u64 cgroup = zb_task_cgroup_id(task);
 	/* Read before the walk: an entry changed after this read bumps the generation past it,
 	 * so a decision cached from a walk that saw the old entry is not used again. */
 	__u32 generation = ZB_READ_ONCE(s->generation);
@@ -61,8 +61,7 @@ zb_current_entry(const struct settings *s, struct connect_record **rec, struct c
 		return;
 	}
 	if (!r)
-		r = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0,
-					 BPF_LOCAL_STORAGE_GET_F_CREATE);
+		r = bpf_task_storage_get(&orig_dst_by_task, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	/* No storage (out of memory): the decision stands, only uncached. */
 	if (r) {
 		r->cached_cgroup = cgroup;
@@ -84,6 +83,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	/* Zeroed: no role, unless zb_current_entry finds one. */
 	struct cgroup_info entry = {};
 	struct connect_record *rec;
+	struct task_struct *task;
 	struct zb_ip zt = {};
 	__u16 capture_port;
 	__u32 counter, n;
@@ -109,8 +109,9 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	if (!s->levels)
 		return ZB_ALLOW;
 
-	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0, 0);
-	zb_current_entry(s, &rec, &entry);
+	task = bpf_get_current_task_btf();
+	rec = bpf_task_storage_get(&orig_dst_by_task, task, 0, 0);
+	zb_current_entry(s, task, &rec, &entry);
 	if (entry.flags & ZB_F_ZTUNNEL)
 		/* ztunnel's own connects go where ztunnel wants them. */
 		return ZB_ALLOW;
@@ -145,8 +146,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	 * sock_ops before this connect() returns. A thread of an enrolled cgroup has its storage
 	 * from zb_current_entry; a host process connecting to a pod gets it here. */
 	if (!rec)
-		rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0,
-					   BPF_LOCAL_STORAGE_GET_F_CREATE);
+		rec = bpf_task_storage_get(&orig_dst_by_task, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	/* Without the record ztunnel could not tell where to go; refusing is the safe answer. */
 	if (!rec) {
 		zb_count(ZB_C_FAIL_CLOSED);

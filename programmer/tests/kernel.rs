@@ -551,6 +551,66 @@ fn a_redirect_stays_armed_until_a_connect_to_a_capture_port_takes_it() {
     assert_eq!(loaded.counters().unwrap().redirected_out, 2);
 }
 
+/// The thread's cached decision holds only while the thread stays in its cgroup: a thread moved
+/// out of its pod's cgroup, to one with no entry, is decided as a host process on its very
+/// next connect, and moved back, as the pod's again. (connect4 reads the thread's cgroup id
+/// through the task's BTF, `zb_task_cgroup_id`: a wrong read would keep the pod's decision for
+/// a thread that left, or never find the cache.)
+#[test]
+fn a_thread_moved_to_another_cgroup_is_decided_for_its_new_cgroup() {
+    use std::time::Duration;
+
+    if !testkit::require_root("a_thread_moved_to_another_cgroup_is_decided_for_its_new_cgroup") {
+        return;
+    }
+    let (cg, fs, loaded) = common::attached("prog-moved");
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    // Bound in this order so that they drop in reverse: the shell and the fake ztunnel before
+    // the namespace.
+    let ThreadWorld {
+        _ns,
+        prog: _prog,
+        pod,
+        mut shell,
+        ztunnel,
+    } = ThreadWorld::new(&cg, &loaded, "prog-moved", loopback);
+    let host = cg.child("host").unwrap();
+    let pod_id = cg.id_of(&pod).unwrap();
+    let pid = shell.pid();
+    let record = || {
+        programmer::read_thread_record(&fs.pin_dir(), pid)
+            .unwrap()
+            .expect("the thread has its record")
+    };
+    let redirected = || loaded.counters().unwrap().redirected_out;
+    let landed = || {
+        let a = ztunnel
+            .next(Duration::from_secs(5))
+            .expect("no connection on ztunnel");
+        assert_eq!(a.orig, Some(Ok("10.200.0.99:80".parse().unwrap())));
+    };
+
+    // In the pod: redirected, and the decision cached for the pod's cgroup.
+    assert!(shell.connect("10.200.0.99", 80));
+    landed();
+    assert_eq!(redirected(), 1);
+    assert_eq!(record().cached_cgroup, pod_id);
+
+    // Moved to a cgroup with no entry: a host process now, not redirected (nothing routes
+    // to the service in the namespace, so the connect fails), and nothing cached.
+    cg.enter(&host, pid).unwrap();
+    assert!(!shell.connect("10.200.0.99", 80));
+    assert_eq!(redirected(), 1);
+    assert_eq!(record().cached_cgroup, 0);
+
+    // Back in the pod: captured again at once.
+    cg.enter(&pod, pid).unwrap();
+    assert!(shell.connect("10.200.0.99", 80));
+    landed();
+    assert_eq!(redirected(), 2);
+    assert_eq!(record().cached_cgroup, pod_id);
+}
+
 /// connect4 caches a thread's cgroup entry in the thread's storage (`struct connect_record`),
 /// good for one `settings.generation`. One long-lived shell (one thread) connects again and
 /// again while the programmer changes its pod's entry: each change takes effect on the very
