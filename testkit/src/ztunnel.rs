@@ -2,9 +2,10 @@
 //! test cgroup and network namespace, reporting what really happened over channels.
 //!
 //! The fake ztunnel listens on 15001 and 15006 of its addresses; for each connection it asks
-//! `SO_ORIGINAL_DST` (then `IP6T_SO_ORIGINAL_DST`, whatever the family) as ztunnel does, reports the port it
-//! accepted on, the peer and the original destination (or the errno), optionally connects
-//! upstream binding the client's address (as ztunnel does under TPROXY), then echoes one byte.
+//! `SO_ORIGINAL_DST` (then `IP6T_SO_ORIGINAL_DST`, whatever the family) as ztunnel does,
+//! reports the port it accepted on, the peer and the original destination (or the errno),
+//! optionally connects upstream binding the client's address (as ztunnel does under TPROXY),
+//! then echoes one byte.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
