@@ -20,29 +20,10 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 
+/* The kernel fields the program reads (CO-RE). */
+#include "kernel.h"
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-/*
- * The few kernel fields the program reads, declared with only those fields: with
- * preserve_access_index clang records each access as a CO-RE relocation, and the loader
- * (aya) rewrites the offsets against the running kernel's BTF (/sys/kernel/btf/vmlinux). No
- * vmlinux.h is needed, and a kernel whose layout moved these fields still loads.
- */
-struct ns_common {
-	unsigned int inum;
-} __attribute__((preserve_access_index));
-
-struct net {
-	struct ns_common ns;
-} __attribute__((preserve_access_index));
-
-struct nsproxy {
-	struct net *net_ns;
-} __attribute__((preserve_access_index));
-
-struct task_struct {
-	struct nsproxy *nsproxy;
-} __attribute__((preserve_access_index));
 
 /* One exec. The layout is part of the interface: exec_tap.rs decodes it (24 bytes). */
 struct exec_tap_record {

@@ -10,6 +10,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "kernel.h"
 #include "zbridge.h"
 
 /* From the libc and netfilter headers, which a BPF build does not include. */
@@ -85,28 +86,6 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
-/* ---- kernel structures, read through BTF ----
- *
- * Only the fields the programs read, marked for CO-RE: the loader (aya) moves each access to
- * the field's offset in the running kernel's BTF (/sys/kernel/btf/vmlinux), so the object
- * does not depend on one kernel's layout. Reading through a task pointer needs CAP_PERFMON,
- * which bpf_get_current_task_btf() needs already. */
-struct kernfs_node {
-	__u64 id;
-} __attribute__((preserve_access_index));
-
-struct cgroup {
-	struct kernfs_node *kn;
-} __attribute__((preserve_access_index));
-
-struct css_set {
-	struct cgroup *dfl_cgrp;
-} __attribute__((preserve_access_index));
-
-struct task_struct {
-	struct css_set *cgroups;
-} __attribute__((preserve_access_index));
-
 /* ---- helpers ---- */
 
 /*
@@ -115,7 +94,8 @@ struct task_struct {
  * pointer the caller holds already: three dependent loads instead of a helper call, which
  * took connect4 ~30 ns less per connect here (BENCHMARKS.md). Calls are dear on this VM: its
  * kernel has retpolines and returns through the SRSO "safe RET" thunk. The programs run under
- * RCU, which keeps the css_set and the cgroup alive while they are read.
+ * RCU, which keeps the css_set and the cgroup alive while they are read. (CO-RE: kernel.h;
+ * CAP_PERFMON, which bpf_get_current_task_btf() needs already.)
  */
 static __always_inline __u64 zb_task_cgroup_id(struct task_struct *task)
 {

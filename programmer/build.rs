@@ -8,6 +8,6 @@ fn main() {
         "zbridge-programmer",
         "zbridge.bpf.c",
         "zbridge.bpf.o",
-        &["helpers.h", "zbridge.h"],
+        &["helpers.h", "kernel.h", "zbridge.h"],
     );
 }

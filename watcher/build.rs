@@ -5,5 +5,10 @@
 include!("../bpf/build_bpf.rs");
 
 fn main() {
-    build_bpf_object("zbridge-watcher", "exec_tap.bpf.c", "exec_tap.bpf.o", &[]);
+    build_bpf_object(
+        "zbridge-watcher",
+        "exec_tap.bpf.c",
+        "exec_tap.bpf.o",
+        &["kernel.h"],
+    );
 }
