@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{bpffs, config};
 use programmer::layout::{self, CgroupInfo, ConnTuple};
 use programmer::{Loaded, MapBackend, MapBatch, TupleRecord};
-use testkit::ztunnel::{self, Accepted, ClientOptions, Listener};
+use testkit::ztunnel::{self, Accepted, ClientOptions, Listener, Questions};
 use testkit::{BpfFs, NetNs, TestCgroup};
 use watcher::CgroupId;
 
@@ -134,7 +134,9 @@ fn records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answer
     // Twice as many waiting records as the hot region has slots.
     const N: usize = 2 * layout::TUPLE_HOT_SETS as usize * layout::TUPLE_WAYS;
     let s = Setup::new("tuple-overflow");
-    let zt = ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), N).unwrap();
+    let zt =
+        ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), N, Questions::AsZtunnel)
+            .unwrap();
     s.connect(
         &[SERVICE.parse().unwrap()],
         ClientOptions {
@@ -223,7 +225,15 @@ fn a_full_overflow_set_gives_way_oldest_first_and_counts_it() {
     }
     let sources = colliding_sources();
     let s = Setup::new("tuple-evict");
-    let zt = ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), sources.len()).unwrap();
+    let zt = ztunnel::deferred_ztunnel(
+        &s.ns,
+        &s.cg,
+        &s.zt,
+        ztunnel_addr(),
+        sources.len(),
+        Questions::AsZtunnel,
+    )
+    .unwrap();
     s.connect(
         &[SERVICE.parse().unwrap()],
         ClientOptions {
@@ -406,7 +416,9 @@ fn an_older_record_of_a_reused_tuple_is_never_answered_once_the_newer_one_moves_
             ],
         },
     );
-    let zt = ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), 2).unwrap();
+    let zt =
+        ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), 2, Questions::AsZtunnel)
+            .unwrap();
     // The tuple's new connection takes way 0 (the first free or answered one); the other
     // source's then finds every way waiting, and way 0, next in turn, moves to the overflow
     // region to make room: the new record of `reused` leaves the hot set.
@@ -454,8 +466,15 @@ fn an_ipv6_record_still_waits_after_the_sol_ip_question() {
         return;
     }
     let s = Setup::new("tuple-v6-question");
-    let zt =
-        ztunnel::deferred_ztunnel_sol_ip_only(&s.ns, &s.cg, &s.zt, ztunnel_addr6(), 1).unwrap();
+    let zt = ztunnel::deferred_ztunnel(
+        &s.ns,
+        &s.cg,
+        &s.zt,
+        ztunnel_addr6(),
+        1,
+        Questions::SolIpOnly,
+    )
+    .unwrap();
     let service: SocketAddr = "[fd00:200::99]:80".parse().unwrap();
     s.connect(
         &[service],

@@ -217,6 +217,16 @@ impl FakeZtunnel {
     }
 }
 
+/// Which of ztunnel's questions a fake ztunnel asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Questions {
+    /// As ztunnel does: `SO_ORIGINAL_DST` at `SOL_IP`, then, when that fails,
+    /// `IP6T_SO_ORIGINAL_DST` at `SOL_IPV6`.
+    AsZtunnel,
+    /// Only the first, `SOL_IP`'s (to look at the table between the two questions).
+    SolIpOnly,
+}
+
 /// A fake ztunnel slow to ask: it listens on `listen`, holds `n` accepted connections, and
 /// only then asks each its original destination (reported like [`FakeZtunnel`]'s).
 pub fn deferred_ztunnel(
@@ -225,29 +235,7 @@ pub fn deferred_ztunnel(
     path: &str,
     listen: SocketAddr,
     n: usize,
-) -> std::io::Result<Listener> {
-    deferred(ns, cgroup, path, listen, n, false)
-}
-
-/// [`deferred_ztunnel`] that asks only ztunnel's first question, `SOL_IP`'s
-/// `SO_ORIGINAL_DST`, and never the `SOL_IPV6` one that follows it for an IPv6 connection.
-pub fn deferred_ztunnel_sol_ip_only(
-    ns: &NetNs,
-    cgroup: &TestCgroup,
-    path: &str,
-    listen: SocketAddr,
-    n: usize,
-) -> std::io::Result<Listener> {
-    deferred(ns, cgroup, path, listen, n, true)
-}
-
-fn deferred(
-    ns: &NetNs,
-    cgroup: &TestCgroup,
-    path: &str,
-    listen: SocketAddr,
-    n: usize,
-    sol_ip_only: bool,
+    questions: Questions,
 ) -> std::io::Result<Listener> {
     let mut args = vec![
         "serve".to_string(),
@@ -256,7 +244,7 @@ fn deferred(
         "--ask-after".into(),
         n.to_string(),
     ];
-    if sol_ip_only {
+    if questions == Questions::SolIpOnly {
         args.push("--sol-ip-only".into());
     }
     Listener::start(ns, cgroup, path, args)
