@@ -110,6 +110,12 @@ impl Setup {
         .unwrap()
     }
 
+    /// A fake ztunnel on `listen` that holds `n` connections before it asks
+    /// ([`ztunnel::deferred_ztunnel`]), so that records pile up.
+    fn deferred_ztunnel(&self, listen: SocketAddr, n: usize, questions: Questions) -> Listener {
+        ztunnel::deferred_ztunnel(&self.ns, &self.cg, &self.zt, listen, n, questions).unwrap()
+    }
+
     fn records(&self) -> Vec<TupleRecord> {
         programmer::read_tuple_records(self.loaded.pin_dir()).unwrap()
     }
@@ -134,9 +140,7 @@ fn records_go_to_the_overflow_region_when_the_hot_one_is_full_and_all_are_answer
     // Twice as many waiting records as the hot region has slots.
     const N: usize = 2 * layout::TUPLE_HOT_SETS as usize * layout::TUPLE_WAYS;
     let s = Setup::new("tuple-overflow");
-    let zt =
-        ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), N, Questions::AsZtunnel)
-            .unwrap();
+    let zt = s.deferred_ztunnel(ztunnel_addr(), N, Questions::AsZtunnel);
     s.connect(
         &[SERVICE.parse().unwrap()],
         ClientOptions {
@@ -225,15 +229,7 @@ fn a_full_overflow_set_gives_way_oldest_first_and_counts_it() {
     }
     let sources = colliding_sources();
     let s = Setup::new("tuple-evict");
-    let zt = ztunnel::deferred_ztunnel(
-        &s.ns,
-        &s.cg,
-        &s.zt,
-        ztunnel_addr(),
-        sources.len(),
-        Questions::AsZtunnel,
-    )
-    .unwrap();
+    let zt = s.deferred_ztunnel(ztunnel_addr(), sources.len(), Questions::AsZtunnel);
     s.connect(
         &[SERVICE.parse().unwrap()],
         ClientOptions {
@@ -416,9 +412,7 @@ fn an_older_record_of_a_reused_tuple_is_never_answered_once_the_newer_one_moves_
             ],
         },
     );
-    let zt =
-        ztunnel::deferred_ztunnel(&s.ns, &s.cg, &s.zt, ztunnel_addr(), 2, Questions::AsZtunnel)
-            .unwrap();
+    let zt = s.deferred_ztunnel(ztunnel_addr(), 2, Questions::AsZtunnel);
     // The tuple's new connection takes way 0 (the first free or answered one); the other
     // source's then finds every way waiting, and way 0, next in turn, moves to the overflow
     // region to make room: the new record of `reused` leaves the hot set.
@@ -466,15 +460,7 @@ fn an_ipv6_record_still_waits_after_the_sol_ip_question() {
         return;
     }
     let s = Setup::new("tuple-v6-question");
-    let zt = ztunnel::deferred_ztunnel(
-        &s.ns,
-        &s.cg,
-        &s.zt,
-        ztunnel_addr6(),
-        1,
-        Questions::SolIpOnly,
-    )
-    .unwrap();
+    let zt = s.deferred_ztunnel(ztunnel_addr6(), 1, Questions::SolIpOnly);
     let service: SocketAddr = "[fd00:200::99]:80".parse().unwrap();
     s.connect(
         &[service],
