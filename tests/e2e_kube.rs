@@ -342,7 +342,7 @@ impl Node {
 
     /// The pinned `cgroup_info_map` (empty while the agent has not made it yet).
     fn entries(&self) -> BTreeMap<u64, CgroupInfo> {
-        let Ok(backend) = programmer::AyaBackend::open(&self.pin_dir()) else {
+        let Ok(backend) = programmer::KernelMaps::open(&self.pin_dir()) else {
             return BTreeMap::new();
         };
         backend

@@ -47,7 +47,7 @@ fn connections_spread_over_two_ztunnel_addresses_by_destination() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let settings = programmer::AyaBackend::open(&world.pin_dir())
+    let settings = programmer::KernelMaps::open(&world.pin_dir())
         .unwrap()
         .settings()
         .unwrap();

@@ -420,23 +420,24 @@ impl Counters {
     }
 }
 
-// SAFETY: #[repr(C)] structs of integers and byte arrays without padding (sizes 24, 96, 16,
-// 20, 36, 56 and 256, checked against the object's BTF by a test).
-unsafe impl crate::sys::Plain for CgroupInfo {}
+// SAFETY (aya's `Pod`: handed to the kernel as bytes): #[repr(C)] structs of integers and byte
+// arrays without padding, any bit pattern valid (sizes 24, 96, 16, 20, 36, 56 and 256, checked
+// against the object's BTF by a test).
+unsafe impl aya::Pod for CgroupInfo {}
 // SAFETY: as above.
-unsafe impl crate::sys::Plain for Settings {}
+unsafe impl aya::Pod for Settings {}
 // SAFETY: as above.
-unsafe impl crate::sys::Plain for PodAddr {}
+unsafe impl aya::Pod for PodAddr {}
 // SAFETY: as above.
-unsafe impl crate::sys::Plain for OrigDst {}
+unsafe impl aya::Pod for OrigDst {}
 // SAFETY: as above.
-unsafe impl crate::sys::Plain for ConnectRecord {}
+unsafe impl aya::Pod for ConnectRecord {}
 // SAFETY: as above.
-unsafe impl crate::sys::Plain for ConnTuple {}
+unsafe impl aya::Pod for ConnTuple {}
 // SAFETY: as above.
-unsafe impl crate::sys::Plain for TupleSlot {}
+unsafe impl aya::Pod for TupleSlot {}
 // SAFETY: as above.
-unsafe impl crate::sys::Plain for TupleSet {}
+unsafe impl aya::Pod for TupleSet {}
 
 /// `struct pod_addr`: the key of `pod_addr_map` (IPv4 stored IPv4-mapped).
 #[repr(C)]

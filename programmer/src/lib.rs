@@ -2,29 +2,31 @@
 //!
 //! The programmer loads the object clang built from `bpf/` ([`object`]), attaches its programs
 //! to a cgroup and pins maps and links so redirection survives an agent restart
-//! ([`loader`]), and applies the resolver's [`resolver::Update`]s to the maps in batches
-//! ([`Programmer`]). Where the operations land is a [`MapBackend`]: the kernel's maps
-//! ([`AyaBackend`]), or memory ([`MemoryBackend`]) for replay and tests.
+//! ([`loader`], in a pin directory only root can write: [`pins`]), and applies the resolver's
+//! [`resolver::Update`]s to the maps in batches ([`Programmer`]). Where the operations land is
+//! a [`MapBackend`]: the kernel's maps ([`KernelMaps`]), or memory ([`MemoryBackend`]) for
+//! replay and tests.
 
-pub mod aya_backend;
 pub mod backend;
+pub mod inspect;
+pub mod kernel_maps;
 pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod object;
+pub mod pins;
 pub mod programmer;
 pub mod sys;
 
 use std::path::PathBuf;
 
-pub use aya_backend::{AyaBackend, BatchMode};
 pub use backend::{MapBackend, MapBatch};
+pub use inspect::{read_counters, read_thread_record, read_tuple_records, TupleRecord};
+pub use kernel_maps::{BatchMode, KernelMaps};
 pub use layout::Counters;
-pub use loader::{
-    detach, read_counters, read_thread_record, read_tuple_records, LoadReport, Loaded,
-    LoaderConfig, TupleRecord,
-};
+pub use loader::{detach, LoadReport, Loaded, LoaderConfig};
 pub use memory::MemoryBackend;
+pub use pins::{check_pin_dir, PinDirError, PinDirStatus};
 pub use programmer::{Programmer, ProgrammerConfig};
 
 /// Errors of the programmer; each names the map, program or path concerned.
@@ -60,8 +62,9 @@ pub enum ProgramError {
         // `{:#}`) would print it twice.
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Other(String),
+    /// The pin directory is not on a bpffs, or someone other than root could change it.
+    #[error(transparent)]
+    PinDir(#[from] pins::PinDirError),
 }
 
 impl ProgramError {

@@ -1,7 +1,7 @@
 //! Loading the object, checking pinned maps against it, attaching the programs to a cgroup as
-//! pinned links, and removing all of it again ([`detach`]).
+//! pinned links, and removing all of it again ([`detach`]). Where the pins go, and who may
+//! write there: [`crate::pins`].
 //!
-//! The pin directory is versioned: `<pin dir>/v1/maps/<map>` and `<pin dir>/v1/links/<program>`.
 //! A pinned map is reused only when its type, key size, value size and max entries are what
 //! the object wants (aya would reuse it without looking); otherwise it is removed and created
 //! afresh, and the report says so. Pinned links keep the programs attached while no agent
@@ -9,16 +9,19 @@
 //! (`BPF_LINK_UPDATE`), so redirection never stops.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::programs::{CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::maps::MapInfo;
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
-use crate::aya_backend::AyaBackend;
+use crate::kernel_maps::KernelMaps;
 use crate::layout::{self, Counters};
 use crate::object::{self, MapSpec, ProgramKind};
+use crate::pins::{self, links_dir, map_io_error, maps_dir};
 use crate::sys;
 use crate::ProgramError;
 
@@ -73,33 +76,6 @@ pub struct Loaded {
     report: LoadReport,
 }
 
-/// `<pin dir>/<version>`.
-pub fn versioned_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join(layout::LAYOUT_VERSION)
-}
-
-fn maps_dir(pin_dir: &Path) -> PathBuf {
-    versioned_dir(pin_dir).join("maps")
-}
-
-fn links_dir(pin_dir: &Path) -> PathBuf {
-    versioned_dir(pin_dir).join("links")
-}
-
-/// Opens one pinned map of the current layout version.
-pub fn open_pinned_map(pin_dir: &Path, map: &'static str) -> Result<OwnedFd, ProgramError> {
-    let path = maps_dir(pin_dir).join(map);
-    sys::obj_get(&path).map_err(|e| ProgramError::Map {
-        map,
-        op: "open pinned map",
-        source: std::io::Error::new(e.kind(), format!("{}: {e}", path.display())),
-    })
-}
-
-fn mkdir(path: &Path) -> Result<(), ProgramError> {
-    std::fs::create_dir_all(path).map_err(|e| ProgramError::path(path, "create directory", e))
-}
-
 /// Checks each pinned map against the object; removes those that differ. Returns the messages
 /// for the removed ones.
 fn check_pinned_maps(
@@ -113,7 +89,7 @@ fn check_pinned_maps(
         if !path.exists() {
             continue;
         }
-        let found = sys::obj_get(&path).and_then(|fd| sys::map_info(fd.as_fd()));
+        let found = MapInfo::from_pin(&path).map_err(map_io_error);
         let problem = match found {
             Err(e) => Some(format!("cannot be read ({e})")),
             Ok(info) => {
@@ -123,11 +99,13 @@ fn check_pinned_maps(
                         diffs.push(format!("{what} {has}, object wants {wants}"));
                     }
                 };
-                diff("type", info.map_type, want.map_type);
-                diff("key size", info.key_size, want.key_size);
-                diff("value size", info.value_size, want.value_size);
-                diff("max entries", info.max_entries, want.max_entries);
-                diff("flags", info.map_flags, want.map_flags);
+                // aya knows every type the object has; an unknown one differs anyway.
+                let map_type = info.map_type().map_or(u32::MAX, |t| t as u32);
+                diff("type", map_type, want.map_type);
+                diff("key size", info.key_size(), want.key_size);
+                diff("value size", info.value_size(), want.value_size);
+                diff("max entries", info.max_entries(), want.max_entries);
+                diff("flags", info.map_flags(), want.map_flags);
                 (!diffs.is_empty()).then(|| format!("has {}", diffs.join(", ")))
             }
         };
@@ -183,6 +161,20 @@ fn forget_caches_of_a_new_settings_map(
     Ok(())
 }
 
+/// An aya error with its causes: its own message leaves out the kernel's (EPERM, say).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(&format!(": {c_text}"));
+        }
+        cause = c.source();
+    }
+    text
+}
+
 fn load_error(program: &str, e: aya::programs::ProgramError) -> ProgramError {
     let detail = match e {
         aya::programs::ProgramError::LoadError {
@@ -195,7 +187,7 @@ fn load_error(program: &str, e: aya::programs::ProgramError) -> ProgramError {
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             format!("verifier rejected: {io_error}:\n{}", tail.join("\n"))
         }
-        other => format!("load failed: {other}"),
+        other => format!("load failed: {}", error_chain(&other)),
     };
     ProgramError::Program {
         program: program.to_string(),
@@ -215,22 +207,9 @@ impl Loaded {
             .map_err(|e| ProgramError::path(&config.attach_cgroup, "stat cgroup", e))?
             .ino();
 
-        mkdir(&config.pin_dir)?;
-        match sys::is_bpffs(&config.pin_dir) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(ProgramError::Other(format!(
-                    "{}: not on a bpf filesystem; pins only work there (mount one: \
-                     `mount -t bpf bpf /sys/fs/bpf`)",
-                    config.pin_dir.display()
-                )))
-            }
-            Err(e) => return Err(ProgramError::path(&config.pin_dir, "statfs", e)),
-        }
+        pins::prepare_pin_dir(&config.pin_dir)?;
         let maps_dir = maps_dir(&config.pin_dir);
         let links_dir = links_dir(&config.pin_dir);
-        mkdir(&maps_dir)?;
-        mkdir(&links_dir)?;
 
         let mut specs = object::map_specs(bytes)?;
         for name in [layout::CGROUP_INFO_MAP, layout::POD_ADDR_MAP] {
@@ -276,29 +255,51 @@ impl Loaded {
             let program = ebpf
                 .program_mut(name)
                 .ok_or_else(|| ProgramError::Object(format!("has no program `{name}`")))?;
+            // Loads the program, then re-points its pinned link at it or attaches it with a new
+            // pinned link: through aya where aya can pin the link, by `BPF_LINK_CREATE`
+            // otherwise.
             macro_rules! load_attach {
-                ($ty:ty) => {{
+                ($ty:ty, $new_link:ident) => {{
                     let prog: &mut $ty = program.try_into().map_err(|e| load_error(name, e))?;
                     prog.load().map_err(|e| load_error(name, e))?;
                     let prog_fd = prog.fd().map_err(|e| load_error(name, e))?;
-                    if reuse_link(&link_path, cgroup_id, prog_fd.as_fd())
-                        .map_err(|e| attach_err(e))?
-                    {
+                    if reuse_link(&link_path, cgroup_id, prog_fd.as_fd()).map_err(attach_err)? {
                         report.links_updated.push(name.to_string());
                     } else {
-                        let link = sys::link_create(prog_fd.as_fd(), cgroup.as_fd(), attach_type)
-                            .map_err(|e| attach_err(format!("BPF_LINK_CREATE: {e}")))?;
-                        sys::obj_pin(link.as_fd(), &link_path).map_err(|e| {
-                            attach_err(format!("pin link at {}: {e}", link_path.display()))
-                        })?;
+                        load_attach!(@$new_link prog);
                         report.links_created.push(name.to_string());
                     }
                 }};
+                (@aya $prog:ident) => {{
+                    let id = $prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|e| attach_err(format!("attach: {}", error_chain(&e))))?;
+                    let link: FdLink = $prog
+                        .take_link(id)
+                        .map_err(|e| attach_err(format!("take link: {}", error_chain(&e))))?
+                        .try_into()
+                        .map_err(|e| attach_err(format!("link: {}", error_chain(&e))))?;
+                    link.pin(&link_path).map_err(|e| {
+                        attach_err(format!(
+                            "pin link at {}: {}",
+                            link_path.display(),
+                            error_chain(&e)
+                        ))
+                    })?;
+                }};
+                (@raw $prog:ident) => {{
+                    let prog_fd = $prog.fd().map_err(|e| load_error(name, e))?;
+                    let link = sys::link_create(prog_fd.as_fd(), cgroup.as_fd(), attach_type)
+                        .map_err(|e| attach_err(format!("BPF_LINK_CREATE: {e}")))?;
+                    sys::obj_pin(link.as_fd(), &link_path).map_err(|e| {
+                        attach_err(format!("pin link at {}: {e}", link_path.display()))
+                    })?;
+                }};
             }
             match kind {
-                ProgramKind::SockAddr => load_attach!(CgroupSockAddr),
-                ProgramKind::SockOps => load_attach!(SockOps),
-                ProgramKind::Sockopt => load_attach!(CgroupSockopt),
+                ProgramKind::SockAddr => load_attach!(CgroupSockAddr, aya),
+                ProgramKind::SockOps => load_attach!(SockOps, aya),
+                ProgramKind::Sockopt => load_attach!(CgroupSockopt, raw),
             }
         }
 
@@ -333,14 +334,14 @@ impl Loaded {
         &self.attach_cgroup
     }
 
-    /// A backend over the pinned maps (its own file descriptors).
-    pub fn backend(&self) -> Result<AyaBackend, ProgramError> {
-        AyaBackend::open(&self.pin_dir)
+    /// The pinned maps as a backend (its own file descriptors).
+    pub fn backend(&self) -> Result<KernelMaps, ProgramError> {
+        KernelMaps::open(&self.pin_dir)
     }
 
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, ProgramError> {
-        read_counters(&self.pin_dir)
+        crate::inspect::read_counters(&self.pin_dir)
     }
 
     /// The loaded programs (for run-time statistics).
@@ -441,87 +442,6 @@ pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>, ProgramError> {
     Ok(removed)
 }
 
-/// Reads the pinned per-CPU `counters` and sums each over the CPUs.
-pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
-    let fd = open_pinned_map(pin_dir, layout::COUNTERS_MAP)?;
-    let cpus = sys::possible_cpus().map_err(|e| ProgramError::Map {
-        map: layout::COUNTERS_MAP,
-        op: "count possible CPUs",
-        source: e,
-    })?;
-    let mut sums = [0u64; layout::COUNTER_COUNT];
-    let mut values = vec![0u8; 8 * cpus];
-    for (index, sum) in sums.iter_mut().enumerate() {
-        let key = index as u32;
-        sys::lookup_elem(fd.as_fd(), sys::bytes_of(&key), &mut values).map_err(|e| {
-            ProgramError::Map {
-                map: layout::COUNTERS_MAP,
-                op: "lookup",
-                source: e,
-            }
-        })?;
-        *sum = values
-            .chunks_exact(8)
-            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
-            .sum();
-    }
-    Ok(Counters::from_values(&sums))
-}
-
-/// One record of `orig_dst_by_tuple`: a redirected connection and where it was going.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TupleRecord {
-    /// The index of its set (below [`layout::TUPLE_HOT_SETS`]: the hot region).
-    pub set: u32,
-    pub tuple: layout::ConnTuple,
-    pub dst: layout::OrigDst,
-    /// ztunnel has asked for it (`SO_ORIGINAL_DST`); its slot may be reused.
-    pub answered: bool,
-}
-
-/// Reads every record of the pinned `orig_dst_by_tuple` (all its sets, every used slot).
-pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramError> {
-    let fd = open_pinned_map(pin_dir, layout::ORIG_DST_BY_TUPLE_MAP)?;
-    let sets = crate::aya_backend::read_entries::<u32, layout::TupleSet>(
-        layout::ORIG_DST_BY_TUPLE_MAP,
-        fd.as_fd(),
-    )?;
-    Ok(sets
-        .iter()
-        .flat_map(|(index, set)| {
-            set.way
-                .iter()
-                .map(move |slot| (*index, slot.state(), *slot))
-        })
-        // Free slots hold nothing; a busy one is being rewritten this very moment.
-        .filter(|(_, state, _)| *state == layout::SLOT_PENDING || *state == layout::SLOT_ANSWERED)
-        .map(|(set, state, slot)| TupleRecord {
-            set,
-            tuple: slot.tuple,
-            dst: slot.dst,
-            answered: state == layout::SLOT_ANSWERED,
-        })
-        .collect())
-}
-
-/// The record the programs keep in the storage of process `pid`'s main thread
-/// (`orig_dst_by_task`), or `None` when it has none (it never connected from an enrolled
-/// cgroup). Other threads are not reachable this way (see [`crate::sys::pidfd_open`]).
-pub fn read_thread_record(
-    pin_dir: &Path,
-    pid: u32,
-) -> Result<Option<layout::ConnectRecord>, ProgramError> {
-    let map = layout::ORIG_DST_BY_TASK_MAP;
-    let fd = open_pinned_map(pin_dir, map)?;
-    let err = |op, source| ProgramError::Map { map, op, source };
-    // Task storage is keyed by a pidfd from user space.
-    let pidfd = crate::sys::pidfd_open(pid).map_err(|e| err("pidfd_open", e))?;
-    let mut value = [0u8; size_of::<layout::ConnectRecord>()];
-    let found = crate::sys::lookup_elem(fd.as_fd(), &pidfd.as_raw_fd().to_ne_bytes(), &mut value)
-        .map_err(|e| err("lookup", e))?;
-    Ok(found.then(|| crate::sys::from_bytes(&value)))
-}
-
 /// A program the verifier accepted, and how much of the verifier's budget it took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VerifiedProgram {
@@ -548,19 +468,7 @@ pub fn verify_object_bytes(bytes: &[u8]) -> Result<Vec<VerifiedProgram>, Program
     let mut ebpf = EbpfLoader::new()
         .allow_unsupported_maps()
         .load(bytes)
-        .map_err(|e| {
-            // aya's message leaves out the cause (EPERM, say): append the source chain.
-            let mut text = format!("load: {e}");
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                let c_text = c.to_string();
-                if !text.contains(&c_text) {
-                    text.push_str(&format!(": {c_text}"));
-                }
-                cause = c.source();
-            }
-            ProgramError::Object(text)
-        })?;
+        .map_err(|e| ProgramError::Object(format!("load: {}", error_chain(&e))))?;
     let mut verified = Vec::with_capacity(object::PROGRAMS.len());
     for (name, kind, _) in object::PROGRAMS {
         let program = ebpf

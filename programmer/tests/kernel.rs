@@ -163,8 +163,10 @@ fn pinned_map_with_a_wrong_layout_is_recreated() {
         .join(format!("{}/maps", layout::LAYOUT_VERSION));
     std::fs::create_dir_all(&maps).unwrap();
     // An older layout: a 28-byte value where the object wants 24.
-    let wrong = sys::map_create(sys::BPF_MAP_TYPE_HASH, 8, 28, 1024, "cgroup_info_map").unwrap();
-    sys::obj_pin(wrong.as_fd(), &maps.join("cgroup_info_map")).unwrap();
+    let wrong = aya::maps::HashMap::<aya::maps::MapData, u64, [u8; 28]>::create(1024, 0).unwrap();
+    aya::maps::IterableMap::map(&wrong)
+        .pin(maps.join("cgroup_info_map"))
+        .unwrap();
 
     let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
     let path = maps.join("cgroup_info_map");
@@ -176,16 +178,15 @@ fn pinned_map_with_a_wrong_layout_is_recreated() {
             path.display()
         )]
     );
-    let fd = sys::obj_get(&path).unwrap();
-    let info = sys::map_info(fd.as_fd()).unwrap();
+    let info = aya::maps::MapInfo::from_pin(&path).unwrap();
     assert_eq!(
         (
-            info.map_type,
-            info.key_size,
-            info.value_size,
-            info.max_entries
+            info.map_type().unwrap(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries()
         ),
-        (sys::BPF_MAP_TYPE_HASH, 8, 24, 65536)
+        (aya::maps::MapType::Hash, 8, 24, 65536)
     );
 }
 
@@ -458,7 +459,7 @@ struct ThreadWorld {
     shell: common::ConnectShell,
     ztunnel: testkit::ztunnel::FakeZtunnel,
     _ns: testkit::NetNs,
-    prog: Programmer<programmer::AyaBackend>,
+    prog: Programmer<programmer::KernelMaps>,
     pod: String,
 }
 

@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsFd;
 use std::time::Duration;
 
 use common::{bpffs, config};
@@ -358,15 +357,9 @@ fn concurrent_clients_each_get_their_own_original_destination() {
 
 /// Writes `set` as set `index` of the pinned `orig_dst_by_tuple`, as the programs would have.
 fn write_set(loaded: &Loaded, index: u32, set: &layout::TupleSet) {
-    let fd = programmer::loader::open_pinned_map(loaded.pin_dir(), layout::ORIG_DST_BY_TUPLE_MAP)
-        .unwrap();
-    programmer::sys::update_elem(
-        fd.as_fd(),
-        programmer::sys::bytes_of(&index),
-        programmer::sys::bytes_of(set),
-        0,
-    )
-    .unwrap();
+    let mut table: aya::maps::Array<aya::maps::MapData, layout::TupleSet> =
+        programmer::pins::open_typed(loaded.pin_dir(), layout::ORIG_DST_BY_TUPLE_MAP).unwrap();
+    table.set(index, set, 0).unwrap();
 }
 
 /// A record of the tuple `src` → ztunnel, to `dst`, in state `state`.

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use programmer::layout::{self, CgroupInfo};
-use programmer::{AyaBackend, MapBackend};
+use programmer::{KernelMaps, MapBackend};
 
 /// Flags of `zbridge dump`.
 #[derive(Debug, clap::Args)]
@@ -57,7 +57,7 @@ fn cgroup_paths(root: &Path, wanted: &[u64]) -> HashMap<u64, String> {
 }
 
 pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
-    let backend = AyaBackend::open(&args.pin_dir).with_context(|| {
+    let backend = KernelMaps::open(&args.pin_dir).with_context(|| {
         format!(
             "opening the maps pinned under {} (is zbridge running, or was it run with \
              another --pin-dir?)",
@@ -78,7 +78,7 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
         .collect();
     println!(
         "pin dir: {}",
-        programmer::loader::versioned_dir(&args.pin_dir).display()
+        programmer::pins::versioned_dir(&args.pin_dir).display()
     );
     println!(
         "settings: ztunnel {} ({} IPv4, {} IPv6, spread by destination); ports outbound {} inbound {}; {}; debug {}; levels [{}]; generation {} (moves with each change of the entries or settings)",

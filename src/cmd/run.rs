@@ -24,7 +24,7 @@ use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, select};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
-use programmer::{AyaBackend, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
+use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
 use resolver::kube::status::StatusWriter;
 use resolver::kube::{KubeCache, KubeView};
 use resolver::{CgroupIds, Resolver, ResolverConfig, Workloads};
@@ -34,9 +34,6 @@ use watcher::CgroupId;
 
 use crate::ops::{self, Metrics, Readiness};
 use crate::pipeline::{Inputs, Observer, Pipeline, PipelineConfig, Stages};
-
-/// `BPF_FS_MAGIC` of statfs(2).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Flags of `zbridge run`.
 #[derive(Debug, clap::Args)]
@@ -661,41 +658,11 @@ fn check_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pin directory (or, when it does not exist yet, its nearest existing parent) must be on
-/// a bpffs: pins anywhere else fail, and a tmpfs would lose them.
+/// The pin directory must be on a bpffs, and it and the directories above it root's alone
+/// (`programmer::pins`); the loader creates it.
 fn check_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
-    let mut probe = pin_dir;
-    while !probe.exists() {
-        probe = probe
-            .parent()
-            .with_context(|| format!("--pin-dir {}: no existing parent", pin_dir.display()))?;
-    }
-    let path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
-        .with_context(|| format!("--pin-dir {}: not a valid path", pin_dir.display()))?;
-    // SAFETY: statfs fills the zeroed struct for a valid NUL-terminated path.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!(
-                "--pin-dir {}: statfs {}",
-                pin_dir.display(),
-                probe.display()
-            )
-        });
-    }
-    if fs.f_type as i64 != BPF_FS_MAGIC {
-        bail!(
-            "--pin-dir {}: {} is not on a bpffs (filesystem magic {:#x}); mount one with \
-             `mount -t bpf bpf /sys/fs/bpf` or choose a directory on one",
-            pin_dir.display(),
-            probe.display(),
-            fs.f_type
-        );
-    }
-    if !pin_dir.exists() {
-        std::fs::create_dir_all(pin_dir)
-            .with_context(|| format!("--pin-dir {}: creating it", pin_dir.display()))?;
-    }
+    programmer::check_pin_dir(pin_dir)
+        .with_context(|| format!("--pin-dir {}", pin_dir.display()))?;
     Ok(())
 }
 
@@ -706,7 +673,7 @@ fn attach(
     pin_dir: &Path,
     attach_cgroup: &Path,
     max_entries: u32,
-) -> anyhow::Result<(Loaded, AyaBackend)> {
+) -> anyhow::Result<(Loaded, KernelMaps)> {
     let mut config = LoaderConfig::new(pin_dir, attach_cgroup);
     config.max_entries = max_entries;
     let loaded = Loaded::load_and_attach(config).with_context(|| {

@@ -218,7 +218,7 @@ impl World {
 
     /// The pinned `cgroup_info_map`, or `None` while the agent has not made it yet.
     pub fn entries(&self) -> Option<BTreeMap<u64, CgroupInfo>> {
-        let backend = programmer::AyaBackend::open(&self.pin_dir()).ok()?;
+        let backend = programmer::KernelMaps::open(&self.pin_dir()).ok()?;
         Some(
             backend
                 .cgroup_entries()
@@ -231,7 +231,7 @@ impl World {
 
     /// The ztunnel addresses the pinned `settings` hold.
     pub fn ztunnel_ips(&self) -> Option<Vec<IpAddr>> {
-        let backend = programmer::AyaBackend::open(&self.pin_dir()).ok()?;
+        let backend = programmer::KernelMaps::open(&self.pin_dir()).ok()?;
         Some(backend.settings().ok()?.ztunnel_ips())
     }
 

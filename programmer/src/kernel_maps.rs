@@ -1,15 +1,19 @@
-//! The kernel's maps as a [`MapBackend`]: the maps pinned by the [`crate::loader`], written
-//! with `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` (one syscall per list), falling back
-//! to one syscall per entry where the kernel refuses batches.
+//! The kernel's maps as a [`MapBackend`]: the maps pinned by the [`crate::loader`], opened as
+//! aya's typed maps, with lists written by `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH`
+//! (one syscall per list, [`crate::sys`]), falling back to aya's one-entry operations where
+//! the kernel refuses batches.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
+use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
+use aya::Pod;
 use watcher::CgroupId;
 
 use crate::backend::{MapBackend, MapBatch};
 use crate::layout::{self, CgroupInfo, PodAddr, Settings};
-use crate::sys::{self, Plain};
+use crate::pins::{self, map_io_error};
+use crate::sys;
 use crate::ProgramError;
 
 /// How the backend writes lists of entries.
@@ -34,16 +38,26 @@ pub struct BackendStats {
     pub settings_writes: u64,
 }
 
-/// The pinned `cgroup_info_map`, `pod_addr_map` and `settings`.
-#[derive(Debug)]
-pub struct AyaBackend {
-    cgroup_info: OwnedFd,
-    pod_addr: OwnedFd,
-    settings: OwnedFd,
+/// The pinned `cgroup_info_map`, `pod_addr_map` and `settings`, in the kernel.
+pub struct KernelMaps {
+    cgroup_info: HashMap<MapData, u64, CgroupInfo>,
+    pod_addr: HashMap<MapData, PodAddr, u32>,
+    settings: Array<MapData, Settings>,
     mode: BatchMode,
     /// The kernel refused a batch call (EINVAL / ENOTSUPP): single operations from then on.
     batch_unsupported: bool,
     stats: BackendStats,
+}
+
+impl std::fmt::Debug for KernelMaps {
+    // aya's `Array` has no Debug; the maps are known by name anyway.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelMaps")
+            .field("mode", &self.mode)
+            .field("batch_unsupported", &self.batch_unsupported)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `ENOTSUPP` (kernel-internal, leaks to user space from some map types).
@@ -56,14 +70,14 @@ fn batch_refused(e: &std::io::Error) -> bool {
     )
 }
 
-impl AyaBackend {
+impl KernelMaps {
     /// Opens the maps pinned under `pin_dir` (the base directory, as given to the loader;
     /// the layout version's subdirectory is added here).
     pub fn open(pin_dir: &Path) -> Result<Self, ProgramError> {
-        Ok(AyaBackend {
-            cgroup_info: crate::loader::open_pinned_map(pin_dir, layout::CGROUP_INFO_MAP)?,
-            pod_addr: crate::loader::open_pinned_map(pin_dir, layout::POD_ADDR_MAP)?,
-            settings: crate::loader::open_pinned_map(pin_dir, layout::SETTINGS_MAP)?,
+        Ok(KernelMaps {
+            cgroup_info: pins::open_typed(pin_dir, layout::CGROUP_INFO_MAP)?,
+            pod_addr: pins::open_typed(pin_dir, layout::POD_ADDR_MAP)?,
+            settings: pins::open_typed(pin_dir, layout::SETTINGS_MAP)?,
             mode: BatchMode::Auto,
             batch_unsupported: false,
             stats: BackendStats::default(),
@@ -91,10 +105,11 @@ impl AyaBackend {
         self.mode == BatchMode::Auto && !self.batch_unsupported
     }
 
-    /// Creates or replaces every entry.
-    fn upsert_all<K: Plain, V: Plain>(
-        map: &'static str,
-        fd: BorrowedFd<'_>,
+    /// Creates or replaces every entry: one batch call, then one aya insert per entry the
+    /// batch did not take (all of them when batches are off or refused).
+    fn upsert_all<K: Pod, V: Pod>(
+        map_name: &'static str,
+        map: &mut HashMap<MapData, K, V>,
         entries: &[(K, V)],
         batches: bool,
         stats: &mut BackendStats,
@@ -102,15 +117,8 @@ impl AyaBackend {
         let mut start = 0;
         let mut refused = false;
         if batches && !entries.is_empty() {
-            let keys: Vec<u8> = entries
-                .iter()
-                .flat_map(|(k, _)| sys::bytes_of(k).iter().copied())
-                .collect();
-            let values: Vec<u8> = entries
-                .iter()
-                .flat_map(|(_, v)| sys::bytes_of(v).iter().copied())
-                .collect();
-            let (done, result) = sys::update_batch(fd, &keys, &values, entries.len());
+            let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+            let (done, result) = sys::update_batch(fd_of(map), &keys, &values);
             stats.batch_calls += 1;
             start = done;
             match result {
@@ -118,14 +126,14 @@ impl AyaBackend {
                 // The kernel cannot batch this map: the rest goes one by one below.
                 Err(e) if batch_refused(&e) => {
                     log::warn!(
-                        "map `{map}`: BPF_MAP_UPDATE_BATCH refused ({e}); \
+                        "map `{map_name}`: BPF_MAP_UPDATE_BATCH refused ({e}); \
                          using one update per entry"
                     );
                     refused = true;
                 }
                 Err(e) => {
                     return Err(ProgramError::Map {
-                        map,
+                        map: map_name,
                         op: "update batch",
                         source: e,
                     })
@@ -134,22 +142,21 @@ impl AyaBackend {
         }
         for (key, value) in &entries[start..] {
             stats.single_ops += 1;
-            sys::update_elem(fd, sys::bytes_of(key), sys::bytes_of(value), sys::BPF_ANY).map_err(
-                |e| ProgramError::Map {
-                    map,
+            map.insert(key, value, sys::BPF_ANY)
+                .map_err(|e| ProgramError::Map {
+                    map: map_name,
                     op: "update",
-                    source: e,
-                },
-            )?;
+                    source: map_io_error(e),
+                })?;
         }
         Ok(refused)
     }
 
     /// Deletes every key; keys already absent are not an error (reconciliation may delete
     /// what another run removed).
-    fn delete_all<K: Plain>(
-        map: &'static str,
-        fd: BorrowedFd<'_>,
+    fn delete_all<K: Pod, V: Pod>(
+        map_name: &'static str,
+        map: &mut HashMap<MapData, K, V>,
         keys: &[K],
         batches: bool,
         stats: &mut BackendStats,
@@ -157,14 +164,8 @@ impl AyaBackend {
         let mut start = 0;
         let mut refused = false;
         if batches && !keys.is_empty() {
-            let bytes: Vec<u8> = keys
-                .iter()
-                .flat_map(|k| sys::bytes_of(k).iter().copied())
-                .collect();
-            let ks = size_of::<K>();
             while start < keys.len() {
-                let (done, result) =
-                    sys::delete_batch(fd, &bytes[start * ks..], keys.len() - start);
+                let (done, result) = sys::delete_batch(fd_of(map), &keys[start..]);
                 stats.batch_calls += 1;
                 start += done;
                 match result {
@@ -173,7 +174,7 @@ impl AyaBackend {
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => start += 1,
                     Err(e) if batch_refused(&e) => {
                         log::warn!(
-                            "map `{map}`: BPF_MAP_DELETE_BATCH refused ({e}); \
+                            "map `{map_name}`: BPF_MAP_DELETE_BATCH refused ({e}); \
                              using one delete per entry"
                         );
                         refused = true;
@@ -181,7 +182,7 @@ impl AyaBackend {
                     }
                     Err(e) => {
                         return Err(ProgramError::Map {
-                            map,
+                            map: map_name,
                             op: "delete batch",
                             source: e,
                         })
@@ -191,41 +192,52 @@ impl AyaBackend {
         }
         for key in &keys[start.min(keys.len())..] {
             stats.single_ops += 1;
-            sys::delete_elem(fd, sys::bytes_of(key)).map_err(|e| ProgramError::Map {
-                map,
-                op: "delete",
-                source: e,
-            })?;
+            match map.remove(key) {
+                Ok(()) => {}
+                Err(e) if is_absent(&e) => {}
+                Err(e) => {
+                    return Err(ProgramError::Map {
+                        map: map_name,
+                        op: "delete",
+                        source: map_io_error(e),
+                    })
+                }
+            }
         }
         Ok(refused)
     }
 }
 
-/// Every entry of a hash map, in the kernel's iteration order.
-pub fn read_entries<K: Plain, V: Plain>(
-    map: &'static str,
-    fd: BorrowedFd<'_>,
-) -> Result<Vec<(K, V)>, ProgramError> {
-    let err = |op, source| ProgramError::Map { map, op, source };
-    let mut out = Vec::new();
-    let mut key = vec![0u8; size_of::<K>()];
-    let mut next = vec![0u8; size_of::<K>()];
-    let mut value = vec![0u8; size_of::<V>()];
-    let mut first = true;
-    while sys::get_next_key(fd, (!first).then_some(&key[..]), &mut next)
-        .map_err(|e| err("get next key", e))?
-    {
-        first = false;
-        std::mem::swap(&mut key, &mut next);
-        // The entry may be deleted between the two calls: then it is simply not listed.
-        if sys::lookup_elem(fd, &key, &mut value).map_err(|e| err("lookup", e))? {
-            out.push((sys::from_bytes::<K>(&key), sys::from_bytes::<V>(&value)));
-        }
-    }
-    Ok(out)
+/// The map's fd, for the batch calls aya does not have.
+fn fd_of<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> BorrowedFd<'_> {
+    IterableMap::map(map).fd().as_fd()
 }
 
-impl MapBackend for AyaBackend {
+/// aya's error for a key that is not in the map.
+fn is_absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Every entry of a hash map, in the kernel's iteration order (an entry deleted while it is
+/// read is left out).
+pub fn read_entries<K: Pod, V: Pod>(
+    map_name: &'static str,
+    map: &HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>, ProgramError> {
+    map.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ProgramError::Map {
+            map: map_name,
+            op: "read entries",
+            source: map_io_error(e),
+        })
+}
+
+impl MapBackend for KernelMaps {
     fn apply(&mut self, batch: &MapBatch) -> Result<(), ProgramError> {
         let batches = self.use_batches();
         // What `settings` holds now: the generation to count on from.
@@ -240,28 +252,28 @@ impl MapBackend for AyaBackend {
             .collect();
         let mut refused = Self::delete_all(
             layout::CGROUP_INFO_MAP,
-            self.cgroup_info.as_fd(),
+            &mut self.cgroup_info,
             &deletes,
             batches,
             stats,
         )?;
         refused |= Self::upsert_all(
             layout::CGROUP_INFO_MAP,
-            self.cgroup_info.as_fd(),
+            &mut self.cgroup_info,
             &upserts,
             batches && !refused,
             stats,
         )?;
         refused |= Self::delete_all(
             layout::POD_ADDR_MAP,
-            self.pod_addr.as_fd(),
+            &mut self.pod_addr,
             &batch.addr_deletes,
             batches && !refused,
             stats,
         )?;
         refused |= Self::upsert_all(
             layout::POD_ADDR_MAP,
-            self.pod_addr.as_fd(),
+            &mut self.pod_addr,
             &batch.addr_upserts,
             batches && !refused,
             stats,
@@ -270,25 +282,20 @@ impl MapBackend for AyaBackend {
         // their cached entries are stale.
         if let Some(settings) = batch.settings_after(&current_settings) {
             stats.settings_writes += 1;
-            sys::update_elem(
-                self.settings.as_fd(),
-                sys::bytes_of(&0u32),
-                sys::bytes_of(&settings),
-                sys::BPF_ANY,
-            )
-            .map_err(|e| ProgramError::Map {
-                map: layout::SETTINGS_MAP,
-                op: "update",
-                source: e,
-            })?;
+            self.settings
+                .set(0, settings, sys::BPF_ANY)
+                .map_err(|e| ProgramError::Map {
+                    map: layout::SETTINGS_MAP,
+                    op: "update",
+                    source: map_io_error(e),
+                })?;
         }
         self.batch_unsupported |= refused;
         Ok(())
     }
 
     fn cgroup_entries(&self) -> Result<Vec<(CgroupId, CgroupInfo)>, ProgramError> {
-        let mut entries =
-            read_entries::<u64, CgroupInfo>(layout::CGROUP_INFO_MAP, self.cgroup_info.as_fd())?;
+        let mut entries = read_entries(layout::CGROUP_INFO_MAP, &self.cgroup_info)?;
         entries.sort_by_key(|(id, _)| *id);
         Ok(entries
             .into_iter()
@@ -297,21 +304,16 @@ impl MapBackend for AyaBackend {
     }
 
     fn addr_entries(&self) -> Result<Vec<(PodAddr, u32)>, ProgramError> {
-        let mut entries =
-            read_entries::<PodAddr, u32>(layout::POD_ADDR_MAP, self.pod_addr.as_fd())?;
+        let mut entries = read_entries(layout::POD_ADDR_MAP, &self.pod_addr)?;
         entries.sort();
         Ok(entries)
     }
 
     fn settings(&self) -> Result<Settings, ProgramError> {
-        let mut value = [0u8; size_of::<Settings>()];
-        sys::lookup_elem(self.settings.as_fd(), sys::bytes_of(&0u32), &mut value).map_err(|e| {
-            ProgramError::Map {
-                map: layout::SETTINGS_MAP,
-                op: "lookup",
-                source: e,
-            }
-        })?;
-        Ok(sys::from_bytes(&value))
+        self.settings.get(&0, 0).map_err(|e| ProgramError::Map {
+            map: layout::SETTINGS_MAP,
+            op: "lookup",
+            source: map_io_error(e),
+        })
     }
 }

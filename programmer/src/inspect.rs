@@ -1,0 +1,83 @@
+//! Reading the maps the programs write for themselves (counters, original destinations), for
+//! `zbridge dump`, the ops endpoint and tests. The programmer never writes them.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use aya::maps::{Array, MapData, PerCpuArray};
+
+use crate::layout::{self, Counters};
+use crate::pins::{self, map_io_error};
+use crate::sys;
+use crate::ProgramError;
+
+/// Reads the pinned per-CPU `counters` and sums each over the CPUs.
+pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
+    let map = layout::COUNTERS_MAP;
+    let counters: PerCpuArray<MapData, u64> = pins::open_typed(pin_dir, map)?;
+    let mut sums = [0u64; layout::COUNTER_COUNT];
+    for (index, sum) in sums.iter_mut().enumerate() {
+        let per_cpu = counters
+            .get(&(index as u32), 0)
+            .map_err(|e| ProgramError::Map {
+                map,
+                op: "lookup",
+                source: map_io_error(e),
+            })?;
+        *sum = per_cpu.iter().sum();
+    }
+    Ok(Counters::from_values(&sums))
+}
+
+/// One record of `orig_dst_by_tuple`: a redirected connection and where it was going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TupleRecord {
+    /// The index of its set (below [`layout::TUPLE_HOT_SETS`]: the hot region).
+    pub set: u32,
+    pub tuple: layout::ConnTuple,
+    pub dst: layout::OrigDst,
+    /// ztunnel has asked for it (`SO_ORIGINAL_DST`); its slot may be reused.
+    pub answered: bool,
+}
+
+/// Reads every record of the pinned `orig_dst_by_tuple` (all its sets, every used slot).
+pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramError> {
+    let map = layout::ORIG_DST_BY_TUPLE_MAP;
+    let table: Array<MapData, layout::TupleSet> = pins::open_typed(pin_dir, map)?;
+    let sets = table
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ProgramError::Map {
+            map,
+            op: "read entries",
+            source: map_io_error(e),
+        })?;
+    Ok(sets
+        .iter()
+        .zip(0u32..)
+        .flat_map(|(set, index)| set.way.iter().map(move |slot| (index, slot.state(), *slot)))
+        // Free slots hold nothing; a busy one is being rewritten this very moment.
+        .filter(|(_, state, _)| *state == layout::SLOT_PENDING || *state == layout::SLOT_ANSWERED)
+        .map(|(set, state, slot)| TupleRecord {
+            set,
+            tuple: slot.tuple,
+            dst: slot.dst,
+            answered: state == layout::SLOT_ANSWERED,
+        })
+        .collect())
+}
+
+/// The record the programs keep in the storage of process `pid`'s main thread
+/// (`orig_dst_by_task`), or `None` when it has none (it never connected from an enrolled
+/// cgroup). Other threads are not reachable this way (see [`crate::sys::pidfd_open`]).
+pub fn read_thread_record(
+    pin_dir: &Path,
+    pid: u32,
+) -> Result<Option<layout::ConnectRecord>, ProgramError> {
+    let map = layout::ORIG_DST_BY_TASK_MAP;
+    let task_storage = pins::open_pinned_map_data(pin_dir, map)?;
+    let err = |op, source| ProgramError::Map { map, op, source };
+    // Task storage is keyed by a pidfd from user space.
+    let pidfd = sys::pidfd_open(pid).map_err(|e| err("pidfd_open", e))?;
+    sys::lookup_elem(task_storage.fd().as_fd(), &pidfd.as_raw_fd()).map_err(|e| err("lookup", e))
+}
