@@ -96,7 +96,7 @@ fn statfs_magic(path: &Path) -> Result<i64, PinDirError> {
     Ok(fs.f_type as i64)
 }
 
-/// Whether `meta` belongs to someone zbridge trusts: root, or the agent's own user.
+/// Whether `uid` is someone zbridge trusts: root, or the agent's own user.
 fn trusted_owner(uid: u32) -> bool {
     // SAFETY: geteuid cannot fail.
     uid == 0 || uid == unsafe { libc::geteuid() }
@@ -161,6 +161,16 @@ pub fn check_pin_dir(pin_dir: &Path) -> Result<PinDirStatus, PinDirError> {
     let mut meta = std::fs::metadata(&dir).map_err(|e| io(&dir, "stat", e))?;
     loop {
         check_private(&dir, &meta, !(exists && dir == pin_dir))?;
+        // A symbolic link on the way is as good as its owner: its owner can point it elsewhere.
+        let link = std::fs::symlink_metadata(&dir).map_err(|e| io(&dir, "stat", e))?;
+        if link.is_symlink() && !trusted_owner(link.uid()) {
+            return Err(PinDirError::NotPrivate {
+                path: dir,
+                uid: link.uid(),
+                mode: link.mode() & 0o7777,
+                why: "another user owns this symbolic link",
+            });
+        }
         let Some(parent) = dir.parent() else { break };
         let parent_meta = std::fs::metadata(parent).map_err(|e| io(parent, "stat", e))?;
         if parent_meta.dev() != meta.dev() {

@@ -71,6 +71,31 @@ fn a_pin_dir_another_user_owns_is_refused_and_nothing_is_pinned_there() {
     ));
 }
 
+/// A pin directory that is another user's symbolic link to a directory of root's is refused:
+/// its owner could point it elsewhere.
+#[test]
+fn a_pin_dir_that_is_another_users_symlink_is_refused() {
+    if !testkit::require_root("a_pin_dir_that_is_another_users_symlink_is_refused") {
+        return;
+    }
+    let cg = TestCgroup::new("pin-symlink").unwrap();
+    let fs = bpffs("pin-symlink");
+    let target = fs.path().join("roots");
+    std::fs::create_dir(&target).unwrap();
+    chmod(&target, 0o700);
+    std::os::unix::fs::symlink(&target, fs.pin_dir()).unwrap();
+    std::os::unix::fs::lchown(fs.pin_dir(), Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+
+    let text = refused(
+        &fs,
+        &cg,
+        &fs.pin_dir(),
+        "another user owns this symbolic link",
+    );
+    assert!(text.contains("uid 65534"), "{text}");
+    assert!(is_empty(&target), "something was pinned behind the link");
+}
+
 #[test]
 fn a_pin_dir_others_can_write_is_refused_even_with_the_sticky_bit() {
     if !testkit::require_root("a_pin_dir_others_can_write_is_refused_even_with_the_sticky_bit") {
