@@ -8,6 +8,7 @@
 
 pub mod aya_backend;
 pub mod backend;
+pub mod inbound;
 pub mod layout;
 pub mod loader;
 pub mod memory;

@@ -183,7 +183,7 @@ fn forget_caches_of_a_new_settings_map(
     Ok(())
 }
 
-fn load_error(program: &str, e: aya::programs::ProgramError) -> ProgramError {
+pub(crate) fn load_error(program: &str, e: aya::programs::ProgramError) -> ProgramError {
     let detail = match e {
         aya::programs::ProgramError::LoadError {
             io_error,
