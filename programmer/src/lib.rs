@@ -15,6 +15,7 @@ pub mod memory;
 pub mod object;
 pub mod programmer;
 pub mod sys;
+pub mod ztunnel_socket;
 
 use std::path::PathBuf;
 

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use programmer::inbound::InboundCapture;
+use programmer::ztunnel_socket::take_listener;
 use testkit::{require_root, unique_name, NetNs};
 
 const POD4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 2);
@@ -212,9 +213,29 @@ fn inbound_connections_land_on_ztunnels_15006_with_the_original_destination() {
     let app8080_4 = SocketAddr::new(POD4.into(), 8080);
     assert_eq!(world.connect(PEER4.into(), app8080_4), ("app", app8080_4));
 
-    capture
-        .set_listener(&[POD4.into(), POD6.into()], &world.inbound)
+    // ztunnel's listener, found as the agent finds it: among the descriptors of the process
+    // (this one, here), by port and namespace, and duplicated with pidfd_getfd.
+    let pod_ns_inode = std::fs::metadata(format!("/run/netns/{}", world.pod.name))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .unwrap();
+    let me = std::process::id() as i32;
+    assert!(
+        take_listener(me, pod_ns_inode, 15007).unwrap().is_none(),
+        "no listener on another port"
+    );
+    assert!(
+        take_listener(me, pod_ns_inode + 1, 15006)
+            .unwrap()
+            .is_none(),
+        "no listener in another namespace"
+    );
+    let listener = take_listener(me, pod_ns_inode, 15006)
+        .unwrap()
+        .expect("ztunnel's 15006 listener in the pod's namespace");
+    capture
+        .set_listener(&[POD4.into(), POD6.into()], &listener)
+        .unwrap();
+    drop(listener); // the map holds the socket, not the descriptor
 
     let app8080_6 = SocketAddr::new(POD6.into(), 8080);
     // From another pod: to ztunnel's 15006, the accepted socket's local address the pod's.
