@@ -11,6 +11,8 @@
 #define ZB_PORT_OUTBOUND 15001 /* outbound capture */
 #define ZB_PORT_INBOUND 15006  /* inbound plaintext capture */
 #define ZB_PORT_HBONE 15008    /* inbound HBONE: reached directly */
+#define ZB_PORT_DNS 15053      /* DNS proxy, on 127.0.0.1 and ::1 only */
+#define ZB_PORT_DNS_SERVER 53  /* what an application's resolver asks */
 
 /* Indices of the per-CPU `inbound_counters` array (values __u64, summed over CPUs). */
 enum zb_inbound_counter {

@@ -9,6 +9,7 @@
 pub mod aya_backend;
 pub mod backend;
 pub mod inbound;
+pub mod inpod;
 pub mod layout;
 pub mod loader;
 pub mod memory;

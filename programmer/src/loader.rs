@@ -78,11 +78,11 @@ pub fn versioned_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(layout::LAYOUT_VERSION)
 }
 
-fn maps_dir(pin_dir: &Path) -> PathBuf {
+pub(crate) fn maps_dir(pin_dir: &Path) -> PathBuf {
     versioned_dir(pin_dir).join("maps")
 }
 
-fn links_dir(pin_dir: &Path) -> PathBuf {
+pub(crate) fn links_dir(pin_dir: &Path) -> PathBuf {
     versioned_dir(pin_dir).join("links")
 }
 
