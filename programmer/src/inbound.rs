@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::links::FdLink;
@@ -77,9 +78,29 @@ pub struct InboundCapture {
 }
 
 impl InboundCapture {
-    /// Loads the object and the program (through the verifier); attaches nothing yet.
+    /// Loads the object and the program (through the verifier); attaches nothing yet. Its
+    /// maps live only as long as this value (tests; see [`InboundCapture::load_pinned`]).
     pub fn load() -> Result<Self, ProgramError> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_with(EbpfLoader::new())
+    }
+
+    /// Like [`InboundCapture::load`], with the maps pinned in `maps_dir` (reused when a
+    /// previous run pinned them: the listeners in `inbound_listener` stay in the kernel, so
+    /// inbound capture goes on while the agent restarts).
+    pub fn load_pinned(maps_dir: &Path) -> Result<Self, ProgramError> {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<_> = [LISTENER_MAP, NODE_ADDR_MAP, COUNTER_MAP]
+            .into_iter()
+            .map(|name| (name, maps_dir.join(name)))
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(*name, path.as_path());
+        }
+        Self::load_with(loader)
+    }
+
+    fn load_with(mut loader: EbpfLoader<'_>) -> Result<Self, ProgramError> {
+        let mut ebpf = loader
             .load(INBOUND_OBJECT)
             .map_err(|e| ProgramError::Object(format!("{}: {e}", "inpod_inbound.bpf.o")))?;
         let program = sk_lookup(&mut ebpf)?;
@@ -129,6 +150,30 @@ impl InboundCapture {
             match map.remove(&AddrKey::from(*ip)) {
                 Ok(()) => {}
                 Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_error(LISTENER_MAP, "delete", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every listener entry whose address is not in `keep` (a previous run's pods
+    /// that are gone).
+    pub fn retain_listeners(
+        &mut self,
+        keep: &std::collections::BTreeSet<IpAddr>,
+    ) -> Result<(), ProgramError> {
+        let keep: Vec<AddrKey> = keep.iter().map(|ip| AddrKey::from(*ip)).collect();
+        let mut map = self.listener_map()?;
+        let stale: Vec<AddrKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for key in stale {
+            match map.remove(&key) {
+                Ok(()) => {}
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(map_error(LISTENER_MAP, "delete", e)),

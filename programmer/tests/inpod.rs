@@ -453,3 +453,83 @@ fn inbound_goes_to_ztunnels_15006_which_learns_the_destination_and_reaches_the_a
     assert!(app.next(Duration::from_secs(5)).is_some());
     let _ = &world.programmer;
 }
+
+#[test]
+fn inbound_capture_outlives_the_agent_and_a_new_one_keeps_only_the_pods_acked_again() {
+    if !testkit::require_root(
+        "inbound_capture_outlives_the_agent_and_a_new_one_keeps_only_the_pods_acked_again",
+    ) {
+        return;
+    }
+    let mut world = World::new("inpod-restart", [false, false], false);
+    let apps: Vec<Listener> = world
+        .pods
+        .iter()
+        .map(|pod| ztunnel::service(&pod.ns, &world.cg, &pod.path, &[sa("[::]:8080")]).unwrap())
+        .collect();
+    let inbound = |world: &World, n: usize| {
+        let out = ztunnel::connect(
+            &world.node,
+            &world.cg,
+            &world.outside,
+            &[sa(&format!("10.88.{n}.2:8080"))],
+            &ClientOptions {
+                count: 1,
+                bind: Some(ip(&format!("10.88.{n}.3"))),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        assert!(matches!(out[..], [Outcome::Ok { .. }]), "{out:?}");
+    };
+
+    // The agent stops: its in-pod state is dropped, the pins stay.
+    let pin_dir = world.loaded.pin_dir().to_path_buf();
+    drop(std::mem::replace(
+        &mut world.inpod,
+        InPodCapture::open(&pin_dir).expect("reopen"),
+    ));
+    inbound(&world, 1);
+    let got = world.accepted(0);
+    assert_eq!(canonical(got.local), sa("10.88.1.2:8080"), "still captured");
+
+    // The new agent (world.inpod now) finds both pods; ztunnel acks pod 1 again, pod 2 is
+    // gone.
+    assert_eq!(world.inpod.pods(), ["uid-1", "uid-2"]);
+    let pod = &world.pods[0];
+    let netns = pod.ns.file().unwrap();
+    let listener = take_listener(
+        pod.ztunnel.listener.pid() as i32,
+        netns.metadata().unwrap().ino(),
+        15006,
+    )
+    .unwrap()
+    .unwrap();
+    let Update::Upsert(enrolment) = upsert(
+        &world.cg,
+        &pod.path,
+        Role::Ambient,
+        vec![pod.v4, pod.v6],
+        Capture::InPod { dns: false },
+    ) else {
+        unreachable!()
+    };
+    world
+        .inpod
+        .enrol("uid-1", netns.as_fd(), &listener, entry_of(&enrolment))
+        .unwrap();
+    world
+        .inpod
+        .retain(&["uid-1".to_string()].into_iter().collect())
+        .unwrap();
+    assert_eq!(world.inpod.pods(), ["uid-1"]);
+
+    inbound(&world, 1);
+    assert_eq!(canonical(world.accepted(0).local), sa("10.88.1.2:8080"));
+    inbound(&world, 2);
+    let at_app = apps[1]
+        .next(Duration::from_secs(5))
+        .expect("pod 2 released");
+    assert_eq!(canonical(at_app.local), sa("10.88.2.2:8080"));
+    assert!(world.pods[1].ztunnel.drain().is_empty());
+}
