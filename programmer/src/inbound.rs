@@ -94,7 +94,7 @@ impl InboundCapture {
             .map(|name| (name, maps_dir.join(name)))
             .collect();
         for (name, path) in &paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         Self::load_with(loader)
     }

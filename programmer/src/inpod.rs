@@ -281,6 +281,26 @@ fn uid_of_pin(name: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
+/// The cookie of a socket's network namespace.
+pub fn netns_cookie(socket: &impl AsFd) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a u64 option into a u64 of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,24 +322,4 @@ mod tests {
         assert_eq!(pin_name("6f1c-7d"), "6f1c-7d");
         assert_eq!(pin_name("a/b"), "x-612f62");
     }
-}
-
-/// The cookie of a socket's network namespace.
-pub fn netns_cookie(socket: &impl AsFd) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a u64 option into a u64 of the given length.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            &mut cookie as *mut u64 as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
