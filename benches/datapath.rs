@@ -129,6 +129,7 @@ fn enrol(id: u64, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
         pod: Some(path.to_string()),
         role,
         ips,
+        capture: Default::default(),
     })
 }
 

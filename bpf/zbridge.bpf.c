@@ -16,6 +16,7 @@
  * Built by programmer/build.rs with `clang -g` (the loader needs the BTF).
  */
 #include "helpers.h"
+#include "inpod_capture.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -74,10 +75,11 @@ static __always_inline void zb_current_entry(const struct settings *s, struct ta
 /*
  * The connect decision shared by connect4 and connect6. `dst`/`port` (network order) are the
  * requested destination; on a redirect they are replaced by ztunnel's address and port and
- * *rewrite is set. Returns ZB_ALLOW or ZB_REFUSE.
+ * *rewrite is set; when the socket must also be bound to the pod's own address first (in-pod
+ * outbound), *bind is set and `bind_addr` holds it. Returns ZB_ALLOW or ZB_REFUSE.
  */
 static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *dst, __u16 *port,
-				      int *rewrite)
+				      int *rewrite, int *bind, struct zb_ip *bind_addr)
 {
 	const struct settings *s = zb_settings();
 	/* Zeroed: no role, unless zb_current_entry finds one. */
@@ -115,6 +117,39 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	if (entry.flags & ZB_F_ZTUNNEL)
 		/* ztunnel's own connects go where ztunnel wants them. */
 		return ZB_ALLOW;
+	if ((entry.flags & ZB_F_AMBIENT) && (entry.flags & ZB_F_INPOD)) {
+		/* In-pod: ztunnel listens in this pod's own namespace (inpod_capture.h). */
+		switch (zb_inpod_decide(s, &entry, dst, *port, ctx->type)) {
+		case ZB_INPOD_PASS:
+			return ZB_ALLOW;
+		case ZB_INPOD_REFUSE:
+			return ZB_REFUSE;
+		case ZB_INPOD_DNS:
+			/* UDP replies must look as if from the server asked: remember it. Without
+			 * storage the query goes to the server itself, uncaptured but answered. */
+			if (ctx->type == SOCK_DGRAM && !zb_dns_remember(ctx->sk, dst, *port))
+				return ZB_ALLOW;
+			zb_inpod_loopback(dst, &zt);
+			*dst = zt;
+			*port = bpf_htons(ZB_PORT_DNS);
+			*rewrite = 1;
+			zb_count(ZB_C_REDIRECTED_DNS);
+			return ZB_ALLOW;
+		case ZB_INPOD_OUTBOUND:
+			break;
+		}
+		/* No address of the destination's family: the connect could not carry the pod's
+		 * identity to ztunnel, and uncaptured it would bypass the mesh. */
+		if (!zb_inpod_own_addr(&entry, dst, bind_addr)) {
+			zb_count(ZB_C_FAIL_CLOSED);
+			return ZB_REFUSE;
+		}
+		*bind = 1;
+		zb_inpod_loopback(dst, &zt);
+		capture_port = ZB_PORT_OUTBOUND;
+		counter = ZB_C_REDIRECTED_OUT;
+		goto record;
+	}
 	if (entry.flags & ZB_F_AMBIENT) {
 		/* Loopback stays in the pod; a pod talking to itself is not mesh traffic. */
 		if (zb_ip_is_loopback(dst) || zb_is_own_ip(&entry, dst)) {
@@ -141,7 +176,9 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 		capture_port = s->inbound_port;
 		counter = ZB_C_REDIRECTED_IN;
 	}
+	zb_ztunnel_addr(s, dst, zb_ztunnel_index(dst, *port, n), &zt);
 
+record:
 	/* The record rides on the thread: overwritten by each redirected connect, read by
 	 * sock_ops before this connect() returns. A thread of an enrolled cgroup has its storage
 	 * from zb_current_entry; a host process connecting to a pod gets it here. */
@@ -153,10 +190,10 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 		return ZB_REFUSE;
 	}
 	rec->armed = 1;
+	rec->flags = (entry.flags & ZB_F_INPOD) ? ZB_REC_INPOD : 0;
 	__builtin_memcpy(rec->dst.addr, dst->w, 16);
 	rec->dst.port = *port;
 	rec->dst.family = zb_ip_is_v4(dst) ? AF_INET : AF_INET6;
-	zb_ztunnel_addr(s, dst, zb_ztunnel_index(dst, *port, n), &zt);
 	ZB_DEBUG(s, "connect to port %d redirected to %d", bpf_ntohs(*port), capture_port);
 	*dst = zt;
 	*port = bpf_htons(capture_port);
@@ -165,19 +202,34 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	return ZB_ALLOW;
 }
 
+/* Whether connect4/6 look at a socket at all: TCP, and UDP to the DNS port (captured for
+ * in-pod pods with DNS capture); other UDP goes its own way. */
+static __always_inline int zb_connect_considered(const struct bpf_sock_addr *ctx)
+{
+	return ctx->type == SOCK_STREAM ||
+	       (ctx->type == SOCK_DGRAM && ctx->user_port == bpf_htons(ZB_PORT_DNS_SERVER));
+}
+
 SEC("cgroup/connect4")
 int connect4(struct bpf_sock_addr *ctx)
 {
-	struct zb_ip dst = {};
+	struct zb_ip dst = {}, own = {};
 	__u16 port = ctx->user_port;
-	int rewrite = 0;
+	int rewrite = 0, bind = 0;
 	int verdict;
 
-	/* Only TCP is captured (UDP, DNS included, goes its own way). */
-	if (ctx->type != SOCK_STREAM)
+	if (!zb_connect_considered(ctx))
 		return ZB_ALLOW;
 	zb_ip_from_v4(&dst, ctx->user_ip4);
-	verdict = zb_connect(ctx, &dst, &port, &rewrite);
+	verdict = zb_connect(ctx, &dst, &port, &rewrite, &bind, &own);
+	if (bind) {
+		struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = own.w[3] };
+
+		/* From the pod's address, as iptables' REDIRECT leaves it (inpod_capture.h). A
+		 * socket the application bound already keeps its address (the call fails): its
+		 * tuple is still its own. */
+		bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin));
+	}
 	if (rewrite) {
 		ctx->user_ip4 = dst.w[3];
 		ctx->user_port = port;
@@ -190,11 +242,11 @@ int connect6(struct bpf_sock_addr *ctx)
 {
 	struct zb_ip dst = {};
 	__u16 port = ctx->user_port;
-	int rewrite = 0;
+	struct zb_ip own = {};
+	int rewrite = 0, bind = 0;
 	int verdict;
 
-	/* Only TCP is captured. */
-	if (ctx->type != SOCK_STREAM)
+	if (!zb_connect_considered(ctx))
 		return ZB_ALLOW;
 	/* An IPv4-mapped destination arrives here too (a dual-stack socket): it is decided as
 	 * IPv4 and rewritten to ztunnel's IPv4-mapped address. */
@@ -202,7 +254,14 @@ int connect6(struct bpf_sock_addr *ctx)
 	dst.w[1] = ctx->user_ip6[1];
 	dst.w[2] = ctx->user_ip6[2];
 	dst.w[3] = ctx->user_ip6[3];
-	verdict = zb_connect(ctx, &dst, &port, &rewrite);
+	verdict = zb_connect(ctx, &dst, &port, &rewrite, &bind, &own);
+	if (bind) {
+		struct sockaddr_in6 sin6 = { .sin6_family = AF_INET6 };
+
+		/* As in connect4; an IPv4-mapped destination gets the IPv4-mapped pod address. */
+		__builtin_memcpy(&sin6.sin6_addr, own.w, 16);
+		bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6));
+	}
 	if (rewrite) {
 		ctx->user_ip6[0] = dst.w[0];
 		ctx->user_ip6[1] = dst.w[1];
@@ -516,6 +575,9 @@ int sock_ops(struct bpf_sock_ops *skops)
 	}
 	tuple.sport = bpf_htons((__u16)ZB_CTX(skops->local_port));
 	tuple.dport = dport;
+	/* In-pod: to ztunnel's listener on loopback in the pod's own namespace. */
+	if (rec->flags & ZB_REC_INPOD)
+		zb_tuple_fold_netns(&tuple, bpf_get_netns_cookie(skops));
 
 	idx = zb_tuple_hot_set(&tuple);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
@@ -554,6 +616,69 @@ struct zb_sockaddr_in6 {
 	__u32 scope_id;
 };
 
+/*
+ * Writes `ip`:`port` (network order) as the answer to the SO_ORIGINAL_DST question asked
+ * (`question`), as the kernel would: an IPv4 destination only to SOL_IP, an IPv6 one only to
+ * SOL_IPV6. Returns 1 when it answered (the caller counts); 0 leaves the kernel's own answer.
+ */
+static __always_inline int zb_write_orig_dst(struct bpf_sockopt *ctx, const struct zb_ip *ip,
+					     __u16 port, int question_v4)
+{
+	if (question_v4) {
+		struct zb_sockaddr_in *sin = ctx->optval;
+
+		if (!zb_ip_is_v4(ip))
+			return 0;
+		/* The caller's buffer is too small for a sockaddr_in: the kernel's error stands. */
+		if ((void *)(sin + 1) > ctx->optval_end)
+			return 0;
+		sin->family = AF_INET;
+		sin->port = port;
+		sin->addr = ip->w[3];
+		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct zb_sockaddr_in6 *sin6 = ctx->optval;
+
+		if (zb_ip_is_v4(ip))
+			return 0;
+		if ((void *)(sin6 + 1) > ctx->optval_end)
+			return 0;
+		sin6->family = AF_INET6;
+		sin6->port = port;
+		sin6->flowinfo = 0;
+		sin6->addr[0] = ip->w[0];
+		sin6->addr[1] = ip->w[1];
+		sin6->addr[2] = ip->w[2];
+		sin6->addr[3] = ip->w[3];
+		sin6->scope_id = 0;
+		ctx->optlen = sizeof(*sin6);
+	}
+	ctx->retval = 0;
+	return 1;
+}
+
+/* SO_ORIGINAL_DST of a socket whose local address is the original destination. */
+static __always_inline int zb_answer_local(struct bpf_sockopt *ctx, struct bpf_sock *sk)
+{
+	__u32 family = ZB_CTX(sk->family);
+	__u32 l4 = ZB_CTX(sk->src_ip4);
+	__u16 local_port = (__u16)ZB_CTX(sk->src_port);
+	struct zb_ip l6 = { { ZB_CTX(sk->src_ip6[0]), ZB_CTX(sk->src_ip6[1]),
+			      ZB_CTX(sk->src_ip6[2]), ZB_CTX(sk->src_ip6[3]) } };
+	struct zb_ip ip = {};
+
+	if (family == AF_INET)
+		zb_ip_from_v4(&ip, l4);
+	else if (family == AF_INET6)
+		ip = l6;
+	else
+		return 1;
+	if (zb_write_orig_dst(ctx, &ip, bpf_htons(local_port), ctx->level == SOL_IP))
+		zb_count(ZB_C_ORIG_DST_LOCAL);
+	return 1;
+}
+
 SEC("cgroup/getsockopt")
 int getsockopt(struct bpf_sockopt *ctx)
 {
@@ -580,8 +705,15 @@ int getsockopt(struct bpf_sockopt *ctx)
 	s = zb_settings();
 	if (!s)
 		return 1;
-	/* Only ztunnel's capture sockets have an original destination to give. */
 	local_port = (__u16)ZB_CTX(sk->src_port);
+	/* In a pod's namespace (in-pod), a socket ztunnel accepted on its 15006 listener through
+	 * the sk_lookup program keeps the original destination as its local address: that is
+	 * the answer (ztunnel would fall back to it anyway, after a warning per connection).
+	 * Sockets on ztunnel's own ports are not such sockets (15008's peers name their
+	 * destination inside HBONE; answering its own port would invite a loop). */
+	if (!zb_inpod_is_ztunnel_port(local_port) && zb_inpod_netns_entry(bpf_get_netns_cookie(ctx)))
+		return zb_answer_local(ctx, sk);
+	/* Only ztunnel's capture sockets have an original destination to give. */
 	if (local_port != s->outbound_port && local_port != s->inbound_port)
 		return 1;
 
@@ -608,6 +740,15 @@ int getsockopt(struct bpf_sockopt *ctx)
 	}
 	tuple.sport = peer_port;
 	tuple.dport = bpf_htons(local_port);
+	/* In-pod: keyed by the namespace as sock_ops keyed it (the same one: ztunnel's listener
+	 * is in the pod's namespace). A ztunnel listening on loopback in its own namespace
+	 * (node mode, a dev box) keys without it. */
+	if (zb_tuple_dst_is_loopback(&tuple)) {
+		__u64 cookie = bpf_get_netns_cookie(ctx);
+
+		if (zb_inpod_netns_entry(cookie))
+			zb_tuple_fold_netns(&tuple, cookie);
+	}
 
 	/* The hot set first: the writer only goes on to the overflow set when the hot one is
 	 * full, and a record leaving the hot set takes the older ones of its tuple with it. */
@@ -631,35 +772,8 @@ int getsockopt(struct bpf_sockopt *ctx)
 	if (found == ZB_TAKE_OTHER_FAMILY)
 		return 1;
 	zb_ip_from_bytes(&ip, od.addr);
-
-	if (question == ZB_ASK_V4) {
-		struct zb_sockaddr_in *sin = ctx->optval;
-
-		/* The caller's buffer is too small for a sockaddr_in: the kernel's error stands. */
-		if ((void *)(sin + 1) > ctx->optval_end)
-			return 1;
-		sin->family = AF_INET;
-		sin->port = od.port;
-		sin->addr = ip.w[3];
-		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
-		ctx->optlen = sizeof(*sin);
-	} else {
-		struct zb_sockaddr_in6 *sin6 = ctx->optval;
-
-		if ((void *)(sin6 + 1) > ctx->optval_end)
-			return 1;
-		sin6->family = AF_INET6;
-		sin6->port = od.port;
-		sin6->flowinfo = 0;
-		sin6->addr[0] = ip.w[0];
-		sin6->addr[1] = ip.w[1];
-		sin6->addr[2] = ip.w[2];
-		sin6->addr[3] = ip.w[3];
-		sin6->scope_id = 0;
-		ctx->optlen = sizeof(*sin6);
-	}
-	ctx->retval = 0;
-	zb_count(ZB_C_ORIG_DST_HIT);
+	if (zb_write_orig_dst(ctx, &ip, od.port, question == ZB_ASK_V4))
+		zb_count(ZB_C_ORIG_DST_HIT);
 	return 1;
 }
 
@@ -668,9 +782,10 @@ int getsockopt(struct bpf_sockopt *ctx)
  * one of its own addresses instead (by a hash of the pod's address, so each pod keeps one and
  * ztunnel's upstream connections spread too), same port. Returns 1 when `addr` was replaced.
  */
-static __always_inline int zb_bind(struct zb_ip *addr)
+static __always_inline int zb_bind(struct bpf_sock_addr *ctx, struct zb_ip *addr)
 {
 	const struct settings *s = zb_settings();
+	const struct cgroup_info *pod;
 	struct cgroup_info info = {};
 	struct zb_ip zt = {};
 	__u32 n;
@@ -678,6 +793,23 @@ static __always_inline int zb_bind(struct zb_ip *addr)
 	/* Nothing enrolled: no pod address to rewrite. */
 	if (!s || !s->levels)
 		return 0;
+	/* In an in-pod pod's namespace, ztunnel's upstream sockets bind the client's address
+	 * (original source, IP_FREEBIND): nothing would route the app's replies to that address
+	 * back to ztunnel, so the bind takes the pod's own address. Its own addresses and
+	 * loopback are the pod's to bind. */
+	pod = zb_inpod_netns_entry(bpf_get_netns_cookie(ctx));
+	if (pod) {
+		if (zb_ip_is_loopback(addr) || zb_is_own_ip(pod, addr))
+			return 0;
+		if (!zb_inpod_own_addr(pod, addr, &zt))
+			return 0;
+		if (!zb_lookup_current(s->levels, &info) || !(info.flags & ZB_F_ZTUNNEL))
+			return 0;
+		*addr = zt;
+		zb_count(ZB_C_BIND_REWRITTEN);
+		ZB_DEBUG(s, "in-pod: ztunnel bind to a foreign address rewritten to the pod's");
+		return 1;
+	}
 	/* Most binds are to other addresses: one lookup, before the cgroup walk. */
 	if (!bpf_map_lookup_elem(&pod_addr_map, addr))
 		return 0;
@@ -704,7 +836,7 @@ int bind4(struct bpf_sock_addr *ctx)
 	if (!ctx->user_ip4)
 		return ZB_ALLOW;
 	zb_ip_from_v4(&addr, ctx->user_ip4);
-	if (zb_bind(&addr))
+	if (zb_bind(ctx, &addr))
 		ctx->user_ip4 = addr.w[3];
 	return ZB_ALLOW;
 }
@@ -721,11 +853,122 @@ int bind6(struct bpf_sock_addr *ctx)
 	/* The unspecified address (::) is never a pod's address. */
 	if (!(addr.w[0] | addr.w[1] | addr.w[2] | addr.w[3]))
 		return ZB_ALLOW;
-	if (zb_bind(&addr)) {
+	if (zb_bind(ctx, &addr)) {
 		ctx->user_ip6[0] = addr.w[0];
 		ctx->user_ip6[1] = addr.w[1];
 		ctx->user_ip6[2] = addr.w[2];
 		ctx->user_ip6[3] = addr.w[3];
 	}
 	return ZB_ALLOW;
+}
+
+/*
+ * DNS of in-pod pods with DNS capture (inpod_capture.h): a UDP query sent with an address
+ * (sendto; a connected socket went through connect4/6) to port 53 goes to ztunnel's 15053 in
+ * the pod, and the reply is shown as coming from the server asked.
+ */
+static __always_inline int zb_dns_sendmsg(struct bpf_sock_addr *ctx, struct zb_ip *dst)
+{
+	const struct settings *s = zb_settings();
+	struct cgroup_info entry = {};
+
+	if (!s || !s->levels)
+		return 0;
+	if (!zb_lookup_current(s->levels, &entry))
+		return 0;
+	if ((entry.flags & (ZB_F_AMBIENT | ZB_F_INPOD | ZB_F_DNS)) !=
+	    (ZB_F_AMBIENT | ZB_F_INPOD | ZB_F_DNS))
+		return 0;
+	if (!zb_dns_remember(ctx->sk, dst, ctx->user_port))
+		return 0;
+	zb_inpod_loopback(dst, dst);
+	zb_count(ZB_C_REDIRECTED_DNS);
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct zb_ip dst = {};
+
+	/* Only DNS; every other datagram leaves at this comparison. */
+	if (ctx->user_port != bpf_htons(ZB_PORT_DNS_SERVER))
+		return ZB_ALLOW;
+	zb_ip_from_v4(&dst, ctx->user_ip4);
+	if (zb_dns_sendmsg(ctx, &dst)) {
+		ctx->user_ip4 = dst.w[3];
+		ctx->user_port = bpf_htons(ZB_PORT_DNS);
+	}
+	return ZB_ALLOW;
+}
+
+SEC("cgroup/sendmsg6")
+int sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct zb_ip dst = {};
+
+	if (ctx->user_port != bpf_htons(ZB_PORT_DNS_SERVER))
+		return ZB_ALLOW;
+	dst.w[0] = ctx->user_ip6[0];
+	dst.w[1] = ctx->user_ip6[1];
+	dst.w[2] = ctx->user_ip6[2];
+	dst.w[3] = ctx->user_ip6[3];
+	if (zb_dns_sendmsg(ctx, &dst)) {
+		ctx->user_ip6[0] = dst.w[0];
+		ctx->user_ip6[1] = dst.w[1];
+		ctx->user_ip6[2] = dst.w[2];
+		ctx->user_ip6[3] = dst.w[3];
+		ctx->user_port = bpf_htons(ZB_PORT_DNS);
+	}
+	return ZB_ALLOW;
+}
+
+/* The server a socket's DNS query was sent to, when `src` is ztunnel's DNS proxy (its
+ * loopback address and 15053) and the socket sent a captured query. */
+static __always_inline struct orig_dst *zb_dns_reply_from(struct bpf_sock_addr *ctx,
+							   const struct zb_ip *src)
+{
+	if (ctx->user_port != bpf_htons(ZB_PORT_DNS) || !zb_ip_is_loopback(src) || !ctx->sk)
+		return 0;
+	return bpf_sk_storage_get(&dns_orig_dst, ctx->sk, 0, 0);
+}
+
+SEC("cgroup/recvmsg4")
+int recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *od;
+	struct zb_ip src = {};
+
+	zb_ip_from_v4(&src, ctx->user_ip4);
+	od = zb_dns_reply_from(ctx, &src);
+	/* Only an IPv4 server can be shown on an IPv4 socket. */
+	if (od && od->family == AF_INET) {
+		zb_ip_from_bytes(&src, od->addr);
+		ctx->user_ip4 = src.w[3];
+		ctx->user_port = od->port;
+	}
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *od;
+	struct zb_ip src = {};
+
+	src.w[0] = ctx->user_ip6[0];
+	src.w[1] = ctx->user_ip6[1];
+	src.w[2] = ctx->user_ip6[2];
+	src.w[3] = ctx->user_ip6[3];
+	od = zb_dns_reply_from(ctx, &src);
+	if (od) {
+		/* The address as it was asked (IPv4-mapped on a dual-stack socket). */
+		zb_ip_from_bytes(&src, od->addr);
+		ctx->user_ip6[0] = src.w[0];
+		ctx->user_ip6[1] = src.w[1];
+		ctx->user_ip6[2] = src.w[2];
+		ctx->user_ip6[3] = src.w[3];
+		ctx->user_port = od->port;
+	}
+	return 1;
 }

@@ -13,6 +13,10 @@
 #define ZB_F_EXEMPT (1u << 2)  /* a host cgroup exempt from inbound capture (kubelet) */
 #define ZB_F_HAS_V4 (1u << 3)  /* addr4 is set */
 #define ZB_F_HAS_V6 (1u << 4)  /* addr6 is set */
+#define ZB_F_INPOD (1u << 5)   /* ambient, in-pod: ztunnel listens inside the pod's own network
+				* namespace (ztunnel's `shared` mode, fed over ZDS), not on its
+				* own address (bpf/inpod.h) */
+#define ZB_F_DNS (1u << 6)     /* in-pod: DNS (port 53) goes to ztunnel's 15053 in the pod */
 
 /* Value of cgroup_info_map, keyed by the __u64 cgroup id (inode of the cgroup directory). */
 struct cgroup_info {
@@ -75,10 +79,14 @@ struct orig_dst {
  * settings.generation is still `cached_generation` (the programmer bumps it after every change
  * of cgroup_info_map). Only found entries are cached: a thread with no enrolled ancestor walks
  * every time, and so sees its pod's enrolment on its very next connect. */
+/* connect_record.flags */
+#define ZB_REC_INPOD (1u << 0) /* to ztunnel's listener in the pod's own namespace: the
+				* tuple record is keyed by that namespace too (inpod_capture.h) */
+
 struct connect_record {
 	__u32 armed;         /* 1 from connect4/6's redirect to the next TCP_CONNECT of the thread,
 			      * which takes the record and disarms it */
-	__u32 reserved0;
+	__u32 flags;         /* ZB_REC_*: how the armed redirect went */
 	struct orig_dst dst;
 	__u32 reserved;
 	__u64 cached_cgroup; /* 0: nothing cached */
@@ -182,7 +190,10 @@ enum zb_counter {
 	ZB_C_BIND_REWRITTEN = 8, /* ztunnel's bind to a pod address moved to its own */
 	ZB_C_ORIG_DST_EVICTED = 9, /* a record replaced before ztunnel asked (its set was full),
 				    * or not stored (other writers kept taking its slots) */
-	ZB_C_MAX = 10,
+	ZB_C_REDIRECTED_DNS = 10,  /* in-pod: a DNS query sent to ztunnel's 15053 in the pod */
+	ZB_C_ORIG_DST_LOCAL = 11,  /* in-pod: SO_ORIGINAL_DST of an accepted inbound socket
+				    * answered with its local address (sk_lookup kept it) */
+	ZB_C_MAX = 12,
 };
 
 /* Default sizes; cgroup_info_map and pod_addr_map are resized by the loader. */

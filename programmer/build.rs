@@ -1,5 +1,5 @@
-//! Builds the BPF object from `bpf/` with clang, so that `cargo build` alone produces it; the
-//! crate embeds it (`include_bytes!` from OUT_DIR) and deployment needs no compiler.
+//! Builds the BPF objects from `bpf/` with clang, so that `cargo build` alone produces them; the
+//! crate embeds them (`include_bytes!` from OUT_DIR) and deployment needs no compiler.
 
 include!("../bpf/build_bpf.rs");
 
@@ -9,5 +9,11 @@ fn main() {
         "zbridge.bpf.c",
         "zbridge.bpf.o",
         &["helpers.h", "kernel.h", "zbridge.h"],
+    );
+    build_bpf_object(
+        "zbridge-programmer",
+        "inpod_inbound.bpf.c",
+        "inpod_inbound.bpf.o",
+        &["zbridge.h", "inpod.h"],
     );
 }

@@ -12,15 +12,21 @@ pub const POD_ADDR_MAP: &str = "pod_addr_map";
 pub const ORIG_DST_BY_TASK_MAP: &str = "orig_dst_by_task";
 pub const ORIG_DST_BY_TUPLE_MAP: &str = "orig_dst_by_tuple";
 pub const COUNTERS_MAP: &str = "counters";
+/// In-pod: an in-pod pod's entry by its network namespace's cookie (`bpf/inpod_capture.h`).
+pub const INPOD_NETNS_MAP: &str = "inpod_netns";
+/// In-pod DNS: a UDP socket's DNS server (`BPF_MAP_TYPE_SK_STORAGE`, not iterable).
+pub const DNS_ORIG_DST_MAP: &str = "dns_orig_dst";
 
 /// Every map of the object, in the order `zbridge dump` shows them.
-pub const MAPS: [&str; 6] = [
+pub const MAPS: [&str; 8] = [
     CGROUP_INFO_MAP,
     SETTINGS_MAP,
     POD_ADDR_MAP,
     ORIG_DST_BY_TASK_MAP,
     ORIG_DST_BY_TUPLE_MAP,
     COUNTERS_MAP,
+    INPOD_NETNS_MAP,
+    DNS_ORIG_DST_MAP,
 ];
 
 /// The layout version: the pin directory's subdirectory (`<pin dir>/v2/`). Bump it when a
@@ -49,6 +55,10 @@ pub const F_ZTUNNEL: u32 = 1 << 1;
 pub const F_EXEMPT: u32 = 1 << 2;
 pub const F_HAS_V4: u32 = 1 << 3;
 pub const F_HAS_V6: u32 = 1 << 4;
+/// In-pod: ztunnel listens inside the pod's own network namespace (`ZB_F_INPOD`).
+pub const F_INPOD: u32 = 1 << 5;
+/// In-pod: the pod's DNS goes to ztunnel's 15053 (`ZB_F_DNS`).
+pub const F_DNS: u32 = 1 << 6;
 
 pub const S_HAS_ZTUNNEL4: u32 = 1 << 0;
 pub const S_HAS_ZTUNNEL6: u32 = 1 << 1;
@@ -224,7 +234,8 @@ pub struct OrigDst {
 pub struct ConnectRecord {
     /// 1 from a redirect until the thread's next TCP_CONNECT takes the record.
     pub armed: u32,
-    pub reserved0: u32,
+    /// `ZB_REC_*`: how the armed redirect went.
+    pub flags: u32,
     /// Where that connect was going.
     pub dst: OrigDst,
     pub reserved: u32,
@@ -354,10 +365,12 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "refused_loop",
     "bind_rewritten",
     "orig_dst_evicted",
+    "redirected_dns",
+    "orig_dst_local",
 ];
 
 /// `ZB_C_MAX`: how many counters there are.
-pub const COUNTER_COUNT: usize = 10;
+pub const COUNTER_COUNT: usize = 12;
 
 /// The counters, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -383,6 +396,11 @@ pub struct Counters {
     /// A tuple record replaced before ztunnel asked for it (its set of `orig_dst_by_tuple`
     /// was full of waiting records): that connection's `SO_ORIGINAL_DST` misses.
     pub orig_dst_evicted: u64,
+    /// In-pod: a DNS query sent to ztunnel's 15053 in the pod.
+    pub redirected_dns: u64,
+    /// In-pod: `SO_ORIGINAL_DST` of an accepted inbound socket answered with its local
+    /// address.
+    pub orig_dst_local: u64,
 }
 
 impl Counters {
@@ -399,6 +417,8 @@ impl Counters {
             refused_loop: v[7],
             bind_rewritten: v[8],
             orig_dst_evicted: v[9],
+            redirected_dns: v[10],
+            orig_dst_local: v[11],
         }
     }
 
@@ -415,6 +435,8 @@ impl Counters {
             self.refused_loop,
             self.bind_rewritten,
             self.orig_dst_evicted,
+            self.redirected_dns,
+            self.orig_dst_local,
         ];
         std::array::from_fn(|i| (COUNTER_NAMES[i], v[i]))
     }

@@ -8,6 +8,8 @@
 //! replay and tests.
 
 pub mod backend;
+pub mod inbound;
+pub mod inpod;
 pub mod inspect;
 pub mod kernel_maps;
 pub mod layout;
@@ -17,6 +19,7 @@ pub mod object;
 pub mod pins;
 pub mod programmer;
 pub mod sys;
+pub mod ztunnel_socket;
 
 use std::path::PathBuf;
 

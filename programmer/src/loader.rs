@@ -175,7 +175,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn load_error(program: &str, e: aya::programs::ProgramError) -> ProgramError {
+pub(crate) fn load_error(program: &str, e: aya::programs::ProgramError) -> ProgramError {
     let detail = match e {
         aya::programs::ProgramError::LoadError {
             io_error,

@@ -26,11 +26,17 @@ pub enum ProgramKind {
 /// (sockops, getsockopt, bind) before the connect hooks that start it, so that no connection
 /// is redirected without its original destination being answerable.
 /// The third field is the kernel's `enum bpf_attach_type`.
-pub const PROGRAMS: [(&str, ProgramKind, u32); 6] = [
+/// The DNS reply programs (recvmsg) come before the ones that send queries to ztunnel
+/// (sendmsg, connect), for the same reason.
+pub const PROGRAMS: [(&str, ProgramKind, u32); 10] = [
     ("sock_ops", ProgramKind::SockOps, 3),    // BPF_CGROUP_SOCK_OPS
     ("getsockopt", ProgramKind::Sockopt, 21), // BPF_CGROUP_GETSOCKOPT
     ("bind4", ProgramKind::SockAddr, 8),      // BPF_CGROUP_INET4_BIND
     ("bind6", ProgramKind::SockAddr, 9),      // BPF_CGROUP_INET6_BIND
+    ("recvmsg4", ProgramKind::SockAddr, 19),  // BPF_CGROUP_UDP4_RECVMSG
+    ("recvmsg6", ProgramKind::SockAddr, 20),  // BPF_CGROUP_UDP6_RECVMSG
+    ("sendmsg4", ProgramKind::SockAddr, 14),  // BPF_CGROUP_UDP4_SENDMSG
+    ("sendmsg6", ProgramKind::SockAddr, 15),  // BPF_CGROUP_UDP6_SENDMSG
     ("connect4", ProgramKind::SockAddr, 10),  // BPF_CGROUP_INET4_CONNECT
     ("connect6", ProgramKind::SockAddr, 11),  // BPF_CGROUP_INET6_CONNECT
 ];

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use resolver::{Enrolment, Role, Update};
+use resolver::{Capture, Enrolment, Role, Update};
 use watcher::CgroupId;
 
 use crate::backend::{MapBackend, MapBatch};
@@ -95,7 +95,7 @@ impl<B: MapBackend> Programmer<B> {
         for (id, info) in me.backend.cgroup_entries()? {
             me.programmed.insert(id, (info, UNKNOWN_LEVEL));
             // Their addresses are held by them until they are released or replaced.
-            if info.flags & layout::F_AMBIENT != 0 {
+            if captured_inbound_by_ztunnel_node(&info) {
                 for ip in info.ips() {
                     *me.addr_refs.entry(PodAddr::from(ip)).or_insert(0) += 1;
                 }
@@ -260,7 +260,7 @@ impl<B: MapBackend> Programmer<B> {
         if let Some(refs) = self.level_refs.get_mut(level as usize) {
             *refs += 1;
         }
-        if info.flags & layout::F_AMBIENT != 0 {
+        if captured_inbound_by_ztunnel_node(info) {
             for ip in info.ips() {
                 let addr = PodAddr::from(ip);
                 let refs = self.addr_refs.entry(addr).or_insert(0);
@@ -276,7 +276,7 @@ impl<B: MapBackend> Programmer<B> {
         if let Some(refs) = self.level_refs.get_mut(level as usize) {
             *refs = refs.saturating_sub(1);
         }
-        if info.flags & layout::F_AMBIENT != 0 {
+        if captured_inbound_by_ztunnel_node(info) {
             for ip in info.ips() {
                 let addr = PodAddr::from(ip);
                 if let Some(refs) = self.addr_refs.get_mut(&addr) {
@@ -346,6 +346,14 @@ pub fn level_of(path: &str) -> u32 {
     path.split('/').filter(|c| !c.is_empty()).count() as u32
 }
 
+/// Whether an entry's addresses go to `pod_addr_map`, whose pods a host process's connect
+/// sends to ztunnel's inbound port on ztunnel's own address: node-mode ambient pods only. An
+/// in-pod pod's inbound is captured in its own namespace (`crate::inpod`), and host traffic
+/// to it reaches it directly, as with Istio.
+fn captured_inbound_by_ztunnel_node(info: &CgroupInfo) -> bool {
+    info.flags & layout::F_AMBIENT != 0 && info.flags & layout::F_INPOD == 0
+}
+
 /// The map entry for an enrolment.
 pub fn entry_of(enrolment: &Enrolment) -> CgroupInfo {
     let mut info = CgroupInfo {
@@ -357,6 +365,12 @@ pub fn entry_of(enrolment: &Enrolment) -> CgroupInfo {
         },
         ..CgroupInfo::default()
     };
+    if let (Role::Ambient, Capture::InPod { dns }) = (enrolment.role, enrolment.capture) {
+        info.flags |= layout::F_INPOD;
+        if dns {
+            info.flags |= layout::F_DNS;
+        }
+    }
     if let Some(v4) = enrolment.ips.iter().find_map(|ip| match ip {
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
@@ -386,6 +400,7 @@ mod tests {
             pod: Some(format!("ns/p{id}")),
             role: Role::Ambient,
             ips: vec![ip.parse().unwrap()],
+            capture: Default::default(),
         })
     }
 

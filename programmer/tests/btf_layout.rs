@@ -107,7 +107,7 @@ fn rust_mirrors_match_the_objects_btf() {
             size_of::<ConnectRecord>(),
             owned(&[
                 ("armed", offset_of!(ConnectRecord, armed)),
-                ("reserved0", offset_of!(ConnectRecord, reserved0)),
+                ("flags", offset_of!(ConnectRecord, flags)),
                 ("dst", offset_of!(ConnectRecord, dst)),
                 ("reserved", offset_of!(ConnectRecord, reserved)),
                 ("cached_cgroup", offset_of!(ConnectRecord, cached_cgroup)),

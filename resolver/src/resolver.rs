@@ -574,6 +574,7 @@ impl Resolver {
             pod: pod.clone(),
             role: decision.role,
             ips: decision.ips.clone(),
+            capture: Default::default(),
         };
         match root_id {
             Some(id) => {

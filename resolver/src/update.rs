@@ -32,6 +32,19 @@ impl Role {
 /// `NAMESPACE/NAME` of a pod, or the `name` of a standalone workload.
 pub type PodName = String;
 
+/// Where an ambient pod's connections are captured to: which ztunnel listens for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Capture {
+    /// ztunnel listens in its own network namespace on its own address (ztunnel's
+    /// `dedicated` mode: a VM, a dev box, standalone v1). Also what every non-ambient role
+    /// carries.
+    #[default]
+    Node,
+    /// ztunnel listens inside the pod's own network namespace (ztunnel's `shared` mode, fed
+    /// the namespace over ZDS); `dns`: the pod's DNS goes to ztunnel's DNS proxy too.
+    InPod { dns: bool },
+}
+
 /// One cgroup's entry: what the programmer writes to `cgroup_info_map`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enrolment {
@@ -42,6 +55,8 @@ pub struct Enrolment {
     pub role: Role,
     /// The workload's addresses (IPv4 first); empty for exempt host cgroups.
     pub ips: Vec<IpAddr>,
+    /// For an ambient pod: where ztunnel listens for it.
+    pub capture: Capture,
 }
 
 /// A change the programmer must apply. Nothing is emitted twice for an unchanged decision.

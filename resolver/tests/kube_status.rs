@@ -136,6 +136,7 @@ fn observe_follows_the_resolvers_updates() {
             pod: Some("apps/web".into()),
             role,
             ips: vec!["10.1.0.10".parse().unwrap()],
+            capture: Default::default(),
         })
     };
     writer.observe(&enrolment(11, Role::Ambient));
@@ -159,6 +160,7 @@ fn observe_follows_the_resolvers_updates() {
         pod: Some("dev-vm-app".into()),
         role: Role::Ambient,
         ips: vec![],
+        capture: Default::default(),
     }));
     writer.stop();
     assert!(server
@@ -209,6 +211,7 @@ fn at_synced_annotated_pods_that_are_not_captured_are_unannotated() {
         pod: Some("apps/kept".into()),
         role: Role::Ambient,
         ips: vec!["10.1.0.10".parse().unwrap()],
+        capture: Default::default(),
     }));
     assert!(
         patches_of(&server, "apps", "left").is_empty(),

@@ -233,7 +233,7 @@ fn serve(listens: Vec<SocketAddr>, orig: bool, up: bool) {
                                 line.push_str(&format!(" orig={dst}"));
                                 if up {
                                     let peer = stream.peer_addr().expect("a connected peer");
-                                    match upstream(peer.ip(), dst) {
+                                    match upstream(peer.ip().to_canonical(), dst) {
                                         Ok((l, s)) => {
                                             line.push_str(&format!(" upstream-local={l}"));
                                             upstream_stream = Some(s);
@@ -329,6 +329,54 @@ fn connect_once(
     Ok((local, peer))
 }
 
+fn udp_ask(to: SocketAddr, connected: bool) -> Result<(SocketAddr, SocketAddr), (&'static str, i32)> {
+    let socket = std::net::UdpSocket::bind(match to {
+        SocketAddr::V4(_) => "0.0.0.0:0",
+        SocketAddr::V6(_) => "[::]:0",
+    })
+    .map_err(|e| ("socket", errno_of(&e)))?;
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .map_err(|e| ("socket", errno_of(&e)))?;
+    if connected {
+        socket.connect(to).map_err(|e| ("connect", errno_of(&e)))?;
+        socket.send(b"q").map_err(|e| ("send", errno_of(&e)))?;
+    } else {
+        socket.send_to(b"q", to).map_err(|e| ("send", errno_of(&e)))?;
+    }
+    let mut buf = [0u8; 64];
+    let (_, from) = socket
+        .recv_from(&mut buf)
+        .map_err(|e| ("recv", errno_of(&e)))?;
+    let local = socket.local_addr().map_err(|e| ("io", errno_of(&e)))?;
+    Ok((local, from))
+}
+
+fn udp_echo(listens: Vec<SocketAddr>) {
+    let mut threads = Vec::new();
+    for addr in listens {
+        let socket = match std::net::UdpSocket::bind(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                say(&format!("fatal bind {addr}: {e}"));
+                std::process::exit(1);
+            }
+        };
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let local = socket.local_addr().expect("bound");
+                say(&format!("udp local={local} peer={from}"));
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }));
+    }
+    say("ready");
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().cloned().unwrap_or_default();
@@ -342,6 +390,7 @@ fn main() {
         rst: false,
     };
     let (mut orig, mut up, mut latency, mut sol_ip_only) = (false, false, false, false);
+    let mut connected = false;
     let mut i = 1;
     while i < args.len() {
         let value = || args.get(i + 1).cloned().unwrap_or_default();
@@ -376,6 +425,11 @@ fn main() {
             }
             "--upstream" => {
                 up = true;
+                i += 1;
+                continue;
+            }
+            "--connected" => {
+                connected = true;
                 i += 1;
                 continue;
             }
@@ -430,8 +484,20 @@ fn main() {
             }
             say("done");
         }
+        // A DNS-like question over UDP: one datagram to `--to` (sent with its address, or on
+        // a connected socket with --connected), then the reply's source as recvfrom gives it.
+        "udp-ask" => {
+            match udp_ask(to[0], connected) {
+                Ok((local, from)) => say(&format!("ok local={local} peer={from}")),
+                Err((stage, e)) => say(&format!("err stage={stage} errno={e} n=0")),
+            }
+            say("done");
+        }
+        // A UDP server (ztunnel's DNS proxy, a DNS server): answers each datagram with one,
+        // and reports where it came from.
+        "udp-echo" => udp_echo(listens),
         _ => {
-            eprintln!("usage: zbt-net serve|connect|udp-connect|sleep ...");
+            eprintln!("usage: zbt-net serve|connect|udp-connect|udp-ask|udp-echo|sleep ...");
             std::process::exit(2);
         }
     }

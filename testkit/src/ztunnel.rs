@@ -387,6 +387,42 @@ pub fn udp_connect_once(
         .ok_or_else(|| std::io::Error::other("zbt-net udp-connect reported nothing"))
 }
 
+/// A UDP question to `to` from a process placed like [`connect`]'s (sent with the address,
+/// or on a connected socket): the reply's source as `recvfrom` shows it, in `peer`.
+pub fn udp_ask(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    to: SocketAddr,
+    connected: bool,
+) -> std::io::Result<Outcome> {
+    let mut args = vec!["udp-ask".to_string(), "--to".into(), to.to_string()];
+    if connected {
+        args.push("--connected".into());
+    }
+    run_client(ns, cgroup, path, &args)?
+        .pop()
+        .ok_or_else(|| std::io::Error::other("zbt-net udp-ask reported nothing"))
+}
+
+/// A UDP server answering every datagram on `addrs`; its [`Helper::line`]s read
+/// `udp local=ADDR peer=ADDR` per datagram.
+pub fn udp_echo(
+    ns: &NetNs,
+    cgroup: &TestCgroup,
+    path: &str,
+    addrs: &[SocketAddr],
+) -> std::io::Result<Helper> {
+    let mut args = vec!["udp-echo".to_string()];
+    for a in addrs {
+        args.push("--listen".into());
+        args.push(a.to_string());
+    }
+    let helper = Helper::spawn(ns, cgroup, path, &args)?;
+    helper.wait_ready()?;
+    Ok(helper)
+}
+
 /// Like [`connect`] with one connection.
 pub fn connect_once(
     ns: &NetNs,
