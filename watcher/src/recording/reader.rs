@@ -10,7 +10,10 @@ use serde::de::{self, Deserializer, IgnoredAny};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{describe, validate_kube_object, Header, RecordingError, FORMAT, VERSION};
+use super::{
+    describe, validate_kube_object, Header, RecordingError, FORMAT, MAX_HEADER_LINE,
+    MAX_RECORD_LINE, VERSION,
+};
 use crate::event::{
     CgroupId, CgroupRef, KubeAction, KubeRecord, ProcEvent, ProcFacts, Record, ScannedProcess,
     TimedRecord,
@@ -43,9 +46,9 @@ impl RecordingReader<Box<dyn BufRead + Send>> {
     /// Opens the recording at `path`, plain or gzip (told apart by the gzip magic bytes, not
     /// the name), and reads its header.
     pub fn open(path: &Path) -> Result<Self, RecordingError> {
-        let file = File::open(path).map_err(|source| RecordingError::Open {
+        let file = File::open(path).map_err(|error| RecordingError::Open {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::detect(file)
     }
@@ -57,7 +60,7 @@ impl RecordingReader<Box<dyn BufRead + Send>> {
         (&mut input)
             .take(2)
             .read_to_end(&mut magic)
-            .map_err(|source| RecordingError::Read { line: 1, source })?;
+            .map_err(|error| RecordingError::Read { line: 1, error })?;
         let is_gzip = magic == [0x1f, 0x8b];
         let whole = Cursor::new(magic).chain(input);
         let reader: Box<dyn BufRead + Send> = if is_gzip {
@@ -137,24 +140,42 @@ impl<R: BufRead> RecordingReader<R> {
     }
 
     /// Reads lines until one that is not a comment or empty, leaving it (trimmed of its line
-    /// end) in `self.buf`. False at the end of the input.
+    /// end) in `self.buf`. False at the end of the input. A line longer than the limit (the
+    /// header's until the header is read, then a record's) is an error, found without reading
+    /// more of it than the limit.
     fn next_content_line(&mut self) -> Result<bool, RecordingError> {
+        let (limit, what) = match self.header_line {
+            0 => (MAX_HEADER_LINE, "a header"),
+            _ => (MAX_RECORD_LINE, "a record"),
+        };
         loop {
             self.buf.clear();
-            let read = self
-                .input
+            // Room for the line and a `\r\n`: reading stops there, whatever follows.
+            let cap = limit as u64 + 2;
+            let read = (&mut self.input)
+                .take(cap)
                 .read_until(b'\n', &mut self.buf)
-                .map_err(|source| RecordingError::Read {
+                .map_err(|error| RecordingError::Read {
                     line: self.line + 1,
-                    source,
+                    error,
                 })?;
             if read == 0 {
                 return Ok(false);
             }
-            self.line += 1;
+            let ended = self.buf.last() == Some(&b'\n');
             while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
                 self.buf.pop();
             }
+            if (read as u64 == cap && !ended) || self.buf.len() > limit {
+                // Not kept: the buffer is reused for every line.
+                self.buf = Vec::new();
+                return Err(RecordingError::LineTooLong {
+                    line: self.line + 1,
+                    limit,
+                    what,
+                });
+            }
+            self.line += 1;
             match self.buf.iter().find(|b| !b.is_ascii_whitespace()) {
                 None | Some(b'#') => continue,
                 Some(_) => return Ok(true),
