@@ -90,3 +90,32 @@ fn a_directory_is_refused_with_its_error_printed_once() {
     assert_eq!(stderr.matches(text).count(), 1, "{stderr}");
     assert!(stderr.contains("line 1: read failed"), "{stderr}");
 }
+
+#[test]
+fn lost_records_are_logged_once_per_rescan() {
+    let mut text = String::from("{\"format\":\"zbridge-events\",\"version\":1,\"node\":\"n1\"}\n");
+    let mut ts = 0;
+    let mut lost = |text: &mut String, n: usize| {
+        for _ in 0..n {
+            ts += 1;
+            text.push_str(&format!("{{\"ts\":{ts},\"type\":\"lost\"}}\n"));
+        }
+    };
+    lost(&mut text, 10_000);
+    text.push_str("{\"ts\":20000,\"type\":\"scan\",\"processes\":[]}\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lost.events.jsonl");
+    std::fs::write(&path, &text).unwrap();
+    let out = replay_limited(path.to_str().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("events were lost").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("rescan after 10000 losses of events")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.lines().count() < 10, "{stderr}");
+}

@@ -28,29 +28,29 @@ pub use socket::Connector;
 /// Errors of the proc connector.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
+    // Each cause is in the message and not the error's source (a field named `source` is one
+    // for thiserror): a chain printer (anyhow's `{:#}`) would print it twice.
     #[error("proc connector: cannot open a NETLINK_CONNECTOR socket: {0}")]
-    Socket(#[source] io::Error),
+    Socket(io::Error),
     #[error(
         "proc connector: bind to multicast group CN_IDX_PROC refused: {0} (zbridge must run as \
          root or with CAP_NET_ADMIN)"
     )]
-    Bind(#[source] io::Error),
-    #[error("proc connector: setsockopt {option} failed: {source}")]
+    Bind(io::Error),
+    #[error("proc connector: setsockopt {option} failed: {error}")]
     SocketOption {
         option: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "proc connector: subscribe refused with ECONNREFUSED: the connector exists only in the \
          host network namespace (run with hostNetwork)"
     )]
     NotHostNetns,
-    #[error("proc connector: sending the {what} message failed: {source}")]
+    #[error("proc connector: sending the {what} message failed: {error}")]
     Send {
         what: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "proc connector: subscribe refused by the kernel with EPERM: zbridge must run as root or \
@@ -65,9 +65,15 @@ pub enum ConnectorError {
     )]
     NoAck(Duration),
     #[error("proc connector: receive failed: {0}")]
-    Recv(#[source] io::Error),
+    Recv(io::Error),
     #[error("proc connector: malformed datagram: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
+}
+
+impl From<DecodeError> for ConnectorError {
+    fn from(error: DecodeError) -> Self {
+        ConnectorError::Decode(error)
+    }
 }
 
 /// How to open the connector.

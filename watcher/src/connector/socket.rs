@@ -139,7 +139,7 @@ impl Connector {
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                 Err(ConnectorError::NotHostNetns)
             }
-            Err(source) => Err(ConnectorError::Send { what, source }),
+            Err(error) => Err(ConnectorError::Send { what, error }),
         }
     }
 
@@ -208,7 +208,7 @@ fn set_recv_buffer(socket: &Socket, bytes: usize) -> Result<usize, ConnectorErro
     if rc < 0 {
         return Err(ConnectorError::SocketOption {
             option: "SO_RCVBUF (read)",
-            source: io::Error::last_os_error(),
+            error: io::Error::last_os_error(),
         });
     }
     Ok(got.max(0) as usize)
@@ -233,7 +233,7 @@ fn setsockopt<T>(
     if rc < 0 {
         return Err(ConnectorError::SocketOption {
             option: name,
-            source: io::Error::last_os_error(),
+            error: io::Error::last_os_error(),
         });
     }
     Ok(())
