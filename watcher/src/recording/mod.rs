@@ -13,6 +13,7 @@
 //! node, about 200 bytes a process, so the cap holds a scan of over 150,000 processes, and a
 //! Kubernetes object is smaller still (the API server refuses objects over about 1.5 MB).
 
+mod parse_error;
 mod reader;
 mod writer;
 
