@@ -1,181 +1,137 @@
-//! The HTTP/1.1 plumbing: accept connections, read one request each, write the answer (a JSON
-//! body, or a watch as a chunked stream) and close (`Connection: close`: simple, and the client
-//! opens a new connection for the next request, which it must be able to do anyway).
+//! The HTTP/1.1 plumbing, on hyper: a tokio runtime on a thread of its own serves each
+//! connection, turns a request into a [`RecordedRequest`] for the API, and writes the answer (a
+//! JSON body, or a watch as a chunked stream). Every response closes its connection
+//! (`Connection: close`): simple, and the client opens a new one for the next request, which
+//! it must be able to do anyway.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io;
 use std::sync::Arc;
 
-use super::api::{self, Response, WatchNext};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{CONNECTION, CONTENT_TYPE};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use super::api::{self, Response, WatchNext, WatchStream};
 use super::state::Shared;
 use super::RecordedRequest;
 
-pub(super) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    for stream in listener.incoming() {
-        if shared.lock().stopping {
-            return;
-        }
-        let Ok(stream) = stream else { continue };
+/// Serves connections from `listener` until `stop` fires (or its sender is dropped).
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: oneshot::Receiver<()>) {
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
         let shared = shared.clone();
-        let _ = std::thread::Builder::new()
-            .name("fake-apiserver-conn".into())
-            .spawn(move || {
-                if let Err(e) = serve(stream, &shared) {
-                    // Clients hang up mid-stream; that is their right, not a server failure.
-                    if !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::BrokenPipe
-                            | std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::UnexpectedEof
-                    ) {
-                        eprintln!("fake-apiserver: connection error: {e}");
-                    }
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(req, shared.clone()));
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                // Clients hang up mid-stream, which is their right, and a cut watch ends its
+                // connection on purpose (an aborted body): neither is a server failure.
+                if !(e.is_incomplete_message() || e.is_closed() || e.is_user() || e.is_canceled()) {
+                    eprintln!("fake-apiserver: connection error: {e}");
                 }
-            });
+            }
+        });
     }
 }
 
-/// Reads one HTTP/1.1 request and answers it.
-fn serve(stream: TcpStream, shared: &Arc<Shared>) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Ok(()); // a connect without a request (the acceptor's wake-up)
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or_default().to_string();
-    let target = parts.next().unwrap_or_default().to_string();
-    let mut content_length = 0usize;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header)? == 0 {
-            return Ok(());
-        }
-        let header = header.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body)?;
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_string(), parse_query(q)),
-        None => (target.clone(), Vec::new()),
-    };
+type Body = BoxBody<Bytes, io::Error>;
+
+/// Answers one request.
+async fn answer(
+    req: hyper::Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<hyper::Response<Body>, hyper::Error> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect();
+    let body = req.into_body().collect().await?.to_bytes().to_vec();
     let request = RecordedRequest {
         method,
         path,
         query,
         body,
     };
-    let mut out = stream;
-    match api::handle(&request, shared) {
-        Response::Json { code, body } => respond(&mut out, code, &body),
-        Response::Watch(mut watch) => {
-            out.write_all(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
-            )?;
-            loop {
-                match watch.next() {
-                    WatchNext::Lines(lines) => {
-                        for line in &lines {
-                            write_chunk(&mut out, line)?;
-                        }
-                        out.flush()?;
-                    }
-                    WatchNext::End => {
-                        out.write_all(b"0\r\n\r\n")?;
-                        return out.flush();
-                    }
-                    WatchNext::Cut => {
-                        let _ = out.shutdown(Shutdown::Both);
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn respond(out: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        201 => "Created",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        410 => "Gone",
-        _ => "Error",
+    let response = hyper::Response::builder()
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONNECTION, "close");
+    let response = match api::handle(&request, &shared) {
+        Response::Json { code, body } => response
+            .status(code)
+            .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed()),
+        Response::Watch(watch) => response.status(200).body(stream(watch).boxed()),
     };
-    write!(
-        out,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    out.flush()
+    Ok(response.expect("a status code and headers of the API's"))
 }
 
-fn write_chunk(out: &mut TcpStream, line: &str) -> std::io::Result<()> {
-    let data = format!("{line}\n");
-    write!(out, "{:x}\r\n{data}\r\n", data.len())
-}
-
-/// Decodes an `application/x-www-form-urlencoded` query.
-fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |b: u8| (b as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(hi), Some(lo)) => {
-                        out.push((hi * 16 + lo) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
+/// A watch's events as a streamed body, one line each.
+fn stream(mut watch: WatchStream) -> WatchBody {
+    let (tx, lines) = mpsc::channel(16);
+    // A watch waits for changes on a lock and a condition variable: off the runtime's threads.
+    tokio::task::spawn_blocking(move || loop {
+        let next = match watch.next() {
+            WatchNext::Lines(lines) => lines,
+            WatchNext::End => return,
+            WatchNext::Cut => {
+                let _ = tx.blocking_send(Err(io::Error::other("watch cut")));
+                return;
             }
-            b => out.push(b),
+        };
+        for line in next {
+            if tx.blocking_send(Ok(Bytes::from(line + "\n"))).is_err() {
+                return; // the client hung up
+            }
         }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    });
+    WatchBody { lines, cut: None }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The body of a watch: its lines, then the end, or when the watch is cut an error, on which
+/// hyper closes the connection without the final chunk, as a dropped watch looks to a client.
+struct WatchBody {
+    lines: mpsc::Receiver<io::Result<Bytes>>,
+    /// The cut, held back for one poll: hyper flushes what it wrote when the body is pending,
+    /// and would drop it on an error straight after the last line.
+    cut: Option<io::Error>,
+}
 
-    #[test]
-    fn query_decoding() {
-        assert_eq!(
-            parse_query("fieldSelector=spec.nodeName%3Dnode-a&watch=true&x=a+b"),
-            vec![
-                ("fieldSelector".into(), "spec.nodeName=node-a".into()),
-                ("watch".into(), "true".into()),
-                ("x".into(), "a b".into()),
-            ]
-        );
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%4"), "%4");
+impl hyper::body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        if let Some(cut) = self.cut.take() {
+            return Poll::Ready(Some(Err(cut)));
+        }
+        match self.lines.poll_recv(cx) {
+            Poll::Ready(Some(Ok(line))) => Poll::Ready(Some(Ok(Frame::data(line)))),
+            Poll::Ready(Some(Err(cut))) => {
+                self.cut = Some(cut);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }

@@ -35,11 +35,13 @@ mod http;
 mod selector;
 mod state;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use tokio::sync::oneshot;
 
 use state::{Entry, Kind, Shared, State};
 
@@ -78,7 +80,9 @@ impl RecordedRequest {
 pub struct FakeApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    acceptor: Option<JoinHandle<()>>,
+    /// Tells the server's thread to stop accepting.
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
 }
 
 impl FakeApiServer {
@@ -89,8 +93,12 @@ impl FakeApiServer {
 
     /// Listens on the given port of 127.0.0.1 (0: any), e.g. a port a client already tries.
     pub fn start_on(port: u16) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 rv: 1,
@@ -98,16 +106,26 @@ impl FakeApiServer {
             }),
             changed: Condvar::new(),
         });
-        let acceptor = {
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let (stop, stopped) = oneshot::channel();
+        let server = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("fake-apiserver".into())
-                .spawn(move || http::accept_loop(listener, shared))?
+                .spawn(move || {
+                    runtime.block_on(http::serve(listener, shared, stopped));
+                    // Watches still streaming were cut by `stopping`.
+                    runtime.shutdown_timeout(Duration::from_secs(1));
+                })?
         };
         Ok(FakeApiServer {
             shared,
             addr,
-            acceptor: Some(acceptor),
+            stop: Some(stop),
+            server: Some(server),
         })
     }
 
@@ -285,10 +303,9 @@ impl Drop for FakeApiServer {
         // Open watches see it and cut their connections.
         self.shared.lock().stopping = true;
         self.shared.changed.notify_all();
-        // Wake the acceptor, which then sees `stopping`.
-        let _ = TcpStream::connect(self.addr);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
+        drop(self.stop.take());
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
         }
     }
 }
