@@ -143,6 +143,9 @@ pub struct Resolver {
     ztunnel_pods: BTreeSet<Box<str>>,
     kube_synced: bool,
     scan_seen: bool,
+    /// `lost` records since the last scan: the first is logged, the others counted (one line
+    /// each would flood the log when records are lost by the thousand).
+    lost_since_scan: u64,
     synced_emitted: bool,
     started: bool,
     /// The ztunnel addresses last emitted (`None`: nothing emitted yet).
@@ -176,6 +179,7 @@ impl Resolver {
             ztunnel_pods: BTreeSet::new(),
             kube_synced: false,
             scan_seen: false,
+            lost_since_scan: 0,
             synced_emitted: false,
             started: false,
             ztunnel_emitted: None,
@@ -382,9 +386,16 @@ impl Resolver {
                 }
             }
             ProcEvent::Lost => {
-                info!("events were lost; waiting for the rescan");
+                self.lost_since_scan += 1;
+                if self.lost_since_scan == 1 {
+                    info!("events were lost; waiting for the rescan");
+                }
             }
             ProcEvent::Scan { processes } => {
+                let lost = std::mem::take(&mut self.lost_since_scan);
+                if lost > 1 {
+                    info!("rescan after {lost} losses of events");
+                }
                 let mut listed: FxHashSet<Pid> = FxHashSet::default();
                 listed.reserve(processes.len());
                 for p in processes {

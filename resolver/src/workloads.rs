@@ -51,12 +51,10 @@ pub struct Workloads {
 /// Why a workloads file was refused; each names the key concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadsError {
-    #[error("workloads file {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The I/O error is in the message and not the error's source: a chain printer (anyhow's
+    // `{:#}`) would print it twice.
+    #[error("workloads file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     /// The YAML does not fit the schema; serde names the key and the line.
     #[error("workloads file: {0}")]
     Syntax(String),
@@ -117,9 +115,9 @@ enum RawAddress {
 impl Workloads {
     /// Reads and checks a workloads file.
     pub fn load(path: &Path) -> Result<Workloads, WorkloadsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| WorkloadsError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| WorkloadsError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Workloads::parse(&text)
     }

@@ -408,27 +408,15 @@ pub fn check_proc_connector(
         ConnectorError::Socket(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => {
             "use a kernel built with CONFIG_CONNECTOR=y and CONFIG_PROC_EVENTS=y".to_string()
         }
-        ConnectorError::SocketOption { .. } if is_eperm_chain(&error) => FIX_NET_ADMIN.to_string(),
+        ConnectorError::SocketOption { error: e, .. } if e.raw_os_error() == Some(libc::EPERM) => {
+            FIX_NET_ADMIN.to_string()
+        }
         _ => "report this as a bug, with the error above and the kernel version".to_string(),
     };
     Outcome::Fail {
         what: error.to_string(),
         fix,
     }
-}
-
-/// Whether an error's source is EPERM.
-fn is_eperm_chain(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error() == Some(libc::EPERM) {
-                return true;
-            }
-        }
-        cause = e.source();
-    }
-    false
 }
 
 /// The words for loading the embedded object's programs into the verifier (nothing attached,
@@ -1002,7 +990,7 @@ mod tests {
             8 << 20,
             Err(ConnectorError::Send {
                 what: "unsubscribe",
-                source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+                error: std::io::Error::from_raw_os_error(libc::ENOBUFS),
             }),
         );
         assert!(

@@ -41,28 +41,40 @@ pub const RECORD_LEN: usize = 24;
 /// What a failed load of the tap says; each names the program or map and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
-    #[error("exec tap: loading the BPF object (maps {RING_MAP}, {DROPPED_MAP}): {source}{hint}", hint = hint(.source))]
-    Object {
-        #[source]
-        source: aya::EbpfError,
-    },
+    // aya's error and its causes are all in the message, none is this error's source: a chain
+    // printer (anyhow's `{:#}`) would print them twice.
+    #[error("exec tap: loading the BPF object (maps {RING_MAP}, {DROPPED_MAP}): {}{}", chain(.error), hint(.error))]
+    Object { error: aya::EbpfError },
     #[error("exec tap: the object has no {what} `{name}`")]
     Missing {
         what: &'static str,
         name: &'static str,
     },
-    #[error("exec tap: program `{PROGRAM}`: {action}: {source}{hint}", hint = hint(.source))]
+    #[error("exec tap: program `{PROGRAM}`: {action}: {}{}", chain(.error), hint(.error))]
     Program {
         action: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        error: aya::programs::ProgramError,
     },
-    #[error("exec tap: map `{map}`: {source}{hint}", hint = hint(.source))]
+    #[error("exec tap: map `{map}`: {}{}", chain(.error), hint(.error))]
     Map {
         map: &'static str,
-        #[source]
-        source: aya::maps::MapError,
+        error: aya::maps::MapError,
     },
+}
+
+/// `error` and its causes, joined by `: ` (a cause whose text is already there is left out).
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 /// A hint for the usual cause, found in the chain of sources: EPERM is missing capabilities.
@@ -135,7 +147,7 @@ impl ExecTap {
     pub fn load_bytes(object: &[u8]) -> Result<ExecTap, TapError> {
         let mut ebpf = EbpfLoader::new()
             .load(object)
-            .map_err(|source| TapError::Object { source })?;
+            .map_err(|error| TapError::Object { error })?;
         let program: &mut RawTracePoint = ebpf
             .program_mut(PROGRAM)
             .ok_or(TapError::Missing {
@@ -143,33 +155,33 @@ impl ExecTap {
                 name: PROGRAM,
             })?
             .try_into()
-            .map_err(|source| TapError::Program {
+            .map_err(|error| TapError::Program {
                 action: "not a raw tracepoint program",
-                source,
+                error,
             })?;
-        program.load().map_err(|source| TapError::Program {
+        program.load().map_err(|error| TapError::Program {
             action: "load (BPF_PROG_LOAD)",
-            source,
+            error,
         })?;
         program
             .attach(TRACEPOINT)
-            .map_err(|source| TapError::Program {
+            .map_err(|error| TapError::Program {
                 action: "attach to raw tracepoint sched_process_exec (BPF_RAW_TRACEPOINT_OPEN)",
-                source,
+                error,
             })?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(TapError::Missing { what: "map", name })
         };
         let ring =
-            RingBuf::try_from(take(&mut ebpf, RING_MAP)?).map_err(|source| TapError::Map {
+            RingBuf::try_from(take(&mut ebpf, RING_MAP)?).map_err(|error| TapError::Map {
                 map: RING_MAP,
-                source,
+                error,
             })?;
-        let dropped = PerCpuArray::try_from(take(&mut ebpf, DROPPED_MAP)?).map_err(|source| {
+        let dropped = PerCpuArray::try_from(take(&mut ebpf, DROPPED_MAP)?).map_err(|error| {
             TapError::Map {
                 map: DROPPED_MAP,
-                source,
+                error,
             }
         })?;
         Ok(ExecTap {
@@ -195,9 +207,9 @@ impl ExecTap {
 
     /// Records the full ring could not take since the load, summed over CPUs (one syscall).
     pub fn dropped(&self) -> Result<u64, TapError> {
-        let values = self.dropped.get(&0, 0).map_err(|source| TapError::Map {
+        let values = self.dropped.get(&0, 0).map_err(|error| TapError::Map {
             map: DROPPED_MAP,
-            source,
+            error,
         })?;
         Ok(values.iter().sum())
     }
@@ -213,13 +225,13 @@ impl ExecTap {
                 name: PROGRAM,
             })?
             .try_into()
-            .map_err(|source| TapError::Program {
+            .map_err(|error| TapError::Program {
                 action: "not a raw tracepoint program",
-                source,
+                error,
             })?;
-        let info = program.info().map_err(|source| TapError::Program {
+        let info = program.info().map_err(|error| TapError::Program {
             action: "program info (BPF_OBJ_GET_INFO_BY_FD)",
-            source,
+            error,
         })?;
         Ok((info.run_count(), info.run_time()))
     }

@@ -12,21 +12,15 @@ use std::os::unix::fs::MetadataExt;
 /// Errors joining the host's cgroup namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum HostNsError {
-    #[error("cannot read {path}: {source} (is /proc the host's? run with hostPID: true)")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // Each I/O error is in the message and not the error's source (a field named `source` is
+    // one for thiserror): a chain printer (anyhow's `{:#}`) would print it twice.
+    #[error("cannot read {path}: {error} (is /proc the host's? run with hostPID: true)")]
+    Read { path: String, error: std::io::Error },
     #[error(
-        "cannot join the host's cgroup namespace ({path}): {source}; cgroup paths read from \
+        "cannot join the host's cgroup namespace ({path}): {error}; cgroup paths read from \
          /proc would be relative to the agent's own cgroup. Run with CAP_SYS_ADMIN and hostPID"
     )]
-    Setns {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    Setns { path: String, error: std::io::Error },
 }
 
 /// Moves the calling thread into the cgroup namespace of `/proc/1` (the host's init under
@@ -42,23 +36,23 @@ pub fn enter_cgroup_namespace_of(target: &str) -> Result<bool, HostNsError> {
     let inode = |path: &str| {
         std::fs::metadata(path)
             .map(|m| m.ino())
-            .map_err(|source| HostNsError::Read {
+            .map_err(|error| HostNsError::Read {
                 path: path.to_string(),
-                source,
+                error,
             })
     };
     if inode("/proc/thread-self/ns/cgroup")? == inode(target)? {
         return Ok(false);
     }
-    let file = std::fs::File::open(target).map_err(|source| HostNsError::Read {
+    let file = std::fs::File::open(target).map_err(|error| HostNsError::Read {
         path: target.to_string(),
-        source,
+        error,
     })?;
     // SAFETY: setns on a namespace file descriptor we own; it only changes this thread.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
         return Err(HostNsError::Setns {
             path: target.to_string(),
-            source: std::io::Error::last_os_error(),
+            error: std::io::Error::last_os_error(),
         });
     }
     Ok(true)

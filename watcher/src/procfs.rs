@@ -31,11 +31,12 @@ use crate::event::{CgroupId, CgroupRef, Pid, ProcFacts, ScannedProcess};
 /// Errors finding the host's cgroup2 hierarchy.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("cannot read {path}: {source}")]
+    // Each I/O error is in the message and not the error's source (a field named `source` is
+    // one for thiserror): a chain printer (anyhow's `{:#}`) would print it twice.
+    #[error("cannot read {path}: {error}")]
     Read {
         path: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "no cgroup2 filesystem in /proc/self/mountinfo: zbridge needs the unified (v2) hierarchy \
@@ -48,7 +49,7 @@ pub enum MountError {
 /// mount: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn cgroup2_mount() -> Result<PathBuf, MountError> {
     let path = "/proc/self/mountinfo";
-    let text = std::fs::read_to_string(path).map_err(|source| MountError::Read { path, source })?;
+    let text = std::fs::read_to_string(path).map_err(|error| MountError::Read { path, error })?;
     cgroup2_mount_in(&text).ok_or(MountError::NoCgroup2)
 }
 

@@ -43,16 +43,14 @@ pub enum KubeError {
         "kube cache: the node name is empty: set it from the pod's spec.nodeName (downward API)"
     )]
     EmptyNodeName,
+    // Each cause is in the message and not the error's source: a chain printer (anyhow's
+    // `{:#}`) would print it twice.
     #[error("kube cache: cannot build the tokio runtime of the kube thread: {0}")]
-    Runtime(#[source] std::io::Error),
-    #[error("kube cache: cannot build a Kubernetes client for {url}: {source}")]
-    Client {
-        url: String,
-        #[source]
-        source: kube::Error,
-    },
+    Runtime(std::io::Error),
+    #[error("kube cache: cannot build a Kubernetes client for {url}: {error}")]
+    Client { url: String, error: kube::Error },
     #[error("kube cache: cannot start the kube thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Thread(std::io::Error),
 }
 
 /// The running kube cache. Stops its thread on [`KubeCache::stop`] or drop.
@@ -83,9 +81,9 @@ impl KubeCache {
         // The client spawns its request buffer task: it needs the runtime's context.
         let client = {
             let _context = runtime.enter();
-            Client::try_from(client_config).map_err(|source| KubeError::Client {
+            Client::try_from(client_config).map_err(|error| KubeError::Client {
                 url: url.clone(),
-                source,
+                error,
             })?
         };
         let view = KubeView::default();

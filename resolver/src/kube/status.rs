@@ -68,7 +68,7 @@ impl StatusWriter {
             .map_err(KubeError::Runtime)?;
         let client = {
             let _context = runtime.enter();
-            Client::try_from(client_config).map_err(|source| KubeError::Client { url, source })?
+            Client::try_from(client_config).map_err(|error| KubeError::Client { url, error })?
         };
         let (wishes, received) = mpsc::unbounded_channel();
         let unwritten = Arc::new(AtomicUsize::new(0));

@@ -4,7 +4,16 @@
 //! problem is an error naming the line and the field, nothing is guessed) and fast (process
 //! records are parsed straight into typed structs, the line buffer is reused). The writer
 //! writes exactly the spec's field names and refuses what the reader would refuse.
+//!
+//! Line lengths are capped, so that reading any input, a gzip bomb or `/dev/zero` included,
+//! takes bounded memory: a record line at [`MAX_RECORD_LINE`] bytes (32 MiB), the header (and
+//! any comment or empty line before it) at [`MAX_HEADER_LINE`] bytes (64 KiB), line ends not
+//! counted. A longer line is an error naming it ([`RecordingError::LineTooLong`]); the writer
+//! refuses to write one. The largest legitimate record is a `scan` of every process on the
+//! node, about 200 bytes a process, so the cap holds a scan of over 150,000 processes, and a
+//! Kubernetes object is smaller still (the API server refuses objects over about 1.5 MB).
 
+mod parse_error;
 mod reader;
 mod writer;
 
@@ -17,6 +26,10 @@ use serde_json::{Map, Value};
 pub const FORMAT: &str = "zbridge-events";
 /// The only format version this module reads and writes.
 pub const VERSION: u64 = 1;
+/// The longest record line read or written, in bytes, its line end not counted.
+pub const MAX_RECORD_LINE: usize = 32 << 20;
+/// The longest header line (and comment or empty line before it), its line end not counted.
+pub const MAX_HEADER_LINE: usize = 64 << 10;
 
 /// The header of a recording (its line 1).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -44,20 +57,32 @@ impl Header {
 /// counting comments and empty lines) and the field (a JSON path such as `processes[2].pid`).
 #[derive(Debug, thiserror::Error)]
 pub enum RecordingError {
-    #[error("{}: cannot open: {source}", path.display())]
+    // The I/O errors are in the messages and not `source` fields (thiserror makes a field of
+    // that name the error's source): a chain printer (anyhow's `{:#}`) would print them twice.
+    #[error("{}: cannot open: {error}", path.display())]
     Open {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{}: cannot create: {source}", path.display())]
+    #[error("{}: cannot create: {error}", path.display())]
     Create {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("line {line}: read failed: {source}")]
-    Read { line: usize, source: std::io::Error },
-    #[error("line {line}: write failed: {source}")]
-    Write { line: usize, source: std::io::Error },
+    #[error("line {line}: read failed: {error}")]
+    Read { line: usize, error: std::io::Error },
+    #[error("line {line}: write failed: {error}")]
+    Write { line: usize, error: std::io::Error },
+    #[error(
+        "line {line}: longer than {limit} bytes, the limit of {what} line: not a recording, or a \
+         damaged one"
+    )]
+    LineTooLong {
+        line: usize,
+        limit: usize,
+        /// `a header` (the header and the comments before it) or `a record`.
+        what: &'static str,
+    },
     #[error("line {line}: the recording is empty: line 1 must be the header")]
     NoHeader { line: usize },
     #[error("line {line}: invalid JSON: {message}")]
@@ -116,6 +141,7 @@ impl RecordingError {
             Open { .. } | Create { .. } => None,
             Read { line, .. }
             | Write { line, .. }
+            | LineTooLong { line, .. }
             | NoHeader { line }
             | InvalidJson { line, .. }
             | MissingField { line, .. }

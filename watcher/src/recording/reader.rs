@@ -10,7 +10,11 @@ use serde::de::{self, Deserializer, IgnoredAny};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{describe, validate_kube_object, Header, RecordingError, FORMAT, VERSION};
+use super::parse_error::{json_error, message_without_position};
+use super::{
+    describe, validate_kube_object, Header, RecordingError, FORMAT, MAX_HEADER_LINE,
+    MAX_RECORD_LINE, VERSION,
+};
 use crate::event::{
     CgroupId, CgroupRef, KubeAction, KubeRecord, ProcEvent, ProcFacts, Record, ScannedProcess,
     TimedRecord,
@@ -43,9 +47,9 @@ impl RecordingReader<Box<dyn BufRead + Send>> {
     /// Opens the recording at `path`, plain or gzip (told apart by the gzip magic bytes, not
     /// the name), and reads its header.
     pub fn open(path: &Path) -> Result<Self, RecordingError> {
-        let file = File::open(path).map_err(|source| RecordingError::Open {
+        let file = File::open(path).map_err(|error| RecordingError::Open {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::detect(file)
     }
@@ -57,7 +61,7 @@ impl RecordingReader<Box<dyn BufRead + Send>> {
         (&mut input)
             .take(2)
             .read_to_end(&mut magic)
-            .map_err(|source| RecordingError::Read { line: 1, source })?;
+            .map_err(|error| RecordingError::Read { line: 1, error })?;
         let is_gzip = magic == [0x1f, 0x8b];
         let whole = Cursor::new(magic).chain(input);
         let reader: Box<dyn BufRead + Send> = if is_gzip {
@@ -137,24 +141,42 @@ impl<R: BufRead> RecordingReader<R> {
     }
 
     /// Reads lines until one that is not a comment or empty, leaving it (trimmed of its line
-    /// end) in `self.buf`. False at the end of the input.
+    /// end) in `self.buf`. False at the end of the input. A line longer than the limit (the
+    /// header's until the header is read, then a record's) is an error, found without reading
+    /// more of it than the limit.
     fn next_content_line(&mut self) -> Result<bool, RecordingError> {
+        let (limit, what) = match self.header_line {
+            0 => (MAX_HEADER_LINE, "a header"),
+            _ => (MAX_RECORD_LINE, "a record"),
+        };
         loop {
             self.buf.clear();
-            let read = self
-                .input
+            // Room for the line and a `\r\n`: reading stops there, whatever follows.
+            let cap = limit as u64 + 2;
+            let read = (&mut self.input)
+                .take(cap)
                 .read_until(b'\n', &mut self.buf)
-                .map_err(|source| RecordingError::Read {
+                .map_err(|error| RecordingError::Read {
                     line: self.line + 1,
-                    source,
+                    error,
                 })?;
             if read == 0 {
                 return Ok(false);
             }
-            self.line += 1;
+            let ended = self.buf.last() == Some(&b'\n');
             while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
                 self.buf.pop();
             }
+            if (read as u64 == cap && !ended) || self.buf.len() > limit {
+                // Not kept: the buffer is reused for every line.
+                self.buf = Vec::new();
+                return Err(RecordingError::LineTooLong {
+                    line: self.line + 1,
+                    limit,
+                    what,
+                });
+            }
+            self.line += 1;
             match self.buf.iter().find(|b| !b.is_ascii_whitespace()) {
                 None | Some(b'#') => continue,
                 Some(_) => return Ok(true),
@@ -497,158 +519,5 @@ fn facts(raw: RawFacts, line: usize, prefix: &str) -> Result<ProcFacts, Recordin
         netns: raw.netns,
         ips,
         comm: raw.comm,
-    })
-}
-
-/// serde_json's message without its " at line L column C" (the line is always 1 here: it is
-/// one line of the recording), with the column kept.
-fn message_without_position(err: &serde_json::Error) -> String {
-    let message = err.to_string();
-    match message.rfind(" at line ") {
-        Some(cut) => format!("{} (column {})", &message[..cut], err.column()),
-        None => message,
-    }
-}
-
-/// Turns a failed parse of a record line into an error naming the field. The fast typed parse
-/// does not say which field had the wrong type, so the line is parsed again (this is the error
-/// path only) as a tree and each known field is checked on its own.
-fn json_error(err: &serde_json::Error, text: &[u8], line: usize) -> RecordingError {
-    if !err.is_data() {
-        return RecordingError::InvalidJson {
-            line,
-            message: message_without_position(err),
-        };
-    }
-    let value: Value = match serde_json::from_slice(text) {
-        Ok(value) => value,
-        Err(err) => {
-            return RecordingError::InvalidJson {
-                line,
-                message: message_without_position(&err),
-            }
-        }
-    };
-    let Value::Object(map) = &value else {
-        return RecordingError::WrongType {
-            line,
-            field: "(record)".to_string(),
-            message: format!("a record must be a JSON object, found {}", describe(&value)),
-        };
-    };
-    if let Some((field, message)) = find_wrong_field(map, RECORD_FIELDS, "") {
-        return RecordingError::WrongType {
-            line,
-            field,
-            message,
-        };
-    }
-    if let Some(Value::Array(entries)) = map.get("processes") {
-        for (i, entry) in entries.iter().enumerate() {
-            let prefix = format!("processes[{i}].");
-            let Value::Object(entry) = entry else {
-                return RecordingError::WrongType {
-                    line,
-                    field: format!("processes[{i}]"),
-                    message: format!("expected a JSON object, found {}", describe(entry)),
-                };
-            };
-            if let Some((field, message)) = find_wrong_field(entry, PROCESS_FIELDS, &prefix) {
-                return RecordingError::WrongType {
-                    line,
-                    field,
-                    message,
-                };
-            }
-        }
-    }
-    // Not a type error of one field (e.g. a field given twice): name the field if serde did.
-    let message = message_without_position(err);
-    let field = message.split('`').nth(1).unwrap_or("(record)").to_string();
-    RecordingError::InvalidValue {
-        line,
-        field,
-        reason: message,
-    }
-}
-
-/// A check that a JSON value fits a field's type, with serde's message when it does not.
-type FieldCheck = fn(&Value) -> Result<(), String>;
-
-fn fits<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), String> {
-    T::deserialize(value)
-        .map(|_| ())
-        .map_err(|e| expected_found(&e.to_string()))
-}
-
-/// serde's "invalid type: string \"1\", expected u32" as "expected u32, found string \"1\"".
-fn expected_found(message: &str) -> String {
-    let found_expected = message
-        .strip_prefix("invalid type: ")
-        .or_else(|| message.strip_prefix("invalid value: "));
-    match found_expected.and_then(|rest| rest.rsplit_once(", expected ")) {
-        Some((found, expected)) => format!("expected {expected}, found {found}"),
-        None => message.to_string(),
-    }
-}
-
-fn fits_ips(value: &Value) -> Result<(), String> {
-    fits::<Option<Vec<IgnoredAny>>>(value)?;
-    if let Value::Array(items) = value {
-        for (i, item) in items.iter().enumerate() {
-            fits::<String>(item).map_err(|e| format!("[{i}]: {e}"))?;
-        }
-    }
-    Ok(())
-}
-
-const PROCESS_FIELDS: &[(&str, FieldCheck)] = &[
-    ("pid", fits::<Option<u32>>),
-    ("cgroup", fits::<Option<String>>),
-    ("cgroup_id", fits::<Option<u64>>),
-    ("netns", fits::<Option<u64>>),
-    ("ips", fits_ips),
-    ("comm", fits::<Option<String>>),
-];
-
-const RECORD_FIELDS: &[(&str, FieldCheck)] = &[
-    ("ts", fits::<Option<u64>>),
-    ("type", fits::<Option<String>>),
-    ("pid", fits::<Option<u32>>),
-    ("tgid", fits::<Option<u32>>),
-    ("cgroup", fits::<Option<String>>),
-    ("cgroup_id", fits::<Option<u64>>),
-    ("netns", fits::<Option<u64>>),
-    ("ips", fits_ips),
-    ("comm", fits::<Option<String>>),
-    ("parent_pid", fits::<Option<u32>>),
-    ("parent_tgid", fits::<Option<u32>>),
-    ("child_pid", fits::<Option<u32>>),
-    ("child_tgid", fits::<Option<u32>>),
-    ("exit_code", fits::<Option<u32>>),
-    ("processes", fits::<Option<Vec<IgnoredAny>>>),
-    ("action", fits::<Option<String>>),
-];
-
-/// The first field of `map` (in `checks` order) whose value does not fit its type: its path
-/// (with `prefix`) and why.
-fn find_wrong_field(
-    map: &serde_json::Map<String, Value>,
-    checks: &[(&str, FieldCheck)],
-    prefix: &str,
-) -> Option<(String, String)> {
-    checks.iter().find_map(|(name, check)| {
-        let value = map.get(*name)?;
-        match check(value) {
-            Ok(()) => None,
-            Err(message) => match message.strip_prefix('[') {
-                // An `ips` item: name it in the path.
-                Some(rest) => {
-                    let (index, why) = rest.split_once("]: ").unwrap_or((rest, ""));
-                    Some((format!("{prefix}{name}[{index}]"), why.to_string()))
-                }
-                None => Some((format!("{prefix}{name}"), message)),
-            },
-        }
     })
 }

@@ -9,7 +9,9 @@ use flate2::write::GzEncoder;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{validate_kube_object, Header, RecordingError, FORMAT, VERSION};
+use super::{
+    validate_kube_object, Header, RecordingError, FORMAT, MAX_HEADER_LINE, MAX_RECORD_LINE, VERSION,
+};
 use crate::event::{KubeAction, ProcEvent, ProcFacts, Record, TimedRecord};
 
 /// Size of the write buffer of [`RecordingWriter::create`].
@@ -40,9 +42,9 @@ impl RecordingWriter<BufWriter<File>> {
     /// Creates (or truncates) the file at `path` and writes the header; gzip-compressed when
     /// `gzip` is true.
     pub fn create(path: &Path, header: &Header, gzip: bool) -> Result<Self, RecordingError> {
-        let file = File::create(path).map_err(|source| RecordingError::Create {
+        let file = File::create(path).map_err(|error| RecordingError::Create {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let out = BufWriter::with_capacity(WRITE_BUFFER, file);
         if gzip {
@@ -103,7 +105,7 @@ impl<W: Write> RecordingWriter<W> {
         let out = OutRecord::of(rec);
         serde_json::to_writer(&mut self.buf, &out).map_err(|err| RecordingError::Write {
             line,
-            source: err.into(),
+            error: err.into(),
         })?;
         self.emit()?;
         self.last_ts = Some(rec.ts);
@@ -118,13 +120,13 @@ impl<W: Write> RecordingWriter<W> {
             Sink::Plain(out) => out.flush(),
             Sink::Gzip(out) => out.flush(),
         };
-        result.map_err(|source| RecordingError::Write { line, source })
+        result.map_err(|error| RecordingError::Write { line, error })
     }
 
     /// Flushes, writes the gzip trailer (when compressed), and returns the underlying writer.
     pub fn finish(self) -> Result<W, RecordingError> {
         let line = self.line;
-        let write_error = |source| RecordingError::Write { line, source };
+        let write_error = |error| RecordingError::Write { line, error };
         let mut out = match self.sink {
             Sink::Plain(out) => out,
             Sink::Gzip(out) => out.finish().map_err(write_error)?,
@@ -133,8 +135,21 @@ impl<W: Write> RecordingWriter<W> {
         Ok(out)
     }
 
-    /// Writes `self.buf` plus a line end as the next line, and empties `self.buf`.
+    /// Writes `self.buf` plus a line end as the next line, and empties `self.buf`; refuses a
+    /// line the reader would refuse as too long.
     fn emit(&mut self) -> Result<(), RecordingError> {
+        let (limit, what) = match self.line {
+            0 => (MAX_HEADER_LINE, "a header"),
+            _ => (MAX_RECORD_LINE, "a record"),
+        };
+        if self.buf.len() > limit {
+            self.buf.clear();
+            return Err(RecordingError::LineTooLong {
+                line: self.line + 1,
+                limit,
+                what,
+            });
+        }
         self.buf.push(b'\n');
         let result = match &mut self.sink {
             Sink::Plain(out) => out.write_all(&self.buf),
@@ -142,9 +157,9 @@ impl<W: Write> RecordingWriter<W> {
         };
         self.buf.clear();
         self.line += 1;
-        result.map_err(|source| RecordingError::Write {
+        result.map_err(|error| RecordingError::Write {
             line: self.line,
-            source,
+            error,
         })
     }
 }
