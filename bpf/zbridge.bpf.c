@@ -150,6 +150,10 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 		counter = ZB_C_REDIRECTED_OUT;
 		goto record;
 	}
+	/* Outside in-pod DNS capture only TCP is captured: a UDP connect (a resolver's) keeps
+	 * its destination. */
+	if (ctx->type != SOCK_STREAM)
+		return ZB_ALLOW;
 	if (entry.flags & ZB_F_AMBIENT) {
 		/* Loopback stays in the pod; a pod talking to itself is not mesh traffic. */
 		if (zb_ip_is_loopback(dst) || zb_is_own_ip(&entry, dst)) {
