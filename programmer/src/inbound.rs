@@ -256,5 +256,9 @@ fn map_error(map: &'static str, op: &'static str, e: aya::maps::MapError) -> Pro
         aya::maps::MapError::SyscallError(s) => s.io_error,
         other => std::io::Error::other(other.to_string()),
     };
-    ProgramError::Map { map, op, source }
+    ProgramError::Map {
+        map,
+        op,
+        error: source,
+    }
 }

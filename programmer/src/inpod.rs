@@ -85,13 +85,13 @@ impl InPodCapture {
         let data = MapData::from_pin(&path).map_err(|e| ProgramError::Map {
             map: layout::INPOD_NETNS_MAP,
             op: "open pin",
-            source: std::io::Error::other(e.to_string()),
+            error: std::io::Error::other(e.to_string()),
         })?;
         let netns_map =
             HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|e| ProgramError::Map {
                 map: layout::INPOD_NETNS_MAP,
                 op: "open",
-                source: std::io::Error::other(e.to_string()),
+                error: std::io::Error::other(e.to_string()),
             })?;
         Ok(InPodCapture {
             inbound: InboundCapture::load_pinned(&maps_dir)?,
@@ -114,7 +114,7 @@ impl InPodCapture {
         let cookie = netns_cookie(listener).map_err(|e| ProgramError::Map {
             map: layout::INPOD_NETNS_MAP,
             op: "read the listener's SO_NETNS_COOKIE",
-            source: e,
+            error: e,
         })?;
         let ips = entry.ips();
         let file = pin_name(uid);
@@ -145,7 +145,7 @@ impl InPodCapture {
             .map_err(|e| ProgramError::Map {
                 map: layout::INPOD_NETNS_MAP,
                 op: "insert",
-                source: std::io::Error::other(e.to_string()),
+                error: std::io::Error::other(e.to_string()),
             })?;
         self.pods.insert(
             uid.to_string(),
@@ -222,7 +222,7 @@ impl InPodCapture {
                 return Err(ProgramError::Map {
                     map: layout::INPOD_NETNS_MAP,
                     op: "delete",
-                    source: std::io::Error::other(e.to_string()),
+                    error: std::io::Error::other(e.to_string()),
                 })
             }
         }

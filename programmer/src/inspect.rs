@@ -22,7 +22,7 @@ pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
             .map_err(|e| ProgramError::Map {
                 map,
                 op: "lookup",
-                source: map_io_error(e),
+                error: map_io_error(e),
             })?;
         *sum = per_cpu.iter().sum();
     }
@@ -50,7 +50,7 @@ pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramErr
         .map_err(|e| ProgramError::Map {
             map,
             op: "read entries",
-            source: map_io_error(e),
+            error: map_io_error(e),
         })?;
     Ok(sets
         .iter()
@@ -76,7 +76,11 @@ pub fn read_thread_record(
 ) -> Result<Option<layout::ConnectRecord>, ProgramError> {
     let map = layout::ORIG_DST_BY_TASK_MAP;
     let task_storage = pins::open_pinned_map_data(pin_dir, map)?;
-    let err = |op, source| ProgramError::Map { map, op, source };
+    let err = |op, source| ProgramError::Map {
+        map,
+        op,
+        error: source,
+    };
     // Task storage is keyed by a pidfd from user space.
     let pidfd = sys::pidfd_open(pid).map_err(|e| err("pidfd_open", e))?;
     sys::lookup_elem(task_storage.fd().as_fd(), &pidfd.as_raw_fd()).map_err(|e| err("lookup", e))

@@ -135,7 +135,7 @@ impl KernelMaps {
                     return Err(ProgramError::Map {
                         map: map_name,
                         op: "update batch",
-                        source: e,
+                        error: e,
                     })
                 }
             }
@@ -146,7 +146,7 @@ impl KernelMaps {
                 .map_err(|e| ProgramError::Map {
                     map: map_name,
                     op: "update",
-                    source: map_io_error(e),
+                    error: map_io_error(e),
                 })?;
         }
         Ok(refused)
@@ -184,7 +184,7 @@ impl KernelMaps {
                         return Err(ProgramError::Map {
                             map: map_name,
                             op: "delete batch",
-                            source: e,
+                            error: e,
                         })
                     }
                 }
@@ -199,7 +199,7 @@ impl KernelMaps {
                     return Err(ProgramError::Map {
                         map: map_name,
                         op: "delete",
-                        source: map_io_error(e),
+                        error: map_io_error(e),
                     })
                 }
             }
@@ -233,7 +233,7 @@ pub fn read_entries<K: Pod, V: Pod>(
         .map_err(|e| ProgramError::Map {
             map: map_name,
             op: "read entries",
-            source: map_io_error(e),
+            error: map_io_error(e),
         })
 }
 
@@ -287,7 +287,7 @@ impl MapBackend for KernelMaps {
                 .map_err(|e| ProgramError::Map {
                     map: layout::SETTINGS_MAP,
                     op: "update",
-                    source: map_io_error(e),
+                    error: map_io_error(e),
                 })?;
         }
         self.batch_unsupported |= refused;
@@ -313,7 +313,7 @@ impl MapBackend for KernelMaps {
         self.settings.get(&0, 0).map_err(|e| ProgramError::Map {
             map: layout::SETTINGS_MAP,
             op: "lookup",
-            source: map_io_error(e),
+            error: map_io_error(e),
         })
     }
 }

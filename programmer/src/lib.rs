@@ -35,13 +35,14 @@ pub use programmer::{Programmer, ProgrammerConfig};
 /// Errors of the programmer; each names the map, program or path concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
-    #[error("map `{map}`: {op} failed: {source}")]
+    #[error("map `{map}`: {op} failed: {error}")]
     Map {
         map: &'static str,
         op: &'static str,
-        // Not `#[source]`: the message already ends with it, and a chain printer (anyhow's
+        // Not named `source` (thiserror takes such a field as the cause): the message ends
+        // with it, and a chain printer (anyhow's
         // `{:#}`) would print it twice.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The BPF object could not be parsed or lacks something the loader needs.
     #[error("BPF object: {0}")]
@@ -57,13 +58,14 @@ pub enum ProgramError {
         detail: String,
     },
     /// A file operation on the pin directory or a cgroup.
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}: {error}")]
     Path {
         path: PathBuf,
         op: &'static str,
-        // Not `#[source]`: the message already ends with it, and a chain printer (anyhow's
+        // Not named `source` (thiserror takes such a field as the cause): the message ends
+        // with it, and a chain printer (anyhow's
         // `{:#}`) would print it twice.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The pin directory is not on a bpffs, or someone other than root could change it.
     #[error(transparent)]
@@ -71,11 +73,39 @@ pub enum ProgramError {
 }
 
 impl ProgramError {
-    pub(crate) fn path(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+    pub(crate) fn path(path: impl Into<PathBuf>, op: &'static str, error: std::io::Error) -> Self {
         ProgramError::Path {
             path: path.into(),
             op,
-            source,
+            error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chain printer (anyhow's `{:#}`) prints a message and then each `source()`: the I/O
+    /// error is in the message, so it must not be a source too.
+    #[test]
+    fn an_io_error_is_printed_once_in_a_chain() {
+        let errors = [
+            ProgramError::path("/x", "open", std::io::Error::from_raw_os_error(21)),
+            ProgramError::Map {
+                map: "settings",
+                op: "lookup",
+                error: std::io::Error::from_raw_os_error(21),
+            },
+        ];
+        for e in errors {
+            let mut chain = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                chain.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            assert_eq!(chain.matches("Is a directory").count(), 1, "{chain}");
         }
     }
 }

@@ -53,20 +53,20 @@ pub enum PinDirError {
         mode: u32,
         why: &'static str,
     },
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}: {error}")]
     Io {
         path: PathBuf,
         op: &'static str,
         // Not `#[source]`: the message already ends with it.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
-fn io(path: &Path, op: &'static str, source: std::io::Error) -> PinDirError {
+fn io(path: &Path, op: &'static str, error: std::io::Error) -> PinDirError {
     PinDirError::Io {
         path: path.to_path_buf(),
         op,
-        source,
+        error,
     }
 }
 
@@ -239,7 +239,7 @@ pub fn open_pinned_map_data(pin_dir: &Path, map: &'static str) -> Result<MapData
         ProgramError::Map {
             map,
             op: "open pinned map",
-            source: std::io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+            error: std::io::Error::new(e.kind(), format!("{}: {e}", path.display())),
         }
     })
 }
@@ -255,6 +255,6 @@ where
         .map_err(|e| ProgramError::Map {
             map,
             op: "open pinned map",
-            source: map_io_error(e),
+            error: map_io_error(e),
         })
 }
