@@ -160,6 +160,15 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 			zb_count(ZB_C_PASSED);
 			return ZB_ALLOW;
 		}
+		/* ztunnel's capture ports on any other address: ztunnel listens on every address
+		 * of its namespace (a node or service address there, a hostNetwork ztunnel), and
+		 * would pass such a connection on to that address, its own listener again, in a
+		 * loop. These ports are reserved (docs/design-notes.md). */
+		if (bpf_ntohs(*port) == s->outbound_port || bpf_ntohs(*port) == s->inbound_port) {
+			zb_count(ZB_C_REFUSED_LOOP);
+			ZB_DEBUG(s, "connect to capture port %d refused", bpf_ntohs(*port));
+			return ZB_REFUSE;
+		}
 		if (!n)
 			return zb_no_ztunnel(s);
 		capture_port = s->outbound_port;

@@ -245,6 +245,19 @@ fn direct_connects_to_capture_ports_are_refused() {
             }
         }
     }
+    // From the pod, the capture ports on other addresses of ztunnel's namespace (a service
+    // address, the node's): ztunnel listening on every address would pass these on to
+    // itself in a loop; refused too.
+    for ip in [SERVICE4, SERVICE6, mesh::NODE4, mesh::NODE6] {
+        for port in [OUTBOUND, INBOUND] {
+            let to = SocketAddr::new(ip, port);
+            let outcome = ztunnel::connect_once(&m.pod_ns, &m.cgroup, &m.app, to).unwrap();
+            assert!(
+                matches!(&outcome, Outcome::Err { stage, errno } if stage == "connect" && *errno == libc::EPERM),
+                "pod → {to}: {outcome:?}"
+            );
+        }
+    }
     // A redirected connection on each port afterwards: the first thing ztunnel accepted on
     // either is that one (anything before would have been a refused connect let through).
     let outcome = ztunnel::connect_once(&m.pod_ns, &m.cgroup, &m.app, svc4()).unwrap();
