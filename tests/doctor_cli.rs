@@ -58,7 +58,10 @@ fn pin_dir_off_bpffs_fails() {
     let bpffs = check_lines(&out, "bpffs");
     assert!(bpffs.starts_with("FAIL"), "{out}");
     assert!(bpffs.contains("not on a bpffs"), "{out}");
-    assert!(bpffs.contains("mount -t bpf bpf /sys/fs/bpf"), "{out}");
+    assert!(
+        bpffs.contains("mount -t bpf -o mode=0700 bpf /sys/fs/bpf"),
+        "{out}"
+    );
     assert!(out.ends_with("some required checks failed; zbridge will not work until they pass\n"));
 }
 

@@ -155,7 +155,15 @@ pub fn host_checks(files: &HostFiles, pin_dir: &Path) -> Vec<Check> {
         Check {
             name: "bpffs",
             outcome: match &mountinfo {
-                Ok(text) => check_bpffs(text, pin_dir),
+                Ok(text) => match check_bpffs(text, pin_dir) {
+                    // On a bpffs: the programmer's own check says whether the way to the pins
+                    // is root's alone (the loader refuses it otherwise).
+                    Outcome::Pass(msg) => match programmer::check_pin_dir(pin_dir) {
+                        Ok(_) => Outcome::Pass(msg),
+                        Err(e) => fail(e.to_string(), programmer::pins::MOUNT_HINT),
+                    },
+                    other => other,
+                },
                 Err(e) => fail(e.clone(), "mount /proc"),
             },
         },
@@ -268,14 +276,15 @@ pub fn check_bpffs(mountinfo: &str, pin_dir: &Path) -> Outcome {
                 point.display()
             ),
             format!(
-                "mount -t bpf bpf /sys/fs/bpf (in a pod: mount the host's /sys/fs/bpf), or \
-                 choose another --pin-dir than {}",
+                "{} (in a pod: mount the host's /sys/fs/bpf), or choose another --pin-dir \
+                 than {}",
+                programmer::pins::MOUNT_HINT,
                 pin_dir.display()
             ),
         ),
         None => fail(
             format!("no mount holds {}", pin_dir.display()),
-            "mount -t bpf bpf /sys/fs/bpf",
+            programmer::pins::MOUNT_HINT,
         ),
     }
 }
@@ -832,7 +841,7 @@ mod tests {
         ));
         let outcome = check_bpffs(HYBRID, Path::new("/tmp/pins"));
         assert!(is_fail(&outcome, "not on a bpffs"), "{outcome:?}");
-        assert!(is_fail(&outcome, "mount -t bpf bpf /sys/fs/bpf"));
+        assert!(is_fail(&outcome, programmer::pins::MOUNT_HINT));
     }
 
     #[test]
