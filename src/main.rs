@@ -1,16 +1,11 @@
-//! `zbridge`: the node agent binary. It parses the command line and wires the stages
-//! (watcher → resolver → programmer); the stages themselves live in their own crates.
-
-mod cli;
-mod cmd;
-mod ops;
-mod pipeline;
+//! `zbridge`: the node agent binary. It parses the command line and dispatches to the
+//! subcommand ([`zbridge::cmd`]); the wiring and the stages live in the library and their crates.
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
-    match cmd::dispatch(cli) {
+    let cli = zbridge::cli::Cli::parse();
+    match zbridge::cmd::dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("zbridge: error: {err:#}");

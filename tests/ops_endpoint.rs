@@ -1,16 +1,10 @@
 //! The operations endpoint over real HTTP: /healthz, /readyz, /metrics.
 
-// The binary's module, compiled into this test (the root package has no library).
-// This test crate compiles the binary's module and uses only part of it.
-#[allow(dead_code)]
-#[path = "../src/ops.rs"]
-mod ops;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use ops::{EventKind, Metrics, Readiness};
+use zbridge::ops::{self, EventKind, Metrics, Readiness};
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
