@@ -1,0 +1,19 @@
+//! The ZDS stage of zbridge: the node-agent side of ztunnel's `istio.workload.zds` protocol.
+//!
+//! In ztunnel's `shared` mode (every current Istio ambient install) ztunnel connects to a node
+//! agent over a Unix socket and is handed each ambient pod's network namespace; it opens its
+//! listeners inside that namespace and acks. This crate is that agent side: the messages
+//! ([`proto`]), the socket ([`socket`]), opening a pod's namespace safely from one of its
+//! processes ([`netns`]), and the [`Server`] that sends pods and hears acks. It sits downstream
+//! of the resolver beside the programmer: it is told which pods to serve ([`Command`]) and
+//! reports acks ([`Event::Acked`]), after which the agent enrols the pod. It knows no BPF maps.
+
+pub mod netns;
+pub mod proto;
+pub mod server;
+pub mod socket;
+
+pub use netns::{open_pod_netns, NetnsError, Roots};
+pub use server::{
+    Command, Counters, Event, PodSpec, PodState, PodStatus, Server, Status, StatusHandle, ZdsConfig,
+};
