@@ -1,0 +1,269 @@
+//! The ZDS server against a peer written in the test: what ztunnel is sent, in which order,
+//! and what the agent hears back. The pods' processes are this test's own (its cgroup), so
+//! the namespaces handed over are real and need no root.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use prost::Message;
+use zds::proto::{self, workload_request::Payload, workload_response};
+use zds::socket::{Conn, Received};
+use zds::{Command, Event, PodSpec, PodState, Roots, Server, ZdsConfig};
+
+/// A ztunnel in the test: connects, says hello, reads requests, answers as told.
+struct Peer {
+    conn: Conn,
+}
+
+impl Peer {
+    fn connect(path: &std::path::Path) -> Peer {
+        let conn = Conn::connect(path).expect("connect to the agent's socket");
+        conn.set_recv_timeout(Some(Duration::from_secs(5))).unwrap();
+        Peer { conn }
+    }
+
+    fn hello(&self) {
+        let hello = proto::ZdsHello {
+            version: proto::Version::V1 as i32,
+        };
+        self.conn.send(&hello.encode_to_vec(), None).unwrap();
+    }
+
+    /// The next request (`None`: the agent closed the connection).
+    fn request(&self) -> Option<Payload> {
+        match self.conn.recv().expect("a request within 5 s") {
+            Received::Message(bytes) => Some(
+                proto::WorkloadRequest::decode(bytes.as_slice())
+                    .expect("a WorkloadRequest")
+                    .payload
+                    .expect("a payload"),
+            ),
+            Received::Closed => None,
+        }
+    }
+
+    fn ack(&self, error: &str) {
+        let ack = proto::WorkloadResponse {
+            payload: Some(workload_response::Payload::Ack(proto::Ack {
+                error: error.to_string(),
+            })),
+        };
+        self.conn.send(&ack.encode_to_vec(), None).unwrap();
+    }
+}
+
+fn own_cgroup() -> String {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    watcher::procfs::cgroup_v2_path(&text)
+        .expect("this test needs a cgroup v2 path")
+        .to_string()
+}
+
+fn pod(uid: &str) -> PodSpec {
+    PodSpec {
+        uid: uid.to_string(),
+        namespace: "demo".to_string(),
+        name: format!("pod-{uid}"),
+        service_account: "sa".to_string(),
+        cgroup: own_cgroup(),
+    }
+}
+
+struct Fixture {
+    server: Server,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn start() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ztunnel.sock");
+    let roots = Roots {
+        proc: "/proc".into(),
+        cgroup: watcher::procfs::cgroup2_mount().unwrap(),
+    };
+    let mut config = ZdsConfig::new(&socket, roots);
+    config.ack_timeout = Duration::from_millis(500);
+    config.hello_timeout = Duration::from_millis(500);
+    config.retry_min = Duration::from_millis(100);
+    Fixture {
+        server: Server::start(config).unwrap(),
+        socket,
+        _dir: dir,
+    }
+}
+
+fn event(server: &Server) -> Event {
+    server
+        .events()
+        .recv_timeout(Duration::from_secs(5))
+        .expect("an event within 5 s")
+}
+
+fn expect_add(peer: &Peer, uid: &str) {
+    match peer.request() {
+        Some(Payload::Add(add)) => {
+            assert_eq!(add.uid, uid);
+            let info = add.workload_info.expect("workload info");
+            assert_eq!(
+                (
+                    info.namespace.as_str(),
+                    info.name.as_str(),
+                    info.service_account.as_str()
+                ),
+                ("demo", format!("pod-{uid}").as_str(), "sa")
+            );
+        }
+        other => panic!("expected the add of {uid}, got {other:?}"),
+    }
+}
+
+fn expect_acked(server: &Server, uid: &str) {
+    loop {
+        match event(server) {
+            Event::Acked {
+                uid: got, netns, ..
+            } => {
+                assert_eq!(got, uid);
+                let ino = std::fs::File::from(netns).metadata().unwrap().ino();
+                let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+                assert_eq!(ino, own, "the namespace of the pod's process");
+                return;
+            }
+            Event::Connected { .. } | Event::Disconnected { .. } => continue,
+        }
+    }
+}
+
+#[test]
+fn snapshot_on_hello_then_adds_and_dels_one_at_a_time() {
+    let f = start();
+    let cmds = f.server.commands();
+    cmds.send(Command::Serve(pod("a"))).unwrap();
+    cmds.send(Command::Serve(pod("b"))).unwrap();
+    let peer = Peer::connect(&f.socket);
+    peer.hello();
+    expect_add(&peer, "a");
+    peer.ack("");
+    expect_acked(&f.server, "a");
+    expect_add(&peer, "b");
+    peer.ack("");
+    expect_acked(&f.server, "b");
+    assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
+    peer.ack("");
+
+    cmds.send(Command::Serve(pod("c"))).unwrap();
+    expect_add(&peer, "c");
+    peer.ack("");
+    expect_acked(&f.server, "c");
+    cmds.send(Command::Release { uid: "a".into() }).unwrap();
+    match peer.request() {
+        Some(Payload::Del(del)) => assert_eq!(del.uid, "a"),
+        other => panic!("expected del of a, got {other:?}"),
+    }
+    peer.ack("");
+    std::thread::sleep(Duration::from_millis(200));
+    let status = f.server.status();
+    assert_eq!(status.pods.keys().collect::<Vec<_>>(), ["b", "c"]);
+    assert!(status.pods.values().all(|p| p.state == PodState::Acked));
+    assert_eq!((status.counters.adds, status.counters.dels), (3, 1));
+    assert_eq!(status.ztunnel_pid, Some(std::process::id() as i32));
+}
+
+#[test]
+fn a_refused_pod_is_retried_and_not_acked_meanwhile() {
+    let f = start();
+    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    let peer = Peer::connect(&f.socket);
+    peer.hello();
+    expect_add(&peer, "a");
+    peer.ack("no certificate yet");
+    assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
+    peer.ack("");
+    assert!(matches!(event(&f.server), Event::Connected { .. }));
+    // Not acked: no event (the caller must not enrol) until the retry is acked.
+    assert!(f.server.events().try_recv().is_err());
+    let status = f.server.status();
+    // Refused, or its retry already in flight: never acked.
+    assert_ne!(status.pods["a"].state, PodState::Acked);
+    assert!(status.pods["a"]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("no certificate yet"));
+    expect_add(&peer, "a");
+    peer.ack("");
+    expect_acked(&f.server, "a");
+    assert_eq!(f.server.status().counters.nacks, 1);
+}
+
+#[test]
+fn a_restarted_ztunnel_gets_the_whole_snapshot_and_replaces_the_old_connection() {
+    let f = start();
+    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    let first = Peer::connect(&f.socket);
+    first.hello();
+    expect_add(&first, "a");
+    first.ack("");
+    expect_acked(&f.server, "a");
+    assert!(matches!(first.request(), Some(Payload::SnapshotSent(_))));
+    first.ack("");
+
+    let second = Peer::connect(&f.socket);
+    second.hello();
+    expect_add(&second, "a");
+    second.ack("");
+    expect_acked(&f.server, "a");
+    assert!(matches!(second.request(), Some(Payload::SnapshotSent(_))));
+    // The first connection was closed by the agent.
+    assert!(first.request().is_none());
+}
+
+#[test]
+fn a_peer_that_never_acks_or_garbles_is_dropped_and_the_next_one_served() {
+    let f = start();
+    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    // Never acks: dropped after the ack timeout.
+    let mute = Peer::connect(&f.socket);
+    mute.hello();
+    expect_add(&mute, "a");
+    assert!(mute.request().is_none(), "dropped after the ack timeout");
+    // Garbles: a frame that is no protobuf.
+    let garbler = Peer::connect(&f.socket);
+    garbler.hello();
+    expect_add(&garbler, "a");
+    garbler.conn.send(&[0xff, 0xff, 0xff], None).unwrap();
+    assert!(garbler.request().is_none(), "dropped for a malformed frame");
+    // Never says hello.
+    let silent = Peer::connect(&f.socket);
+    assert!(silent.request().is_none(), "dropped without a hello");
+    // A well-behaved ztunnel still gets everything.
+    let good = Peer::connect(&f.socket);
+    good.hello();
+    expect_add(&good, "a");
+    good.ack("");
+    expect_acked(&f.server, "a");
+    assert_eq!(f.server.status().counters.peer_errors, 3);
+}
+
+#[test]
+fn a_pod_without_a_live_process_is_an_error_not_a_send() {
+    let f = start();
+    let mut ghost = pod("ghost");
+    ghost.cgroup = "/zbridge-test-no-such-cgroup".into();
+    f.server.commands().send(Command::Serve(ghost)).unwrap();
+    let peer = Peer::connect(&f.socket);
+    peer.hello();
+    // The snapshot's end comes first: nothing could be sent for the ghost.
+    assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
+    peer.ack("");
+    std::thread::sleep(Duration::from_millis(100));
+    let status = f.server.status();
+    assert_eq!(status.pods["ghost"].state, PodState::Error);
+    assert!(status.pods["ghost"]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("no-such-cgroup"));
+}
