@@ -130,6 +130,7 @@ fn enrol(id: u64, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
         role,
         ips,
         capture: Default::default(),
+        identity: None,
     })
 }
 

@@ -401,6 +401,7 @@ mod tests {
             role: Role::Ambient,
             ips: vec![ip.parse().unwrap()],
             capture: Default::default(),
+            identity: None,
         })
     }
 

@@ -186,6 +186,7 @@ fn upsert(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>, capture: Ca
         role,
         ips,
         capture,
+        identity: None,
     })
 }
 

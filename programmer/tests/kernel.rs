@@ -324,6 +324,7 @@ fn enrolment(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>) -> Updat
         role,
         ips,
         capture: Default::default(),
+        identity: None,
     })
 }
 

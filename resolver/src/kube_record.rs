@@ -115,6 +115,9 @@ pub struct PodFacts {
     pub ips: Vec<IpAddr>,
     /// `metadata.creationTimestamp` in ns since the epoch; `None` when absent (sorts first).
     pub created: Option<i128>,
+    /// `spec.serviceAccountName` (`default` when unset, as the API server fills it): the
+    /// identity ztunnel serves an in-pod pod with.
+    pub service_account: String,
 }
 
 impl PodFacts {
@@ -158,6 +161,10 @@ impl PodFacts {
                 .creation_timestamp
                 .as_ref()
                 .map(|t| t.0.as_nanosecond()),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".to_string()),
         })
     }
 

@@ -19,5 +19,5 @@ pub mod workloads;
 pub use input::{Input, KubeChange, KubeObject};
 pub use kube_record::{kube_record_to_change, KubeRecordError};
 pub use resolver::{CgroupIds, LiveCgroup, NoCgroupIds, Resolver, ResolverConfig};
-pub use update::{Capture, Enrolment, PodName, Role, Update};
+pub use update::{Capture, Enrolment, Identity, PodName, Role, Update};
 pub use workloads::{Workloads, WorkloadsError};

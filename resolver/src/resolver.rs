@@ -19,7 +19,7 @@ use crate::cgroup_path::{parse_cgroup_path, CgroupKind};
 use crate::decide::{Decision, Rules};
 use crate::input::{Input, KubeChange, KubeObject};
 use crate::kube_record::{NamespaceFacts, PodFacts};
-use crate::update::{Enrolment, PodName, Role, Update};
+use crate::update::{Capture, Enrolment, Identity, PodName, Role, Update};
 use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads};
 
 /// How many distinct unrecognized pod-like paths are remembered (to log each once).
@@ -56,6 +56,10 @@ pub struct ResolverConfig {
     pub exempt_cgroups: Vec<String>,
     /// Standalone mode: the workloads file replaces the kube cache, whose inputs are ignored.
     pub workloads: Option<Workloads>,
+    /// Where ztunnel listens for ambient pods in Kubernetes mode: in its own namespace
+    /// (`Node`, ztunnel's `dedicated` mode) or in each pod's (`InPod`, `shared` mode, fed over
+    /// ZDS). Standalone mode takes it from the workloads file.
+    pub capture: Capture,
 }
 
 impl ResolverConfig {
@@ -67,6 +71,7 @@ impl ResolverConfig {
             excluded_namespaces: vec!["kube-system".to_string()],
             exempt_cgroups: Vec::new(),
             workloads: None,
+            capture: Capture::Node,
         }
     }
 }
@@ -578,6 +583,10 @@ impl Resolver {
                 self.ids.id_of(&root)
             }
         };
+        let (capture, identity) = match decision.role {
+            Role::Ambient => self.capture_of(key),
+            _ => (Capture::Node, None),
+        };
         let owner = &self.owners[key];
         let enrol = |id: CgroupId, path: &str| Enrolment {
             cgroup_id: id,
@@ -585,7 +594,8 @@ impl Resolver {
             pod: pod.clone(),
             role: decision.role,
             ips: decision.ips.clone(),
-            capture: Default::default(),
+            capture,
+            identity: identity.clone(),
         };
         match root_id {
             Some(id) => {
@@ -598,6 +608,25 @@ impl Resolver {
             }
         }
         (decision, desired)
+    }
+
+    /// Where an ambient owner is captured to, and for in-pod capture who it is.
+    fn capture_of(&self, key: &OwnerKey) -> (Capture, Option<Identity>) {
+        match key {
+            OwnerKey::Pod(uid) => match (self.config.capture, self.pods.get(uid)) {
+                (capture @ Capture::InPod { .. }, Some(pod)) => (
+                    capture,
+                    Some(Identity {
+                        uid: pod.uid.clone(),
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        service_account: pod.service_account.clone(),
+                    }),
+                ),
+                _ => (Capture::Node, None),
+            },
+            _ => (Capture::Node, None),
+        }
     }
 
     fn decide(&self, key: &OwnerKey) -> Decision {

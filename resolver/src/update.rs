@@ -57,6 +57,19 @@ pub struct Enrolment {
     pub ips: Vec<IpAddr>,
     /// For an ambient pod: where ztunnel listens for it.
     pub capture: Capture,
+    /// For an in-pod ambient pod: who it is, for ztunnel (`None` otherwise).
+    pub identity: Option<Identity>,
+}
+
+/// Who an in-pod pod is: what ztunnel is told when it is handed the pod's namespace (ZDS's
+/// `AddWorkload`), so that it serves it with the right workload identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    /// The pod's `metadata.uid` (standalone: the workload's `uid`).
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
 }
 
 /// A change the programmer must apply. Nothing is emitted twice for an unchanged decision.

@@ -137,6 +137,7 @@ fn observe_follows_the_resolvers_updates() {
             role,
             ips: vec!["10.1.0.10".parse().unwrap()],
             capture: Default::default(),
+            identity: None,
         })
     };
     writer.observe(&enrolment(11, Role::Ambient));
@@ -161,6 +162,7 @@ fn observe_follows_the_resolvers_updates() {
         role: Role::Ambient,
         ips: vec![],
         capture: Default::default(),
+        identity: None,
     }));
     writer.stop();
     assert!(server
@@ -212,6 +214,7 @@ fn at_synced_annotated_pods_that_are_not_captured_are_unannotated() {
         role: Role::Ambient,
         ips: vec!["10.1.0.10".parse().unwrap()],
         capture: Default::default(),
+        identity: None,
     }));
     assert!(
         patches_of(&server, "apps", "left").is_empty(),
