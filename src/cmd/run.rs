@@ -27,13 +27,14 @@ use kube::api::ListParams;
 use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
 use resolver::kube::status::StatusWriter;
 use resolver::kube::{KubeCache, KubeView};
-use resolver::{CgroupIds, Resolver, ResolverConfig, Workloads};
+use resolver::{Capture, CgroupIds, Resolver, ResolverConfig, Workloads};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use watcher::live::{LiveConfig, LiveSource};
 use watcher::CgroupId;
 
 use crate::ops::{self, Metrics, Readiness};
-use crate::pipeline::{Inputs, Observer, Pipeline, PipelineConfig, Stages};
+use crate::pipeline::inpod::KernelInPod;
+use crate::pipeline::{InPodStage, Inputs, Observer, Pipeline, PipelineConfig, Stages};
 
 /// Flags of `zbridge run`.
 #[derive(Debug, clap::Args)]
@@ -63,6 +64,36 @@ pub struct RunArgs {
     /// pods (a `pods/status` patch; istiod reads it).
     #[arg(long, conflicts_with = "standalone")]
     pub no_pod_status: bool,
+
+    /// Kubernetes mode: where ztunnel listens for ambient pods. `inpod` (ztunnel's
+    /// PROXY_MODE=shared, every current Istio ambient install): ztunnel connects to the ZDS
+    /// socket (--zds-socket), is handed each ambient pod's network namespace and listens
+    /// inside it; zbridge captures to those listeners. `node`: ztunnel listens on its own pod
+    /// address (PROXY_MODE=dedicated). Standalone mode takes this from the workloads file.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value = "inpod",
+        conflicts_with = "standalone"
+    )]
+    pub ztunnel_mode: ZtunnelMode,
+
+    /// Kubernetes mode, --ztunnel-mode inpod: the Unix socket zbridge serves ZDS on, where
+    /// ztunnel connects (ztunnel's ZTUNNEL_SOCKET / Istio's default). Only root may connect.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/run/ztunnel/ztunnel.sock",
+        conflicts_with = "standalone"
+    )]
+    pub zds_socket: PathBuf,
+
+    /// Kubernetes mode, --ztunnel-mode inpod: send ambient pods' DNS (UDP and TCP port 53)
+    /// to ztunnel's DNS proxy in their namespace (127.0.0.1:15053, [::1]:15053); replies
+    /// appear to come from the server asked.
+    #[arg(long, conflicts_with = "standalone")]
+    pub dns_capture: bool,
 
     /// Kubernetes mode: the namespace of the node's ztunnel (pods labelled app=ztunnel).
     #[arg(
@@ -141,6 +172,15 @@ pub struct RunArgs {
     pub coalesce_window_us: u64,
 }
 
+/// Where ztunnel listens for ambient pods (Kubernetes mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ZtunnelMode {
+    /// In each pod's own network namespace, handed over ZDS (PROXY_MODE=shared).
+    Inpod,
+    /// In its own network namespace, on its pod address (PROXY_MODE=dedicated).
+    Node,
+}
+
 /// Where the resolver learns who is who.
 enum Mode {
     Standalone {
@@ -183,6 +223,55 @@ impl Mode {
             node,
         })
     }
+}
+
+/// Opens the kernel's in-pod state (with the pods a previous run enrolled) and starts the ZDS
+/// server ztunnel connects to.
+fn start_inpod(
+    pin_dir: &Path,
+    socket: &Path,
+    cgroup_root: &Path,
+    dns: bool,
+) -> anyhow::Result<InPodStage> {
+    let node_addrs = host_addresses();
+    let kernel = KernelInPod::open(pin_dir, &node_addrs)?;
+    let previous = kernel.pods();
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!("creating the directory of the ZDS socket {}", dir.display())
+        })?;
+    }
+    let roots = zds::Roots {
+        proc: PathBuf::from("/proc"),
+        cgroup: cgroup_root.to_path_buf(),
+    };
+    let zds = zds::Server::start(zds::ZdsConfig::new(socket, roots))
+        .with_context(|| format!("serving ZDS on {}", socket.display()))?;
+    log::info!(
+        "in-pod capture: ZDS on {}, DNS capture {}, node addresses {:?} reach pods directly, {} pods enrolled by the previous run",
+        socket.display(),
+        if dns { "on" } else { "off" },
+        node_addrs,
+        previous.len()
+    );
+    Ok(InPodStage {
+        zds,
+        kernel: Box::new(kernel),
+        previous,
+    })
+}
+
+/// This (the host's) network namespace's own addresses: traffic from them to a pod is
+/// host-originated (kubelet probes) and, as with Istio, bypasses ztunnel.
+fn host_addresses() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/self/net/fib_trie") {
+        watcher::procfs::fib_trie_local_addresses(&text, &mut out);
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/self/net/if_inet6") {
+        watcher::procfs::if_inet6_addresses(&text, &mut out);
+    }
+    out
 }
 
 /// Finds cgroup ids by stat-ing `<cgroup2 root>/<path>`: the id is the directory's inode.
@@ -294,6 +383,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             node,
         } => {
             let mut config = ResolverConfig::new(node.clone());
+            if args.ztunnel_mode == ZtunnelMode::Inpod {
+                config.capture = Capture::InPod {
+                    dns: args.dns_capture,
+                };
+            } else if args.dns_capture {
+                bail!("--dns-capture needs --ztunnel-mode inpod (ztunnel's DNS proxy listens in the pod's namespace)");
+            }
             config.system_namespace = args.system_namespace.clone();
             config.excluded_namespaces = args.exclude_namespaces.clone();
             config.exempt_cgroups = args.exempt_cgroups.clone();
@@ -330,6 +426,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             config
         }
     };
+    let inpod = match config.capture {
+        Capture::InPod { dns } => Some(
+            start_inpod(&args.pin_dir, &args.zds_socket, &cgroup_root, dns)
+                .context("starting in-pod capture (--ztunnel-mode inpod)")?,
+        ),
+        Capture::Node => None,
+    };
     let resolver = Resolver::with_cgroup_ids(
         config,
         Box::new(StatCgroupIds {
@@ -360,6 +463,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         resolver,
         programmer,
         observer,
+        inpod,
     };
     let pipeline = Pipeline::start(
         stages,

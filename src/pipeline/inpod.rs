@@ -1,0 +1,476 @@
+//! The in-pod gate: where the resolver's in-pod entries wait for ztunnel.
+//!
+//! An in-pod pod's cgroup entry sends its connections to ztunnel's listeners inside the pod's
+//! own network namespace; before ztunnel has opened them there (and acked the pod over ZDS),
+//! such connections would be refused. So the gate holds an in-pod pod's entries, asks the ZDS
+//! stage to serve the pod, and lets the entries through only once ztunnel has acked it and the
+//! pod's namespace is enrolled in the kernel ([`InPodKernel`]: inbound capture with ztunnel's
+//! listener). When the pod's last entry goes, the entries are removed first, then the pod is
+//! released in the kernel and ztunnel is told (`del`).
+//!
+//! The gate itself does no I/O: it turns updates and ZDS events into [`Step`]s that the
+//! programmer thread carries out in order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+
+use resolver::{Capture, Enrolment, Identity, Role, Update};
+use watcher::CgroupId;
+
+/// One thing to do, in order.
+#[derive(Debug)]
+pub enum Step {
+    /// Hand the update to the programmer (written with the next batch).
+    Queue(Update),
+    /// Tell the ZDS stage.
+    Zds(zds::Command),
+    /// Enrol the pod's namespace in the kernel (with `entry` as its cgroup entry), before its
+    /// entries are queued.
+    Enrol { uid: String },
+    /// Once the batch with the pod's last deletes is written: release the pod in the kernel,
+    /// then tell ztunnel.
+    ReleaseAfterFlush { uid: String },
+}
+
+/// ztunnel's ack of a pod: the namespace it serves the pod in, and which process it is.
+#[derive(Debug)]
+pub struct Served {
+    pub netns: OwnedFd,
+    pub ztunnel_pid: i32,
+}
+
+#[derive(Debug, Default)]
+struct Pod {
+    identity: Option<Identity>,
+    /// The pod's entries, by cgroup: held until acked, written after.
+    entries: BTreeMap<CgroupId, Enrolment>,
+    served: Option<Served>,
+    /// Its entries go to the maps (acked once, or enrolled by the previous run).
+    written: bool,
+}
+
+/// The gate. See the module doc.
+#[derive(Debug, Default)]
+pub struct InPodGate {
+    pods: BTreeMap<String, Pod>,
+    by_cgroup: HashMap<CgroupId, String>,
+    /// Pods the previous run enrolled (their namespace links are pinned): across an agent
+    /// restart their entries are written at once, so that the restart leaves no gap while
+    /// ztunnel reconnects and acks them again.
+    previous: std::collections::BTreeSet<String>,
+}
+
+/// Whether an entry is an in-pod pod's, and its identity.
+fn in_pod(e: &Enrolment) -> Option<&Identity> {
+    match (e.role, e.capture) {
+        (Role::Ambient, Capture::InPod { .. }) => e.identity.as_ref(),
+        _ => None,
+    }
+}
+
+impl InPodGate {
+    /// A gate that lets the entries of `previous` pods (enrolled by the last run) through
+    /// before their ack.
+    pub fn with_previous(previous: std::collections::BTreeSet<String>) -> InPodGate {
+        InPodGate {
+            previous,
+            ..InPodGate::default()
+        }
+    }
+
+    /// Routes one update of the resolver.
+    pub fn update(&mut self, update: Update, steps: &mut Vec<Step>) {
+        match update {
+            Update::Upsert(e) => match in_pod(&e).cloned() {
+                Some(identity) => self.upsert(identity, e, steps),
+                None => {
+                    // A cgroup that was an in-pod pod's and is now something else.
+                    if self.by_cgroup.contains_key(&e.cgroup_id) {
+                        self.forget(e.cgroup_id, false, steps);
+                    }
+                    steps.push(Step::Queue(Update::Upsert(e)));
+                }
+            },
+            Update::Delete { cgroup_id } if self.by_cgroup.contains_key(&cgroup_id) => {
+                self.forget(cgroup_id, true, steps);
+            }
+            other => steps.push(Step::Queue(other)),
+        }
+    }
+
+    fn upsert(&mut self, identity: Identity, e: Enrolment, steps: &mut Vec<Step>) {
+        let uid = identity.uid.clone();
+        if let Some(old) = self.by_cgroup.insert(e.cgroup_id, uid.clone()) {
+            if old != uid {
+                // The cgroup changed pods (a uid reused? never in Kubernetes): drop the old.
+                self.by_cgroup.insert(e.cgroup_id, old);
+                self.forget(e.cgroup_id, false, steps);
+                self.by_cgroup.insert(e.cgroup_id, uid.clone());
+            }
+        }
+        let pod = self.pods.entry(uid.clone()).or_default();
+        pod.entries.insert(e.cgroup_id, e.clone());
+        if pod.identity.as_ref() != Some(&identity) {
+            pod.identity = Some(identity.clone());
+            steps.push(Step::Zds(zds::Command::Serve(zds::PodSpec {
+                uid: uid.clone(),
+                namespace: identity.namespace,
+                name: identity.name,
+                service_account: identity.service_account,
+                cgroup: pod_cgroup(&pod.entries),
+            })));
+        }
+        if pod.served.is_some() {
+            // Already served: the change (addresses, DNS) goes to the kernel's per-pod state
+            // first, then to the entry.
+            steps.push(Step::Enrol { uid });
+            steps.push(Step::Queue(Update::Upsert(e)));
+        } else if pod.written || self.previous.contains(&uid) {
+            pod.written = true;
+            steps.push(Step::Queue(Update::Upsert(e)));
+        }
+    }
+
+    /// Drops a cgroup from its pod; `delete`: queue the removal of its entry if it was written.
+    fn forget(&mut self, cgroup_id: CgroupId, delete: bool, steps: &mut Vec<Step>) {
+        let Some(uid) = self.by_cgroup.remove(&cgroup_id) else {
+            return;
+        };
+        let Some(pod) = self.pods.get_mut(&uid) else {
+            return;
+        };
+        pod.entries.remove(&cgroup_id);
+        let written = pod.written;
+        if delete && written {
+            steps.push(Step::Queue(Update::Delete { cgroup_id }));
+        }
+        if pod.entries.is_empty() {
+            self.pods.remove(&uid);
+            self.previous.remove(&uid);
+            if written {
+                steps.push(Step::ReleaseAfterFlush { uid });
+            } else {
+                // Never written: nothing to remove first.
+                steps.push(Step::Zds(zds::Command::Release { uid }));
+            }
+        }
+    }
+
+    /// ztunnel acked a pod: enrol it, then let its entries through.
+    pub fn acked(&mut self, uid: &str, served: Served, steps: &mut Vec<Step>) {
+        let Some(pod) = self.pods.get_mut(uid) else {
+            // Gone meanwhile: its release is on its way to ztunnel.
+            return;
+        };
+        pod.served = Some(served);
+        steps.push(Step::Enrol {
+            uid: uid.to_string(),
+        });
+        // A re-ack (ztunnel restarted) re-enrols with the new listener; the entries are
+        // written already.
+        if !pod.written {
+            pod.written = true;
+            for e in pod.entries.values() {
+                steps.push(Step::Queue(Update::Upsert(e.clone())));
+            }
+        }
+    }
+
+    /// The enrolment of a pod failed: it waits for ztunnel's next ack, and its entries are
+    /// not written meanwhile unless they were already (a written entry stays: removing it
+    /// would let the pod's connections escape ztunnel).
+    pub fn enrol_failed(&mut self, uid: &str, was_written: bool) {
+        if let Some(pod) = self.pods.get_mut(uid) {
+            pod.served = None;
+            pod.written = was_written;
+        }
+    }
+
+    /// Whether a pod's entries are written.
+    pub fn written(&self, uid: &str) -> bool {
+        self.pods.get(uid).is_some_and(|p| p.written)
+    }
+
+    /// What [`Step::Enrol`] needs: the namespace, ztunnel's pid and the entry to enrol with.
+    pub fn enrolment(&self, uid: &str) -> Option<(&Served, &Enrolment)> {
+        let pod = self.pods.get(uid)?;
+        Some((pod.served.as_ref()?, pod.entries.values().next()?))
+    }
+
+    /// The in-pod pods the gate knows (acked or not), by uid.
+    pub fn uids(&self) -> impl Iterator<Item = &str> {
+        self.pods.keys().map(|s| s.as_str())
+    }
+
+    /// How many pods wait for ztunnel's ack.
+    pub fn waiting(&self) -> usize {
+        self.pods.values().filter(|p| p.served.is_none()).count()
+    }
+}
+
+/// The pod-level cgroup among a pod's entries: the shortest path (the resolver writes one
+/// entry for the pod-level cgroup when it knows its id, else one per container cgroup).
+fn pod_cgroup(entries: &BTreeMap<CgroupId, Enrolment>) -> String {
+    entries
+        .values()
+        .map(|e| e.cgroup.as_str())
+        .min_by_key(|p| p.len())
+        .unwrap_or("/")
+        .to_string()
+}
+
+/// The kernel side of an in-pod pod: its namespace's inbound capture and per-namespace entry.
+pub trait InPodKernel: Send {
+    /// Enrols (or re-enrols) a pod that ztunnel serves in `served.netns`.
+    fn enrol(&mut self, uid: &str, served: &Served, entry: &Enrolment) -> anyhow::Result<()>;
+    /// Releases a pod: its inbound reaches it directly again.
+    fn release(&mut self, uid: &str) -> anyhow::Result<()>;
+    /// Releases the pods a previous run enrolled that are not in `keep`.
+    fn retain(&mut self, keep: &std::collections::BTreeSet<String>) -> anyhow::Result<()>;
+}
+
+/// [`InPodKernel`] on the kernel's maps and ztunnel's real listener.
+pub struct KernelInPod {
+    capture: programmer::inpod::InPodCapture,
+}
+
+impl KernelInPod {
+    /// Opens the in-pod state under the loader's pin directory and tells the inbound program
+    /// the node's own addresses (host-originated traffic bypasses ztunnel, as with Istio).
+    pub fn open(
+        pin_dir: &std::path::Path,
+        node_addrs: &[std::net::IpAddr],
+    ) -> anyhow::Result<KernelInPod> {
+        use anyhow::Context as _;
+        let mut capture = programmer::inpod::InPodCapture::open(pin_dir)
+            .context("opening the in-pod capture's maps")?;
+        capture
+            .set_node_addrs(node_addrs)
+            .context("writing the node's addresses for the in-pod inbound program")?;
+        Ok(KernelInPod { capture })
+    }
+
+    /// The pods enrolled (by this run or pinned by the previous one), by uid.
+    pub fn pods(&self) -> std::collections::BTreeSet<String> {
+        self.capture
+            .pods()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl InPodKernel for KernelInPod {
+    fn enrol(&mut self, uid: &str, served: &Served, entry: &Enrolment) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let netns = std::fs::File::from(served.netns.try_clone()?);
+        let inode = netns.metadata()?.ino();
+        let listener = programmer::ztunnel_socket::take_listener(
+            served.ztunnel_pid,
+            inode,
+            ztunnel_ports::INBOUND,
+        )
+        .with_context(|| {
+            format!(
+                "taking ztunnel's (pid {}) inbound listener in the pod's namespace",
+                served.ztunnel_pid
+            )
+        })?
+        .with_context(|| {
+            format!(
+                "ztunnel (pid {}) has no listener on port {} in the pod's namespace (netns {inode})",
+                served.ztunnel_pid,
+                ztunnel_ports::INBOUND
+            )
+        })?;
+        self.capture
+            .enrol(
+                uid,
+                netns.as_fd(),
+                &listener,
+                programmer::programmer::entry_of(entry),
+            )
+            .context("enrolling the pod's namespace")?;
+        Ok(())
+    }
+
+    fn release(&mut self, uid: &str) -> anyhow::Result<()> {
+        self.capture.remove(uid)?;
+        Ok(())
+    }
+
+    fn retain(&mut self, keep: &std::collections::BTreeSet<String>) -> anyhow::Result<()> {
+        self.capture.retain(keep)?;
+        Ok(())
+    }
+}
+
+/// ztunnel's ports inside a pod's namespace.
+mod ztunnel_ports {
+    /// Inbound plaintext: what the `sk_lookup` program hands inbound connections to.
+    pub const INBOUND: u16 = 15006;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn entry(id: u64, uid: &str) -> Enrolment {
+        Enrolment {
+            cgroup_id: CgroupId(id),
+            cgroup: format!("/kubepods/pod{uid}/c{id}"),
+            pod: Some(format!("ns/{uid}")),
+            role: Role::Ambient,
+            ips: vec!["10.0.0.1".parse::<IpAddr>().unwrap()],
+            capture: Capture::InPod { dns: false },
+            identity: Some(Identity {
+                uid: uid.to_string(),
+                namespace: "ns".into(),
+                name: uid.to_string(),
+                service_account: "default".into(),
+            }),
+        }
+    }
+
+    fn served() -> Served {
+        Served {
+            netns: std::fs::File::open("/proc/self/ns/net").unwrap().into(),
+            ztunnel_pid: 1,
+        }
+    }
+
+    fn names(steps: &[Step]) -> Vec<String> {
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::Queue(Update::Upsert(e)) => format!("upsert {}", e.cgroup_id),
+                Step::Queue(Update::Delete { cgroup_id }) => format!("delete {cgroup_id}"),
+                Step::Queue(other) => format!("{other:?}"),
+                Step::Zds(zds::Command::Serve(p)) => format!("serve {} {}", p.uid, p.cgroup),
+                Step::Zds(zds::Command::Release { uid }) => format!("zds release {uid}"),
+                Step::Enrol { uid } => format!("enrol {uid}"),
+                Step::ReleaseAfterFlush { uid } => format!("release after flush {uid}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn entries_wait_for_the_ack_and_the_enrolment_comes_first() {
+        let mut gate = InPodGate::default();
+        let mut steps = Vec::new();
+        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
+        gate.update(Update::Upsert(entry(2, "a")), &mut steps);
+        assert_eq!(names(&steps), ["serve a /kubepods/poda/c1"]);
+        assert_eq!(gate.waiting(), 1);
+        steps.clear();
+        gate.acked("a", served(), &mut steps);
+        assert_eq!(names(&steps), ["enrol a", "upsert 1", "upsert 2"]);
+        assert_eq!(gate.waiting(), 0);
+        assert!(gate.enrolment("a").is_some());
+        // A re-ack (ztunnel restarted) re-enrols only.
+        steps.clear();
+        gate.acked("a", served(), &mut steps);
+        assert_eq!(names(&steps), ["enrol a"]);
+    }
+
+    #[test]
+    fn the_last_delete_removes_entries_then_releases() {
+        let mut gate = InPodGate::default();
+        let mut steps = Vec::new();
+        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
+        gate.update(Update::Upsert(entry(2, "a")), &mut steps);
+        gate.acked("a", served(), &mut steps);
+        steps.clear();
+        gate.update(
+            Update::Delete {
+                cgroup_id: CgroupId(1),
+            },
+            &mut steps,
+        );
+        assert_eq!(names(&steps), ["delete 1"]);
+        steps.clear();
+        gate.update(
+            Update::Delete {
+                cgroup_id: CgroupId(2),
+            },
+            &mut steps,
+        );
+        assert_eq!(names(&steps), ["delete 2", "release after flush a"]);
+        assert_eq!(gate.uids().count(), 0);
+    }
+
+    #[test]
+    fn a_pod_gone_before_its_ack_is_released_without_writes() {
+        let mut gate = InPodGate::default();
+        let mut steps = Vec::new();
+        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
+        steps.clear();
+        gate.update(
+            Update::Delete {
+                cgroup_id: CgroupId(1),
+            },
+            &mut steps,
+        );
+        assert_eq!(names(&steps), ["zds release a"]);
+        steps.clear();
+        gate.acked("a", served(), &mut steps);
+        assert!(
+            steps.is_empty(),
+            "a late ack enrols nothing: {:?}",
+            names(&steps)
+        );
+    }
+
+    #[test]
+    fn other_updates_pass_and_a_failed_enrolment_waits_for_the_next_ack() {
+        let mut gate = InPodGate::default();
+        let mut steps = Vec::new();
+        let mut node = entry(9, "n");
+        node.capture = Capture::Node;
+        node.identity = None;
+        gate.update(Update::Upsert(node), &mut steps);
+        gate.update(Update::Synced, &mut steps);
+        gate.update(
+            Update::Delete {
+                cgroup_id: CgroupId(9),
+            },
+            &mut steps,
+        );
+        assert_eq!(names(&steps), ["upsert 9", "Synced", "delete 9"]);
+        steps.clear();
+        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
+        gate.acked("a", served(), &mut steps);
+        gate.enrol_failed("a", false);
+        assert_eq!(gate.waiting(), 1);
+        steps.clear();
+        // Not written: a changed entry waits for the next ack too.
+        let mut changed = entry(1, "a");
+        changed.ips = vec!["10.0.0.9".parse().unwrap()];
+        gate.update(Update::Upsert(changed), &mut steps);
+        assert!(names(&steps).is_empty(), "{:?}", names(&steps));
+        gate.acked("a", served(), &mut steps);
+        assert_eq!(names(&steps), ["enrol a", "upsert 1"]);
+    }
+
+    #[test]
+    fn pods_of_the_previous_run_keep_their_entries_while_ztunnel_reconnects() {
+        let mut gate = InPodGate::with_previous(["a".to_string()].into());
+        let mut steps = Vec::new();
+        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
+        gate.update(Update::Upsert(entry(2, "b")), &mut steps);
+        assert_eq!(
+            names(&steps),
+            [
+                "serve a /kubepods/poda/c1",
+                "upsert 1",
+                "serve b /kubepods/podb/c2"
+            ]
+        );
+        steps.clear();
+        gate.acked("a", served(), &mut steps);
+        assert_eq!(names(&steps), ["enrol a"], "entries written already");
+    }
+}
