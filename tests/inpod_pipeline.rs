@@ -1,0 +1,385 @@
+//! In-pod capture through the running pipeline (threads, channels, the real ZDS server) with
+//! a ztunnel written in the test and the kernel side recorded: an in-pod pod's entry is
+//! written only after ztunnel acked it and its namespace was enrolled; a refused pod is not
+//! written; a deleted pod's entry goes before the kernel releases it and ztunnel hears `del`.
+//!
+//! The pods' processes are faked with a /proc and a cgroup tree in a temporary directory
+//! (their `ns/net` links point at this test's own namespace), so no root is needed.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use programmer::{MemoryBackend, Programmer, ProgrammerConfig};
+use prost::Message;
+use resolver::{Capture, Enrolment, Input, KubeChange, Resolver, ResolverConfig, Update};
+use serde_json::{json, Value};
+use watcher::live::StopHandle;
+use watcher::{
+    CgroupId, CgroupRef, EventSource, KubeAction, KubeRecord, ProcEvent, ProcFacts, Record,
+    ScannedProcess, SourceError, TimedRecord,
+};
+use zbridge::ops::{Metrics, Readiness};
+use zbridge::pipeline::inpod::{InPodKernel, Served};
+use zbridge::pipeline::{InPodStage, Inputs, Observer, Pipeline, PipelineConfig, Stages};
+use zds::proto::{self, workload_request::Payload, workload_response};
+use zds::socket::{Conn, Received};
+
+const NODE: &str = "worker-1";
+
+/// What happened, in order: kernel calls and writes, as one log.
+type Log = Arc<Mutex<Vec<String>>>;
+
+struct Fed {
+    records: Receiver<TimedRecord>,
+    stop: StopHandle,
+}
+
+impl EventSource for Fed {
+    fn next_record(&mut self) -> Result<Option<TimedRecord>, SourceError> {
+        loop {
+            if self.stop.is_stopped() {
+                return Ok(None);
+            }
+            if let Ok(r) = self.records.recv_timeout(Duration::from_millis(1)) {
+                return Ok(Some(r));
+            }
+        }
+    }
+}
+
+struct Recorder(Log);
+
+impl Observer for Recorder {
+    fn written(&mut self, update: &Update) {
+        let line = match update {
+            Update::Upsert(e) => format!("write {}", e.pod.clone().unwrap_or_default()),
+            Update::Delete { cgroup_id } => format!("delete {cgroup_id}"),
+            other => format!("{other:?}"),
+        };
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+struct FakeKernel(Log);
+
+impl InPodKernel for FakeKernel {
+    fn enrol(&mut self, uid: &str, served: &Served, entry: &Enrolment) -> anyhow::Result<()> {
+        let ino = std::fs::File::from(served.netns.try_clone()?)
+            .metadata()?
+            .ino();
+        let own = std::fs::metadata("/proc/self/ns/net")?.ino();
+        assert_eq!(ino, own, "the namespace of the pod's process");
+        assert_eq!(entry.capture, Capture::InPod { dns: false });
+        self.0.lock().unwrap().push(format!("enrol {uid}"));
+        Ok(())
+    }
+    fn release(&mut self, uid: &str) -> anyhow::Result<()> {
+        self.0.lock().unwrap().push(format!("release {uid}"));
+        Ok(())
+    }
+    fn retain(&mut self, keep: &BTreeSet<String>) -> anyhow::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("retain {}", keep.len()));
+        Ok(())
+    }
+}
+
+fn uid(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012x}")
+}
+
+fn container_path(n: u32) -> String {
+    format!(
+        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{:064x}.scope",
+        uid(n).replace('-', "_"),
+        n
+    )
+}
+
+fn pod(n: u32, name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": uid(n)},
+        "spec": {"nodeName": NODE, "containers": [], "serviceAccountName": format!("{name}-sa")},
+        "status": {"phase": "Running", "podIP": format!("10.0.0.{n}"), "podIPs": [{"ip": format!("10.0.0.{n}")}]}
+    })
+}
+
+fn kube(action: KubeAction, object: Value) -> Input {
+    let change = resolver::kube_record_to_change(&KubeRecord { action, object }).unwrap();
+    Input::Kube(change)
+}
+
+/// A fake /proc and cgroup tree: process `pid` of pod `n` lives in its container cgroup.
+fn fake_process(root: &Path, n: u32, pid: u32) {
+    let proc_dir = root.join("proc").join(pid.to_string());
+    std::fs::create_dir_all(proc_dir.join("ns")).unwrap();
+    std::os::unix::fs::symlink(
+        std::fs::read_link("/proc/self/ns/net")
+            .map(|_| Path::new("/proc/self/ns/net").to_path_buf())
+            .unwrap(),
+        proc_dir.join("ns/net"),
+    )
+    .unwrap();
+    std::fs::write(
+        proc_dir.join("cgroup"),
+        format!("0::{}\n", container_path(n)),
+    )
+    .unwrap();
+    let cg = root
+        .join("cgroup")
+        .join(container_path(n).trim_start_matches('/'));
+    std::fs::create_dir_all(&cg).unwrap();
+    std::fs::write(cg.join("cgroup.procs"), format!("{pid}\n")).unwrap();
+}
+
+struct Peer(Conn);
+
+impl Peer {
+    fn connect(path: &Path) -> Peer {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Conn::connect(path) {
+                Ok(c) => {
+                    c.set_recv_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let hello = proto::ZdsHello {
+                        version: proto::Version::V1 as i32,
+                    };
+                    c.send(&hello.encode_to_vec(), None).unwrap();
+                    return Peer(c);
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
+    }
+    fn request(&self) -> Payload {
+        match self.0.recv().unwrap() {
+            Received::Message(b) => proto::WorkloadRequest::decode(b.as_slice())
+                .unwrap()
+                .payload
+                .unwrap(),
+            Received::Closed => panic!("closed"),
+        }
+    }
+    fn ack(&self, error: &str) {
+        let ack = proto::WorkloadResponse {
+            payload: Some(workload_response::Payload::Ack(proto::Ack {
+                error: error.into(),
+            })),
+        };
+        self.0.send(&ack.encode_to_vec(), None).unwrap();
+    }
+}
+
+fn wait_for(log: &Log, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if log.lock().unwrap().iter().any(|l| l == what) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!("never saw {what:?}; log: {:?}", log.lock().unwrap());
+}
+
+fn position(log: &Log, what: &str) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .position(|l| l == what)
+        .unwrap_or_else(|| panic!("{what:?} not in {:?}", log.lock().unwrap()))
+}
+
+struct Running {
+    pipeline: Option<Pipeline<MemoryBackend>>,
+    kube: Option<Sender<Input>>,
+    log: Log,
+    _records: Sender<TimedRecord>,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn start(pods: &[(u32, u32)]) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, pid) in pods {
+        fake_process(dir.path(), *n, *pid);
+    }
+    let socket = dir.path().join("ztunnel.sock");
+    let mut zds_config = zds::ZdsConfig::new(
+        &socket,
+        zds::Roots {
+            proc: dir.path().join("proc"),
+            cgroup: dir.path().join("cgroup"),
+        },
+    );
+    zds_config.retry_min = Duration::from_millis(50);
+    let log: Log = Arc::default();
+    let inpod = InPodStage {
+        zds: zds::Server::start(zds_config).unwrap(),
+        kernel: Box::new(FakeKernel(log.clone())),
+        previous: BTreeSet::new(),
+    };
+    let mut config = ResolverConfig::new(NODE);
+    config.capture = Capture::InPod { dns: false };
+    let stop = StopHandle::default();
+    let (records, rx) = unbounded();
+    let inputs = Inputs::new(64);
+    let kube_tx = inputs.sender();
+    let stages = Stages {
+        source: Fed {
+            records: rx,
+            stop: stop.clone(),
+        },
+        stop,
+        inputs,
+        resolver: Resolver::new(config),
+        programmer: Programmer::new(MemoryBackend::default(), ProgrammerConfig::default()).unwrap(),
+        observer: Some(Box::new(Recorder(log.clone()))),
+        inpod: Some(inpod),
+    };
+    let pipeline = Pipeline::start(
+        stages,
+        PipelineConfig::default(),
+        (Metrics::new(), Readiness::new()),
+    )
+    .unwrap();
+    kube_tx
+        .send(kube(
+            KubeAction::Apply,
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}}),
+        ))
+        .unwrap();
+    for (n, _) in pods {
+        kube_tx
+            .send(kube(KubeAction::Apply, pod(*n, &format!("p{n}"))))
+            .unwrap();
+    }
+    kube_tx.send(Input::Kube(KubeChange::Synced)).unwrap();
+    let processes = pods
+        .iter()
+        .map(|(n, pid)| ScannedProcess {
+            pid: *pid,
+            facts: ProcFacts {
+                cgroup: Some(CgroupRef {
+                    path: container_path(*n),
+                    id: CgroupId(1000 + *n as u64),
+                }),
+                ..ProcFacts::default()
+            },
+        })
+        .collect();
+    records
+        .send(TimedRecord {
+            ts: 1,
+            record: Record::Proc(ProcEvent::Scan { processes }),
+        })
+        .unwrap();
+    Running {
+        pipeline: Some(pipeline),
+        kube: Some(kube_tx),
+        log,
+        _records: records,
+        socket,
+        _dir: dir,
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kube.take();
+        if let Some(p) = self.pipeline.take() {
+            let _ = p.stop();
+        }
+    }
+}
+
+#[test]
+fn an_in_pod_entry_is_written_only_after_the_ack_and_the_enrolment() {
+    let r = start(&[(1, 4001)]);
+    wait_for(&r.log, "Synced");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !r.log.lock().unwrap().iter().any(|l| l == "write shop/p1"),
+        "no entry before ztunnel serves the pod: {:?}",
+        r.log.lock().unwrap()
+    );
+    let peer = Peer::connect(&r.socket);
+    match peer.request() {
+        Payload::Add(add) => {
+            assert_eq!(add.uid, uid(1));
+            let info = add.workload_info.unwrap();
+            assert_eq!(
+                (
+                    info.namespace.as_str(),
+                    info.name.as_str(),
+                    info.service_account.as_str()
+                ),
+                ("shop", "p1", "p1-sa")
+            );
+        }
+        other => panic!("expected add, got {other:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!r.log.lock().unwrap().iter().any(|l| l == "write shop/p1"));
+    peer.ack("");
+    wait_for(&r.log, "write shop/p1");
+    assert!(position(&r.log, &format!("enrol {}", uid(1))) < position(&r.log, "write shop/p1"));
+    assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
+    peer.ack("");
+
+    // The pod is deleted: entry removed, then the kernel releases it, then ztunnel hears del.
+    r.kube
+        .as_ref()
+        .unwrap()
+        .send(kube(KubeAction::Delete, pod(1, "p1")))
+        .unwrap();
+    match peer.request() {
+        Payload::Del(del) => assert_eq!(del.uid, uid(1)),
+        other => panic!("expected del, got {other:?}"),
+    }
+    let delete = position(&r.log, "delete 1001");
+    let release = position(&r.log, &format!("release {}", uid(1)));
+    assert!(delete < release, "{:?}", r.log.lock().unwrap());
+    peer.ack("");
+}
+
+#[test]
+fn a_refused_pod_is_not_written_until_a_retry_is_acked() {
+    let r = start(&[(1, 4001), (2, 4002)]);
+    let peer = Peer::connect(&r.socket);
+    let mut refused_once = false;
+    let mut acked = Vec::new();
+    // Refuse pod 2's first add; ack everything else.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while acked.len() < 2 && Instant::now() < deadline {
+        match peer.request() {
+            Payload::Add(add) if add.uid == uid(2) && !refused_once => {
+                refused_once = true;
+                peer.ack("no certificate for p2 yet");
+                std::thread::sleep(Duration::from_millis(20));
+                assert!(
+                    !r.log.lock().unwrap().iter().any(|l| l == "write shop/p2"),
+                    "a refused pod is not written"
+                );
+            }
+            Payload::Add(add) => {
+                acked.push(add.uid.clone());
+                peer.ack("");
+            }
+            _ => peer.ack(""),
+        }
+    }
+    assert!(refused_once);
+    wait_for(&r.log, "write shop/p1");
+    wait_for(&r.log, "write shop/p2");
+}
