@@ -16,6 +16,27 @@ pub struct DumpArgs {
     /// The pin directory zbridge runs with.
     #[arg(long, default_value = "/sys/fs/bpf/zbridge")]
     pub pin_dir: PathBuf,
+
+    /// The ZDS state file `zbridge run --ztunnel-mode inpod` writes (`--zds-status-file`).
+    #[arg(long, value_name = "FILE", default_value = ZDS_STATUS_FILE)]
+    pub zds_status_file: PathBuf,
+}
+
+/// Where the running agent writes its ZDS state by default.
+pub const ZDS_STATUS_FILE: &str = "/run/zbridge/zds.json";
+
+/// Where an ambient entry's connections go: ztunnel in its own namespace (`node`) or in the
+/// pod's (`inpod`, `+dns` with DNS capture).
+fn capture_of(flags: u32) -> &'static str {
+    if flags & layout::F_AMBIENT == 0 {
+        "-"
+    } else if flags & layout::F_INPOD == 0 {
+        "node"
+    } else if flags & layout::F_DNS != 0 {
+        "inpod+dns"
+    } else {
+        "inpod"
+    }
 }
 
 /// The role a cgroup entry's flags give it.
@@ -118,8 +139,9 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
     for (id, info) in &entries {
         let ips: Vec<String> = info.ips().iter().map(|ip| ip.to_string()).collect();
         println!(
-            "  {id:>12}  {:<8} {:<32} {}",
+            "  {id:>12}  {:<8} {:<9} {:<32} {}",
             role_of(info.flags),
+            capture_of(info.flags),
             if ips.is_empty() {
                 "-".to_string()
             } else {
@@ -145,9 +167,64 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
         layout::ORIG_DST_BY_TUPLE_MAP,
         by_tuple.len()
     );
+    inpod_section(&args);
     println!("counters:");
     for (name, value) in programmer::read_counters(&args.pin_dir)?.pairs() {
         println!("  {name:<16} {value}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The in-pod pods: those enrolled in the kernel (their namespace links pinned under
+/// `<pin dir>/<version>/inpod`) and what ztunnel said of each (the agent's ZDS state file).
+fn inpod_section(args: &DumpArgs) {
+    let links = programmer::pins::versioned_dir(&args.pin_dir).join("inpod");
+    let enrolled: Vec<String> = std::fs::read_dir(&links)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| programmer::inpod::uid_of_pin(&e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default();
+    match zds::read_status(&args.zds_status_file) {
+        Ok((pid, pods)) => {
+            println!(
+                "in-pod pods ({} enrolled in the kernel; ZDS: {}):",
+                enrolled.len(),
+                match pid {
+                    Some(pid) => format!("ztunnel pid {pid} connected"),
+                    None => "no ztunnel connected".to_string(),
+                }
+            );
+            for [uid, name, state, error] in &pods {
+                let kernel = if enrolled.contains(uid) {
+                    "enrolled"
+                } else {
+                    "not enrolled"
+                };
+                let error = if error.is_empty() {
+                    String::new()
+                } else {
+                    format!("  error: {error}")
+                };
+                println!("  {name:<40} {uid:<36}  zds {state:<8} {kernel}{error}");
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !enrolled.is_empty() {
+                println!(
+                    "in-pod pods ({} enrolled in the kernel; no ZDS state at {}):",
+                    enrolled.len(),
+                    args.zds_status_file.display()
+                );
+                for uid in &enrolled {
+                    println!("  {uid}");
+                }
+            }
+        }
+        Err(e) => println!(
+            "in-pod pods: the ZDS state {} cannot be read: {e}",
+            args.zds_status_file.display()
+        ),
+    }
 }

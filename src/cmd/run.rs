@@ -89,6 +89,11 @@ pub struct RunArgs {
     )]
     pub zds_socket: PathBuf,
 
+    /// --ztunnel-mode inpod: where the ZDS state (each pod: sent, acked, error) is written
+    /// for `zbridge dump`.
+    #[arg(long, value_name = "FILE", default_value = crate::cmd::dump::ZDS_STATUS_FILE)]
+    pub zds_status_file: PathBuf,
+
     /// Kubernetes mode, --ztunnel-mode inpod: send ambient pods' DNS (UDP and TCP port 53)
     /// to ztunnel's DNS proxy in their namespace (127.0.0.1:15053, [::1]:15053); replies
     /// appear to come from the server asked.
@@ -227,14 +232,10 @@ impl Mode {
 
 /// Opens the kernel's in-pod state (with the pods a previous run enrolled) and starts the ZDS
 /// server ztunnel connects to.
-fn start_inpod(
-    pin_dir: &Path,
-    socket: &Path,
-    cgroup_root: &Path,
-    dns: bool,
-) -> anyhow::Result<InPodStage> {
+fn start_inpod(args: &RunArgs, cgroup_root: &Path, dns: bool) -> anyhow::Result<InPodStage> {
+    let socket = args.zds_socket.as_path();
     let node_addrs = host_addresses();
-    let kernel = KernelInPod::open(pin_dir, &node_addrs)?;
+    let kernel = KernelInPod::open(&args.pin_dir, &node_addrs)?;
     let previous = kernel.pods();
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| {
@@ -245,7 +246,9 @@ fn start_inpod(
         proc: PathBuf::from("/proc"),
         cgroup: cgroup_root.to_path_buf(),
     };
-    let zds = zds::Server::start(zds::ZdsConfig::new(socket, roots))
+    let mut zds_config = zds::ZdsConfig::new(socket, roots);
+    zds_config.status_file = Some(args.zds_status_file.clone());
+    let zds = zds::Server::start(zds_config)
         .with_context(|| format!("serving ZDS on {}", socket.display()))?;
     log::info!(
         "in-pod capture: ZDS on {}, DNS capture {}, node addresses {:?} reach pods directly, {} pods enrolled by the previous run",
@@ -428,7 +431,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let inpod = match config.capture {
         Capture::InPod { dns } => Some(
-            start_inpod(&args.pin_dir, &args.zds_socket, &cgroup_root, dns)
+            start_inpod(&args, &cgroup_root, dns)
                 .context("starting in-pod capture (--ztunnel-mode inpod)")?,
         ),
         Capture::Node => None,

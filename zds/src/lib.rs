@@ -15,5 +15,6 @@ pub mod socket;
 
 pub use netns::{open_pod_netns, NetnsError, Roots};
 pub use server::{
-    Command, Counters, Event, PodSpec, PodState, PodStatus, Server, Status, StatusHandle, ZdsConfig,
+    read_status, Command, Counters, Event, PodSpec, PodState, PodStatus, Server, Status,
+    StatusHandle, ZdsConfig,
 };

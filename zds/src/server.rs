@@ -37,6 +37,8 @@ pub struct ZdsConfig {
     /// The first retry of a refused `add`; each next one waits twice as long, up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Where the state is written as JSON whenever it changes (for `zbridge dump`), if set.
+    pub status_file: Option<PathBuf>,
 }
 
 impl ZdsConfig {
@@ -48,6 +50,7 @@ impl ZdsConfig {
             hello_timeout: Duration::from_secs(5),
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
+            status_file: None,
         }
     }
 }
@@ -708,6 +711,7 @@ impl State {
 
     fn publish(&self) {
         let mut status = self.status.lock().expect("zds status lock");
+        let before = (status.ztunnel_pid, status.pods.clone());
         status.ztunnel_pid = self.session.as_ref().filter(|s| s.hello).map(|s| s.pid);
         status.counters = self.counters;
         status.pods = self
@@ -726,7 +730,64 @@ impl State {
                 )
             })
             .collect();
+        if let Some(path) = &self.config.status_file {
+            if before != (status.ztunnel_pid, status.pods.clone()) {
+                if let Err(e) = write_status(path, &status) {
+                    log::warn!("zds: writing the state to {}: {e}", path.display());
+                }
+            }
+        }
     }
+}
+
+/// Writes the state as JSON, whole (a temporary file renamed over the old one).
+fn write_status(path: &std::path::Path, status: &Status) -> std::io::Result<()> {
+    let pods: Vec<serde_json::Value> = status
+        .pods
+        .iter()
+        .map(|(uid, p)| {
+            serde_json::json!({
+                "uid": uid,
+                "namespace": p.namespace,
+                "name": p.name,
+                "state": p.state.as_str(),
+                "error": p.error,
+                "attempts": p.attempts,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({
+        "ztunnel_pid": status.ztunnel_pid,
+        "pods": pods,
+    });
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The state as [`write_status`] wrote it, for `zbridge dump`: ztunnel's pid and per pod
+/// (uid, `NAMESPACE/NAME`, state, error).
+pub fn read_status(path: &std::path::Path) -> std::io::Result<(Option<i32>, Vec<[String; 4]>)> {
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    let pid = value["ztunnel_pid"].as_i64().map(|p| p as i32);
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let pods = value["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            [
+                text(&p["uid"]),
+                format!("{}/{}", text(&p["namespace"]), text(&p["name"])),
+                text(&p["state"]),
+                text(&p["error"]),
+            ]
+        })
+        .collect();
+    Ok((pid, pods))
 }
 
 fn describe(op: &Op) -> String {

@@ -87,6 +87,7 @@ fn start() -> Fixture {
     config.ack_timeout = Duration::from_millis(500);
     config.hello_timeout = Duration::from_millis(500);
     config.retry_min = Duration::from_millis(100);
+    config.status_file = Some(dir.path().join("state/zds.json"));
     Fixture {
         server: Server::start(config).unwrap(),
         socket,
@@ -169,6 +170,14 @@ fn snapshot_on_hello_then_adds_and_dels_one_at_a_time() {
     assert!(status.pods.values().all(|p| p.state == PodState::Acked));
     assert_eq!((status.counters.adds, status.counters.dels), (3, 1));
     assert_eq!(status.ztunnel_pid, Some(std::process::id() as i32));
+    // What `zbridge dump` reads.
+    let (pid, pods) = zds::read_status(&f._dir.path().join("state/zds.json")).unwrap();
+    assert_eq!(pid, Some(std::process::id() as i32));
+    let states: Vec<(&str, &str)> = pods
+        .iter()
+        .map(|p| (p[1].as_str(), p[2].as_str()))
+        .collect();
+    assert_eq!(states, [("demo/pod-b", "acked"), ("demo/pod-c", "acked")]);
 }
 
 #[test]
@@ -184,13 +193,21 @@ fn a_refused_pod_is_retried_and_not_acked_meanwhile() {
     assert!(matches!(event(&f.server), Event::Connected { .. }));
     // Not acked: no event (the caller must not enrol) until the retry is acked.
     assert!(f.server.events().try_recv().is_err());
-    let status = f.server.status();
+    // The state is published after each step: wait for the refusal to show.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let status = loop {
+        let status = f.server.status();
+        if status.pods["a"].error.is_some() || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     // Refused, or its retry already in flight: never acked.
     assert_ne!(status.pods["a"].state, PodState::Acked);
     assert!(status.pods["a"]
         .error
         .as_deref()
-        .unwrap()
+        .expect("the refusal is kept until an ack")
         .contains("no certificate yet"));
     expect_add(&peer, "a");
     peer.ack("");
