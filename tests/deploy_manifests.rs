@@ -92,6 +92,14 @@ fn daemonset_mounts_cgroup_and_bpffs_from_the_host() {
         Some("HostToContainer"),
         "pins on the host's bpffs must be visible to the agent"
     );
+    // In-pod mode: ztunnel finds the ZDS socket in the host's /var/run/ztunnel.
+    let zds = mounts
+        .iter()
+        .find(|m| m.mount_path == "/var/run/ztunnel")
+        .expect("the ZDS socket's directory");
+    assert_eq!(host_path(&zds.name).as_deref(), Some("/var/run/ztunnel"));
+    // The ZDS state file under a read-only root.
+    assert!(mounts.iter().any(|m| m.mount_path == "/run/zbridge"));
 }
 
 #[test]
@@ -107,12 +115,35 @@ fn daemonset_uses_capabilities_not_privileged_and_probes_the_ops_endpoint() {
         .add
         .clone()
         .unwrap_or_default();
-    for needed in ["BPF", "NET_ADMIN", "SYS_ADMIN"] {
+    // Exactly the capabilities the README names and explains, nothing more.
+    let mut caps = caps;
+    caps.sort();
+    assert_eq!(caps, ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    // The paragraph that starts "Capabilities (exactly these):".
+    let start = readme
+        .find("Capabilities (exactly these):")
+        .expect("README states the capabilities");
+    let line = readme[start..].split("\n\n").next().unwrap();
+    for cap in &caps {
         assert!(
-            caps.iter().any(|c| c == needed),
-            "capability {needed} missing"
+            line.contains(cap.as_str()),
+            "README's capability line lacks {cap}: {line}"
         );
     }
+    assert_eq!(
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    let pod_seccomp = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .map(|p| p.type_.clone());
+    assert_eq!(pod_seccomp.as_deref(), Some("RuntimeDefault"));
     let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
         p.as_ref()
             .and_then(|p| p.http_get.as_ref())
