@@ -34,6 +34,15 @@ impl Listener {
                         "exists and is not a socket; remove it or choose another path",
                     ));
                 }
+                // A socket someone still serves is another node agent's (istio-cni's): taking
+                // it over would leave two agents each handing ztunnel pods and two captures.
+                if Conn::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another process serves ZDS on this socket (istio-cni's node agent?); \
+                         stop it, or install Istio without istio-cni (README), then start zbridge",
+                    ));
+                }
                 std::fs::remove_file(path)?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -284,3 +284,31 @@ fn a_pod_without_a_live_process_is_an_error_not_a_send() {
         .unwrap()
         .contains("no-such-cgroup"));
 }
+
+#[test]
+fn a_socket_another_agent_serves_is_not_taken_over_and_a_stale_one_is() {
+    let f = start();
+    let roots = Roots {
+        proc: "/proc".into(),
+        cgroup: watcher::procfs::cgroup2_mount().unwrap(),
+    };
+    let err = match Server::start(ZdsConfig::new(&f.socket, roots.clone())) {
+        Err(e) => e,
+        Ok(_) => panic!("a served socket was taken over"),
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    assert!(err.to_string().contains("istio-cni"), "{err}");
+    // The first server still serves.
+    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    let peer = Peer::connect(&f.socket);
+    peer.hello();
+    expect_add(&peer, "a");
+
+    // A socket file nobody serves (an agent killed with -9) is replaced.
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists(), "the socket file outlives its listener");
+    let second = Server::start(ZdsConfig::new(&stale, roots)).expect("a stale socket is replaced");
+    second.stop();
+}
