@@ -21,7 +21,8 @@ enum zb_inbound_counter {
 	ZB_IN_NO_LISTENER = 2,   /* no listener for the address: not captured (yet) */
 	ZB_IN_REFUSED_LOOP = 3,  /* from outside straight to 15001/15006: dropped */
 	ZB_IN_ASSIGN_FAILED = 4, /* bpf_sk_assign refused the listener: to the pod directly */
-	ZB_IN_MAX = 5,
+	ZB_IN_NO_ZTUNNEL = 5,    /* a captured pod's address, ztunnel's listener gone: refused */
+	ZB_IN_MAX = 6,
 };
 
 #endif /* ZBRIDGE_INPOD_H */

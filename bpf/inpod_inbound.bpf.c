@@ -13,8 +13,13 @@
  *   inbound_listener  SOCKHASH: pod address (IPv4-mapped like pod_addr) → ztunnel's 15006
  *                     listener in that pod's namespace. Filled by the agent once ztunnel has
  *                     acked the pod over ZDS (the listener's fd taken from ztunnel's process).
- *                     No entry: the pod is not (yet) captured, and connections reach it as
- *                     they would without zbridge.
+ *                     An entry leaves with its socket: when ztunnel stops, its listeners
+ *                     close and their entries vanish.
+ *   inbound_pods      HASH: the addresses of the pods enrolled (set and removed with their
+ *                     listener, but not removed when the listener closes). An enrolled pod's
+ *                     address without a listener means ztunnel is down or restarting: the
+ *                     lookup fails and the connection is refused, as istio-cni's REDIRECT to
+ *                     a closed port is, never handed to the app behind ztunnel's back.
  *   node_addr_map     HASH: the node's own addresses. Traffic from them (the kubelet's
  *                     probes, host processes) goes to the pod directly, as in Istio.
  *   inbound_counters  per-CPU counters (enum zb_inbound_counter).
@@ -40,6 +45,13 @@ struct {
 	__type(key, struct pod_addr);
 	__type(value, __u32); /* the socket's fd on insert */
 } inbound_listener SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ZB_CGROUP_ENTRIES);
+	__type(key, struct pod_addr);
+	__type(value, __u32);
+} inbound_pods SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -139,7 +151,13 @@ int inpod_inbound(struct bpf_sk_lookup *ctx)
 
 	listener = bpf_map_lookup_elem(&inbound_listener, &local);
 	if (!listener) {
-		/* Not an in-pod pod's address, or ztunnel has not acked it yet. */
+		/* An enrolled pod whose ztunnel listener closed (ztunnel restarting): fail closed,
+		 * as istio-cni's REDIRECT to a port nobody listens on does. */
+		if (bpf_map_lookup_elem(&inbound_pods, &local)) {
+			zb_in_count(ZB_IN_NO_ZTUNNEL);
+			return SK_DROP;
+		}
+		/* Not an in-pod pod's address (loopback, a link-local address). */
 		zb_in_count(ZB_IN_NO_LISTENER);
 		return SK_PASS;
 	}

@@ -23,6 +23,7 @@ pub static INBOUND_OBJECT: &[u8] =
 const PROGRAM: &str = "inpod_inbound";
 const LISTENER_MAP: &str = "inbound_listener";
 const NODE_ADDR_MAP: &str = "node_addr_map";
+const PODS_MAP: &str = "inbound_pods";
 const COUNTER_MAP: &str = "inbound_counters";
 
 /// A key of `inbound_listener` and `node_addr_map`: an address, IPv4-mapped for IPv4
@@ -56,17 +57,21 @@ pub struct InboundCounters {
     pub refused_loop: u64,
     /// Connections whose listener the kernel refused (gone, or of the wrong family).
     pub assign_failed: u64,
+    /// Connections to an enrolled pod whose ztunnel listener is gone (ztunnel restarting),
+    /// refused rather than handed to the app behind ztunnel's back.
+    pub no_ztunnel: u64,
 }
 
 impl InboundCounters {
     /// The counters by name, as `zbridge dump` and the metrics print them.
-    pub fn pairs(&self) -> [(&'static str, u64); 5] {
+    pub fn pairs(&self) -> [(&'static str, u64); 6] {
         [
             ("inbound_redirected", self.redirected),
             ("inbound_passed_node", self.passed_node),
             ("inbound_no_listener", self.no_listener),
             ("inbound_refused_loop", self.refused_loop),
             ("inbound_assign_failed", self.assign_failed),
+            ("inbound_no_ztunnel", self.no_ztunnel),
         ]
     }
 }
@@ -89,7 +94,7 @@ impl InboundCapture {
     /// inbound capture goes on while the agent restarts).
     pub fn load_pinned(maps_dir: &Path) -> Result<Self, ProgramError> {
         let mut loader = EbpfLoader::new();
-        let paths: Vec<_> = [LISTENER_MAP, NODE_ADDR_MAP, COUNTER_MAP]
+        let paths: Vec<_> = [LISTENER_MAP, PODS_MAP, NODE_ADDR_MAP, COUNTER_MAP]
             .into_iter()
             .map(|name| (name, maps_dir.join(name)))
             .collect();
@@ -134,6 +139,11 @@ impl InboundCapture {
         pod_ips: &[IpAddr],
         listener: &impl AsRawFd,
     ) -> Result<(), ProgramError> {
+        let mut pods = self.pods_map()?;
+        for ip in pod_ips {
+            pods.insert(AddrKey::from(*ip), 1, 0)
+                .map_err(|e| map_error(PODS_MAP, "insert", e))?;
+        }
         let mut map = self.listener_map()?;
         for ip in pod_ips {
             map.insert(AddrKey::from(*ip), listener.as_raw_fd(), 0)
@@ -145,6 +155,17 @@ impl InboundCapture {
     /// Stops capturing the pod's addresses (its connections reach the pod directly again).
     /// Addresses that had no listener are skipped.
     pub fn remove_listener(&mut self, pod_ips: &[IpAddr]) -> Result<(), ProgramError> {
+        // The pod first: a connection in between reaches the pod, never a dropped SYN.
+        let mut pods = self.pods_map()?;
+        for ip in pod_ips {
+            match pods.remove(&AddrKey::from(*ip)) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_error(PODS_MAP, "delete", e)),
+            }
+        }
         let mut map = self.listener_map()?;
         for ip in pod_ips {
             match map.remove(&AddrKey::from(*ip)) {
@@ -165,6 +186,20 @@ impl InboundCapture {
         keep: &std::collections::BTreeSet<IpAddr>,
     ) -> Result<(), ProgramError> {
         let keep: Vec<AddrKey> = keep.iter().map(|ip| AddrKey::from(*ip)).collect();
+        let mut pods = self.pods_map()?;
+        let stale: Vec<AddrKey> = pods
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for key in stale {
+            match pods.remove(&key) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_error(PODS_MAP, "delete", e)),
+            }
+        }
         let mut map = self.listener_map()?;
         let stale: Vec<AddrKey> = map
             .keys()
@@ -229,7 +264,16 @@ impl InboundCapture {
             no_listener: sum(2)?,
             refused_loop: sum(3)?,
             assign_failed: sum(4)?,
+            no_ztunnel: sum(5)?,
         })
+    }
+
+    fn pods_map(&mut self) -> Result<HashMap<&mut MapData, AddrKey, u32>, ProgramError> {
+        let map = self
+            .ebpf
+            .map_mut(PODS_MAP)
+            .ok_or_else(|| ProgramError::Object(format!("no map `{PODS_MAP}`")))?;
+        HashMap::try_from(map).map_err(|e| map_error(PODS_MAP, "open", e))
     }
 
     fn listener_map(&mut self) -> Result<SockHash<&mut MapData, AddrKey>, ProgramError> {

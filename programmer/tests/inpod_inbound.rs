@@ -299,3 +299,76 @@ fn inbound_connections_land_on_ztunnels_15006_with_the_original_destination() {
     assert_eq!(counters.passed_node, 2, "{counters:?}");
     assert_eq!(counters.assign_failed, 0, "{counters:?}");
 }
+
+/// ztunnel restarting: its listener in the pod's namespace closes, and with it the listener's
+/// map entry. The pod stays enrolled, so its inbound connections are refused (fail closed, as
+/// istio-cni's REDIRECT to a closed port is) and never reach the app behind ztunnel's back;
+/// once a new listener is set they land on it.
+#[test]
+fn inbound_to_an_enrolled_pod_without_ztunnel_is_dropped_not_passed_to_the_app() {
+    if !require_root("inbound_to_an_enrolled_pod_without_ztunnel_is_dropped_not_passed_to_the_app")
+    {
+        return;
+    }
+    let world = World::new("inz");
+    let mut capture = InboundCapture::load().expect("load the sk_lookup program");
+    let _link = capture
+        .attach(world.pod.file().unwrap())
+        .expect("attach to the pod's namespace");
+    // A ztunnel listener of its own, so that this test can close it.
+    let restarting = world
+        .pod
+        .in_thread(|| TcpListener::bind(("::", 15106)).expect("listen in the pod"))
+        .unwrap();
+    capture
+        .set_listener(&[POD4.into(), POD6.into()], &restarting)
+        .unwrap();
+    drop(restarting); // ztunnel stops: the socket closes, its map entry goes
+
+    let app8080_4 = SocketAddr::new(POD4.into(), 8080);
+    let peer = PEER4;
+    let attempt = world
+        .peer
+        .in_thread(move || -> std::io::Result<()> {
+            let socket = socket2_like::tcp4()?;
+            socket2_like::bind(&socket, SocketAddr::new(peer.into(), 0))?;
+            // A bounded connect, should the SYN be dropped without an answer.
+            let tv = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            // SAFETY: a valid socket and a timeval of the right size.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            socket2_like::connect(socket, app8080_4).map(drop)
+        })
+        .unwrap();
+    assert!(attempt.is_err(), "the connection was not refused");
+    assert!(
+        matches!(world.app.accept(), Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "the app got a connection behind ztunnel's back"
+    );
+    assert!(capture.counters().unwrap().no_ztunnel >= 1);
+
+    // ztunnel is back: its new listener takes the pod's connections again.
+    let pod_ns_inode = std::fs::metadata(format!("/run/netns/{}", world.pod.name))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    let listener = take_listener(std::process::id() as i32, pod_ns_inode, 15006)
+        .unwrap()
+        .expect("the 15006 listener");
+    capture
+        .set_listener(&[POD4.into(), POD6.into()], &listener)
+        .unwrap();
+    assert_eq!(
+        world.connect(PEER4.into(), app8080_4),
+        ("ztunnel-15006", app8080_4)
+    );
+}
