@@ -1,5 +1,7 @@
-//! Replay throughput: `zbridge replay` (release build) on generated recordings of a node with
-//! 500 pods and 20,000 processes (resolver::testgen), 1,000,000 and 2,000,000 records.
+//! Replay throughput: `zbridge replay` (release build) on generated recordings
+//! (resolver::testgen) of two node shapes, 1,000,000 and 2,000,000 records each: process-heavy
+//! (500 pods, 20,000 processes, few Kubernetes changes) and kube-heavy (3,000 pods, 20,000
+//! processes, pod records about 15% and namespace changes about 2% of the records).
 //! Prints records per second (median of 3 runs, wall clock, the whole process: reading,
 //! parsing, resolving, programming the in-memory maps, printing) and the peak memory of the
 //! replay process for each size: it should stay flat as the recording grows.
@@ -53,32 +55,42 @@ fn main() {
     let benching = std::env::args().any(|a| a == "--bench");
     let sizes = if benching { sizes() } else { vec![20_000] };
     let dir = tempfile::tempdir().expect("temp dir");
-    for records in sizes {
-        let path = dir.path().join(format!("bench-{records}.events.jsonl"));
-        let mut generator = Generator::new(GenConfig::bench(records));
-        let mut out = BufWriter::new(std::fs::File::create(&path).expect("create recording"));
-        let written = generator.write_to(&mut out).expect("write recording");
-        out.flush().expect("flush recording");
-        drop(out);
-        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let runs = if benching { 3 } else { 1 };
-        let mut results: Vec<(f64, i64)> = (0..runs).map(|_| run_once(&path)).collect();
-        results.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (secs, _) = results[results.len() / 2];
-        let peak = results.iter().map(|r| r.1).max().unwrap_or(0);
-        println!(
-            "replay/{written} records ({:.0} MiB, 500 pods, 20000 processes): {:.3} s median of {runs}, {:.2} M records/s, peak RSS {:.1} MiB",
+    let shapes: [(&str, fn(u64) -> GenConfig); 2] = [
+        ("process-heavy", GenConfig::bench),
+        ("kube-heavy", GenConfig::kube_heavy),
+    ];
+    for (shape, config) in shapes {
+        for &records in &sizes {
+            let path = dir
+                .path()
+                .join(format!("bench-{shape}-{records}.events.jsonl"));
+            let config = config(records);
+            let (pods, processes) = (config.pods, config.processes);
+            let mut generator = Generator::new(config);
+            let mut out = BufWriter::new(std::fs::File::create(&path).expect("create recording"));
+            let written = generator.write_to(&mut out).expect("write recording");
+            out.flush().expect("flush recording");
+            drop(out);
+            let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let runs = if benching { 3 } else { 1 };
+            let mut results: Vec<(f64, i64)> = (0..runs).map(|_| run_once(&path)).collect();
+            results.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (secs, _) = results[results.len() / 2];
+            let peak = results.iter().map(|r| r.1).max().unwrap_or(0);
+            println!(
+            "replay/{shape}/{written} records ({:.0} MiB, {pods} pods, {processes} processes): {:.3} s median of {runs}, {:.2} M records/s, peak RSS {:.1} MiB",
             bytes as f64 / (1024.0 * 1024.0),
             secs,
             written as f64 / secs / 1e6,
             peak as f64 / 1024.0
         );
-        // ZBRIDGE_BENCH_KEEP=DIR keeps the recording (to profile `zbridge replay` on it).
-        if let Ok(keep) = std::env::var("ZBRIDGE_BENCH_KEEP") {
-            let kept = std::path::Path::new(&keep).join(path.file_name().expect("a file name"));
-            std::fs::copy(&path, &kept).expect("keep the recording");
-            println!("  kept at {}", kept.display());
+            // ZBRIDGE_BENCH_KEEP=DIR keeps the recording (to profile `zbridge replay` on it).
+            if let Ok(keep) = std::env::var("ZBRIDGE_BENCH_KEEP") {
+                let kept = std::path::Path::new(&keep).join(path.file_name().expect("a file name"));
+                std::fs::copy(&path, &kept).expect("keep the recording");
+                println!("  kept at {}", kept.display());
+            }
+            std::fs::remove_file(&path).ok();
         }
-        std::fs::remove_file(&path).ok();
     }
 }

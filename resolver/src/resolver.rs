@@ -100,6 +100,11 @@ struct Owner {
     emitted: BTreeMap<CgroupId, Enrolment>,
     /// The last decision logged, to log changes only.
     logged: Option<(Role, Vec<IpAddr>)>,
+    /// The role and addresses `emitted` was built from.
+    decided: Option<(Role, Vec<IpAddr>)>,
+    /// Something besides the decision changed since `emitted` was built (its live cgroups,
+    /// its pod's facts): the entries must be rebuilt even if the decision is the same.
+    stale: bool,
 }
 
 impl Owner {
@@ -109,6 +114,8 @@ impl Owner {
             live: BTreeSet::new(),
             emitted: BTreeMap::new(),
             logged: None,
+            decided: None,
+            stale: true,
         }
     }
 }
@@ -143,6 +150,8 @@ pub struct Resolver {
     by_path: FxHashMap<Box<str>, CgroupId>,
     owners: FxHashMap<OwnerKey, Owner>,
     pods: FxHashMap<Box<str>, PodFacts>,
+    /// The uids of `pods`, by namespace: a namespace's change re-decides only its pods.
+    pods_by_namespace: FxHashMap<String, BTreeSet<OwnerKey>>,
     namespaces: FxHashMap<String, NamespaceFacts>,
     /// Uids of local pods that qualify as the node's ztunnel.
     ztunnel_pods: BTreeSet<Box<str>>,
@@ -180,6 +189,7 @@ impl Resolver {
             by_path: FxHashMap::default(),
             owners: FxHashMap::default(),
             pods: FxHashMap::default(),
+            pods_by_namespace: FxHashMap::default(),
             namespaces: FxHashMap::default(),
             ztunnel_pods: BTreeSet::new(),
             kube_synced: false,
@@ -256,6 +266,8 @@ impl Resolver {
             let (label, quiet) = self.owner_label(&key);
             let owner = self.owners.get_mut(&key).expect("listed above");
             owner.emitted = desired;
+            owner.decided = Some((decision.role, decision.ips.clone()));
+            owner.stale = false;
             log_decision(owner, &decision, &label, quiet);
         }
         for id in old.keys() {
@@ -474,11 +486,12 @@ impl Resolver {
             },
         );
         if let Some((key, root)) = owner {
-            self.owners
+            let owner = self
+                .owners
                 .entry(key.clone())
-                .or_insert_with(|| Owner::new(&root))
-                .live
-                .insert(cgroup.id);
+                .or_insert_with(|| Owner::new(&root));
+            owner.live.insert(cgroup.id);
+            owner.stale = true;
             self.recompute(&key, out);
             if key == OwnerKey::Ztunnel {
                 self.update_ztunnel(out);
@@ -501,6 +514,7 @@ impl Resolver {
         if let Some(key) = state.owner {
             if let Some(owner) = self.owners.get_mut(&key) {
                 owner.live.remove(&id);
+                owner.stale = true;
             }
             self.recompute(&key, out);
             if key == OwnerKey::Ztunnel {
@@ -568,12 +582,22 @@ impl Resolver {
     /// The decision for an owner and the entries it needs.
     fn desired(&mut self, key: &OwnerKey) -> (Decision, BTreeMap<CgroupId, Enrolment>) {
         let decision = self.decide(key);
+        let desired = self.desired_for(key, &decision);
+        (decision, desired)
+    }
+
+    /// The entries an owner needs under `decision`.
+    fn desired_for(
+        &mut self,
+        key: &OwnerKey,
+        decision: &Decision,
+    ) -> BTreeMap<CgroupId, Enrolment> {
         let mut desired = BTreeMap::new();
         if decision.role == Role::None {
-            return (decision, desired);
+            return desired;
         }
         let Some(owner) = self.owners.get(key) else {
-            return (decision, desired);
+            return desired;
         };
         let pod = self.owner_name(key);
         let root_id = match self.by_path.get(&owner.root) {
@@ -607,7 +631,7 @@ impl Resolver {
                 }
             }
         }
-        (decision, desired)
+        desired
     }
 
     /// Where an ambient owner is captured to, and for in-pod capture who it is.
@@ -702,12 +726,25 @@ impl Resolver {
 
     /// Re-decides one owner and emits the difference in its entries.
     fn recompute(&mut self, key: &OwnerKey, out: &mut Vec<Update>) {
-        if !self.owners.contains_key(key) {
+        let Some(owner) = self.owners.get(key) else {
+            return;
+        };
+        let decision = self.decide(key);
+        // Nothing but the decision could have changed, and it did not: the entries are
+        // those emitted (a namespace change re-decides every pod in it; most stay the same).
+        if !owner.stale
+            && owner
+                .decided
+                .as_ref()
+                .is_some_and(|(role, ips)| *role == decision.role && *ips == decision.ips)
+        {
             return;
         }
-        let (decision, desired) = self.desired(key);
+        let desired = self.desired_for(key, &decision);
         let (label, quiet) = self.owner_label(key);
         let owner = self.owners.get_mut(key).expect("checked above");
+        owner.decided = Some((decision.role, decision.ips.clone()));
+        owner.stale = false;
         for id in owner.emitted.keys() {
             if !desired.contains_key(id) {
                 out.push(Update::Delete { cgroup_id: *id });
@@ -727,19 +764,14 @@ impl Resolver {
 
     /// Re-decides every owner whose pod is in `namespace`.
     fn recompute_namespace(&mut self, namespace: &str, out: &mut Vec<Update>) {
-        let mut keys: Vec<OwnerKey> = self
-            .owners
-            .keys()
-            .filter(|k| match k {
-                OwnerKey::Pod(uid) => self.pods.get(uid).is_some_and(|p| p.namespace == namespace),
-                _ => false,
-            })
-            .cloned()
-            .collect();
-        keys.sort();
-        for key in keys {
-            self.recompute(&key, out);
+        // Taken out while its owners are re-decided (recompute needs `self`), then put back.
+        let Some(keys) = self.pods_by_namespace.remove(namespace) else {
+            return;
+        };
+        for key in &keys {
+            self.recompute(key, out);
         }
+        self.pods_by_namespace.insert(namespace.to_string(), keys);
     }
 
     /// The ztunnel address the programs should use; emitted when it changes.
@@ -838,23 +870,36 @@ impl Resolver {
         if self.pods.get(&uid) == facts.as_ref() {
             return;
         }
-        match facts {
-            Some(facts) => {
-                if self.rules.is_node_ztunnel(&facts) {
-                    self.ztunnel_pods.insert(uid.clone());
-                } else {
-                    self.ztunnel_pods.remove(&uid);
+        let was_ztunnel = self.ztunnel_pods.remove(&uid);
+        if let Some(old) = self.pods.remove(&uid) {
+            if let Some(set) = self.pods_by_namespace.get_mut(&old.namespace) {
+                set.remove(&OwnerKey::Pod(uid.clone()));
+                if set.is_empty() {
+                    self.pods_by_namespace.remove(&old.namespace);
                 }
-                self.pods.insert(uid.clone(), facts);
-            }
-            None => {
-                self.pods.remove(&uid);
-                self.ztunnel_pods.remove(&uid);
             }
         }
+        let mut is_ztunnel = false;
+        if let Some(facts) = facts {
+            if self.rules.is_node_ztunnel(&facts) {
+                self.ztunnel_pods.insert(uid.clone());
+                is_ztunnel = true;
+            }
+            self.pods_by_namespace
+                .entry(facts.namespace.clone())
+                .or_default()
+                .insert(OwnerKey::Pod(uid.clone()));
+            self.pods.insert(uid.clone(), facts);
+        }
         let key = OwnerKey::Pod(uid);
+        // Its name, addresses or identity may have changed, not only its decision.
+        if let Some(owner) = self.owners.get_mut(&key) {
+            owner.stale = true;
+        }
         self.recompute(&key, out);
-        self.update_ztunnel(out);
+        if was_ztunnel || is_ztunnel {
+            self.update_ztunnel(out);
+        }
     }
 }
 

@@ -49,6 +49,21 @@ impl GenConfig {
         }
     }
 
+    /// The kube-heavy benchmark node: 3,000 pod slots and 20,000 processes (about ten
+    /// thousand live cgroups), with pod records about 15% and namespace label changes about 2%
+    /// of all records: the shape where a namespace change re-decides many pods.
+    pub fn kube_heavy(records: u64) -> GenConfig {
+        GenConfig {
+            seed: 2,
+            records,
+            pods: 3_000,
+            namespaces: 20,
+            processes: 20_000,
+            kube_per_mille: 175,
+            lost_per_100k: 1,
+        }
+    }
+
     /// The benchmark's node: 500 pods, 20,000 processes.
     pub fn bench(records: u64) -> GenConfig {
         GenConfig {
