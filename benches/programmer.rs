@@ -215,6 +215,12 @@ fn main() {
         "(2b) as (2), from a compiled client (testkit's zbt-net) instead of bash",
         &asks_compiled,
     );
+    // scripts/bpf-steps.sh (objects built with ZBRIDGE_BPF_STEPS=1) reads the step map while
+    // the programs are still loaded: say how many connections it holds, and wait for it.
+    if std::env::var("ZBRIDGE_BENCH_STEPS").is_ok_and(|v| v == "1") {
+        println!("STEPS {}", 2 * CONNECTIONS * RUN_TIME_ROUNDS);
+        std::thread::sleep(Duration::from_secs(20));
+    }
     assert_eq!(answered.len(), 2 * CONNECTIONS * RUN_TIME_ROUNDS);
     assert!(answered
         .iter()

@@ -15,6 +15,9 @@ use std::time::Instant;
 
 use resolver::testgen::{GenConfig, Generator};
 
+/// A node shape: its generator configuration for a number of records.
+type Shape = fn(u64) -> GenConfig;
+
 fn sizes() -> Vec<u64> {
     std::env::var("ZBRIDGE_BENCH_RECORDS")
         .ok()
@@ -55,7 +58,7 @@ fn main() {
     let benching = std::env::args().any(|a| a == "--bench");
     let sizes = if benching { sizes() } else { vec![20_000] };
     let dir = tempfile::tempdir().expect("temp dir");
-    let shapes: [(&str, fn(u64) -> GenConfig); 2] = [
+    let shapes: [(&str, Shape); 2] = [
         ("process-heavy", GenConfig::bench),
         ("kube-heavy", GenConfig::kube_heavy),
     ];

@@ -29,6 +29,9 @@ fn build_bpf_object(
         bpf_dir.join("build_bpf.rs").display()
     );
     println!("cargo:rerun-if-env-changed=CLANG");
+    // ZBRIDGE_BPF_STEPS=1 builds the step markers in (bpf/steps.h; scripts/bpf-steps.sh).
+    println!("cargo:rerun-if-env-changed=ZBRIDGE_BPF_STEPS");
+    let steps = std::env::var("ZBRIDGE_BPF_STEPS").is_ok_and(|v| v == "1");
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
 
     // The BPF build includes the target's <asm/types.h> through <linux/bpf.h>: on Debian it
@@ -49,6 +52,9 @@ fn build_bpf_object(
         .arg(&bpf_dir);
     if multiarch.is_dir() {
         cmd.arg("-I").arg(&multiarch);
+    }
+    if steps {
+        cmd.arg("-DZB_STEPS");
     }
     cmd.arg("-c")
         .arg(bpf_dir.join(source_file))

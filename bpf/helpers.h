@@ -64,20 +64,6 @@ struct {
 	__type(value, struct connect_record);
 } orig_dst_by_task SEC(".maps");
 
-/* sockops → getsockopt: the original destination by the connection's 4-tuple, the only thing
- * ztunnel's accepted socket has in common with the client's. A set-associative table
- * (zbridge.h, `struct tuple_set`): an ARRAY, so that its lookup is inlined and a write
- * allocates nothing; an LRU hash cost ~420 ns per connection here (BENCHMARKS.md).
- * BPF_F_MMAPABLE for where its elements start: on a page, so each 256-byte set is four whole
- * cache lines (a plain array's elements start 56 bytes into a line on this kernel). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__uint(max_entries, ZB_TUPLE_SETS);
-	__type(key, __u32);
-	__type(value, struct tuple_set);
-} orig_dst_by_tuple SEC(".maps");
-
 /* Per-CPU so that counting never contends between CPUs; the reader sums. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -92,7 +78,7 @@ struct {
  * The id of `task`'s cgroup (cgroup v2): what bpf_get_current_cgroup_id() returns for the
  * current task (the cgroup's kernfs id, its directory's inode number), read through the task
  * pointer the caller holds already: three dependent loads instead of a helper call, which
- * took connect4 ~30 ns less per connect here (BENCHMARKS.md). Calls are dear on this VM: its
+ * is measurably cheaper per connect (BENCHMARKS.md). Calls are dear on this VM: its
  * kernel has retpolines and returns through the SRSO "safe RET" thunk. The programs run under
  * RCU, which keeps the css_set and the cgroup alive while they are read. (CO-RE: kernel.h;
  * CAP_PERFMON, which bpf_get_current_task_btf() needs already.)
@@ -327,9 +313,9 @@ static __always_inline __u32 zb_fls(__u32 x)
  *
  * A global function, not inlined: the verifier checks it once, on its own, and each caller
  * sees only its result. Inlined, the walk's 32 possible steps multiplied with every path of
- * connect4/6 (the unknown `levels`, the cache, the address checks) took connect4 to ~680,000
- * processed instructions of the verifier's 1,000,000 (now ~70,000: BENCHMARKS.md). `out` may
- * be NULL as far as the verifier knows.
+ * connect4/6 (the unknown `levels`, the cache, the address checks) brought connect4 close to
+ * the verifier's limit of processed instructions (BENCHMARKS.md). `out` may be NULL as far
+ * as the verifier knows.
  */
 __attribute__((noinline)) int zb_lookup_current(__u32 levels, struct cgroup_info *out)
 {
@@ -364,61 +350,6 @@ static __always_inline int zb_orig_dst_is_v4(const struct orig_dst *od)
 
 	zb_ip_from_bytes(&ip, od->addr);
 	return zb_ip_is_v4(&ip);
-}
-
-/* The words of a conn_tuple (36 bytes, 4-byte aligned). */
-#define ZB_TUPLE_WORDS (sizeof(struct conn_tuple) / 4)
-
-static __always_inline int zb_tuple_eq(const struct conn_tuple *a, const struct conn_tuple *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-	__u32 diff = 0;
-
-	/* No early exit: nine loads and ors are cheaper than the branches. */
-#pragma unroll
-	for (int i = 0; i < ZB_TUPLE_WORDS; i++)
-		diff |= x[i] ^ y[i];
-	return diff == 0;
-}
-
-/* The hash of a connection's 4-tuple, which picks its set in the overflow region of
- * orig_dst_by_tuple. Every output bit depends on every input bit (a multiply alone carries
- * only upwards: the shifts bring the high bits down, so that the last octet of a pod's
- * address and the low byte of its port count for the set too). No secret is mixed in, and
- * none is needed: a pod can only aim at another pod's waiting record by guessing its source
- * port (the kernel's ephemeral pick), within the microseconds the record waits for ztunnel.
- * (A pod can crowd the hot set of any port range, by binding its own source ports there;
- * that only moves the waiting records there to their overflow sets.) */
-static __always_inline __u32 zb_tuple_hash(const struct conn_tuple *t)
-{
-	const __u32 *w = (const __u32 *)t;
-	__u32 h = 0;
-
-#pragma unroll
-	for (int i = 0; i < ZB_TUPLE_WORDS; i++) {
-		h = (h ^ w[i]) * 0x9e3779b1u;
-		h ^= h >> 16;
-	}
-	/* murmur3's finalizer. */
-	h *= 0x85ebca6bu;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35u;
-	return h ^ (h >> 16);
-}
-
-/* A record's set in the hot region of orig_dst_by_tuple (the first ZB_TUPLE_HOT_SETS): by
- * the client's source port (network order in the tuple), so that a client's successive
- * connections share sets and lines (zbridge.h says why). */
-static __always_inline __u32 zb_tuple_hot_set(const struct conn_tuple *t)
-{
-	return (bpf_ntohs(t->sport) / ZB_TUPLE_PORTS_PER_SET) & (ZB_TUPLE_HOT_SETS - 1);
-}
-
-/* A record's set in the overflow region (the ZB_TUPLE_OVERFLOW_SETS after the hot ones): by
- * the tuple's hash, so that records crowding one hot set spread over many overflow sets. */
-static __always_inline __u32 zb_tuple_overflow_set(__u32 hash)
-{
-	return ZB_TUPLE_HOT_SETS + (hash & (ZB_TUPLE_OVERFLOW_SETS - 1));
 }
 
 #endif /* ZBRIDGE_HELPERS_H */

@@ -17,6 +17,8 @@
  */
 #include "helpers.h"
 #include "inpod_capture.h"
+#include "tuple_table.h"
+#include "steps.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -90,6 +92,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	__u16 capture_port;
 	__u32 counter, n;
 
+	ZB_STEPS_START;
 	/* The array always holds key 0; the check is for the verifier. */
 	if (!s)
 		return ZB_ALLOW;
@@ -111,9 +114,12 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 	if (!s->levels)
 		return ZB_ALLOW;
 
+	ZB_STEP(ZB_STEP_CONNECT_SETTINGS);
 	task = bpf_get_current_task_btf();
 	rec = bpf_task_storage_get(&orig_dst_by_task, task, 0, 0);
+	ZB_STEP(ZB_STEP_CONNECT_RECORD);
 	zb_current_entry(s, task, &rec, &entry);
+	ZB_STEP(ZB_STEP_CONNECT_ENTRY);
 	if (entry.flags & ZB_F_ZTUNNEL)
 		/* ztunnel's own connects go where ztunnel wants them. */
 		return ZB_ALLOW;
@@ -211,7 +217,10 @@ record:
 	*dst = zt;
 	*port = bpf_htons(capture_port);
 	*rewrite = 1;
+	ZB_STEP(ZB_STEP_CONNECT_REDIRECT);
 	zb_count(counter);
+	ZB_STEP(ZB_STEP_CONNECT_COUNT);
+	ZB_STEP(ZB_STEP_CONNECT_CLOCK);
 	return ZB_ALLOW;
 }
 
@@ -285,244 +294,6 @@ int connect6(struct bpf_sock_addr *ctx)
 	return verdict;
 }
 
-/* What zb_tuple_store did. */
-enum zb_store {
-	ZB_STORED,  /* in a slot that held this tuple, nothing, or an answered record */
-	ZB_EVICTED, /* in place of a record still waiting for ztunnel's question */
-	ZB_FULL,    /* not at all: every slot waits (only when `evict` is 0), or other writers
-		     * kept claiming the slots it chose */
-};
-
-/* What zb_tuple_take found. */
-enum zb_take {
-	ZB_TAKE_ABSENT,       /* no record of the tuple in the set */
-	ZB_TAKEN,             /* copied, and marked answered */
-	ZB_TAKE_OTHER_FAMILY, /* a record for the other question, left waiting */
-};
-
-/* The question zb_tuple_take answers. ztunnel asks SOL_IP first and SOL_IPV6 next: the first
- * question leaves an IPv6 record waiting, so that its slot is not reused before the second. */
-enum zb_question {
-	ZB_ASK_ANY, /* any record (a duplicate marked answered) */
-	ZB_ASK_V4,  /* SO_ORIGINAL_DST: an IPv4 destination */
-	ZB_ASK_V6,  /* IP6T_SO_ORIGINAL_DST: an IPv6 destination */
-};
-
-/* Rounds of choosing and claiming a slot before zb_tuple_store gives up. A claim fails only
- * when another CPU changed that slot since it was read: another writer took it, or ztunnel
- * marked it answered. */
-#define ZB_STORE_TRIES 3
-
-/* The next generation of a slot's sequence word `seq`, in state `state`. */
-static __always_inline __u32 zb_seq_next(__u32 seq, __u32 state)
-{
-	return ((seq >> ZB_SLOT_STATE_BITS) + 1) << ZB_SLOT_STATE_BITS | state;
-}
-
-/*
- * Whether `slot` holds a record (waiting or answered) of `tuple`; `*seq` is its sequence word
- * as read, taken for writing (zb_read_for_update), so that a compare-and-swap of it next
- * finds the line in place, and the slot's loads stay after it.
- */
-static __always_inline int zb_slot_holds(struct tuple_slot *slot, const struct conn_tuple *tuple,
-					 __u32 *seq)
-{
-	__u32 state;
-
-	*seq = zb_read_for_update(&slot->seq);
-	state = *seq & ZB_SLOT_STATE_MASK;
-	if (state != ZB_SLOT_PENDING && state != ZB_SLOT_ANSWERED)
-		return 0;
-	return zb_tuple_eq(&slot->tuple, tuple);
-}
-
-/*
- * Frees the records of `tuple` in the ways after `way`. A writer takes the first way, from
- * way 0, that is free, answered or holds the same tuple, so a tuple's newest record is in its
- * lowest way and any later one is older: a 4-tuple's earlier connection whose record ztunnel
- * never asked about. Called before the newest one leaves the set, since getsockopt would then
- * meet the older one first and answer its destination.
- */
-static __always_inline void zb_tuple_drop_after(struct tuple_set *set, __u32 way,
-						const struct conn_tuple *tuple)
-{
-#pragma nounroll
-	for (__u32 later = 1; later < ZB_TUPLE_WAYS; later++) {
-		struct tuple_slot *slot = &set->way[later];
-		__u32 seq;
-
-		if (later <= way || !zb_slot_holds(slot, tuple, &seq))
-			continue;
-		/* Free with a new generation: a copy being taken of it fails its compare-and-swap.
-		 * A claim by a writer since makes this one fail, which is as good. */
-		__sync_val_compare_and_swap(&slot->seq, seq, zb_seq_next(seq, ZB_SLOT_FREE));
-	}
-}
-
-/* Writes `tuple`'s record into `slot`, claimed (sequence word `busy`), and publishes it. */
-static __always_inline void zb_slot_fill(struct tuple_slot *slot, __u32 busy,
-					 const struct conn_tuple *tuple, const struct orig_dst *dst)
-{
-	slot->tuple = *tuple;
-	slot->dst = *dst;
-	/* Publish: the record is visible before its state. Only the claimer changes a BUSY
-	 * word, so the word still holds `busy`. */
-	zb_store_release(&slot->seq, busy, (busy & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_PENDING);
-}
-
-/*
- * Writes a connection's record into `set`: in the first slot, from way 0 on, that is free,
- * answered, or holds this same tuple (a new connection reusing the tuple of an old one leaves
- * no older record before its own, where getsockopt, looking in the same order, would meet it
- * first); with `evict`, when every slot waits for ztunnel, in place of the next one in turn.
- * The common case reads and writes one cache line, way 0's. The slot is claimed by
- * compare-and-swap (see zbridge.h), so nothing waits for a lock: a claim that loses to
- * another CPU chooses again.
- */
-static __always_inline enum zb_store zb_tuple_store(struct tuple_set *set,
-						    const struct conn_tuple *tuple,
-						    const struct orig_dst *dst, int evict)
-{
-	for (int attempt = 0; attempt < ZB_STORE_TRIES; attempt++) {
-		enum zb_store result = ZB_STORED;
-		__u32 pick = ZB_TUPLE_WAYS, old = 0, busy;
-		struct tuple_slot *slot;
-
-		/* A loop, not unrolled: sock_ops inlines this three times, and unrolled copies
-		 * took its stack past BPF's 512 bytes. */
-#pragma nounroll
-		for (__u32 way = 0; way < ZB_TUPLE_WAYS; way++) {
-			__u32 seq = zb_read_for_update(&set->way[way].seq);
-			__u32 state = seq & ZB_SLOT_STATE_MASK;
-
-			/* Another writer's, half written: neither this tuple's nor free. */
-			if (state == ZB_SLOT_BUSY)
-				continue;
-			/* Waiting for ztunnel's question about another connection. */
-			if (state == ZB_SLOT_PENDING && !zb_tuple_eq(&set->way[way].tuple, tuple))
-				continue;
-			pick = way;
-			old = seq;
-			break;
-		}
-		if (pick == ZB_TUPLE_WAYS) {
-			if (!evict)
-				return ZB_FULL;
-			/* More connections wait here at once than the set holds: the oldest in
-			 * turn gives way, and its ztunnel will find no record. */
-			pick = __sync_fetch_and_add(&set->way[0].evictions, 1);
-			pick &= ZB_TUPLE_WAYS - 1;
-			old = zb_read_for_update(&set->way[pick].seq);
-			/* Being written by another CPU: choose again. */
-			if ((old & ZB_SLOT_STATE_MASK) == ZB_SLOT_BUSY)
-				continue;
-			result = ZB_EVICTED;
-		}
-		slot = &set->way[pick & (ZB_TUPLE_WAYS - 1)];
-		busy = zb_seq_next(old, ZB_SLOT_BUSY);
-		if (__sync_val_compare_and_swap(&slot->seq, old, busy) != old)
-			continue;
-		/* Claimed: no reader takes a copy of it until it is published. */
-		zb_slot_fill(slot, busy, tuple, dst);
-		/* In the overflow region (the only caller that evicts) a record stays until it is
-		 * evicted, so older records of the tuple go now; in the hot region, when it
-		 * leaves (zb_tuple_demote), to keep the common write to one line. */
-		if (evict)
-			zb_tuple_drop_after(set, pick & (ZB_TUPLE_WAYS - 1), tuple);
-		return result;
-	}
-	return ZB_FULL;
-}
-
-/*
- * Copies the record of `tuple` to `out` and marks it answered (its slot may be reused, but
- * the record stays until then), when it answers `question`; a record of the other family is
- * left waiting for ztunnel's other question. The slots are tried in the writer's order,
- * so the newest record of the tuple comes first; way 0 holds it unless that way was waiting
- * for another connection. The copy counts only if the slot's sequence word is unchanged from
- * before the copy to the compare-and-swap that marks it: then no writer claimed the slot in
- * between, and the copy is whole.
- */
-static __always_inline enum zb_take zb_tuple_take(struct tuple_set *set,
-						  const struct conn_tuple *tuple,
-						  enum zb_question question, struct orig_dst *out)
-{
-#pragma unroll
-	for (__u32 way = 0; way < ZB_TUPLE_WAYS; way++) {
-		struct tuple_slot *slot = &set->way[way];
-		struct orig_dst copy;
-		__u32 seq;
-
-		if (!zb_slot_holds(slot, tuple, &seq))
-			continue;
-		copy = slot->dst;
-		if (question != ZB_ASK_ANY && (question == ZB_ASK_V4) != zb_orig_dst_is_v4(&copy))
-			/* Not this question's: left waiting for the other one. */
-			return ZB_TAKE_OTHER_FAMILY;
-		if (__sync_val_compare_and_swap(&slot->seq, seq,
-						(seq & ~ZB_SLOT_STATE_MASK) | ZB_SLOT_ANSWERED) != seq)
-			/* Claimed by a writer since: this record was just replaced. */
-			continue;
-		*out = copy;
-		return ZB_TAKEN;
-	}
-	return ZB_TAKE_ABSENT;
-}
-
-/*
- * The hot set is full of records ztunnel has not asked about: moves its oldest in turn
- * (round robin) to that record's overflow set and writes `tuple`'s record in its place, so
- * that the hot region always holds the newest records. Records never asked about (a client
- * that gave up before ztunnel accepted) would otherwise stay in the hot region for good and
- * send every later record to the cold overflow region. Returns 0 when it did not (the slot
- * changed meanwhile, or the move failed): the caller stores the record in the overflow
- * region itself.
- */
-static __always_inline int zb_tuple_demote(struct tuple_set *hot, const struct conn_tuple *tuple,
-					   const struct orig_dst *dst)
-{
-	struct conn_tuple old_tuple;
-	struct orig_dst old_dst, scratch;
-	struct tuple_set *overflow;
-	struct tuple_slot *slot;
-	__u32 pick, seq, busy, idx;
-	enum zb_store moved;
-
-	pick = __sync_fetch_and_add(&hot->way[0].evictions, 1) & (ZB_TUPLE_WAYS - 1);
-	slot = &hot->way[pick];
-	seq = zb_read_for_update(&slot->seq);
-	if ((seq & ZB_SLOT_STATE_MASK) != ZB_SLOT_PENDING)
-		return 0;
-	old_tuple = slot->tuple;
-	old_dst = slot->dst;
-	/* The copy is whole only if nobody claimed the slot while it was read. */
-	if (zb_read_for_update(&slot->seq) != seq)
-		return 0;
-	/* Older records of its tuple would be met first once it is gone. */
-	zb_tuple_drop_after(hot, pick, &old_tuple);
-	idx = zb_tuple_overflow_set(zb_tuple_hash(&old_tuple));
-	overflow = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-	if (!overflow)
-		return 0;
-	/* The copy goes in first, so that getsockopt finds the record in one region or the
-	 * other at every moment. */
-	moved = zb_tuple_store(overflow, &old_tuple, &old_dst, 1);
-	if (moved == ZB_FULL)
-		/* Not moved: it keeps its place. */
-		return 0;
-	if (moved == ZB_EVICTED)
-		zb_count(ZB_C_ORIG_DST_EVICTED);
-	busy = zb_seq_next(seq, ZB_SLOT_BUSY);
-	if (__sync_val_compare_and_swap(&slot->seq, seq, busy) != seq) {
-		/* ztunnel asked for it (or another writer moved it) meanwhile: the copy is a
-		 * duplicate, marked answered so that it is reused like one. */
-		zb_tuple_take(overflow, &old_tuple, ZB_ASK_ANY, &scratch);
-		return 0;
-	}
-	zb_slot_fill(slot, busy, tuple, dst);
-	return 1;
-}
-
 SEC("sockops")
 int sock_ops(struct bpf_sock_ops *skops)
 {
@@ -530,7 +301,6 @@ int sock_ops(struct bpf_sock_ops *skops)
 	struct conn_tuple tuple = {};
 	struct connect_record *rec;
 	struct tuple_set *set;
-	struct zb_ip ip = {};
 	__u32 remote_port, idx;
 	__u16 dport;
 
@@ -541,10 +311,12 @@ int sock_ops(struct bpf_sock_ops *skops)
 	 * place before ztunnel can accept the connection. */
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
+	ZB_STEPS_START;
 	rec = bpf_task_storage_get(&orig_dst_by_task, bpf_get_current_task_btf(), 0, 0);
 	/* No redirect is waiting for its TCP_CONNECT in this thread. */
 	if (!rec || !rec->armed)
 		return 1;
+	ZB_STEP(ZB_STEP_SOCKOPS_RECORD);
 	remote_port = ZB_CTX(skops->remote_port);
 	/* remote_port is network order, in the upper 16 bits on current kernels (older ones put
 	 * it in the lower 16: take whichever half is set); local_port is host order. */
@@ -573,32 +345,26 @@ int sock_ops(struct bpf_sock_ops *skops)
 	struct zb_ip r6 = { { ZB_CTX(skops->remote_ip6[0]), ZB_CTX(skops->remote_ip6[1]),
 			      ZB_CTX(skops->remote_ip6[2]), ZB_CTX(skops->remote_ip6[3]) } };
 
-	if (family == AF_INET) {
-		zb_ip_from_v4(&ip, l4);
-		__builtin_memcpy(tuple.src, ip.w, 16);
-		zb_ip_from_v4(&ip, r4);
-		__builtin_memcpy(tuple.dst, ip.w, 16);
-	} else if (family == AF_INET6) {
-		/* IPv4-mapped on a dual-stack socket already has the key's form. */
-		__builtin_memcpy(tuple.src, l6.w, 16);
-		__builtin_memcpy(tuple.dst, r6.w, 16);
-	} else {
-		/* Not an IP socket: nothing ztunnel will ask about. */
+	/* This socket is the client's. */
+	if (!zb_tuple_of(&tuple, family, l4, &l6, bpf_htons((__u16)ZB_CTX(skops->local_port)), r4,
+			 &r6, dport))
 		return 1;
-	}
-	tuple.sport = bpf_htons((__u16)ZB_CTX(skops->local_port));
-	tuple.dport = dport;
 	/* In-pod: to ztunnel's listener on loopback in the pod's own namespace. */
 	if (rec->flags & ZB_REC_INPOD)
 		zb_tuple_fold_netns(&tuple, bpf_get_netns_cookie(skops));
+	ZB_STEP(ZB_STEP_SOCKOPS_TUPLE);
 
 	idx = zb_tuple_hot_set(&tuple);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	/* The array holds every index below ZB_TUPLE_SETS; the check is for the verifier. */
 	if (!set)
 		return 1;
-	if (zb_tuple_store(set, &tuple, &rec->dst, 0) != ZB_FULL)
+	ZB_STEP(ZB_STEP_SOCKOPS_SET);
+	if (zb_tuple_store(set, &tuple, &rec->dst, 0) != ZB_FULL) {
+		ZB_STEP(ZB_STEP_SOCKOPS_STORE);
+		ZB_STEP(ZB_STEP_SOCKOPS_CLOCK);
 		return 1;
+	}
 	/* The hot set is full of waiting records (a burst, or records never asked about): its
 	 * oldest moves to the overflow region and this one takes its place. */
 	if (zb_tuple_demote(set, &tuple, &rec->dst))
@@ -715,6 +481,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 	sk = ctx->sk;
 	if (!sk)
 		return 1;
+	ZB_STEPS_START;
 	s = zb_settings();
 	if (!s)
 		return 1;
@@ -729,6 +496,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 	/* Only ztunnel's capture sockets have an original destination to give. */
 	if (local_port != s->outbound_port && local_port != s->inbound_port)
 		return 1;
+	ZB_STEP(ZB_STEP_GETSOCKOPT_SETTINGS);
 
 	/* Read up front, unconditionally, for the reason given in sock_ops. */
 	__u32 family = ZB_CTX(sk->family);
@@ -739,20 +507,9 @@ int getsockopt(struct bpf_sockopt *ctx)
 	struct zb_ip r6 = { { ZB_CTX(sk->dst_ip6[0]), ZB_CTX(sk->dst_ip6[1]),
 			      ZB_CTX(sk->dst_ip6[2]), ZB_CTX(sk->dst_ip6[3]) } };
 
-	/* The accepted socket sees the connection from the server side: swap. */
-	if (family == AF_INET) {
-		zb_ip_from_v4(&ip, r4);
-		__builtin_memcpy(tuple.src, ip.w, 16);
-		zb_ip_from_v4(&ip, l4);
-		__builtin_memcpy(tuple.dst, ip.w, 16);
-	} else if (family == AF_INET6) {
-		__builtin_memcpy(tuple.src, r6.w, 16);
-		__builtin_memcpy(tuple.dst, l6.w, 16);
-	} else {
+	/* The accepted socket is the server's: its peer is the client. */
+	if (!zb_tuple_of(&tuple, family, r4, &r6, peer_port, l4, &l6, bpf_htons(local_port)))
 		return 1;
-	}
-	tuple.sport = peer_port;
-	tuple.dport = bpf_htons(local_port);
 	/* In-pod: keyed by the namespace as sock_ops keyed it (the same one: ztunnel's listener
 	 * is in the pod's namespace). A ztunnel listening on loopback in its own namespace
 	 * (node mode, a dev box) keys without it. */
@@ -765,10 +522,12 @@ int getsockopt(struct bpf_sockopt *ctx)
 
 	/* The hot set first: the writer only goes on to the overflow set when the hot one is
 	 * full, and a record leaving the hot set takes the older ones of its tuple with it. */
+	ZB_STEP(ZB_STEP_GETSOCKOPT_TUPLE);
 	question = ctx->level == SOL_IP ? ZB_ASK_V4 : ZB_ASK_V6;
 	idx = zb_tuple_hot_set(&tuple);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	found = set ? zb_tuple_take(set, &tuple, question, &od) : ZB_TAKE_ABSENT;
+	ZB_STEP(ZB_STEP_GETSOCKOPT_TAKE);
 	if (found == ZB_TAKE_ABSENT) {
 		idx = zb_tuple_overflow_set(zb_tuple_hash(&tuple));
 		set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
@@ -785,8 +544,12 @@ int getsockopt(struct bpf_sockopt *ctx)
 	if (found == ZB_TAKE_OTHER_FAMILY)
 		return 1;
 	zb_ip_from_bytes(&ip, od.addr);
-	if (zb_write_orig_dst(ctx, &ip, od.port, question == ZB_ASK_V4))
+	if (zb_write_orig_dst(ctx, &ip, od.port, question == ZB_ASK_V4)) {
+		ZB_STEP(ZB_STEP_GETSOCKOPT_ANSWER);
 		zb_count(ZB_C_ORIG_DST_HIT);
+		ZB_STEP(ZB_STEP_GETSOCKOPT_COUNT);
+		ZB_STEP(ZB_STEP_GETSOCKOPT_CLOCK);
+	}
 	return 1;
 }
 

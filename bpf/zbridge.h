@@ -74,7 +74,7 @@ struct orig_dst {
  * The last redirected connect of the thread, handed from connect4/6 to sock_ops within the
  * same connect() call (armed, dst); and the thread's cached decision: the cgroup_info entry
  * that applied to its cgroup, so that its next connects skip the walk to the nearest enrolled
- * ancestor and the hash lookup (~100 ns of connect4's ~400 here: BENCHMARKS.md). The cache is
+ * ancestor and the hash lookup (a good part of connect4's time: BENCHMARKS.md). The cache is
  * good while the thread is still in `cached_cgroup` (cgroup ids are never reused) and
  * settings.generation is still `cached_generation` (the programmer bumps it after every change
  * of cgroup_info_map). Only found entries are cached: a thread with no enrolled ancestor walks
@@ -105,46 +105,8 @@ struct conn_tuple {
 	__u16 dport;
 };
 
-/*
- * `orig_dst_by_tuple` is a set-associative table in an ARRAY map: a connection's record goes
- * into one of the ZB_TUPLE_WAYS slots of a set (an array element), written by sock_ops and
- * read by getsockopt. A slot is reused once ztunnel has asked about it.
- *
- * Why this shape: the record is written once per connection and read once, on another CPU,
- * and what both pay for is the memory they touch, not the instructions: a cache line no CPU
- * touched lately costs ~150-270 ns here, the rest of the work a few tens (BENCHMARKS.md,
- * "Where the time goes"). A hash map's update (bucket, element, free list) cost ~420 ns, a
- * set of a large array picked by a hash ~240 ns. So:
- *
- * - The array has two regions. The first ZB_TUPLE_HOT_SETS sets (64 KiB) take every record
- *   while they have room: small, and records leave it within microseconds, once ztunnel asks.
- *   When a hot set is full of waiting records (a burst, or records ztunnel never asks about),
- *   its oldest one in turn moves to its own set in the overflow region (the other
- *   ZB_TUPLE_OVERFLOW_SETS sets, chosen by a hash of the tuple) and the new record takes its
- *   place: the hot region always holds the newest records, and records nobody asks about
- *   drift out of it. Only when an overflow set is full too is its oldest waiting record
- *   replaced (and counted). getsockopt looks in the hot set first, then in the overflow set.
- * - The hot set is chosen by the client's source port, ZB_TUPLE_PORTS_PER_SET ports to a set,
- *   not by a hash: a client's successive connections to ztunnel (one destination for all of
- *   them) take nearby ports, since the kernel moves its per-destination port offset a few
- *   ports per connect, so its records fall in the set of the one before or the next one, on
- *   lines still warm from it, instead of anywhere in the region (all programs together
- *   100-260 ns less per connection, side by side: BENCHMARKS.md, "Layout v6"). The ways
- *   are tried in order from way 0, so the common case, an answered record in way 0, is one
- *   line. The writer does not look past the way it takes, so a reused 4-tuple's older
- *   record can wait in a later way; the newest is always first in that order, and a record
- *   leaving its set frees the older ones of its tuple (zb_tuple_drop_after).
- * - A slot is one cache line: its sequence word, tuple and record come together. (The map is
- *   BPF_F_MMAPABLE, whose elements start on a page, so each 256-byte set is four whole lines:
- *   a plain array's elements start 56 bytes into a line on this kernel.)
- *
- * No lock: each slot has a sequence word (`seq`: a generation above ZB_SLOT_STATE_BITS bits
- * of state). A writer claims a slot by compare-and-swap to ZB_SLOT_BUSY with the next
- * generation, writes it and publishes it as PENDING; a reader copies a slot and keeps the
- * copy only if its compare-and-swap of the same `seq` to ANSWERED succeeds, i.e. nobody
- * claimed the slot meanwhile. A bpf_spin_lock pair (interrupts off and on) cost ~450 ns per
- * program run on this VM, more than the rest of sock_ops and getsockopt together.
- */
+/* The tuple table's shape (shared with the Rust programmer); how it works and why it has
+ * this shape: tuple_table.h. */
 #define ZB_TUPLE_WAYS 4                /* a power of two */
 #define ZB_TUPLE_HOT_SETS 256          /* a power of two: 1,024 slots, 64 KiB */
 #define ZB_TUPLE_PORTS_PER_SET 8       /* a power of two: source ports sharing a hot set */

@@ -8,7 +8,15 @@ fn main() {
         "zbridge-programmer",
         "zbridge.bpf.c",
         "zbridge.bpf.o",
-        &["helpers.h", "kernel.h", "zbridge.h"],
+        &[
+            "helpers.h",
+            "kernel.h",
+            "zbridge.h",
+            "inpod.h",
+            "inpod_capture.h",
+            "steps.h",
+            "tuple_table.h",
+        ],
     );
     build_bpf_object(
         "zbridge-programmer",

@@ -1,55 +1,44 @@
 #!/usr/bin/env bash
 # Where the programs' run time goes, step by step (BENCHMARKS.md, "Where the time goes").
 #
-# Builds the programmer bench from a copy of HEAD with scripts/bpf-segments.patch applied: it
-# takes a timestamp (bpf_ktime_get_ns) between the steps of connect4, of sock_ops' TCP_CONNECT
-# callback and of getsockopt, and sums the time between them per step in a per-CPU map. Runs
-# set-ups (2) and (2b) of the bench (a pod's connects through a fake ztunnel that asks
-# SO_ORIGINAL_DST, 2 x 9 x 2,000 connections), reads the map with bpftool while the bench holds, and prints ns per
-# connection for each step. Each figure includes one timestamp's own cost: the "(a timestamp
-# alone)" rows measure it. Run as root; needs bpftool.
-#
-# When the programs change, the patch may no longer apply: re-mark the steps and regenerate
-# it (`git diff > scripts/bpf-segments.patch` on a tree with the markers).
+# Builds the programmer bench with the BPF objects' step markers compiled in
+# (ZBRIDGE_BPF_STEPS=1: bpf/steps.h; without it the markers compile to nothing): each program
+# sums the time between its markers per step in the per-CPU map `zb_steps`. Runs set-ups (2)
+# and (2b) of the bench (a pod's connects through a fake ztunnel that asks SO_ORIGINAL_DST),
+# reads the map with bpftool while the bench holds, and prints ns per connection for each
+# step. Each figure includes one timestamp's own cost: the "(a timestamp alone)" rows measure
+# it. Run as root; needs bpftool.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-[ "$(id -u)" = 0 ] || { echo "bpf-segments: run as root (the bench loads BPF programs)" >&2; exit 1; }
-command -v bpftool >/dev/null || { echo "bpf-segments: bpftool not found (apt-get install bpftool)" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "bpf-steps: run as root (the bench loads BPF programs)" >&2; exit 1; }
+command -v bpftool >/dev/null || { echo "bpf-steps: bpftool not found (apt-get install bpftool)" >&2; exit 1; }
 
-work=$(mktemp -d /tmp/zb-segments.XXXXXX)
-cleanup() {
-	git -C "$repo" worktree remove --force "$work/tree" 2>/dev/null || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
-git -C "$repo" worktree add --detach -q "$work/tree" HEAD
-if ! git -C "$work/tree" apply "$repo/scripts/bpf-segments.patch"; then
-	echo "bpf-segments: scripts/bpf-segments.patch no longer applies to HEAD; re-mark the steps" >&2
-	exit 1
-fi
+work=$(mktemp -d /tmp/zb-steps.XXXXXX)
+trap 'rm -rf "$work"' EXIT
 
 # Its own target directory, kept between runs, so that the main build is not disturbed.
-export CARGO_TARGET_DIR="$repo/target/segments"
-bench=$(cd "$work/tree" && cargo bench --bench programmer --no-run 2>&1 |
+export CARGO_TARGET_DIR="$repo/target/steps"
+bench=$(cd "$repo" && ZBRIDGE_BPF_STEPS=1 cargo bench --bench programmer --no-run 2>&1 |
 	sed -n 's/.*Executable benches\/programmer.rs (\(.*\))$/\1/p')
-[ -x "$bench" ] || { echo "bpf-segments: building the bench failed" >&2; exit 1; }
+[ -x "$bench" ] || { echo "bpf-steps: building the bench failed" >&2; exit 1; }
 
-ONLY_ASKS=1 "$bench" --bench >"$work/log" 2>&1 &
+ZBRIDGE_BENCH_STEPS=1 ONLY_ASKS=1 "$bench" --bench >"$work/log" 2>&1 &
 pid=$!
 for _ in $(seq 600); do
-	grep -q '^SEGMENTS ' "$work/log" && break
+	grep -q '^STEPS ' "$work/log" && break
 	kill -0 "$pid" 2>/dev/null || { cat "$work/log" >&2; exit 1; }
 	sleep 1
 done
-connections=$(sed -n 's/^SEGMENTS //p' "$work/log")
-bpftool map dump name zb_segments -j >"$work/segments.json"
+connections=$(sed -n 's/^STEPS //p' "$work/log")
+bpftool map dump name zb_steps -j >"$work/steps.json"
 wait "$pid"
 grep -E "^programs' run time, a fake ztunnel|each round|median round|^    (sock_ops|getsockopt|connect4) " "$work/log" | head -6
 
-python3 - "$work/segments.json" "$connections" <<'PY'
+python3 - "$work/steps.json" "$connections" <<'PY'
 import json, sys
 
+# The slots of enum zb_step (bpf/steps.h).
 steps = {
     20: "connect4: settings, ztunnel address checks",
     21: "connect4: thread storage lookup",
