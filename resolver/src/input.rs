@@ -31,4 +31,7 @@ pub enum Input {
         event: ProcEvent,
     },
     Kube(KubeChange),
+    /// A cgroup directory the workloads file names was made or removed (standalone mode): its
+    /// subtree is enrolled, or its entries go, whether or not a process ever runs in it.
+    ConfiguredCgroupsChanged,
 }

@@ -230,8 +230,33 @@ impl Resolver {
                     self.handle_kube(change, out);
                 }
             }
+            Input::ConfiguredCgroupsChanged => self.refresh_configured_subtrees(out),
         }
         self.maybe_synced(out);
+    }
+
+    /// The workloads file's subtrees as their directories are now: one made since is enrolled
+    /// (before any process runs in it), one removed loses its entries, one made again gets
+    /// its new id. Only the subtrees themselves are asked about (`CgroupIds`), nothing else.
+    fn refresh_configured_subtrees(&mut self, out: &mut Vec<Update>) {
+        let mut keys = self.adopt_configured_subtrees();
+        // Owners of configured subtrees that existed already: their root may be gone, or
+        // made again with a new id.
+        for key in self.owners.keys() {
+            if !matches!(key, OwnerKey::Pod(_)) && !keys.contains(key) {
+                keys.push(key.clone());
+            }
+        }
+        keys.sort();
+        for key in keys {
+            if let Some(owner) = self.owners.get_mut(&key) {
+                owner.stale = true;
+            }
+            self.recompute(&key, out);
+            if key == OwnerKey::Ztunnel {
+                self.update_ztunnel(out);
+            }
+        }
     }
 
     /// Replaces the workloads file (standalone mode; `SIGHUP`) and re-decides every cgroup.

@@ -235,3 +235,50 @@ fn existing_subtrees_are_enrolled_before_any_process_runs_in_them() {
     assert_eq!(h.entry(510), None);
     assert!(h.entry(500).is_some(), "ztunnel stays");
 }
+
+/// Directories the test makes and removes while the resolver runs.
+#[derive(Clone, Default)]
+struct LiveDirs(std::sync::Arc<std::sync::Mutex<Vec<(&'static str, u64)>>>);
+
+impl resolver::CgroupIds for LiveDirs {
+    fn id_of(&mut self, path: &str) -> Option<CgroupId> {
+        let dirs = self.0.lock().unwrap();
+        dirs.iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, id)| CgroupId(*id))
+    }
+}
+
+#[test]
+fn a_subtree_made_removed_and_made_again_follows_its_directory() {
+    let mut config = ResolverConfig::new("dev-vm");
+    config.workloads = Some(Workloads::parse(FILE).expect("valid file"));
+    let dirs = LiveDirs::default();
+    dirs.0.lock().unwrap().push(("/zb/ztunnel", 500));
+    let mut h = Harness::with(config);
+    h.resolver =
+        resolver::Resolver::with_cgroup_ids(h.resolver.config().clone(), Box::new(dirs.clone()));
+    h.scan(&[(1, "/init.scope", 12)]);
+    assert_eq!(h.entry(510), None, "not made yet");
+    // Made (mkdir): enrolled with no process in it yet.
+    dirs.0.lock().unwrap().push(("/zb/pods/productpage", 510));
+    h.feed(resolver::Input::ConfiguredCgroupsChanged);
+    assert_eq!(h.entry(510), Some((Role::Ambient, vec![ip("10.99.0.2")])));
+    // Removed (rmdir): its entry goes without a reload.
+    dirs.0
+        .lock()
+        .unwrap()
+        .retain(|(p, _)| *p != "/zb/pods/productpage");
+    h.feed(resolver::Input::ConfiguredCgroupsChanged);
+    assert_eq!(h.entry(510), None);
+    // Made again: a new directory, a new id.
+    dirs.0.lock().unwrap().push(("/zb/pods/productpage", 530));
+    h.feed(resolver::Input::ConfiguredCgroupsChanged);
+    assert_eq!(h.entry(530), Some((Role::Ambient, vec![ip("10.99.0.2")])));
+    assert_eq!(
+        h.entries.len(),
+        2,
+        "ztunnel and the new subtree: {:?}",
+        h.entries
+    );
+}

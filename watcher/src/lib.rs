@@ -7,8 +7,10 @@
 //! Events come from an [`EventSource`]: the live kernel ([`live::LiveSource`]) or a recording
 //! ([`recording::RecordingReader`], format v1 of `shared/spec/recording-v1.md`). Recordings also
 //! carry Kubernetes records, which the watcher passes through as opaque JSON for the resolver.
+//! [`dirwatch`] reports directories (the standalone mode's cgroup subtrees) coming and going.
 
 pub mod connector;
+pub mod dirwatch;
 pub mod event;
 pub mod exec_tap;
 pub mod hostns;
