@@ -161,7 +161,8 @@ fn parse(text: &str) -> Result<Workloads, WorkloadsErrorKind> {
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(WorkloadsErrorKind::TooLarge);
     }
-    // Editors on some systems start UTF-8 files with a byte order mark; it is no content.
+    // Editors on some systems start UTF-8 files with a byte order mark; it is no content, but
+    // the YAML parser refuses it before a `---`.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if let Some(line) = limits::too_deep(text) {
         return Err(WorkloadsErrorKind::TooDeep { line });

@@ -172,7 +172,7 @@ impl Scalar for Version {
         match v {
             1 | 2 => Ok(Version(v as u32)),
             _ => Err(format!(
-                "version {v} is not known; the known ones are 1 and 2"
+                "{v} is not a known version; the known ones are 1 and 2"
             )),
         }
     }
