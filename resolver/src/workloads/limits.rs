@@ -5,8 +5,8 @@
 
 use std::io::Read;
 
-/// The largest workloads file read. Far above any real node (a workload takes about a hundred
-/// bytes); a larger file is refused without being read to its end.
+/// The largest workloads file read: far above what any node's workloads take, and small enough
+/// to hold in memory. A larger file is refused without being read to its end.
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
 /// The deepest nesting accepted, counted as open block levels (indentation steps and `-`
