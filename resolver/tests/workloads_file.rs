@@ -469,6 +469,33 @@ fn fifty_thousand_workloads() {
     );
 }
 
+/// A workload with `n` distinct addresses, IPv6 and IPv4 mixed, and each once more.
+fn long_address_list(n: usize) -> String {
+    let mut list = String::from("[");
+    for i in 0..n {
+        let (a, b) = (i / 250 % 250 + 1, i % 250 + 1);
+        if i % 2 == 0 {
+            list.push_str(&format!("10.{}.{a}.{b}, ", i / 62_500));
+        } else {
+            list.push_str(&format!("\"fd00::{:x}:{:x}\", ", i >> 16, i & 0xffff));
+        }
+    }
+    list.push_str("10.0.1.1]");
+    file(1, "", &[("a", "/a")]).replace("10.0.0.1\n", &format!("{list}\n"))
+}
+
+#[test]
+fn long_address_lists() {
+    let w = Workloads::parse(&long_address_list(100_000)).unwrap();
+    let Address::Fixed(ips) = &w.workloads[0].address else {
+        panic!("fixed")
+    };
+    assert_eq!(ips.len(), 100_000, "the repeated one once");
+    assert!(ips[..50_000].iter().all(|ip| ip.is_ipv4()));
+    assert_eq!(ips[0], ip("10.0.1.1"));
+    assert_eq!(ips[50_000], ip("fd00::1"));
+}
+
 /// Figures for the issue, not a check:
 /// `cargo test -p zbridge-resolver --release --test workloads_file -- --ignored --nocapture`
 #[test]
@@ -485,6 +512,7 @@ fn measure() {
             format!("version: 1\nexempt:\n{}x\n", "- ".repeat(n)),
         ),
         ("50000 workloads", many(50_000)),
+        ("200000 addresses", long_address_list(200_000)),
     ] {
         let t = Instant::now();
         let result = Workloads::parse(&text).map(|_| ());

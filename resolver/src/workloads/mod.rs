@@ -13,6 +13,7 @@ mod limits;
 mod raw;
 mod uid;
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -174,13 +175,10 @@ fn parse(text: &str) -> Result<Workloads, WorkloadsErrorKind> {
 /// Orders addresses IPv4 first (stable), without duplicates.
 pub fn ipv4_first(mut ips: Vec<IpAddr>) -> Vec<IpAddr> {
     ips.sort_by_key(|ip| ip.is_ipv6());
-    let mut seen = Vec::with_capacity(ips.len());
-    for ip in ips {
-        if !seen.contains(&ip) {
-            seen.push(ip);
-        }
-    }
-    seen
+    // A set, not a search of the addresses kept: a file's list can be long.
+    let mut seen = HashSet::with_capacity(ips.len());
+    ips.retain(|ip| seen.insert(*ip));
+    ips
 }
 
 /// Whether `path` is `root` or below it (`/a/b` is within `/a`, `/ab` is not).
