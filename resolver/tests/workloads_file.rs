@@ -304,6 +304,9 @@ fn control_characters_are_refused() {
     assert!(!e.contains('\n'), "the error quotes it escaped: {e}");
     let e = err(&file(1, "", &[("\"a\\tb\"", "/a")]));
     assert!(e.contains("control"), "{e}");
+    // YAML's `\L` is LS, a line break to the YAML parser and to some log readers.
+    let e = err(&file(1, "", &[("\"a\\Lb\"", "/a")]));
+    assert!(e.contains("control") && !e.contains('\u{2028}'), "{e}");
     let e = err(&file(1, "", &[("a", "\"/a\\nb\"")]));
     assert!(
         e.contains("workloads[0].cgroup") && !e.contains('\n'),

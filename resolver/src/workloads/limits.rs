@@ -31,12 +31,36 @@ pub fn read_bounded(reader: impl Read) -> std::io::Result<Option<Vec<u8>>> {
 /// level too many rather than one too few, so a deep file never slips through.
 pub fn too_deep(text: &str) -> Option<usize> {
     let mut scan = Scan::default();
-    for (i, line) in text.split('\n').enumerate() {
-        if scan.line(line.strip_suffix('\r').unwrap_or(line)) {
-            return Some(i + 1);
+    lines(text).position(|line| scan.line(line)).map(|i| i + 1)
+}
+
+/// The lines of `text`, split where the YAML parser splits them: not only at `\n` and `\r\n`
+/// but also at a lone `\r`, NEL, LS and PS. Splitting at fewer would let a file hide its
+/// structure on what the scan takes for one line of text.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match text.char_indices().find(|&(_, c)| is_break(c)) {
+            None => {
+                rest = None;
+                Some(text)
+            }
+            Some((i, c)) => {
+                let mut next = i + c.len_utf8();
+                if c == '\r' && text[next..].starts_with('\n') {
+                    next += 1;
+                }
+                rest = Some(&text[next..]);
+                Some(&text[..i])
+            }
         }
-    }
-    None
+    })
+}
+
+/// A line break for the YAML parser.
+pub(super) fn is_break(c: char) -> bool {
+    matches!(c, '\n' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}')
 }
 
 #[derive(Default)]
@@ -248,6 +272,17 @@ mod tests {
         assert!(!depth_ok(&format!("a: it's\n{deep}")));
         // A block scalar ends where the indentation does.
         assert!(!depth_ok(&format!("a: |\n  text\n{deep}")));
+    }
+
+    #[test]
+    fn every_line_break_of_yaml_is_one() {
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        for br in ["\n", "\r\n", "\r", "\u{85}", "\u{2028}", "\u{2029}"] {
+            let text = format!("a: x{br}b: y{br}c: {deep}{br}");
+            assert_eq!(too_deep(&text), Some(3), "{br:?}");
+        }
+        let lines: Vec<&str> = lines("a\r\nb\rc\n\nd").collect();
+        assert_eq!(lines, ["a", "b", "c", "", "d"]);
     }
 
     #[test]

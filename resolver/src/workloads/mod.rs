@@ -197,7 +197,7 @@ pub fn is_within(path: &str, root: &str) -> bool {
 fn shown(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if c.is_control() || limits::is_break(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 
-use super::{ipv4_first, shown, Address, Mode};
+use super::{ipv4_first, limits, shown, Address, Mode};
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,7 +219,7 @@ pub(super) fn normalise_cgroup(v: &str) -> Result<String, String> {
             shown(v)
         ));
     }
-    if v.chars().any(char::is_control) {
+    if v.chars().any(forges_lines) {
         return Err(format!(
             "cgroup `{}` has a control character, which would forge log lines",
             shown(v)
@@ -241,6 +241,12 @@ pub(super) fn normalise_cgroup(v: &str) -> Result<String, String> {
     Ok(path)
 }
 
+/// A control character, or a line break the YAML parser knows: either, logged, could make a
+/// line look like two.
+fn forges_lines(c: char) -> bool {
+    c.is_control() || limits::is_break(c)
+}
+
 /// A workload's `name`: not blank, no control characters (the name is logged, and a newline
 /// in it would forge a log line).
 pub(super) struct Name(pub String);
@@ -251,7 +257,7 @@ impl Scalar for Name {
         if v.trim().is_empty() {
             return Err("name is empty".to_string());
         }
-        if v.chars().any(char::is_control) {
+        if v.chars().any(forges_lines) {
             return Err(format!(
                 "name `{}` has a control character, which would forge log lines",
                 shown(v)
@@ -271,7 +277,7 @@ impl Scalar for Text {
         if v.trim().is_empty() {
             return Err("empty; leave the key out for the default".to_string());
         }
-        if v.chars().any(char::is_control) {
+        if v.chars().any(forges_lines) {
             return Err(format!(
                 "`{}` has a control character, which would forge log lines",
                 shown(v)
@@ -315,7 +321,7 @@ impl Scalar for ZdsPath {
         if v.trim().is_empty() {
             return Err("empty; in-pod mode needs the path of the ZDS socket".to_string());
         }
-        if v.chars().any(char::is_control) {
+        if v.chars().any(forges_lines) {
             return Err(format!("`{}` has a control character", shown(v)));
         }
         if v.len() > SUN_PATH_MAX {
