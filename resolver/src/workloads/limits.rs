@@ -25,10 +25,11 @@ pub fn read_bounded(reader: impl Read) -> std::io::Result<Option<Vec<u8>>> {
 
 /// The first line (1-based) where the nesting goes deeper than [`MAX_DEPTH`], if any.
 ///
-/// A single pass over the text that follows YAML's structure only as far as depth needs:
-/// indentation, `-`/`?` entries, flow brackets, and the places where brackets are text
-/// (quoted scalars, plain scalars, comments, block scalars). Where it cannot tell, it counts a
-/// level too many rather than one too few, so a deep file never slips through.
+/// A single pass that follows the YAML scanner as far as depth needs: block collections (by
+/// indentation, `-`/`?` entries and `key:`), flow brackets, and where brackets are only text:
+/// quoted, plain and block scalars (also when they go on over several lines) and comments.
+/// Following the scanner's rules rather than guessing matters: a scan that took a line for
+/// text where the parser sees structure would let deep nesting through.
 pub fn too_deep(text: &str) -> Option<usize> {
     let mut scan = Scan::default();
     lines(text).position(|line| scan.line(line)).map(|i| i + 1)
@@ -65,14 +66,22 @@ pub(super) fn is_break(c: char) -> bool {
 
 #[derive(Default)]
 struct Scan {
-    /// Columns of the open block nodes, strictly increasing.
+    /// Columns of the open block collections, strictly increasing: the YAML scanner's
+    /// indentation levels.
     block: Vec<usize>,
     /// Open flow brackets (`[`, `{`), across lines.
     flow: usize,
     /// Inside a quoted scalar that goes on to the next line.
     quote: Option<u8>,
-    /// Inside a block scalar (`|`, `>`): its lines are indented deeper than this column.
-    block_scalar: Option<usize>,
+    /// Inside a block scalar (`|`, `>`): the least indentation of its lines, and the
+    /// indentation its first line set.
+    block_scalar: Option<(usize, Option<usize>)>,
+    /// A plain scalar in block context is open at the end of the last line: a line indented
+    /// at least this much goes on with it, as text.
+    plain_open: Option<usize>,
+    /// In flow context, the last line ended where a node may start (a line break is only
+    /// white space there).
+    flow_expect: bool,
 }
 
 impl Scan {
@@ -84,26 +93,60 @@ impl Scan {
     fn line(&mut self, line: &str) -> bool {
         let b = line.as_bytes();
         let indent = b.iter().take_while(|&&c| c == b' ').count();
-        if let Some(parent) = self.block_scalar {
-            if indent >= b.len() || indent > parent {
+        let blank = indent >= b.len();
+        if let Some((least, first)) = self.block_scalar {
+            let needed = first.unwrap_or(least);
+            if blank || indent >= needed {
+                if !blank && first.is_none() {
+                    self.block_scalar = Some((least, Some(indent)));
+                }
                 return false;
             }
             self.block_scalar = None;
         }
         let mut i = 0;
         let mut expect_node = true;
-        // The column of the `-`/`?` just read, when nothing has followed it yet.
-        let mut entry: Option<usize> = None;
-        if self.quote.is_none() && self.flow == 0 {
-            if indent >= b.len() || b[indent] == b'#' {
+        // Where the current node began (its properties included): a key's column is where
+        // its mapping is.
+        let mut node: Option<usize> = None;
+        let mut in_plain = false;
+        if self.quote.is_some() {
+            // Inside a quoted scalar: no structure until it closes.
+        } else if self.flow > 0 {
+            expect_node = self.flow_expect;
+            in_plain = !expect_node;
+        } else {
+            if blank {
                 return false;
             }
-            if indent == 0 && (line.starts_with("---") || line.starts_with("...")) {
-                self.block.clear();
-                i = 3;
-            } else {
-                self.push(indent);
-                i = indent;
+            let marker = indent == 0
+                && (line.starts_with("---") || line.starts_with("..."))
+                && b.get(3).is_none_or(|c| *c == b' ' || *c == b'\t');
+            match self.plain_open {
+                Some(_) if b[indent] == b'#' => {
+                    // A comment line ends a plain scalar.
+                    self.plain_open = None;
+                    return false;
+                }
+                Some(least) if indent >= least && !marker => {
+                    // The plain scalar goes on: this line is its text.
+                    expect_node = false;
+                    in_plain = true;
+                    i = indent;
+                }
+                _ if b[indent] == b'#' => return false,
+                _ => {
+                    self.plain_open = None;
+                    if marker {
+                        self.block.clear();
+                        i = 3;
+                    } else {
+                        while self.block.last().is_some_and(|&top| top > indent) {
+                            self.block.pop();
+                        }
+                        i = indent;
+                    }
+                }
             }
         }
         while i < b.len() {
@@ -111,57 +154,79 @@ impl Scan {
             if let Some(q) = self.quote {
                 i = self.in_quote(b, i, q);
                 expect_node = false;
+                in_plain = false;
                 continue;
             }
             let ws_before = i == 0 || b[i - 1] == b' ' || b[i - 1] == b'\t';
-            let space_after = i + 1 >= b.len() || b[i + 1] == b' ' || b[i + 1] == b'\t';
+            let next = b.get(i + 1).copied();
+            let blank_after = matches!(next, None | Some(b' ' | b'\t'));
             match c {
                 b' ' | b'\t' => {}
-                b'#' if ws_before => return self.deep(),
+                b'#' if ws_before || expect_node => {
+                    // A comment, to the line's end; it ends a plain scalar.
+                    in_plain = false;
+                    break;
+                }
                 b'[' | b'{' if expect_node || self.flow > 0 => {
+                    if self.flow == 0 {
+                        node.get_or_insert(i);
+                    }
                     self.flow += 1;
                     if self.deep() {
                         return true;
                     }
                     expect_node = true;
-                    entry = None;
+                    in_plain = false;
                 }
                 b']' | b'}' if self.flow > 0 => {
                     self.flow -= 1;
                     expect_node = false;
+                    in_plain = false;
                 }
-                b',' if self.flow > 0 => expect_node = true,
+                b',' if self.flow > 0 => {
+                    expect_node = true;
+                    in_plain = false;
+                }
                 b'"' | b'\'' if expect_node => {
+                    node.get_or_insert(i);
                     self.quote = Some(c);
                     i = self.in_quote(b, i + 1, c);
                     expect_node = false;
-                    entry = None;
+                    in_plain = false;
                     continue;
                 }
-                b'-' | b'?' if expect_node && space_after && self.flow == 0 => {
-                    entry = Some(i);
-                    // The entry's content is a level of its own, at the column it starts.
-                    let content = i + 1 + b[i + 1..].iter().take_while(|&&c| c == b' ').count();
-                    if content < b.len() && b[content] != b'#' {
-                        self.push(content);
-                        if self.deep() {
-                            return true;
+                b'-' | b'?' if expect_node && blank_after && self.flow == 0 => {
+                    // A block sequence (or complex key) at this column.
+                    self.push(i);
+                    if self.deep() {
+                        return true;
+                    }
+                    node = None;
+                }
+                b':' if blank_after
+                    || (self.flow > 0
+                        && matches!(next, Some(b',' | b'[' | b']' | b'{' | b'}'))) =>
+                {
+                    // What came before was a key: in block context, its mapping is open.
+                    if self.flow == 0 {
+                        if let Some(col) = node.take() {
+                            self.push(col);
+                            if self.deep() {
+                                return true;
+                            }
                         }
                     }
-                }
-                b':' if space_after || (self.flow > 0 && expect_node) => {
                     expect_node = true;
-                    entry = None;
-                }
-                b':' if self.flow > 0 && matches!(b.get(i + 1), Some(b',' | b']' | b'}')) => {
-                    expect_node = true;
+                    in_plain = false;
                 }
                 b'|' | b'>' if expect_node && self.flow == 0 => {
-                    self.block_scalar = Some(entry.unwrap_or_else(|| self.top()));
-                    return self.deep();
+                    let least = self.block.last().map_or(0, |top| top + 1);
+                    self.block_scalar = Some((least, None));
+                    return false;
                 }
                 b'&' | b'!' | b'*' if expect_node => {
                     // An anchor, tag or alias: a token up to the next blank; the node follows.
+                    node.get_or_insert(i);
                     while i < b.len() && b[i] != b' ' && b[i] != b'\t' {
                         i += 1;
                     }
@@ -170,11 +235,21 @@ impl Scan {
                 _ => {
                     // Plain text: brackets and quotes inside it are text, until `: ` (or, in
                     // flow, one of `,[]{}`) ends it.
+                    if expect_node {
+                        node.get_or_insert(i);
+                    }
                     expect_node = false;
-                    entry = None;
+                    in_plain = true;
                 }
             }
             i += 1;
+        }
+        if self.quote.is_none() {
+            if self.flow > 0 {
+                self.flow_expect = expect_node;
+            } else if in_plain {
+                self.plain_open = Some(self.block.last().map_or(0, |top| top + 1));
+            }
         }
         self.deep()
     }
@@ -197,7 +272,7 @@ impl Scan {
         b.len()
     }
 
-    /// Opens a block level at `column`, closing the deeper ones.
+    /// Opens a block collection at `column`, closing the deeper ones.
     fn push(&mut self, column: usize) {
         while self.block.last().is_some_and(|&top| top > column) {
             self.block.pop();
@@ -205,10 +280,6 @@ impl Scan {
         if self.block.last() != Some(&column) {
             self.block.push(column);
         }
-    }
-
-    fn top(&self) -> usize {
-        self.block.last().copied().unwrap_or(0)
     }
 }
 
@@ -236,8 +307,8 @@ mod tests {
         assert!(depth_ok(&flow(MAX_DEPTH - 1)));
         assert_eq!(too_deep(&format!("x: 1\n{}", flow(MAX_DEPTH))), Some(2));
         let dashes = |n: usize| format!("a:\n{}x\n", "- ".repeat(n));
-        assert!(depth_ok(&dashes(MAX_DEPTH - 2)));
-        assert!(!depth_ok(&dashes(MAX_DEPTH)));
+        assert!(depth_ok(&dashes(MAX_DEPTH)));
+        assert!(!depth_ok(&dashes(MAX_DEPTH + 1)));
         let mut indented = String::new();
         for d in 0..=MAX_DEPTH {
             indented.push_str(&format!("{}k{d}:\n", " ".repeat(d)));
@@ -258,6 +329,11 @@ mod tests {
         assert!(depth_ok(&format!("a: |\n  {deep}\n   {deep}\nb: 1\n")));
         assert!(depth_ok(&format!("- |\n {deep}\n- >-\n  {deep}\n")));
         assert!(depth_ok(&format!("a: \"x\n  {deep}\"\n")));
+        // Plain text over several lines, in block and in flow context.
+        assert!(depth_ok(&format!("a: x\n  {deep}\n   \"{deep}\nb: 1\n")));
+        assert!(depth_ok(&format!("a:\n  x\n   {deep}\n")));
+        assert!(depth_ok("a: [x\n y, z]\nb: 1\n"));
+        assert!(depth_ok(&format!("a: # {deep}\n  b\n")));
     }
 
     #[test]
@@ -272,6 +348,24 @@ mod tests {
         assert!(!depth_ok(&format!("a: it's\n{deep}")));
         // A block scalar ends where the indentation does.
         assert!(!depth_ok(&format!("a: |\n  text\n{deep}")));
+        // A plain scalar goes on over more indented lines, whatever they hold, and ends at
+        // the first line indented no more than its mapping: there the nesting counts.
+        assert!(!depth_ok(&format!("a: x\n  \"y\n{deep}")));
+        assert!(!depth_ok(&format!("a: x\n  'y\n{deep}")));
+        assert!(!depth_ok(&format!(
+            "- - key: x\n  - {}\n",
+            "[".repeat(MAX_DEPTH + 1)
+        )));
+        // In flow context a line break is a blank: the next line goes on with a plain
+        // scalar, and a quote there is text, so the brackets after it count.
+        assert!(!depth_ok(&format!(
+            "a: [ x\n \"{}\" ]\n",
+            "[".repeat(MAX_DEPTH + 1)
+        )));
+        assert!(!depth_ok(&format!(
+            "a: [ x,\n \"y\",\n {}\n",
+            "[".repeat(MAX_DEPTH + 1)
+        )));
     }
 
     #[test]
