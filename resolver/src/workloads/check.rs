@@ -3,7 +3,7 @@
 
 use std::cmp::Ordering;
 
-use super::raw::{self, At, Cgroup, RawFile, ZtunnelModeName};
+use super::raw::{self, At, Cgroup, RawFile, RawWorkload, RawZtunnel, ZtunnelModeName};
 use super::{
     is_within, uid, Address, WorkloadSpec, Workloads, WorkloadsErrorKind, ZtunnelMode, ZtunnelSpec,
     DEFAULT_SERVICE_ACCOUNT,
@@ -11,71 +11,23 @@ use super::{
 
 /// Builds the workloads of a file that serde has read, refusing what no single value shows.
 pub(super) fn build(raw: RawFile, text: &str) -> Result<Workloads, WorkloadsErrorKind> {
-    let refuse = |key: String, ordinal: usize, reason: String| WorkloadsErrorKind::Refused {
-        key,
-        line: raw::line_of(text, ordinal),
-        reason,
-    };
     let version = raw.version.value.0;
     if version < 2 {
         if let Some((key, ordinal)) = first_v2_key(&raw) {
             return Err(refuse(
+                text,
                 key,
                 ordinal,
-                "unknown field in a version 1 file; it is a version 2 key (`version: 2`)"
-                    .to_string(),
+                "unknown field in a version 1 file; it is a version 2 key (`version: 2`)".into(),
             ));
         }
     }
-
-    let mut ztunnel_cgroup = None;
-    let ztunnel = match raw.ztunnel {
-        None => None,
+    let (ztunnel, ztunnel_cgroup) = match raw.ztunnel {
         Some(z) => {
-            let inpod = z
-                .mode
-                .as_ref()
-                .filter(|m| m.value == ZtunnelModeName::InPod);
-            let mode = match (inpod, z.zds) {
-                (Some(_), Some(zds)) => ZtunnelMode::InPod { zds: zds.value.0 },
-                (Some(m), None) => {
-                    return Err(refuse(
-                        "ztunnel".to_string(),
-                        m.ordinal,
-                        "missing field `zds`: `mode: inpod` needs the path of the ZDS socket"
-                            .to_string(),
-                    ))
-                }
-                (None, Some(zds)) => {
-                    return Err(refuse(
-                        "ztunnel.zds".to_string(),
-                        zds.ordinal,
-                        "only with `mode: inpod`; in node mode there is no ZDS socket".to_string(),
-                    ))
-                }
-                (None, None) => ZtunnelMode::Node,
-            };
-            let address = match (z.address, &mode) {
-                (Some(a), _) => a.0,
-                // In-pod, ztunnel listens in each pod's namespace: no address of its own.
-                (None, ZtunnelMode::InPod { .. }) => Address::Fixed(Vec::new()),
-                (None, ZtunnelMode::Node) => {
-                    return Err(refuse(
-                        "ztunnel".to_string(),
-                        z.cgroup.ordinal,
-                        "missing field `address`: node mode sends captured connects to it"
-                            .to_string(),
-                    ))
-                }
-            };
-            let cgroup = z.cgroup.value.path.clone();
-            ztunnel_cgroup = Some(z.cgroup);
-            Some(ZtunnelSpec {
-                cgroup,
-                address,
-                mode,
-            })
+            let (spec, cgroup) = ztunnel(z, text)?;
+            (Some(spec), Some(cgroup))
         }
+        None => (None, None),
     };
     let inpod = matches!(&ztunnel, Some(z) if matches!(z.mode, ZtunnelMode::InPod { .. }));
     let dns_capture = match raw.dns_capture {
@@ -84,26 +36,101 @@ pub(super) fn build(raw: RawFile, text: &str) -> Result<Workloads, WorkloadsErro
             ordinal,
         }) if !inpod => {
             return Err(refuse(
-                "dns_capture".to_string(),
+                text,
+                "dns_capture".into(),
                 ordinal,
                 "only with `ztunnel.mode: inpod`: DNS goes to ztunnel's port 15053 in the \
                  pod's own namespace"
-                    .to_string(),
+                    .into(),
             ))
         }
         Some(d) => d.value,
         None => false,
     };
+    check_subtrees(ztunnel_cgroup.as_ref(), &raw.workloads, &raw.exempt, text)?;
+    check_names(&raw.workloads, text)?;
+    let workloads = workload_specs(raw.workloads, version, text)?;
+    Ok(Workloads {
+        version,
+        ztunnel,
+        workloads,
+        exempt: raw.exempt.into_iter().map(|e| e.value.path).collect(),
+        dns_capture,
+    })
+}
 
-    // Subtrees, in one list, sorted so that every subtree is followed by those within it.
+/// A refusal of the value read `ordinal`-th, with its line.
+fn refuse(text: &str, key: String, ordinal: usize, reason: String) -> WorkloadsErrorKind {
+    WorkloadsErrorKind::Refused {
+        key,
+        line: raw::line_of(text, ordinal),
+        reason,
+    }
+}
+
+/// The ztunnel: its mode, with the keys each mode needs and refuses.
+fn ztunnel(z: RawZtunnel, text: &str) -> Result<(ZtunnelSpec, At<Cgroup>), WorkloadsErrorKind> {
+    let inpod = z
+        .mode
+        .as_ref()
+        .filter(|m| m.value == ZtunnelModeName::InPod);
+    let mode = match (inpod, z.zds) {
+        (Some(_), Some(zds)) => ZtunnelMode::InPod { zds: zds.value.0 },
+        (Some(m), None) => {
+            return Err(refuse(
+                text,
+                "ztunnel".into(),
+                m.ordinal,
+                "missing field `zds`: `mode: inpod` needs the path of the ZDS socket".into(),
+            ))
+        }
+        (None, Some(zds)) => {
+            return Err(refuse(
+                text,
+                "ztunnel.zds".into(),
+                zds.ordinal,
+                "only with `mode: inpod`; in node mode there is no ZDS socket".into(),
+            ))
+        }
+        (None, None) => ZtunnelMode::Node,
+    };
+    let address = match (z.address, &mode) {
+        (Some(a), _) => a.0,
+        // In-pod, ztunnel listens in each pod's namespace: no address of its own.
+        (None, ZtunnelMode::InPod { .. }) => Address::Fixed(Vec::new()),
+        (None, ZtunnelMode::Node) => {
+            return Err(refuse(
+                text,
+                "ztunnel".into(),
+                z.cgroup.ordinal,
+                "missing field `address`: node mode sends captured connects to it".into(),
+            ))
+        }
+    };
+    let spec = ZtunnelSpec {
+        cgroup: z.cgroup.value.path.clone(),
+        address,
+        mode,
+    };
+    Ok((spec, z.cgroup))
+}
+
+/// Refuses two subtrees one within the other (or the same), whoever's they are. Sorted so
+/// that every subtree is followed by those within it, only neighbours need comparing.
+fn check_subtrees(
+    ztunnel: Option<&At<Cgroup>>,
+    workloads: &[RawWorkload],
+    exempt: &[At<Cgroup>],
+    text: &str,
+) -> Result<(), WorkloadsErrorKind> {
     let mut subtrees: Vec<(&Cgroup, Key, usize)> = Vec::new();
-    if let Some(c) = &ztunnel_cgroup {
+    if let Some(c) = ztunnel {
         subtrees.push((&c.value, Key::Ztunnel, c.ordinal));
     }
-    for (i, w) in raw.workloads.iter().enumerate() {
+    for (i, w) in workloads.iter().enumerate() {
         subtrees.push((&w.cgroup.value, Key::Workload(i), w.cgroup.ordinal));
     }
-    for (i, e) in raw.exempt.iter().enumerate() {
+    for (i, e) in exempt.iter().enumerate() {
         subtrees.push((&e.value, Key::Exempt(i), e.ordinal));
     }
     subtrees.sort_by(|a, b| subtree_order(&a.0.path, &b.0.path));
@@ -117,6 +144,7 @@ pub(super) fn build(raw: RawFile, text: &str) -> Result<Workloads, WorkloadsErro
                 ""
             };
             return Err(refuse(
+                text,
                 this.1.to_string(),
                 this.2,
                 format!(
@@ -129,13 +157,17 @@ pub(super) fn build(raw: RawFile, text: &str) -> Result<Workloads, WorkloadsErro
             ));
         }
     }
+    Ok(())
+}
 
-    // Names are how logs, dumps and ZDS tell workloads apart: one each.
-    let mut names: Vec<Keyed> = (raw.workloads.iter().enumerate())
+/// Names are how logs, dumps and ZDS tell workloads apart: one each.
+fn check_names(workloads: &[RawWorkload], text: &str) -> Result<(), WorkloadsErrorKind> {
+    let mut names: Vec<Keyed> = (workloads.iter().enumerate())
         .map(|(i, w)| (w.name.value.0.as_str(), i, w.name.ordinal))
         .collect();
-    if let Some((this, other)) = first_duplicate(&mut names) {
-        return Err(refuse(
+    match first_duplicate(&mut names) {
+        Some((this, other)) => Err(refuse(
+            text,
             format!("workloads[{}].name", this.1),
             this.2,
             format!(
@@ -144,18 +176,27 @@ pub(super) fn build(raw: RawFile, text: &str) -> Result<Workloads, WorkloadsErro
                 other.1,
                 at_line(text, other.2)
             ),
-        ));
+        )),
+        None => Ok(()),
     }
+}
 
-    let mut workloads = Vec::with_capacity(raw.workloads.len());
-    // Where each uid came from, to point at it if it is a duplicate.
-    let mut uid_sources: Vec<(bool, usize)> = Vec::with_capacity(raw.workloads.len());
-    for (i, w) in raw.workloads.into_iter().enumerate() {
+/// The workloads, with the defaults of version 2's keys filled in.
+fn workload_specs(
+    raw: Vec<RawWorkload>,
+    version: u32,
+    text: &str,
+) -> Result<Vec<WorkloadSpec>, WorkloadsErrorKind> {
+    let mut workloads = Vec::with_capacity(raw.len());
+    // Where each uid came from (given, or derived from the name), to point at it.
+    let mut uid_sources: Vec<(bool, usize)> = Vec::with_capacity(raw.len());
+    for (i, w) in raw.into_iter().enumerate() {
         let name = w.name.value.0;
         if version >= 2 {
             if let Some((namespace, pod)) = name.split_once('/') {
                 if namespace.is_empty() || pod.is_empty() {
                     return Err(refuse(
+                        text,
                         format!("workloads[{i}].name"),
                         w.name.ordinal,
                         format!("`{name}`: `namespace/name` with an empty part; ZDS needs both"),
@@ -186,7 +227,7 @@ pub(super) fn build(raw: RawFile, text: &str) -> Result<Workloads, WorkloadsErro
         });
     }
 
-    // ZDS tells workloads apart by uid: an explicit uid must not repeat another's.
+    // ZDS tells workloads apart by uid: a given uid must not repeat another's.
     let mut uids: Vec<Keyed> = (workloads.iter().enumerate())
         .map(|(i, w)| (w.uid.as_str(), i, uid_sources[i].1))
         .collect();
@@ -196,6 +237,7 @@ pub(super) fn build(raw: RawFile, text: &str) -> Result<Workloads, WorkloadsErro
             false => format!("workloads[{i}].name (its derived uid)"),
         };
         return Err(refuse(
+            text,
             key(this.1),
             this.2,
             format!(
@@ -206,14 +248,7 @@ pub(super) fn build(raw: RawFile, text: &str) -> Result<Workloads, WorkloadsErro
             ),
         ));
     }
-
-    Ok(Workloads {
-        version,
-        ztunnel,
-        workloads,
-        exempt: raw.exempt.into_iter().map(|e| e.value.path).collect(),
-        dns_capture,
-    })
+    Ok(workloads)
 }
 
 /// A value of a workload: the value, the workload's index, the order the value was read in.
