@@ -1,4 +1,5 @@
-//! Standalone mode: the workloads file (format v1) decides subtrees; reload re-decides.
+//! Standalone mode: the workloads file decides subtrees; reload re-decides. (The file itself,
+//! v2 and its checks: `workloads_file.rs`.)
 
 mod common;
 
@@ -154,7 +155,7 @@ fn reload_re_decides_everything() {
 #[test]
 fn bad_files_are_refused_naming_the_key() {
     let err = |text: &str| Workloads::parse(text).unwrap_err().to_string();
-    let e = err("version: 2\n");
+    let e = err("version: 3\n");
     assert!(e.contains("version"), "{e}");
     let e = err("version: 1\nworkloads:\n  - name: a\n    cgroup: /a\n    address: 10.0.0.1\n    mode: sidecar\n");
     assert!(e.contains("mode") || e.contains("sidecar"), "{e}");
