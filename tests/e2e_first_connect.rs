@@ -44,3 +44,45 @@ fn first_process_in_an_idle_subtree_is_captured_on_its_first_connect() {
         .expect("ztunnel accepted the first connect");
     assert_eq!(accepted.orig, Some(Ok(service)));
 }
+
+/// A subtree made after the agent started is enrolled before any process runs in it, loses
+/// its entry when removed, and is enrolled again (with its new id) when made again, where the
+/// first connect of a short process is captured: no SIGHUP, no exec needed.
+#[test]
+fn a_subtree_made_removed_and_made_again_follows_its_directory() {
+    if !testkit::require_root("a_subtree_made_removed_and_made_again_follows_its_directory") {
+        return;
+    }
+    let mut world = World::new("e2e-redo", true);
+    let parent = world.mesh.cgroup.child("attach/pods").unwrap();
+    let later = format!("{parent}/later");
+    let extra = format!(
+        "  - name: e2e/later\n    cgroup: {later}\n    address: 10.99.1.4\n    mode: ambient\n"
+    );
+    world.write_workloads(&world.mesh.workloads(&[ZTUNNEL4, ZTUNNEL6], &extra));
+    world.start_agent(&[]);
+    world.wait_log("the first full picture", "first full picture written");
+    let dir = world.mesh.cgroup.dir_of(&later);
+    assert!(!dir.exists());
+
+    std::fs::create_dir(&dir).unwrap();
+    let first = world.mesh.id(&later);
+    world.wait_for("the made subtree's entry", |e| e.contains_key(&first));
+
+    std::fs::remove_dir(&dir).unwrap();
+    world.wait_for("the removed subtree's entry gone", |e| {
+        !e.contains_key(&first)
+    });
+
+    std::fs::create_dir(&dir).unwrap();
+    let second = world.mesh.id(&later);
+    assert_ne!(first, second, "a new directory, a new cgroup id");
+    world.wait_for("the re-made subtree's entry", |e| e.contains_key(&second));
+    let service = SocketAddr::new(mesh::SERVICE4, mesh::SERVICE_PORT);
+    let outcome = ztunnel::connect_once(&world.mesh.pod_ns, &world.mesh.cgroup, &later, service)
+        .expect("client ran");
+    match outcome {
+        Outcome::Ok { peer, .. } => assert_eq!(peer, SocketAddr::new(ZTUNNEL4, OUTBOUND)),
+        other => panic!("the first connect was not redirected: {other:?}"),
+    }
+}

@@ -20,7 +20,7 @@ use crate::decide::{Decision, Rules};
 use crate::input::{Input, KubeChange, KubeObject};
 use crate::kube_record::{NamespaceFacts, PodFacts};
 use crate::update::{Capture, Enrolment, Identity, PodName, Role, Update};
-use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads};
+use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads, ZtunnelMode};
 
 /// How many distinct unrecognized pod-like paths are remembered (to log each once).
 const UNRECOGNIZED_LOG_LIMIT: usize = 4096;
@@ -674,6 +674,33 @@ impl Resolver {
                 ),
                 _ => (Capture::Node, None),
             },
+            // Standalone: the workloads file says where ztunnel listens (v2 `ztunnel.mode`).
+            OwnerKey::Workload(i) => {
+                let Some(file) = self.config.workloads.as_ref() else {
+                    return (Capture::Node, None);
+                };
+                let inpod = file
+                    .ztunnel
+                    .as_ref()
+                    .is_some_and(|z| matches!(z.mode, ZtunnelMode::InPod { .. }));
+                match (inpod, file.workloads.get(*i)) {
+                    (true, Some(w)) => {
+                        let (namespace, name) = w.zds_namespace_and_name();
+                        (
+                            Capture::InPod {
+                                dns: file.dns_capture,
+                            },
+                            Some(Identity {
+                                uid: w.uid.clone(),
+                                namespace: namespace.to_string(),
+                                name: name.to_string(),
+                                service_account: w.service_account.clone(),
+                            }),
+                        )
+                    }
+                    _ => (Capture::Node, None),
+                }
+            }
             _ => (Capture::Node, None),
         }
     }

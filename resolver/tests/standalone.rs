@@ -283,3 +283,46 @@ fn a_subtree_made_removed_and_made_again_follows_its_directory() {
         h.entries
     );
 }
+
+/// A v2 file with ztunnel in-pod: its ambient workloads are captured in their own namespace
+/// and carry who they are for ZDS; ztunnel's entry and a v1 file's stay as they were.
+#[test]
+fn a_v2_in_pod_file_captures_its_workloads_in_pod_with_their_identity() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/workloads-v2.yaml");
+    let file = Workloads::load(std::path::Path::new(path)).expect("examples/workloads-v2.yaml");
+    let mut config = ResolverConfig::new("dev-vm");
+    config.workloads = Some(file);
+    let mut h = Harness::with(config);
+    h.scan(&[
+        (1, "/init.scope", 12),
+        (10, "/zb/ztunnel", 500),
+        (20, "/zb/pods/productpage", 510),
+    ]);
+    let app = &h.entries[&CgroupId(510)];
+    assert_eq!(app.capture, resolver::Capture::InPod { dns: true });
+    assert_eq!(
+        app.identity,
+        Some(resolver::Identity {
+            uid: resolver::workloads::derived_uid("demo/productpage"),
+            namespace: "demo".into(),
+            name: "productpage".into(),
+            service_account: "bookinfo-productpage".into(),
+        })
+    );
+    let zt = &h.entries[&CgroupId(500)];
+    assert_eq!(
+        (zt.role, zt.capture, zt.identity.clone()),
+        (Role::Ztunnel, resolver::Capture::Node, None)
+    );
+
+    // The same workloads in a v1 file: node capture, no identity.
+    let mut v1 = ResolverConfig::new("dev-vm");
+    v1.workloads = Some(Workloads::parse(FILE).expect("valid file"));
+    let mut h1 = Harness::with(v1);
+    h1.scan(&[(1, "/init.scope", 12), (20, "/zb/pods/productpage", 510)]);
+    let e = &h1.entries[&CgroupId(510)];
+    assert_eq!(
+        (e.capture, e.identity.clone()),
+        (resolver::Capture::Node, None)
+    );
+}

@@ -27,6 +27,7 @@ use kube::api::ListParams;
 use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
 use resolver::kube::status::StatusWriter;
 use resolver::kube::{KubeCache, KubeView};
+use resolver::workloads::ZtunnelMode as ZtunnelModeInFile;
 use resolver::{Capture, CgroupIds, Resolver, ResolverConfig, Workloads};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use watcher::live::{LiveConfig, LiveSource};
@@ -44,8 +45,9 @@ pub struct RunArgs {
     #[arg(long, requires = "workloads")]
     pub standalone: bool,
 
-    /// The workloads file (format v1) of --standalone. SIGHUP re-reads it; a bad new file is
-    /// refused and the old one stays.
+    /// The workloads file (format v1 or v2: shared/spec/workloads-v1.md, -v2.md) of
+    /// --standalone. SIGHUP re-reads it; a bad new file is refused and the old one stays. A
+    /// v2 file with `ztunnel.mode: inpod` serves ZDS on its `zds` socket.
     #[arg(long, value_name = "FILE", requires = "standalone")]
     pub workloads: Option<PathBuf>,
 
@@ -232,8 +234,12 @@ impl Mode {
 
 /// Opens the kernel's in-pod state (with the pods a previous run enrolled) and starts the ZDS
 /// server ztunnel connects to.
-fn start_inpod(args: &RunArgs, cgroup_root: &Path, dns: bool) -> anyhow::Result<InPodStage> {
-    let socket = args.zds_socket.as_path();
+fn start_inpod(
+    args: &RunArgs,
+    socket: &Path,
+    cgroup_root: &Path,
+    dns: bool,
+) -> anyhow::Result<InPodStage> {
     let node_addrs = host_addresses();
     let kernel = KernelInPod::open(&args.pin_dir, &node_addrs)?;
     let previous = kernel.pods();
@@ -262,6 +268,26 @@ fn start_inpod(args: &RunArgs, cgroup_root: &Path, dns: bool) -> anyhow::Result<
         kernel: Box::new(kernel),
         previous,
     })
+}
+
+/// Whether a workloads file has ztunnel in-pod (v2 `ztunnel.mode: inpod`).
+fn file_inpod(workloads: &Workloads) -> bool {
+    workloads
+        .ztunnel
+        .as_ref()
+        .is_some_and(|z| matches!(z.mode, ZtunnelModeInFile::InPod { .. }))
+}
+
+/// The directories of the workloads file's subtrees (ztunnel, workloads, exempt).
+fn configured_dirs(cgroup_root: &Path, workloads: &Workloads) -> Vec<PathBuf> {
+    let relative = |p: &str| cgroup_root.join(p.trim_start_matches('/'));
+    workloads
+        .ztunnel
+        .iter()
+        .map(|z| relative(&z.cgroup))
+        .chain(workloads.workloads.iter().map(|w| relative(&w.cgroup)))
+        .chain(workloads.exempt.iter().map(|e| relative(e)))
+        .collect()
 }
 
 /// This (the host's) network namespace's own addresses: traffic from them to a pod is
@@ -429,12 +455,40 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             config
         }
     };
-    let inpod = match config.capture {
-        Capture::InPod { dns } => Some(
-            start_inpod(&args, &cgroup_root, dns)
-                .context("starting in-pod capture (--ztunnel-mode inpod)")?,
+    // Where ztunnel listens: the flag (Kubernetes) or the workloads file (standalone).
+    let inpod_socket = match &mode {
+        Mode::Standalone { workloads, .. } => match workloads.ztunnel.as_ref().map(|z| &z.mode) {
+            Some(ZtunnelModeInFile::InPod { zds }) => Some((zds.clone(), workloads.dns_capture)),
+            _ => None,
+        },
+        Mode::Kubernetes { .. } => match config.capture {
+            Capture::InPod { dns } => Some((args.zds_socket.clone(), dns)),
+            Capture::Node => None,
+        },
+    };
+    let inpod_running = inpod_socket.is_some();
+    let inpod = match inpod_socket {
+        Some((socket, dns)) => Some(
+            start_inpod(&args, &socket, &cgroup_root, dns)
+                .context("starting in-pod capture (ztunnel in-pod, over ZDS)")?,
         ),
-        Capture::Node => None,
+        None => None,
+    };
+    // Standalone: the file's subtrees are enrolled when their directories are made and lose
+    // their entries when removed, not only when a process runs in them.
+    let dir_watch = match &mode {
+        Mode::Standalone { workloads, .. } => {
+            let tx = inputs.sender();
+            let watch = watcher::dirwatch::DirWatch::start(
+                configured_dirs(&cgroup_root, workloads),
+                move || {
+                    let _ = tx.send(resolver::Input::ConfiguredCgroupsChanged);
+                },
+            )
+            .context("watching the workloads file's cgroup directories (inotify)")?;
+            Some(watch)
+        }
+        Mode::Kubernetes { .. } => None,
     };
     let resolver = Resolver::with_cgroup_ids(
         config,
@@ -513,8 +567,19 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             recv(signal_rx) -> signal => match signal {
                 Ok(SIGHUP) => match &mode {
                     Mode::Standalone { path, .. } => match load_workloads(path) {
+                        Ok(new) if file_inpod(&new) != inpod_running => log::error!(
+                            "SIGHUP: {}: ztunnel.mode changed ({} → {}); the ZDS server starts \
+                             or stops only with the agent: restart it to apply this file; the \
+                             previous workloads file stays in force",
+                            path.display(),
+                            if inpod_running { "inpod" } else { "node" },
+                            if inpod_running { "node" } else { "inpod" }
+                        ),
                         Ok(new) => {
                             log::info!("SIGHUP: re-read {}", path.display());
+                            if let Some(watch) = &dir_watch {
+                                watch.set_paths(configured_dirs(&cgroup_root, &new));
+                            }
                             pipeline.reload(new)?;
                         }
                         Err(e) => log::error!(
@@ -539,9 +604,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     signal_handle.close();
     let _ = signal_thread.join();
-    // The kube cache is a sender of the resolver's inputs: it goes first, so that the
-    // pipeline can drain and end.
+    // The kube cache and the directory watch are senders of the resolver's inputs: they go
+    // first, so that the pipeline can drain and end.
     drop(kube);
+    drop(dir_watch);
     let result = pipeline.stop();
     if let Some(stage) = stage_ended {
         // A stage ended on its own: that is an error, whether or not it said why.
@@ -754,7 +820,12 @@ fn export_bpf_counters(pin_dir: &Path, metrics: &Metrics) {
 }
 
 fn load_workloads(path: &Path) -> anyhow::Result<Workloads> {
-    Workloads::load(path).with_context(|| format!("--workloads {}", path.display()))
+    let workloads =
+        Workloads::load(path).with_context(|| format!("--workloads {}", path.display()))?;
+    for warning in workloads.warnings() {
+        log::warn!("--workloads {}: {warning}", path.display());
+    }
+    Ok(workloads)
 }
 
 fn check_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
