@@ -19,7 +19,11 @@
 //!     latency-ns=N            (with --latency, instead of the above)
 //! zbt-net udp-connect --to ADDR:PORT
 //!     ok local=A peer=P       (the peer the kernel kept after connect(); or: err ...)
+//! zbt-net inpod-ztunnel --zds PATH [--nack UID:N]... [--upstream]
+//!     a fake in-pod ztunnel speaking ZDS (helper/inpod.rs says what it prints)
 //! ```
+
+mod inpod;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -380,6 +384,9 @@ fn udp_echo(listens: Vec<SocketAddr>) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().cloned().unwrap_or_default();
+    if mode == "inpod-ztunnel" {
+        return inpod::run(&args);
+    }
     let mut listens = Vec::new();
     let mut to = Vec::new();
     let mut count = 1u64;

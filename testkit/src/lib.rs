@@ -6,6 +6,7 @@
 pub mod apiserver;
 pub mod bpffs;
 pub mod cgroup;
+pub mod inpod_ztunnel;
 pub mod mesh;
 pub mod netns;
 pub mod ztunnel;

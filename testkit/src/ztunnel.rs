@@ -43,10 +43,29 @@ impl Helper {
         args: &[String],
     ) -> std::io::Result<Self> {
         let mut cmd = Command::new(helper_path());
+        ns.place(&mut cmd, cgroup, path)?;
+        Helper::spawn_placed(cmd, args)
+    }
+
+    /// Spawns `zbt-net ARGS` in `cgroup`/`path`, in this process's network namespace.
+    pub fn spawn_in_cgroup(
+        cgroup: &TestCgroup,
+        path: &str,
+        args: &[String],
+    ) -> std::io::Result<Self> {
+        let mut cmd = Command::new(helper_path());
+        let join = cgroup.pre_exec_join(path);
+        // SAFETY: the hook only writes to cgroup.procs.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, join);
+        }
+        Helper::spawn_placed(cmd, args)
+    }
+
+    fn spawn_placed(mut cmd: Command, args: &[String]) -> std::io::Result<Self> {
         cmd.args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        ns.place(&mut cmd, cgroup, path)?;
         let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, lines) = std::sync::mpsc::channel();
@@ -88,7 +107,7 @@ impl Drop for Helper {
 }
 
 /// `key=value` fields of a helper line.
-fn fields(line: &str) -> HashMap<&str, &str> {
+pub(crate) fn fields(line: &str) -> HashMap<&str, &str> {
     line.split_whitespace()
         .filter_map(|f| f.split_once('='))
         .collect()
@@ -108,7 +127,7 @@ pub struct Accepted {
 }
 
 impl Accepted {
-    fn parse(line: &str) -> Option<Accepted> {
+    pub(crate) fn parse(line: &str) -> Option<Accepted> {
         let rest = line.strip_prefix("accept ")?;
         let f = fields(rest);
         let orig = if let Some(o) = f.get("orig") {

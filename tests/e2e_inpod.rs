@@ -1,0 +1,245 @@
+//! End to end, in-pod mode: the real `zbridge run --standalone` with a v2 workloads file
+//! (`ztunnel.mode: inpod`), the real kernel, and a fake in-pod ztunnel that speaks ZDS
+//! (testkit's `zbt-net inpod-ztunnel`, in ztunnel's cgroup): it is handed the pod's network
+//! namespace, opens ztunnel's listeners inside it, and acks.
+//!
+//! Every wait is bounded by a deadline (a hang guard, not a timing assertion).
+
+mod e2e_support;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use e2e_support::{World, POD_PORT};
+use testkit::inpod_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
+use testkit::mesh::{self, POD4, POD6, SERVICE4, SERVICE6};
+use testkit::ztunnel::{self, Outcome};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The pod's ZDS uid: the workloads file's default, derived from its name.
+fn app_uid() -> String {
+    resolver::workloads::derived_uid("e2e/app")
+}
+
+/// A v2 workloads file: ztunnel in-pod on `zds`, the app pod ambient (`with_app`).
+fn file(world: &World, zds: &std::path::Path, with_app: bool) -> String {
+    let app = if with_app {
+        format!(
+            "  - name: e2e/app\n    cgroup: {}\n    address: [\"{POD4}\", \"{POD6}\"]\n    mode: ambient\n",
+            world.mesh.app
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "version: 2\nztunnel:\n  cgroup: {}\n  mode: inpod\n  zds: {}\nworkloads:\n{app}exempt:\n  - {}\n",
+        world.mesh.ztunnel,
+        zds.display(),
+        world.mesh.exempt
+    )
+}
+
+fn start(prefix: &str) -> (World, PathBuf) {
+    let mut world = World::new(prefix, false);
+    let zds = world.dir.path().join("ztunnel.sock");
+    world.write_workloads(&file(&world, &zds, true));
+    world.start_agent(&[]);
+    (world, zds)
+}
+
+fn pod_netns_inode(world: &World) -> u64 {
+    world.mesh.pod_ns.file().unwrap().metadata().unwrap().ino()
+}
+
+fn inpod_entry(world: &World) -> bool {
+    let id = world.mesh.id(&world.mesh.app);
+    world.entries().is_some_and(|e| {
+        e.get(&id)
+            .is_some_and(|i| i.flags & programmer::layout::F_INPOD != 0)
+    })
+}
+
+fn accepted_on(fake: &InPodZtunnel, port: u16) -> testkit::ztunnel::Accepted {
+    match fake.wait_for(
+        WAIT,
+        &format!("a connection on {port}"),
+        |e| matches!(e, ZdsEvent::Accepted { accepted, .. } if accepted.local.port() == port),
+    ) {
+        ZdsEvent::Accepted { uid, accepted } => {
+            assert_eq!(uid, app_uid());
+            accepted
+        }
+        _ => unreachable!(),
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+#[test]
+fn inpod_outbound_inbound_and_release_through_zds() {
+    if !testkit::require_root("inpod_outbound_inbound_and_release_through_zds") {
+        return;
+    }
+    let (mut world, zds) = start("e2e-inpod");
+    let fake = InPodZtunnel::start(
+        &world.mesh.cgroup,
+        &world.mesh.ztunnel,
+        &zds,
+        &InPodOptions::default(),
+    )
+    .expect("fake in-pod ztunnel");
+
+    // The pod, with the namespace of its process and its identity.
+    let add = fake.wait_for(WAIT, "the pod's add", |e| matches!(e, ZdsEvent::Add { .. }));
+    assert_eq!(
+        add,
+        ZdsEvent::Add {
+            uid: app_uid(),
+            namespace: "e2e".into(),
+            name: "app".into(),
+            service_account: "default".into(),
+            netns: pod_netns_inode(&world),
+        }
+    );
+    // (The snapshot's end may come before the add: ztunnel can connect before the agent
+    // has seen the pod.)
+    world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
+
+    // Outbound, v4 and v6: to ztunnel's 15001 in the pod's own namespace, with the original
+    // destination answered.
+    for (service, capture) in [(SERVICE4, "127.0.0.1:15001"), (SERVICE6, "[::1]:15001")] {
+        let to = SocketAddr::new(service, mesh::SERVICE_PORT);
+        let outcome =
+            ztunnel::connect_once(&world.mesh.pod_ns, &world.mesh.cgroup, &world.mesh.app, to)
+                .expect("client ran");
+        match outcome {
+            Outcome::Ok { peer, .. } => assert_eq!(canonical(peer), capture.parse().unwrap()),
+            other => panic!("{to}: not captured: {other:?}"),
+        }
+        let accepted = accepted_on(&fake, 15001);
+        assert_eq!(accepted.orig, Some(Ok(to)));
+    }
+
+    // Inbound from another namespace (not the node's own addresses) to the pod's port: to
+    // ztunnel's 15006, the accepted socket's local address (and the answer) the pod's.
+    let app4 = SocketAddr::new(POD4, POD_PORT);
+    let outcome = ztunnel::connect_once(
+        &world.mesh.node_ns,
+        &world.mesh.cgroup,
+        &world.mesh.outside,
+        app4,
+    )
+    .expect("client ran");
+    assert!(matches!(outcome, Outcome::Ok { .. }), "{outcome:?}");
+    let accepted = accepted_on(&fake, POD_PORT);
+    assert_eq!(canonical(accepted.local), app4);
+    assert_eq!(accepted.orig.map(|o| o.map(canonical)), Some(Ok(app4)));
+    // HBONE reaches ztunnel's 15008 directly.
+    let hbone = SocketAddr::new(POD4, 15008);
+    ztunnel::connect_once(
+        &world.mesh.node_ns,
+        &world.mesh.cgroup,
+        &world.mesh.outside,
+        hbone,
+    )
+    .expect("client ran");
+    assert_eq!(canonical(accepted_on(&fake, 15008).local), hbone);
+
+    // The pod leaves (its workload removed, SIGHUP): its entry goes first, then ztunnel is
+    // told; and its inbound reaches the app again.
+    world.write_workloads(&file(&world, &zds, false));
+    world.agent.as_ref().unwrap().signal(libc::SIGHUP);
+    fake.wait_for(WAIT, "the pod's del", |e| {
+        *e == ZdsEvent::Del { uid: app_uid() }
+    });
+    let id = world.mesh.id(&world.mesh.app);
+    assert!(
+        !world.entries().unwrap().contains_key(&id),
+        "del was sent while the pod's entry was still there"
+    );
+    world.pod.drain();
+    ztunnel::connect_once(
+        &world.mesh.node_ns,
+        &world.mesh.cgroup,
+        &world.mesh.outside,
+        app4,
+    )
+    .expect("client ran");
+    let reached = world.pod.next(WAIT).expect("the app got the connection");
+    assert_eq!(canonical(reached.local), app4);
+}
+
+#[test]
+fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
+    if !testkit::require_root("inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot") {
+        return;
+    }
+    let (world, zds) = start("e2e-inpod-r");
+    let options = InPodOptions {
+        nack: vec![(app_uid(), 1)],
+        ..InPodOptions::default()
+    };
+    let first = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, &options)
+        .expect("fake in-pod ztunnel");
+    first.wait_for(WAIT, "the refusal", |e| {
+        *e == ZdsEvent::Nack { uid: app_uid() }
+    });
+    assert!(!inpod_entry(&world), "a refused pod is not enrolled");
+    // Retried with backoff, acked, enrolled.
+    first.wait_for(WAIT, "the retried add", |e| {
+        matches!(e, ZdsEvent::Add { .. })
+    });
+    world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
+
+    // ztunnel restarts: while it is gone, inbound to the pod is refused (never handed to the
+    // app behind ztunnel's back) and the pod keeps its entry; the new ztunnel gets the whole
+    // snapshot and the pod's inbound lands on its listener.
+    drop(first);
+    let app4 = SocketAddr::new(POD4, POD_PORT);
+    let refused = ztunnel::connect_once(
+        &world.mesh.node_ns,
+        &world.mesh.cgroup,
+        &world.mesh.outside,
+        app4,
+    )
+    .expect("client ran");
+    assert_eq!(refused.errno(), Some(libc::ECONNREFUSED), "{refused:?}");
+    assert!(
+        inpod_entry(&world),
+        "the pod stays captured while ztunnel restarts"
+    );
+    let second = InPodZtunnel::start(
+        &world.mesh.cgroup,
+        &world.mesh.ztunnel,
+        &zds,
+        &InPodOptions::default(),
+    )
+    .expect("the restarted fake");
+    second.wait_for(WAIT, "the pod's add again", |e| {
+        matches!(e, ZdsEvent::Add { .. })
+    });
+    second.wait_for(WAIT, "the snapshot's end", |e| *e == ZdsEvent::Snapshot);
+    // The agent enrols the pod with the new listener right after the ack: retry briefly.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let outcome = ztunnel::connect_once(
+            &world.mesh.node_ns,
+            &world.mesh.cgroup,
+            &world.mesh.outside,
+            app4,
+        )
+        .expect("client ran");
+        if matches!(outcome, Outcome::Ok { .. }) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{outcome:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let accepted = accepted_on(&second, POD_PORT);
+    assert_eq!(canonical(accepted.local), app4);
+}
