@@ -85,7 +85,7 @@ fn inpod_outbound_inbound_and_release_through_zds() {
     if !testkit::require_root("inpod_outbound_inbound_and_release_through_zds") {
         return;
     }
-    let (mut world, zds) = start("e2e-inpod");
+    let (world, zds) = start("e2e-inpod");
     let fake = InPodZtunnel::start(
         &world.mesh.cgroup,
         &world.mesh.ztunnel,
