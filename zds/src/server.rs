@@ -37,6 +37,9 @@ pub struct ZdsConfig {
     /// The first retry of a refused `add`; each next one waits twice as long, up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How soon a pod whose network namespace could not be opened (no process in it yet) is
+    /// looked at again.
+    pub netns_retry: Duration,
     /// Where the state is written as JSON whenever it changes (for `zbridge dump`), if set.
     pub status_file: Option<PathBuf>,
 }
@@ -50,6 +53,7 @@ impl ZdsConfig {
             hello_timeout: Duration::from_secs(5),
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
+            netns_retry: Duration::from_millis(20),
             status_file: None,
         }
     }
@@ -331,7 +335,7 @@ struct State {
 
 impl State {
     fn run(&mut self, commands: Receiver<Command>, conns: Receiver<ConnEvent>) {
-        let tick = crossbeam_channel::tick(Duration::from_millis(100));
+        let tick = crossbeam_channel::tick(self.config.netns_retry.min(Duration::from_millis(100)));
         loop {
             select! {
                 recv(commands) -> cmd => match cmd {
@@ -624,16 +628,22 @@ impl State {
                     let netns = match open_pod_netns(&self.config.roots, &pod.spec.cgroup) {
                         Ok((fd, _pid)) => fd,
                         Err(e) => {
+                            // Most often no process has started in the pod yet (a subtree
+                            // made before its first process): looked at again shortly, so
+                            // that the pod is sent soon after its first process starts; said
+                            // once, not at every look.
                             self.counters.netns_errors += 1;
-                            let wait = backoff(&self.config, pod.attempts);
-                            pod.attempts += 1;
-                            log::warn!(
-                                "zds: pod {}: its network namespace cannot be opened: {e}; retrying in {wait:?}",
-                                pod.spec.label()
-                            );
+                            let message = e.to_string();
+                            if pod.error.as_deref() != Some(message.as_str()) {
+                                log::info!(
+                                    "zds: pod {}: no network namespace to hand ztunnel yet ({message}); looking again every {:?}",
+                                    pod.spec.label(),
+                                    self.config.netns_retry
+                                );
+                            }
                             pod.state = PodState::Error;
-                            pod.error = Some(e.to_string());
-                            pod.retry_at = Some(Instant::now() + wait);
+                            pod.error = Some(message);
+                            pod.retry_at = Some(Instant::now() + self.config.netns_retry);
                             continue;
                         }
                     };
