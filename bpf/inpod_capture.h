@@ -7,7 +7,7 @@
  * (outbound), 15006 (inbound plaintext), 15008 (HBONE) and on 127.0.0.1/::1:15053 (DNS). What
  * istio-cni does there with iptables, these helpers do at the socket:
  *
- *   outbound   a connect goes to 127.0.0.1:15001 (::1 for IPv6) from the pod's own address
+ *   outbound   a connect goes to 127.1.x.y:15001 (::1 for IPv6) from the pod's own address
  *              (bpf_bind), as iptables' REDIRECT does: ztunnel sees the pod's address as the
  *              peer, and the 4-tuple record keeps pods apart (pod addresses are unique on a
  *              node, while every pod's listener is the same loopback address and port). A
@@ -64,6 +64,29 @@ static __always_inline void zb_inpod_loopback(const struct zb_ip *like, struct z
 		out->w[2] = 0;
 		out->w[3] = bpf_htonl(1);
 	}
+}
+
+/*
+ * Where an in-pod outbound connect goes: ztunnel's 15001 listens on every address of the
+ * pod's namespace, so an IPv4 connect goes to an address of 127.1.0.0/16 picked by a hash of
+ * the original destination rather than to 127.0.0.1 alone. Each destination then has a
+ * 4-tuple space of its own, as it has with iptables' REDIRECT (whose client socket keeps the
+ * original destination): a client that closes first leaves its ports in TIME_WAIT towards
+ * that address only, and one address for every destination would run out of ports
+ * (docs/tuple-space.md). IPv6 has one loopback address, ::1.
+ */
+static __always_inline void zb_inpod_outbound_addr(const struct zb_ip *dst, __u16 port,
+						   struct zb_ip *out)
+{
+	__u32 h;
+
+	if (!zb_ip_is_v4(dst)) {
+		zb_inpod_loopback(dst, out);
+		return;
+	}
+	h = (bpf_ntohl(dst->w[3]) ^ ((__u32)port << 16)) * 0x9e3779b1u;
+	h ^= h >> 16;
+	zb_ip_from_v4(out, bpf_htonl(0x7f010000 | (h & 0xffff)));
 }
 
 /* The pod's own address of `like`'s family, from its entry; 0 when it has none. */

@@ -151,7 +151,7 @@ static __always_inline int zb_connect(struct bpf_sock_addr *ctx, struct zb_ip *d
 			return ZB_REFUSE;
 		}
 		*bind = 1;
-		zb_inpod_loopback(dst, &zt);
+		zb_inpod_outbound_addr(dst, *port, &zt);
 		capture_port = ZB_PORT_OUTBOUND;
 		counter = ZB_C_REDIRECTED_OUT;
 		goto record;

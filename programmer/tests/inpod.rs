@@ -199,15 +199,16 @@ fn outbound_lands_on_the_pods_own_listener_with_its_original_destination() {
     }
     let world = World::new("inpod-out", [false, false], false);
     for (i, pod) in world.pods.iter().enumerate() {
-        // IPv4: to 127.0.0.1:15001 in the pod's own namespace, from the pod's address.
+        // IPv4: to 15001 on a loopback address of 127.1.0.0/16 in the pod's own namespace
+        // (picked by the destination), from the pod's address.
         let out = world.connect(i, "10.96.0.10:80");
         let Outcome::Ok { local, peer } = out else {
             panic!("pod {i}: v4 connect failed: {out:?}")
         };
-        assert_eq!(peer, sa("127.0.0.1:15001"), "pod {i}");
+        assert!(in_pod_outbound(peer), "pod {i}: {peer}");
         assert_eq!(local.ip(), pod.v4, "pod {i}: from its own address");
         let got = world.accepted(i);
-        assert_eq!(canonical(got.local), sa("127.0.0.1:15001"));
+        assert_eq!(canonical(got.local), peer);
         assert_eq!(canonical(got.peer), local, "pod {i}");
         assert_eq!(got.orig, Some(Ok(sa("10.96.0.10:80"))), "pod {i}");
 
@@ -226,6 +227,32 @@ fn outbound_lands_on_the_pods_own_listener_with_its_original_destination() {
     for pod in &world.pods {
         assert!(pod.ztunnel.drain().is_empty());
     }
+    // Each destination has a loopback address (and so a 4-tuple space) of its own, the same
+    // one every time: 100 destinations, each connected twice.
+    let mut by_destination = std::collections::BTreeMap::new();
+    for round in 0..2 {
+        for n in 1..=100u8 {
+            let dst = format!("10.97.0.{n}:80");
+            let Outcome::Ok { peer, .. } = world.connect(0, &dst) else {
+                panic!("{dst}: not captured")
+            };
+            assert!(in_pod_outbound(peer), "{dst}: {peer}");
+            assert_eq!(world.accepted(0).orig, Some(Ok(sa(&dst))));
+            let first = *by_destination.entry(dst.clone()).or_insert(peer.ip());
+            assert_eq!(first, peer.ip(), "{dst}: round {round} went elsewhere");
+        }
+    }
+    let addresses: std::collections::BTreeSet<_> = by_destination.values().collect();
+    assert!(
+        addresses.len() >= 90,
+        "only {} addresses for 100 destinations",
+        addresses.len()
+    );
+}
+
+/// Where an in-pod IPv4 connect goes: ztunnel's 15001 on an address of 127.1.0.0/16.
+fn in_pod_outbound(peer: SocketAddr) -> bool {
+    matches!(peer.ip(), IpAddr::V4(v4) if v4.octets()[..2] == [127, 1]) && peer.port() == 15001
 }
 
 #[test]
@@ -237,7 +264,7 @@ fn two_pods_connecting_from_the_same_source_port_get_their_own_destinations() {
     }
     let world = World::new("inpod-port", [false, false], false);
     // Both bind 0.0.0.0:40123 themselves (the programs cannot move such a socket to the pod's
-    // address): both connections are 127.0.0.1:40123 → 127.0.0.1:15001, each in its own
+    // address): both connections are 127.0.0.1:40123 → 127.1.x.y:15001, each in its own
     // namespace; and then both bind their own address with one port.
     for (round, bind) in [(0, None), (1, Some(()))] {
         let dsts = ["10.96.0.10:80", "10.96.7.7:8080"];
