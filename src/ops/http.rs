@@ -1,35 +1,62 @@
-//! The HTTP server: `/healthz`, `/readyz` and `/metrics` on a thread of its own.
+//! The HTTP server: `/healthz`, `/readyz` and `/metrics` over hyper's HTTP/1, on a thread of
+//! its own with a current-thread tokio runtime (the endpoint answers from memory: one thread
+//! keeps up with any probe or scrape rate, and the agent's stages are not disturbed).
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
 
+use super::conns::{Conns, Slot, WarnLimiter};
 use super::{Metrics, Readiness};
 
-/// At most this many connections are answered at once; more are closed unanswered (a probe or
-/// scrape is one short request: many at once is a flood, not a client).
+/// At most this many connections are answered at once (a complete request head read, the
+/// answer being written). A probe or scrape is one short request: many at once is a flood,
+/// not a client.
 const MAX_CONNECTIONS: usize = 16;
-/// A client gets this long to send its request and read the answer.
+/// At most this many connections are open at once, most of them still reading their request
+/// head; a new one beyond it closes the oldest unfinished one (`conns` says why). Kept well
+/// below a container's usual descriptor limit.
+const MAX_OPEN: usize = 256;
+/// A client gets this long, from its connection being accepted, to send its request and read
+/// the answer: one deadline for the whole request, not per read, so that trickling a byte
+/// now and then does not keep a connection.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest request head read (the request line and headers).
+/// The longest request head read (the request line and headers); longer is answered 431.
+/// Hyper's smallest read buffer, so its limit is exactly this.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// A warning that may repeat per connection is logged at most once per this period.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// After a failed accept, wait this long before the next: a connection refused for want of
+/// descriptors stays queued, and retrying at once would spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// Connections the kernel queues until the thread accepts them (std's default is small): in a
+/// burst of connections, a probe's is queued rather than dropped, which a client retries only
+/// a second later.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// The running endpoint. Dropping it closes the listening socket (before `drop` returns) and
-/// waits for the accepting thread.
+/// waits for the server's thread.
 ///
-/// The server is a few lines of HTTP/1.1 on std rather than tiny_http: tiny_http closes its
-/// listening socket on a detached thread some time after the server is dropped, or logs an
-/// accept error when it is closed under it, and a restart in the same process (tests, a
-/// reload) needs the port free when `drop` returns.
+/// A restart in the same process (tests, a reload) needs the port free when `drop` returns,
+/// which is why the listener lives on the server's thread and `drop` joins it (tiny_http,
+/// once used here, closed its socket on a detached thread some time after the drop).
 pub struct OpsServer {
     addr: SocketAddr,
-    stopping: Arc<AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -44,22 +71,10 @@ impl OpsServer {
 
 impl Drop for OpsServer {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        // Wake the thread blocked in accept(); it sees `stopping` and returns, closing the
-        // listener. A wildcard address is reached through loopback.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        if let Err(err) = TcpStream::connect_timeout(&wake, CLIENT_TIMEOUT) {
-            log::error!(
-                "ops endpoint {}: cannot wake its thread to stop: {err}",
-                self.addr
-            );
-            return; // joining would hang; the thread ends with the process
+        // The thread's runtime stops at the signal (or at the sender's drop, were the send to
+        // fail), dropping the listener and every connection before the thread returns.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
@@ -72,165 +87,181 @@ impl Drop for OpsServer {
 /// Listens on `addr` (`HOST:PORT`) and answers `/healthz`, `/readyz` and `/metrics` on a thread
 /// of its own until the returned server is dropped.
 pub fn serve(addr: &str, metrics: Metrics, readiness: Readiness) -> anyhow::Result<OpsServer> {
-    let listener = TcpListener::bind(addr)
-        .with_context(|| format!("ops endpoint: cannot listen on {addr}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("ops endpoint: cannot start its runtime")?;
+    // Bound here, not on the thread, so that a taken address is the caller's error.
+    let listener = {
+        let _entered = runtime.enter();
+        listen(addr).with_context(|| format!("ops endpoint: cannot listen on {addr}"))?
+    };
     let local = listener
         .local_addr()
         .with_context(|| format!("ops endpoint: no local address for {addr}"))?;
-    let stopping = Arc::new(AtomicBool::new(false));
+    let (stop, stopped) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("ops-http".to_string())
-        .spawn({
-            let stopping = Arc::clone(&stopping);
-            move || accept_until_stopped(listener, &stopping, metrics, readiness)
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = accept(listener, metrics, readiness) => {}
+                    _ = stopped => {}
+                }
+            });
         })
         .context("ops endpoint: cannot start its thread")?;
     log::info!("ops endpoint listening on http://{local} (/healthz, /readyz, /metrics)");
     Ok(OpsServer {
         addr: local,
-        stopping,
+        stop: Some(stop),
         thread: Some(thread),
     })
 }
 
-fn accept_until_stopped(
-    listener: TcpListener,
-    stopping: &AtomicBool,
-    metrics: Metrics,
-    readiness: Readiness,
-) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        if stopping.load(Ordering::Acquire) {
-            return;
+/// A listening socket on the first address `addr` resolves to that can be bound, with room
+/// for [`LISTEN_BACKLOG`] connections not accepted yet.
+fn listen(addr: &str) -> io::Result<TcpListener> {
+    let mut failed = None;
+    for candidate in addr.to_socket_addrs()? {
+        let socket = match candidate {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // As std does: a restarted agent can listen again while old connections linger.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(candidate) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(err) => failed = Some(err),
         }
-        let stream = match stream {
-            Ok(stream) => stream,
+    }
+    Err(failed.unwrap_or_else(|| io::Error::other("the address resolves to nothing")))
+}
+
+/// Accepts connections forever, each served by a task of its own.
+async fn accept(listener: TcpListener, metrics: Metrics, readiness: Readiness) {
+    let conns = Arc::new(Conns::new(MAX_OPEN, MAX_CONNECTIONS, WARN_EVERY));
+    let mut accept_failed = WarnLimiter::new(WARN_EVERY);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _peer)) => stream,
             Err(err) => {
                 // Per-connection failures (the client reset before accept, EMFILE): the
                 // listener itself is fine, keep serving.
-                log::warn!("ops endpoint: accept failed: {err}");
+                if let Some(suppressed) = accept_failed.hit(Instant::now()) {
+                    log::warn!(
+                        "ops endpoint: accept failed: {err} \
+                         ({suppressed} more failures since the previous warning)"
+                    );
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::AcqRel);
-            log::warn!(
-                "ops endpoint: more than {MAX_CONNECTIONS} connections at once; closing one"
-            );
-            continue;
-        }
-        let (metrics, readiness, conn_active) =
-            (metrics.clone(), readiness.clone(), Arc::clone(&active));
-        let spawned = std::thread::Builder::new()
-            .name("ops-http-conn".to_string())
-            .spawn(move || {
-                if let Err(err) = answer(stream, &metrics, &readiness) {
-                    log::debug!("ops endpoint: answering failed: {err}");
-                }
-                conn_active.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(err) = spawned {
-            // The closure (and its count) was dropped with the error: undo the count.
-            active.fetch_sub(1, Ordering::AcqRel);
-            log::warn!("ops endpoint: cannot start a connection thread: {err}");
-        }
+        let (slot, closed) = conns.open();
+        tokio::spawn(connection(
+            stream,
+            slot,
+            closed,
+            metrics.clone(),
+            readiness.clone(),
+        ));
+        // The new connection reads what it was sent before the next accept: a probe's head
+        // is usually there already, and once read it is answered rather than closed for room
+        // by a burst of later connections.
+        tokio::task::yield_now().await;
     }
 }
 
-/// Reads one request from `stream` and answers it; the connection is closed afterwards.
-fn answer(mut stream: TcpStream, metrics: &Metrics, readiness: &Readiness) -> io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_REQUEST_HEAD {
-            return respond(&mut stream, false, 431, TEXT, "request head too large\n");
-        }
-        let read = stream.read(&mut chunk)?;
-        if read == 0 {
-            return Ok(()); // closed before a full request: nothing to answer
-        }
-        head.extend_from_slice(&chunk[..read]);
-    }
-    let request_line = head
-        .split(|&b| b == b'\r')
-        .next()
-        .and_then(|line| std::str::from_utf8(line).ok())
-        .unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (method, target, version) = (parts.next(), parts.next(), parts.next());
-    let (Some(method), Some(target), Some(version)) = (method, target, version) else {
-        return respond(&mut stream, false, 400, TEXT, "bad request line\n");
+/// Serves one request on `stream` within [`CLIENT_TIMEOUT`], or until the connection table
+/// closes it for room; the connection is closed afterwards.
+async fn connection(
+    stream: TcpStream,
+    slot: Slot,
+    closed: oneshot::Receiver<()>,
+    metrics: Metrics,
+    readiness: Readiness,
+) {
+    let slot = Arc::new(slot);
+    let service = {
+        let slot = Arc::clone(&slot);
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            slot.answering();
+            let response = answer(&request, &metrics, &readiness);
+            async move { Ok::<_, Infallible>(response) }
+        })
     };
-    if !version.starts_with("HTTP/1.") {
-        return respond(&mut stream, false, 505, TEXT, "HTTP/1.x only\n");
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(CLIENT_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_header_size(MAX_REQUEST_HEAD)
+        .keep_alive(false)
+        .title_case_headers(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        served = tokio::time::timeout(CLIENT_TIMEOUT, served) => match served {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => log::debug!("ops endpoint: answering failed: {err}"),
+            Err(_) => log::debug!("ops endpoint: a client took longer than {CLIENT_TIMEOUT:?}"),
+        },
+        // The connection is dropped (closed) with this future.
+        _ = closed => log::debug!("ops endpoint: a connection closed for room"),
     }
-    let head_only = method == "HEAD";
-    let (status, content_type, body) = route(method, target, metrics, readiness);
-    respond(&mut stream, head_only, status, content_type, &body)
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-fn respond(
-    stream: &mut TcpStream,
-    head_only: bool,
-    status: u16,
-    content_type: &str,
-    body: &str,
-) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "",
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if !head_only {
-        response.push_str(body);
-    }
-    stream.write_all(response.as_bytes())?;
-    stream.flush()
+/// The response to one request (hyper leaves the body out for HEAD).
+fn answer(
+    request: &Request<Incoming>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    let (status, content_type, body) =
+        route(request.method(), request.uri().path(), metrics, readiness);
+    let length = HeaderValue::from(body.len());
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CONTENT_LENGTH, length);
+    response
 }
 
 /// The status, content type and body for one request.
 fn route(
-    method: &str,
-    target: &str,
+    method: &Method,
+    path: &str,
     metrics: &Metrics,
     readiness: &Readiness,
-) -> (u16, &'static str, String) {
-    if !matches!(method, "GET" | "HEAD") {
-        return (405, TEXT, "only GET and HEAD\n".to_string());
+) -> (StatusCode, &'static str, String) {
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "only GET and HEAD\n".to_string(),
+        );
     }
-    let path = target.split('?').next().unwrap_or(target);
     match path {
-        "/healthz" => (200, TEXT, "ok\n".to_string()),
+        "/healthz" => (StatusCode::OK, TEXT, "ok\n".to_string()),
         "/readyz" => {
             let missing = readiness.not_ready();
             if missing.is_empty() {
-                (200, TEXT, "ready\n".to_string())
+                (StatusCode::OK, TEXT, "ready\n".to_string())
             } else {
                 let mut body = String::from("not ready:\n");
                 for step in missing {
                     let _ = writeln!(body, "- {step}");
                 }
-                (503, TEXT, body)
+                (StatusCode::SERVICE_UNAVAILABLE, TEXT, body)
             }
         }
-        "/metrics" => (200, OPENMETRICS, metrics.encode()),
+        "/metrics" => (StatusCode::OK, OPENMETRICS, metrics.encode()),
         _ => (
-            404,
+            StatusCode::NOT_FOUND,
             TEXT,
             "not found: try /healthz, /readyz or /metrics\n".to_string(),
         ),

@@ -6,9 +6,11 @@
 //! until the returned [`OpsServer`] is dropped.
 //!
 //! One file per concern: `metrics` (the families and their exposition), `readiness` (the
-//! start-up steps), `http` (the server); every public name is re-exported here, so callers
+//! start-up steps), `http` (the server), `conns`
+//! (which connections it holds, and which it closes when a new one does not fit); every public name is re-exported here, so callers
 //! name `zbridge::ops::Metrics` and so on.
 
+mod conns;
 mod http;
 mod metrics;
 mod readiness;
