@@ -440,3 +440,44 @@ fn slow_and_idle_clients_do_not_starve_the_liveness_probe() {
         failures.len()
     );
 }
+
+/// The deadline is for the whole request, not per read: a client that sends a byte of its
+/// request head every quarter second, each read well within any per-read timeout, is closed
+/// once the request's time is up, with no other client around.
+#[test]
+fn a_trickled_request_is_cut_at_the_deadline() {
+    let server = ops::serve("127.0.0.1:0", Metrics::new(), Readiness::new()).unwrap();
+    let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(250)))
+        .unwrap();
+    let start = Instant::now();
+    let head = b"GET /healthz HTTP/1.1\r\nX-Slow: ";
+    let mut sent = 0;
+    let closed_after = loop {
+        let byte = head.get(sent).copied().unwrap_or(b'a');
+        if stream.write_all(&[byte]).is_err() {
+            break start.elapsed();
+        }
+        sent += 1;
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(_) => break start.elapsed(), // closed, or answered: either way not held
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break start.elapsed(),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "still connected after {sent} bytes trickled over {:?}",
+            start.elapsed()
+        );
+    };
+    assert!(
+        closed_after >= Duration::from_secs(4),
+        "closed after only {closed_after:?}"
+    );
+}
