@@ -2,7 +2,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use zbridge::ops::{self, EventKind, Metrics, Readiness};
 
@@ -292,4 +294,190 @@ fn head_post_and_split_requests_are_answered_correctly() {
 
     let garbage = exchange(addr, &["hello\r\n\r\n"]);
     assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
+}
+
+#[test]
+fn an_oversized_request_head_is_refused_with_431() {
+    let server = ops::serve("127.0.0.1:0", Metrics::new(), Readiness::new()).unwrap();
+    let padding = "a".repeat(9 * 1024);
+    let request = format!("GET /healthz HTTP/1.1\r\nX-Padding: {padding}\r\n\r\n");
+    let response = exchange(server.local_addr(), &[&request]);
+    assert!(response.starts_with("HTTP/1.1 431 "), "{response}");
+}
+
+/// Raises this process's soft limit of open descriptors to its hard limit: the starvation test
+/// holds several hundred sockets at once, both ends of some of them.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
+/// One hostile client: connected and silent (idle), or sending its request head one byte per
+/// tick and never finishing it (slow). Reconnects whenever the server closes it, as a
+/// determined client would.
+struct Hog {
+    slow: bool,
+    stream: Option<TcpStream>,
+    sent: usize,
+}
+
+impl Hog {
+    const HEAD: &'static [u8] = b"GET /healthz HTTP/1.1\r\nX-Slow: ";
+
+    /// One tick: reconnect if the server closed the connection, then (slow) send one byte.
+    /// Returns whether it had to reconnect.
+    fn tick(&mut self, addr: SocketAddr) -> bool {
+        let open = self.stream.as_mut().is_some_and(|stream| {
+            let mut byte = [0u8; 1];
+            matches!(stream.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        let reconnected = !open;
+        if !open {
+            self.stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                .ok()
+                .filter(|stream| stream.set_nonblocking(true).is_ok());
+            self.sent = 0;
+        }
+        if let (true, Some(stream)) = (self.slow, self.stream.as_mut()) {
+            let byte = Self::HEAD.get(self.sent).copied().unwrap_or(b'a');
+            if stream.write(&[byte]).is_ok() {
+                self.sent += 1;
+            }
+        }
+        reconnected
+    }
+}
+
+/// A GET of /healthz that must be answered within `within`; the status, or why not.
+fn probe(addr: SocketAddr, within: Duration) -> Result<u16, String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, within).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(within)).unwrap();
+    stream.set_write_timeout(Some(within)).unwrap();
+    write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e} after {response:?}"))?;
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no status in {response:?}"))
+}
+
+/// Issue 15, item 2: slow and idle clients must not starve the liveness probe. 200 clients
+/// trickling a request head and 500 silent ones (all reconnecting when closed) are connected
+/// before and during the polls; every poll of /healthz is answered 200 within 1 s.
+#[test]
+fn slow_and_idle_clients_do_not_starve_the_liveness_probe() {
+    raise_descriptor_limit();
+    let server = ops::serve("127.0.0.1:0", Metrics::new(), Readiness::new()).unwrap();
+    let addr = server.local_addr();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (connected_tx, connected) = std::sync::mpsc::channel();
+    let hogs = std::thread::spawn({
+        let stop = Arc::clone(&stop);
+        move || {
+            let mut hogs: Vec<Hog> = (0..700)
+                .map(|i| Hog {
+                    slow: i < 200,
+                    stream: None,
+                    sent: 0,
+                })
+                .collect();
+            let mut reconnects = 0usize;
+            let mut first = true;
+            while !stop.load(Ordering::Acquire) {
+                let tick = Instant::now();
+                for hog in &mut hogs {
+                    reconnects += usize::from(hog.tick(addr));
+                }
+                if first {
+                    first = false;
+                    reconnects = 0;
+                    connected_tx.send(()).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(500).saturating_sub(tick.elapsed()));
+            }
+            let open = hogs.iter().filter(|hog| hog.stream.is_some()).count();
+            (reconnects, open)
+        }
+    });
+    connected.recv().unwrap();
+
+    let within = Duration::from_secs(1);
+    let mut failures = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for poll in 0..20 {
+        let start = Instant::now();
+        let outcome = probe(addr, within);
+        let took = start.elapsed();
+        slowest = slowest.max(took);
+        if outcome != Ok(200) || took > within {
+            failures.push(format!("poll {poll}: {outcome:?} in {took:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop.store(true, Ordering::Release);
+    let (reconnects, open) = hogs.join().unwrap();
+    eprintln!(
+        "20 polls, slowest {slowest:?}; the hogs reconnected {reconnects} times, {open} connected at the end"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of 20 polls failed: {failures:#?}",
+        failures.len()
+    );
+}
+
+/// The deadline is for the whole request, not per read: a client that sends a byte of its
+/// request head every quarter second, each read well within any per-read timeout, is closed
+/// once the request's time is up, with no other client around.
+#[test]
+fn a_trickled_request_is_cut_at_the_deadline() {
+    let server = ops::serve("127.0.0.1:0", Metrics::new(), Readiness::new()).unwrap();
+    let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(250)))
+        .unwrap();
+    let start = Instant::now();
+    let head = b"GET /healthz HTTP/1.1\r\nX-Slow: ";
+    let mut sent = 0;
+    let closed_after = loop {
+        let byte = head.get(sent).copied().unwrap_or(b'a');
+        if stream.write_all(&[byte]).is_err() {
+            break start.elapsed();
+        }
+        sent += 1;
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(_) => break start.elapsed(), // closed, or answered: either way not held
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break start.elapsed(),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "still connected after {sent} bytes trickled over {:?}",
+            start.elapsed()
+        );
+    };
+    assert!(
+        closed_after >= Duration::from_secs(4),
+        "closed after only {closed_after:?}"
+    );
 }
