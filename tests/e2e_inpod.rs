@@ -109,6 +109,19 @@ fn inpod_outbound_inbound_and_release_through_zds() {
     // (The snapshot's end may come before the add: ztunnel can connect before the agent
     // has seen the pod.)
     world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
+    // What /metrics says of ZDS: a ztunnel connected, the pod acked.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, text) = world.ops_get("/metrics");
+        if text.contains("zbridge_zds_connected 1")
+            && text.contains("zbridge_zds_pods{state=\"acked\"} 1")
+            && text.contains("zbridge_zds_total{type=\"add\"} 1")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ZDS metrics:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Outbound, v4 and v6: to ztunnel's 15001 in the pod's own namespace, with the original
     // destination answered.

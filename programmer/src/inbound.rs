@@ -24,7 +24,9 @@ const PROGRAM: &str = "inpod_inbound";
 const LISTENER_MAP: &str = "inbound_listener";
 const NODE_ADDR_MAP: &str = "node_addr_map";
 const PODS_MAP: &str = "inbound_pods";
-const COUNTER_MAP: &str = "inbound_counters";
+pub(crate) const COUNTER_MAP: &str = "inbound_counters";
+/// The number of counters (`ZB_IN_MAX` in bpf/inpod.h).
+pub(crate) const COUNTER_COUNT: usize = 6;
 
 /// A key of `inbound_listener` and `node_addr_map`: an address, IPv4-mapped for IPv4
 /// (`struct pod_addr` in bpf/zbridge.h).
@@ -63,6 +65,18 @@ pub struct InboundCounters {
 }
 
 impl InboundCounters {
+    /// The counters from their values in index order (`enum zb_inbound_counter`).
+    pub(crate) fn from_values(v: &[u64; COUNTER_COUNT]) -> InboundCounters {
+        InboundCounters {
+            redirected: v[0],
+            passed_node: v[1],
+            no_listener: v[2],
+            refused_loop: v[3],
+            assign_failed: v[4],
+            no_ztunnel: v[5],
+        }
+    }
+
     /// The counters by name, as `zbridge dump` and the metrics print them.
     pub fn pairs(&self) -> [(&'static str, u64); 6] {
         [
@@ -251,21 +265,15 @@ impl InboundCapture {
             .ok_or_else(|| ProgramError::Object(format!("no map `{COUNTER_MAP}`")))?;
         let array: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(|e| map_error(COUNTER_MAP, "open", e))?;
-        let sum = |index: u32| -> Result<u64, ProgramError> {
-            Ok(array
-                .get(&index, 0)
+        let mut sums = [0u64; COUNTER_COUNT];
+        for (index, sum) in sums.iter_mut().enumerate() {
+            *sum = array
+                .get(&(index as u32), 0)
                 .map_err(|e| map_error(COUNTER_MAP, "lookup", e))?
                 .iter()
-                .sum())
-        };
-        Ok(InboundCounters {
-            redirected: sum(0)?,
-            passed_node: sum(1)?,
-            no_listener: sum(2)?,
-            refused_loop: sum(3)?,
-            assign_failed: sum(4)?,
-            no_ztunnel: sum(5)?,
-        })
+                .sum();
+        }
+        Ok(InboundCounters::from_values(&sums))
     }
 
     fn pods_map(&mut self) -> Result<HashMap<&mut MapData, AddrKey, u32>, ProgramError> {

@@ -29,6 +29,30 @@ pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
     Ok(Counters::from_values(&sums))
 }
 
+/// The in-pod inbound program's counters (`inbound_counters`, pinned with the other maps once
+/// an in-pod agent ran), summed over CPUs; `Ok(None)` when it is not pinned (node mode).
+pub fn read_inbound_counters(
+    pin_dir: &Path,
+) -> Result<Option<crate::inbound::InboundCounters>, ProgramError> {
+    let map = crate::inbound::COUNTER_MAP;
+    if !pins::maps_dir(pin_dir).join(map).exists() {
+        return Ok(None);
+    }
+    let counters: PerCpuArray<MapData, u64> = pins::open_typed(pin_dir, map)?;
+    let mut sums = [0u64; crate::inbound::COUNTER_COUNT];
+    for (index, sum) in sums.iter_mut().enumerate() {
+        let per_cpu = counters
+            .get(&(index as u32), 0)
+            .map_err(|e| ProgramError::Map {
+                map,
+                op: "lookup",
+                error: map_io_error(e),
+            })?;
+        *sum = per_cpu.iter().sum();
+    }
+    Ok(Some(crate::inbound::InboundCounters::from_values(&sums)))
+}
+
 /// One record of `orig_dst_by_tuple`: a redirected connection and where it was going.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TupleRecord {

@@ -172,6 +172,11 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
     for (name, value) in programmer::read_counters(&args.pin_dir)?.pairs() {
         println!("  {name:<16} {value}");
     }
+    if let Some(inbound) = programmer::inspect::read_inbound_counters(&args.pin_dir)? {
+        for (name, value) in inbound.pairs() {
+            println!("  {name:<22} {value}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -467,11 +467,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let inpod_running = inpod_socket.is_some();
+    let mut zds_status = None;
     let inpod = match inpod_socket {
-        Some((socket, dns)) => Some(
-            start_inpod(&args, &socket, &cgroup_root, dns)
-                .context("starting in-pod capture (ztunnel in-pod, over ZDS)")?,
-        ),
+        Some((socket, dns)) => {
+            let stage = start_inpod(&args, &socket, &cgroup_root, dns)
+                .context("starting in-pod capture (ztunnel in-pod, over ZDS)")?;
+            zds_status = Some(stage.zds.status_handle());
+            Some(stage)
+        }
         None => None,
     };
     // Standalone: the file's subtrees are enrolled when their directories are made and lose
@@ -558,6 +561,9 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             recv(counters_tick) -> _ => {
                 export_bpf_counters(&args.pin_dir, &metrics);
                 metrics.set_watcher_counters(&watcher_counters.snapshot());
+                if let Some(zds) = &zds_status {
+                    metrics.set_zds(&zds.get());
+                }
             },
             recv(health_tick) -> _ => {
                 if let Some(kube) = kube.as_mut() {
@@ -816,6 +822,19 @@ fn export_bpf_counters(pin_dir: &Path, metrics: &Metrics) {
             }
         }
         Err(e) => log::warn!("reading the BPF counters under {}: {e}", pin_dir.display()),
+    }
+    // In-pod inbound (the sk_lookup program's counters), once in-pod capture has run.
+    match programmer::inspect::read_inbound_counters(pin_dir) {
+        Ok(Some(c)) => {
+            for (name, value) in c.pairs() {
+                metrics.set_bpf_counter(name, value);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => log::warn!(
+            "reading the in-pod inbound counters under {}: {e}",
+            pin_dir.display()
+        ),
     }
 }
 

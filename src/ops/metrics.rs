@@ -62,6 +62,25 @@ impl EventKind {
     }
 }
 
+/// The states of `zbridge_zds_pods{state=...}`.
+const ZDS_POD_STATES: [zds::PodState; 4] = [
+    zds::PodState::Pending,
+    zds::PodState::Sent,
+    zds::PodState::Acked,
+    zds::PodState::Error,
+];
+
+/// The types of `zbridge_zds_total{type=...}`.
+const ZDS_EVENTS: [&str; 7] = [
+    "connection",
+    "add",
+    "del",
+    "ack",
+    "nack",
+    "netns_error",
+    "peer_error",
+];
+
 /// The roles of `zbridge_decisions{role=...}`.
 const ROLES: [Role; 4] = [Role::Ambient, Role::Ztunnel, Role::Exempt, Role::None];
 
@@ -102,6 +121,12 @@ pub struct Metrics {
     batch_size: Histogram,
     batch_apply_seconds: Histogram,
     enrolment_latency_seconds: Histogram,
+    inpod_enrolment_latency_seconds: Histogram,
+    zds_connected: Gauge,
+    zds_pods: Family<Label, Gauge>,
+    zds_events: Family<Label, Counter>,
+    /// The ZDS counters last exported, so that each export adds only what is new.
+    zds_last: Arc<std::sync::Mutex<zds::Counters>>,
     bpf_counters: Family<[(&'static str, String); 1], Gauge<u64, std::sync::atomic::AtomicU64>>,
     watcher_counters:
         Family<[(&'static str, &'static str); 1], Gauge<u64, std::sync::atomic::AtomicU64>>,
@@ -128,6 +153,17 @@ impl Metrics {
         let batch_apply_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
         // 100 µs .. 13 s from the kernel's exec timestamp to the map write.
         let enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 18));
+        // The same buckets, from the exec to the entry written after ztunnel's ack.
+        let inpod_enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 18));
+        let zds_connected = Gauge::default();
+        let zds_pods = Family::<Label, Gauge>::default();
+        let zds_events = Family::<Label, Counter>::default();
+        for state in ZDS_POD_STATES {
+            let _ = zds_pods.get_or_create(&[("state", state.as_str())]);
+        }
+        for kind in ZDS_EVENTS {
+            let _ = zds_events.get_or_create(&[("type", kind)]);
+        }
         let bpf_counters = Family::default();
         let watcher_counters = Family::default();
 
@@ -181,6 +217,31 @@ impl Metrics {
             Unit::Seconds,
             enrolment_latency_seconds.clone(),
         );
+        registry.register_with_unit(
+            "inpod_enrolment_latency",
+            "In-pod pods: from the kernel's exec timestamp to the map write after ztunnel acked \
+             the pod over ZDS",
+            Unit::Seconds,
+            inpod_enrolment_latency_seconds.clone(),
+        );
+        registry.register(
+            "zds_connected",
+            "1 while a ztunnel is connected to the ZDS socket and has said hello",
+            zds_connected.clone(),
+        );
+        registry.register(
+            "zds_pods",
+            "In-pod pods by ZDS state: pending (not sent to the connected ztunnel yet), sent \
+             (no answer yet), acked, error (refused by ztunnel, or no network namespace yet)",
+            zds_pods.clone(),
+        );
+        registry.register(
+            "zds",
+            "ZDS: connections from ztunnel, adds and dels sent, acks, refusals (nacks), pods \
+             whose namespace could not be opened, connections dropped for a protocol error or \
+             a timeout",
+            zds_events.clone(),
+        );
         registry.register(
             "bpf_counter",
             "The BPF programs' counters summed over CPUs, as last read from the counters map",
@@ -203,6 +264,11 @@ impl Metrics {
             batch_size,
             batch_apply_seconds,
             enrolment_latency_seconds,
+            inpod_enrolment_latency_seconds,
+            zds_connected,
+            zds_pods,
+            zds_events,
+            zds_last: Arc::default(),
             bpf_counters,
             watcher_counters,
         }
@@ -262,6 +328,45 @@ impl Metrics {
         if let Some(elapsed) = now.checked_sub(exec_ts_ns) {
             self.observe_enrolment_latency(Duration::from_nanos(elapsed));
         }
+    }
+
+    /// An in-pod pod's entry written now, after ztunnel's ack, for a pod whose first exec the
+    /// kernel stamped `exec_ts_ns` (as [`Metrics::observe_enrolment_since`]).
+    pub fn observe_inpod_enrolment_since(&self, exec_ts_ns: u64) {
+        let now = watcher::live::monotonic_now_ns();
+        if let Some(elapsed) = now.checked_sub(exec_ts_ns) {
+            self.inpod_enrolment_latency_seconds
+                .observe(Duration::from_nanos(elapsed).as_secs_f64());
+        }
+    }
+
+    /// The ZDS server's state: connection, pods by state, and what happened since the last
+    /// export.
+    pub fn set_zds(&self, status: &zds::Status) {
+        self.zds_connected
+            .set(i64::from(status.ztunnel_pid.is_some()));
+        for state in ZDS_POD_STATES {
+            let n = status.pods.values().filter(|p| p.state == state).count();
+            self.zds_pods
+                .get_or_create(&[("state", state.as_str())])
+                .set(n as i64);
+        }
+        let mut last = self.zds_last.lock().expect("zds metrics lock");
+        let (now, then) = (status.counters, *last);
+        for (kind, new, old) in [
+            ("connection", now.connections, then.connections),
+            ("add", now.adds, then.adds),
+            ("del", now.dels, then.dels),
+            ("ack", now.acks, then.acks),
+            ("nack", now.nacks, then.nacks),
+            ("netns_error", now.netns_errors, then.netns_errors),
+            ("peer_error", now.peer_errors, then.peer_errors),
+        ] {
+            self.zds_events
+                .get_or_create(&[("type", kind)])
+                .inc_by(new.saturating_sub(old));
+        }
+        *last = now;
     }
 
     /// Sets one BPF counter (`name` from `programmer::layout::COUNTER_NAMES`) to its value as

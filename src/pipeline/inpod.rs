@@ -30,6 +30,12 @@ pub enum Step {
     /// Once the batch with the pod's last deletes is written: release the pod in the kernel,
     /// then tell ztunnel.
     ReleaseAfterFlush { uid: String },
+    /// Hand a held entry to the programmer now that ztunnel acked its pod; `exec_ts`: the
+    /// kernel's timestamp of the exec that first asked for it (for the enrolment latency).
+    QueueHeld {
+        update: Update,
+        exec_ts: Option<u64>,
+    },
 }
 
 /// ztunnel's ack of a pod: the namespace it serves the pod in, and which process it is.
@@ -47,6 +53,8 @@ struct Pod {
     served: Option<Served>,
     /// Its entries go to the maps (acked once, or enrolled by the previous run).
     written: bool,
+    /// The first exec timestamp among its held entries.
+    held_since: Option<u64>,
 }
 
 /// The gate. See the module doc.
@@ -78,11 +86,11 @@ impl InPodGate {
         }
     }
 
-    /// Routes one update of the resolver.
-    pub fn update(&mut self, update: Update, steps: &mut Vec<Step>) {
+    /// Routes one update of the resolver; `exec_ts`: the exec that caused it, if one did.
+    pub fn update(&mut self, update: Update, exec_ts: Option<u64>, steps: &mut Vec<Step>) {
         match update {
             Update::Upsert(e) => match in_pod(&e).cloned() {
-                Some(identity) => self.upsert(identity, e, steps),
+                Some(identity) => self.upsert(identity, e, exec_ts, steps),
                 None => {
                     // A cgroup that was an in-pod pod's and is now something else.
                     if self.by_cgroup.contains_key(&e.cgroup_id) {
@@ -98,7 +106,13 @@ impl InPodGate {
         }
     }
 
-    fn upsert(&mut self, identity: Identity, e: Enrolment, steps: &mut Vec<Step>) {
+    fn upsert(
+        &mut self,
+        identity: Identity,
+        e: Enrolment,
+        exec_ts: Option<u64>,
+        steps: &mut Vec<Step>,
+    ) {
         let uid = identity.uid.clone();
         if let Some(old) = self.by_cgroup.insert(e.cgroup_id, uid.clone()) {
             if old != uid {
@@ -110,6 +124,9 @@ impl InPodGate {
         }
         let pod = self.pods.entry(uid.clone()).or_default();
         pod.entries.insert(e.cgroup_id, e.clone());
+        if pod.held_since.is_none() {
+            pod.held_since = exec_ts;
+        }
         if pod.identity.as_ref() != Some(&identity) {
             pod.identity = Some(identity.clone());
             steps.push(Step::Zds(zds::Command::Serve(zds::PodSpec {
@@ -170,8 +187,12 @@ impl InPodGate {
         // written already.
         if !pod.written {
             pod.written = true;
+            let exec_ts = pod.held_since.take();
             for e in pod.entries.values() {
-                steps.push(Step::Queue(Update::Upsert(e.clone())));
+                steps.push(Step::QueueHeld {
+                    update: Update::Upsert(e.clone()),
+                    exec_ts,
+                });
             }
         }
     }
@@ -353,6 +374,11 @@ mod tests {
                 Step::Zds(zds::Command::Release { uid }) => format!("zds release {uid}"),
                 Step::Enrol { uid } => format!("enrol {uid}"),
                 Step::ReleaseAfterFlush { uid } => format!("release after flush {uid}"),
+                Step::QueueHeld {
+                    update: Update::Upsert(e),
+                    ..
+                } => format!("upsert {}", e.cgroup_id),
+                Step::QueueHeld { update, .. } => format!("{update:?}"),
             })
             .collect()
     }
@@ -361,8 +387,8 @@ mod tests {
     fn entries_wait_for_the_ack_and_the_enrolment_comes_first() {
         let mut gate = InPodGate::default();
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
-        gate.update(Update::Upsert(entry(2, "a")), &mut steps);
+        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
+        gate.update(Update::Upsert(entry(2, "a")), None, &mut steps);
         assert_eq!(names(&steps), ["serve a /kubepods/poda/c1"]);
         assert_eq!(gate.waiting(), 1);
         steps.clear();
@@ -376,18 +402,39 @@ mod tests {
         assert_eq!(names(&steps), ["enrol a"]);
     }
 
+    /// The held entries are written with the exec that first asked for them, so that the
+    /// in-pod enrolment latency runs from that exec to the write after the ack.
+    #[test]
+    fn held_entries_carry_their_first_exec_timestamp() {
+        let mut gate = InPodGate::default();
+        let mut steps = Vec::new();
+        gate.update(Update::Upsert(entry(1, "a")), Some(100), &mut steps);
+        gate.update(Update::Upsert(entry(2, "a")), Some(200), &mut steps);
+        steps.clear();
+        gate.acked("a", served(), &mut steps);
+        let stamps: Vec<Option<u64>> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::QueueHeld { exec_ts, .. } => Some(*exec_ts),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stamps, [Some(100), Some(100)]);
+    }
+
     #[test]
     fn the_last_delete_removes_entries_then_releases() {
         let mut gate = InPodGate::default();
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
-        gate.update(Update::Upsert(entry(2, "a")), &mut steps);
+        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
+        gate.update(Update::Upsert(entry(2, "a")), None, &mut steps);
         gate.acked("a", served(), &mut steps);
         steps.clear();
         gate.update(
             Update::Delete {
                 cgroup_id: CgroupId(1),
             },
+            None,
             &mut steps,
         );
         assert_eq!(names(&steps), ["delete 1"]);
@@ -396,6 +443,7 @@ mod tests {
             Update::Delete {
                 cgroup_id: CgroupId(2),
             },
+            None,
             &mut steps,
         );
         assert_eq!(names(&steps), ["delete 2", "release after flush a"]);
@@ -406,12 +454,13 @@ mod tests {
     fn a_pod_gone_before_its_ack_is_released_without_writes() {
         let mut gate = InPodGate::default();
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
+        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
         steps.clear();
         gate.update(
             Update::Delete {
                 cgroup_id: CgroupId(1),
             },
+            None,
             &mut steps,
         );
         assert_eq!(names(&steps), ["zds release a"]);
@@ -431,17 +480,18 @@ mod tests {
         let mut node = entry(9, "n");
         node.capture = Capture::Node;
         node.identity = None;
-        gate.update(Update::Upsert(node), &mut steps);
-        gate.update(Update::Synced, &mut steps);
+        gate.update(Update::Upsert(node), None, &mut steps);
+        gate.update(Update::Synced, None, &mut steps);
         gate.update(
             Update::Delete {
                 cgroup_id: CgroupId(9),
             },
+            None,
             &mut steps,
         );
         assert_eq!(names(&steps), ["upsert 9", "Synced", "delete 9"]);
         steps.clear();
-        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
+        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
         gate.acked("a", served(), &mut steps);
         gate.enrol_failed("a", false);
         assert_eq!(gate.waiting(), 1);
@@ -449,7 +499,7 @@ mod tests {
         // Not written: a changed entry waits for the next ack too.
         let mut changed = entry(1, "a");
         changed.ips = vec!["10.0.0.9".parse().unwrap()];
-        gate.update(Update::Upsert(changed), &mut steps);
+        gate.update(Update::Upsert(changed), None, &mut steps);
         assert!(names(&steps).is_empty(), "{:?}", names(&steps));
         gate.acked("a", served(), &mut steps);
         assert_eq!(names(&steps), ["enrol a", "upsert 1"]);
@@ -459,8 +509,8 @@ mod tests {
     fn pods_of_the_previous_run_keep_their_entries_while_ztunnel_reconnects() {
         let mut gate = InPodGate::with_previous(["a".to_string()].into());
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), &mut steps);
-        gate.update(Update::Upsert(entry(2, "b")), &mut steps);
+        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
+        gate.update(Update::Upsert(entry(2, "b")), None, &mut steps);
         assert_eq!(
             names(&steps),
             [

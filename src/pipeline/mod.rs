@@ -122,6 +122,8 @@ pub struct InPodStage {
 struct Stamped {
     update: Update,
     exec_ts: Option<u64>,
+    /// An in-pod entry written after ztunnel's ack (its latency is the in-pod one).
+    inpod: bool,
 }
 
 /// Status and counters of a running pipeline, readable from any thread.
@@ -457,7 +459,12 @@ fn resolve(
             }
             decisions.apply(&update);
             status.updates.fetch_add(1, Ordering::Relaxed);
-            if out.send(Stamped { update, exec_ts }).is_err() {
+            let stamped = Stamped {
+                update,
+                exec_ts,
+                inpod: false,
+            };
+            if out.send(stamped).is_err() {
                 return Err(anyhow!("resolver: the programmer stopped taking updates"));
             }
         }
@@ -508,7 +515,7 @@ fn program<B: MapBackend>(
             recv(updates) -> update => match update {
                 Ok(stamped) => {
                     first_ts = stamped.exec_ts;
-                    route(&mut gate, inpod.is_some(), stamped.update, &mut steps);
+                    route(&mut gate, inpod.is_some(), stamped.update, stamped.exec_ts, &mut steps);
                 }
                 Err(_) => closed = true,
             },
@@ -533,7 +540,13 @@ fn program<B: MapBackend>(
             while batch.len() < config.batch_max {
                 match updates.recv_deadline(deadline) {
                     Ok(stamped) => {
-                        route(&mut gate, inpod.is_some(), stamped.update, &mut steps);
+                        route(
+                            &mut gate,
+                            inpod.is_some(),
+                            stamped.update,
+                            stamped.exec_ts,
+                            &mut steps,
+                        );
                         apply_steps(
                             &mut steps,
                             stamped.exec_ts,
@@ -561,8 +574,14 @@ fn program<B: MapBackend>(
                     metrics.observe_batch(count, started.elapsed());
                     metrics.set_map_entries(programmer.entry_count());
                     for stamped in &batch {
-                        if let (Update::Upsert(_), Some(ts)) = (&stamped.update, stamped.exec_ts) {
-                            metrics.observe_enrolment_since(ts);
+                        match (&stamped.update, stamped.exec_ts, stamped.inpod) {
+                            (Update::Upsert(_), Some(ts), true) => {
+                                metrics.observe_inpod_enrolment_since(ts)
+                            }
+                            (Update::Upsert(_), Some(ts), false) => {
+                                metrics.observe_enrolment_since(ts)
+                            }
+                            _ => {}
                         }
                         if let Some(observer) = observer.as_mut() {
                             observer.written(&stamped.update);
@@ -607,9 +626,15 @@ fn program<B: MapBackend>(
 }
 
 /// Sends an update through the in-pod gate (when in-pod capture runs) or straight on.
-fn route(gate: &mut InPodGate, inpod: bool, update: Update, steps: &mut Vec<Step>) {
+fn route(
+    gate: &mut InPodGate,
+    inpod: bool,
+    update: Update,
+    exec_ts: Option<u64>,
+    steps: &mut Vec<Step>,
+) {
     if inpod {
-        gate.update(update, steps);
+        gate.update(update, exec_ts, steps);
     } else {
         steps.push(Step::Queue(update));
     }
@@ -658,7 +683,29 @@ fn apply_steps<B: MapBackend>(
                     }
                 }
                 programmer.queue(&update);
-                batch.push(Stamped { update, exec_ts });
+                batch.push(Stamped {
+                    update,
+                    exec_ts,
+                    inpod: false,
+                });
+            }
+            Step::QueueHeld {
+                update,
+                exec_ts: held_since,
+            } => {
+                if let Update::Upsert(e) = &update {
+                    if let Some(id) = &e.identity {
+                        if failed.contains(&id.uid) {
+                            continue;
+                        }
+                    }
+                }
+                programmer.queue(&update);
+                batch.push(Stamped {
+                    update,
+                    exec_ts: held_since,
+                    inpod: true,
+                });
             }
             Step::Zds(command) => {
                 if let Some(stage) = inpod.as_ref() {
