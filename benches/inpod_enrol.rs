@@ -1,0 +1,219 @@
+//! In-pod enrolment without a CNI (root, real kernel, the real agent; namespaces and cgroups
+//! of its own, removed at the end): how long after a pod's first ("sandbox") process starts
+//! ztunnel is handed the pod and its entry is written, and how many first connects escape
+//! capture when the application starts 0, 10 and 100 ms after the sandbox.
+//!
+//! Istio's CNI closes this gap by holding the pod's start until ztunnel has it; zbridge cannot
+//! (it is no CNI plugin). The agent runs `--standalone` with a v2 workloads file (`ztunnel.mode:
+//! inpod`) listing one subtree per trial, each made before the agent starts (as the kubelet
+//! makes a pod's cgroup before its sandbox starts); the fake in-pod ztunnel (testkit's
+//! `zbt-net inpod-ztunnel`) acks each pod once its listeners are open in the pod's namespace.
+//!
+//! 1. Per trial: the sandbox process is spawned into an empty subtree at t0; the bench reports
+//!    t0 → ztunnel's `add` (the fake's line; its listeners are open by then) and t0 → the
+//!    pod's entry in `cgroup_info_map` (polled every 200 µs), p50/p99/max.
+//! 2. Per delay d: the sandbox at t0, an application process at t0 + d that connects once to
+//!    a service; captured (it reached ztunnel's 15001 in the pod) or escaped (it reached the
+//!    service directly).
+//!
+//! `cargo bench --bench inpod_enrol` (env: `TRIALS`, trials per measurement).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use programmer::{KernelMaps, MapBackend};
+use testkit::inpod_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
+use testkit::mesh::{self, Mesh};
+use testkit::ztunnel::{self, Helper, Outcome};
+use testkit::{BpfFs, NetNs};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn show(name: &str, mut v: Vec<Duration>) {
+    v.sort();
+    println!(
+        "    {name:<34} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  ({} trials)",
+        percentile(&v, 0.5).as_secs_f64() * 1e3,
+        percentile(&v, 0.99).as_secs_f64() * 1e3,
+        v.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        v.len()
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if !testkit::require_root("benches/inpod_enrol") {
+        return;
+    }
+    let benching = std::env::args().any(|a| a == "--bench");
+    let trials = env_or("TRIALS", if benching { 100 } else { 3 }) as usize;
+    let delays = [0u64, 10, 100];
+    let total = trials * (1 + delays.len());
+
+    let mesh = Mesh::new("bench-enrol").expect("mesh");
+    let bpffs = BpfFs::new("bench-enrol").expect("bpffs");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let zds = dir.path().join("ztunnel.sock");
+    let _service = ztunnel::service(
+        &mesh.node_ns,
+        &mesh.cgroup,
+        &mesh.outside,
+        &[SocketAddr::new(mesh::SERVICE4, mesh::SERVICE_PORT)],
+    )
+    .expect("service");
+
+    // One pod per trial: a subtree, made now and empty, and a network namespace of its own
+    // (ztunnel opens its listeners in each pod's namespace) on a /30 to the node namespace.
+    let subtrees: Vec<String> = (0..total)
+        .map(|i| {
+            mesh.cgroup
+                .child(&format!("attach/pods/t{i}"))
+                .expect("subtree")
+        })
+        .collect();
+    let pods: Vec<(NetNs, IpAddr)> = (0..total).map(|i| pod_ns(&mesh, i)).collect();
+    let mut file = format!(
+        "version: 2\nztunnel:\n  cgroup: {}\n  mode: inpod\n  zds: {}\nworkloads:\n",
+        mesh.ztunnel,
+        zds.display()
+    );
+    for (i, path) in subtrees.iter().enumerate() {
+        file.push_str(&format!(
+            "  - name: bench/t{i}\n    cgroup: {path}\n    address: \"{}\"\n    mode: ambient\n",
+            pods[i].1
+        ));
+    }
+    let workloads = dir.path().join("workloads.yaml");
+    std::fs::write(&workloads, file).expect("workloads file");
+    let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_zbridge"));
+    agent
+        .args(["--log-level", "warn", "run", "--standalone", "--workloads"])
+        .arg(&workloads)
+        .arg("--attach-cgroup")
+        .arg(mesh.attach_dir())
+        .arg("--pin-dir")
+        .arg(bpffs.pin_dir())
+        .args(["--metrics-addr", "off", "--zds-status-file"])
+        .arg(dir.path().join("zds.json"))
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: the hook only writes to cgroup.procs.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(
+            &mut agent,
+            mesh.cgroup.pre_exec_join(&mesh.outside),
+        );
+    }
+    let mut agent = agent.spawn().expect("spawn zbridge");
+    let fake = InPodZtunnel::start(&mesh.cgroup, &mesh.ztunnel, &zds, &InPodOptions::default())
+        .expect("fake in-pod ztunnel");
+    // Wait until the agent has its maps pinned.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let maps = loop {
+        if let Ok(m) = KernelMaps::open(&bpffs.pin_dir()) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "the agent did not pin its maps");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let entered = |id: u64| {
+        maps.cgroup_entries()
+            .map(|e| e.iter().any(|(c, _)| c.0 == id))
+            .unwrap_or(false)
+    };
+
+    let mut next = 0;
+    let mut sleepers = Vec::new();
+    let mut to_add = Vec::new();
+    let mut to_entry = Vec::new();
+    for _ in 0..trials {
+        let (path, ns) = (&subtrees[next], &pods[next].0);
+        let id = mesh.id(path);
+        next += 1;
+        let t0 = Instant::now();
+        let sandbox =
+            Helper::spawn(ns, &mesh.cgroup, path, &["sleep".to_string()]).expect("sandbox");
+        let mut added = None;
+        let deadline = t0 + Duration::from_secs(10);
+        while !entered(id) {
+            if added.is_none() {
+                if let Some(ZdsEvent::Add { .. }) = fake.next(Duration::from_micros(200)) {
+                    added = Some(t0.elapsed());
+                }
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            assert!(Instant::now() < deadline, "trial {next}: never enrolled");
+        }
+        to_entry.push(t0.elapsed());
+        if added.is_none() {
+            if let Some(ZdsEvent::Add { .. }) = fake.next(Duration::from_secs(1)) {
+                added = Some(t0.elapsed());
+            }
+        }
+        to_add.extend(added);
+        sleepers.push(sandbox);
+    }
+    println!("in-pod enrolment from the sandbox's start (standalone agent, fake in-pod ztunnel):");
+    show("sandbox start → ztunnel's add", to_add);
+    show("sandbox start → the pod's entry", to_entry);
+
+    println!("first connect of an application started after the sandbox:");
+    let service = SocketAddr::new(mesh::SERVICE4, mesh::SERVICE_PORT);
+    for delay in delays {
+        let (mut captured, mut escaped, mut failed) = (0, 0, 0);
+        for _ in 0..trials {
+            let (path, ns) = (&subtrees[next], &pods[next].0);
+            next += 1;
+            let sandbox =
+                Helper::spawn(ns, &mesh.cgroup, path, &["sleep".to_string()]).expect("sandbox");
+            std::thread::sleep(Duration::from_millis(delay));
+            match ztunnel::connect_once(ns, &mesh.cgroup, path, service) {
+                Ok(Outcome::Ok { peer, .. }) if peer.port() == 15001 => captured += 1,
+                Ok(Outcome::Ok { .. }) => escaped += 1,
+                _ => failed += 1,
+            }
+            sleepers.push(sandbox);
+        }
+        println!(
+            "    app {delay:>3} ms after the sandbox: {captured} captured, {escaped} escaped, {failed} failed, of {trials} ({:.0}% escaped)",
+            escaped as f64 * 100.0 / trials as f64
+        );
+    }
+    drop(sleepers);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// Pod `i`'s namespace, on 10.90.0.0/16 (a /30 each) to the node namespace; its address.
+fn pod_ns(mesh: &Mesh, i: usize) -> (NetNs, IpAddr) {
+    let ns = NetNs::new(&format!("ben{i}")).expect("pod netns");
+    let base = 4 * i as u32;
+    let addr = |k: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 90, 0, 0)) + base + k);
+    let (here, there) = (format!("zbe{i}"), format!("zbp{i}"));
+    mesh.node_ns.veth(&here, &ns, &there).expect("veth");
+    mesh.node_ns
+        .addr(&here, &format!("{}/30", addr(1)))
+        .expect("node addr");
+    ns.addr(&there, &format!("{}/30", addr(2)))
+        .expect("pod addr");
+    ns.ip(&["link", "set", "lo", "up"]).expect("lo up");
+    ns.route("default", &addr(1).to_string()).expect("route");
+    (ns, IpAddr::V4(addr(2)))
+}
