@@ -258,6 +258,13 @@ fn direct_connects_to_capture_ports_are_refused() {
             );
         }
     }
+    // The fake ztunnel passes connections on to their original destination, as ztunnel does:
+    // a connect let through to a capture port would come back to it again and again. Nothing
+    // arrived, and nothing keeps arriving (its count stays flat for 5 s).
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        assert_eq!(world.ztunnel().drain(), vec![], "a capture port was reached");
+    }
     // A redirected connection on each port afterwards: the first thing ztunnel accepted on
     // either is that one (anything before would have been a refused connect let through).
     let outcome = ztunnel::connect_once(&m.pod_ns, &m.cgroup, &m.app, svc4()).unwrap();
