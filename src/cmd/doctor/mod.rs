@@ -8,13 +8,15 @@
 //!
 //! One file per concern: `host` (kernel, BTF, cgroup2, bpffs, capabilities), `connector` (the
 //! proc connector probe), `object` (the BPF object through the verifier), `kube` and `rbac`
-//! (API server access).
+//! (API server access), `inpod` (another node agent: the ZDS socket's holder, istio-cni's
+//! chains in pod namespaces).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod connector;
 mod host;
+pub mod inpod;
 mod kube;
 mod object;
 mod rbac;
@@ -23,8 +25,13 @@ pub use connector::{check_proc_connector, probe_proc_connector};
 pub use host::{
     check_bpffs, check_btf, check_capabilities, check_cgroup2, check_kernel, host_checks, HostFiles,
 };
+pub use inpod::{inpod_checks, InpodTarget};
 pub use kube::{check_node_name, kube_checks, KubeTarget};
 pub use object::check_bpf_object;
+
+/// Where ztunnel looks for its node agent's ZDS socket; `zbridge run --zds-socket` and
+/// `zbridge doctor --zds-socket` default to it.
+pub const DEFAULT_ZDS_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 
 /// Flags of `zbridge doctor`.
 #[derive(Debug, clap::Args)]
@@ -43,6 +50,15 @@ pub struct DoctorArgs {
     /// `fieldRef: {fieldPath: spec.nodeName}`). Never guessed from the hostname.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// The ZDS socket ztunnel connects to (`zbridge run --zds-socket`): doctor names the
+    /// process serving it, which must be zbridge and not istio-cni's node agent.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = DEFAULT_ZDS_SOCKET,
+        conflicts_with = "standalone"
+    )]
+    pub zds_socket: PathBuf,
 }
 
 /// The result of one check.
@@ -75,6 +91,8 @@ pub fn main(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             kubeconfig: args.kubeconfig,
             node_name: args.node_name,
         }));
+        // In-pod capture is Kubernetes mode's: `run --standalone` serves no ZDS socket.
+        checks.extend(inpod_checks(&InpodTarget::new(args.zds_socket)));
     }
     let mut out = String::new();
     let failed = render(&checks, &mut out);
