@@ -5,7 +5,7 @@
 //! loaded: its record gives the cgroup id and the network namespace without a /proc read, the
 //! cgroup's path comes from a cache by id (read from `/proc/PID/cgroup` once per cgroup), the
 //! addresses from [`ProcReader`]'s cache by namespace. Without the tap, or for an exec whose
-//! record is missing, they are read from /proc as before. The counters say which.
+//! record is missing, they are read from /proc ([`ProcReader`]). The counters say which.
 //!
 //! Order of a run: subscribe (checked by the kernel's ACK), then one scan of /proc (a
 //! [`ProcEvent::Scan`]), then the events. When the kernel drops events (ENOBUFS) the source
