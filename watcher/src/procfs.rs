@@ -1,8 +1,8 @@
 //! Reading the facts of a process from /proc: cgroup v2 path and id, netns, addresses.
 //!
 //! Without the exec tap this runs once per exec event, machine-wide, so every read is the
-//! cheapest syscall that gives the fact (their cost: BENCHMARKS.md, "Watcher: decode and /proc
-//! facts"): the cgroup file with plain `read` calls into a reused buffer; the cgroup id by
+//! cheapest syscall that gives the fact (their cost: BENCHMARKS.md, "Watcher", "Decode and
+//! /proc facts"): the cgroup file with plain `read` calls into a reused buffer; the cgroup id by
 //! `fstatat` relative to an open directory of the cgroup2 root (no walk of `/sys/fs/cgroup/...`
 //! each time); the netns inode from `readlink` of `ns/net` (`net:[INODE]`: cheaper than a
 //! `stat`, which makes the kernel open the namespace file); the addresses of each network
