@@ -148,8 +148,8 @@ impl ProcReader {
         self.read_facts_as_asked(pid, true)
     }
 
-    /// [`ProcReader::read_facts`] without `comm` (informative only, and a fifth of the cost):
-    /// what an exec event needs.
+    /// [`ProcReader::read_facts`] without `comm` (informative only, and one open and read
+    /// fewer): what an exec event needs.
     pub fn read_facts_without_comm(&mut self, pid: Pid) -> ProcFacts {
         self.read_facts_as_asked(pid, false)
     }
