@@ -206,7 +206,7 @@ fn main() {
         .collect();
     let after = loaded.counters().expect("counters");
     // The figures first, then the checks: a build that breaks the answers on purpose (the
-    // floor in BENCHMARKS.md, "Where the time goes") still shows its run time.
+    // floor in BENCHMARKS.md, "Where the programs' time goes") still shows its run time.
     report(
         "a fake ztunnel that asks SO_ORIGINAL_DST for each connection (as ztunnel does)",
         &asks,

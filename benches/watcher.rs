@@ -106,9 +106,9 @@ fn main() {
             "storm: coalescing window of the Rust readers {:?} (live-source-no-coalesce: off)",
             coalesce_window()
         );
-        // Rounds run the readers in turn, again and again: a CPU figure per event varies by
-        // ±30% between runs on this shared VM (how often the reader sleeps and is woken
-        // depends on timing), so the summary compares medians over interleaved rounds.
+        // Rounds run the readers in turn, again and again: a CPU figure per event varies a lot
+        // between runs on a shared machine (how often the reader sleeps and is woken depends
+        // on timing), so the summary compares medians over interleaved rounds.
         let rounds: usize = std::env::var("WATCHER_BENCH_ROUNDS")
             .ok()
             .and_then(|s| s.parse().ok())

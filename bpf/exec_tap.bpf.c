@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * zbridge's exec tap: for every exec on the machine, one record of what the watcher would
- * otherwise read from /proc (about 10 µs of syscalls per exec): the process id, its cgroup v2
- * id and its network namespace inode, with the time.
+ * otherwise read from /proc (several syscalls per exec; BENCHMARKS.md, "Exec tap"): the
+ * process id, its cgroup v2 id and its network namespace inode, with the time.
  *
  * The program is a raw tracepoint on sched_process_exec (BPF_PROG_TYPE_RAW_TRACEPOINT): it
  * attaches by name (BPF_RAW_TRACEPOINT_OPEN), so it needs neither tracefs (classic tracepoints

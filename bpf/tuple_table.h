@@ -12,8 +12,8 @@
  *
  * Why this shape: the record is written once per connection and read once, on another CPU,
  * and what both pay for is the memory they touch, not the instructions: a cache line no CPU
- * touched lately costs far more than the rest of the work (BENCHMARKS.md, "Where the time
- * goes"). A hash map's update (bucket, element, free list) and a set of a large array picked
+ * touched lately costs far more than the rest of the work (BENCHMARKS.md, "Where the
+ * programs' time goes"). A hash map's update (bucket, element, free list) and a set of a large array picked
  * by a hash both touch more cold lines than this does. So:
  *
  * - The array has two regions. The first ZB_TUPLE_HOT_SETS sets take every record while they
@@ -28,8 +28,8 @@
  *   not by a hash: a client's successive connections to ztunnel (one destination for all of
  *   them) take nearby ports, since the kernel moves its per-destination port offset a few
  *   ports per connect, so its records fall in the set of the one before or the next one, on
- *   lines still warm from it, instead of anywhere in the region (BENCHMARKS.md, "Layout
- *   v6"). The ways are tried in order from way 0, so the common case, an answered record in
+ *   lines still warm from it, instead of anywhere in the region (BENCHMARKS.md, "Programs'
+ *   run time per connection"). The ways are tried in order from way 0, so the common case, an answered record in
  *   way 0, is one line. The writer does not look past the way it takes, so a reused 4-tuple's
  *   older record can wait in a later way; the newest is always first in that order, and a
  *   record leaving its set frees the older ones of its tuple (zb_tuple_drop_after).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where the programs' run time goes, step by step (BENCHMARKS.md, "Where the time goes").
+# Where the programs' run time goes, step by step (BENCHMARKS.md, "Where the programs' time goes").
 #
 # Builds the programmer bench with the BPF objects' step markers compiled in
 # (ZBRIDGE_BPF_STEPS=1: bpf/steps.h; without it the markers compile to nothing): each program

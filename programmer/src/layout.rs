@@ -29,18 +29,11 @@ pub const MAPS: [&str; 8] = [
     DNS_ORIG_DST_MAP,
 ];
 
-/// The layout version: the pin directory's subdirectory (`<pin dir>/v2/`). Bump it when a
-/// map's key or value changes, so that a new agent never reads an old agent's maps.
-/// v2: `settings` holds up to [`MAX_ZTUNNEL_ADDRS`] ztunnel addresses per family; the
-/// connect-time record moved from `orig_dst_by_cookie` to thread storage (`orig_dst_by_task`).
-/// v3: `orig_dst_by_tuple` is a set-associative ARRAY of [`TupleSet`] (was an LRU hash), and
-/// the counters gained `orig_dst_evicted`.
-/// v4: [`TupleSet`] is lock-free (a sequence word per way instead of a spin lock and a state
-/// byte; 16-bit tags), and `orig_dst_by_tuple` is `BPF_F_MMAPABLE` (its sets start on a line).
-/// v5: `settings` gained `generation`, and a thread's storage (`orig_dst_by_task`) caches the
-/// thread's cgroup entry for that generation.
-/// v6: a [`TupleSlot`] is one cache line with its own sequence word (no tags), and a record's
-/// hot set is chosen by its source port ([`ConnTuple::hot_set`]).
+/// The layout version: the pin directory's subdirectory (`<pin dir>/v6/`). Bump it when a
+/// map's key or value changes, so that a new agent never reads an old agent's maps (the loader
+/// removes the pins of every other version). The layout it names is the one in this file and
+/// `bpf/zbridge.h`; why the maps have their shape is in docs/design-notes.md, and what each
+/// earlier version differed in is in this constant's git history.
 pub const LAYOUT_VERSION: &str = "v6";
 
 /// How many ztunnel addresses of each family the programs spread connections over

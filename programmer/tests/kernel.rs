@@ -28,7 +28,8 @@ fn entry(i: u64) -> (CgroupId, CgroupInfo) {
 
 /// Every program passes the verifier with room to spare: at most a quarter of the limit of
 /// processed instructions. Other kernels prune differently; a program near the limit here is
-/// the first one a kernel refuses (connect4's inlined cgroup walk reached ~680,000).
+/// the first one a kernel refuses (an inlined cgroup walk took connect4 most of the way there:
+/// BENCHMARKS.md, "Verifier instruction counts").
 #[test]
 fn every_program_verifies_within_a_quarter_of_the_verifier_limit() {
     if !testkit::require_root("every_program_verifies_within_a_quarter_of_the_verifier_limit") {

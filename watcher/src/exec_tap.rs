@@ -13,7 +13,7 @@
 //! record not newer than itself: the records after it are of later execs (whose events are
 //! still queued in the socket), the ones before it are of execs whose events were handled
 //! already (without them, e.g. from `/proc`) and are dropped. No record for an event (the ring
-//! was full, the tap is absent) means `/proc` is read as before.
+//! was full, the tap is absent) means the facts are read from `/proc` instead.
 
 use std::collections::HashMap;
 use std::time::Duration;

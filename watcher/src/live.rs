@@ -5,7 +5,7 @@
 //! loaded: its record gives the cgroup id and the network namespace without a /proc read, the
 //! cgroup's path comes from a cache by id (read from `/proc/PID/cgroup` once per cgroup), the
 //! addresses from [`ProcReader`]'s cache by namespace. Without the tap, or for an exec whose
-//! record is missing, they are read from /proc as before. The counters say which.
+//! record is missing, they are read from /proc ([`ProcReader`]). The counters say which.
 //!
 //! Order of a run: subscribe (checked by the kernel's ACK), then one scan of /proc (a
 //! [`ProcEvent::Scan`]), then the events. When the kernel drops events (ENOBUFS) the source
@@ -45,9 +45,9 @@ pub struct LiveConfig {
     /// Where the cgroup2 hierarchy is mounted (cgroup ids are the inodes of directories below
     /// it). `None`: the first cgroup2 mount of `/proc/self/mountinfo`.
     pub cgroup_root: Option<std::path::PathBuf>,
-    /// Read `/proc/PID/comm` for exec events too (informative only: it costs about a fifth of
-    /// an exec's /proc reads, so the agent leaves it out; `zbridge record` keeps it for the
-    /// person who reads the recording). Scans always carry it.
+    /// Read `/proc/PID/comm` for exec events too (informative only: it costs one more open and
+    /// read per exec, so the agent leaves it out; `zbridge record` keeps it for the person who
+    /// reads the recording). Scans always carry it.
     pub exec_comm: bool,
     /// Take the facts of execs from the exec tap (a BPF program on the `sched_process_exec`
     /// tracepoint) instead of reading /proc for each. If it cannot be loaded (no CAP_BPF and

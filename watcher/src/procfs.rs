@@ -1,19 +1,20 @@
 //! Reading the facts of a process from /proc: cgroup v2 path and id, netns, addresses.
 //!
-//! This runs once per exec event, machine-wide, so every read is the cheapest syscall that gives
-//! the fact (each costs 2 to 7 µs on a VM; see BENCHMARKS.md, "Watcher"): the cgroup file with
-//! plain `read` calls into a reused buffer; the cgroup id by `fstatat` relative to an open
-//! directory of the cgroup2 root (no walk of `/sys/fs/cgroup/...` each time); the netns inode
-//! from `readlink` of `ns/net` (`net:[INODE]`: half the cost of a `stat`, which makes the kernel
-//! open the namespace file); the addresses of each network namespace cached; `comm` (informative
-//! only) left out of exec events unless asked for. A process that is gone before it could be
-//! read is normal (about a fifth of short-lived ones): its facts come back with `None` fields.
+//! Without the exec tap this runs once per exec event, machine-wide, so every read is the
+//! cheapest syscall that gives the fact (their cost: BENCHMARKS.md, "Watcher", "Decode and
+//! /proc facts"): the cgroup file with plain `read` calls into a reused buffer; the cgroup id by
+//! `fstatat` relative to an open directory of the cgroup2 root (no walk of `/sys/fs/cgroup/...`
+//! each time); the netns inode from `readlink` of `ns/net` (`net:[INODE]`: cheaper than a
+//! `stat`, which makes the kernel open the namespace file); the addresses of each network
+//! namespace cached; `comm` (informative only) left out of exec events unless asked for. A
+//! process that is gone before it could be read is normal (short-lived ones often are): its
+//! facts come back with `None` fields.
 //!
 //! The scan lists processes with the `procfs` crate (`all_processes_with_root`), whose
 //! [`procfs::process::Process`] holds the `/proc/PID` directory open: the scan's cgroup and
 //! `comm` reads go through it, so they come from the listed process even if its pid is reused
-//! meanwhile. That costs one open per process (about 1.7 µs, a tenth of a scan); the per-exec
-//! path has no listing and reads by path.
+//! meanwhile. That costs one open per process, a small part of a scan; the per-exec path has no
+//! listing and reads by path.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -147,8 +148,8 @@ impl ProcReader {
         self.read_facts_as_asked(pid, true)
     }
 
-    /// [`ProcReader::read_facts`] without `comm` (informative only, and a fifth of the cost):
-    /// what an exec event needs.
+    /// [`ProcReader::read_facts`] without `comm` (informative only, and one open and read
+    /// fewer): what an exec event needs.
     pub fn read_facts_without_comm(&mut self, pid: Pid) -> ProcFacts {
         self.read_facts_as_asked(pid, false)
     }

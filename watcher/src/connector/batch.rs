@@ -36,8 +36,8 @@ pub const FAST_WAKEUP: Duration = Duration::from_millis(1);
 /// Blocking waits in a row that must each return within [`FAST_WAKEUP`] before the reader
 /// starts sleeping windows. One is not enough: a single process's fork and exit, or exec and
 /// exit, come within a millisecond under light load too, and a window after them finds the
-/// socket empty, which costs a timer wake-up and delays the next event (measured at 400
-/// events/s: twice the CPU per event and 2.5 times the p99 latency with one).
+/// socket empty, which costs a timer wake-up and delays the next event (measured under light
+/// load: BENCHMARKS.md, "What was tried").
 pub const STORM_AFTER: u32 = 3;
 /// The longest coalescing window used: a longer one is cut to this, so that a stop request
 /// (looked at between receives) is still honoured within the window plus the receive timeout.
