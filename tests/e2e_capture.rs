@@ -263,7 +263,11 @@ fn direct_connects_to_capture_ports_are_refused() {
     // arrived, and nothing keeps arriving (its count stays flat for 5 s).
     for _ in 0..5 {
         std::thread::sleep(std::time::Duration::from_secs(1));
-        assert_eq!(world.ztunnel().drain(), vec![], "a capture port was reached");
+        assert_eq!(
+            world.ztunnel().drain(),
+            vec![],
+            "a capture port was reached"
+        );
     }
     // A redirected connection on each port afterwards: the first thing ztunnel accepted on
     // either is that one (anything before would have been a refused connect let through).
