@@ -86,7 +86,7 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "PATH",
-        default_value = "/var/run/ztunnel/ztunnel.sock",
+        default_value = zds::DEFAULT_SOCKET,
         conflicts_with = "standalone"
     )]
     pub zds_socket: PathBuf,

@@ -8,6 +8,10 @@
 //! of the resolver beside the programmer: it is told which pods to serve ([`Command`]) and
 //! reports acks ([`Event::Acked`]), after which the agent enrols the pod. It knows no BPF maps.
 
+/// Where ztunnel looks for the node agent's ZDS socket unless told otherwise (its
+/// `ZTUNNEL_SOCKET`; Istio's default).
+pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
+
 pub mod netns;
 pub mod proto;
 pub mod server;

@@ -31,7 +31,7 @@ pub use object::check_bpf_object;
 
 /// Where ztunnel looks for its node agent's ZDS socket; `zbridge run --zds-socket` and
 /// `zbridge doctor --zds-socket` default to it.
-pub const DEFAULT_ZDS_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
+pub const DEFAULT_ZDS_SOCKET: &str = zds::DEFAULT_SOCKET;
 
 /// Flags of `zbridge doctor`.
 #[derive(Debug, clap::Args)]
