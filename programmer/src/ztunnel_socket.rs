@@ -18,6 +18,7 @@ const SIOCGSKNS: libc::c_ulong = 0x894C;
 pub fn take_listener(pid: i32, netns_inode: u64, port: u16) -> io::Result<Option<OwnedFd>> {
     let pidfd = pidfd_open(pid)?;
     let dir = format!("/proc/{pid}/fd");
+    let mut sockets: Vec<RawFd> = Vec::new();
     for entry in std::fs::read_dir(&dir)? {
         let Ok(entry) = entry else { continue };
         // Only sockets: the link reads `socket:[INODE]`. A descriptor closed meanwhile is
@@ -30,13 +31,19 @@ pub fn take_listener(pid: i32, netns_inode: u64, port: u16) -> io::Result<Option
                     .starts_with(b"socket:") => {}
             _ => continue,
         }
-        let Some(fd) = entry
+        if let Some(fd) = entry
             .file_name()
             .to_str()
             .and_then(|n| n.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
+        {
+            sockets.push(fd);
+        }
+    }
+    // Newest first: the listener asked for was opened just before ztunnel's ack, and a
+    // ztunnel serving many pods holds many sockets; each one looked at costs a duplicate and
+    // two queries.
+    sockets.sort_unstable_by(|a, b| b.cmp(a));
+    for fd in sockets {
         let Ok(dup) = pidfd_getfd(&pidfd, fd) else {
             continue;
         };
