@@ -8,6 +8,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod mesh;
 pub mod netns;
+pub mod zds_ztunnel;
 pub mod ztunnel;
 
 pub use apiserver::FakeApiServer;
@@ -15,6 +16,7 @@ pub use bpffs::BpfFs;
 pub use cgroup::TestCgroup;
 pub use mesh::Mesh;
 pub use netns::NetNs;
+pub use zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 pub use ztunnel::FakeZtunnel;
 
 /// Whether a privileged test may run. Not root: prints why the test is skipped and returns

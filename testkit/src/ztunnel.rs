@@ -43,10 +43,26 @@ impl Helper {
         args: &[String],
     ) -> std::io::Result<Self> {
         let mut cmd = Command::new(helper_path());
+        ns.place(&mut cmd, cgroup, path)?;
+        Self::spawn_command(cmd, args)
+    }
+
+    /// Spawns `zbt-net ARGS` in `cgroup`/`path`, in the test process's own network namespace
+    /// (the host's, for a process such as in-pod ztunnel that enters namespaces itself).
+    pub fn spawn_in_cgroup(
+        cgroup: &TestCgroup,
+        path: &str,
+        args: &[String],
+    ) -> std::io::Result<Self> {
+        let mut cmd = Command::new(helper_path());
+        cgroup.joiner(path).apply(&mut cmd);
+        Self::spawn_command(cmd, args)
+    }
+
+    fn spawn_command(mut cmd: Command, args: &[String]) -> std::io::Result<Self> {
         cmd.args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        ns.place(&mut cmd, cgroup, path)?;
         let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, lines) = std::sync::mpsc::channel();
@@ -78,6 +94,11 @@ impl Helper {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The exit status, if the process has exited (it is reaped then).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
 }
 
 impl Drop for Helper {
@@ -88,7 +109,7 @@ impl Drop for Helper {
 }
 
 /// `key=value` fields of a helper line.
-fn fields(line: &str) -> HashMap<&str, &str> {
+pub(crate) fn fields(line: &str) -> HashMap<&str, &str> {
     line.split_whitespace()
         .filter_map(|f| f.split_once('='))
         .collect()
@@ -108,7 +129,7 @@ pub struct Accepted {
 }
 
 impl Accepted {
-    fn parse(line: &str) -> Option<Accepted> {
+    pub(crate) fn parse(line: &str) -> Option<Accepted> {
         let rest = line.strip_prefix("accept ")?;
         let f = fields(rest);
         let orig = if let Some(o) = f.get("orig") {
