@@ -549,3 +549,116 @@ fn a_fake_that_never_acks_still_reports() {
         "a --no-ack fake answered"
     );
 }
+
+#[test]
+fn a_message_over_ztunnels_1024_bytes_is_refused_as_truncated() {
+    if !testkit::require_root("a_message_over_ztunnels_1024_bytes_is_refused_as_truncated") {
+        return;
+    }
+    let mut world = World::new(InPodOptions::default());
+    // An unknown field 4 of 1100 bytes (length as a two-byte varint): well-formed, too long.
+    let mut message = vec![4 << 3 | 2, 0x80 | (1100 & 0x7f) as u8, (1100 >> 7) as u8];
+    message.resize(3 + 1100, b'a');
+    world.conn.send(&message, None);
+    assert_eq!(world.conn.recv(WAIT), Some(Vec::new()));
+    let error = world.wait_for("error", |e| matches!(e, ZdsEvent::Error(_)));
+    assert!(
+        matches!(&error, ZdsEvent::Error(text) if text.contains("truncated")),
+        "{error:?}"
+    );
+    assert_eq!(
+        world.fake.exit_status(WAIT).unwrap().and_then(|s| s.code()),
+        Some(3)
+    );
+}
+
+#[test]
+fn pass_through_proxies_to_the_original_destination_from_the_pod_with_ztunnels_mark() {
+    if !testkit::require_root(
+        "pass_through_proxies_to_the_original_destination_from_the_pod_with_ztunnels_mark",
+    ) {
+        return;
+    }
+    let world = World::new(InPodOptions {
+        pass_through: true,
+        ..InPodOptions::default()
+    });
+    let pod = NetNs::new("zds-pass").unwrap();
+    // istio-cni's capture, reduced: the pod's connects to port 9999 go to 15001, except
+    // ztunnel's own (mark 1337), which would otherwise come back to 15001 for ever.
+    pod.exec(
+        "iptables",
+        &[
+            "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "1337", "-j",
+            "RETURN",
+        ],
+    )
+    .unwrap();
+    pod.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9999",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    )
+    .unwrap();
+    let service = pod
+        .in_thread(|| std::net::TcpListener::bind("127.0.0.1:9999"))
+        .unwrap()
+        .unwrap();
+    let served = std::thread::spawn(move || {
+        let (mut s, peer) = service.accept().unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        s.write_all(b"S").unwrap();
+        peer
+    });
+    let netns = pod.file().unwrap();
+    let error = world.conn.request(
+        &add("uid-p", "pod-p", "apps", "default"),
+        Some(netns.as_raw_fd()),
+    );
+    assert_eq!(error, "");
+
+    // The service's answer comes back through the fake.
+    assert_eq!(
+        tcp_exchange(&pod, sa("127.0.0.1:9999"), b"x").unwrap(),
+        b"S"
+    );
+    let peer = served.join().unwrap();
+    let accepted = world.wait_for("accept", |e| matches!(e, ZdsEvent::Accepted { .. }));
+    let ZdsEvent::Accepted { uid, accepted } = accepted else {
+        unreachable!()
+    };
+    assert_eq!(uid, "uid-p");
+    assert_eq!(accepted.orig, Some(Ok(sa("127.0.0.1:9999"))));
+    assert_eq!(accepted.upstream, Some(Ok(peer)));
+    // One connection only: the onward one was not captured again.
+    std::thread::sleep(Duration::from_millis(200));
+    let more: Vec<_> = world
+        .fake
+        .drain()
+        .into_iter()
+        .filter(|e| matches!(e, ZdsEvent::Accepted { .. }))
+        .collect();
+    assert_eq!(more, [], "the onward connect was captured again");
+
+    // Without an original destination the fake falls back to the listener itself, and
+    // refuses that as ztunnel does (ELOOP), closing the connection.
+    assert!(tcp_exchange(&pod, sa("[::1]:15001"), b"x").is_err());
+    let refused = world.wait_for("accept", |e| matches!(e, ZdsEvent::Accepted { .. }));
+    let ZdsEvent::Accepted { accepted, .. } = refused else {
+        unreachable!()
+    };
+    assert_eq!(accepted.upstream, Some(Err(libc::ELOOP)));
+}
