@@ -1144,17 +1144,25 @@ fn open_in_netns(
         prepare_listener(s.as_raw_fd())?;
         udps.push(s);
     }
+    // Duplicates first: once a thread runs, nothing may fail any more (it would run on).
     let mut sockets: Vec<OwnedFd> = Vec::new();
+    for fd in listeners
+        .iter()
+        .map(|(l, _)| l.as_raw_fd())
+        .chain(udps.iter().map(|s| s.as_raw_fd()))
+    {
+        // SAFETY: a descriptor owned by a socket alive for this whole loop.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        sockets.push(borrowed.try_clone_to_owned().map_err(|e| e.to_string())?);
+    }
     let mut threads = Vec::new();
     for (listener, role) in listeners {
-        sockets.push(listener.try_clone().map_err(|e| e.to_string())?.into());
         let (uid, stop) = (uid.to_string(), stop.clone());
         threads.push(std::thread::spawn(move || {
             accept_loop(listener, role, &uid, &stop, style)
         }));
     }
     for socket in udps {
-        sockets.push(socket.try_clone().map_err(|e| e.to_string())?.into());
         let (uid, stop) = (uid.to_string(), stop.clone());
         threads.push(std::thread::spawn(move || {
             dns_udp_loop(socket, &uid, &stop)
