@@ -44,7 +44,12 @@
 //! still reports and opens listeners). A protocol violation (undecodable message, no payload,
 //! a truncated message, an `add` without its descriptor, another message with one) is
 //! reported on an `error` line and ends the process with status 3, dropping the connection
-//! as ztunnel drops it. Strings in lines are `%XX`-escaped outside `[A-Za-z0-9._:/-]`.
+//! as ztunnel drops it. A second `add` of a UID the fake holds replaces it (its listeners
+//! move to the new namespace). `--pass-through`: 15001 and 15006 connect onward to the
+//! original destination (or, unanswered, the socket's local address, as ztunnel falls back)
+//! from the pod's namespace, marked 1337, 15006 bound to the client's address, and proxy;
+//! a destination that is the listener itself on loopback is refused with errno 40 (ELOOP).
+//! Strings in lines are `%XX`-escaped outside `[A-Za-z0-9._:/-]`.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
