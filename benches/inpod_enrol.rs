@@ -23,8 +23,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use programmer::{KernelMaps, MapBackend};
-use testkit::inpod_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 use testkit::mesh::{self, Mesh};
+use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 use testkit::ztunnel::{self, Helper, Outcome};
 use testkit::{BpfFs, NetNs};
 
@@ -121,7 +121,7 @@ fn main() {
         );
     }
     let mut agent = agent.spawn().expect("spawn zbridge");
-    let fake = InPodZtunnel::start(&mesh.cgroup, &mesh.ztunnel, &zds, &InPodOptions::default())
+    let fake = InPodZtunnel::start(&mesh.cgroup, &mesh.ztunnel, &zds, InPodOptions::default())
         .expect("fake in-pod ztunnel");
     // Wait until the agent has its maps pinned.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -153,7 +153,7 @@ fn main() {
         let deadline = t0 + Duration::from_secs(10);
         while !entered(id) {
             if added.is_none() {
-                if let Some(ZdsEvent::Add { .. }) = fake.next(Duration::from_micros(200)) {
+                if let Some(ZdsEvent::Add { .. }) = fake.next_event(Duration::from_micros(200)) {
                     added = Some(t0.elapsed());
                 }
             } else {
@@ -163,7 +163,7 @@ fn main() {
         }
         to_entry.push(t0.elapsed());
         if added.is_none() {
-            if let Some(ZdsEvent::Add { .. }) = fake.next(Duration::from_secs(1)) {
+            if let Some(ZdsEvent::Add { .. }) = fake.next_event(Duration::from_secs(1)) {
                 added = Some(t0.elapsed());
             }
         }

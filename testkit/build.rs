@@ -7,8 +7,6 @@ use std::process::Command;
 fn main() {
     let source = "helper/zbt_net.rs";
     println!("cargo:rerun-if-changed={source}");
-    // Its modules (`mod inpod;` is helper/inpod.rs).
-    println!("cargo:rerun-if-changed=helper");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("zbt-net");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let status = Command::new(&rustc)

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use e2e_support::{World, POD_PORT};
-use testkit::inpod_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 use testkit::mesh::{self, POD4, POD6, SERVICE4, SERVICE6};
+use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 use testkit::ztunnel::{self, Outcome};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -62,10 +62,18 @@ fn inpod_entry(world: &World) -> bool {
     })
 }
 
+/// The fake's next event that `want` matches, failing with every event seen.
+fn wait(fake: &InPodZtunnel, what: &str, want: impl FnMut(&ZdsEvent) -> bool) -> ZdsEvent {
+    fake.wait_for(WAIT, want).unwrap_or_else(|seen| {
+        panic!("fake in-pod ztunnel: no {what} within {WAIT:?}; saw {seen:?}")
+    })
+}
+
 fn accepted_on(fake: &InPodZtunnel, port: u16) -> testkit::ztunnel::Accepted {
-    match fake.wait_for(
-        WAIT,
-        &format!("a connection on {port}"),
+    let what = format!("a connection on {port}");
+    match wait(
+        fake,
+        &what,
         |e| matches!(e, ZdsEvent::Accepted { accepted, .. } if accepted.local.port() == port),
     ) {
         ZdsEvent::Accepted { uid, accepted } => {
@@ -90,12 +98,14 @@ fn inpod_outbound_inbound_and_release_through_zds() {
         &world.mesh.cgroup,
         &world.mesh.ztunnel,
         &zds,
-        &InPodOptions::default(),
+        InPodOptions::default(),
     )
     .expect("fake in-pod ztunnel");
 
     // The pod, with the namespace of its process and its identity.
-    let add = fake.wait_for(WAIT, "the pod's add", |e| matches!(e, ZdsEvent::Add { .. }));
+    let add = wait(&fake, "the pod's add", |e| {
+        matches!(e, ZdsEvent::Add { .. })
+    });
     assert_eq!(
         add,
         ZdsEvent::Add {
@@ -103,7 +113,7 @@ fn inpod_outbound_inbound_and_release_through_zds() {
             namespace: "e2e".into(),
             name: "app".into(),
             service_account: "default".into(),
-            netns: pod_netns_inode(&world),
+            netns_inode: pod_netns_inode(&world),
         }
     );
     // (The snapshot's end may come before the add: ztunnel can connect before the agent
@@ -174,7 +184,7 @@ fn inpod_outbound_inbound_and_release_through_zds() {
     // told; and its inbound reaches the app again.
     world.write_workloads(&file(&world, &zds, false));
     world.agent.as_ref().unwrap().signal(libc::SIGHUP);
-    fake.wait_for(WAIT, "the pod's del", |e| {
+    wait(&fake, "the pod's del", |e| {
         *e == ZdsEvent::Del { uid: app_uid() }
     });
     let id = world.mesh.id(&world.mesh.app);
@@ -204,14 +214,16 @@ fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
         nack: vec![(app_uid(), 1)],
         ..InPodOptions::default()
     };
-    let first = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, &options)
+    let first = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, options)
         .expect("fake in-pod ztunnel");
-    first.wait_for(WAIT, "the refusal", |e| {
-        *e == ZdsEvent::Nack { uid: app_uid() }
-    });
+    wait(
+        &first,
+        "the refusal",
+        |e| matches!(e, ZdsEvent::Nack { uid, .. } if *uid == app_uid()),
+    );
     assert!(!inpod_entry(&world), "a refused pod is not enrolled");
     // Retried with backoff, acked, enrolled.
-    first.wait_for(WAIT, "the retried add", |e| {
+    wait(&first, "the retried add", |e| {
         matches!(e, ZdsEvent::Add { .. })
     });
     world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
@@ -237,13 +249,13 @@ fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
         &world.mesh.cgroup,
         &world.mesh.ztunnel,
         &zds,
-        &InPodOptions::default(),
+        InPodOptions::default(),
     )
     .expect("the restarted fake");
-    second.wait_for(WAIT, "the pod's add again", |e| {
+    wait(&second, "the pod's add again", |e| {
         matches!(e, ZdsEvent::Add { .. })
     });
-    second.wait_for(WAIT, "the snapshot's end", |e| *e == ZdsEvent::Snapshot);
+    wait(&second, "the snapshot's end", |e| *e == ZdsEvent::Snapshot);
     // The agent enrols the pod with the new listener right after the ack: retry briefly.
     let deadline = std::time::Instant::now() + WAIT;
     loop {

@@ -6,9 +6,9 @@
 pub mod apiserver;
 pub mod bpffs;
 pub mod cgroup;
-pub mod inpod_ztunnel;
 pub mod mesh;
 pub mod netns;
+pub mod zds_ztunnel;
 pub mod ztunnel;
 
 pub use apiserver::FakeApiServer;
@@ -16,6 +16,7 @@ pub use bpffs::BpfFs;
 pub use cgroup::TestCgroup;
 pub use mesh::Mesh;
 pub use netns::NetNs;
+pub use zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 pub use ztunnel::FakeZtunnel;
 
 /// Whether a privileged test may run. Not root: prints why the test is skipped and returns

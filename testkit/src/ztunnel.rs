@@ -44,25 +44,22 @@ impl Helper {
     ) -> std::io::Result<Self> {
         let mut cmd = Command::new(helper_path());
         ns.place(&mut cmd, cgroup, path)?;
-        Helper::spawn_placed(cmd, args)
+        Self::spawn_command(cmd, args)
     }
 
-    /// Spawns `zbt-net ARGS` in `cgroup`/`path`, in this process's network namespace.
+    /// Spawns `zbt-net ARGS` in `cgroup`/`path`, in the test process's own network namespace
+    /// (the host's, for a process such as in-pod ztunnel that enters namespaces itself).
     pub fn spawn_in_cgroup(
         cgroup: &TestCgroup,
         path: &str,
         args: &[String],
     ) -> std::io::Result<Self> {
         let mut cmd = Command::new(helper_path());
-        let join = cgroup.pre_exec_join(path);
-        // SAFETY: the hook only writes to cgroup.procs.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, join);
-        }
-        Helper::spawn_placed(cmd, args)
+        cgroup.joiner(path).apply(&mut cmd);
+        Self::spawn_command(cmd, args)
     }
 
-    fn spawn_placed(mut cmd: Command, args: &[String]) -> std::io::Result<Self> {
+    fn spawn_command(mut cmd: Command, args: &[String]) -> std::io::Result<Self> {
         cmd.args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -96,6 +93,11 @@ impl Helper {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The exit status, if the process has exited (it is reaped then).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
     }
 }
 
