@@ -319,7 +319,9 @@ impl Node {
         let log = self.dir.path().join("agent.log");
         let name = self.name.clone();
         let agent = Agent::spawn(&self.mesh, &self.pin_dir(), log, |cmd| {
-            cmd.arg("--kubeconfig")
+            // These tests' ztunnel listens in its own namespace (node mode); in-pod mode, the
+            // default, is tested by tests/e2e_inpod.rs.
+            cmd.args(["--ztunnel-mode", "node", "--kubeconfig"])
                 .arg(kubeconfig)
                 .env_remove("NODE_NAME")
                 .env_remove("KUBECONFIG");
