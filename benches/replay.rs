@@ -1,5 +1,5 @@
 //! Replay throughput: `zbridge replay` (release build) on generated recordings
-//! (resolver::testgen) of two node shapes, 1,000,000 and 2,000,000 records each: process-heavy
+//! (testkit::testgen) of two node shapes, 1,000,000 and 2,000,000 records each: process-heavy
 //! (500 pods, 20,000 processes, few Kubernetes changes) and kube-heavy (3,000 pods, 20,000
 //! processes, pod records about 15% and namespace changes about 2% of the records).
 //! Prints records per second (median of 3 runs, wall clock, the whole process: reading,
@@ -13,7 +13,7 @@ use std::io::{BufWriter, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use resolver::testgen::{GenConfig, Generator};
+use testkit::testgen::{GenConfig, Generator};
 
 /// A node shape: its generator configuration for a number of records.
 type Shape = fn(u64) -> GenConfig;

@@ -112,7 +112,7 @@ fn pod(n: u32, name: &str) -> Value {
 }
 
 fn kube(action: KubeAction, object: Value) -> Input {
-    let change = resolver::kube_record_to_change(&KubeRecord { action, object }).unwrap();
+    let change = kubecache::record::kube_record_to_change(&KubeRecord { action, object }).unwrap();
     Input::Kube(change)
 }
 

@@ -1,10 +1,10 @@
-//! Differential test: random recordings (resolver::testgen) through `zbridge replay` agree with
+//! Differential test: random recordings (testkit::testgen) through `zbridge replay` agree with
 //! the generator's own, independent model of the node, for thousands of seeds.
 
 use std::io::Write;
 use std::process::Command;
 
-use resolver::testgen::{GenConfig, Generator};
+use testkit::testgen::{GenConfig, Generator};
 
 /// Seeds per run; `ZBRIDGE_DIFF_SEEDS` raises it (e.g. for a long soak).
 fn seeds() -> u64 {

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use crate::kube_record::{NamespaceFacts, PodFacts};
+use crate::facts::{NamespaceFacts, PodFacts};
 use crate::update::Role;
 
 /// The value of `istio.io/dataplane-mode` that opts in.

@@ -1,23 +1,21 @@
-//! What the resolver is told: process events, Kubernetes objects, and the standalone file.
+//! What the resolver is told: process events, and the facts of pods and namespaces.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 use watcher::ProcEvent;
 
-/// A pod or namespace object from the kube cache (or a recording's `kube` record).
-#[derive(Debug, Clone, PartialEq)]
-pub enum KubeObject {
-    Pod(Box<Pod>),
-    Namespace(Box<Namespace>),
-}
+use crate::facts::{NamespaceFacts, PodFacts};
 
-/// A change seen by the kube cache.
+/// A change of the node's Kubernetes picture, as the kube cache (or a recording's `kube`
+/// record) reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KubeChange {
-    /// Added or modified: replaces any earlier version of the object (pods by
-    /// `metadata.uid`, namespaces by `metadata.name`).
-    Apply(KubeObject),
-    /// Removed; only the identifying metadata needs to be set.
-    Delete(KubeObject),
+    /// A pod added or modified: replaces any earlier facts of the pod with the same uid.
+    ApplyPod(PodFacts),
+    /// A pod removed.
+    DeletePod { uid: String },
+    /// A namespace added or modified: replaces any earlier facts of the namespace.
+    ApplyNamespace { name: String, facts: NamespaceFacts },
+    /// A namespace removed.
+    DeleteNamespace { name: String },
     /// The initial list of pods and namespaces is complete (a relist completing counts too).
     Synced,
 }

@@ -17,8 +17,8 @@ use watcher::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts};
 
 use crate::cgroup_path::{parse_cgroup_path, CgroupKind};
 use crate::decide::{Decision, Rules};
-use crate::input::{Input, KubeChange, KubeObject};
-use crate::kube_record::{NamespaceFacts, PodFacts};
+use crate::facts::{NamespaceFacts, PodFacts};
+use crate::input::{Input, KubeChange};
 use crate::update::{Capture, Enrolment, Identity, PodName, Role, Update};
 use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads, ZtunnelMode};
 
@@ -883,37 +883,35 @@ impl Resolver {
 
     fn handle_kube(&mut self, change: KubeChange, out: &mut Vec<Update>) {
         match change {
-            KubeChange::Apply(KubeObject::Pod(pod)) => match PodFacts::of(&pod) {
-                Some(facts) if facts.node.as_deref() == Some(self.config.node.as_str()) => {
+            KubeChange::ApplyPod(facts) if facts.uid.is_empty() => {
+                warn!("a pod without metadata.uid was ignored")
+            }
+            KubeChange::ApplyPod(facts) => {
+                if facts.node.as_deref() == Some(self.config.node.as_str()) {
                     self.set_pod(facts.uid.clone().into_boxed_str(), Some(facts), out)
-                }
-                Some(facts) => {
+                } else {
                     // Not on this node: forget it if it was (a recording may say so).
                     self.set_pod(facts.uid.into_boxed_str(), None, out)
                 }
-                None => warn!("a pod without metadata.uid was ignored"),
-            },
-            KubeChange::Delete(KubeObject::Pod(pod)) => match pod.metadata.uid.as_deref() {
-                Some(uid) if !uid.is_empty() => self.set_pod(uid.into(), None, out),
-                _ => warn!("a pod delete without metadata.uid was ignored"),
-            },
-            KubeChange::Apply(KubeObject::Namespace(ns)) => {
-                let Some(name) = ns.metadata.name.clone() else {
-                    warn!("a namespace without metadata.name was ignored");
-                    return;
-                };
-                let facts = NamespaceFacts::of(&ns);
+            }
+            KubeChange::DeletePod { uid } if uid.is_empty() => {
+                warn!("a pod delete without metadata.uid was ignored")
+            }
+            KubeChange::DeletePod { uid } => self.set_pod(uid.into_boxed_str(), None, out),
+            KubeChange::ApplyNamespace { name, .. } if name.is_empty() => {
+                warn!("a namespace without metadata.name was ignored")
+            }
+            KubeChange::ApplyNamespace { name, facts } => {
                 if self.namespaces.get(&name) != Some(&facts) {
                     debug!("namespace {name}: {facts:?}");
                     self.namespaces.insert(name.clone(), facts);
                     self.recompute_namespace(&name, out);
                 }
             }
-            KubeChange::Delete(KubeObject::Namespace(ns)) => {
-                let Some(name) = ns.metadata.name.clone() else {
-                    warn!("a namespace delete without metadata.name was ignored");
-                    return;
-                };
+            KubeChange::DeleteNamespace { name } if name.is_empty() => {
+                warn!("a namespace delete without metadata.name was ignored")
+            }
+            KubeChange::DeleteNamespace { name } => {
                 if self.namespaces.remove(&name).is_some() {
                     self.recompute_namespace(&name, out);
                 }

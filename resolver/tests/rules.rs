@@ -384,29 +384,6 @@ fn synced_waits_for_both_the_scan_and_the_kube_cache() {
         .any(|u| matches!(u, Update::SetZtunnel { ips } if ips.is_empty())));
 }
 
-#[test]
-fn kube_records_name_the_bad_field() {
-    use watcher::{KubeAction, KubeRecord};
-    let bad = |object| {
-        resolver::kube_record_to_change(&KubeRecord {
-            action: KubeAction::Apply,
-            object,
-        })
-        .unwrap_err()
-        .to_string()
-    };
-    let e = bad(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"}}));
-    assert!(e.contains("metadata.uid"), "{e}");
-    let e = bad(
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"uid": uid(1)}, "spec": {"hostNetwork": "yes", "containers": []}}),
-    );
-    assert!(e.contains("spec.hostNetwork"), "{e}");
-    let e = bad(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}}));
-    assert!(e.contains("kind") && e.contains("Service"), "{e}");
-    let e = bad(json!({"kind": "Pod", "metadata": {"uid": uid(1)}}));
-    assert!(e.contains("apiVersion"), "{e}");
-}
-
 /// "No ztunnel" is not said before the first full picture: the address a previous run pinned
 /// stays in force while the kube cache lists, and is cleared at `Synced` only if still none.
 #[test]

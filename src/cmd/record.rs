@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, select, Receiver};
-use resolver::kube::KubeCache;
-use resolver::{Input, KubeChange, KubeObject};
+use kubecache::record::change_record;
+use kubecache::{Change, KubeCache};
 use watcher::live::{monotonic_now_ns, LiveConfig, LiveSource};
 use watcher::recording::{Header, RecordingWriter};
-use watcher::{EventSource, KubeAction, KubeRecord, Record, SourceError, TimedRecord};
+use watcher::{EventSource, Record, SourceError, TimedRecord};
 
 /// How often what was recorded is pushed to the file, so that a recording cut short (the
 /// process killed) keeps what came before.
@@ -97,7 +97,11 @@ pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let kube_config = if args.standalone {
         None
     } else {
-        Some(load_kube_config(args.kubeconfig.as_deref())?)
+        let loaded = kubecache::config::load(args.kubeconfig.as_deref()).context(
+            "recording pods and namespaces needs a Kubernetes client configuration (to record \
+             processes only, pass --standalone)",
+        )?;
+        Some(loaded.config)
     };
 
     // Recording time zero: every ts is nanoseconds since this moment.
@@ -141,7 +145,7 @@ pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
 
     // The kube cache starts before the watcher's thread so that neither stream waits for the
     // other; its changes queue until the writer takes them.
-    let (kube_tx, kube_rx) = bounded::<Input>(KUBE_QUEUE);
+    let (kube_tx, kube_rx) = bounded::<Change>(KUBE_QUEUE);
     let mut cache = match kube_config {
         Some(config) => Some(
             KubeCache::start(config, &node, kube_tx)
@@ -206,7 +210,7 @@ pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let drained = match &result {
         Ok(()) => kube_rx
             .try_iter()
-            .try_for_each(|input| out.write_kube(input)),
+            .try_for_each(|change| out.write_kube(change)),
         Err(_) => Ok(()),
     };
     let Output {
@@ -251,7 +255,7 @@ impl<W: std::io::Write> Output<'_, W> {
     fn run(
         &mut self,
         proc_rx: &Receiver<ProcItem>,
-        kube_rx: &Receiver<Input>,
+        kube_rx: &Receiver<Change>,
     ) -> anyhow::Result<()> {
         let mut kube_open = true;
         let mut last_flush = Instant::now();
@@ -271,8 +275,8 @@ impl<W: std::io::Write> Output<'_, W> {
                     Ok(Err(e)) => return Err(e).context("watching processes failed"),
                     Err(_) => return Ok(()),
                 },
-                recv(kube) -> input => match input {
-                    Ok(input) => self.write_kube(input)?,
+                recv(kube) -> change => match change {
+                    Ok(change) => self.write_kube(change)?,
                     Err(_) => kube_open = false,
                 },
                 default(FLUSH_INTERVAL) => {}
@@ -287,12 +291,8 @@ impl<W: std::io::Write> Output<'_, W> {
     }
 
     /// Writes a kube cache change, stamped with its arrival time.
-    fn write_kube(&mut self, input: Input) -> anyhow::Result<()> {
-        let Input::Kube(change) = input else {
-            // The kube cache sends nothing else.
-            return Ok(());
-        };
-        let record = kube_change_record(change)
+    fn write_kube(&mut self, change: Change) -> anyhow::Result<()> {
+        let record = change_record(change)
             .with_context(|| format!("writing {}: a kube object", self.path.display()))?;
         let ts = monotonic_now_ns().saturating_sub(self.zero);
         self.kube_records += 1;
@@ -311,55 +311,6 @@ impl<W: std::io::Write> Output<'_, W> {
         self.records += 1;
         Ok(())
     }
-}
-
-/// A kube cache change as a recording record: the object as the API server serves it
-/// (`apiVersion` and `kind` included), without `metadata.managedFields` (bookkeeping of the
-/// API server that nothing reads, and often the larger part of an object).
-pub fn kube_change_record(change: KubeChange) -> serde_json::Result<Record> {
-    let (action, object) = match change {
-        KubeChange::Apply(object) => (KubeAction::Apply, object),
-        KubeChange::Delete(object) => (KubeAction::Delete, object),
-        KubeChange::Synced => return Ok(Record::KubeSynced),
-    };
-    let object = match object {
-        KubeObject::Pod(mut pod) => {
-            pod.metadata.managed_fields = None;
-            serde_json::to_value(&*pod)?
-        }
-        KubeObject::Namespace(mut ns) => {
-            ns.metadata.managed_fields = None;
-            serde_json::to_value(&*ns)?
-        }
-    };
-    Ok(Record::Kube(KubeRecord { action, object }))
-}
-
-/// The client configuration: `--kubeconfig`, else the in-cluster service account, else
-/// KUBECONFIG or ~/.kube/config.
-fn load_kube_config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build a tokio runtime to read the Kubernetes configuration")?;
-    runtime.block_on(async {
-        match kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(file, &Default::default())
-                    .await
-                    .with_context(|| format!("cannot use the kubeconfig {}", path.display()))
-            }
-            None => match kube::Config::incluster() {
-                Ok(config) => Ok(config),
-                Err(_) => kube::Config::infer().await.context(
-                    "no Kubernetes configuration (not in a cluster, no kubeconfig): pass \
-                     --kubeconfig FILE, or record processes only with --standalone",
-                ),
-            },
-        }
-    })
 }
 
 fn host_name() -> std::io::Result<String> {

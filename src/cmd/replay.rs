@@ -127,14 +127,14 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
                 ts: timed.ts,
                 event,
             },
-            Record::Kube(kube) => {
-                Input::Kube(resolver::kube_record_to_change(&kube).with_context(|| {
+            Record::Kube(kube) => Input::Kube(
+                kubecache::record::kube_record_to_change(&kube).with_context(|| {
                     format!(
                         "replay {path}: malformed recording: line {}: kube record",
                         reader.line()
                     )
-                })?)
-            }
+                })?,
+            ),
             Record::KubeSynced => Input::Kube(KubeChange::Synced),
         };
         resolver.handle(input, &mut updates);

@@ -24,9 +24,9 @@ use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, select};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
+use kubecache::status::StatusWriter;
+use kubecache::{KubeCache, KubeView};
 use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
-use resolver::kube::status::StatusWriter;
-use resolver::kube::{KubeCache, KubeView};
 use resolver::workloads::ZtunnelMode as ZtunnelModeInFile;
 use resolver::{Capture, CgroupIds, Resolver, ResolverConfig, Workloads};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -223,10 +223,13 @@ impl Mode {
                  Without Kubernetes, run --standalone --workloads FILE"
             ),
         };
-        let (config, source) = load_kube_config(args.kubeconfig.as_deref())?;
+        let loaded = kubecache::config::load(args.kubeconfig.as_deref()).context(
+            "Kubernetes mode needs a client configuration (without Kubernetes, run \
+             --standalone --workloads FILE)",
+        )?;
         Ok(Mode::Kubernetes {
-            config: Box::new(config),
-            source,
+            config: Box::new(loaded.config),
+            source: loaded.origin,
             node,
         })
     }
@@ -760,53 +763,6 @@ impl Drop for ApiProbe {
                 log::error!("the kube-probe thread panicked");
             }
         }
-    }
-}
-
-/// The Kubernetes client configuration: `--kubeconfig FILE`, else the in-cluster service
-/// account, else inferred ($KUBECONFIG, ~/.kube/config). Returns it with where it came from.
-fn load_kube_config(kubeconfig: Option<&Path>) -> anyhow::Result<(kube::Config, String)> {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
-    // Reading a kubeconfig is async in kube-rs; this runtime is gone before the kube cache
-    // starts (which must not start inside one).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building a tokio runtime to read the Kubernetes configuration")?;
-    match kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path)
-                .with_context(|| format!("--kubeconfig {}: cannot read it", path.display()))?;
-            let config = runtime
-                .block_on(kube::Config::from_custom_kubeconfig(
-                    file,
-                    &KubeConfigOptions::default(),
-                ))
-                .with_context(|| {
-                    format!(
-                        "--kubeconfig {}: cannot make a client configuration of it",
-                        path.display()
-                    )
-                })?;
-            Ok((config, format!("kubeconfig {}", path.display())))
-        }
-        None => match kube::Config::incluster() {
-            Ok(config) => Ok((config, "in-cluster service account".to_string())),
-            Err(incluster) => {
-                let config = runtime.block_on(kube::Config::infer()).with_context(|| {
-                    format!(
-                        "no Kubernetes configuration: not in a pod with a service account \
-                         ({incluster}), and none in $KUBECONFIG or ~/.kube/config; pass \
-                         --kubeconfig FILE, or run --standalone --workloads FILE without \
-                         Kubernetes"
-                    )
-                })?;
-                Ok((
-                    config,
-                    "inferred ($KUBECONFIG or ~/.kube/config)".to_string(),
-                ))
-            }
-        },
     }
 }
 

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use kubecache::status::StatusWriter;
 use programmer::{MapBackend, Programmer};
-use resolver::kube::status::StatusWriter;
 use resolver::{Input, PodName, Resolver, Role, Update, Workloads};
 use watcher::live::StopHandle;
 use watcher::{CgroupId, EventSource, ProcEvent, Record};
@@ -924,9 +924,7 @@ mod tests {
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
         }))
         .unwrap();
-        Input::Kube(resolver::KubeChange::Apply(resolver::KubeObject::Pod(
-            Box::new(pod),
-        )))
+        kubecache::Change::Apply(kubecache::Object::Pod(Box::new(pod))).into()
     }
 
     fn value(metrics: &Metrics, series: &str) -> Option<f64> {

@@ -1,4 +1,5 @@
-//! Fixtures for zbridge's privileged tests.
+//! Fixtures for zbridge's privileged tests, and random recordings for differential tests and
+//! benchmarks ([`testgen`]).
 //!
 //! Every fixture is a guard that removes what it made when dropped, also when the test fails.
 //! Names are unique per test and process, so tests run in parallel on a shared machine.
@@ -8,6 +9,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod mesh;
 pub mod netns;
+pub mod testgen;
 pub mod zds_ztunnel;
 pub mod ztunnel;
 

@@ -66,7 +66,7 @@ impl Harness {
     }
 
     pub fn kube(&mut self, action: KubeAction, object: Value) {
-        let change = resolver::kube_record_to_change(&KubeRecord { action, object })
+        let change = kubecache::record::kube_record_to_change(&KubeRecord { action, object })
             .expect("test objects are valid");
         self.feed(Input::Kube(change));
     }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use resolver::kube::KubeCache;
-use resolver::{Input, KubeChange, KubeObject};
+use kubecache::{Change, KubeCache, Object};
 use serde_json::json;
 use testkit::apiserver::RecordedRequest;
 use testkit::FakeApiServer;
@@ -46,15 +45,15 @@ fn namespace(name: &str, labels: serde_json::Value) -> Namespace {
 /// A short, comparable description of a change: ("apply"|"delete", "pod"|"ns", name, rv).
 type Seen = (&'static str, &'static str, String, String);
 
-fn describe(change: &KubeChange) -> Seen {
+fn describe(change: &Change) -> Seen {
     let (verb, object) = match change {
-        KubeChange::Apply(o) => ("apply", o),
-        KubeChange::Delete(o) => ("delete", o),
-        KubeChange::Synced => return ("synced", "", String::new(), String::new()),
+        Change::Apply(o) => ("apply", o),
+        Change::Delete(o) => ("delete", o),
+        Change::Synced => return ("synced", "", String::new(), String::new()),
     };
     let (kind, meta) = match object {
-        KubeObject::Pod(p) => ("pod", &p.metadata),
-        KubeObject::Namespace(n) => ("ns", &n.metadata),
+        Object::Pod(p) => ("pod", &p.metadata),
+        Object::Namespace(n) => ("ns", &n.metadata),
     };
     (
         verb,
@@ -76,28 +75,27 @@ fn rv_of_ns(n: &Namespace) -> String {
     n.metadata.resource_version.clone().unwrap()
 }
 
-fn next_change(rx: &Receiver<Input>) -> KubeChange {
+fn next_change(rx: &Receiver<Change>) -> Change {
     match rx.recv_timeout(DEADLINE) {
-        Ok(Input::Kube(change)) => change,
-        Ok(other) => panic!("the kube cache sent a non-kube input: {other:?}"),
+        Ok(change) => change,
         Err(e) => panic!("no kube change within {DEADLINE:?}: {e}"),
     }
 }
 
 /// The changes up to (not including) the `count`th `Synced`.
-fn changes_until_synced(rx: &Receiver<Input>, count: usize) -> Vec<KubeChange> {
+fn changes_until_synced(rx: &Receiver<Change>, count: usize) -> Vec<Change> {
     let mut changes = Vec::new();
     let mut synced = 0;
     while synced < count {
         match next_change(rx) {
-            KubeChange::Synced => synced += 1,
+            Change::Synced => synced += 1,
             change => changes.push(change),
         }
     }
     changes
 }
 
-fn set_of(changes: &[KubeChange]) -> BTreeSet<Seen> {
+fn set_of(changes: &[Change]) -> BTreeSet<Seen> {
     changes.iter().map(describe).collect()
 }
 
@@ -154,7 +152,7 @@ fn namespace_watches(requests: &[RecordedRequest]) -> Vec<&RecordedRequest> {
 struct Fixture {
     server: FakeApiServer,
     cache: KubeCache,
-    rx: Receiver<Input>,
+    rx: Receiver<Change>,
     web: Pod,
     db: Pod,
     apps: Namespace,
@@ -218,7 +216,7 @@ fn initial_list_is_delivered_then_synced_and_only_this_nodes_pods() {
         "the far pod is on node-b and must not be delivered"
     );
     // The objects arrive whole.
-    assert!(initial.contains(&KubeChange::Apply(KubeObject::Pod(Box::new(web.clone())))));
+    assert!(initial.contains(&Change::Apply(Object::Pod(Box::new(web.clone())))));
 
     // What the client asked: a list of pods with the node's field selector, then a watch
     // from the list's version, with bookmarks.
@@ -263,7 +261,7 @@ fn watched_pod_and_namespace_changes_are_delivered_in_order() {
     let cache_pod = f.server.apply_pod(&pod("apps", "cache", NODE, "10.1.0.12"));
     assert_eq!(
         next_change(&f.rx),
-        KubeChange::Apply(KubeObject::Pod(Box::new(cache_pod.clone())))
+        Change::Apply(Object::Pod(Box::new(cache_pod.clone())))
     );
     // Modified: a label.
     let mut relabelled = cache_pod.clone();
@@ -275,7 +273,7 @@ fn watched_pod_and_namespace_changes_are_delivered_in_order() {
     let relabelled = f.server.apply_pod(&relabelled);
     assert_eq!(
         next_change(&f.rx),
-        KubeChange::Apply(KubeObject::Pod(Box::new(relabelled.clone())))
+        Change::Apply(Object::Pod(Box::new(relabelled.clone())))
     );
     // Added on another node: not delivered (the next change is the namespace flip).
     f.server
@@ -287,7 +285,7 @@ fn watched_pod_and_namespace_changes_are_delivered_in_order() {
     let flipped = f.server.apply_namespace(&flipped);
     assert_eq!(
         next_change(&f.rx),
-        KubeChange::Apply(KubeObject::Namespace(Box::new(flipped.clone())))
+        Change::Apply(Object::Namespace(Box::new(flipped.clone())))
     );
     assert_eq!(f.cache.view().namespace("apps").as_deref(), Some(&flipped));
     // Deleted.
@@ -309,7 +307,7 @@ fn watched_pod_and_namespace_changes_are_delivered_in_order() {
     let bound = f.server.apply_pod(&pod("apps", "late", NODE, "10.1.0.13"));
     assert_eq!(
         next_change(&f.rx),
-        KubeChange::Apply(KubeObject::Pod(Box::new(bound)))
+        Change::Apply(Object::Pod(Box::new(bound)))
     );
     // Nothing was listed again.
     let requests = f.server.requests();
@@ -358,10 +356,7 @@ fn bookmark_advances_the_watch_version_without_changes() {
         db.metadata.labels = Some([("app".to_string(), "db-2".to_string())].into());
         db
     });
-    assert_eq!(
-        next_change(&f.rx),
-        KubeChange::Apply(KubeObject::Pod(Box::new(db)))
-    );
+    assert_eq!(next_change(&f.rx), Change::Apply(Object::Pod(Box::new(db))));
 }
 
 #[test]
@@ -462,7 +457,7 @@ fn gone_forces_a_relist_and_the_gap_arrives_as_deletes_and_applies() {
     let late = f.server.apply_pod(&pod("apps", "late", NODE, "10.1.0.15"));
     assert_eq!(
         next_change(&f.rx),
-        KubeChange::Apply(KubeObject::Pod(Box::new(late)))
+        Change::Apply(Object::Pod(Box::new(late)))
     );
 }
 
@@ -568,10 +563,10 @@ fn stop_ends_the_thread_and_drops_the_sender() {
 
 #[test]
 fn an_empty_node_name_is_refused() {
-    let (tx, _rx) = crossbeam_channel::bounded(1);
+    let (tx, _rx) = crossbeam_channel::bounded::<Change>(1);
     let config = testkit::apiserver::kube_config_for("127.0.0.1:1".parse().unwrap());
     assert!(matches!(
         KubeCache::start(config, "", tx),
-        Err(resolver::kube::KubeError::EmptyNodeName)
+        Err(kubecache::KubeError::EmptyNodeName)
     ));
 }

@@ -4,6 +4,10 @@
 //! subresource, which needs less privilege than `pods`; a removal for a pod that is gone is
 //! done).
 //!
+//! It is downstream of the programmer: it is told of each update once the maps hold it (the
+//! agent's pipeline calls [`StatusWriter::observe`] after a batch is written), so a pod is
+//! announced captured only when it is.
+//!
 //! Patches are made on a thread of their own, latest wish per pod wins (an enrol and an unenrol
 //! in quick succession send only the unenrol), failures are retried with a capped backoff, and
 //! a pod whose annotation already says what we want (as the kube cache's view shows it) is not
@@ -20,9 +24,10 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{KubeError, KubeView};
-use crate::update::{PodName, Role, Update};
+use resolver::{PodName, Role, Update};
 use watcher::CgroupId;
+
+use crate::{KubeError, KubeView};
 
 /// The annotation istiod reads.
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use resolver::kube::status::{StatusWriter, REDIRECTION_ANNOTATION};
-use resolver::kube::KubeCache;
+use kubecache::status::{StatusWriter, REDIRECTION_ANNOTATION};
+use kubecache::KubeCache;
 use resolver::{Enrolment, Role, Update};
 use serde_json::json;
 use testkit::apiserver::RecordedRequest;
@@ -180,7 +180,7 @@ fn a_pod_already_annotated_in_the_view_is_not_patched_again() {
         json!({REDIRECTION_ANNOTATION: "enabled"}),
     ));
     server.apply_pod(&pod("apps", "db", json!({})));
-    let (tx, _rx) = crossbeam_channel::bounded(64);
+    let (tx, _rx) = crossbeam_channel::bounded::<kubecache::Change>(64);
     let cache = KubeCache::start(server.kube_config(), "node-a", tx).unwrap();
     let view = cache.view();
     wait_until("the cache synced", || view.is_synced());
@@ -202,7 +202,7 @@ fn at_synced_annotated_pods_that_are_not_captured_are_unannotated() {
     let enabled = json!({REDIRECTION_ANNOTATION: "enabled"});
     server.apply_pod(&pod("apps", "left", enabled.clone()));
     server.apply_pod(&pod("apps", "kept", enabled));
-    let (tx, _rx) = crossbeam_channel::bounded(64);
+    let (tx, _rx) = crossbeam_channel::bounded::<kubecache::Change>(64);
     let cache = KubeCache::start(server.kube_config(), "node-a", tx).unwrap();
     let view = cache.view();
     wait_until("the cache synced", || view.is_synced());

@@ -1,5 +1,5 @@
 //! The kube cache: the pods on this node and all namespaces, watched from the Kubernetes API
-//! with kube-rs, delivered to the resolver as [`Input::Kube`] changes and kept in a shared
+//! with kube-rs, delivered as [`Change`]s (to the resolver, as its inputs) and kept in a shared
 //! read-mostly [`KubeView`] (pods by UID and by IP, namespaces by name).
 //!
 //! It decides nothing: it delivers the objects faithfully and in order. Two kube-runtime
@@ -10,16 +10,10 @@
 //! `410 Gone` lists again. A relist's objects are diffed against the view: what changed is an
 //! `Apply`, what is no longer listed is a `Delete`, what is unchanged is not repeated.
 //!
-//! [`KubeChange::Synced`] is sent when both lists have completed, and again each time a later
+//! [`Change::Synced`] is sent when both lists have completed, and again each time a later
 //! relist completes (the resolver may then trust the absence of a pod again). Errors (API
 //! unreachable, 403) are logged with what to do, retried with kube-runtime's default backoff
 //! (0.8 s doubling to 30 s, with jitter), and shown in [`KubeView::health`].
-
-pub mod status;
-mod tracker;
-mod view;
-
-pub use view::{KubeHealth, KubeView};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,9 +26,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 
-use crate::input::{Input, KubeChange};
-use tracker::{Cached, Tracker};
-use view::Watched;
+use crate::change::Change;
+use crate::tracker::{Cached, Tracker};
+use crate::view::{KubeView, Watched};
 
 /// Why the kube cache could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +57,14 @@ pub struct KubeCache {
 
 impl KubeCache {
     /// Starts watching pods on `node_name` and all namespaces with `client_config`, sending
-    /// every change to `tx`. Returns once the client is built; the API server need not be
-    /// reachable yet (the watchers retry, and [`KubeView::health`] says how it goes).
-    pub fn start(
+    /// every change to `tx`: the resolver's input channel (`T` = [`resolver::Input`]), or
+    /// [`Change`]s as they are (`zbridge record`). Returns once the client is built; the API
+    /// server need not be reachable yet (the watchers retry, and [`KubeView::health`] says how
+    /// it goes).
+    pub fn start<T: From<Change> + Send + 'static>(
         client_config: kube::Config,
         node_name: &str,
-        tx: Sender<Input>,
+        tx: Sender<T>,
     ) -> Result<KubeCache, KubeError> {
         if node_name.is_empty() {
             return Err(KubeError::EmptyNodeName);
@@ -138,16 +134,16 @@ impl Drop for KubeCache {
 }
 
 /// The watchers' task, on the kube thread.
-struct Watch {
+struct Watch<T> {
     client: Client,
     node: String,
     url: String,
-    tx: Sender<Input>,
+    tx: Sender<T>,
     view: KubeView,
     stopping: Arc<AtomicBool>,
 }
 
-impl Watch {
+impl<T: From<Change>> Watch<T> {
     async fn run(self, mut stopped: tokio::sync::oneshot::Receiver<()>) {
         let pods = watcher(
             Api::<Pod>::all(self.client.clone()),
@@ -203,7 +199,7 @@ impl Watch {
         self.view.set_connected(which, true);
         let outcome = tracker.on_event(&self.view, event);
         for change in outcome.changes {
-            if !self.send(Input::Kube(change)) {
+            if !self.send(change) {
                 return false;
             }
         }
@@ -218,13 +214,14 @@ impl Watch {
                     self.view.namespace_count()
                 );
             }
-            return self.send(Input::Kube(KubeChange::Synced));
+            return self.send(Change::Synced);
         }
         true
     }
 
     /// Sends to the resolver, waiting while its channel is full unless we are stopping.
-    fn send(&self, mut input: Input) -> bool {
+    fn send(&self, change: Change) -> bool {
+        let mut input = T::from(change);
         loop {
             if self.stopping.load(Ordering::Acquire) {
                 return false;

@@ -1,4 +1,4 @@
-//! Turns one watcher's events into [`KubeChange`]s against the view, including the deletes
+//! Turns one watcher's events into [`Change`]s against the view, including the deletes
 //! that a relist implies: kube-runtime's watcher reports a relist as `Init`, `InitApply`...,
 //! `InitDone`, and an object that vanished while the watch was down is simply not listed.
 
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::watcher::Event;
 
-use super::view::KubeView;
-use crate::input::{KubeChange, KubeObject};
+use crate::change::{Change, Object};
+use crate::view::KubeView;
 
 /// A kind of object the kube cache holds: how it is keyed and stored in the view.
 pub(crate) trait Cached: Clone + PartialEq + Sized {
@@ -20,7 +20,7 @@ pub(crate) trait Cached: Clone + PartialEq + Sized {
     fn put(view: &KubeView, key: String, object: Arc<Self>);
     fn remove(view: &KubeView, key: &str) -> Option<Arc<Self>>;
     fn keys(view: &KubeView) -> Vec<String>;
-    fn into_object(self) -> KubeObject;
+    fn into_object(self) -> Object;
 }
 
 impl Cached for Pod {
@@ -40,8 +40,8 @@ impl Cached for Pod {
     fn keys(view: &KubeView) -> Vec<String> {
         view.pod_uids()
     }
-    fn into_object(self) -> KubeObject {
-        KubeObject::Pod(Box::new(self))
+    fn into_object(self) -> Object {
+        Object::Pod(Box::new(self))
     }
 }
 
@@ -62,8 +62,8 @@ impl Cached for Namespace {
     fn keys(view: &KubeView) -> Vec<String> {
         view.namespace_names()
     }
-    fn into_object(self) -> KubeObject {
-        KubeObject::Namespace(Box::new(self))
+    fn into_object(self) -> Object {
+        Object::Namespace(Box::new(self))
     }
 }
 
@@ -79,7 +79,7 @@ pub(crate) struct Tracker {
 /// What one event did.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Outcome {
-    pub(crate) changes: Vec<KubeChange>,
+    pub(crate) changes: Vec<Change>,
     /// A (re)list completed with this event.
     pub(crate) list_done: bool,
 }
@@ -108,7 +108,7 @@ impl Tracker {
                 // Only what the view held is news to the resolver.
                 Some(key) => {
                     if K::remove(view, &key).is_some() {
-                        out.changes.push(KubeChange::Delete(object.into_object()));
+                        out.changes.push(Change::Delete(object.into_object()));
                     }
                 }
                 None => log::warn!("kube cache: a deleted {} has no identity; skipped", K::KIND),
@@ -125,7 +125,7 @@ impl Tracker {
                             K::KIND
                         );
                         out.changes
-                            .push(KubeChange::Delete(Arc::unwrap_or_clone(gone).into_object()));
+                            .push(Change::Delete(Arc::unwrap_or_clone(gone).into_object()));
                     }
                 }
                 self.listed_once = true;
@@ -137,12 +137,12 @@ impl Tracker {
 }
 
 /// Stores `object`; an Apply unless the view already holds exactly this version.
-fn apply<K: Cached>(view: &KubeView, key: String, object: K) -> Option<KubeChange> {
+fn apply<K: Cached>(view: &KubeView, key: String, object: K) -> Option<Change> {
     if K::get(view, &key).is_some_and(|held| *held == object) {
         return None;
     }
     K::put(view, key, Arc::new(object.clone()));
-    Some(KubeChange::Apply(object.into_object()))
+    Some(Change::Apply(object.into_object()))
 }
 
 #[cfg(test)]
@@ -163,12 +163,12 @@ mod tests {
         }
     }
 
-    fn apply_of(p: Pod) -> KubeChange {
-        KubeChange::Apply(KubeObject::Pod(Box::new(p)))
+    fn apply_of(p: Pod) -> Change {
+        Change::Apply(Object::Pod(Box::new(p)))
     }
 
-    fn delete_of(p: Pod) -> KubeChange {
-        KubeChange::Delete(KubeObject::Pod(Box::new(p)))
+    fn delete_of(p: Pod) -> Change {
+        Change::Delete(Object::Pod(Box::new(p)))
     }
 
     #[test]

@@ -1,0 +1,52 @@
+//! The facts of pods and namespaces that Istio's ambient rules read: what the resolver keeps
+//! of the Kubernetes objects. The kube cache (`kubecache`) makes them from the objects it
+//! watches or a recording holds; the resolver never sees an object itself.
+
+use std::net::IpAddr;
+
+/// The label that opts a pod or namespace into (or, on a pod, out of) ambient.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Present on pods that carry an Istio sidecar: never captured by ambient.
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+/// The label ztunnel's pods carry (`app=ztunnel`).
+pub const APP_LABEL: &str = "app";
+
+/// What the ambient rules read from a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFacts {
+    /// `metadata.uid`: the pod's identity (empty only for an object without one, which the
+    /// resolver ignores).
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    /// The pod's `istio.io/dataplane-mode` label.
+    pub dataplane_mode: Option<String>,
+    /// The pod's `app` label.
+    pub app: Option<String>,
+    pub host_network: bool,
+    pub has_sidecar: bool,
+    /// `Succeeded` or `Failed`.
+    pub terminal: bool,
+    /// `status.podIPs` (or `status.podIP`), IPv4 first.
+    pub ips: Vec<IpAddr>,
+    /// `metadata.creationTimestamp` in ns since the epoch; `None` when absent (sorts first).
+    pub created: Option<i128>,
+    /// `spec.serviceAccountName` (`default` when unset, as the API server fills it): the
+    /// identity ztunnel serves an in-pod pod with.
+    pub service_account: String,
+}
+
+impl PodFacts {
+    /// `NAMESPACE/NAME`.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What the ambient rules read from a namespace: its labels that matter.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NamespaceFacts {
+    /// The namespace's `istio.io/dataplane-mode` label.
+    pub dataplane_mode: Option<String>,
+}
