@@ -86,3 +86,32 @@ fn a_subtree_made_removed_and_made_again_follows_its_directory() {
         other => panic!("the first connect was not redirected: {other:?}"),
     }
 }
+
+/// A workloads file with ambient workloads and no ztunnel is valid but refuses every captured
+/// connect: the agent warns, and `/readyz` says why.
+#[test]
+fn ambient_workloads_without_ztunnel_are_explained_by_readyz() {
+    if !testkit::require_root("ambient_workloads_without_ztunnel_are_explained_by_readyz") {
+        return;
+    }
+    let mut world = World::new("e2e-nozt", false);
+    world.write_workloads(&format!(
+        "version: 1\nworkloads:\n  - name: e2e/app\n    cgroup: {}\n    address: 10.99.1.2\n    mode: ambient\n",
+        world.mesh.app
+    ));
+    world.start_agent(&[]);
+    world.wait_enrolled(&[&world.mesh.app.clone()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = world.ops_get("/readyz");
+        if status == 200 {
+            assert!(
+                body.contains("warning: ") && body.contains("no ztunnel"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -70,6 +70,16 @@ fn readyz_is_503_until_every_step_is_ready() {
     readiness.set_maps_programmed(true);
     assert_eq!(get(addr, "/readyz"), (200, "ready\n".to_string()));
 
+    // What the configuration probably did not mean is said while ready.
+    readiness.set_warnings(vec!["ambient workloads but no ztunnel".to_string()]);
+    assert_eq!(
+        get(addr, "/readyz"),
+        (
+            200,
+            "ready\nwarning: ambient workloads but no ztunnel\n".to_string()
+        )
+    );
+
     // Losing a step makes it unready again.
     readiness.set_cache_synced(false);
     assert_eq!(get(addr, "/readyz").0, 503);

@@ -407,6 +407,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             config.workloads = Some(workloads.clone());
             // There is no kube cache to wait for.
             readiness.set_cache_synced(true);
+            readiness.set_warnings(workloads.warnings());
             config
         }
         Mode::Kubernetes {
@@ -589,6 +590,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
                             if let Some(watch) = &dir_watch {
                                 watch.set_paths(configured_dirs(&cgroup_root, &new));
                             }
+                            readiness.set_warnings(new.warnings());
                             pipeline.reload(new)?;
                         }
                         Err(e) => log::error!(

@@ -250,7 +250,11 @@ fn route(
         "/readyz" => {
             let missing = readiness.not_ready();
             if missing.is_empty() {
-                (StatusCode::OK, TEXT, "ready\n".to_string())
+                let mut body = String::from("ready\n");
+                for warning in readiness.warnings() {
+                    let _ = writeln!(body, "warning: {warning}");
+                }
+                (StatusCode::OK, TEXT, body)
             } else {
                 let mut body = String::from("not ready:\n");
                 for step in missing {

@@ -1,7 +1,7 @@
 //! What `/readyz` answers: one flag per start-up step.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// What `/readyz` waits for: one flag per start-up step, set by the stage that completes it.
 /// Clones share the same flags.
@@ -13,6 +13,10 @@ pub struct Readiness {
     /// Kubernetes mode: the API server cannot be reached now (set while it is lost; the
     /// programmed state is kept meanwhile).
     api_server_lost: Arc<AtomicBool>,
+    /// What is valid but probably not meant in the configuration (a workloads file with
+    /// ambient workloads and no ztunnel): said by `/readyz` while ready, since the agent does
+    /// what it was told.
+    warnings: Arc<Mutex<Vec<String>>>,
 }
 
 impl Readiness {
@@ -39,6 +43,16 @@ impl Readiness {
     /// The Kubernetes API server is lost (`true`) or reachable again (`false`).
     pub fn set_api_server_lost(&self, lost: bool) {
         self.api_server_lost.store(lost, Ordering::Release);
+    }
+
+    /// Replaces the configuration's warnings (each workloads file read).
+    pub fn set_warnings(&self, warnings: Vec<String>) {
+        *self.warnings.lock().expect("readiness warnings") = warnings;
+    }
+
+    /// The configuration's warnings.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().expect("readiness warnings").clone()
     }
 
     /// The steps not done yet, in words; empty when ready.
