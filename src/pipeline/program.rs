@@ -1,0 +1,293 @@
+//! The programmer stage's thread: updates (through the in-pod gate when in-pod capture runs)
+//! and ztunnel's acks → coalesced batches → maps; then the metrics, the observer, the kernel's
+//! in-pod state and the ZDS stage learn what was written.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::anyhow;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use programmer::{MapBackend, Programmer};
+use resolver::Update;
+
+use super::inpod::{InPodGate, Served, Step};
+use super::{InPodStage, Observer, PipelineConfig, Stamped, Status};
+use crate::ops::{Metrics, Readiness};
+
+/// What the programmer thread tells or drives besides the maps.
+pub(super) struct Outputs {
+    pub(super) observer: Option<Box<dyn Observer>>,
+    pub(super) inpod: Option<InPodStage>,
+}
+
+/// The programmer stage: updates → coalesced batches → maps; then the metrics and the
+/// observer learn what was written. With in-pod capture, updates pass the [`InPodGate`] first,
+/// and ztunnel's acks (from the ZDS stage) let held entries through.
+pub(super) fn program<B: MapBackend>(
+    mut programmer: Programmer<B>,
+    updates: Receiver<Stamped>,
+    outputs: Outputs,
+    config: &PipelineConfig,
+    status: &Status,
+    ops: (&Metrics, &Readiness),
+) -> anyhow::Result<Programmer<B>> {
+    let (metrics, readiness) = ops;
+    let Outputs {
+        mut observer,
+        mut inpod,
+    } = outputs;
+    let mut gate = match &mut inpod {
+        Some(stage) => InPodGate::with_previous(std::mem::take(&mut stage.previous)),
+        None => InPodGate::default(),
+    };
+    let zds_events = match &inpod {
+        Some(stage) => stage.zds.events().clone(),
+        None => crossbeam_channel::never(),
+    };
+    let mut batch: Vec<Stamped> = Vec::new();
+    let mut steps: Vec<Step> = Vec::new();
+    let mut after_flush: Vec<String> = Vec::new();
+    // A `Synced` whose batch failed still counts once a later batch lands.
+    let mut synced = false;
+    let mut closed = false;
+    loop {
+        // The first update (or ack) of a burst.
+        let mut first_ts = None;
+        crossbeam_channel::select! {
+            recv(updates) -> update => match update {
+                Ok(stamped) => {
+                    first_ts = stamped.exec_ts;
+                    route(&mut gate, inpod.is_some(), stamped.update, stamped.exec_ts, &mut steps);
+                }
+                Err(_) => closed = true,
+            },
+            recv(zds_events) -> event => match event {
+                Ok(event) => zds_event(&mut gate, event, &mut steps),
+                Err(_) => {
+                    return Err(anyhow!("programmer: the ZDS stage stopped"));
+                }
+            },
+        }
+        apply_steps(
+            &mut steps,
+            first_ts,
+            &mut gate,
+            &mut inpod,
+            &mut programmer,
+            &mut batch,
+            &mut after_flush,
+        );
+        if !closed {
+            let deadline = Instant::now() + config.coalesce;
+            while batch.len() < config.batch_max {
+                match updates.recv_deadline(deadline) {
+                    Ok(stamped) => {
+                        route(
+                            &mut gate,
+                            inpod.is_some(),
+                            stamped.update,
+                            stamped.exec_ts,
+                            &mut steps,
+                        );
+                        apply_steps(
+                            &mut steps,
+                            stamped.exec_ts,
+                            &mut gate,
+                            &mut inpod,
+                            &mut programmer,
+                            &mut batch,
+                            &mut after_flush,
+                        );
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let count = batch.len();
+            synced |= batch.iter().any(|s| matches!(s.update, Update::Synced));
+            let started = Instant::now();
+            match programmer.flush() {
+                Ok(()) => {
+                    metrics.observe_batch(count, started.elapsed());
+                    metrics.set_map_entries(programmer.entry_count());
+                    for stamped in &batch {
+                        match (&stamped.update, stamped.exec_ts, stamped.inpod) {
+                            (Update::Upsert(_), Some(ts), true) => {
+                                metrics.observe_inpod_enrolment_since(ts)
+                            }
+                            (Update::Upsert(_), Some(ts), false) => {
+                                metrics.observe_enrolment_since(ts)
+                            }
+                            _ => {}
+                        }
+                        if let Some(observer) = observer.as_mut() {
+                            observer.written(&stamped.update);
+                        }
+                    }
+                    status.flushes.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("programmer: wrote a batch of {count} updates");
+                    if synced && !status.synced.swap(true, Ordering::Relaxed) {
+                        readiness.set_maps_programmed(true);
+                        log::info!("programmer: first full picture written (reconciled)");
+                        if let Some(stage) = inpod.as_mut() {
+                            // Pods the previous run enrolled that are no longer in-pod pods.
+                            let keep = gate.uids().map(str::to_string).collect();
+                            if let Err(e) = stage.kernel.retain(&keep) {
+                                log::error!(
+                                    "in-pod: releasing the previous run's pods failed: {e:#}"
+                                );
+                            }
+                        }
+                    }
+                    release_after_flush(&mut after_flush, &mut inpod);
+                }
+                // The maps keep what they held; the next flush retries with the resolver's
+                // later view. Counted and logged, never silent; the observer is not told (the
+                // batch is not in force), and no pod is released in the kernel or ztunnel
+                // before its entries are gone.
+                Err(e) => {
+                    status.flush_errors.fetch_add(1, Ordering::Relaxed);
+                    log::error!("programmer: writing a batch of {count} updates failed: {e}");
+                }
+            }
+            batch.clear();
+        }
+        if closed {
+            log::info!("programmer: stopped");
+            if let Some(stage) = inpod.take() {
+                stage.zds.stop();
+            }
+            return Ok(programmer);
+        }
+    }
+}
+
+/// Sends an update through the in-pod gate (when in-pod capture runs) or straight on.
+fn route(
+    gate: &mut InPodGate,
+    inpod: bool,
+    update: Update,
+    exec_ts: Option<u64>,
+    steps: &mut Vec<Step>,
+) {
+    if inpod {
+        gate.update(update, exec_ts, steps);
+    } else {
+        steps.push(Step::Queue(update));
+    }
+}
+
+fn zds_event(gate: &mut InPodGate, event: zds::Event, steps: &mut Vec<Step>) {
+    match event {
+        zds::Event::Acked {
+            uid,
+            netns,
+            ztunnel_pid,
+        } => gate.acked(&uid, Served { netns, ztunnel_pid }, steps),
+        zds::Event::Connected { ztunnel_pid } => {
+            log::info!(
+                "in-pod: ztunnel (pid {ztunnel_pid}) connected; {} pods wait for its ack",
+                gate.waiting()
+            );
+        }
+        zds::Event::Disconnected { reason } => {
+            log::warn!("in-pod: ztunnel disconnected ({reason}); captured pods stay captured and wait for it");
+        }
+    }
+}
+
+/// Carries out the gate's steps in order: queue updates (stamped with `exec_ts`), tell the
+/// ZDS stage, enrol pods in the kernel (a failed enrolment holds back the pod's entries
+/// that follow it), and note the pods to release once the batch is written.
+fn apply_steps<B: MapBackend>(
+    steps: &mut Vec<Step>,
+    exec_ts: Option<u64>,
+    gate: &mut InPodGate,
+    inpod: &mut Option<InPodStage>,
+    programmer: &mut Programmer<B>,
+    batch: &mut Vec<Stamped>,
+    after_flush: &mut Vec<String>,
+) {
+    let mut failed: Vec<String> = Vec::new();
+    for step in steps.drain(..) {
+        match step {
+            Step::Queue(update) => {
+                if let Update::Upsert(e) = &update {
+                    if let Some(id) = &e.identity {
+                        if failed.contains(&id.uid) {
+                            continue;
+                        }
+                    }
+                }
+                programmer.queue(&update);
+                batch.push(Stamped {
+                    update,
+                    exec_ts,
+                    inpod: false,
+                });
+            }
+            Step::QueueHeld {
+                update,
+                exec_ts: held_since,
+            } => {
+                if let Update::Upsert(e) = &update {
+                    if let Some(id) = &e.identity {
+                        if failed.contains(&id.uid) {
+                            continue;
+                        }
+                    }
+                }
+                programmer.queue(&update);
+                batch.push(Stamped {
+                    update,
+                    exec_ts: held_since,
+                    inpod: true,
+                });
+            }
+            Step::Zds(command) => {
+                if let Some(stage) = inpod.as_ref() {
+                    let _ = stage.zds.commands().send(command);
+                }
+            }
+            Step::Enrol { uid } => {
+                let Some(stage) = inpod.as_mut() else {
+                    continue;
+                };
+                let Some((served, entry)) = gate.enrolment(&uid) else {
+                    continue;
+                };
+                let pod = entry.pod.clone().unwrap_or_default();
+                match stage.kernel.enrol(&uid, served, entry) {
+                    Ok(()) => log::info!("in-pod: pod {pod} (uid {uid}) enrolled: ztunnel (pid {}) serves it in its namespace", served.ztunnel_pid),
+                    Err(e) => {
+                        log::error!("in-pod: pod {pod} (uid {uid}): enrolment failed: {e:#}; its entries wait for ztunnel's next ack");
+                        let written = gate.written(&uid) && !failed.contains(&uid);
+                        gate.enrol_failed(&uid, written);
+                        failed.push(uid);
+                    }
+                }
+            }
+            Step::ReleaseAfterFlush { uid } => after_flush.push(uid),
+        }
+    }
+}
+
+/// The pods whose last entries are written away: release them in the kernel, then tell
+/// ztunnel (`del`).
+fn release_after_flush(after_flush: &mut Vec<String>, inpod: &mut Option<InPodStage>) {
+    let Some(stage) = inpod.as_mut() else {
+        after_flush.clear();
+        return;
+    };
+    for uid in after_flush.drain(..) {
+        if let Err(e) = stage.kernel.release(&uid) {
+            log::error!("in-pod: releasing pod uid {uid} in the kernel failed: {e:#}");
+        }
+        let _ = stage.zds.commands().send(zds::Command::Release { uid });
+    }
+}
