@@ -12,13 +12,14 @@
 /// `ZTUNNEL_SOCKET`; Istio's default).
 pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 
+pub mod model;
 pub mod netns;
 pub mod proto;
 pub mod server;
 pub mod socket;
+pub mod status_file;
 
+pub use model::{Command, Counters, Event, PodSpec, PodState, PodStatus, Status, ZdsConfig};
 pub use netns::{open_pod_netns, NetnsError, Roots};
-pub use server::{
-    read_status, Command, Counters, Event, PodSpec, PodState, PodStatus, Server, Status,
-    StatusHandle, ZdsConfig,
-};
+pub use server::{Server, StatusHandle};
+pub use status_file::read_status;

@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,147 +18,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use prost::Message;
 
-use crate::netns::{open_pod_netns, Roots};
+use crate::model::{Command, Counters, Event, PodSpec, PodState, PodStatus, Status, ZdsConfig};
+use crate::netns::open_pod_netns;
 use crate::proto::{self, workload_request::Payload, workload_response};
 use crate::socket::{Conn, Listener, Received};
-
-/// How the server is run.
-#[derive(Debug, Clone)]
-pub struct ZdsConfig {
-    /// The Unix socket ztunnel connects to.
-    pub socket: PathBuf,
-    /// Where pods' processes and cgroups are read.
-    pub roots: Roots,
-    /// How long ztunnel may take to answer a request before the connection is dropped.
-    pub ack_timeout: Duration,
-    /// How long a new connection may take to say hello.
-    pub hello_timeout: Duration,
-    /// The first retry of a refused `add`; each next one waits twice as long, up to `retry_max`.
-    pub retry_min: Duration,
-    pub retry_max: Duration,
-    /// How soon a pod whose network namespace could not be opened (no process in it yet) is
-    /// looked at again.
-    pub netns_retry: Duration,
-    /// Where the state is written as JSON whenever it changes (for `zbridge dump`), if set.
-    pub status_file: Option<PathBuf>,
-}
-
-impl ZdsConfig {
-    pub fn new(socket: impl Into<PathBuf>, roots: Roots) -> ZdsConfig {
-        ZdsConfig {
-            socket: socket.into(),
-            roots,
-            ack_timeout: Duration::from_secs(10),
-            hello_timeout: Duration::from_secs(5),
-            retry_min: Duration::from_millis(500),
-            retry_max: Duration::from_secs(30),
-            netns_retry: Duration::from_millis(20),
-            status_file: None,
-        }
-    }
-}
-
-/// A pod ztunnel should serve.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodSpec {
-    /// `AddWorkload.uid`: the pod's `metadata.uid` (standalone: the workload's uid).
-    pub uid: String,
-    pub namespace: String,
-    pub name: String,
-    pub service_account: String,
-    /// The pod's cgroup (relative to the cgroup2 root): where a process to take the network
-    /// namespace from is found.
-    pub cgroup: String,
-}
-
-impl PodSpec {
-    fn label(&self) -> String {
-        format!("{}/{} (uid {})", self.namespace, self.name, self.uid)
-    }
-}
-
-/// What the caller asks.
-#[derive(Debug)]
-pub enum Command {
-    /// Serve this pod (again, if its facts changed).
-    Serve(PodSpec),
-    /// Stop serving this pod: its entries are gone, ztunnel may close its listeners.
-    Release { uid: String },
-}
-
-/// What the caller hears.
-#[derive(Debug)]
-pub enum Event {
-    /// ztunnel (this process) said hello on a new connection.
-    Connected { ztunnel_pid: i32 },
-    /// The connection ended (ztunnel stopped, or was dropped for the reason given).
-    Disconnected { reason: String },
-    /// ztunnel acked a pod's `add`: its listeners are open in `netns`. The caller enrols now.
-    Acked {
-        uid: String,
-        netns: OwnedFd,
-        ztunnel_pid: i32,
-    },
-}
-
-/// Where a pod stands with ztunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PodState {
-    /// Not sent to the current ztunnel yet (or no ztunnel connected).
-    Pending,
-    /// Sent; no answer yet.
-    Sent,
-    Acked,
-    /// Refused by ztunnel, or its namespace could not be opened; retried.
-    Error,
-}
-
-impl PodState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PodState::Pending => "pending",
-            PodState::Sent => "sent",
-            PodState::Acked => "acked",
-            PodState::Error => "error",
-        }
-    }
-}
-
-/// One pod, for dumps and metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodStatus {
-    pub namespace: String,
-    pub name: String,
-    pub state: PodState,
-    /// The last error (ztunnel's, or opening the namespace), until acked.
-    pub error: Option<String>,
-    /// `add`s sent for it on the current connection.
-    pub attempts: u32,
-}
-
-/// Counters since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub connections: u64,
-    pub adds: u64,
-    pub dels: u64,
-    pub acks: u64,
-    /// Acks carrying an error.
-    pub nacks: u64,
-    /// Pods whose namespace could not be opened when an `add` was due.
-    pub netns_errors: u64,
-    /// Connections dropped for a protocol error or a timeout.
-    pub peer_errors: u64,
-}
-
-/// The server's state, readable from any thread.
-#[derive(Debug, Clone, Default)]
-pub struct Status {
-    /// ztunnel's process id while a ztunnel is connected and has said hello.
-    pub ztunnel_pid: Option<i32>,
-    pub pods: BTreeMap<String, PodStatus>,
-    pub counters: Counters,
-}
+use crate::status_file::write_status;
 
 /// The running server. Dropping [`Server::commands`]' senders and calling [`Server::stop`]
 /// ends it.
@@ -748,56 +611,6 @@ impl State {
             }
         }
     }
-}
-
-/// Writes the state as JSON, whole (a temporary file renamed over the old one).
-fn write_status(path: &std::path::Path, status: &Status) -> std::io::Result<()> {
-    let pods: Vec<serde_json::Value> = status
-        .pods
-        .iter()
-        .map(|(uid, p)| {
-            serde_json::json!({
-                "uid": uid,
-                "namespace": p.namespace,
-                "name": p.name,
-                "state": p.state.as_str(),
-                "error": p.error,
-                "attempts": p.attempts,
-            })
-        })
-        .collect();
-    let json = serde_json::json!({
-        "ztunnel_pid": status.ztunnel_pid,
-        "pods": pods,
-    });
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// The state as [`write_status`] wrote it, for `zbridge dump`: ztunnel's pid and per pod
-/// (uid, `NAMESPACE/NAME`, state, error).
-pub fn read_status(path: &std::path::Path) -> std::io::Result<(Option<i32>, Vec<[String; 4]>)> {
-    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
-    let pid = value["ztunnel_pid"].as_i64().map(|p| p as i32);
-    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
-    let pods = value["pods"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            [
-                text(&p["uid"]),
-                format!("{}/{}", text(&p["namespace"]), text(&p["name"])),
-                text(&p["state"]),
-                text(&p["error"]),
-            ]
-        })
-        .collect();
-    Ok((pid, pods))
 }
 
 fn describe(op: &Op) -> String {
