@@ -1,0 +1,318 @@
+//! Decisions: an owner's role by Istio's rules or the workloads file, the entries it needs,
+//! and the difference from what was emitted.
+
+use super::*;
+
+impl Resolver {
+    // ---- decisions ----
+
+    /// The decision for an owner and the entries it needs.
+    pub(super) fn desired(&mut self, key: &OwnerKey) -> (Decision, BTreeMap<CgroupId, Enrolment>) {
+        let decision = self.decide(key);
+        let desired = self.desired_for(key, &decision);
+        (decision, desired)
+    }
+
+    /// The entries an owner needs under `decision`.
+    pub(super) fn desired_for(
+        &mut self,
+        key: &OwnerKey,
+        decision: &Decision,
+    ) -> BTreeMap<CgroupId, Enrolment> {
+        let mut desired = BTreeMap::new();
+        if decision.role == Role::None {
+            return desired;
+        }
+        let Some(owner) = self.owners.get(key) else {
+            return desired;
+        };
+        let pod = self.owner_name(key);
+        let root_id = match self.by_path.get(&owner.root) {
+            Some(id) => Some(*id),
+            None => {
+                let root = owner.root.clone();
+                self.ids.id_of(&root)
+            }
+        };
+        let (capture, identity) = match decision.role {
+            Role::Ambient => self.capture_of(key),
+            _ => (Capture::Node, None),
+        };
+        let owner = &self.owners[key];
+        let enrol = |id: CgroupId, path: &str| Enrolment {
+            cgroup_id: id,
+            cgroup: path.to_string(),
+            pod: pod.clone(),
+            role: decision.role,
+            ips: decision.ips.clone(),
+            capture,
+            identity: identity.clone(),
+        };
+        match root_id {
+            Some(id) => {
+                desired.insert(id, enrol(id, &owner.root));
+            }
+            None => {
+                for id in &owner.live {
+                    desired.insert(*id, enrol(*id, &self.cgroups[id].path));
+                }
+            }
+        }
+        desired
+    }
+
+    /// Where an ambient owner is captured to, and for in-pod capture who it is.
+    pub(super) fn capture_of(&self, key: &OwnerKey) -> (Capture, Option<Identity>) {
+        match key {
+            OwnerKey::Pod(uid) => match (self.config.capture, self.pods.get(uid)) {
+                (capture @ Capture::InPod { .. }, Some(pod)) => (
+                    capture,
+                    Some(Identity {
+                        uid: pod.uid.clone(),
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        service_account: pod.service_account.clone(),
+                    }),
+                ),
+                _ => (Capture::Node, None),
+            },
+            // Standalone: the workloads file says where ztunnel listens (v2 `ztunnel.mode`).
+            OwnerKey::Workload(i) => {
+                let Some(file) = self.config.workloads.as_ref() else {
+                    return (Capture::Node, None);
+                };
+                let inpod = file
+                    .ztunnel
+                    .as_ref()
+                    .is_some_and(|z| matches!(z.mode, ZtunnelMode::InPod { .. }));
+                match (inpod, file.workloads.get(*i)) {
+                    (true, Some(w)) => {
+                        let (namespace, name) = w.zds_namespace_and_name();
+                        (
+                            Capture::InPod {
+                                dns: file.dns_capture,
+                            },
+                            Some(Identity {
+                                uid: w.uid.clone(),
+                                namespace: namespace.to_string(),
+                                name: name.to_string(),
+                                service_account: w.service_account.clone(),
+                            }),
+                        )
+                    }
+                    _ => (Capture::Node, None),
+                }
+            }
+            _ => (Capture::Node, None),
+        }
+    }
+
+    pub(super) fn decide(&self, key: &OwnerKey) -> Decision {
+        match key {
+            OwnerKey::Pod(uid) => match self.pods.get(uid) {
+                Some(pod) => self
+                    .rules
+                    .decide(pod, self.namespaces.get(pod.namespace.as_str())),
+                None => Decision::none(format!("pod {uid} is not known on this node")),
+            },
+            OwnerKey::Workload(i) => {
+                let Some(w) = self
+                    .config
+                    .workloads
+                    .as_ref()
+                    .and_then(|w| w.workloads.get(*i))
+                else {
+                    return Decision::none("workload no longer in the workloads file");
+                };
+                if w.mode == Mode::None {
+                    return Decision::none("workloads file: mode none");
+                }
+                let ips = self.address_of(key, &w.address);
+                if ips.is_empty() {
+                    return Decision::none(
+                        "workloads file: address auto, and no address seen in the subtree yet",
+                    );
+                }
+                Decision {
+                    role: Role::Ambient,
+                    ips,
+                    reason: "workloads file: mode ambient".to_string(),
+                }
+            }
+            OwnerKey::Ztunnel => {
+                let address = self
+                    .config
+                    .workloads
+                    .as_ref()
+                    .and_then(|w| w.ztunnel.as_ref())
+                    .map(|z| z.address.clone())
+                    .unwrap_or(Address::Fixed(Vec::new()));
+                Decision {
+                    role: Role::Ztunnel,
+                    ips: self.address_of(key, &address),
+                    reason: "workloads file: ztunnel".to_string(),
+                }
+            }
+            OwnerKey::Exempt(_) => Decision {
+                role: Role::Exempt,
+                ips: Vec::new(),
+                reason: "exempt host cgroup".to_string(),
+            },
+        }
+    }
+
+    /// A fixed address, or for `auto` the first addresses seen in the owner's live cgroups
+    /// (lowest cgroup id first, so that a reload decides the same).
+    pub(super) fn address_of(&self, key: &OwnerKey, address: &Address) -> Vec<IpAddr> {
+        match address {
+            Address::Fixed(ips) => ips.clone(),
+            Address::Auto => self
+                .owners
+                .get(key)
+                .into_iter()
+                .flat_map(|o| o.live.iter())
+                .filter_map(|id| self.cgroups.get(id))
+                .find(|c| !c.ips.is_empty())
+                .map(|c| c.ips.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Re-decides one owner and emits the difference in its entries.
+    pub(super) fn recompute(&mut self, key: &OwnerKey, out: &mut Vec<Update>) {
+        let Some(owner) = self.owners.get(key) else {
+            return;
+        };
+        let decision = self.decide(key);
+        // Nothing but the decision could have changed, and it did not: the entries are
+        // those emitted (a namespace change re-decides every pod in it; most stay the same).
+        if !owner.stale
+            && owner
+                .decided
+                .as_ref()
+                .is_some_and(|(role, ips)| *role == decision.role && *ips == decision.ips)
+        {
+            return;
+        }
+        let desired = self.desired_for(key, &decision);
+        let (label, quiet) = self.owner_label(key);
+        let owner = self.owners.get_mut(key).expect("checked above");
+        owner.decided = Some((decision.role, decision.ips.clone()));
+        owner.stale = false;
+        for id in owner.emitted.keys() {
+            if !desired.contains_key(id) {
+                out.push(Update::Delete { cgroup_id: *id });
+            }
+        }
+        for (id, enrolment) in &desired {
+            if owner.emitted.get(id) != Some(enrolment) {
+                out.push(Update::Upsert(enrolment.clone()));
+            }
+        }
+        owner.emitted = desired;
+        log_decision(owner, &decision, &label, quiet);
+        if owner.live.is_empty() && owner.emitted.is_empty() {
+            self.owners.remove(key);
+        }
+    }
+
+    /// Re-decides every owner whose pod is in `namespace`.
+    pub(super) fn recompute_namespace(&mut self, namespace: &str, out: &mut Vec<Update>) {
+        // Taken out while its owners are re-decided (recompute needs `self`), then put back.
+        let Some(keys) = self.pods_by_namespace.remove(namespace) else {
+            return;
+        };
+        for key in &keys {
+            self.recompute(key, out);
+        }
+        self.pods_by_namespace.insert(namespace.to_string(), keys);
+    }
+
+    /// The ztunnel address the programs should use; emitted when it changes.
+    pub(super) fn update_ztunnel(&mut self, out: &mut Vec<Update>) {
+        let ips = if let Some(workloads) = &self.config.workloads {
+            match &workloads.ztunnel {
+                Some(z) => self.address_of(&OwnerKey::Ztunnel, &z.address),
+                None => Vec::new(),
+            }
+        } else {
+            // Several during a rollout: the newest (then by name, uid) that has an address.
+            self.ztunnel_pods
+                .iter()
+                .filter_map(|uid| self.pods.get(uid))
+                .filter(|p| !p.ips.is_empty())
+                .max_by(|a, b| (a.created, &a.name, &a.uid).cmp(&(b.created, &b.name, &b.uid)))
+                .map(|p| p.ips.clone())
+                .unwrap_or_default()
+        };
+        if self.ztunnel_emitted.as_ref() == Some(&ips) {
+            return;
+        }
+        // Before the first full picture, "no ztunnel" is not known to be true (the kube cache
+        // may not have listed the ztunnel pod yet), and the address a previous run pinned is
+        // still right: clearing it would fail every captured pod closed while the agent
+        // restarts. It is said, if still true, right before `Synced`.
+        if ips.is_empty() && !self.synced_emitted {
+            return;
+        }
+        if self.ztunnel_emitted.is_some() || !ips.is_empty() {
+            info!("ztunnel address: {}", join_ips(&ips));
+        }
+        self.ztunnel_emitted = Some(ips.clone());
+        out.push(Update::SetZtunnel { ips });
+    }
+
+    pub(super) fn maybe_synced(&mut self, out: &mut Vec<Update>) {
+        if self.synced_emitted || !self.scan_seen || !(self.standalone() || self.kube_synced) {
+            return;
+        }
+        self.synced_emitted = true;
+        info!("synced: the process scan and the pod and namespace lists are complete");
+        self.update_ztunnel(out);
+        out.push(Update::Synced);
+    }
+}
+
+/// Logs a decision when it differs from the last one logged for the owner.
+pub(super) fn log_decision(owner: &mut Owner, decision: &Decision, name: &str, quiet: bool) {
+    let now = (decision.role, decision.ips.clone());
+    if owner.logged.as_ref() == Some(&now) {
+        return;
+    }
+    let first_none = owner.logged.is_none() && decision.role == Role::None;
+    owner.logged = Some(now);
+    let ips = if decision.ips.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", join_ips(&decision.ips))
+    };
+    if quiet && first_none {
+        debug!("{name}: cgroup {} → none ({})", owner.root, decision.reason);
+    } else {
+        info!(
+            "{name}: cgroup {} → {}{ips} ({})",
+            owner.root,
+            decision.role.as_str(),
+            decision.reason
+        );
+    }
+}
+
+pub(super) fn join_ips(ips: &[IpAddr]) -> String {
+    if ips.is_empty() {
+        return "none".to_string();
+    }
+    ips.iter()
+        .map(|ip| ip.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Unicast, non-loopback addresses, IPv4 first.
+pub(super) fn usable_ips(ips: Vec<IpAddr>) -> Vec<IpAddr> {
+    ipv4_first(
+        ips.into_iter()
+            .filter(|ip| !ip.is_loopback() && !ip.is_multicast() && !ip.is_unspecified())
+            .collect(),
+    )
+}

@@ -1,0 +1,92 @@
+//! Kubernetes: pods and namespaces from the kube cache (or a recording), as facts.
+
+use super::*;
+
+impl Resolver {
+    // ---- Kubernetes ----
+
+    pub(super) fn handle_kube(&mut self, change: KubeChange, out: &mut Vec<Update>) {
+        match change {
+            KubeChange::ApplyPod(facts) if facts.uid.is_empty() => {
+                warn!("a pod without metadata.uid was ignored")
+            }
+            KubeChange::ApplyPod(facts) => {
+                if facts.node.as_deref() == Some(self.config.node.as_str()) {
+                    self.set_pod(facts.uid.clone().into_boxed_str(), Some(facts), out)
+                } else {
+                    // Not on this node: forget it if it was (a recording may say so).
+                    self.set_pod(facts.uid.into_boxed_str(), None, out)
+                }
+            }
+            KubeChange::DeletePod { uid } if uid.is_empty() => {
+                warn!("a pod delete without metadata.uid was ignored")
+            }
+            KubeChange::DeletePod { uid } => self.set_pod(uid.into_boxed_str(), None, out),
+            KubeChange::ApplyNamespace { name, .. } if name.is_empty() => {
+                warn!("a namespace without metadata.name was ignored")
+            }
+            KubeChange::ApplyNamespace { name, facts } => {
+                if self.namespaces.get(&name) != Some(&facts) {
+                    debug!("namespace {name}: {facts:?}");
+                    self.namespaces.insert(name.clone(), facts);
+                    self.recompute_namespace(&name, out);
+                }
+            }
+            KubeChange::DeleteNamespace { name } if name.is_empty() => {
+                warn!("a namespace delete without metadata.name was ignored")
+            }
+            KubeChange::DeleteNamespace { name } => {
+                if self.namespaces.remove(&name).is_some() {
+                    self.recompute_namespace(&name, out);
+                }
+            }
+            KubeChange::Synced => {
+                if !self.kube_synced {
+                    info!("kube cache synced");
+                }
+                self.kube_synced = true;
+            }
+        }
+    }
+
+    pub(super) fn set_pod(
+        &mut self,
+        uid: Box<str>,
+        facts: Option<PodFacts>,
+        out: &mut Vec<Update>,
+    ) {
+        if self.pods.get(&uid) == facts.as_ref() {
+            return;
+        }
+        let was_ztunnel = self.ztunnel_pods.remove(&uid);
+        if let Some(old) = self.pods.remove(&uid) {
+            if let Some(set) = self.pods_by_namespace.get_mut(&old.namespace) {
+                set.remove(&OwnerKey::Pod(uid.clone()));
+                if set.is_empty() {
+                    self.pods_by_namespace.remove(&old.namespace);
+                }
+            }
+        }
+        let mut is_ztunnel = false;
+        if let Some(facts) = facts {
+            if self.rules.is_node_ztunnel(&facts) {
+                self.ztunnel_pods.insert(uid.clone());
+                is_ztunnel = true;
+            }
+            self.pods_by_namespace
+                .entry(facts.namespace.clone())
+                .or_default()
+                .insert(OwnerKey::Pod(uid.clone()));
+            self.pods.insert(uid.clone(), facts);
+        }
+        let key = OwnerKey::Pod(uid);
+        // Its name, addresses or identity may have changed, not only its decision.
+        if let Some(owner) = self.owners.get_mut(&key) {
+            owner.stale = true;
+        }
+        self.recompute(&key, out);
+        if was_ztunnel || is_ztunnel {
+            self.update_ztunnel(out);
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The resolver's state machine: live processes → cgroups → owners (pods, standalone
+//! workloads) → decisions → [`Update`]s.
+//!
+//! Every live process is in at most one cgroup; each cgroup counts its live processes and is
+//! forgotten when the count drops to zero. A cgroup's owner (a pod, read from its path, or a
+//! standalone subtree) is decided once when the cgroup is first seen. An owner's map entries
+//! are the pod-level cgroup when its id is known (a live cgroup, or the injected
+//! [`CgroupIds`]), else each of its live cgroups; they are diffed against what was emitted, so
+//! nothing is emitted twice for an unchanged decision.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use log::{debug, info, warn};
+use rustc_hash::{FxHashMap, FxHashSet};
+use watcher::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts};
+
+use crate::cgroup_path::{parse_cgroup_path, CgroupKind};
+use crate::decide::{Decision, Rules};
+use crate::facts::{NamespaceFacts, PodFacts};
+use crate::input::{Input, KubeChange};
+use crate::update::{Capture, Enrolment, Identity, PodName, Role, Update};
+use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads, ZtunnelMode};
+
+/// How many distinct unrecognized pod-like paths are remembered (to log each once).
+const UNRECOGNIZED_LOG_LIMIT: usize = 4096;
+
+/// Finds the id of a cgroup directory by its path (relative to the cgroup2 root).
+///
+/// The live agent stats `<cgroup2 root>/<path>`; replay knows no more than the recording.
+pub trait CgroupIds {
+    fn id_of(&mut self, path: &str) -> Option<CgroupId>;
+}
+
+/// Knows no cgroup beyond those that hold live processes (replay, tests).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoCgroupIds;
+
+impl CgroupIds for NoCgroupIds {
+    fn id_of(&mut self, _path: &str) -> Option<CgroupId> {
+        None
+    }
+}
+
+/// What the resolver is told by the operator.
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    /// This node's name: only pods whose `spec.nodeName` equals it are local.
+    pub node: String,
+    /// Where the node's ztunnel runs (`app=ztunnel`).
+    pub system_namespace: String,
+    /// Namespaces whose pods are never captured.
+    pub excluded_namespaces: Vec<String>,
+    /// Host cgroup subtrees whose connects to ambient pods are not sent to ztunnel's inbound
+    /// port (Kubernetes mode; in standalone mode the workloads file's `exempt` is used).
+    pub exempt_cgroups: Vec<String>,
+    /// Standalone mode: the workloads file replaces the kube cache, whose inputs are ignored.
+    pub workloads: Option<Workloads>,
+    /// Where ztunnel listens for ambient pods in Kubernetes mode: in its own namespace
+    /// (`Node`, ztunnel's `dedicated` mode) or in each pod's (`InPod`, `shared` mode, fed over
+    /// ZDS). Standalone mode takes it from the workloads file.
+    pub capture: Capture,
+}
+
+impl ResolverConfig {
+    /// Defaults: system namespace `istio-system`, excluded `kube-system`, nothing exempt.
+    pub fn new(node: impl Into<String>) -> ResolverConfig {
+        ResolverConfig {
+            node: node.into(),
+            system_namespace: "istio-system".to_string(),
+            excluded_namespaces: vec!["kube-system".to_string()],
+            exempt_cgroups: Vec::new(),
+            workloads: None,
+            capture: Capture::Node,
+        }
+    }
+}
+
+/// Who owns a cgroup, and so decides it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum OwnerKey {
+    /// A pod, by `metadata.uid`.
+    Pod(Box<str>),
+    /// `workloads[i]` of the workloads file.
+    Workload(usize),
+    /// The workloads file's ztunnel.
+    Ztunnel,
+    /// An exempt host subtree: the workloads file's `exempt[i]`, or the config's.
+    Exempt(usize),
+}
+
+/// An owner that holds live cgroups or has entries programmed.
+#[derive(Debug)]
+struct Owner {
+    /// The pod-level cgroup, or the standalone subtree.
+    root: Box<str>,
+    /// Its cgroups that hold live processes.
+    live: BTreeSet<CgroupId>,
+    /// The entries emitted for it (what the programmer holds).
+    emitted: BTreeMap<CgroupId, Enrolment>,
+    /// The last decision logged, to log changes only.
+    logged: Option<(Role, Vec<IpAddr>)>,
+    /// The role and addresses `emitted` was built from.
+    decided: Option<(Role, Vec<IpAddr>)>,
+    /// Something besides the decision changed since `emitted` was built (its live cgroups,
+    /// its pod's facts): the entries must be rebuilt even if the decision is the same.
+    stale: bool,
+}
+
+impl Owner {
+    fn new(root: &str) -> Owner {
+        Owner {
+            root: root.into(),
+            live: BTreeSet::new(),
+            emitted: BTreeMap::new(),
+            logged: None,
+            decided: None,
+            stale: true,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CgroupState {
+    path: Box<str>,
+    /// Live processes in it.
+    live: u32,
+    owner: Option<OwnerKey>,
+    /// The addresses of the network namespace of the first process seen in it that had any
+    /// (for `address: auto`).
+    ips: Vec<IpAddr>,
+}
+
+/// A cgroup that holds live processes, for output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveCgroup<'a> {
+    pub id: CgroupId,
+    pub path: &'a str,
+    /// The pod (`NAMESPACE/NAME`) or workload name, when known.
+    pub pod: Option<PodName>,
+}
+
+/// The resolver. Feed it [`Input`]s with [`Resolver::handle`]; it pushes [`Update`]s.
+pub struct Resolver {
+    config: ResolverConfig,
+    rules: Rules,
+    ids: Box<dyn CgroupIds + Send>,
+    procs: FxHashMap<Pid, Option<CgroupId>>,
+    cgroups: FxHashMap<CgroupId, CgroupState>,
+    by_path: FxHashMap<Box<str>, CgroupId>,
+    owners: FxHashMap<OwnerKey, Owner>,
+    pods: FxHashMap<Box<str>, PodFacts>,
+    /// The uids of `pods`, by namespace: a namespace's change re-decides only its pods.
+    pods_by_namespace: FxHashMap<String, BTreeSet<OwnerKey>>,
+    namespaces: FxHashMap<String, NamespaceFacts>,
+    /// Uids of local pods that qualify as the node's ztunnel.
+    ztunnel_pods: BTreeSet<Box<str>>,
+    kube_synced: bool,
+    scan_seen: bool,
+    /// `lost` records since the last scan: the first is logged, the others counted (one line
+    /// each would flood the log when records are lost by the thousand).
+    lost_since_scan: u64,
+    synced_emitted: bool,
+    started: bool,
+    /// The ztunnel addresses last emitted (`None`: nothing emitted yet).
+    ztunnel_emitted: Option<Vec<IpAddr>>,
+    unrecognized_logged: HashSet<String>,
+}
+
+impl Resolver {
+    /// A resolver that knows only the cgroups its events name ([`NoCgroupIds`]).
+    pub fn new(config: ResolverConfig) -> Resolver {
+        Resolver::with_cgroup_ids(config, Box::new(NoCgroupIds))
+    }
+
+    /// A resolver that asks `ids` for the ids of pod-level cgroups and standalone subtrees.
+    pub fn with_cgroup_ids(config: ResolverConfig, ids: Box<dyn CgroupIds + Send>) -> Resolver {
+        let rules = Rules {
+            node: config.node.clone(),
+            system_namespace: config.system_namespace.clone(),
+            excluded_namespaces: config.excluded_namespaces.clone(),
+        };
+        Resolver {
+            config,
+            rules,
+            ids,
+            procs: FxHashMap::default(),
+            cgroups: FxHashMap::default(),
+            by_path: FxHashMap::default(),
+            owners: FxHashMap::default(),
+            pods: FxHashMap::default(),
+            pods_by_namespace: FxHashMap::default(),
+            namespaces: FxHashMap::default(),
+            ztunnel_pods: BTreeSet::new(),
+            kube_synced: false,
+            scan_seen: false,
+            lost_since_scan: 0,
+            synced_emitted: false,
+            started: false,
+            ztunnel_emitted: None,
+            unrecognized_logged: HashSet::new(),
+        }
+    }
+
+    pub fn config(&self) -> &ResolverConfig {
+        &self.config
+    }
+
+    fn standalone(&self) -> bool {
+        self.config.workloads.is_some()
+    }
+
+    /// Handles one input, pushing the updates it causes onto `out`.
+    pub fn handle(&mut self, input: Input, out: &mut Vec<Update>) {
+        if !self.started {
+            self.started = true;
+            let mut keys = self.adopt_configured_subtrees();
+            keys.sort();
+            for key in keys {
+                self.recompute(&key, out);
+            }
+            self.update_ztunnel(out);
+        }
+        match input {
+            Input::Proc { event, .. } => self.handle_proc(event, out),
+            Input::Kube(change) => {
+                if self.standalone() {
+                    debug!("standalone mode: ignoring a Kubernetes input");
+                } else {
+                    self.handle_kube(change, out);
+                }
+            }
+            Input::ConfiguredCgroupsChanged => self.refresh_configured_subtrees(out),
+        }
+        self.maybe_synced(out);
+    }
+
+    /// Every cgroup that holds a live process, sorted by id.
+    pub fn live_cgroups(&self) -> Vec<LiveCgroup<'_>> {
+        let mut all: Vec<LiveCgroup<'_>> = self
+            .cgroups
+            .iter()
+            .map(|(id, state)| LiveCgroup {
+                id: *id,
+                path: &state.path,
+                pod: state.owner.as_ref().and_then(|k| self.owner_name(k)),
+            })
+            .collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    /// The id of a live cgroup (one holding processes) by its path.
+    pub fn live_cgroup_id(&self, path: &str) -> Option<CgroupId> {
+        self.by_path.get(path).copied()
+    }
+
+    /// How many processes are live.
+    pub fn live_processes(&self) -> usize {
+        self.procs.len()
+    }
+
+    fn owner_name(&self, key: &OwnerKey) -> Option<PodName> {
+        match key {
+            OwnerKey::Pod(uid) => self.pods.get(uid).map(PodFacts::full_name),
+            OwnerKey::Workload(i) => self
+                .config
+                .workloads
+                .as_ref()
+                .and_then(|w| w.workloads.get(*i))
+                .map(|w| w.name.clone()),
+            OwnerKey::Ztunnel | OwnerKey::Exempt(_) => None,
+        }
+    }
+
+    /// How logs name an owner, and whether its first `none` is quiet (debug): a pod not (yet)
+    /// known is the common case before the kube cache syncs.
+    fn owner_label(&self, key: &OwnerKey) -> (String, bool) {
+        match (self.owner_name(key), key) {
+            (Some(name), _) => (name, false),
+            (None, OwnerKey::Pod(uid)) => (format!("pod {uid}"), true),
+            (None, OwnerKey::Ztunnel) => ("ztunnel (workloads file)".to_string(), false),
+            (None, OwnerKey::Exempt(_)) => ("exempt host cgroup".to_string(), false),
+            (None, OwnerKey::Workload(i)) => (format!("workloads[{i}]"), false),
+        }
+    }
+}
+
+mod decisions;
+mod kube;
+mod processes;
+mod standalone;
+
+use decisions::{log_decision, usable_ips};
