@@ -1,0 +1,75 @@
+//! In-pod mode's start: the kernel's per-pod state, the ZDS server ztunnel connects to, and
+//! what standalone mode watches for its subtrees.
+
+use super::*;
+
+/// Opens the kernel's in-pod state (with the pods a previous run enrolled) and starts the ZDS
+/// server ztunnel connects to.
+pub(super) fn start_inpod(
+    args: &RunArgs,
+    socket: &Path,
+    cgroup_root: &Path,
+    dns: bool,
+) -> anyhow::Result<InPodStage> {
+    let node_addrs = host_addresses();
+    let kernel = KernelInPod::open(&args.pin_dir, &node_addrs)?;
+    let previous = kernel.pods();
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!("creating the directory of the ZDS socket {}", dir.display())
+        })?;
+    }
+    let roots = zds::Roots {
+        proc: PathBuf::from("/proc"),
+        cgroup: cgroup_root.to_path_buf(),
+    };
+    let mut zds_config = zds::ZdsConfig::new(socket, roots);
+    zds_config.status_file = Some(args.zds_status_file.clone());
+    let zds = zds::Server::start(zds_config)
+        .with_context(|| format!("serving ZDS on {}", socket.display()))?;
+    log::info!(
+        "in-pod capture: ZDS on {}, DNS capture {}, node addresses {:?} reach pods directly, {} pods enrolled by the previous run",
+        socket.display(),
+        if dns { "on" } else { "off" },
+        node_addrs,
+        previous.len()
+    );
+    Ok(InPodStage {
+        zds,
+        kernel: Box::new(kernel),
+        previous,
+    })
+}
+
+/// Whether a workloads file has ztunnel in-pod (v2 `ztunnel.mode: inpod`).
+pub(super) fn file_inpod(workloads: &Workloads) -> bool {
+    workloads
+        .ztunnel
+        .as_ref()
+        .is_some_and(|z| matches!(z.mode, ZtunnelModeInFile::InPod { .. }))
+}
+
+/// The directories of the workloads file's subtrees (ztunnel, workloads, exempt).
+pub(super) fn configured_dirs(cgroup_root: &Path, workloads: &Workloads) -> Vec<PathBuf> {
+    let relative = |p: &str| cgroup_root.join(p.trim_start_matches('/'));
+    workloads
+        .ztunnel
+        .iter()
+        .map(|z| relative(&z.cgroup))
+        .chain(workloads.workloads.iter().map(|w| relative(&w.cgroup)))
+        .chain(workloads.exempt.iter().map(|e| relative(e)))
+        .collect()
+}
+
+/// This (the host's) network namespace's own addresses: traffic from them to a pod is
+/// host-originated (kubelet probes) and, as with Istio, bypasses ztunnel.
+pub(super) fn host_addresses() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/self/net/fib_trie") {
+        watcher::procfs::fib_trie_local_addresses(&text, &mut out);
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/self/net/if_inet6") {
+        watcher::procfs::if_inet6_addresses(&text, &mut out);
+    }
+    out
+}
