@@ -37,3 +37,23 @@ pub enum Command {
     /// Remove the programs, links and maps zbridge pinned.
     Detach(cmd::detach::DetachArgs),
 }
+
+/// The process watcher's flags, the same for every command that watches (`run`, `record`).
+#[derive(Debug, clap::Args)]
+pub struct WatcherArgs {
+    /// Where the cgroup2 hierarchy is mounted [default: found in /proc/self/mountinfo].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<std::path::PathBuf>,
+
+    /// Proc connector receive coalescing, in microseconds (0 = off, at most 100000). While
+    /// process events arrive faster than one per millisecond the watcher sleeps this long
+    /// instead of waking for each event, then reads all that came meanwhile at once: a spawn
+    /// storm costs it one wake-up per window instead of nearly one per event (less CPU), and
+    /// each event of the storm is delivered up to this much later (plus the timer's slack).
+    /// Under light load events are read at once, as with 0.
+    #[arg(long, value_name = "MICROSECONDS",
+          default_value_t = watcher::connector::DEFAULT_COALESCE_WINDOW.as_micros() as u64,
+          value_parser = clap::value_parser!(u64)
+              .range(0..=watcher::connector::MAX_COALESCE_WINDOW.as_micros() as u64))]
+    pub coalesce_window_us: u64,
+}

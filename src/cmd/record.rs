@@ -34,6 +34,10 @@ const KUBE_QUEUE: usize = 1024;
 /// Flags of `zbridge record`.
 #[derive(Debug, clap::Args)]
 pub struct RecordArgs {
+    /// The process watcher's flags (`--cgroup-root`, `--coalesce-window-us`).
+    #[command(flatten)]
+    pub watcher: crate::cli::WatcherArgs,
+
     /// The recording to write (created or truncated).
     #[arg(long, short, value_name = "FILE")]
     pub output: PathBuf,
@@ -56,23 +60,9 @@ pub struct RecordArgs {
     /// downward API (spec.nodeName) in a DaemonSet.
     #[arg(long = "node-name", visible_alias = "node", env = "NODE_NAME")]
     pub node_name: Option<String>,
-    /// Where the cgroup2 hierarchy is mounted [default: found in /proc/self/mountinfo].
-    #[arg(long, value_name = "DIR")]
-    pub cgroup_root: Option<PathBuf>,
     /// Receive buffer of the proc connector socket, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     pub recv_buffer: usize,
-    /// Proc connector receive coalescing, in microseconds (0 = off, at most 100000). While
-    /// process events arrive faster than one per millisecond the watcher sleeps this long
-    /// instead of waking for each event, then reads all that came meanwhile at once: a spawn
-    /// storm costs it one wake-up per window instead of nearly one per event (less CPU), and
-    /// each event of the storm is delivered up to this much later (plus ~50 µs of timer
-    /// slack). Under light load events are read at once, as with 0.
-    #[arg(long, value_name = "MICROSECONDS",
-          default_value_t = watcher::connector::DEFAULT_COALESCE_WINDOW.as_micros() as u64,
-          value_parser = clap::value_parser!(u64)
-              .range(0..=watcher::connector::MAX_COALESCE_WINDOW.as_micros() as u64))]
-    pub coalesce_window_us: u64,
 }
 
 /// What the watcher's thread hands the writer.
@@ -89,7 +79,7 @@ pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
              processes only with --standalone"
         ),
     };
-    if let Some(dir) = &args.cgroup_root {
+    if let Some(dir) = &args.watcher.cgroup_root {
         if !dir.is_dir() {
             bail!("--cgroup-root {}: not a directory", dir.display());
         }
@@ -108,8 +98,8 @@ pub fn main(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let zero = monotonic_now_ns();
     let mut config = LiveConfig::default();
     config.connector.recv_buffer_bytes = args.recv_buffer;
-    config.connector.coalesce_window = Duration::from_micros(args.coalesce_window_us);
-    config.cgroup_root = args.cgroup_root.clone();
+    config.connector.coalesce_window = Duration::from_micros(args.watcher.coalesce_window_us);
+    config.cgroup_root = args.watcher.cgroup_root.clone();
     // A recording is read by people too: which program ran is worth its read here.
     config.exec_comm = true;
     let mut source = LiveSource::start(&config).context("cannot watch processes")?;

@@ -5,6 +5,10 @@ use std::path::PathBuf;
 /// Flags of `zbridge run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// The process watcher's flags (`--cgroup-root`, `--coalesce-window-us`).
+    #[command(flatten)]
+    pub watcher: crate::cli::WatcherArgs,
+
     /// Run without Kubernetes: the workloads file (--workloads) says which cgroup subtrees are
     /// ambient workloads, which one is ztunnel and which host cgroups are exempt.
     #[arg(long, requires = "workloads")]
@@ -96,10 +100,6 @@ pub struct RunArgs {
     )]
     pub exempt_cgroups: Vec<String>,
 
-    /// Where the cgroup2 hierarchy is mounted [default: found in /proc/self/mountinfo].
-    #[arg(long, value_name = "DIR")]
-    pub cgroup_root: Option<PathBuf>,
-
     /// The cgroup directory the programs are attached to [default: the cgroup2 root].
     #[arg(long, value_name = "DIR")]
     pub attach_cgroup: Option<PathBuf>,
@@ -130,18 +130,6 @@ pub struct RunArgs {
     /// Let the programs bpf_printk their decisions (read them from tracefs).
     #[arg(long)]
     pub bpf_debug: bool,
-
-    /// Proc connector receive coalescing, in microseconds (0 = off, at most 100000). While
-    /// process events arrive faster than one per millisecond the watcher sleeps this long
-    /// instead of waking for each event, then reads all that came meanwhile at once: a spawn
-    /// storm costs it one wake-up per window instead of nearly one per event (less CPU), and
-    /// each event of the storm is delivered up to this much later (plus ~50 µs of timer
-    /// slack). Under light load events are read at once, as with 0.
-    #[arg(long, value_name = "MICROSECONDS",
-          default_value_t = watcher::connector::DEFAULT_COALESCE_WINDOW.as_micros() as u64,
-          value_parser = clap::value_parser!(u64)
-              .range(0..=watcher::connector::MAX_COALESCE_WINDOW.as_micros() as u64))]
-    pub coalesce_window_us: u64,
 }
 
 /// Where ztunnel listens for ambient pods (Kubernetes mode).

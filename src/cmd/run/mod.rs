@@ -116,7 +116,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         .to_string()
     });
 
-    let cgroup_root = match &args.cgroup_root {
+    let cgroup_root = match &args.watcher.cgroup_root {
         Some(dir) => dir.clone(),
         None => watcher::procfs::cgroup2_mount()
             .context("finding the cgroup2 mount (or give --cgroup-root DIR)")?,
@@ -158,7 +158,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         cgroup_root: Some(cgroup_root.clone()),
         ..LiveConfig::default()
     };
-    watcher_config.connector.coalesce_window = Duration::from_micros(args.coalesce_window_us);
+    watcher_config.connector.coalesce_window =
+        Duration::from_micros(args.watcher.coalesce_window_us);
     let source = LiveSource::start(&watcher_config).with_context(|| {
         format!(
             "starting the process watcher (proc connector, cgroup2 root {})",
