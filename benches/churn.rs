@@ -9,7 +9,7 @@
 //! `cargo bench --bench churn` (env: `CYCLES`, `SUBTREES`).
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use programmer::{KernelMaps, MapBackend};
@@ -62,26 +62,15 @@ fn main() {
     }
     let workloads = dir.path().join("workloads.yaml");
     std::fs::write(&workloads, mesh.workloads(&[ZTUNNEL4], &extra)).expect("workloads");
-    let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_zbridge"));
-    agent
-        .args(["--log-level", "warn", "run", "--standalone", "--workloads"])
-        .arg(&workloads)
-        .arg("--attach-cgroup")
-        .arg(mesh.attach_dir())
-        .arg("--pin-dir")
-        .arg(bpffs.pin_dir())
-        .args(["--metrics-addr", "off"])
-        .stdout(Stdio::null())
-        .stderr(log);
-    // SAFETY: the hook only writes to cgroup.procs.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(
-            &mut agent,
-            mesh.cgroup.pre_exec_join(&mesh.outside),
-        );
-    }
-    let mut agent = agent.spawn().expect("spawn zbridge");
+    let mut agent = mesh
+        .spawn_standalone_agent(
+            std::path::Path::new(env!("CARGO_BIN_EXE_zbridge")),
+            &bpffs.pin_dir(),
+            &workloads,
+            &dir.path().join("agent.log"),
+            &[],
+        )
+        .expect("spawn zbridge");
     let deadline = Instant::now() + Duration::from_secs(30);
     let maps = loop {
         if let Ok(m) = KernelMaps::open(&bpffs.pin_dir()) {

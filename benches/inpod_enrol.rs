@@ -19,7 +19,6 @@
 //! `cargo bench --bench inpod_enrol` (env: `TRIALS`, trials per measurement).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use programmer::{KernelMaps, MapBackend};
@@ -100,27 +99,16 @@ fn main() {
     }
     let workloads = dir.path().join("workloads.yaml");
     std::fs::write(&workloads, file).expect("workloads file");
-    let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_zbridge"));
-    agent
-        .args(["--log-level", "warn", "run", "--standalone", "--workloads"])
-        .arg(&workloads)
-        .arg("--attach-cgroup")
-        .arg(mesh.attach_dir())
-        .arg("--pin-dir")
-        .arg(bpffs.pin_dir())
-        .args(["--metrics-addr", "off", "--zds-status-file"])
-        .arg(dir.path().join("zds.json"))
-        .stdout(Stdio::null())
-        .stderr(log);
-    // SAFETY: the hook only writes to cgroup.procs.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(
-            &mut agent,
-            mesh.cgroup.pre_exec_join(&mesh.outside),
-        );
-    }
-    let mut agent = agent.spawn().expect("spawn zbridge");
+    let status_file = dir.path().join("zds.json");
+    let mut agent = mesh
+        .spawn_standalone_agent(
+            std::path::Path::new(env!("CARGO_BIN_EXE_zbridge")),
+            &bpffs.pin_dir(),
+            &workloads,
+            &dir.path().join("agent.log"),
+            &["--zds-status-file".as_ref(), status_file.as_os_str()],
+        )
+        .expect("spawn zbridge");
     let fake = InPodZtunnel::start(&mesh.cgroup, &mesh.ztunnel, &zds, InPodOptions::default())
         .expect("fake in-pod ztunnel");
     // Wait until the agent has its maps pinned.

@@ -13,19 +13,7 @@ use crate::ProgramError;
 
 /// Reads the pinned per-CPU `counters` and sums each over the CPUs.
 pub fn read_counters(pin_dir: &Path) -> Result<Counters, ProgramError> {
-    let map = layout::COUNTERS_MAP;
-    let counters: PerCpuArray<MapData, u64> = pins::open_typed(pin_dir, map)?;
-    let mut sums = [0u64; layout::COUNTER_COUNT];
-    for (index, sum) in sums.iter_mut().enumerate() {
-        let per_cpu = counters
-            .get(&(index as u32), 0)
-            .map_err(|e| ProgramError::Map {
-                map,
-                op: "lookup",
-                error: map_io_error(e),
-            })?;
-        *sum = per_cpu.iter().sum();
-    }
+    let sums = sum_per_cpu::<{ layout::COUNTER_COUNT }>(pin_dir, layout::COUNTERS_MAP)?;
     Ok(Counters::from_values(&sums))
 }
 
@@ -38,8 +26,17 @@ pub fn read_inbound_counters(
     if !pins::maps_dir(pin_dir).join(map).exists() {
         return Ok(None);
     }
+    let sums = sum_per_cpu::<{ crate::inbound::COUNTER_COUNT }>(pin_dir, map)?;
+    Ok(Some(crate::inbound::InboundCounters::from_values(&sums)))
+}
+
+/// The first `N` slots of a pinned per-CPU array of counters, each summed over the CPUs.
+fn sum_per_cpu<const N: usize>(
+    pin_dir: &Path,
+    map: &'static str,
+) -> Result<[u64; N], ProgramError> {
     let counters: PerCpuArray<MapData, u64> = pins::open_typed(pin_dir, map)?;
-    let mut sums = [0u64; crate::inbound::COUNTER_COUNT];
+    let mut sums = [0u64; N];
     for (index, sum) in sums.iter_mut().enumerate() {
         let per_cpu = counters
             .get(&(index as u32), 0)
@@ -50,7 +47,7 @@ pub fn read_inbound_counters(
             })?;
         *sum = per_cpu.iter().sum();
     }
-    Ok(Some(crate::inbound::InboundCounters::from_values(&sums)))
+    Ok(sums)
 }
 
 /// One record of `orig_dst_by_tuple`: a redirected connection and where it was going.

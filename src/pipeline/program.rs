@@ -216,14 +216,10 @@ fn apply_steps<B: MapBackend>(
     let mut failed: Vec<String> = Vec::new();
     for step in steps.drain(..) {
         match step {
+            // An in-pod pod whose enrolment just failed has its entries held back.
+            Step::Queue(update) | Step::QueueHeld { update, .. } if held_back(&update, &failed) => {
+            }
             Step::Queue(update) => {
-                if let Update::Upsert(e) = &update {
-                    if let Some(id) = &e.identity {
-                        if failed.contains(&id.uid) {
-                            continue;
-                        }
-                    }
-                }
                 programmer.queue(&update);
                 batch.push(Stamped {
                     update,
@@ -235,13 +231,6 @@ fn apply_steps<B: MapBackend>(
                 update,
                 exec_ts: held_since,
             } => {
-                if let Update::Upsert(e) = &update {
-                    if let Some(id) = &e.identity {
-                        if failed.contains(&id.uid) {
-                            continue;
-                        }
-                    }
-                }
                 programmer.queue(&update);
                 batch.push(Stamped {
                     update,
@@ -275,6 +264,11 @@ fn apply_steps<B: MapBackend>(
             Step::ReleaseAfterFlush { uid } => after_flush.push(uid),
         }
     }
+}
+
+/// Whether `update` is an entry of a pod in `failed` (its enrolment failed in this batch).
+fn held_back(update: &Update, failed: &[String]) -> bool {
+    matches!(update, Update::Upsert(e) if e.identity.as_ref().is_some_and(|id| failed.contains(&id.uid)))
 }
 
 /// The pods whose last entries are written away: release them in the kernel, then tell

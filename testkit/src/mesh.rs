@@ -87,6 +87,40 @@ impl Mesh {
         self.cgroup.dir_of(&self.attach)
     }
 
+    /// Starts `BINARY --log-level warn run --standalone --workloads FILE` on this mesh (the
+    /// programs on the attach cgroup, maps pinned under `pin_dir`, no ops endpoint) plus
+    /// `extra` flags, in the `outside` cgroup (so that it dies with the test's cgroup), stderr
+    /// to `log`. The caller kills it (by its PID) when done.
+    pub fn spawn_standalone_agent(
+        &self,
+        binary: &std::path::Path,
+        pin_dir: &std::path::Path,
+        workloads: &std::path::Path,
+        log: &std::path::Path,
+        extra: &[&std::ffi::OsStr],
+    ) -> std::io::Result<std::process::Child> {
+        let mut agent = std::process::Command::new(binary);
+        agent
+            .args(["--log-level", "warn", "run", "--standalone", "--workloads"])
+            .arg(workloads)
+            .arg("--attach-cgroup")
+            .arg(self.attach_dir())
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(["--metrics-addr", "off"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log)?);
+        // SAFETY: the hook only writes to cgroup.procs.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(
+                &mut agent,
+                self.cgroup.pre_exec_join(&self.outside),
+            );
+        }
+        agent.spawn()
+    }
+
     /// The cgroup id of a path of this mesh.
     pub fn id(&self, path: &str) -> u64 {
         self.cgroup.id_of(path).expect("mesh cgroup exists")
