@@ -314,14 +314,20 @@ impl Node {
     /// proxy in front of it); the node name from `--node-name`, or with `node_name_env` from
     /// `NODE_NAME` as the downward API sets it.
     fn start_agent(&mut self, api: SocketAddr, node_name_env: bool) {
+        // These tests' ztunnel listens in its own namespace (node mode); in-pod mode, the
+        // default, has a test of its own below.
+        self.start_agent_with(api, node_name_env, &["--ztunnel-mode", "node"]);
+    }
+
+    /// [`Node::start_agent`] with `mode` flags before the others.
+    fn start_agent_with(&mut self, api: SocketAddr, node_name_env: bool, mode: &[&str]) {
         let kubeconfig = self.dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, testkit::apiserver::kubeconfig_yaml_for(api)).unwrap();
         let log = self.dir.path().join("agent.log");
         let name = self.name.clone();
         let agent = Agent::spawn(&self.mesh, &self.pin_dir(), log, |cmd| {
-            // These tests' ztunnel listens in its own namespace (node mode); in-pod mode, the
-            // default, is tested by tests/e2e_inpod.rs.
-            cmd.args(["--ztunnel-mode", "node", "--kubeconfig"])
+            cmd.args(mode)
+                .arg("--kubeconfig")
                 .arg(kubeconfig)
                 .env_remove("NODE_NAME")
                 .env_remove("KUBECONFIG");
@@ -774,4 +780,89 @@ fn kubernetes_mode_needs_a_node_name_and_a_readable_kubeconfig() {
     ]);
     assert!(!ok);
     assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+/// Kubernetes mode, in-pod (the default): an ambient pod of the API server is handed to a fake
+/// in-pod ztunnel over ZDS with the pod's uid, namespace, name and service account and its
+/// network namespace; once acked, the pod's connect lands on ztunnel's 15001 inside the pod
+/// with its original destination; the pod deleted from the API server, its entry goes first,
+/// then ztunnel is told `del`.
+#[test]
+fn kubernetes_inpod_pod_is_handed_to_ztunnel_over_zds_and_captured() {
+    if !testkit::require_root("kubernetes_inpod_pod_is_handed_to_ztunnel_over_zds_and_captured") {
+        return;
+    }
+    use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
+    let mut node = Node::new("e2e-kinpod");
+    let app = PodCgroup::new(&node.mesh);
+    node.server.apply_namespace(&namespace("shop", true));
+    node.apply_pod("shop", "app", &app, &[POD4, POD6], json!({}));
+    node.sleeper(&app);
+    let zds = node.dir.path().join("ztunnel.sock");
+    let state = node.dir.path().join("zds.json");
+    let api = node.server.addr();
+    node.start_agent_with(
+        api,
+        false,
+        &[
+            "--zds-socket",
+            zds.to_str().unwrap(),
+            "--zds-status-file",
+            state.to_str().unwrap(),
+        ],
+    );
+    // ztunnel's in-pod process, in ztunnel's pod cgroup.
+    let fake = InPodZtunnel::start(
+        &node.mesh.cgroup,
+        &node.ztunnel_pod.container,
+        &zds,
+        InPodOptions::default(),
+    )
+    .expect("fake in-pod ztunnel");
+    let netns =
+        std::os::unix::fs::MetadataExt::ino(&node.mesh.pod_ns.file().unwrap().metadata().unwrap());
+    let add = fake
+        .wait_for(WAIT, |e| matches!(e, ZdsEvent::Add { .. }))
+        .unwrap_or_else(|seen| panic!("no add; saw {seen:?}\n{}", node.log()));
+    assert_eq!(
+        add,
+        ZdsEvent::Add {
+            uid: app.uid.clone(),
+            name: "app".into(),
+            namespace: "shop".into(),
+            service_account: "default".into(),
+            netns_inode: netns,
+        }
+    );
+    let id = node.id(&app.pod);
+    node.wait_entries("the pod's in-pod entry", |e| {
+        e.get(&id)
+            .is_some_and(|i| i.flags & programmer::layout::F_INPOD != 0)
+    });
+    match node.connect(&app) {
+        Outcome::Ok { peer, .. } => assert!(
+            peer.port() == 15001 && peer.ip().is_loopback(),
+            "not to ztunnel in the pod: {peer}"
+        ),
+        other => panic!("connect failed: {other:?}\n{}", node.log()),
+    }
+    let accepted = fake
+        .wait_for(WAIT, |e| matches!(e, ZdsEvent::Accepted { .. }))
+        .unwrap_or_else(|seen| panic!("nothing accepted; saw {seen:?}"));
+    let ZdsEvent::Accepted { uid, accepted } = accepted else {
+        unreachable!()
+    };
+    assert_eq!((uid, accepted.orig), (app.uid.clone(), Some(Ok(svc4()))));
+
+    // Deleted from the API server: the entry first, then `del`.
+    node.server.delete_pod("shop", "app");
+    fake.wait_for(
+        WAIT,
+        |e| matches!(e, ZdsEvent::Del { uid } if *uid == app.uid),
+    )
+    .unwrap_or_else(|seen| panic!("no del; saw {seen:?}\n{}", node.log()));
+    assert!(
+        !node.entries().contains_key(&id),
+        "del was sent while the pod's entry was still there"
+    );
 }
