@@ -275,3 +275,145 @@ fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
     let accepted = accepted_on(&second, POD_PORT);
     assert_eq!(canonical(accepted.local), app4);
 }
+
+/// Two in-pod pods over ZDS, each in its own namespace: connections from the same source port
+/// in both land on each pod's own ztunnel listener with each its own original destination;
+/// with `dns_capture`, a pod's DNS over UDP reaches ztunnel's 15053 in the pod and the answer
+/// comes back from the server asked, and DNS over TCP goes to 15053 too.
+#[test]
+fn inpod_two_pods_same_source_port_and_dns_through_zds() {
+    if !testkit::require_root("inpod_two_pods_same_source_port_and_dns_through_zds") {
+        return;
+    }
+    let mut world = World::new("e2e-inpod2", false);
+    // The second pod: its own namespace on 10.99.2.0/24 and its own cgroup.
+    let second_ns = testkit::NetNs::new("e2e-inpod2-b").expect("netns");
+    world
+        .mesh
+        .node_ns
+        .veth("zb-node2", &second_ns, "zb-pod2")
+        .expect("veth");
+    world.mesh.node_ns.addr("zb-node2", "10.99.2.1/24").unwrap();
+    second_ns.addr("zb-pod2", "10.99.2.2/24").unwrap();
+    second_ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    second_ns.route("default", "10.99.2.1").unwrap();
+    let second = world.mesh.cgroup.child("attach/pods/second").unwrap();
+    let sleeper = testkit::ztunnel::Helper::spawn(
+        &second_ns,
+        &world.mesh.cgroup,
+        &second,
+        &["sleep".to_string()],
+    )
+    .expect("second pod's process");
+    sleeper.wait_ready().unwrap();
+
+    let zds = world.dir.path().join("ztunnel.sock");
+    world.write_workloads(&format!(
+        "version: 2\nztunnel:\n  cgroup: {}\n  mode: inpod\n  zds: {}\ndns_capture: true\nworkloads:\n  - name: e2e/app\n    cgroup: {}\n    address: [\"{POD4}\", \"{POD6}\"]\n    mode: ambient\n  - name: e2e/second\n    cgroup: {second}\n    address: 10.99.2.2\n    mode: ambient\n",
+        world.mesh.ztunnel,
+        zds.display(),
+        world.mesh.app,
+    ));
+    world.start_agent(&[]);
+    let fake = InPodZtunnel::start(
+        &world.mesh.cgroup,
+        &world.mesh.ztunnel,
+        &zds,
+        InPodOptions::default(),
+    )
+    .expect("fake in-pod ztunnel");
+    let second_uid = resolver::workloads::derived_uid("e2e/second");
+    let mut added = std::collections::BTreeSet::new();
+    while added.len() < 2 {
+        if let ZdsEvent::Add { uid, .. } = wait(&fake, "both pods' adds", |e| {
+            matches!(e, ZdsEvent::Add { .. })
+        }) {
+            added.insert(uid);
+        }
+    }
+    assert_eq!(added, [app_uid(), second_uid.clone()].into());
+    let ids = [world.mesh.id(&world.mesh.app), world.mesh.id(&second)];
+    world.wait_for("both pods' in-pod entries", |e| {
+        ids.iter().all(|id| {
+            e.get(id)
+                .is_some_and(|i| i.flags & programmer::layout::F_INPOD != 0)
+        })
+    });
+
+    // The same source port in both pods, each to its own destination.
+    let to_app = SocketAddr::new(SERVICE4, mesh::SERVICE_PORT);
+    let to_second: SocketAddr = "10.96.0.20:8080".parse().unwrap();
+    for (ns, path, source, to) in [
+        (
+            &world.mesh.pod_ns,
+            world.mesh.app.as_str(),
+            SocketAddr::new(POD4, 40123),
+            to_app,
+        ),
+        (
+            &second_ns,
+            second.as_str(),
+            "10.99.2.2:40123".parse().unwrap(),
+            to_second,
+        ),
+    ] {
+        let out = ztunnel::connect(
+            ns,
+            &world.mesh.cgroup,
+            path,
+            &[to],
+            &ztunnel::ClientOptions {
+                count: 1,
+                bind_addrs: vec![source],
+                ..ztunnel::ClientOptions::default()
+            },
+        )
+        .expect("client ran");
+        assert!(
+            matches!(out[..], [Outcome::Ok { local, peer }] if local.port() == 40123 && peer.port() == 15001),
+            "{path}: {out:?}"
+        );
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < 2 {
+        if let ZdsEvent::Accepted { uid, accepted } = wait(
+            &fake,
+            "both connections",
+            |e| matches!(e, ZdsEvent::Accepted { accepted, .. } if accepted.peer.port() == 40123),
+        ) {
+            seen.insert(uid, accepted.orig);
+        }
+    }
+    assert_eq!(seen[&app_uid()], Some(Ok(to_app)));
+    assert_eq!(seen[&second_uid], Some(Ok(to_second)));
+
+    // DNS over UDP: to ztunnel's 15053 in the pod, answered as if by the server asked.
+    let dns: SocketAddr = "10.96.0.53:53".parse().unwrap();
+    let out = ztunnel::udp_ask(
+        &world.mesh.pod_ns,
+        &world.mesh.cgroup,
+        &world.mesh.app,
+        dns,
+        false,
+    )
+    .expect("client ran");
+    assert!(
+        matches!(out, Outcome::Ok { peer, .. } if canonical(peer) == dns),
+        "the answer must come from the server asked: {out:?}"
+    );
+    let udp = wait(&fake, "the DNS question", |e| {
+        matches!(e, ZdsEvent::Udp { .. })
+    });
+    let ZdsEvent::Udp { uid, local, .. } = udp else {
+        unreachable!()
+    };
+    assert_eq!((uid, local.port()), (app_uid(), 15053));
+    // DNS over TCP: to 15053 too.
+    let out = ztunnel::connect_once(&world.mesh.pod_ns, &world.mesh.cgroup, &world.mesh.app, dns)
+        .expect("client ran");
+    assert!(
+        matches!(out, Outcome::Ok { peer, .. } if peer.port() == 15053 && peer.ip().is_loopback()),
+        "{out:?}"
+    );
+    drop(sleeper);
+}
