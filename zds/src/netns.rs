@@ -134,6 +134,33 @@ mod tests {
         assert!(err.to_string().contains("/zbridge-no-such-cgroup"), "{err}");
     }
 
+    /// A reused PID: the pod's `cgroup.procs` (as last read) names a PID that now belongs to
+    /// a process of another cgroup (this test's). Its namespace is never handed over; the
+    /// same PID under its real cgroup is.
+    #[test]
+    fn a_pid_listed_for_a_pod_but_now_another_cgroups_is_never_used() {
+        let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let Some(own) = watcher::procfs::cgroup_v2_path(&text) else {
+            eprintln!("SKIP: no cgroup v2 path for this process");
+            return;
+        };
+        let fake_root = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        for cgroup in ["/kubepods/pod-a", own] {
+            let dir = fake_root.path().join(cgroup.trim_start_matches('/'));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("cgroup.procs"), format!("{me}\n")).unwrap();
+        }
+        let roots = Roots {
+            proc: "/proc".into(),
+            cgroup: fake_root.path().to_path_buf(),
+        };
+        let err = open_pod_netns(&roots, "/kubepods/pod-a").unwrap_err();
+        assert!(matches!(err, NetnsError::NoProcess { .. }), "{err}");
+        let (_, pid) = open_pod_netns(&roots, own).expect("its own cgroup");
+        assert_eq!(pid, me as i32);
+    }
+
     /// A process whose cgroup is not the asked one is refused: what a reused PID would be.
     #[test]
     fn a_process_outside_the_cgroup_is_refused() {
