@@ -128,54 +128,35 @@ pub fn check_node_name(node_name: Option<&str>) -> Outcome {
     }
 }
 
-/// The configuration: `--kubeconfig`, else the in-cluster service account, else inferred.
-/// Returns it with words saying where it came from.
+/// The configuration as `run` and `record` load it (`kubecache::config`: `--kubeconfig`, else
+/// the in-cluster service account, else inferred), with words saying where it came from, and
+/// timeouts of the doctor's own: a doctor that hangs on a black-holed address answers nothing.
 async fn load_kube_config(kubeconfig: Option<&Path>) -> Result<(kube::Config, String), Outcome> {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
-    let (mut config, source) = match kubeconfig {
-        Some(path) => {
-            let loaded = match Kubeconfig::read_from(path) {
-                Ok(file) => {
-                    kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await
-                }
-                Err(e) => Err(e),
-            };
-            match loaded {
-                Ok(config) => (config, format!("kubeconfig {}", path.display())),
-                Err(e) => {
-                    return Err(fail(
-                        format!("cannot use the kubeconfig {}: {e}", path.display()),
-                        format!(
-                            "check the file (`kubectl --kubeconfig {} cluster-info` should work)",
-                            path.display()
-                        ),
-                    ))
-                }
-            }
-        }
-        None => match kube::Config::incluster() {
-            Ok(config) => (config, "in-cluster service account".to_string()),
-            // infer() tries the kubeconfig, then in-cluster again: its error names both.
-            Err(_) => match kube::Config::infer().await {
-                Ok(config) => (
-                    config,
-                    "inferred ($KUBECONFIG or ~/.kube/config)".to_string(),
+    use kubecache::config::{load_async, ConfigError};
+    let loaded = match load_async(kubeconfig).await {
+        Ok(loaded) => loaded,
+        Err(ConfigError::Read { path, error } | ConfigError::Use { path, error }) => {
+            return Err(fail(
+                format!("cannot use the kubeconfig {}: {error}", path.display()),
+                format!(
+                    "check the file (`kubectl --kubeconfig {} cluster-info` should work)",
+                    path.display()
                 ),
-                Err(inferred) => {
-                    return Err(fail(
-                        format!("no Kubernetes configuration ({inferred})"),
-                        "run in a pod with a service account token mounted, or pass \
-                         --kubeconfig PATH; on a host without Kubernetes run \
-                         `zbridge doctor --standalone`",
-                    ))
-                }
-            },
-        },
+            ))
+        }
+        Err(ConfigError::NotFound(inferred)) => {
+            return Err(fail(
+                format!("no Kubernetes configuration ({inferred})"),
+                "run in a pod with a service account token mounted, or pass --kubeconfig \
+                 PATH; on a host without Kubernetes run `zbridge doctor --standalone`",
+            ))
+        }
+        Err(other) => return Err(fail(other.to_string(), "report this as a bug")),
     };
-    // A doctor that hangs on a black-holed address answers nothing.
+    let mut config = loaded.config;
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(Duration::from_secs(10));
-    Ok((config, source))
+    Ok((config, loaded.origin))
 }
 
 async fn check_api_server(client: &kube::Client, url: &str) -> Outcome {
