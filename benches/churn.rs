@@ -8,6 +8,9 @@
 //!
 //! `cargo bench --bench churn` (env: `CYCLES`, `SUBTREES`).
 
+mod common;
+use common::env_or;
+
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,13 +19,6 @@ use programmer::{KernelMaps, MapBackend};
 use testkit::mesh::{Mesh, ZTUNNEL4};
 use testkit::ztunnel::Helper;
 use testkit::BpfFs;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The agent's resident memory (VmRSS, KiB).
 fn rss_kib(pid: u32) -> u64 {

@@ -24,6 +24,9 @@
 //! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`, `SPREAD_BURST`,
 //! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone).
 
+mod common;
+use common::{env_or, percentile};
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
@@ -38,13 +41,6 @@ use watcher::CgroupId;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 /// ztunnel's second IPv4 address (part 3).
 const ZTUNNEL4_B: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 2));
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A pod namespace of its own, wired to the node namespace on subnet 10.98.N.0/24.
 fn pod_ns(mesh: &Mesh, n: u8) -> NetNs {
@@ -112,14 +108,6 @@ fn client(
         }
     }
     (latencies, errors)
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 fn enrol(id: u64, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {

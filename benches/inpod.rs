@@ -23,6 +23,9 @@
 //! `cargo bench --bench inpod` (env: `ROUNDS`, `PER_ROUND`, `CPS_COUNT`). Under `cargo test
 //! --benches` it runs once with small counts, as a check that it works.
 
+mod common;
+use common::{env_or, percentile};
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
@@ -38,13 +41,6 @@ use testkit::{BpfFs, NetNs, TestCgroup};
 use watcher::CgroupId;
 
 const SERVICE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The 100 destinations of part 2 (on the node namespace's loopback).
 fn destinations() -> Vec<SocketAddr> {
@@ -121,13 +117,6 @@ fn client(
         }
     }
     (latencies, ok, errors)
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn entry(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>, capture: Capture) -> Update {

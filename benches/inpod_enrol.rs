@@ -18,6 +18,9 @@
 //!
 //! `cargo bench --bench inpod_enrol` (env: `TRIALS`, trials per measurement).
 
+mod common;
+use common::{env_or, percentile};
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -26,20 +29,6 @@ use testkit::mesh::{self, Mesh};
 use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 use testkit::ztunnel::{self, Helper, Outcome};
 use testkit::{BpfFs, NetNs};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn show(name: &str, mut v: Vec<Duration>) {
     v.sort();

@@ -12,15 +12,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Sender};
 use programmer::{MemoryBackend, Programmer, ProgrammerConfig};
 use prost::Message;
 use resolver::{Capture, Enrolment, Input, KubeChange, Resolver, ResolverConfig, Update};
 use serde_json::{json, Value};
 use watcher::live::StopHandle;
 use watcher::{
-    CgroupId, CgroupRef, EventSource, KubeAction, KubeRecord, ProcEvent, ProcFacts, Record,
-    ScannedProcess, SourceError, TimedRecord,
+    CgroupId, CgroupRef, KubeAction, KubeRecord, ProcEvent, ProcFacts, Record, ScannedProcess,
+    TimedRecord,
 };
 use zbridge::ops::{Metrics, Readiness};
 use zbridge::pipeline::inpod::{InPodKernel, Served};
@@ -32,24 +32,6 @@ const NODE: &str = "worker-1";
 
 /// What happened, in order: kernel calls and writes, as one log.
 type Log = Arc<Mutex<Vec<String>>>;
-
-struct Fed {
-    records: Receiver<TimedRecord>,
-    stop: StopHandle,
-}
-
-impl EventSource for Fed {
-    fn next_record(&mut self) -> Result<Option<TimedRecord>, SourceError> {
-        loop {
-            if self.stop.is_stopped() {
-                return Ok(None);
-            }
-            if let Ok(r) = self.records.recv_timeout(Duration::from_millis(1)) {
-                return Ok(Some(r));
-            }
-        }
-    }
-}
 
 struct Recorder(Log);
 
@@ -235,7 +217,7 @@ fn start(pods: &[(u32, u32)]) -> Running {
     let inputs = Inputs::new(64);
     let kube_tx = inputs.sender();
     let stages = Stages {
-        source: Fed {
+        source: testkit::source::FedSource {
             records: rx,
             stop: stop.clone(),
         },

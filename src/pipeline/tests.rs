@@ -130,25 +130,6 @@ fn stages_program_scan_reconcile_and_reload() {
     );
 }
 
-/// A source fed by the test, one record at a time, until the stop flag.
-struct Fed {
-    records: Receiver<TimedRecord>,
-    stop: StopHandle,
-}
-
-impl EventSource for Fed {
-    fn next_record(&mut self) -> Result<Option<TimedRecord>, SourceError> {
-        loop {
-            if self.stop.is_stopped() {
-                return Ok(None);
-            }
-            if let Ok(r) = self.records.recv_timeout(Duration::from_millis(1)) {
-                return Ok(Some(r));
-            }
-        }
-    }
-}
-
 /// Records every update it is told was written.
 struct Recorder(Arc<std::sync::Mutex<Vec<Update>>>);
 
@@ -210,7 +191,7 @@ fn kube_inputs_on_their_own_sender_drive_decisions_observer_and_metrics() {
     let (metrics, readiness) = (Metrics::new(), Readiness::new());
     let pipeline = Pipeline::start(
         Stages {
-            source: Fed {
+            source: testkit::source::FedSource {
                 records: fed,
                 stop: stop.clone(),
             },

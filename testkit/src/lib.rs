@@ -9,6 +9,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod mesh;
 pub mod netns;
+pub mod source;
 pub mod testgen;
 pub mod zds_ztunnel;
 pub mod ztunnel;

@@ -62,6 +62,7 @@ impl Server {
                         status,
                         counters: Counters::default(),
                         next_id: 0,
+                        dirty: true,
                     };
                     state.run(commands_rx, conn_rx);
                 })?
@@ -194,6 +195,8 @@ struct State {
     status: Arc<Mutex<Status>>,
     counters: Counters,
     next_id: u64,
+    /// Something changed since the state was last published (idle ticks publish nothing).
+    dirty: bool,
 }
 
 impl State {
@@ -202,11 +205,17 @@ impl State {
         loop {
             select! {
                 recv(commands) -> cmd => match cmd {
-                    Ok(cmd) => self.command(cmd),
+                    Ok(cmd) => {
+                        self.dirty = true;
+                        self.command(cmd);
+                    }
                     Err(_) => break,
                 },
                 recv(conns) -> ev => match ev {
-                    Ok(ev) => self.conn_event(ev),
+                    Ok(ev) => {
+                        self.dirty = true;
+                        self.conn_event(ev);
+                    }
                     Err(_) => break,
                 },
                 recv(tick) -> _ => self.timers(),
@@ -461,6 +470,7 @@ impl State {
         };
         for (uid, pod) in self.pods.iter_mut() {
             if pod.state == PodState::Error && pod.retry_at.is_some_and(|t| t <= now) {
+                self.dirty = true;
                 pod.retry_at = None;
                 pod.state = PodState::Pending;
                 if !s.queue.contains(&Op::Add(uid.clone())) {
@@ -483,6 +493,7 @@ impl State {
             let Some(op) = s.queue.pop_front() else {
                 return;
             };
+            self.dirty = true;
             let (payload, netns) = match &op {
                 Op::Add(uid) => {
                     let Some(pod) = self.pods.get_mut(uid) else {
@@ -557,6 +568,7 @@ impl State {
     }
 
     fn drop_session(&mut self, reason: &str, peer_error: bool) {
+        self.dirty = true;
         let Some(s) = self.session.take() else {
             return;
         };
@@ -582,7 +594,10 @@ impl State {
         });
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
         let mut status = self.status.lock().expect("zds status lock");
         let before = (status.ztunnel_pid, status.pods.clone());
         status.ztunnel_pid = self.session.as_ref().filter(|s| s.hello).map(|s| s.pid);

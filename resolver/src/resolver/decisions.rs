@@ -81,11 +81,7 @@ impl Resolver {
                 let Some(file) = self.config.workloads.as_ref() else {
                     return (Capture::Node, None);
                 };
-                let inpod = file
-                    .ztunnel
-                    .as_ref()
-                    .is_some_and(|z| matches!(z.mode, ZtunnelMode::InPod { .. }));
-                match (inpod, file.workloads.get(*i)) {
+                match (file.in_pod(), file.workloads.get(*i)) {
                     (true, Some(w)) => {
                         let (namespace, name) = w.zds_namespace_and_name();
                         (

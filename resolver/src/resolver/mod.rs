@@ -20,7 +20,7 @@ use crate::decide::{Decision, Rules};
 use crate::facts::{NamespaceFacts, PodFacts};
 use crate::input::{Input, KubeChange};
 use crate::update::{Capture, Enrolment, Identity, PodName, Role, Update};
-use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads, ZtunnelMode};
+use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads};
 
 /// How many distinct unrecognized pod-like paths are remembered (to log each once).
 const UNRECOGNIZED_LOG_LIMIT: usize = 4096;

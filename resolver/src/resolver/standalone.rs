@@ -94,11 +94,7 @@ impl Resolver {
         // In-pod workloads wait for their first process: ztunnel must be handed the pod's
         // network namespace (a process's) and ack before anything is written, so an empty
         // subtree has nothing to enrol yet, and its owner is made by the first exec in it.
-        let inpod = workloads
-            .ztunnel
-            .as_ref()
-            .is_some_and(|z| matches!(z.mode, ZtunnelMode::InPod { .. }));
-        if !inpod {
+        if !workloads.in_pod() {
             for (i, w) in workloads.workloads.iter().enumerate() {
                 subtrees.push((OwnerKey::Workload(i), w.cgroup.clone()));
             }

@@ -143,6 +143,13 @@ impl Workloads {
         parse(text).map_err(|kind| WorkloadsError { file: None, kind })
     }
 
+    /// Whether ztunnel listens in each workload's own namespace (v2 `ztunnel.mode: inpod`).
+    pub fn in_pod(&self) -> bool {
+        self.ztunnel
+            .as_ref()
+            .is_some_and(|z| matches!(z.mode, ZtunnelMode::InPod { .. }))
+    }
+
     /// What in a valid file is probably not what was meant, one sentence each (for the log
     /// and `/readyz`).
     pub fn warnings(&self) -> Vec<String> {

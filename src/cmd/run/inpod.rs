@@ -41,14 +41,6 @@ pub(super) fn start_inpod(
     })
 }
 
-/// Whether a workloads file has ztunnel in-pod (v2 `ztunnel.mode: inpod`).
-pub(super) fn file_inpod(workloads: &Workloads) -> bool {
-    workloads
-        .ztunnel
-        .as_ref()
-        .is_some_and(|z| matches!(z.mode, ZtunnelModeInFile::InPod { .. }))
-}
-
 /// The directories of the workloads file's subtrees (ztunnel, workloads, exempt).
 pub(super) fn configured_dirs(cgroup_root: &Path, workloads: &Workloads) -> Vec<PathBuf> {
     let relative = |p: &str| cgroup_root.join(p.trim_start_matches('/'));

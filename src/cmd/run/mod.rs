@@ -42,7 +42,7 @@ mod inpod;
 mod kube_link;
 
 pub use args::{RunArgs, ZtunnelMode};
-use inpod::{configured_dirs, file_inpod, start_inpod};
+use inpod::{configured_dirs, start_inpod};
 use kube_link::{ApiProbe, KubeLink, KUBE_HEALTH_EVERY};
 
 /// Where the resolver learns who is who.
@@ -364,7 +364,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             recv(signal_rx) -> signal => match signal {
                 Ok(SIGHUP) => match &mode {
                     Mode::Standalone { path, .. } => match load_workloads(path) {
-                        Ok(new) if file_inpod(&new) != inpod_running => log::error!(
+                        Ok(new) if new.in_pod() != inpod_running => log::error!(
                             "SIGHUP: {}: ztunnel.mode changed ({} → {}); the ZDS server starts \
                              or stops only with the agent: restart it to apply this file; the \
                              previous workloads file stays in force",
