@@ -133,6 +133,14 @@ int inpod_inbound(struct bpf_sk_lookup *ctx)
 		zb_ctx_addr(&remote, AF_INET, ctx->remote_ip4, remote_ip6);
 	}
 
+	/* To a loopback address: the pod's outbound connections redirected to ztunnel's 15001
+	 * (127.1.x.y, ::1), its DNS to 15053, or local traffic. Never a pod's inbound; said
+	 * before any map lookup, since every captured outbound connection passes here. */
+	if ((ctx->family == AF_INET && (bpf_ntohl(ctx->local_ip4) >> 24) == 127) ||
+	    (ctx->family == AF_INET6 && local_ip6[0] == 0 && local_ip6[1] == 0 && local_ip6[2] == 0 &&
+	     local_ip6[3] == bpf_htonl(1)))
+		return SK_PASS;
+
 	/* From the pod's own address: the pod talking to itself, or ztunnel's in-pod socket
 	 * delivering an accepted connection to the app (zbridge's bind program makes ztunnel's
 	 * upstream sockets in a pod's namespace use the pod's address, not the client's, since no
