@@ -27,15 +27,18 @@ pub struct Decision {
     pub role: Role,
     /// The pod's addresses (IPv4 first); empty for `none`.
     pub ips: Vec<IpAddr>,
-    pub reason: String,
+    /// Why, in words, for the log line that names the pod (so the text need not repeat its
+    /// namespace): a constant, so that deciding allocates nothing but the addresses (a
+    /// namespace's change re-decides every pod in it).
+    pub reason: &'static str,
 }
 
 impl Decision {
-    pub fn none(reason: impl Into<String>) -> Decision {
+    pub fn none(reason: &'static str) -> Decision {
         Decision {
             role: Role::None,
             ips: Vec::new(),
-            reason: reason.into(),
+            reason,
         }
     }
 }
@@ -56,10 +59,7 @@ impl Rules {
             return Decision {
                 role: Role::Ztunnel,
                 ips: pod.ips.clone(),
-                reason: format!(
-                    "the node's ztunnel: app=ztunnel in {}",
-                    self.system_namespace
-                ),
+                reason: "the node's ztunnel: app=ztunnel in the system namespace",
             };
         }
         if pod.terminal {
@@ -69,7 +69,7 @@ impl Rules {
             return Decision::none("pod uses hostNetwork");
         }
         if self.excluded_namespaces.contains(&pod.namespace) {
-            return Decision::none(format!("namespace {} is excluded", pod.namespace));
+            return Decision::none("its namespace is excluded");
         }
         if pod.has_sidecar {
             return Decision::none("pod has a sidecar (sidecar.istio.io/status)");
@@ -82,7 +82,7 @@ impl Rules {
             return Decision {
                 role: Role::Ambient,
                 ips: pod.ips.clone(),
-                reason: "pod labelled istio.io/dataplane-mode=ambient".to_string(),
+                reason: "pod labelled istio.io/dataplane-mode=ambient",
             };
         }
         if pod_mode == Some(OPT_OUT) {
@@ -93,15 +93,11 @@ impl Rules {
             return Decision {
                 role: Role::Ambient,
                 ips: pod.ips.clone(),
-                reason: format!(
-                    "namespace {} labelled istio.io/dataplane-mode=ambient",
-                    pod.namespace
-                ),
+                reason: "its namespace labelled istio.io/dataplane-mode=ambient",
             };
         }
-        Decision::none(format!(
-            "neither the pod nor namespace {} is labelled istio.io/dataplane-mode=ambient",
-            pod.namespace
-        ))
+        Decision::none(
+            "neither the pod nor its namespace is labelled istio.io/dataplane-mode=ambient",
+        )
     }
 }

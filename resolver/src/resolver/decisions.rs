@@ -109,7 +109,7 @@ impl Resolver {
                 Some(pod) => self
                     .rules
                     .decide(pod, self.namespaces.get(pod.namespace.as_str())),
-                None => Decision::none(format!("pod {uid} is not known on this node")),
+                None => Decision::none("not known on this node"),
             },
             OwnerKey::Workload(i) => {
                 let Some(w) = self
@@ -132,7 +132,7 @@ impl Resolver {
                 Decision {
                     role: Role::Ambient,
                     ips,
-                    reason: "workloads file: mode ambient".to_string(),
+                    reason: "workloads file: mode ambient",
                 }
             }
             OwnerKey::Ztunnel => {
@@ -146,13 +146,13 @@ impl Resolver {
                 Decision {
                     role: Role::Ztunnel,
                     ips: self.address_of(key, &address),
-                    reason: "workloads file: ztunnel".to_string(),
+                    reason: "workloads file: ztunnel",
                 }
             }
             OwnerKey::Exempt(_) => Decision {
                 role: Role::Exempt,
                 ips: Vec::new(),
-                reason: "exempt host cgroup".to_string(),
+                reason: "exempt host cgroup",
             },
         }
     }
@@ -191,7 +191,8 @@ impl Resolver {
             return;
         }
         let desired = self.desired_for(key, &decision);
-        let (label, quiet) = self.owner_label(key);
+        // The owner's name is made only for a line that is written.
+        let label = log::log_enabled!(log::Level::Info).then(|| self.owner_label(key));
         let owner = self.owners.get_mut(key).expect("checked above");
         owner.decided = Some((decision.role, decision.ips.clone()));
         owner.stale = false;
@@ -206,7 +207,7 @@ impl Resolver {
             }
         }
         owner.emitted = desired;
-        log_decision(owner, &decision, &label, quiet);
+        log_decision(owner, &decision, label);
         if owner.live.is_empty() && owner.emitted.is_empty() {
             self.owners.remove(key);
         }
@@ -269,14 +270,22 @@ impl Resolver {
     }
 }
 
-/// Logs a decision when it differs from the last one logged for the owner.
-pub(super) fn log_decision(owner: &mut Owner, decision: &Decision, name: &str, quiet: bool) {
-    let now = (decision.role, decision.ips.clone());
-    if owner.logged.as_ref() == Some(&now) {
+/// Logs a decision when it differs from the last one logged for the owner; `label` is the
+/// owner's name and whether its first `none` is quiet ([`Resolver::owner_label`]), `None` when
+/// no line would be written.
+pub(super) fn log_decision(owner: &mut Owner, decision: &Decision, label: Option<(String, bool)>) {
+    if owner
+        .logged
+        .as_ref()
+        .is_some_and(|(role, ips)| *role == decision.role && *ips == decision.ips)
+    {
         return;
     }
     let first_none = owner.logged.is_none() && decision.role == Role::None;
-    owner.logged = Some(now);
+    owner.logged = Some((decision.role, decision.ips.clone()));
+    let Some((name, quiet)) = label else {
+        return;
+    };
     let ips = if decision.ips.is_empty() {
         String::new()
     } else {

@@ -57,12 +57,12 @@ impl Resolver {
         for key in keys {
             let (decision, desired) = self.desired(&key);
             new.extend(desired.iter().map(|(k, v)| (*k, v.clone())));
-            let (label, quiet) = self.owner_label(&key);
+            let label = Some(self.owner_label(&key));
             let owner = self.owners.get_mut(&key).expect("listed above");
             owner.emitted = desired;
             owner.decided = Some((decision.role, decision.ips.clone()));
             owner.stale = false;
-            log_decision(owner, &decision, &label, quiet);
+            log_decision(owner, &decision, label);
         }
         for id in old.keys() {
             if !new.contains_key(id) {
