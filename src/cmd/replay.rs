@@ -16,6 +16,11 @@ use watcher::Record;
 
 /// How many updates are queued before the programmer writes a batch, as the live agent would.
 const FLUSH_EVERY: usize = 1024;
+/// Records the reading thread hands over at a time: enough that the channel costs little per
+/// record, few enough that the resolver starts at once.
+const CHUNK: usize = 512;
+/// Chunks the reading thread may be ahead of the resolver: bounds the memory of a fast reader.
+const CHUNKS_AHEAD: usize = 8;
 
 /// How replay prints the final state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -101,7 +106,7 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 /// Runs the recording through the pipeline and reads the final state off the maps.
 pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
     let path = args.file.display();
-    let mut reader = RecordingReader::open(&args.file)
+    let reader = RecordingReader::open(&args.file)
         .with_context(|| format!("replay {path}: cannot read the recording"))?;
     let node = reader.header().node.clone();
     let mut config = ResolverConfig::new(node.clone());
@@ -117,35 +122,39 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
     let mut updates: Vec<Update> = Vec::with_capacity(FLUSH_EVERY * 2);
     let mut records = 0u64;
     let mut total_updates = 0u64;
-    while let Some(timed) = reader
-        .read_record()
-        .with_context(|| format!("replay {path}: malformed recording"))?
-    {
-        records += 1;
-        let input = match timed.record {
-            Record::Proc(event) => Input::Proc {
-                ts: timed.ts,
-                event,
-            },
-            Record::Kube(kube) => Input::Kube(
-                kubecache::record::kube_record_to_change(&kube).with_context(|| {
-                    format!(
-                        "replay {path}: malformed recording: line {}: kube record",
-                        reader.line()
-                    )
-                })?,
-            ),
-            Record::KubeSynced => Input::Kube(KubeChange::Synced),
-        };
-        resolver.handle(input, &mut updates);
-        if updates.len() >= FLUSH_EVERY {
-            total_updates += updates.len() as u64;
-            for update in updates.drain(..) {
-                programmer.queue(&update);
+    // Reading and parsing run on a thread of their own, a chunk ahead of the resolver and the
+    // programmer: the two halves take about as long as each other, and the records stay in
+    // file order (one channel, one reader).
+    let (chunks, received) = crossbeam_channel::bounded::<anyhow::Result<Vec<Input>>>(CHUNKS_AHEAD);
+    let reading = {
+        let path = args.file.display().to_string();
+        std::thread::Builder::new()
+            .name("replay-read".into())
+            .spawn(move || read_inputs(reader, &path, &chunks))
+            .context("replay: cannot start the reading thread")?
+    };
+    let result = (|| {
+        for chunk in &received {
+            for input in chunk? {
+                records += 1;
+                resolver.handle(input, &mut updates);
+                if updates.len() >= FLUSH_EVERY {
+                    total_updates += updates.len() as u64;
+                    for update in updates.drain(..) {
+                        programmer.queue(&update);
+                    }
+                    programmer.flush().context("replay: applying updates")?;
+                }
             }
-            programmer.flush().context("replay: applying updates")?;
         }
+        anyhow::Ok(())
+    })();
+    // An error here drops the receiver, which ends the reading thread at its next chunk.
+    drop(received);
+    if reading.join().is_err() {
+        anyhow::bail!("replay {path}: the reading thread panicked");
     }
+    result?;
     total_updates += updates.len() as u64;
     for update in updates.drain(..) {
         programmer.queue(&update);
@@ -188,6 +197,58 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
             batches: backend.batches,
         },
     })
+}
+
+/// Reads the recording into chunks of resolver inputs, in file order, and sends them on
+/// `chunks` until the end of the file, the first error (sent as the last chunk) or the
+/// receiver is gone.
+fn read_inputs<R: std::io::BufRead>(
+    mut reader: RecordingReader<R>,
+    path: &str,
+    chunks: &crossbeam_channel::Sender<anyhow::Result<Vec<Input>>>,
+) {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        let timed = match reader
+            .read_record()
+            .with_context(|| format!("replay {path}: malformed recording"))
+        {
+            Ok(Some(timed)) => timed,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = chunks.send(Ok(std::mem::take(&mut chunk)));
+                let _ = chunks.send(Err(e));
+                return;
+            }
+        };
+        let input = match timed.record {
+            Record::Proc(event) => Input::Proc {
+                ts: timed.ts,
+                event,
+            },
+            Record::Kube(kube) => match kubecache::record::kube_record_to_change(&kube) {
+                Ok(change) => Input::Kube(change),
+                Err(e) => {
+                    let e = anyhow::Error::new(e).context(format!(
+                        "replay {path}: malformed recording: line {}: kube record",
+                        reader.line()
+                    ));
+                    let _ = chunks.send(Ok(std::mem::take(&mut chunk)));
+                    let _ = chunks.send(Err(e));
+                    return;
+                }
+            },
+            Record::KubeSynced => Input::Kube(KubeChange::Synced),
+        };
+        chunk.push(input);
+        if chunk.len() == CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+            if chunks.send(Ok(full)).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = chunks.send(Ok(chunk));
 }
 
 /// The entry the BPF programs would find for a process in this cgroup: its own, else the
