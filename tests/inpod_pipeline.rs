@@ -94,7 +94,8 @@ fn pod(n: u32, name: &str) -> Value {
 }
 
 fn kube(action: KubeAction, object: Value) -> Input {
-    let change = kubecache::record::kube_record_to_change(&KubeRecord { action, object }).unwrap();
+    let change =
+        kubecache::record::kube_record_to_change(&KubeRecord::from_value(action, &object)).unwrap();
     Input::Kube(change)
 }
 

@@ -121,7 +121,7 @@ fn record_with_kube_cache_replays_to_the_live_decision() {
         last_ts = rec.ts;
         match rec.record {
             Record::Kube(kube) => {
-                let o = &kube.object;
+                let o = &kube.object_value();
                 assert_eq!(o["apiVersion"], "v1", "{o}");
                 assert_ne!(
                     o["metadata"]["name"], "elsewhere",

@@ -1,8 +1,12 @@
 //! Recordings' `kube` records: their JSON to the resolver's changes (`zbridge replay`), and the
 //! kube cache's changes to records (`zbridge record`).
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use resolver::KubeChange;
+use serde::Deserialize;
 use watcher::{KubeAction, KubeRecord, Record};
 
 use crate::change::{Change, Object};
@@ -12,6 +16,8 @@ use crate::change::{Change, Object};
 pub enum KubeRecordError {
     #[error("field `object.{field}`: {message}")]
     Field { field: String, message: String },
+    #[error("field `object`: not a JSON object ({0})")]
+    NotAnObject(String),
 }
 
 fn field_error(field: impl Into<String>, message: impl Into<String>) -> KubeRecordError {
@@ -31,13 +37,16 @@ pub fn kube_record_to_change(record: &KubeRecord) -> Result<KubeChange, KubeReco
 
 /// The record as a change of a typed object.
 fn object_change(record: &KubeRecord) -> Result<Change, KubeRecordError> {
-    let object = &record.object;
-    let kind = object
-        .get("kind")
+    let text = record.object.get();
+    let head: TypeMeta = serde_json::from_str(text)
+        .map_err(|e| KubeRecordError::NotAnObject(without_position(&e)))?;
+    let kind = head
+        .kind
+        .as_ref()
         .ok_or_else(|| field_error("kind", "missing"))?
         .as_str()
         .ok_or_else(|| field_error("kind", "not a string"))?;
-    match object.get("apiVersion").map(|v| v.as_str()) {
+    match head.api_version.as_ref().map(|v| v.as_str()) {
         Some(Some("v1")) => {}
         Some(Some(other)) => {
             return Err(field_error(
@@ -50,7 +59,7 @@ fn object_change(record: &KubeRecord) -> Result<Change, KubeRecordError> {
     }
     let typed = match kind {
         "Pod" => {
-            let pod: Pod = deserialize(object)?;
+            let pod = deserialize::<RecordedPod>(text)?.into_pod();
             if pod.metadata.uid.as_deref().unwrap_or("").is_empty() {
                 return Err(field_error(
                     "metadata.uid",
@@ -60,7 +69,10 @@ fn object_change(record: &KubeRecord) -> Result<Change, KubeRecordError> {
             Object::Pod(Box::new(pod))
         }
         "Namespace" => {
-            let ns: Namespace = deserialize(object)?;
+            let ns = Namespace {
+                metadata: deserialize::<RecordedObject>(text)?.metadata.into(),
+                ..Namespace::default()
+            };
             if ns.metadata.name.as_deref().unwrap_or("").is_empty() {
                 return Err(field_error(
                     "metadata.name",
@@ -82,13 +94,119 @@ fn object_change(record: &KubeRecord) -> Result<Change, KubeRecordError> {
     })
 }
 
-fn deserialize<T: serde::de::DeserializeOwned>(
-    value: &serde_json::Value,
-) -> Result<T, KubeRecordError> {
-    serde_path_to_error::deserialize(value).map_err(|err| {
+/// The parts of a recorded object that the facts are made of ([`crate::change::pod_facts`],
+/// [`crate::change::namespace_facts`]), and only those. A recorded pod is the whole object as
+/// the API server serves it (containers, volumes, conditions, ...): reading all of it into a
+/// `Pod` cost more than everything else replay does with the record. These are read into a
+/// `Pod` or `Namespace` with only these fields set, so that recorded and watched objects go
+/// through the same facts functions; a field of the wrong type among them is named by its
+/// path, and the others are not read.
+#[derive(Deserialize)]
+struct RecordedObject {
+    #[serde(default)]
+    metadata: RecordedMeta,
+}
+
+#[derive(Deserialize)]
+struct RecordedPod {
+    #[serde(default)]
+    metadata: RecordedMeta,
+    spec: Option<RecordedPodSpec>,
+    status: Option<RecordedPodStatus>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RecordedMeta {
+    uid: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
+    creation_timestamp: Option<Time>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordedPodSpec {
+    node_name: Option<String>,
+    host_network: Option<bool>,
+    service_account_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordedPodStatus {
+    phase: Option<String>,
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<PodIP>>,
+}
+
+impl From<RecordedMeta> for ObjectMeta {
+    fn from(meta: RecordedMeta) -> ObjectMeta {
+        ObjectMeta {
+            uid: meta.uid,
+            name: meta.name,
+            namespace: meta.namespace,
+            labels: meta.labels,
+            annotations: meta.annotations,
+            creation_timestamp: meta.creation_timestamp,
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+impl RecordedPod {
+    fn into_pod(self) -> Pod {
+        Pod {
+            metadata: self.metadata.into(),
+            spec: self.spec.map(|spec| PodSpec {
+                node_name: spec.node_name,
+                host_network: spec.host_network,
+                service_account_name: spec.service_account_name,
+                ..PodSpec::default()
+            }),
+            status: self.status.map(|status| PodStatus {
+                phase: status.phase,
+                pod_ip: status.pod_ip,
+                pod_ips: status.pod_ips,
+                ..PodStatus::default()
+            }),
+        }
+    }
+}
+
+/// `apiVersion` and `kind`, as written (their type is checked by [`object_change`]).
+#[derive(Deserialize)]
+struct TypeMeta {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<serde_json::Value>,
+    kind: Option<serde_json::Value>,
+}
+
+/// Reads `T` from an object's text; a field of the wrong type is named by its path. The path
+/// is tracked only on a second reading after a failure: tracking it costs an allocation per
+/// field read.
+fn deserialize<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, KubeRecordError> {
+    if let Ok(value) = serde_json::from_str(text) {
+        return Ok(value);
+    }
+    let mut json = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut json).map_err(|err| {
         let path = err.path().to_string();
-        field_error(path, err.inner().to_string())
+        field_error(path, without_position(err.inner()))
     })
+}
+
+/// A JSON error's message without serde_json's "at line 1 column N": the position within the
+/// object's text, which misleads beside the recording's own line number.
+fn without_position(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_string(),
+        None => message,
+    }
 }
 
 /// A kube cache change as a recording record: the object as the API server serves it
@@ -103,11 +221,11 @@ pub fn change_record(change: Change) -> serde_json::Result<Record> {
     let object = match object {
         Object::Pod(mut pod) => {
             pod.metadata.managed_fields = None;
-            serde_json::to_value(&*pod)?
+            serde_json::value::to_raw_value(&*pod)?
         }
         Object::Namespace(mut ns) => {
             ns.metadata.managed_fields = None;
-            serde_json::to_value(&*ns)?
+            serde_json::value::to_raw_value(&*ns)?
         }
     };
     Ok(Record::Kube(KubeRecord { action, object }))

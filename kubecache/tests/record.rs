@@ -13,12 +13,9 @@ const UID: &str = "00000000-0000-4000-8000-000000000001";
 #[test]
 fn kube_records_name_the_bad_field() {
     let bad = |object| {
-        kube_record_to_change(&KubeRecord {
-            action: KubeAction::Apply,
-            object,
-        })
-        .unwrap_err()
-        .to_string()
+        kube_record_to_change(&KubeRecord::from_value(KubeAction::Apply, &object))
+            .unwrap_err()
+            .to_string()
     };
     let e = bad(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"}}));
     assert!(e.contains("metadata.uid"), "{e}");
@@ -26,6 +23,16 @@ fn kube_records_name_the_bad_field() {
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"uid": UID}, "spec": {"hostNetwork": "yes", "containers": []}}),
     );
     assert!(e.contains("spec.hostNetwork"), "{e}");
+    assert!(
+        !e.contains("column"),
+        "no position within the object's text (the recording's line is the position): {e}"
+    );
+    // A field the facts do not read is not read, whatever its type.
+    let ok = kube_record_to_change(&KubeRecord::from_value(
+        KubeAction::Apply,
+        &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"uid": UID}, "spec": {"containers": "none"}}),
+    ));
+    assert!(ok.is_ok(), "{ok:?}");
     let e = bad(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}}));
     assert!(e.contains("kind") && e.contains("Service"), "{e}");
     let e = bad(json!({"kind": "Pod", "metadata": {"uid": UID}}));
@@ -50,10 +57,7 @@ fn a_pod_record_becomes_every_fact_the_rules_read() {
         "status": {"phase": "Failed", "podIP": "10.0.0.5",
                    "podIPs": [{"ip": "fd00::5"}, {"ip": "10.0.0.5"}]},
     });
-    let record = KubeRecord {
-        action: KubeAction::Apply,
-        object,
-    };
+    let record = KubeRecord::from_value(KubeAction::Apply, &object);
     let KubeChange::ApplyPod(facts) = kube_record_to_change(&record).unwrap() else {
         panic!("not a pod apply");
     };
@@ -79,12 +83,14 @@ fn a_pod_record_becomes_every_fact_the_rules_read() {
     );
 
     // Written back by `zbridge record`: without managedFields, and read to the same facts.
-    let pod = serde_json::from_value(record.object).unwrap();
+    let pod = serde_json::from_value(object).unwrap();
     let Record::Kube(written) = change_record(Change::Apply(Object::Pod(Box::new(pod)))).unwrap()
     else {
         panic!("not a kube record");
     };
-    assert!(written.object["metadata"].get("managedFields").is_none());
+    assert!(written.object_value()["metadata"]
+        .get("managedFields")
+        .is_none());
     assert_eq!(
         kube_record_to_change(&written).unwrap(),
         KubeChange::ApplyPod(facts)
@@ -93,7 +99,8 @@ fn a_pod_record_becomes_every_fact_the_rules_read() {
 
 #[test]
 fn deletes_need_only_the_identity_and_namespaces_keep_their_mode() {
-    let change = |action, object| kube_record_to_change(&KubeRecord { action, object }).unwrap();
+    let change =
+        |action, object| kube_record_to_change(&KubeRecord::from_value(action, &object)).unwrap();
     assert_eq!(
         change(
             KubeAction::Delete,

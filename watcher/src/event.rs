@@ -1,5 +1,6 @@
 //! The events the watcher emits, shared by the live connector and recordings.
 
+use serde_json::value::RawValue;
 use std::net::IpAddr;
 
 /// A kernel process or thread id.
@@ -78,11 +79,38 @@ pub enum KubeAction {
 }
 
 /// A Kubernetes record of a recording, passed through untouched: the watcher knows no pods.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct KubeRecord {
     pub action: KubeAction,
-    /// A `v1` `Pod` or `v1` `Namespace` as the API server serves it.
-    pub object: serde_json::Value,
+    /// A `v1` `Pod` or `v1` `Namespace` as the API server serves it, as JSON text. It stays
+    /// text here: only the reader of the facts (the `kubecache` crate) knows which of its
+    /// fields matter, and building a JSON tree of every whole object cost a replay more than
+    /// deciding on it.
+    pub object: Box<RawValue>,
+}
+
+impl KubeRecord {
+    /// A record of `object` (a JSON value: always serializable).
+    pub fn from_value(action: KubeAction, object: &serde_json::Value) -> KubeRecord {
+        KubeRecord {
+            action,
+            object: serde_json::value::to_raw_value(object)
+                .expect("a JSON value serializes to JSON text"),
+        }
+    }
+
+    /// The object as a JSON value (parses the text).
+    pub fn object_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.object.get()).expect("the text of a RawValue is valid JSON")
+    }
+}
+
+/// Two records are equal when their actions are and their objects are the same JSON value,
+/// however it is spelled.
+impl PartialEq for KubeRecord {
+    fn eq(&self, other: &KubeRecord) -> bool {
+        self.action == other.action && self.object_value() == other.object_value()
+    }
 }
 
 /// One record of an event source.

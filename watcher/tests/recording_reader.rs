@@ -91,11 +91,13 @@ fn unknown_fields_are_ignored_and_header_extras_kept() {
             ),
             (
                 3,
-                Record::Kube(watcher::KubeRecord {
-                    action: KubeAction::Apply,
-                    // The object is passed on whole, fields the watcher does not know included.
-                    object: json!({"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u1","name":"p"},"status":{}}),
-                })
+                Record::Kube(
+                    watcher::// The object is passed on whole, fields the watcher does not know included.
+                    KubeRecord::from_value(
+                        KubeAction::Apply,
+                        &json!({"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u1","name":"p"},"status":{}})
+                    )
+                )
             ),
         ]
     );

@@ -43,20 +43,20 @@ fn records() -> Vec<TimedRecord> {
     vec![
         at(
             0,
-            Record::Kube(KubeRecord {
-                action: KubeAction::Apply,
-                object: json!({"apiVersion":"v1","kind":"Namespace",
+            Record::Kube(KubeRecord::from_value(
+                KubeAction::Apply,
+                &json!({"apiVersion":"v1","kind":"Namespace",
                     "metadata":{"name":"default","labels":{"istio.io/dataplane-mode":"ambient"}}}),
-            }),
+            )),
         ),
         at(
             500,
-            Record::Kube(KubeRecord {
-                action: KubeAction::Apply,
-                object: json!({"apiVersion":"v1","kind":"Pod",
+            Record::Kube(KubeRecord::from_value(
+                KubeAction::Apply,
+                &json!({"apiVersion":"v1","kind":"Pod",
                     "metadata":{"name":"web-1","namespace":"default","uid":"0f8e0e4c-7d4b-4a5e-9d3b-1c2d3e4f5a6b"},
                     "spec":{"nodeName":"worker-1"},"status":{"podIP":"10.244.1.7"}}),
-            }),
+            )),
         ),
         at(500, Record::KubeSynced),
         at(
@@ -143,17 +143,17 @@ fn records() -> Vec<TimedRecord> {
         at(1600, Record::Proc(ProcEvent::Lost)),
         at(
             1700,
-            Record::Kube(KubeRecord {
-                action: KubeAction::Delete,
-                object: json!({"apiVersion":"v1","kind":"Pod","metadata":{"uid":"0f8e0e4c-7d4b-4a5e-9d3b-1c2d3e4f5a6b"}}),
-            }),
+            Record::Kube(KubeRecord::from_value(
+                KubeAction::Delete,
+                &json!({"apiVersion":"v1","kind":"Pod","metadata":{"uid":"0f8e0e4c-7d4b-4a5e-9d3b-1c2d3e4f5a6b"}}),
+            )),
         ),
         at(
             u64::MAX,
-            Record::Kube(KubeRecord {
-                action: KubeAction::Delete,
-                object: json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"default"}}),
-            }),
+            Record::Kube(KubeRecord::from_value(
+                KubeAction::Delete,
+                &json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"default"}}),
+            )),
         ),
     ]
 }
@@ -288,10 +288,10 @@ fn writer_refuses_kube_objects_the_reader_would_refuse() {
     let err = writer
         .write(&TimedRecord {
             ts: 1,
-            record: Record::Kube(KubeRecord {
-                action: KubeAction::Apply,
-                object: json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"no-uid"}}),
-            }),
+            record: Record::Kube(KubeRecord::from_value(
+                KubeAction::Apply,
+                &json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"no-uid"}}),
+            )),
         })
         .unwrap_err();
     assert!(

@@ -66,8 +66,9 @@ impl Harness {
     }
 
     pub fn kube(&mut self, action: KubeAction, object: Value) {
-        let change = kubecache::record::kube_record_to_change(&KubeRecord { action, object })
-            .expect("test objects are valid");
+        let change =
+            kubecache::record::kube_record_to_change(&KubeRecord::from_value(action, &object))
+                .expect("test objects are valid");
         self.feed(Input::Kube(change));
     }
 

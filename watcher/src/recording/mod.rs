@@ -20,6 +20,7 @@ mod writer;
 pub use reader::RecordingReader;
 pub use writer::RecordingWriter;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The value of the header's `format` field.
@@ -184,7 +185,53 @@ fn describe(value: &Value) -> String {
 
 /// Checks that a kube record's `object` is a `v1` `Pod` (with `metadata.uid`) or `v1`
 /// `Namespace` (with `metadata.name`): what the resolver needs to identify it.
-fn validate_kube_object(object: &Value, line: usize) -> Result<(), RecordingError> {
+///
+/// Only the fields checked are parsed into values; the rest of the object is passed over. An
+/// object whose shape surprises that parse (it or its metadata not a JSON object) is parsed
+/// whole, for the error that names the field and its type.
+fn validate_kube_object(object: &RawValue, line: usize) -> Result<(), RecordingError> {
+    #[derive(serde::Deserialize)]
+    struct Identity {
+        #[serde(rename = "apiVersion")]
+        api_version: Option<Value>,
+        kind: Option<Value>,
+        metadata: Option<IdentityMeta>,
+    }
+    #[derive(serde::Deserialize)]
+    struct IdentityMeta {
+        uid: Option<Value>,
+        name: Option<Value>,
+    }
+    let identity = match serde_json::from_str::<Identity>(object.get()) {
+        Ok(identity) => {
+            let mut fields = Map::new();
+            let put = |map: &mut Map<String, Value>, name: &str, value: Option<Value>| {
+                if let Some(value) = value {
+                    map.insert(name.to_string(), value);
+                }
+            };
+            put(&mut fields, "apiVersion", identity.api_version);
+            put(&mut fields, "kind", identity.kind);
+            if let Some(meta) = identity.metadata {
+                let mut metadata = Map::new();
+                put(&mut metadata, "uid", meta.uid);
+                put(&mut metadata, "name", meta.name);
+                fields.insert("metadata".to_string(), Value::Object(metadata));
+            }
+            Value::Object(fields)
+        }
+        Err(_) => {
+            serde_json::from_str(object.get()).map_err(|error| RecordingError::InvalidJson {
+                line,
+                message: error.to_string(),
+            })?
+        }
+    };
+    validate_identity(&identity, line)
+}
+
+/// [`validate_kube_object`] on the fields that identify the object.
+fn validate_identity(object: &Value, line: usize) -> Result<(), RecordingError> {
     let wrong_type = |field: &str, expected: &str, found: &Value| RecordingError::WrongType {
         line,
         field: field.to_string(),

@@ -345,7 +345,7 @@ struct RawRecord<'a> {
     processes: Option<Vec<RawProcess<'a>>>,
     #[serde(borrow)]
     action: Option<Text<'a>>,
-    object: Option<Value>,
+    object: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// One entry of a `scan` record.

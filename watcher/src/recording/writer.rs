@@ -219,7 +219,7 @@ struct OutRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     action: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    object: Option<&'a Value>,
+    object: Option<&'a serde_json::value::RawValue>,
 }
 
 /// One entry of a `scan` record.
