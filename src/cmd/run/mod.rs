@@ -16,16 +16,13 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, select};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::ListParams;
+use kubecache::probe::ApiProbe;
 use kubecache::status::StatusWriter;
-use kubecache::{KubeCache, KubeView};
+use kubecache::KubeCache;
 use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
 use resolver::workloads::ZtunnelMode as ZtunnelModeInFile;
 use resolver::{Capture, CgroupIds, Resolver, ResolverConfig, Workloads};
@@ -43,7 +40,7 @@ mod kube_link;
 
 pub use args::{RunArgs, ZtunnelMode};
 use inpod::{configured_dirs, start_inpod};
-use kube_link::{ApiProbe, KubeLink, KUBE_HEALTH_EVERY};
+use kube_link::{KubeLink, KUBE_HEALTH_EVERY};
 
 /// Where the resolver learns who is who.
 enum Mode {
