@@ -5,8 +5,9 @@
 //! read-mostly [`KubeView`], and sent as [`Change`]s of the objects, which become the
 //! resolver's [`resolver::Input`]s (their facts, [`change`]). Around it, what else speaks to
 //! Kubernetes: recordings' `kube` records to and from objects ([`record`]), the pod status
-//! writer that annotates captured pods, downstream of the programmer ([`status`]), and the one
-//! way the agent's commands find their client configuration ([`config`]).
+//! writer that annotates captured pods, downstream of the programmer ([`status`]), the probe
+//! that tells when a lost API server is back ([`probe`]), and the one way the agent's commands
+//! find their client configuration ([`config`]).
 //!
 //! The resolver decides on facts alone and does not depend on this crate: kube-rs, tokio and
 //! the API's types stop here.
@@ -14,6 +15,7 @@
 mod cache;
 pub mod change;
 pub mod config;
+pub mod probe;
 pub mod record;
 pub mod status;
 mod tracker;

@@ -3,9 +3,36 @@
 
 use super::*;
 
+/// In-pod capture's stage when ztunnel listens in the pods: the flag says so in Kubernetes
+/// mode (as `config.capture`), the workloads file in standalone mode. `None` otherwise.
+pub(super) fn inpod_stage(
+    args: &RunArgs,
+    mode: &Mode,
+    config: &ResolverConfig,
+    cgroup_root: &Path,
+) -> anyhow::Result<Option<InPodStage>> {
+    // Where ztunnel listens: the flag (Kubernetes) or the workloads file (standalone).
+    let inpod_socket = match mode {
+        Mode::Standalone { workloads, .. } => match workloads.ztunnel.as_ref().map(|z| &z.mode) {
+            Some(ZtunnelModeInFile::InPod { zds }) => Some((zds.clone(), workloads.dns_capture)),
+            _ => None,
+        },
+        Mode::Kubernetes { .. } => match config.capture {
+            Capture::InPod { dns } => Some((args.zds_socket.clone(), dns)),
+            Capture::Node => None,
+        },
+    };
+    let Some((socket, dns)) = inpod_socket else {
+        return Ok(None);
+    };
+    let stage = start_inpod(args, &socket, cgroup_root, dns)
+        .context("starting in-pod capture (ztunnel in-pod, over ZDS)")?;
+    Ok(Some(stage))
+}
+
 /// Opens the kernel's in-pod state (with the pods a previous run enrolled) and starts the ZDS
 /// server ztunnel connects to.
-pub(super) fn start_inpod(
+fn start_inpod(
     args: &RunArgs,
     socket: &Path,
     cgroup_root: &Path,
@@ -39,6 +66,24 @@ pub(super) fn start_inpod(
         kernel: Box::new(kernel),
         previous,
     })
+}
+
+/// Standalone: the file's subtrees are enrolled when their directories are made and lose
+/// their entries when removed, not only when a process runs in them. `None` in Kubernetes mode.
+pub(super) fn watch_configured_dirs(
+    mode: &Mode,
+    cgroup_root: &Path,
+    inputs: &Inputs,
+) -> anyhow::Result<Option<DirWatch>> {
+    let Mode::Standalone { workloads, .. } = mode else {
+        return Ok(None);
+    };
+    let tx = inputs.sender();
+    let watch = DirWatch::start(configured_dirs(cgroup_root, workloads), move || {
+        let _ = tx.send(resolver::Input::ConfiguredCgroupsChanged);
+    })
+    .context("watching the workloads file's cgroup directories (inotify)")?;
+    Ok(Some(watch))
 }
 
 /// The directories of the workloads file's subtrees (ztunnel, workloads, exempt).

@@ -1,5 +1,6 @@
-//! Kubernetes mode's link: the kube cache's health turned into readiness, and the probe that
-//! tells when a lost API server is back.
+//! Kubernetes mode's link: the kube cache, the pod status writer and the probe
+//! (`kubecache::probe`) that tells when a lost API server is back, started together; the
+//! cache's health turned into readiness.
 
 use super::*;
 
@@ -16,6 +17,48 @@ pub(super) struct KubeLink {
 }
 
 impl KubeLink {
+    /// Starts the kube cache (feeding `inputs`), the pod status writer unless
+    /// `--no-pod-status` (returned: it observes written updates), and the API server probe.
+    pub(super) fn start(
+        args: &RunArgs,
+        kube_config: &kube::Config,
+        config_source: &str,
+        node: &str,
+        config: &ResolverConfig,
+        inputs: &Inputs,
+    ) -> anyhow::Result<(KubeLink, Option<StatusWriter>)> {
+        let url = kube_config.cluster_url.to_string();
+        let cache =
+            KubeCache::start(kube_config.clone(), node, inputs.sender()).with_context(|| {
+                format!("starting the kube cache ({config_source}, API server {url})")
+            })?;
+        let writer = if args.no_pod_status {
+            log::info!("--no-pod-status: captured pods are not annotated");
+            None
+        } else {
+            let writer = StatusWriter::start(kube_config.clone(), Some(cache.view()))
+                .with_context(|| {
+                    format!("starting the pod status writer ({config_source}, API server {url})")
+                })?;
+            Some(writer)
+        };
+        let probe = ApiProbe::start(kube_config.clone(), node, cache.view())
+            .context("starting the API server probe")?;
+        log::info!(
+            "Kubernetes mode: node {node}, API server {url} ({config_source}), ztunnel from \
+             app=ztunnel in {}, excluded namespaces {:?}, exempt cgroups {:?}",
+            config.system_namespace,
+            config.excluded_namespaces,
+            config.exempt_cgroups
+        );
+        let link = KubeLink {
+            cache,
+            probe,
+            lost: false,
+        };
+        Ok((link, writer))
+    }
+
     /// The cache synced (once: later relists keep the last state meanwhile), and the API
     /// server reachable now.
     pub(super) fn update_readiness(&mut self, readiness: &Readiness) {
@@ -34,87 +77,6 @@ impl KubeLink {
                 );
             } else {
                 log::info!("Kubernetes API server reachable again: ready once the cache is synced");
-            }
-        }
-    }
-}
-
-/// How often the probe checks a lost API server.
-pub(super) const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// How long one probe request may take.
-pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Says whether the API server answers. The kube cache's view says when its watchers fail, but
-/// not when they are back (a resumed watch is silent until something changes), so while the
-/// view is disconnected this probe lists one pod of this node on its own client, with the
-/// same permission the watchers need.
-pub(super) struct ApiProbe {
-    reachable: Arc<AtomicBool>,
-    stop: Option<crossbeam_channel::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ApiProbe {
-    pub(super) fn start(
-        config: kube::Config,
-        node: &str,
-        view: KubeView,
-    ) -> anyhow::Result<ApiProbe> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building the probe's tokio runtime")?;
-        let url = config.cluster_url.to_string();
-        let client = {
-            // The client spawns its request buffer task: it needs the runtime's context.
-            let _context = runtime.enter();
-            kube::Client::try_from(config)
-                .with_context(|| format!("building a Kubernetes client for {url}"))?
-        };
-        let pods = kube::Api::<Pod>::all(client);
-        let params = ListParams::default()
-            .fields(&format!("spec.nodeName={node}"))
-            .limit(1);
-        let reachable = Arc::new(AtomicBool::new(true));
-        let (stop, stopped) = bounded::<()>(0);
-        let thread = std::thread::Builder::new()
-            .name("kube-probe".into())
-            .spawn({
-                let reachable = reachable.clone();
-                move || loop {
-                    let now = view.is_connected()
-                        || runtime.block_on(async {
-                            matches!(
-                                tokio::time::timeout(PROBE_TIMEOUT, pods.list(&params)).await,
-                                Ok(Ok(_))
-                            )
-                        });
-                    reachable.store(now, Ordering::Release);
-                    match stopped.recv_timeout(PROBE_EVERY) {
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                        _ => return,
-                    }
-                }
-            })
-            .context("cannot start the kube-probe thread")?;
-        Ok(ApiProbe {
-            reachable,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-
-    pub(super) fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for ApiProbe {
-    fn drop(&mut self) {
-        self.stop.take(); // disconnects: the thread returns after its current probe
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("the kube-probe thread panicked");
             }
         }
     }

@@ -16,34 +16,37 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use crossbeam_channel::{bounded, select};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::ListParams;
+use crossbeam_channel::{bounded, select, Receiver};
+use kubecache::probe::ApiProbe;
 use kubecache::status::StatusWriter;
-use kubecache::{KubeCache, KubeView};
+use kubecache::KubeCache;
 use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
 use resolver::workloads::ZtunnelMode as ZtunnelModeInFile;
 use resolver::{Capture, CgroupIds, Resolver, ResolverConfig, Workloads};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use watcher::live::{LiveConfig, LiveSource};
+use watcher::dirwatch::DirWatch;
+use watcher::live::{LiveConfig, LiveCounters, LiveSource};
 use watcher::CgroupId;
 
-use crate::ops::{self, Metrics, Readiness};
+use crate::ops::{self, Metrics, OpsServer, Readiness};
 use crate::pipeline::inpod::KernelInPod;
 use crate::pipeline::{InPodStage, Inputs, Observer, Pipeline, PipelineConfig, Stages};
 
 mod args;
 mod inpod;
 mod kube_link;
+mod resolver_setup;
+mod serve;
 
 pub use args::{RunArgs, ZtunnelMode};
-use inpod::{configured_dirs, start_inpod};
-use kube_link::{ApiProbe, KubeLink, KUBE_HEALTH_EVERY};
+use inpod::{configured_dirs, inpod_stage, watch_configured_dirs};
+use kube_link::{KubeLink, KUBE_HEALTH_EVERY};
+use resolver_setup::ResolverSetup;
+use serve::{Running, Signals};
 
 /// Where the resolver learns who is who.
 enum Mode {
@@ -107,37 +110,135 @@ impl CgroupIds for StatCgroupIds {
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     super::use_host_cgroup_view()?;
     let mode = Mode::of(&args)?;
-    let metrics_addr = args.metrics_addr.clone().unwrap_or_else(|| {
+    let metrics_addr = metrics_addr(&args, &mode);
+    let cgroups = Cgroups::of(&args)?;
+    check_bpffs(&args.pin_dir)?;
+
+    // 1. Programs and maps first: capture continues (or starts) before anything else.
+    let (attached, programmer) = start_programs(&args, &cgroups.attach)?;
+
+    // 2. The watcher: subscribe, then the first scan of /proc; cgroup paths and ids are read
+    // against the same cgroup2 root as the resolver's.
+    let source = start_watcher(&args, &cgroups.root)?;
+    let stop = source.stop_handle();
+    let watcher_counters = source.counters();
+
+    // 3. The resolver, fed by the watcher and by the workloads file or the kube cache.
+    let pipeline_config = PipelineConfig {
+        coalesce: programmer.coalesce_window(),
+        ..PipelineConfig::default()
+    };
+    let inputs = Inputs::new(pipeline_config.events_capacity);
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let setup = ResolverSetup::start(&args, &mode, &inputs, &readiness)?;
+
+    // 4. In-pod capture when ztunnel listens in the pods; standalone's watched subtrees.
+    let inpod = inpod_stage(&args, &mode, &setup.config, &cgroups.root)?;
+    let inpod_running = inpod.is_some();
+    let zds_status = inpod.as_ref().map(|stage| stage.zds.status_handle());
+    let dir_watch = watch_configured_dirs(&mode, &cgroups.root, &inputs)?;
+    let resolver = Resolver::with_cgroup_ids(
+        setup.config,
+        Box::new(StatCgroupIds {
+            root: cgroups.root.clone(),
+        }),
+    );
+
+    // 5. The pipeline's threads, with the signals installed first; then the ops endpoint.
+    let signals = Signals::install()?;
+    let stages = Stages {
+        source,
+        stop,
+        inputs,
+        resolver,
+        programmer,
+        observer: setup.observer,
+        inpod,
+    };
+    let pipeline = Pipeline::start(
+        stages,
+        pipeline_config,
+        (metrics.clone(), readiness.clone()),
+    )?;
+    let _ops = serve_ops(&metrics_addr, &metrics, &readiness)?;
+    log_running(&args, &mode, &cgroups.attach);
+
+    // 6. Until a signal or a stage's end; 7. the shutdown.
+    let mut running = Running {
+        args: &args,
+        mode: &mode,
+        cgroup_root: &cgroups.root,
+        pipeline,
+        signals,
+        dir_watch,
+        kube: setup.kube,
+        zds_status,
+        inpod_running,
+        metrics,
+        readiness,
+        watcher_counters,
+    };
+    let stage_ended = running.serve()?;
+    running.stop(stage_ended)?;
+    finish(&args, attached)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the ops endpoint listens: the flag, else the mode's default.
+fn metrics_addr(args: &RunArgs, mode: &Mode) -> String {
+    args.metrics_addr.clone().unwrap_or_else(|| {
         match mode {
             Mode::Standalone { .. } => "127.0.0.1:15090",
             // The DaemonSet's pod: Prometheus and the kubelet's probes come from outside.
             Mode::Kubernetes { .. } => "0.0.0.0:15090",
         }
         .to_string()
-    });
+    })
+}
 
-    let cgroup_root = match &args.watcher.cgroup_root {
-        Some(dir) => dir.clone(),
-        None => watcher::procfs::cgroup2_mount()
-            .context("finding the cgroup2 mount (or give --cgroup-root DIR)")?,
-    };
-    check_dir(&cgroup_root, "--cgroup-root")?;
-    let attach_cgroup = args
-        .attach_cgroup
-        .clone()
-        .unwrap_or_else(|| cgroup_root.clone());
-    check_dir(&attach_cgroup, "--attach-cgroup")?;
-    if !attach_cgroup.starts_with(&cgroup_root) {
-        bail!(
-            "--attach-cgroup {} is not below the cgroup2 root {}",
-            attach_cgroup.display(),
-            cgroup_root.display()
-        );
+/// The cgroup2 directories the agent works under, checked before anything is touched.
+struct Cgroups {
+    /// The cgroup2 root: cgroup paths and ids are read against it.
+    root: PathBuf,
+    /// Where the programs are attached (the root, or a cgroup below it).
+    attach: PathBuf,
+}
+
+impl Cgroups {
+    fn of(args: &RunArgs) -> anyhow::Result<Cgroups> {
+        let cgroup_root = match &args.watcher.cgroup_root {
+            Some(dir) => dir.clone(),
+            None => watcher::procfs::cgroup2_mount()
+                .context("finding the cgroup2 mount (or give --cgroup-root DIR)")?,
+        };
+        check_dir(&cgroup_root, "--cgroup-root")?;
+        let attach_cgroup = args
+            .attach_cgroup
+            .clone()
+            .unwrap_or_else(|| cgroup_root.clone());
+        check_dir(&attach_cgroup, "--attach-cgroup")?;
+        if !attach_cgroup.starts_with(&cgroup_root) {
+            bail!(
+                "--attach-cgroup {} is not below the cgroup2 root {}",
+                attach_cgroup.display(),
+                cgroup_root.display()
+            );
+        }
+        Ok(Cgroups {
+            root: cgroup_root,
+            attach: attach_cgroup,
+        })
     }
-    check_bpffs(&args.pin_dir)?;
+}
 
-    // 1. Programs and maps first: capture continues (or starts) before anything else.
-    let (attached, backend) = attach(&args.pin_dir, &attach_cgroup, args.max_entries)?;
+/// Attaches the programs (see [`attach`]) and opens the programmer on their pinned maps, which
+/// keep what a previous run wrote until the first full picture.
+fn start_programs(
+    args: &RunArgs,
+    attach_cgroup: &Path,
+) -> anyhow::Result<(Loaded, Programmer<KernelMaps>)> {
+    let (attached, backend) = attach(&args.pin_dir, attach_cgroup, args.max_entries)?;
     let programmer = Programmer::new(
         backend,
         ProgrammerConfig {
@@ -151,11 +252,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         "{} entries pinned by a previous run stay in force until the first full picture",
         programmer.entry_count()
     );
+    Ok((attached, programmer))
+}
 
-    // 2. The watcher: subscribe, then the first scan of /proc; cgroup paths and ids are read
-    // against the same cgroup2 root as the resolver's.
+/// Subscribes to the proc connector and scans /proc (with the exec tap when it loads).
+fn start_watcher(args: &RunArgs, cgroup_root: &Path) -> anyhow::Result<LiveSource> {
     let mut watcher_config = LiveConfig {
-        cgroup_root: Some(cgroup_root.clone()),
+        cgroup_root: Some(cgroup_root.to_path_buf()),
         ..LiveConfig::default()
     };
     watcher_config.connector.coalesce_window =
@@ -166,7 +269,6 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             cgroup_root.display()
         )
     })?;
-    let stop = source.stop_handle();
     log::info!(
         "process watcher: exec facts from {}",
         if source.exec_tap().is_some() {
@@ -175,160 +277,27 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             "/proc reads (the exec tap is not loaded: see the warning above)"
         }
     );
-    let watcher_counters = source.counters();
+    Ok(source)
+}
 
-    // 3. The resolver, fed by the watcher and by the workloads file or the kube cache.
-    let pipeline_config = PipelineConfig {
-        coalesce: programmer.coalesce_window(),
-        ..PipelineConfig::default()
-    };
-    let inputs = Inputs::new(pipeline_config.events_capacity);
-    let metrics = Metrics::new();
-    let readiness = Readiness::new();
-    let mut kube = None;
-    let mut observer: Option<Box<dyn Observer>> = None;
-    let config = match &mode {
-        Mode::Standalone { workloads, .. } => {
-            // Standalone pods are not on a node the resolver must match.
-            let mut config = ResolverConfig::new("standalone");
-            config.workloads = Some(workloads.clone());
-            // There is no kube cache to wait for.
-            readiness.set_cache_synced(true);
-            readiness.set_warnings(workloads.warnings());
-            config
-        }
-        Mode::Kubernetes {
-            config: kube_config,
-            source: config_source,
-            node,
-        } => {
-            let mut config = ResolverConfig::new(node.clone());
-            if args.ztunnel_mode == ZtunnelMode::Inpod {
-                config.capture = Capture::InPod {
-                    dns: args.dns_capture,
-                };
-            } else if args.dns_capture {
-                bail!("--dns-capture needs --ztunnel-mode inpod (ztunnel's DNS proxy listens in the pod's namespace)");
-            }
-            config.system_namespace = args.system_namespace.clone();
-            config.excluded_namespaces = args.exclude_namespaces.clone();
-            config.exempt_cgroups = args.exempt_cgroups.clone();
-            let url = kube_config.cluster_url.to_string();
-            let cache = KubeCache::start(*kube_config.clone(), node, inputs.sender())
-                .with_context(|| {
-                    format!("starting the kube cache ({config_source}, API server {url})")
-                })?;
-            if args.no_pod_status {
-                log::info!("--no-pod-status: captured pods are not annotated");
-            } else {
-                let writer = StatusWriter::start(*kube_config.clone(), Some(cache.view()))
-                    .with_context(|| {
-                        format!(
-                            "starting the pod status writer ({config_source}, API server {url})"
-                        )
-                    })?;
-                observer = Some(Box::new(writer));
-            }
-            let probe = ApiProbe::start(*kube_config.clone(), node, cache.view())
-                .context("starting the API server probe")?;
-            log::info!(
-                "Kubernetes mode: node {node}, API server {url} ({config_source}), ztunnel from \
-                 app=ztunnel in {}, excluded namespaces {:?}, exempt cgroups {:?}",
-                config.system_namespace,
-                config.excluded_namespaces,
-                config.exempt_cgroups
-            );
-            kube = Some(KubeLink {
-                cache,
-                probe,
-                lost: false,
-            });
-            config
-        }
-    };
-    // Where ztunnel listens: the flag (Kubernetes) or the workloads file (standalone).
-    let inpod_socket = match &mode {
-        Mode::Standalone { workloads, .. } => match workloads.ztunnel.as_ref().map(|z| &z.mode) {
-            Some(ZtunnelModeInFile::InPod { zds }) => Some((zds.clone(), workloads.dns_capture)),
-            _ => None,
-        },
-        Mode::Kubernetes { .. } => match config.capture {
-            Capture::InPod { dns } => Some((args.zds_socket.clone(), dns)),
-            Capture::Node => None,
-        },
-    };
-    let inpod_running = inpod_socket.is_some();
-    let mut zds_status = None;
-    let inpod = match inpod_socket {
-        Some((socket, dns)) => {
-            let stage = start_inpod(&args, &socket, &cgroup_root, dns)
-                .context("starting in-pod capture (ztunnel in-pod, over ZDS)")?;
-            zds_status = Some(stage.zds.status_handle());
-            Some(stage)
-        }
-        None => None,
-    };
-    // Standalone: the file's subtrees are enrolled when their directories are made and lose
-    // their entries when removed, not only when a process runs in them.
-    let dir_watch = match &mode {
-        Mode::Standalone { workloads, .. } => {
-            let tx = inputs.sender();
-            let watch = watcher::dirwatch::DirWatch::start(
-                configured_dirs(&cgroup_root, workloads),
-                move || {
-                    let _ = tx.send(resolver::Input::ConfiguredCgroupsChanged);
-                },
-            )
-            .context("watching the workloads file's cgroup directories (inotify)")?;
-            Some(watch)
-        }
-        Mode::Kubernetes { .. } => None,
-    };
-    let resolver = Resolver::with_cgroup_ids(
-        config,
-        Box::new(StatCgroupIds {
-            root: cgroup_root.clone(),
-        }),
-    );
-
-    // Signals arrive on a channel, so that the main thread waits on them and on the stages.
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("installing the SIGTERM, SIGINT and SIGHUP handlers")?;
-    let signal_handle = signals.handle();
-    let (signal_tx, signal_rx) = bounded::<i32>(8);
-    let signal_thread = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                if signal_tx.send(signal).is_err() {
-                    break;
-                }
-            }
-        })
-        .context("cannot start the signal thread")?;
-
-    let stages = Stages {
-        source,
-        stop,
-        inputs,
-        resolver,
-        programmer,
-        observer,
-        inpod,
-    };
-    let pipeline = Pipeline::start(
-        stages,
-        pipeline_config,
-        (metrics.clone(), readiness.clone()),
-    )?;
-    let _ops = match metrics_addr.as_str() {
+/// Serves `/healthz`, `/readyz` and `/metrics` on `addr`, unless it is `off`.
+fn serve_ops(
+    addr: &str,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> anyhow::Result<Option<OpsServer>> {
+    Ok(match addr {
         "off" => None,
         addr => Some(
             ops::serve(addr, metrics.clone(), readiness.clone())
                 .with_context(|| format!("--metrics-addr {addr}"))?,
         ),
-    };
-    match &mode {
+    })
+}
+
+/// Says what runs where, once everything has started.
+fn log_running(args: &RunArgs, mode: &Mode, attach_cgroup: &Path) {
+    match mode {
         Mode::Standalone { path, .. } => log::info!(
             "running standalone: workloads {}, programs attached to {}, pins under {}{}",
             path.display(),
@@ -343,87 +312,11 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             if args.fail_open { ", fail open" } else { "" }
         ),
     }
+}
 
-    let mut stage_ended = None;
-    let health_tick = crossbeam_channel::tick(KUBE_HEALTH_EVERY);
-    let counters_tick = crossbeam_channel::tick(BPF_COUNTERS_EVERY);
-    loop {
-        select! {
-            recv(counters_tick) -> _ => {
-                export_bpf_counters(&args.pin_dir, &metrics);
-                metrics.set_watcher_counters(&watcher_counters.snapshot());
-                if let Some(zds) = &zds_status {
-                    metrics.set_zds(&zds.get());
-                }
-            },
-            recv(health_tick) -> _ => {
-                if let Some(kube) = kube.as_mut() {
-                    kube.update_readiness(&readiness);
-                }
-            },
-            recv(signal_rx) -> signal => match signal {
-                Ok(SIGHUP) => match &mode {
-                    Mode::Standalone { path, .. } => match load_workloads(path) {
-                        Ok(new) if new.in_pod() != inpod_running => log::error!(
-                            "SIGHUP: {}: ztunnel.mode changed ({} → {}); the ZDS server starts \
-                             or stops only with the agent: restart it to apply this file; the \
-                             previous workloads file stays in force",
-                            path.display(),
-                            if inpod_running { "inpod" } else { "node" },
-                            if inpod_running { "node" } else { "inpod" }
-                        ),
-                        Ok(new) => {
-                            log::info!("SIGHUP: re-read {}", path.display());
-                            if let Some(watch) = &dir_watch {
-                                watch.set_paths(configured_dirs(&cgroup_root, &new));
-                            }
-                            readiness.set_warnings(new.warnings());
-                            pipeline.reload(new)?;
-                        }
-                        Err(e) => log::error!(
-                            "SIGHUP: {e:#}; the previous workloads file stays in force"
-                        ),
-                    },
-                    Mode::Kubernetes { .. } => {
-                        log::info!("SIGHUP: nothing to re-read in Kubernetes mode");
-                    }
-                },
-                Ok(signal) => {
-                    log::info!("signal {signal}: stopping");
-                    break;
-                }
-                Err(_) => break,
-            },
-            recv(pipeline.ended()) -> stage => {
-                stage_ended = stage.ok();
-                break;
-            }
-        }
-    }
-    signal_handle.close();
-    let _ = signal_thread.join();
-    // The kube cache and the directory watch are senders of the resolver's inputs: they go
-    // first, so that the pipeline can drain and end.
-    drop(kube);
-    drop(dir_watch);
-    let result = pipeline.stop();
-    if let Some(stage) = stage_ended {
-        // A stage ended on its own: that is an error, whether or not it said why.
-        result.with_context(|| format!("the {stage} stage ended unexpectedly"))?;
-        bail!("the {stage} stage ended unexpectedly");
-    }
-    let c = watcher_counters.snapshot();
-    log::info!(
-        "process watcher: {} execs (facts from the exec tap {}, from /proc {}), exec tap records \
-         dropped {}, unmatched {}",
-        c.execs,
-        c.execs_from_tap,
-        c.execs_from_proc,
-        c.tap_dropped,
-        c.tap_unmatched
-    );
-    let programmer = result?;
-    drop(programmer);
+/// After the pipeline has stopped: `--cleanup-on-exit` detaches the programs and removes the
+/// pins; otherwise they stay, and traffic stays captured.
+fn finish(args: &RunArgs, attached: Loaded) -> anyhow::Result<()> {
     if args.cleanup_on_exit {
         drop(attached);
         programmer::detach(&args.pin_dir).with_context(|| {
@@ -439,35 +332,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.pin_dir.display()
         );
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// How often the programs' counters are copied into the metrics.
-const BPF_COUNTERS_EVERY: Duration = Duration::from_secs(5);
-
-/// Copies the pinned per-CPU counters (summed) into `zbridge_bpf_*` metrics.
-fn export_bpf_counters(pin_dir: &Path, metrics: &Metrics) {
-    match programmer::read_counters(pin_dir) {
-        Ok(c) => {
-            for (name, value) in c.pairs() {
-                metrics.set_bpf_counter(name, value);
-            }
-        }
-        Err(e) => log::warn!("reading the BPF counters under {}: {e}", pin_dir.display()),
-    }
-    // In-pod inbound (the sk_lookup program's counters), once in-pod capture has run.
-    match programmer::inspect::read_inbound_counters(pin_dir) {
-        Ok(Some(c)) => {
-            for (name, value) in c.pairs() {
-                metrics.set_bpf_counter(name, value);
-            }
-        }
-        Ok(None) => {}
-        Err(e) => log::warn!(
-            "reading the in-pod inbound counters under {}: {e}",
-            pin_dir.display()
-        ),
-    }
+    Ok(())
 }
 
 fn load_workloads(path: &Path) -> anyhow::Result<Workloads> {
