@@ -30,7 +30,7 @@ pub use layout::Counters;
 pub use loader::{detach, LoadReport, Loaded, LoaderConfig};
 pub use memory::MemoryBackend;
 pub use pins::{check_pin_dir, PinDirError, PinDirStatus};
-pub use programmer::{Programmer, ProgrammerConfig};
+pub use programmer::{Batching, Programmer, ProgrammerConfig};
 
 /// Errors of the programmer; each names the map, program or path concerned.
 #[derive(Debug, thiserror::Error)]

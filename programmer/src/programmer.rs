@@ -16,27 +16,38 @@ use crate::ProgramError;
 const UNKNOWN_LEVEL: u32 = u32::MAX;
 
 /// What the programmer is told by the operator (not by the resolver).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ProgrammerConfig {
     /// Connect as if not in the mesh when no ztunnel address is known.
     pub fail_open: bool,
     /// Let the programs `bpf_printk` their decisions.
     pub debug: bool,
-    /// At most this many map operations per backend call (one batch syscall per map and
-    /// kind); a larger flush is split. 0 means no limit.
-    pub max_batch: usize,
-    /// How long the agent's loop gathers updates before a flush ([`Programmer::coalesce_window`]);
-    /// updates of the same cgroup within it become one operation.
-    pub coalesce_window: Duration,
+    /// How updates are gathered into batches and batches into backend calls.
+    pub batching: Batching,
 }
 
-impl Default for ProgrammerConfig {
+/// How updates are gathered into batches: the one place for the batch limit and the
+/// coalescing window, read by [`Programmer::flush`] and by the agent's programmer thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// After the first update of a burst, how long the agent's programmer thread waits for more
+    /// before it flushes. Zero (the default) flushes what is already queued at once: while a
+    /// batch is being written the next updates queue up and make the next batch, so batches
+    /// grow with the load without delaying a lone enrolment (the first connect of a new pod
+    /// races it). A window makes updates of the same cgroup within it one operation, at the
+    /// cost of that delay on every enrolment.
+    pub window: Duration,
+    /// At most this many updates gathered into one flush, and at most this many map
+    /// operations in one backend call (one batch syscall per map and kind; a larger flush is
+    /// split). 0 means no limit.
+    pub max: usize,
+}
+
+impl Default for Batching {
     fn default() -> Self {
-        ProgrammerConfig {
-            fail_open: false,
-            debug: false,
-            max_batch: 4096,
-            coalesce_window: Duration::from_millis(5),
+        Batching {
+            window: Duration::ZERO,
+            max: 4096,
         }
     }
 }
@@ -121,9 +132,9 @@ impl<B: MapBackend> Programmer<B> {
         &self.config
     }
 
-    /// How long to gather updates before [`Programmer::flush`].
-    pub fn coalesce_window(&self) -> Duration {
-        self.config.coalesce_window
+    /// How updates are gathered before [`Programmer::flush`].
+    pub fn batching(&self) -> Batching {
+        self.config.batching
     }
 
     /// The backend, mutably (tests and benchmarks switch its mode).
@@ -161,7 +172,7 @@ impl<B: MapBackend> Programmer<B> {
         }
     }
 
-    /// Writes everything queued: one backend call per `max_batch` operations.
+    /// Writes everything queued: one backend call per [`Batching::max`] operations.
     pub fn flush(&mut self) -> Result<(), ProgramError> {
         let mut stale_addrs = Vec::new();
         if self.reconcile_pending {
@@ -230,7 +241,7 @@ impl<B: MapBackend> Programmer<B> {
         if batch.is_empty() {
             return Ok(());
         }
-        for chunk in split_batch(batch, self.config.max_batch) {
+        for chunk in split_batch(batch, self.config.batching.max) {
             self.backend.apply(&chunk)?;
         }
         self.settings = settings;
@@ -406,9 +417,12 @@ mod tests {
     }
 
     #[test]
-    fn a_flush_larger_than_max_batch_is_split_and_lands_whole() {
+    fn a_flush_larger_than_the_batch_limit_is_split_and_lands_whole() {
         let config = ProgrammerConfig {
-            max_batch: 3,
+            batching: Batching {
+                max: 3,
+                ..Batching::default()
+            },
             ..ProgrammerConfig::default()
         };
         let mut p = Programmer::new(MemoryBackend::default(), config).unwrap();

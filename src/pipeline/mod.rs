@@ -34,12 +34,9 @@ use program::{program, Outputs};
 pub struct PipelineConfig {
     /// Capacity of the watcher → resolver channel (events).
     pub events_capacity: usize,
-    /// Capacity of the resolver → programmer channel (updates).
+    /// Capacity of the resolver → programmer channel (updates). How updates are gathered
+    /// into batches is the programmer's config ([`programmer::Batching`]).
     pub updates_capacity: usize,
-    /// How long the programmer waits for more updates after the first of a burst.
-    pub coalesce: Duration,
-    /// A batch is written as soon as it holds this many updates.
-    pub batch_max: usize,
 }
 
 impl Default for PipelineConfig {
@@ -47,8 +44,6 @@ impl Default for PipelineConfig {
         PipelineConfig {
             events_capacity: 8192,
             updates_capacity: 8192,
-            coalesce: Duration::from_millis(5),
-            batch_max: 1024,
         }
     }
 }
@@ -224,7 +219,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                     let _notice = notice;
                     let ops = (&metrics, &readiness);
                     let outputs = Outputs { observer, inpod };
-                    program(programmer, updates_rx, outputs, &config, &status, ops)
+                    program(programmer, updates_rx, outputs, &status, ops)
                 })
                 .context("cannot start the programmer thread")?
         };

@@ -11,7 +11,7 @@ use programmer::{MapBackend, Programmer};
 use resolver::Update;
 
 use super::inpod::{InPodGate, Served, Step};
-use super::{InPodStage, Observer, PipelineConfig, Stamped, Status};
+use super::{InPodStage, Observer, Stamped, Status};
 use crate::ops::{Metrics, Readiness};
 
 /// What the programmer thread tells or drives besides the maps.
@@ -27,7 +27,6 @@ pub(super) fn program<B: MapBackend>(
     mut programmer: Programmer<B>,
     updates: Receiver<Stamped>,
     outputs: Outputs,
-    config: &PipelineConfig,
     status: &Status,
     ops: (&Metrics, &Readiness),
 ) -> anyhow::Result<Programmer<B>> {
@@ -78,8 +77,10 @@ pub(super) fn program<B: MapBackend>(
             &mut after_flush,
         );
         if !closed {
-            let deadline = Instant::now() + config.coalesce;
-            while batch.len() < config.batch_max {
+            // A zero window: the deadline has passed, and only what is queued is taken.
+            let batching = programmer.batching();
+            let deadline = Instant::now() + batching.window;
+            while batching.max == 0 || batch.len() < batching.max {
                 match updates.recv_deadline(deadline) {
                     Ok(stamped) => {
                         route(

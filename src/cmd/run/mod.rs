@@ -124,10 +124,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     let watcher_counters = source.counters();
 
     // 3. The resolver, fed by the watcher and by the workloads file or the kube cache.
-    let pipeline_config = PipelineConfig {
-        coalesce: programmer.coalesce_window(),
-        ..PipelineConfig::default()
-    };
+    let pipeline_config = PipelineConfig::default();
     let inputs = Inputs::new(pipeline_config.events_capacity);
     let metrics = Metrics::new();
     let readiness = Readiness::new();
