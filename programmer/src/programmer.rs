@@ -1,6 +1,7 @@
 //! Turning [`Update`]s into map operations: translation, coalescing, batching, reconciliation.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -64,11 +65,11 @@ pub struct Programmer<B: MapBackend> {
     pending: BTreeMap<CgroupId, Option<(CgroupInfo, u32)>>,
     pending_ztunnel: Option<Vec<IpAddr>>,
     /// What is programmed now, by cgroup: the entry and the cgroup's level.
-    programmed: HashMap<CgroupId, (CgroupInfo, u32)>,
+    programmed: FxHashMap<CgroupId, (CgroupInfo, u32)>,
     /// Cgroups upserted since start: on [`Update::Synced`], others are removed.
     confirmed: BTreeSet<CgroupId>,
     /// How many ambient entries use each pod address.
-    addr_refs: HashMap<PodAddr, u32>,
+    addr_refs: FxHashMap<PodAddr, u32>,
     /// How many entries sit at each cgroup level.
     level_refs: [u32; 32],
     settings: Settings,
@@ -93,9 +94,9 @@ impl<B: MapBackend> Programmer<B> {
             config,
             pending: BTreeMap::new(),
             pending_ztunnel: None,
-            programmed: HashMap::new(),
+            programmed: FxHashMap::default(),
             confirmed: BTreeSet::new(),
-            addr_refs: HashMap::new(),
+            addr_refs: FxHashMap::default(),
             level_refs: [0; 32],
             settings,
             settings_in_map,

@@ -235,10 +235,8 @@ impl Resolver {
         } else {
             // Several during a rollout: the newest (then by name, uid) that has an address.
             self.ztunnel_pods
-                .iter()
-                .filter_map(|uid| self.pods.get(uid))
-                .filter(|p| !p.ips.is_empty())
-                .max_by(|a, b| (a.created, &a.name, &a.uid).cmp(&(b.created, &b.name, &b.uid)))
+                .last()
+                .and_then(|rank| self.pods.get(&rank.uid))
                 .map(|p| p.ips.clone())
                 .unwrap_or_default()
         };

@@ -58,8 +58,12 @@ impl Resolver {
         if self.pods.get(&uid) == facts.as_ref() {
             return;
         }
-        let was_ztunnel = self.ztunnel_pods.remove(&uid);
+        let mut was_ztunnel = false;
         if let Some(old) = self.pods.remove(&uid) {
+            if self.rules.is_node_ztunnel(&old) {
+                was_ztunnel = true;
+                self.ztunnel_pods.remove(&ZtunnelRank::of(&uid, &old));
+            }
             if let Some(set) = self.pods_by_namespace.get_mut(&old.namespace) {
                 set.remove(&OwnerKey::Pod(uid.clone()));
                 if set.is_empty() {
@@ -70,8 +74,10 @@ impl Resolver {
         let mut is_ztunnel = false;
         if let Some(facts) = facts {
             if self.rules.is_node_ztunnel(&facts) {
-                self.ztunnel_pods.insert(uid.clone());
                 is_ztunnel = true;
+                if !facts.ips.is_empty() {
+                    self.ztunnel_pods.insert(ZtunnelRank::of(&uid, &facts));
+                }
             }
             self.pods_by_namespace
                 .entry(facts.namespace.clone())

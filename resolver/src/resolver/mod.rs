@@ -131,6 +131,24 @@ struct CgroupState {
     ips: Vec<IpAddr>,
 }
 
+/// Where a ztunnel pod stands among the candidates: by creation time, then name, then uid.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ZtunnelRank {
+    created: Option<i128>,
+    name: String,
+    uid: Box<str>,
+}
+
+impl ZtunnelRank {
+    fn of(uid: &str, pod: &PodFacts) -> ZtunnelRank {
+        ZtunnelRank {
+            created: pod.created,
+            name: pod.name.clone(),
+            uid: uid.into(),
+        }
+    }
+}
+
 /// A cgroup that holds live processes, for output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveCgroup<'a> {
@@ -153,8 +171,10 @@ pub struct Resolver {
     /// The uids of `pods`, by namespace: a namespace's change re-decides only its pods.
     pods_by_namespace: FxHashMap<String, BTreeSet<OwnerKey>>,
     namespaces: FxHashMap<String, NamespaceFacts>,
-    /// Uids of local pods that qualify as the node's ztunnel.
-    ztunnel_pods: BTreeSet<Box<str>>,
+    /// The local pods that qualify as the node's ztunnel and have an address, in the order
+    /// that picks one during a rollout (the last is the newest): a ztunnel pod's change looks
+    /// only at the last, not at every candidate.
+    ztunnel_pods: BTreeSet<ZtunnelRank>,
     kube_synced: bool,
     scan_seen: bool,
     /// `lost` records since the last scan: the first is logged, the others counted (one line
