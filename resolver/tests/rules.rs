@@ -218,6 +218,64 @@ fn ztunnel_of_this_node_in_the_system_namespace() {
 }
 
 #[test]
+fn during_a_ztunnel_rollout_the_newest_with_an_address_is_used() {
+    let created = |mut object: serde_json::Value, at: &str| {
+        object["metadata"]["creationTimestamp"] = json!(at);
+        object
+    };
+    let ztunnel =
+        |n, name, address| pod(n, "istio-system", name, json!({"app": "ztunnel"}), address);
+    let mut h = one_pod(
+        json!({}),
+        created(
+            ztunnel(1, "ztunnel-old", "10.0.0.3"),
+            "2024-01-01T00:00:00Z",
+        ),
+    );
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.3")]));
+    // The new one, not yet with an address: the old one stays.
+    let mut new = created(
+        ztunnel(2, "ztunnel-new", "10.0.0.4"),
+        "2024-01-02T00:00:00Z",
+    );
+    new["status"] = json!({"phase": "Pending"});
+    h.apply_obj(new);
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.3")]));
+    // It has one: it is the newest.
+    h.apply_obj(created(
+        ztunnel(2, "ztunnel-new", "10.0.0.4"),
+        "2024-01-02T00:00:00Z",
+    ));
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.4")]));
+    // An older one changing does not take over.
+    h.apply_obj(created(
+        ztunnel(1, "ztunnel-old", "10.0.0.5"),
+        "2024-01-01T00:00:00Z",
+    ));
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.4")]));
+    // The newest ends (terminal): back to the other.
+    let mut ended = created(
+        ztunnel(2, "ztunnel-new", "10.0.0.4"),
+        "2024-01-02T00:00:00Z",
+    );
+    ended["status"]["phase"] = json!("Failed");
+    h.apply_obj(ended);
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.5")]));
+    // Same creation time: by name.
+    h.apply_obj(created(
+        ztunnel(3, "ztunnel-a", "10.0.0.6"),
+        "2024-01-01T00:00:00Z",
+    ));
+    assert_eq!(
+        h.ztunnel,
+        Some(vec![ip("10.0.0.5")]),
+        "ztunnel-old > ztunnel-a"
+    );
+    h.delete_obj(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"uid": uid(1)}}));
+    assert_eq!(h.ztunnel, Some(vec![ip("10.0.0.6")]));
+}
+
+#[test]
 fn system_namespace_is_configurable() {
     let mut config = ResolverConfig::new(NODE);
     config.system_namespace = "mesh".to_string();
