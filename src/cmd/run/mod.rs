@@ -40,6 +40,7 @@ use crate::pipeline::{InPodStage, Inputs, Observer, Pipeline, PipelineConfig, St
 mod args;
 mod inpod;
 mod kube_link;
+mod reload;
 
 pub use args::{RunArgs, ZtunnelMode};
 use inpod::{configured_dirs, start_inpod};
@@ -344,6 +345,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         ),
     }
 
+    let mut reloads = reload::Reloads::new(
+        match &mode {
+            Mode::Standalone { path, .. } => Some(path.clone()),
+            Mode::Kubernetes { .. } => None,
+        },
+        inpod_running,
+    );
     let mut stage_ended = None;
     let health_tick = crossbeam_channel::tick(KUBE_HEALTH_EVERY);
     let counters_tick = crossbeam_channel::tick(BPF_COUNTERS_EVERY);
@@ -362,37 +370,23 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             },
             recv(signal_rx) -> signal => match signal {
-                Ok(SIGHUP) => match &mode {
-                    Mode::Standalone { path, .. } => match load_workloads(path) {
-                        Ok(new) if new.in_pod() != inpod_running => log::error!(
-                            "SIGHUP: {}: ztunnel.mode changed ({} → {}); the ZDS server starts \
-                             or stops only with the agent: restart it to apply this file; the \
-                             previous workloads file stays in force",
-                            path.display(),
-                            if inpod_running { "inpod" } else { "node" },
-                            if inpod_running { "node" } else { "inpod" }
-                        ),
-                        Ok(new) => {
-                            log::info!("SIGHUP: re-read {}", path.display());
-                            if let Some(watch) = &dir_watch {
-                                watch.set_paths(configured_dirs(&cgroup_root, &new));
-                            }
-                            readiness.set_warnings(new.warnings());
-                            pipeline.reload(new)?;
-                        }
-                        Err(e) => log::error!(
-                            "SIGHUP: {e:#}; the previous workloads file stays in force"
-                        ),
-                    },
-                    Mode::Kubernetes { .. } => {
-                        log::info!("SIGHUP: nothing to re-read in Kubernetes mode");
-                    }
-                },
+                // Read off this thread: signals stay answered while the file is parsed.
+                Ok(SIGHUP) => reloads.request(),
                 Ok(signal) => {
                     log::info!("signal {signal}: stopping");
                     break;
                 }
                 Err(_) => break,
+            },
+            recv(reloads.done()) -> read => {
+                let Some(new) = read.ok().and_then(|read| reloads.finished(read)) else {
+                    continue;
+                };
+                if let Some(watch) = &dir_watch {
+                    watch.set_paths(configured_dirs(&cgroup_root, &new));
+                }
+                readiness.set_warnings(new.warnings());
+                pipeline.reload(new)?;
             },
             recv(pipeline.ended()) -> stage => {
                 stage_ended = stage.ok();
