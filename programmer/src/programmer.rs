@@ -1,7 +1,7 @@
 //! Turning [`Update`]s into map operations: translation, coalescing, batching, reconciliation.
 
-use rustc_hash::FxHashMap;
-use std::collections::{BTreeMap, BTreeSet};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -66,8 +66,11 @@ pub struct Programmer<B: MapBackend> {
     pending_ztunnel: Option<Vec<IpAddr>>,
     /// What is programmed now, by cgroup: the entry and the cgroup's level.
     programmed: FxHashMap<CgroupId, (CgroupInfo, u32)>,
-    /// Cgroups upserted since start: on [`Update::Synced`], others are removed.
-    confirmed: BTreeSet<CgroupId>,
+    /// Entries of a previous run that the resolver has not upserted since start: on
+    /// [`Update::Synced`] they are removed. It only shrinks: a set of every cgroup upserted
+    /// since start, the other way to tell them apart, would grow with every cgroup the node
+    /// ever makes.
+    unconfirmed: FxHashSet<CgroupId>,
     /// How many ambient entries use each pod address.
     addr_refs: FxHashMap<PodAddr, u32>,
     /// How many entries sit at each cgroup level.
@@ -95,7 +98,7 @@ impl<B: MapBackend> Programmer<B> {
             pending: BTreeMap::new(),
             pending_ztunnel: None,
             programmed: FxHashMap::default(),
-            confirmed: BTreeSet::new(),
+            unconfirmed: FxHashSet::default(),
             addr_refs: FxHashMap::default(),
             level_refs: [0; 32],
             settings,
@@ -106,6 +109,7 @@ impl<B: MapBackend> Programmer<B> {
         // confirmed or replaced them; their levels stay in `settings` meanwhile.
         for (id, info) in me.backend.cgroup_entries()? {
             me.programmed.insert(id, (info, UNKNOWN_LEVEL));
+            me.unconfirmed.insert(id);
             // Their addresses are held by them until they are released or replaced.
             if captured_inbound_by_ztunnel_node(&info) {
                 for ip in info.ips() {
@@ -158,7 +162,7 @@ impl<B: MapBackend> Programmer<B> {
     pub fn queue(&mut self, update: &Update) {
         match update {
             Update::Upsert(enrolment) => {
-                self.confirmed.insert(enrolment.cgroup_id);
+                self.unconfirmed.remove(&enrolment.cgroup_id);
                 let info = entry_of(enrolment);
                 self.pending.insert(
                     enrolment.cgroup_id,
@@ -184,14 +188,11 @@ impl<B: MapBackend> Programmer<B> {
                 }
             }
             self.reconcile_pending = false;
-            let stale: Vec<CgroupId> = self
-                .programmed
-                .keys()
-                .filter(|id| !self.confirmed.contains(id) && !self.pending.contains_key(id))
-                .copied()
-                .collect();
-            for id in stale {
-                self.pending.insert(id, None);
+            // Every entry left is this run's from now on: the set is done with.
+            for id in std::mem::take(&mut self.unconfirmed) {
+                if self.programmed.contains_key(&id) && !self.pending.contains_key(&id) {
+                    self.pending.insert(id, None);
+                }
             }
         }
         let mut batch = MapBatch {
@@ -402,6 +403,8 @@ pub fn entry_of(enrolment: &Enrolment) -> CgroupInfo {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::memory::MemoryBackend;
 
@@ -468,6 +471,41 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["10.0.0.1".parse::<IpAddr>().unwrap()]
         );
+    }
+
+    /// What the programmer holds per cgroup, in all its maps and sets.
+    fn per_cgroup_state(p: &Programmer<MemoryBackend>) -> usize {
+        p.programmed.len() + p.pending.len() + p.unconfirmed.len()
+    }
+
+    #[test]
+    fn cgroups_made_and_removed_leave_nothing_behind() {
+        // A previous run's entry, and churn before and after the first full picture: each
+        // cycle a new cgroup (ids are never reused) enrolled, then removed.
+        let mut first =
+            Programmer::new(MemoryBackend::default(), ProgrammerConfig::default()).unwrap();
+        first.queue(&upsert(1, "10.0.0.1"));
+        first.flush().unwrap();
+        let mut p = Programmer::new(first.backend().clone(), ProgrammerConfig::default()).unwrap();
+        p.queue(&upsert(1, "10.0.0.1"));
+        let cycle = |p: &mut Programmer<MemoryBackend>, id: u64| {
+            p.queue(&upsert(id, "10.0.1.1"));
+            p.flush().unwrap();
+            p.queue(&Update::Delete {
+                cgroup_id: CgroupId(id),
+            });
+            p.flush().unwrap();
+        };
+        for id in 100..1_100 {
+            cycle(&mut p, id);
+        }
+        p.queue(&Update::Synced);
+        p.flush().unwrap();
+        for id in 10_000..20_000 {
+            cycle(&mut p, id);
+        }
+        assert_eq!(p.backend().cgroups.len(), 1);
+        assert_eq!(per_cgroup_state(&p), 1, "only the one entry there is");
     }
 
     #[test]

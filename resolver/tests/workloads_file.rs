@@ -472,6 +472,43 @@ fn fifty_thousand_workloads() {
     );
 }
 
+/// `workloads` workloads whose `address` is an alias of one anchored list of `addresses`.
+fn aliased_addresses(addresses: usize, workloads: usize) -> String {
+    let list: Vec<String> = (0..addresses)
+        .map(|i| format!("10.{}.{}.{}", i / 62_500, i / 250 % 250 + 1, i % 250 + 1))
+        .collect();
+    let mut s = format!(
+        "version: 1\nworkloads:\n  - {{name: a, cgroup: /a, mode: none, address: &list [{}]}}\n",
+        list.join(", ")
+    );
+    for i in 0..workloads {
+        s.push_str(&format!(
+            "  - {{name: w{i}, cgroup: /w{i}, mode: none, address: *list}}\n"
+        ));
+    }
+    s
+}
+
+#[test]
+fn aliases_cannot_multiply_the_work() {
+    // 2,000 aliases of 1,000 addresses: 2 million addresses to read from about 130 KB.
+    let text = aliased_addresses(1_000, 2_000);
+    let e = match Workloads::parse(&text) {
+        Ok(w) => panic!("accepted, {} workloads", w.workloads.len()),
+        Err(e) => e,
+    };
+    assert!(matches!(e.kind, WorkloadsErrorKind::Syntax(_)), "{e}");
+    assert!(e.to_string().contains("aliases"), "{e}");
+    assert!(
+        e.to_string().contains("workloads["),
+        "the refusal names where: {e}"
+    );
+    // Aliases that repeat less than the file holds are YAML like any other.
+    let w = Workloads::parse(&aliased_addresses(3, 20)).unwrap();
+    assert_eq!(w.workloads.len(), 21);
+    assert_eq!(w.workloads[20].address, w.workloads[0].address);
+}
+
 /// A workload with `n` distinct addresses, IPv6 and IPv4 mixed, and each once more.
 fn long_address_list(n: usize) -> String {
     let mut list = String::from("[");

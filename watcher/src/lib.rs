@@ -9,6 +9,7 @@
 //! carry Kubernetes records, which the watcher passes through as opaque JSON for the resolver.
 //! [`dirwatch`] reports directories (the standalone mode's cgroup subtrees) coming and going.
 
+mod cgroup_paths;
 pub mod connector;
 pub mod dirwatch;
 pub mod event;

@@ -16,15 +16,16 @@
 //! timestamp and counted. Timestamps never decrease: an event stamped (on another CPU) a
 //! little before the previous record is given the previous record's time.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::cgroup_paths::CgroupPaths;
 use crate::connector::{
     decode, Connector, ConnectorConfig, ConnectorError, KernelEvent, Message, ReceiveStats,
     Received,
 };
-use crate::event::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts, Record, TimedRecord};
+use crate::event::{CgroupRef, Pid, ProcEvent, ProcFacts, Record, TimedRecord};
 use crate::exec_tap::{ExecMatcher, ExecTap, TapRecord};
 use crate::procfs::{MountError, ProcReader};
 use crate::{EventSource, SourceError};
@@ -169,8 +170,6 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// More cgroups than this in the path cache: it is cleared (dead cgroups leave entries).
-const CGROUP_PATH_CACHE_MAX: usize = 16 * 1024;
 /// How often the tap's count of dropped records is read (a syscall), in event time.
 const TAP_DROPPED_CHECK_NS: u64 = 1_000_000_000;
 
@@ -187,9 +186,8 @@ struct Facts {
     reader: ProcReader,
     tap: Option<Tap>,
     /// Cgroup v2 id -> path, as `/proc/PID/cgroup` gave it for a process whose tap record had
-    /// that id. A cgroup id is never reused within a boot (64-bit kernfs ids) and a v2
-    /// cgroup cannot be renamed, so an entry never names another directory.
-    cgroup_paths: HashMap<CgroupId, String>,
+    /// that id.
+    cgroup_paths: CgroupPaths,
     /// [`LiveConfig::exec_comm`].
     exec_comm: bool,
 }
@@ -230,7 +228,7 @@ impl Facts {
     /// that is still there.
     fn of_tap_record(&mut self, tgid: Pid, record: TapRecord) -> Option<ProcFacts> {
         let netns = record.netns?;
-        let cgroup = match self.cgroup_paths.get(&record.cgroup) {
+        let cgroup = match self.cgroup_paths.get(record.cgroup) {
             Some(path) => CgroupRef {
                 path: path.clone(),
                 id: record.cgroup,
@@ -245,10 +243,11 @@ impl Facts {
                     return None;
                 };
                 if read.id == record.cgroup {
-                    if self.cgroup_paths.len() >= CGROUP_PATH_CACHE_MAX {
-                        self.cgroup_paths.clear();
-                    }
-                    self.cgroup_paths.insert(read.id, read.path.clone());
+                    let reader = &mut self.reader;
+                    self.cgroup_paths
+                        .insert(read.id, read.path.clone(), |id, path| {
+                            reader.cgroup_id(path) == Some(id)
+                        });
                 }
                 // Otherwise the process moved after its exec (or the cgroup root given is not
                 // the kernel's cgroup2 mount): /proc's path and id belong together, the tap's
@@ -361,7 +360,7 @@ impl LiveSource {
             facts: Facts {
                 reader,
                 tap,
-                cgroup_paths: HashMap::new(),
+                cgroup_paths: CgroupPaths::default(),
                 exec_comm: config.exec_comm,
             },
             pending: VecDeque::new(),

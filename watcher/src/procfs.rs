@@ -294,7 +294,7 @@ impl ProcReader {
     }
 
     /// The inode of `<cgroup root>/<path>`, by `fstatat` relative to the open root.
-    fn cgroup_id(&mut self, path: &str) -> Option<CgroupId> {
+    pub(crate) fn cgroup_id(&mut self, path: &str) -> Option<CgroupId> {
         let root = self.cgroup_root_dir.as_ref()?;
         self.path.clear();
         match path.trim_matches('/') {

@@ -224,12 +224,20 @@ impl Scan {
                     self.block_scalar = Some((least, None));
                     return false;
                 }
-                b'&' | b'!' | b'*' if expect_node => {
-                    // An anchor, tag or alias: a token up to the next blank; the node follows.
+                b'&' | b'*' if expect_node => {
+                    // An anchor (the node follows) or an alias. Its name ends where the
+                    // parser's does, not at the next blank: in `[*a]` the bracket closes.
                     node.get_or_insert(i);
-                    while i < b.len() && b[i] != b' ' && b[i] != b'\t' {
+                    i += 1;
+                    while i < b.len() && is_name_byte(b[i]) {
                         i += 1;
                     }
+                    continue;
+                }
+                b'!' if expect_node => {
+                    // A tag; the node follows. In `[!t,[` the second bracket opens.
+                    node.get_or_insert(i);
+                    i = tag_end(b, i);
                     continue;
                 }
                 _ => {
@@ -281,6 +289,28 @@ impl Scan {
             self.block.push(column);
         }
     }
+}
+
+/// A byte of an anchor's or alias's name, as the YAML scanner reads it.
+fn is_name_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'-'
+}
+
+/// Where the tag starting at `b[i]` (`!`) ends, as the YAML scanner reads it: a verbatim tag
+/// `!<...>` at its `>`; a shorthand (`!`, `!!str`, `!e!x%21`) at the first byte that is no
+/// URI byte of a shorthand, so that a flow indicator after it is structure again.
+fn tag_end(b: &[u8], mut i: usize) -> usize {
+    i += 1;
+    if b.get(i) == Some(&b'<') {
+        while i < b.len() && b[i] != b'>' {
+            i += 1;
+        }
+        return (i + 1).min(b.len());
+    }
+    while i < b.len() && (is_name_byte(b[i]) || b";/?:@&=+$.%!~*'()".contains(&b[i])) {
+        i += 1;
+    }
+    i
 }
 
 #[cfg(test)]
@@ -365,6 +395,29 @@ mod tests {
         assert!(!depth_ok(&format!(
             "a: [ x,\n \"y\",\n {}\n",
             "[".repeat(MAX_DEPTH + 1)
+        )));
+    }
+
+    #[test]
+    fn anchors_aliases_and_tags_end_where_the_parser_ends_them() {
+        // An alias closes its bracket: a valid file of many such lines is not deep.
+        let aliases = format!("a: &x 1\nb:\n{}", "- {k: *x}\n".repeat(MAX_DEPTH * 2));
+        assert!(depth_ok(&aliases));
+        assert!(depth_ok(&format!("a: [&y b, *y]\n{aliases}")));
+        // A bracket after a tag (and its comma) opens: the nesting counts.
+        let tagged = |tag: &str| {
+            format!(
+                "a: {}{}\n",
+                format!("[{tag},").repeat(MAX_DEPTH + 1),
+                "]".repeat(MAX_DEPTH + 1)
+            )
+        };
+        for tag in ["!t", "!", "!!str", "!e!x%21", "!<tag:x,y[]>"] {
+            assert!(!depth_ok(&tagged(tag)), "{tag}");
+        }
+        assert!(!depth_ok(&format!(
+            "a: {}\n",
+            "{k: &n [".repeat(MAX_DEPTH + 1)
         )));
     }
 

@@ -57,6 +57,7 @@ pub(super) struct RawWorkload {
 pub(super) fn read(text: &str) -> Result<RawFile, serde_norway::Error> {
     READ.set(0);
     STOP_AT.set(None);
+    start_budget(text);
     serde_norway::from_str(text)
 }
 
@@ -65,6 +66,7 @@ pub(super) fn read(text: &str) -> Result<RawFile, serde_norway::Error> {
 pub(super) fn line_of(text: &str, ordinal: usize) -> Option<usize> {
     READ.set(0);
     STOP_AT.set(Some(ordinal));
+    start_budget(text);
     let result = serde_norway::from_str::<RawFile>(text);
     STOP_AT.set(None);
     match result {
@@ -78,6 +80,34 @@ thread_local! {
     static READ: Cell<usize> = const { Cell::new(0) };
     /// Where [`line_of`]'s read stops.
     static STOP_AT: Cell<Option<usize>> = const { Cell::new(None) };
+    /// How many more values the current read may take (see [`start_budget`]).
+    static BUDGET: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A YAML alias (`*a`) hands serde the whole anchored value again wherever it is written, so
+/// a file well within the size and depth limits can make the reader visit, parse and keep
+/// far more values than the file holds: an anchored list of addresses aliased from every
+/// workload costs the product of the two. The values kept ([`At`] values and addresses) are
+/// counted: each, written out, takes at least one byte of the file, so a file without aliases
+/// never reaches as many as it has bytes. That is the budget; aliases may repeat what they
+/// like within it.
+fn start_budget(text: &str) {
+    BUDGET.set(text.len());
+}
+
+/// Counts one value read; an error once the read has taken more values than the file has
+/// bytes.
+fn spend<E: de::Error>() -> Result<(), E> {
+    match BUDGET.get().checked_sub(1) {
+        Some(left) => {
+            BUDGET.set(left);
+            Ok(())
+        }
+        None => Err(E::custom(
+            "YAML aliases (`*name`) repeat more values than the file has bytes; \
+             write the values out",
+        )),
+    }
 }
 
 /// The message of the error that stops [`line_of`]'s read; the parser adds the line to it.
@@ -148,6 +178,7 @@ impl<T: Scalar> Visitor<'_> for AtVisitor<T> {
 }
 
 fn located<T, E: de::Error>(value: Result<T, String>) -> Result<At<T>, E> {
+    spend()?;
     let value = value.map_err(E::custom)?;
     let ordinal = READ.get();
     READ.set(ordinal + 1);
@@ -355,6 +386,7 @@ impl<'de> Visitor<'de> for AddressVisitor {
         if v == "auto" {
             return Ok(RawAddress(Address::Auto));
         }
+        spend()?;
         let ip = check_ip(v).map_err(E::custom)?;
         Ok(RawAddress(Address::Fixed(vec![ip])))
     }
@@ -362,6 +394,7 @@ impl<'de> Visitor<'de> for AddressVisitor {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawAddress, A::Error> {
         let mut ips = Vec::new();
         while let Some(item) = seq.next_element::<String>()? {
+            spend()?;
             ips.push(check_ip(&item).map_err(de::Error::custom)?);
         }
         if ips.is_empty() {

@@ -39,12 +39,14 @@ use crate::pipeline::{InPodStage, Inputs, Observer, Pipeline, PipelineConfig, St
 mod args;
 mod inpod;
 mod kube_link;
+mod reload;
 mod resolver_setup;
 mod serve;
 
 pub use args::{RunArgs, ZtunnelMode};
 use inpod::{configured_dirs, inpod_stage, watch_configured_dirs};
 use kube_link::{KubeLink, KUBE_HEALTH_EVERY};
+use reload::Reloads;
 use resolver_setup::ResolverSetup;
 use serve::{Running, Signals};
 
@@ -164,14 +166,19 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     // 6. Until a signal or a stage's end; 7. the shutdown.
     let mut running = Running {
         args: &args,
-        mode: &mode,
         cgroup_root: &cgroups.root,
         pipeline,
         signals,
         dir_watch,
         kube: setup.kube,
         zds_status,
-        inpod_running,
+        reloads: Reloads::new(
+            match &mode {
+                Mode::Standalone { path, .. } => Some(path.clone()),
+                Mode::Kubernetes { .. } => None,
+            },
+            inpod_running,
+        ),
         metrics,
         readiness,
         watcher_counters,

@@ -45,7 +45,6 @@ impl Signals {
 /// What the main thread holds while the agent runs.
 pub(super) struct Running<'a> {
     pub(super) args: &'a RunArgs,
-    pub(super) mode: &'a Mode,
     pub(super) cgroup_root: &'a Path,
     pub(super) pipeline: Pipeline<KernelMaps>,
     pub(super) signals: Signals,
@@ -54,8 +53,8 @@ pub(super) struct Running<'a> {
     /// Kubernetes mode's cache and probe (the cache is a sender of the inputs).
     pub(super) kube: Option<KubeLink>,
     pub(super) zds_status: Option<zds::StatusHandle>,
-    /// Whether the ZDS server runs: it starts or stops only with the agent.
-    pub(super) inpod_running: bool,
+    /// SIGHUP's re-reads of the workloads file, off this thread.
+    pub(super) reloads: Reloads,
     pub(super) metrics: Metrics,
     pub(super) readiness: Readiness,
     pub(super) watcher_counters: Arc<LiveCounters>,
@@ -77,12 +76,18 @@ impl Running<'_> {
                     }
                 },
                 recv(self.signals.received) -> signal => match signal {
-                    Ok(SIGHUP) => self.reload()?,
+                    // Read off this thread: signals stay answered while the file is parsed.
+                    Ok(SIGHUP) => self.reloads.request(),
                     Ok(signal) => {
                         log::info!("signal {signal}: stopping");
                         return Ok(None);
                     }
                     Err(_) => return Ok(None),
+                },
+                recv(self.reloads.done()) -> read => {
+                    if let Some(new) = read.ok().and_then(|read| self.reloads.finished(read)) {
+                        self.apply(new)?;
+                    }
                 },
                 recv(self.pipeline.ended()) -> stage => return Ok(stage.ok()),
             }
@@ -99,33 +104,14 @@ impl Running<'_> {
         }
     }
 
-    /// SIGHUP: standalone re-reads the workloads file; a bad file, or one that would start or
-    /// stop the ZDS server, leaves the previous one in force.
-    fn reload(&self) -> anyhow::Result<()> {
-        let Mode::Standalone { path, .. } = self.mode else {
-            log::info!("SIGHUP: nothing to re-read in Kubernetes mode");
-            return Ok(());
-        };
-        let inpod_running = self.inpod_running;
-        match load_workloads(path) {
-            Ok(new) if new.in_pod() != inpod_running => log::error!(
-                "SIGHUP: {}: ztunnel.mode changed ({} → {}); the ZDS server starts \
-                 or stops only with the agent: restart it to apply this file; the \
-                 previous workloads file stays in force",
-                path.display(),
-                if inpod_running { "inpod" } else { "node" },
-                if inpod_running { "node" } else { "inpod" }
-            ),
-            Ok(new) => {
-                log::info!("SIGHUP: re-read {}", path.display());
-                if let Some(watch) = &self.dir_watch {
-                    watch.set_paths(configured_dirs(self.cgroup_root, &new));
-                }
-                self.readiness.set_warnings(new.warnings());
-                self.pipeline.reload(new)?;
-            }
-            Err(e) => log::error!("SIGHUP: {e:#}; the previous workloads file stays in force"),
+    /// A re-read workloads file ([`Reloads::finished`] has refused a bad one, or one that
+    /// would start or stop the ZDS server) into force.
+    fn apply(&self, new: Workloads) -> anyhow::Result<()> {
+        if let Some(watch) = &self.dir_watch {
+            watch.set_paths(configured_dirs(self.cgroup_root, &new));
         }
+        self.readiness.set_warnings(new.warnings());
+        self.pipeline.reload(new)?;
         Ok(())
     }
 
