@@ -139,6 +139,20 @@ impl Programs {
     }
 }
 
+/// The ratios of `p50s` to `base`, round by round: "median (lowest-highest)".
+fn round_ratios(p50s: &[u64], base: &[u64]) -> String {
+    let mut ratios: Vec<f64> = p50s
+        .iter()
+        .zip(base)
+        .map(|(&p, &b)| p as f64 / b.max(1) as f64)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    match (ratios.first(), ratios.last()) {
+        (Some(low), Some(high)) => format!("{:.2} ({low:.2}-{high:.2})", percentile(&ratios, 0.50)),
+        _ => "-".to_string(),
+    }
+}
+
 /// iptables DNAT of VIP:80 to ztunnel:15001 in `ns`, after `others` non-matching rules.
 fn dnat(ns: &NetNs, others: u32) {
     let mut rules = String::from("*nat\n:OUTPUT ACCEPT [0:0]\n");
@@ -377,7 +391,7 @@ fn main() {
             "p99/a",
             "errors",
             "answered",
-            "rounds p50/a"
+            "p50/a by round"
         );
         let mut base = (1.0, 1.0);
         for (i, name) in names.iter().enumerate() {
@@ -388,16 +402,8 @@ fn main() {
             if i == 0 {
                 base = (p50, p99);
             }
-            // The lowest and highest of this path's p50 over direct's in the same round.
-            let ratios: Vec<f64> = round_p50[i]
-                .iter()
-                .zip(&round_p50[0])
-                .map(|(&p, &a)| p as f64 / a.max(1) as f64)
-                .collect();
-            let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-            let high = ratios.iter().copied().fold(0.0, f64::max);
             println!(
-                "{:<18} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>7} {:>9} {:>14}",
+                "{:<18} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>7} {:>9} {:>20}",
                 name,
                 s.len(),
                 p50 / 1e3,
@@ -407,10 +413,24 @@ fn main() {
                 p99 / base.1,
                 errors[i].len(),
                 answered[i],
-                format!("{low:.2}-{high:.2}")
+                round_ratios(&round_p50[i], &round_p50[0])
             );
             if let Some(first) = errors[i].first() {
                 println!("    first error: {first}");
+            }
+        }
+        println!("(p50/a by round: median (lowest-highest) over the rounds of the path's p50 over direct's)");
+        if lru {
+            // The two tables paired round by round; zbridge-50000 against zbridge-0 (one
+            // table, more entries in another map) for comparison.
+            println!("p50 of the same round, one path over another: median (lowest-highest)");
+            for (a, b) in [(5, 3), (6, 4), (4, 3), (6, 5)] {
+                println!(
+                    "  {:<18} / {:<14} {}",
+                    names[a],
+                    names[b],
+                    round_ratios(&round_p50[a], &round_p50[b])
+                );
             }
         }
     }
