@@ -30,7 +30,8 @@
 //!    `net.ipv4.tcp_tw_reuse=1` set in the pod's namespace.
 //!
 //! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`, `SPREAD_BURST`,
-//! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone). With the LRU variant:
+//! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone; `RUN_TIME=1` also reports the zbridge
+//! paths' sock_ops and getsockopt run time per connection, `BPF_ENABLE_STATS`). With the LRU variant:
 //! `ZBRIDGE_BPF_TUPLE=lru cargo bench --bench datapath`.
 
 mod common;
@@ -129,7 +130,22 @@ impl Programs {
         if self.table != table {
             self.loaded = Self::load(&self.pin_dir, &self.attach, table);
             self.table = table;
+            // The kernel frees the previous object's programs and tuple map after an RCU
+            // grace period, in the background: not while the next path is timed.
+            std::thread::sleep(std::time::Duration::from_millis(500));
         }
+    }
+
+    /// The run time of sock_ops and getsockopt so far, ns (0 unless `BPF_ENABLE_STATS` is
+    /// on): the programs that write and read `orig_dst_by_tuple`.
+    fn table_run_time(&self) -> u64 {
+        ["sock_ops", "getsockopt"]
+            .iter()
+            .map(|name| {
+                let program = self.loaded.ebpf().program(name).expect("program");
+                program.info().expect("info").run_time().as_nanos() as u64
+            })
+            .sum()
     }
 
     /// `SO_ORIGINAL_DST` answered from `orig_dst_by_tuple` so far (the programs' counter,
@@ -255,6 +271,10 @@ fn main() {
     let spread_burst = env_or("SPREAD_BURST", 30_000);
     let spread_ports = env_or("SPREAD_PORTS", 10_000);
     let only_spread = env_or("ONLY_SPREAD", 0) == 1;
+    // RUN_TIME=1: the kernel times every program run (BPF_ENABLE_STATS; a little more work
+    // in each), for the zbridge paths' sock_ops and getsockopt ns per connection.
+    let _stats = (env_or("RUN_TIME", 0) == 1)
+        .then(|| programmer::sys::enable_run_time_stats().expect("BPF_ENABLE_STATS"));
 
     let mesh = Mesh::new("bench").expect("mesh");
     let bpffs = BpfFs::new("bench").expect("bpffs");
@@ -328,6 +348,8 @@ fn main() {
     let mut answered = vec![0u64; names.len()];
     // Each round's p50, for the spread of one path from round to round.
     let mut round_p50: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
+    // Each round's sock_ops + getsockopt run time per connection (RUN_TIME=1).
+    let mut round_run_time: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
     let rounds = if only_spread { 0 } else { rounds };
     for round in 0..rounds {
         let mut order: Vec<usize> = (0..names.len()).collect();
@@ -344,6 +366,7 @@ fn main() {
             };
             programs.with(table);
             let before = programs.answered();
+            let run_time_before = programs.table_run_time();
             let (lat, err) = match names[i] {
                 // Outside the attach cgroup: no program runs for these clients.
                 "direct" => client(&direct_ns, &mesh, &mesh.outside, &floor, per_round),
@@ -367,6 +390,8 @@ fn main() {
                 _ => unreachable!(),
             };
             answered[i] += programs.answered() - before;
+            round_run_time[i]
+                .push((programs.table_run_time() - run_time_before) / per_round.max(1));
             let mut sorted = lat.clone();
             sorted.sort_unstable();
             round_p50[i].push(percentile(&sorted, 0.50));
@@ -420,6 +445,23 @@ fn main() {
             }
         }
         println!("(p50/a by round: median (lowest-highest) over the rounds of the path's p50 over direct's)");
+        if round_run_time.iter().flatten().any(|&ns| ns > 0) {
+            println!("sock_ops + getsockopt, ns per connection: median round (lowest-highest)");
+            for (i, name) in names
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.starts_with("zbridge"))
+            {
+                let mut ns = round_run_time[i].clone();
+                ns.sort_unstable();
+                println!(
+                    "  {name:<18} {} ({}-{})",
+                    percentile(&ns, 0.50),
+                    ns.first().copied().unwrap_or_default(),
+                    ns.last().copied().unwrap_or_default()
+                );
+            }
+        }
         if lru {
             // The two tables paired round by round; zbridge-50000 against zbridge-0 (one
             // table, more entries in another map) for comparison.
