@@ -8,12 +8,17 @@
 //!    - `dnat-0`, `dnat-5000`: to a service address, iptables DNAT in the pod namespace with
 //!      0 and 5,000 other rules before the match;
 //!    - `zbridge-0`, `zbridge-50000`: to a service address, through zbridge's programs with
-//!      only the pod enrolled, and with 50,000 other enrolled entries;
+//!      only the pod (and ztunnel) enrolled, and with 50,000 other enrolled entries;
 //!    - `zbridge-lru-0`, `zbridge-lru-50000`: the same with the object's variant whose
 //!      `orig_dst_by_tuple` is the kernel's LRU hash (`bpf/tuple_lru.h`), when the bench is
 //!      built with `ZBRIDGE_BPF_TUPLE=lru` (docs/tuple-space.md). The loader switches the
 //!      pinned links between the two objects once per round, keeping the enrolled maps; the
 //!      table that runs first alternates from round to round.
+//!
+//!    Each table's two paths come from a pod of their own: its `2 x ROUNDS x PER_ROUND`
+//!    connections to ztunnel, all within TIME_WAIT's 60 s, must stay below half of its
+//!    ephemeral port range (14,116 ports of the default range), beyond which connects slow
+//!    down many times over.
 //!
 //!    The listener asks the original destination of every connection, as ztunnel does; the
 //!    `answered` column counts the answers from `orig_dst_by_tuple` (the programs' counter).
@@ -31,8 +36,8 @@
 //!
 //! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`, `SPREAD_BURST`,
 //! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone; `RUN_TIME=1` also reports the zbridge
-//! paths' sock_ops and getsockopt run time per connection, `BPF_ENABLE_STATS`). With the LRU variant:
-//! `ZBRIDGE_BPF_TUPLE=lru cargo bench --bench datapath`.
+//! paths' sock_ops and getsockopt run time per connection, from `BPF_ENABLE_STATS`). With
+//! the LRU variant: `ZBRIDGE_BPF_TUPLE=lru cargo bench --bench datapath`.
 
 mod common;
 use common::{env_or, percentile};
@@ -43,7 +48,7 @@ use std::time::Instant;
 
 use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
 use resolver::{Enrolment, Role, Update};
-use testkit::mesh::{self, Mesh, ZTUNNEL4, ZTUNNEL6};
+use testkit::mesh::{Mesh, ZTUNNEL4, ZTUNNEL6};
 use testkit::ztunnel::{self, Helper, OUTBOUND};
 use testkit::{BpfFs, NetNs};
 use watcher::CgroupId;
@@ -296,8 +301,7 @@ fn main() {
     dnat(&dnat0_ns, 0);
     dnat(&dnat5k_ns, 5000);
 
-    // zbridge: the programs attached to the mesh's attach cgroup, the pod (its namespace is
-    // the mesh's pod namespace) and ztunnel enrolled.
+    // zbridge: the programs attached to the mesh's attach cgroup, ztunnel enrolled.
     let lru = programmer::object::TUPLE_LRU_OBJECT.is_some();
     if !lru {
         eprintln!(
@@ -312,12 +316,6 @@ fn main() {
     .expect("programmer");
     for update in [
         enrol(
-            mesh.id(&mesh.app),
-            &mesh.app,
-            Role::Ambient,
-            vec![mesh::POD4],
-        ),
-        enrol(
             mesh.id(&mesh.ztunnel),
             &mesh.ztunnel,
             Role::Ztunnel,
@@ -330,6 +328,12 @@ fn main() {
         programmer.queue(&update);
     }
     programmer.flush().expect("enrol");
+    // Each table's paths from an enrolled pod of their own, wired as direct's and DNAT's:
+    // all of a pod's connections to ztunnel share one tuple space, and its connects become
+    // many times slower once about half of its ports are in TIME_WAIT (connect() tries the
+    // range's even ports first), which four paths from one pod reached within part 1.
+    let table_pod = fresh_pod(&mesh, &mut programmer, 9, "table9");
+    let lru_pod = lru.then(|| fresh_pod(&mesh, &mut programmer, 10, "lru10"));
 
     let floor = [SocketAddr::new(ZTUNNEL4, OUTBOUND)];
     let vip = [SocketAddr::new(IpAddr::V4(VIP), 80)];
@@ -365,6 +369,10 @@ fn main() {
                 Table::SetAssoc
             };
             programs.with(table);
+            let pod = match (table, &lru_pod) {
+                (Table::Lru, Some((ns, path))) => (ns, path.as_str()),
+                _ => (&table_pod.0, table_pod.1.as_str()),
+            };
             let before = programs.answered();
             let run_time_before = programs.table_run_time();
             let (lat, err) = match names[i] {
@@ -372,15 +380,13 @@ fn main() {
                 "direct" => client(&direct_ns, &mesh, &mesh.outside, &floor, per_round),
                 "dnat-0" => client(&dnat0_ns, &mesh, &mesh.outside, &vip, per_round),
                 "dnat-5000" => client(&dnat5k_ns, &mesh, &mesh.outside, &vip, per_round),
-                "zbridge-0" | "zbridge-lru-0" => {
-                    client(&mesh.pod_ns, &mesh, &mesh.app, &vip, per_round)
-                }
+                "zbridge-0" | "zbridge-lru-0" => client(pod.0, &mesh, pod.1, &vip, per_round),
                 "zbridge-50000" | "zbridge-lru-50000" => {
                     for u in others(50_000, false) {
                         programmer.queue(&u);
                     }
                     programmer.flush().expect("50,000 entries");
-                    let result = client(&mesh.pod_ns, &mesh, &mesh.app, &vip, per_round);
+                    let result = client(pod.0, &mesh, pod.1, &vip, per_round);
                     for u in others(50_000, true) {
                         programmer.queue(&u);
                     }
@@ -398,7 +404,12 @@ fn main() {
             samples[i].extend(lat);
             errors[i].extend(err);
         }
-        eprintln!("round {}/{rounds} done", round + 1);
+        let p50s: Vec<String> = names
+            .iter()
+            .zip(&round_p50)
+            .map(|(name, p50)| format!("{name} {:.0}", p50[round as usize] as f64 / 1e3))
+            .collect();
+        eprintln!("round {}/{rounds}: p50 µs {}", round + 1, p50s.join(", "));
     }
 
     if !only_spread {
