@@ -8,12 +8,25 @@
 //!    - `dnat-0`, `dnat-5000`: to a service address, iptables DNAT in the pod namespace with
 //!      0 and 5,000 other rules before the match;
 //!    - `zbridge-0`, `zbridge-50000`: to a service address, through zbridge's programs with
-//!      only the pod enrolled, and with 50,000 other enrolled entries.
+//!      only the pod (and ztunnel) enrolled, and with 50,000 other enrolled entries;
+//!    - `zbridge-lru-0`, `zbridge-lru-50000`: the same with the object's variant whose
+//!      `orig_dst_by_tuple` is the kernel's LRU hash (`bpf/tuple_lru.h`), when the bench is
+//!      built with `ZBRIDGE_BPF_TUPLE=lru` (docs/tuple-space.md). The loader switches the
+//!      pinned links between the two objects once per round, keeping the enrolled maps; the
+//!      table that runs first alternates from round to round.
 //!
-//!    The listener asks the original destination of every connection, as ztunnel does.
+//!    Each table's two paths come from a pod of their own: its `2 x ROUNDS x PER_ROUND`
+//!    connections to ztunnel, all within TIME_WAIT's 60 s, must stay below half of its
+//!    ephemeral port range (14,116 ports of the default range), beyond which connects slow
+//!    down many times over.
+//!
+//!    The listener asks the original destination of every connection, as ztunnel does; the
+//!    `answered` column counts the answers from `orig_dst_by_tuple` (the programs' counter).
 //! 2. The sustained rate of new short connections from one pod to many destinations, the
 //!    client closing first: through zbridge every connection shares the one tuple space
-//!    (pod address, port → ztunnel:15001); through DNAT, conntrack keeps the real tuple.
+//!    (pod address, port → ztunnel:15001); through DNAT, conntrack keeps the real tuple. Each
+//!    zbridge run (and, built so, the LRU variant's) is from a fresh pod, whose tuple space
+//!    part 1 left empty.
 //!
 //! 3. The ways out of that limit (docs/tuple-space.md), each from a fresh pod namespace of its
 //!    own whose ephemeral port range is cut to `SPREAD_PORTS` ports (so that every limit is
@@ -22,17 +35,20 @@
 //!    `net.ipv4.tcp_tw_reuse=1` set in the pod's namespace.
 //!
 //! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`, `SPREAD_BURST`,
-//! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone).
+//! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone; `RUN_TIME=1` also reports the zbridge
+//! paths' sock_ops and getsockopt run time per connection, from `BPF_ENABLE_STATS`). With
+//! the LRU variant: `ZBRIDGE_BPF_TUPLE=lru cargo bench --bench datapath`.
 
 mod common;
 use common::{env_or, percentile};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use programmer::{Loaded, LoaderConfig, Programmer, ProgrammerConfig};
+use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
 use resolver::{Enrolment, Role, Update};
-use testkit::mesh::{self, Mesh, ZTUNNEL4, ZTUNNEL6};
+use testkit::mesh::{Mesh, ZTUNNEL4, ZTUNNEL6};
 use testkit::ztunnel::{self, Helper, OUTBOUND};
 use testkit::{BpfFs, NetNs};
 use watcher::CgroupId;
@@ -54,6 +70,108 @@ fn pod_ns(mesh: &Mesh, n: u8) -> NetNs {
         .expect("pod addr");
     ns.route("default", &format!("10.98.{n}.1")).expect("route");
     ns
+}
+
+/// A fresh ambient pod (`pod_ns` number `n`, address 10.98.n.2, cgroup `attach/pods/<name>`),
+/// enrolled.
+fn fresh_pod(
+    mesh: &Mesh,
+    programmer: &mut Programmer<KernelMaps>,
+    n: u8,
+    name: &str,
+) -> (NetNs, String) {
+    let ns = pod_ns(mesh, n);
+    let path = mesh
+        .cgroup
+        .child(&format!("attach/pods/{name}"))
+        .expect("pod cgroup");
+    let pod_ip = IpAddr::V4(Ipv4Addr::new(10, 98, n, 2));
+    programmer.queue(&enrol(mesh.id(&path), &path, Role::Ambient, vec![pod_ip]));
+    programmer.flush().expect("enrol the pod");
+    (ns, path)
+}
+
+/// The tuple table of the attached programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    /// The shipped object's set-associative table.
+    SetAssoc,
+    /// The object built with `ZBRIDGE_BPF_TUPLE=lru`: the kernel's LRU hash.
+    Lru,
+}
+
+/// The programs attached through the loader, with one table or the other.
+struct Programs {
+    pin_dir: PathBuf,
+    attach: PathBuf,
+    table: Table,
+    loaded: Loaded,
+}
+
+impl Programs {
+    fn load(pin_dir: &Path, attach: &Path, table: Table) -> Loaded {
+        let mut config = LoaderConfig::new(pin_dir, attach);
+        if table == Table::Lru {
+            let object = programmer::object::TUPLE_LRU_OBJECT.expect("built with the variant");
+            config.object = Some(object.to_vec());
+        }
+        Loaded::load_and_attach(config).expect("load and attach the programs")
+    }
+
+    fn new(pin_dir: PathBuf, attach: PathBuf) -> Self {
+        let loaded = Self::load(&pin_dir, &attach, Table::SetAssoc);
+        Programs {
+            pin_dir,
+            attach,
+            table: Table::SetAssoc,
+            loaded,
+        }
+    }
+
+    /// Switches to `table`'s object: the loader re-points the pinned links at its programs
+    /// and keeps every pinned map but `orig_dst_by_tuple` (a map of another type: created
+    /// afresh), so the enrolled entries stay.
+    fn with(&mut self, table: Table) {
+        if self.table != table {
+            self.loaded = Self::load(&self.pin_dir, &self.attach, table);
+            self.table = table;
+            // The kernel frees the previous object's programs and tuple map after an RCU
+            // grace period, in the background: not while the next path is timed.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
+    /// The run time of sock_ops and getsockopt so far, ns (0 unless `BPF_ENABLE_STATS` is
+    /// on): the programs that write and read `orig_dst_by_tuple`.
+    fn table_run_time(&self) -> u64 {
+        ["sock_ops", "getsockopt"]
+            .iter()
+            .map(|name| {
+                let program = self.loaded.ebpf().program(name).expect("program");
+                program.info().expect("info").run_time().as_nanos() as u64
+            })
+            .sum()
+    }
+
+    /// `SO_ORIGINAL_DST` answered from `orig_dst_by_tuple` so far (the programs' counter,
+    /// a map both objects share).
+    fn answered(&self) -> u64 {
+        self.loaded.counters().expect("counters").orig_dst_hit
+    }
+}
+
+/// The ratios of `p50s` to `base`, round by round: "median (lowest-highest)".
+fn round_ratios(p50s: &[u64], base: &[u64]) -> String {
+    let mut ratios: Vec<f64> = p50s
+        .iter()
+        .zip(base)
+        .map(|(&p, &b)| p as f64 / b.max(1) as f64)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    match (ratios.first(), ratios.last()) {
+        (Some(low), Some(high)) => format!("{:.2} ({low:.2}-{high:.2})", percentile(&ratios, 0.50)),
+        _ => "-".to_string(),
+    }
 }
 
 /// iptables DNAT of VIP:80 to ztunnel:15001 in `ns`, after `others` non-matching rules.
@@ -158,6 +276,10 @@ fn main() {
     let spread_burst = env_or("SPREAD_BURST", 30_000);
     let spread_ports = env_or("SPREAD_PORTS", 10_000);
     let only_spread = env_or("ONLY_SPREAD", 0) == 1;
+    // RUN_TIME=1: the kernel times every program run (BPF_ENABLE_STATS; a little more work
+    // in each), for the zbridge paths' sock_ops and getsockopt ns per connection.
+    let _stats = (env_or("RUN_TIME", 0) == 1)
+        .then(|| programmer::sys::enable_run_time_stats().expect("BPF_ENABLE_STATS"));
 
     let mesh = Mesh::new("bench").expect("mesh");
     let bpffs = BpfFs::new("bench").expect("bpffs");
@@ -179,21 +301,20 @@ fn main() {
     dnat(&dnat0_ns, 0);
     dnat(&dnat5k_ns, 5000);
 
-    // zbridge: the programs attached to the mesh's attach cgroup, the pod (its namespace is
-    // the mesh's pod namespace) and ztunnel enrolled.
-    let pin_dir = bpffs.pin_dir();
-    let loaded = Loaded::load_and_attach(LoaderConfig::new(&pin_dir, mesh.attach_dir()))
-        .expect("load and attach the programs");
-    let mut programmer =
-        Programmer::new(loaded.backend().expect("maps"), ProgrammerConfig::default())
-            .expect("programmer");
+    // zbridge: the programs attached to the mesh's attach cgroup, ztunnel enrolled.
+    let lru = programmer::object::TUPLE_LRU_OBJECT.is_some();
+    if !lru {
+        eprintln!(
+            "datapath: built without ZBRIDGE_BPF_TUPLE=lru: the LRU variant's rows are left out"
+        );
+    }
+    let mut programs = Programs::new(bpffs.pin_dir(), mesh.attach_dir());
+    let mut programmer = Programmer::new(
+        programs.loaded.backend().expect("maps"),
+        ProgrammerConfig::default(),
+    )
+    .expect("programmer");
     for update in [
-        enrol(
-            mesh.id(&mesh.app),
-            &mesh.app,
-            Role::Ambient,
-            vec![mesh::POD4],
-        ),
         enrol(
             mesh.id(&mesh.ztunnel),
             &mesh.ztunnel,
@@ -207,33 +328,65 @@ fn main() {
         programmer.queue(&update);
     }
     programmer.flush().expect("enrol");
+    // Each table's paths from an enrolled pod of their own, wired as direct's and DNAT's:
+    // all of a pod's connections to ztunnel share one tuple space, and its connects become
+    // many times slower once about half of its ports are in TIME_WAIT (connect() tries the
+    // range's even ports first), which four paths from one pod reached within part 1.
+    let table_pod = fresh_pod(&mesh, &mut programmer, 9, "table9");
+    let lru_pod = lru.then(|| fresh_pod(&mesh, &mut programmer, 10, "lru10"));
 
     let floor = [SocketAddr::new(ZTUNNEL4, OUTBOUND)];
     let vip = [SocketAddr::new(IpAddr::V4(VIP), 80)];
-    let names = [
+    let mut names = vec![
         "direct",
         "dnat-0",
         "dnat-5000",
         "zbridge-0",
         "zbridge-50000",
     ];
+    if lru {
+        names.extend(["zbridge-lru-0", "zbridge-lru-50000"]);
+    }
     let mut samples: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
     let mut errors: Vec<Vec<String>> = vec![Vec::new(); names.len()];
+    let mut answered = vec![0u64; names.len()];
+    // Each round's p50, for the spread of one path from round to round.
+    let mut round_p50: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
+    // Each round's sock_ops + getsockopt run time per connection (RUN_TIME=1).
+    let mut round_run_time: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
     let rounds = if only_spread { 0 } else { rounds };
     for round in 0..rounds {
-        for (i, name) in names.iter().enumerate() {
-            let (lat, err) = match *name {
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        // The LRU rows first in every other round: the rows after the switch of objects
+        // start on a new `orig_dst_by_tuple`, and that falls on each table in turn.
+        if lru && round % 2 == 1 {
+            order = vec![0, 1, 2, 5, 6, 3, 4];
+        }
+        for i in order {
+            let table = if names[i].starts_with("zbridge-lru") {
+                Table::Lru
+            } else {
+                Table::SetAssoc
+            };
+            programs.with(table);
+            let pod = match (table, &lru_pod) {
+                (Table::Lru, Some((ns, path))) => (ns, path.as_str()),
+                _ => (&table_pod.0, table_pod.1.as_str()),
+            };
+            let before = programs.answered();
+            let run_time_before = programs.table_run_time();
+            let (lat, err) = match names[i] {
                 // Outside the attach cgroup: no program runs for these clients.
                 "direct" => client(&direct_ns, &mesh, &mesh.outside, &floor, per_round),
                 "dnat-0" => client(&dnat0_ns, &mesh, &mesh.outside, &vip, per_round),
                 "dnat-5000" => client(&dnat5k_ns, &mesh, &mesh.outside, &vip, per_round),
-                "zbridge-0" => client(&mesh.pod_ns, &mesh, &mesh.app, &vip, per_round),
-                "zbridge-50000" => {
+                "zbridge-0" | "zbridge-lru-0" => client(pod.0, &mesh, pod.1, &vip, per_round),
+                "zbridge-50000" | "zbridge-lru-50000" => {
                     for u in others(50_000, false) {
                         programmer.queue(&u);
                     }
                     programmer.flush().expect("50,000 entries");
-                    let result = client(&mesh.pod_ns, &mesh, &mesh.app, &vip, per_round);
+                    let result = client(pod.0, &mesh, pod.1, &vip, per_round);
                     for u in others(50_000, true) {
                         programmer.queue(&u);
                     }
@@ -242,10 +395,21 @@ fn main() {
                 }
                 _ => unreachable!(),
             };
+            answered[i] += programs.answered() - before;
+            round_run_time[i]
+                .push((programs.table_run_time() - run_time_before) / per_round.max(1));
+            let mut sorted = lat.clone();
+            sorted.sort_unstable();
+            round_p50[i].push(percentile(&sorted, 0.50));
             samples[i].extend(lat);
             errors[i].extend(err);
         }
-        eprintln!("round {}/{rounds} done", round + 1);
+        let p50s: Vec<String> = names
+            .iter()
+            .zip(&round_p50)
+            .map(|(name, p50)| format!("{name} {:.0}", p50[round as usize] as f64 / 1e3))
+            .collect();
+        eprintln!("round {}/{rounds}: p50 µs {}", round + 1, p50s.join(", "));
     }
 
     if !only_spread {
@@ -253,8 +417,17 @@ fn main() {
             "\nDatapath: one connection (connect, 1-byte echo, close), {rounds} interleaved rounds x {per_round}"
         );
         println!(
-            "{:<15} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7}",
-            "path", "n", "p50 µs", "p99 µs", "mean µs", "p50/a", "p99/a", "errors"
+            "{:<18} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9} {:>14}",
+            "path",
+            "n",
+            "p50 µs",
+            "p99 µs",
+            "mean µs",
+            "p50/a",
+            "p99/a",
+            "errors",
+            "answered",
+            "p50/a by round"
         );
         let mut base = (1.0, 1.0);
         for (i, name) in names.iter().enumerate() {
@@ -266,7 +439,7 @@ fn main() {
                 base = (p50, p99);
             }
             println!(
-                "{:<15} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>7}",
+                "{:<18} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>7} {:>9} {:>20}",
                 name,
                 s.len(),
                 p50 / 1e3,
@@ -274,10 +447,43 @@ fn main() {
                 mean / 1e3,
                 p50 / base.0,
                 p99 / base.1,
-                errors[i].len()
+                errors[i].len(),
+                answered[i],
+                round_ratios(&round_p50[i], &round_p50[0])
             );
             if let Some(first) = errors[i].first() {
                 println!("    first error: {first}");
+            }
+        }
+        println!("(p50/a by round: median (lowest-highest) over the rounds of the path's p50 over direct's)");
+        if round_run_time.iter().flatten().any(|&ns| ns > 0) {
+            println!("sock_ops + getsockopt, ns per connection: median round (lowest-highest)");
+            for (i, name) in names
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.starts_with("zbridge"))
+            {
+                let mut ns = round_run_time[i].clone();
+                ns.sort_unstable();
+                println!(
+                    "  {name:<18} {} ({}-{})",
+                    percentile(&ns, 0.50),
+                    ns.first().copied().unwrap_or_default(),
+                    ns.last().copied().unwrap_or_default()
+                );
+            }
+        }
+        if lru {
+            // The two tables paired round by round; zbridge-50000 against zbridge-0 (one
+            // table, more entries in another map) for comparison.
+            println!("p50 of the same round, one path over another: median (lowest-highest)");
+            for (a, b) in [(5, 3), (6, 4), (4, 3), (6, 5)] {
+                println!(
+                    "  {:<18} / {:<14} {}",
+                    names[a],
+                    names[b],
+                    round_ratios(&round_p50[a], &round_p50[b])
+                );
             }
         }
     }
@@ -301,28 +507,50 @@ fn main() {
         "\nTuple space: {burst} short connections from one pod over 100 destinations, client closes first \
          (ephemeral ports {ports:?})"
     );
-    let full_runs = if only_spread {
-        Vec::new()
-    } else {
-        vec![
-            ("dnat", &dnat0_ns, &mesh.outside),
-            ("zbridge", &mesh.pod_ns, &mesh.app),
-        ]
-    };
-    for (name, ns, cgroup) in full_runs {
+    // zbridge from fresh pods (7, 8): part 1 left TIME_WAIT sockets in the mesh pod's tuple
+    // space. The table is switched before each run (`None`: no programs run for DNAT's).
+    let mut pods = Vec::new();
+    if !only_spread {
+        pods.push(("zbridge", Table::SetAssoc, 7));
+        if lru {
+            pods.push(("zbridge-lru", Table::Lru, 8));
+        }
+    }
+    let pods: Vec<(&str, Table, NetNs, String)> = pods
+        .into_iter()
+        .map(|(name, table, n)| {
+            let (ns, path) = fresh_pod(&mesh, &mut programmer, n, &format!("burst{n}"));
+            (name, table, ns, path)
+        })
+        .collect();
+    let mut full_runs: Vec<(&str, Option<Table>, &NetNs, &str)> = Vec::new();
+    if !only_spread {
+        full_runs.push(("dnat", None, &dnat0_ns, &mesh.outside));
+    }
+    for (name, table, ns, path) in &pods {
+        full_runs.push((name, Some(*table), ns, path));
+    }
+    for (name, table, ns, cgroup) in full_runs {
+        if let Some(table) = table {
+            programs.with(table);
+        }
         let start = Instant::now();
-        let (lat, errs) = client(ns, &mesh, cgroup, &destinations, burst);
+        let (mut lat, errs) = client(ns, &mesh, cgroup, &destinations, burst);
         let took = start.elapsed().as_secs_f64();
+        lat.sort_unstable();
         println!(
-            "{name:<8} {} ok, {} failed in {took:.1} s ({:.0} conn/s){}",
+            "{name:<11} {} ok, {} failed in {took:.1} s ({:.0} conn/s; ok p50 {:.1} µs, p99 {:.1} µs){}",
             lat.len(),
             errs.len(),
             lat.len() as f64 / took,
+            percentile(&lat, 0.50) as f64 / 1e3,
+            percentile(&lat, 0.99) as f64 / 1e3,
             errs.first()
                 .map(|e| format!("; first failure: {e}"))
                 .unwrap_or_default()
         );
     }
+    programs.with(Table::SetAssoc);
     // The ways out, each from a fresh pod (namespace, cgroup, address) with a cut port range.
     let (low, high) = (40_000u64, 40_000 + spread_ports - 1);
     println!(
@@ -340,7 +568,7 @@ fn main() {
     ];
     for (i, (name, ztunnel_ips, tw_reuse)) in runs.into_iter().enumerate() {
         let n = 4 + i as u8;
-        let ns = pod_ns(&mesh, n);
+        let (ns, path) = fresh_pod(&mesh, &mut programmer, n, &format!("spread{n}"));
         ns.exec(
             "sysctl",
             &["-qw", &format!("net.ipv4.ip_local_port_range={low} {high}")],
@@ -350,16 +578,10 @@ fn main() {
             ns.exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])
                 .expect("tcp_tw_reuse");
         }
-        let path = mesh
-            .cgroup
-            .child(&format!("attach/pods/spread{n}"))
-            .expect("pod cgroup");
-        let pod_ip = IpAddr::V4(Ipv4Addr::new(10, 98, n, 2));
-        programmer.queue(&enrol(mesh.id(&path), &path, Role::Ambient, vec![pod_ip]));
         programmer.queue(&Update::SetZtunnel {
             ips: ztunnel_ips.to_vec(),
         });
-        programmer.flush().expect("enrol the pod, set ztunnel");
+        programmer.flush().expect("set ztunnel");
         // Where the programs send each destination (the mirror of their hash).
         let settings = programmer::MapBackend::settings(programmer.backend()).expect("settings");
         let mut share: Vec<(IpAddr, usize)> = Vec::new();
@@ -390,6 +612,6 @@ fn main() {
     }
 
     drop(programmer);
-    drop(loaded);
+    drop(programs);
     // Guards remove the namespaces, the bpffs (and with it the pinned links) and the cgroups.
 }

@@ -14,6 +14,18 @@ fn build_bpf_object(
     out_file: &str,
     extra_rerun_files: &[&str],
 ) -> std::path::PathBuf {
+    build_bpf_variant(crate_name, source_file, out_file, extra_rerun_files, &[])
+}
+
+/// [`build_bpf_object`] with `-D<name>` for each of `defines`: a variant of an object built
+/// beside it from the same source (programmer/build.rs: ZBRIDGE_BPF_TUPLE=lru).
+fn build_bpf_variant(
+    crate_name: &str,
+    source_file: &str,
+    out_file: &str,
+    extra_rerun_files: &[&str],
+    defines: &[&str],
+) -> std::path::PathBuf {
     use std::path::PathBuf;
     use std::process::Command;
 
@@ -56,6 +68,9 @@ fn build_bpf_object(
     if steps {
         cmd.arg("-DZB_STEPS");
     }
+    for define in defines {
+        cmd.arg(format!("-D{define}"));
+    }
     cmd.arg("-c")
         .arg(bpf_dir.join(source_file))
         .arg("-o")
@@ -84,7 +99,7 @@ fn build_bpf_object(
             ""
         };
         panic!(
-            "{crate_name}: clang failed to build bpf/{source_file} ({}):\n{stderr}{hint}",
+            "{crate_name}: clang failed to build bpf/{source_file} into {out_file} ({}):\n{stderr}{hint}",
             output.status
         );
     }

@@ -43,18 +43,14 @@
  * copy only if its compare-and-swap of the same `seq` to ANSWERED succeeds, i.e. nobody
  * claimed the slot meanwhile. A bpf_spin_lock pair turns interrupts off and on around every
  * program run, which cost more than the rest of sock_ops and getsockopt together.
+ *
+ * Built with -DZBRIDGE_TUPLE_LRU (ZBRIDGE_BPF_TUPLE=lru: a second object, never shipped), the
+ * kernel's LRU hash keyed by the tuple (tuple_lru.h) takes this table's place, so that the
+ * datapath bench can compare the two; the tuple and the question and answer enums below are
+ * shared by both.
  */
 #ifndef ZBRIDGE_TUPLE_TABLE_H
 #define ZBRIDGE_TUPLE_TABLE_H
-
-/* An ARRAY, so that its lookup is inlined and a write allocates nothing. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__uint(max_entries, ZB_TUPLE_SETS);
-	__type(key, __u32);
-	__type(value, struct tuple_set);
-} orig_dst_by_tuple SEC(".maps");
 
 /*
  * A connection's tuple as sock_ops and getsockopt both key it: seen from its client,
@@ -86,6 +82,31 @@ static __always_inline int zb_tuple_of(struct conn_tuple *t, __u32 family, __u32
 	t->dport = server_port;
 	return 1;
 }
+
+/* What zb_tuple_take (or tuple_lru.h's zb_tuple_lru_take) found. */
+enum zb_take {
+	ZB_TAKE_ABSENT,       /* no record of the tuple in the set */
+	ZB_TAKEN,             /* copied, and marked answered (the LRU: deleted) */
+	ZB_TAKE_OTHER_FAMILY, /* a record for the other question, left waiting */
+};
+
+/* The question zb_tuple_take answers. ztunnel asks SOL_IP first and SOL_IPV6 next: the first
+ * question leaves an IPv6 record waiting, so that its slot is not reused before the second. */
+enum zb_question {
+	ZB_ASK_ANY, /* any record (a duplicate marked answered) */
+	ZB_ASK_V4,  /* SO_ORIGINAL_DST: an IPv4 destination */
+	ZB_ASK_V6,  /* IP6T_SO_ORIGINAL_DST: an IPv6 destination */
+};
+
+#ifndef ZBRIDGE_TUPLE_LRU /* otherwise the LRU hash of tuple_lru.h takes its place */
+/* An ARRAY, so that its lookup is inlined and a write allocates nothing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, ZB_TUPLE_SETS);
+	__type(key, __u32);
+	__type(value, struct tuple_set);
+} orig_dst_by_tuple SEC(".maps");
 
 /* The words of a conn_tuple (36 bytes, 4-byte aligned). */
 #define ZB_TUPLE_WORDS (sizeof(struct conn_tuple) / 4)
@@ -148,21 +169,6 @@ enum zb_store {
 	ZB_EVICTED, /* in place of a record still waiting for ztunnel's question */
 	ZB_FULL,    /* not at all: every slot waits (only when `evict` is 0), or other writers
 		     * kept claiming the slots it chose */
-};
-
-/* What zb_tuple_take found. */
-enum zb_take {
-	ZB_TAKE_ABSENT,       /* no record of the tuple in the set */
-	ZB_TAKEN,             /* copied, and marked answered */
-	ZB_TAKE_OTHER_FAMILY, /* a record for the other question, left waiting */
-};
-
-/* The question zb_tuple_take answers. ztunnel asks SOL_IP first and SOL_IPV6 next: the first
- * question leaves an IPv6 record waiting, so that its slot is not reused before the second. */
-enum zb_question {
-	ZB_ASK_ANY, /* any record (a duplicate marked answered) */
-	ZB_ASK_V4,  /* SO_ORIGINAL_DST: an IPv4 destination */
-	ZB_ASK_V6,  /* IP6T_SO_ORIGINAL_DST: an IPv6 destination */
 };
 
 /* Rounds of choosing and claiming a slot before zb_tuple_store gives up. A claim fails only
@@ -379,5 +385,6 @@ static __always_inline int zb_tuple_demote(struct tuple_set *hot, const struct c
 	zb_slot_fill(slot, busy, tuple, dst);
 	return 1;
 }
+#endif /* !ZBRIDGE_TUPLE_LRU */
 
 #endif /* ZBRIDGE_TUPLE_TABLE_H */

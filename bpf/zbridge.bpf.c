@@ -18,6 +18,9 @@
 #include "helpers.h"
 #include "inpod_capture.h"
 #include "tuple_table.h"
+#ifdef ZBRIDGE_TUPLE_LRU
+#include "tuple_lru.h"
+#endif
 #include "steps.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -300,8 +303,11 @@ int sock_ops(struct bpf_sock_ops *skops)
 	const struct settings *s;
 	struct conn_tuple tuple = {};
 	struct connect_record *rec;
+#ifndef ZBRIDGE_TUPLE_LRU
 	struct tuple_set *set;
-	__u32 remote_port, idx;
+	__u32 idx;
+#endif
+	__u32 remote_port;
 	__u16 dport;
 
 	/* The kernel calls this program five times for every connect in the subtree (timeout,
@@ -354,6 +360,12 @@ int sock_ops(struct bpf_sock_ops *skops)
 		zb_tuple_fold_netns(&tuple, bpf_get_netns_cookie(skops));
 	ZB_STEP(ZB_STEP_SOCKOPS_TUPLE);
 
+#ifdef ZBRIDGE_TUPLE_LRU
+	zb_tuple_lru_store(&tuple, &rec->dst);
+	ZB_STEP(ZB_STEP_SOCKOPS_STORE);
+	ZB_STEP(ZB_STEP_SOCKOPS_CLOCK);
+	return 1;
+#else
 	idx = zb_tuple_hot_set(&tuple);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	/* The array holds every index below ZB_TUPLE_SETS; the check is for the verifier. */
@@ -377,6 +389,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 	if (zb_tuple_store(set, &tuple, &rec->dst, 1) == ZB_EVICTED)
 		zb_count(ZB_C_ORIG_DST_EVICTED);
 	return 1;
+#endif
 }
 
 /* The sockaddr_in / sockaddr_in6 that SO_ORIGINAL_DST returns. */
@@ -464,13 +477,15 @@ int getsockopt(struct bpf_sockopt *ctx)
 	const struct settings *s;
 	struct conn_tuple tuple = {};
 	struct orig_dst od = {};
+#ifndef ZBRIDGE_TUPLE_LRU
 	struct tuple_set *set;
+	__u32 idx;
+#endif
 	struct bpf_sock *sk;
 	struct zb_ip ip = {};
 	__u16 local_port;
 	enum zb_question question;
 	enum zb_take found;
-	__u32 idx;
 
 	/* Every getsockopt of the subtree comes here: all but SO_ORIGINAL_DST leave untouched
 	 * at once (SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST share the number 80). */
@@ -520,10 +535,14 @@ int getsockopt(struct bpf_sockopt *ctx)
 			zb_tuple_fold_netns(&tuple, cookie);
 	}
 
-	/* The hot set first: the writer only goes on to the overflow set when the hot one is
-	 * full, and a record leaving the hot set takes the older ones of its tuple with it. */
 	ZB_STEP(ZB_STEP_GETSOCKOPT_TUPLE);
 	question = ctx->level == SOL_IP ? ZB_ASK_V4 : ZB_ASK_V6;
+#ifdef ZBRIDGE_TUPLE_LRU
+	found = zb_tuple_lru_take(&tuple, question, &od);
+	ZB_STEP(ZB_STEP_GETSOCKOPT_TAKE);
+#else
+	/* The hot set first: the writer only goes on to the overflow set when the hot one is
+	 * full, and a record leaving the hot set takes the older ones of its tuple with it. */
 	idx = zb_tuple_hot_set(&tuple);
 	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 	found = set ? zb_tuple_take(set, &tuple, question, &od) : ZB_TAKE_ABSENT;
@@ -533,6 +552,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 		set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
 		found = set ? zb_tuple_take(set, &tuple, question, &od) : ZB_TAKE_ABSENT;
 	}
+#endif
 	if (found == ZB_TAKE_ABSENT) {
 		/* Keep the kernel's own answer (netfilter's, or its error). */
 		zb_count(ZB_C_ORIG_DST_MISS);

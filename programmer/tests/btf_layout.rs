@@ -185,3 +185,28 @@ fn maps_of_the_object_are_the_ones_layout_names_with_their_key_and_value_sizes()
         layout::DEFAULT_MAX_ENTRIES
     );
 }
+
+/// The LRU variant (`ZBRIDGE_BPF_TUPLE=lru`, `object::TUPLE_LRU_OBJECT`) differs from the
+/// shipped object in `orig_dst_by_tuple` alone: the kernel's LRU hash keyed by the tuple with
+/// the original destination as value, as many records as the table has slots. Skipped in a
+/// build without it.
+#[test]
+fn the_tuple_lru_variant_differs_in_orig_dst_by_tuple_alone() {
+    let Some(variant) = object::TUPLE_LRU_OBJECT else {
+        eprintln!("skipped: built without ZBRIDGE_BPF_TUPLE=lru");
+        return;
+    };
+    let mut shipped = object::map_specs(object::OBJECT).unwrap();
+    let mut lru = object::map_specs(variant).unwrap();
+    let table = lru.remove(layout::ORIG_DST_BY_TUPLE_MAP).unwrap();
+    shipped.remove(layout::ORIG_DST_BY_TUPLE_MAP).unwrap();
+    assert_eq!(lru, shipped);
+    assert_eq!(table.map_type, 9); // BPF_MAP_TYPE_LRU_HASH
+    assert_eq!(table.key_size as usize, size_of::<ConnTuple>());
+    assert_eq!(table.value_size as usize, size_of::<OrigDst>());
+    assert_eq!(
+        table.max_entries,
+        layout::TUPLE_SETS * layout::TUPLE_WAYS as u32
+    );
+    assert_eq!(table.map_flags, 0);
+}

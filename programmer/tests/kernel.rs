@@ -53,6 +53,34 @@ fn every_program_verifies_within_a_quarter_of_the_verifier_limit() {
     }
 }
 
+/// The LRU variant of the object (`ZBRIDGE_BPF_TUPLE=lru`, for the datapath bench) passes the
+/// verifier too, within the same bound. Skipped in a build without it.
+#[test]
+fn the_tuple_lru_variant_verifies_within_a_quarter_of_the_verifier_limit() {
+    let Some(variant) = programmer::object::TUPLE_LRU_OBJECT else {
+        eprintln!("skipped: built without ZBRIDGE_BPF_TUPLE=lru");
+        return;
+    };
+    if !testkit::require_root(
+        "the_tuple_lru_variant_verifies_within_a_quarter_of_the_verifier_limit",
+    ) {
+        return;
+    }
+    let verified = programmer::loader::verify_object_bytes(variant).unwrap();
+    assert_eq!(verified.len(), programmer::object::PROGRAMS.len());
+    for program in verified {
+        let insns = program
+            .verified_insns
+            .expect("the kernel reports verified_insns");
+        assert!(
+            insns <= programmer::loader::VERIFIER_INSN_LIMIT / 4,
+            "{} took {insns} of the verifier's {} instructions",
+            program.name,
+            programmer::loader::VERIFIER_INSN_LIMIT
+        );
+    }
+}
+
 #[test]
 fn object_loads_attaches_every_program_and_pins_outlive_the_loader() {
     if !testkit::require_root("object_loads_attaches_every_program_and_pins_outlive_the_loader") {
