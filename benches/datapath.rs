@@ -10,8 +10,8 @@
 //!    - `zbridge-0`, `zbridge-50000`: to a service address, through zbridge's programs with
 //!      only the pod (and ztunnel) enrolled, and with 50,000 other enrolled entries;
 //!    - `zbridge-lru-0`, `zbridge-lru-50000`: the same with the object's variant whose
-//!      `orig_dst_by_tuple` is the kernel's LRU hash (`bpf/tuple_lru.h`), when the bench is
-//!      built with `ZBRIDGE_BPF_TUPLE=lru` (docs/tuple-space.md). The loader switches the
+//!      `orig_dst_by_tuple` is the kernel's LRU hash (`bpf/tuple_lru.h`; docs/tuple-space.md;
+//!      `LRU=0` leaves them out). The loader switches the
 //!      pinned links between the two objects once per round, keeping the enrolled maps; the
 //!      table that runs first alternates from round to round.
 //!
@@ -36,8 +36,8 @@
 //!
 //! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`, `SPREAD_BURST`,
 //! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone; `RUN_TIME=1` also reports the zbridge
-//! paths' sock_ops and getsockopt run time per connection, from `BPF_ENABLE_STATS`). With
-//! the LRU variant: `ZBRIDGE_BPF_TUPLE=lru cargo bench --bench datapath`.
+//! paths' sock_ops and getsockopt run time per connection, from `BPF_ENABLE_STATS`; `LRU=0`
+//! leaves the LRU variant's rows out).
 
 mod common;
 use common::{env_or, percentile};
@@ -96,7 +96,7 @@ fn fresh_pod(
 enum Table {
     /// The shipped object's set-associative table.
     SetAssoc,
-    /// The object built with `ZBRIDGE_BPF_TUPLE=lru`: the kernel's LRU hash.
+    /// The object's variant (`object::TUPLE_LRU_OBJECT`): the kernel's LRU hash.
     Lru,
 }
 
@@ -112,8 +112,7 @@ impl Programs {
     fn load(pin_dir: &Path, attach: &Path, table: Table) -> Loaded {
         let mut config = LoaderConfig::new(pin_dir, attach);
         if table == Table::Lru {
-            let object = programmer::object::TUPLE_LRU_OBJECT.expect("built with the variant");
-            config.object = Some(object.to_vec());
+            config.object = Some(programmer::object::TUPLE_LRU_OBJECT.to_vec());
         }
         Loaded::load_and_attach(config).expect("load and attach the programs")
     }
@@ -302,12 +301,8 @@ fn main() {
     dnat(&dnat5k_ns, 5000);
 
     // zbridge: the programs attached to the mesh's attach cgroup, ztunnel enrolled.
-    let lru = programmer::object::TUPLE_LRU_OBJECT.is_some();
-    if !lru {
-        eprintln!(
-            "datapath: built without ZBRIDGE_BPF_TUPLE=lru: the LRU variant's rows are left out"
-        );
-    }
+    // The LRU variant's rows: `LRU=0` leaves them out.
+    let lru = env_or("LRU", 1) != 0;
     let mut programs = Programs::new(bpffs.pin_dir(), mesh.attach_dir());
     let mut programmer = Programmer::new(
         programs.loaded.backend().expect("maps"),

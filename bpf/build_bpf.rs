@@ -18,7 +18,7 @@ fn build_bpf_object(
 }
 
 /// [`build_bpf_object`] with `-D<name>` for each of `defines`: a variant of an object built
-/// beside it from the same source (programmer/build.rs: ZBRIDGE_BPF_TUPLE=lru).
+/// beside it from the same source (programmer/build.rs: the tuple table's LRU variant).
 fn build_bpf_variant(
     crate_name: &str,
     source_file: &str,

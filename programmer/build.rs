@@ -1,10 +1,11 @@
 //! Builds the BPF objects from `bpf/` with clang, so that `cargo build` alone produces them; the
 //! crate embeds them (`include_bytes!` from OUT_DIR) and deployment needs no compiler.
 //!
-//! `ZBRIDGE_BPF_TUPLE=lru` also builds a variant of zbridge.bpf.c whose `orig_dst_by_tuple`
-//! is the kernel's LRU hash (`-DZBRIDGE_TUPLE_LRU`, bpf/tuple_lru.h), embedded beside the
-//! shipped object (which it leaves unchanged) for the datapath bench's comparison, and sets
-//! the cfg `zbridge_tuple_lru` (`object::TUPLE_LRU_OBJECT`).
+//! It also builds a variant of zbridge.bpf.c whose `orig_dst_by_tuple` is the kernel's LRU
+//! hash (`-DZBRIDGE_TUPLE_LRU`, bpf/tuple_lru.h; `object::TUPLE_LRU_OBJECT`), for the datapath
+//! bench's comparison with the set-associative table; built always, so that its tests (the
+//! verifier, its maps) run wherever the others do. The agent never references it, so its
+//! binary does not carry it.
 
 include!("../bpf/build_bpf.rs");
 
@@ -31,24 +32,11 @@ fn main() {
         "inpod_inbound.bpf.o",
         &["zbridge.h", "inpod.h"],
     );
-
-    println!("cargo::rustc-check-cfg=cfg(zbridge_tuple_lru)");
-    println!("cargo:rerun-if-env-changed=ZBRIDGE_BPF_TUPLE");
-    match std::env::var("ZBRIDGE_BPF_TUPLE").as_deref() {
-        Err(_) | Ok("") | Ok("table") => {}
-        Ok("lru") => {
-            build_bpf_variant(
-                "zbridge-programmer",
-                "zbridge.bpf.c",
-                "zbridge-tuple-lru.bpf.o",
-                &headers,
-                &["ZBRIDGE_TUPLE_LRU"],
-            );
-            println!("cargo:rustc-cfg=zbridge_tuple_lru");
-        }
-        Ok(other) => panic!(
-            "zbridge-programmer: ZBRIDGE_BPF_TUPLE={other}: `lru` builds the LRU variant \
-             beside the shipped object; unset (or `table`) builds the shipped object alone"
-        ),
-    }
+    build_bpf_variant(
+        "zbridge-programmer",
+        "zbridge.bpf.c",
+        "zbridge-tuple-lru.bpf.o",
+        &headers,
+        &["ZBRIDGE_TUPLE_LRU"],
+    );
 }

@@ -186,16 +186,12 @@ fn maps_of_the_object_are_the_ones_layout_names_with_their_key_and_value_sizes()
     );
 }
 
-/// The LRU variant (`ZBRIDGE_BPF_TUPLE=lru`, `object::TUPLE_LRU_OBJECT`) differs from the
+/// The LRU variant (`object::TUPLE_LRU_OBJECT`) differs from the
 /// shipped object in `orig_dst_by_tuple` alone: the kernel's LRU hash keyed by the tuple with
-/// the original destination as value, as many records as the table has slots. Skipped in a
-/// build without it.
+/// the original destination as value, as many records as the table has slots.
 #[test]
 fn the_tuple_lru_variant_differs_in_orig_dst_by_tuple_alone() {
-    let Some(variant) = object::TUPLE_LRU_OBJECT else {
-        eprintln!("skipped: built without ZBRIDGE_BPF_TUPLE=lru");
-        return;
-    };
+    let variant = object::TUPLE_LRU_OBJECT;
     let mut shipped = object::map_specs(object::OBJECT).unwrap();
     let mut lru = object::map_specs(variant).unwrap();
     let table = lru.remove(layout::ORIG_DST_BY_TUPLE_MAP).unwrap();

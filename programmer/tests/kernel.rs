@@ -53,14 +53,11 @@ fn every_program_verifies_within_a_quarter_of_the_verifier_limit() {
     }
 }
 
-/// The LRU variant of the object (`ZBRIDGE_BPF_TUPLE=lru`, for the datapath bench) passes the
-/// verifier too, within the same bound. Skipped in a build without it.
+/// The LRU variant of the object (for the datapath bench) passes the
+/// verifier too, within the same bound.
 #[test]
 fn the_tuple_lru_variant_verifies_within_a_quarter_of_the_verifier_limit() {
-    let Some(variant) = programmer::object::TUPLE_LRU_OBJECT else {
-        eprintln!("skipped: built without ZBRIDGE_BPF_TUPLE=lru");
-        return;
-    };
+    let variant = programmer::object::TUPLE_LRU_OBJECT;
     if !testkit::require_root(
         "the_tuple_lru_variant_verifies_within_a_quarter_of_the_verifier_limit",
     ) {
