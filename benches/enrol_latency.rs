@@ -22,7 +22,8 @@
 //! first exec until the last enrolment was seen.
 //!
 //! `cargo bench --bench enrol_latency` (env: `PODS`, default 2,000; `RATE`, default 1,000;
-//! `SPAWNERS`, the spawner's threads, default 2).
+//! `SPAWNERS`, the spawner's threads, default 2; `AGENT_ARGS`, more flags for `zbridge run`,
+//! e.g. `--no-pod-status` or `--coalesce-window-us 0`, to compare).
 //! Without `--bench` (`cargo test --benches`) it is a quick run of 20 pods that checks the
 //! bench works.
 
@@ -61,6 +62,11 @@ fn main() {
     let pods = env_or("PODS", if benching { 2_000 } else { 20 }) as usize;
     let rate = env_or("RATE", 1_000).max(1);
     let spawners = env_or("SPAWNERS", 2).max(1);
+    let agent_args: Vec<String> = std::env::var("AGENT_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
 
     // Dropped in reverse order: the spawner (with its processes), the agent, ztunnel's
     // process, the API server, ..., the mesh last.
@@ -114,7 +120,14 @@ fn main() {
         ));
     }
 
-    let agent = Agent::spawn(&mesh, &bpffs.pin_dir(), &server, &node, dir.path());
+    let agent = Agent::spawn(
+        &mesh,
+        &bpffs.pin_dir(),
+        &server,
+        &node,
+        dir.path(),
+        &agent_args,
+    );
     let ops = agent.ops_addr();
     wait_until(
         "/readyz 200",
@@ -155,6 +168,7 @@ fn main() {
     let before = Histogram::read(ops);
     let lost_before = metric(ops, "zbridge_lost_events_total");
     let cpu_before = cpu_seconds(agent.pid());
+    let own_cpu_before = cpu_seconds(std::process::id());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let start = Instant::now();
     let (spawned, behind) = spawner.run();
@@ -178,6 +192,7 @@ fn main() {
     }
     let settled = start.elapsed();
     let cpu = cpu_seconds(agent.pid()) - cpu_before;
+    let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let lost = metric(ops, "zbridge_lost_events_total") - lost_before;
     let delta = after.minus(&before);
 
@@ -185,7 +200,12 @@ fn main() {
     let achieved = pods as f64 / spawned.as_secs_f64();
     println!(
         "enrolment latency: {pods} new pod cgroups, one exec each, at {rate}/s (kube mode, \
-         node ztunnel; load average at the start {})",
+         node ztunnel{}; load average at the start {})",
+        if agent_args.is_empty() {
+            String::new()
+        } else {
+            format!(", agent flags {}", agent_args.join(" "))
+        },
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
@@ -221,6 +241,10 @@ fn main() {
         cpu * 100.0 / settled.as_secs_f64(),
     );
     println!("  by bucket: {}", delta.buckets_text());
+    println!(
+        "  CPU meanwhile of the bench process (the fake API server answering the agent's \
+         status patches, the map reads): {own_cpu:.2} s"
+    );
     println!(
         "  target p99 < 100 µs: {}; events lost by the kernel during the run: {lost:.0}",
         match delta.quantile(0.99) {
@@ -530,8 +554,15 @@ impl Agent {
     /// The agent at its default log level (info, as the DaemonSet runs it), its programs on
     /// the mesh's attach cgroup, its maps under `pin_dir`, the ops endpoint on a free
     /// loopback port, in the mesh's `outside` cgroup (so that it dies with the bench's
-    /// cgroups even if the bench is killed); stderr to `dir`/agent.log.
-    fn spawn(mesh: &Mesh, pin_dir: &Path, server: &FakeApiServer, node: &str, dir: &Path) -> Agent {
+    /// cgroups even if the bench is killed), plus `extra` flags; stderr to `dir`/agent.log.
+    fn spawn(
+        mesh: &Mesh,
+        pin_dir: &Path,
+        server: &FakeApiServer,
+        node: &str,
+        dir: &Path,
+        extra: &[String],
+    ) -> Agent {
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("kubeconfig");
         let log = dir.join("agent.log");
@@ -545,6 +576,7 @@ impl Agent {
             .arg("--pin-dir")
             .arg(pin_dir)
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
             .env_remove("NODE_NAME")
             .env_remove("KUBECONFIG")
             .env_remove("ZBRIDGE_LOG")
