@@ -151,13 +151,13 @@ fn metrics_expose_every_family_with_the_values_set() {
     assert_eq!(value("zbridge_batch_apply_seconds_count"), 1.0);
     assert_eq!(value("zbridge_enrolment_latency_seconds_count"), 1.0);
     assert_eq!(value("zbridge_enrolment_latency_seconds_sum"), 0.003);
-    // 3 ms: above the 1.6 ms bucket, inside the 3.2 ms one.
+    // 3 ms: above the 2.56 ms bucket, inside the 5.12 ms one.
     assert_eq!(
-        value("zbridge_enrolment_latency_seconds_bucket{le=\"0.0016\"}"),
+        value("zbridge_enrolment_latency_seconds_bucket{le=\"0.00256\"}"),
         0.0
     );
     assert_eq!(
-        value("zbridge_enrolment_latency_seconds_bucket{le=\"0.0032\"}"),
+        value("zbridge_enrolment_latency_seconds_bucket{le=\"0.00512\"}"),
         1.0
     );
     assert_eq!(
@@ -242,6 +242,64 @@ fn enrolment_since_a_kernel_timestamp_is_observed() {
         Some(1.0),
         "{text}"
     );
+}
+
+/// The upper bounds of a histogram's buckets, in exposition order (`+Inf` last).
+fn bucket_bounds(exposition: &str, name: &str) -> Vec<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    exposition
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix)?.split_once('"'))
+        .map(|(le, _)| {
+            if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or_else(|_| panic!("bucket bound {le:?}"))
+            }
+        })
+        .collect()
+}
+
+/// The exec path's enrolment latency has buckets from 10 µs (doubling up to about 10 s), fine
+/// enough to tell an enrolment under 100 µs; the in-pod one, which waits for ztunnel, keeps
+/// 100 µs .. 13 s.
+#[test]
+fn enrolment_latency_buckets_start_at_10_us_and_in_pod_at_100_us() {
+    let metrics = Metrics::new();
+    metrics.observe_enrolment_latency(Duration::from_micros(50));
+    let text = metrics.encode();
+    let expect = |start: f64, count: i32| -> Vec<f64> {
+        (0..count)
+            .map(|k| start * 2f64.powi(k))
+            .chain([f64::INFINITY])
+            .collect()
+    };
+    let close = |got: &[f64], want: &[f64]| {
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(g, w)| g == w || ((g - w) / w).abs() < 1e-9)
+    };
+    let exec = bucket_bounds(&text, "zbridge_enrolment_latency_seconds");
+    assert!(close(&exec, &expect(1e-5, 21)), "{exec:?}\n{text}");
+    let inpod = bucket_bounds(&text, "zbridge_inpod_enrolment_latency_seconds");
+    assert!(close(&inpod, &expect(1e-4, 18)), "{inpod:?}\n{text}");
+    // 50 µs: above the 40 µs bucket, inside the 80 µs one.
+    let cumulative = |le: f64| {
+        let prefix = "zbridge_enrolment_latency_seconds_bucket{le=\"";
+        text.lines()
+            .filter_map(|line| line.strip_prefix(prefix)?.split_once("\"} "))
+            .find(|(bound, _)| {
+                bound
+                    .parse::<f64>()
+                    .is_ok_and(|b| ((b - le) / le).abs() < 1e-9)
+            })
+            .and_then(|(_, value)| value.split(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no bucket {le} in:\n{text}"))
+    };
+    assert_eq!(cumulative(4e-5), 0.0);
+    assert_eq!(cumulative(8e-5), 1.0);
 }
 
 #[test]

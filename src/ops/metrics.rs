@@ -151,9 +151,11 @@ impl Metrics {
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 13));
         // 10 µs .. 1.3 s per batch applied to the maps.
         let batch_apply_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
-        // 100 µs .. 13 s from the kernel's exec timestamp to the map write.
-        let enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 18));
-        // The same buckets, from the exec to the entry written after ztunnel's ack.
+        // 10 µs .. 10.5 s from the kernel's exec timestamp to the map write: fine enough at the
+        // bottom to tell whether an enrolment took less than 100 µs.
+        let enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 21));
+        // 100 µs .. 13 s from the exec to the entry written after ztunnel's ack: this span holds
+        // a round trip to ztunnel over ZDS, so buckets below 100 µs would stay empty.
         let inpod_enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 18));
         let zds_connected = Gauge::default();
         let zds_pods = Family::<Label, Gauge>::default();
