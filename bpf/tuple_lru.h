@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * zbridge: `orig_dst_by_tuple` as the kernel's LRU hash, keyed by the connection's tuple, the
- * original destination as its value. Built only with -DZBRIDGE_TUPLE_LRU (programmer/build.rs,
- * ZBRIDGE_BPF_TUPLE=lru), as a second object beside the shipped one, so that the datapath
+ * original destination as its value. Built only with -DZBRIDGE_TUPLE_LRU (programmer/build.rs),
+ * as a second object beside the shipped one (never loaded by the agent), so that the datapath
  * bench can measure it against the set-associative table of tuple_table.h (which is left out
  * of this build); docs/tuple-space.md has the result. Included by zbridge.bpf.c after
  * tuple_table.h (zb_tuple_of, enum zb_take, enum zb_question).

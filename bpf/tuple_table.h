@@ -44,7 +44,8 @@
  * claimed the slot meanwhile. A bpf_spin_lock pair turns interrupts off and on around every
  * program run, which cost more than the rest of sock_ops and getsockopt together.
  *
- * Built with -DZBRIDGE_TUPLE_LRU (ZBRIDGE_BPF_TUPLE=lru: a second object, never shipped), the
+ * Built with -DZBRIDGE_TUPLE_LRU (a second object, built beside the shipped one, never loaded by
+ * the agent), the
  * kernel's LRU hash keyed by the tuple (tuple_lru.h) takes this table's place, so that the
  * datapath bench can compare the two; the tuple and the question and answer enums below are
  * shared by both.
