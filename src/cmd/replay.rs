@@ -200,55 +200,49 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
 }
 
 /// Reads the recording into chunks of resolver inputs, in file order, and sends them on
-/// `chunks` until the end of the file, the first error (sent as the last chunk) or the
-/// receiver is gone.
+/// `chunks` until the end of the file, the first error (sent after the records read before
+/// it) or the receiver is gone.
 fn read_inputs<R: std::io::BufRead>(
     mut reader: RecordingReader<R>,
     path: &str,
     chunks: &crossbeam_channel::Sender<anyhow::Result<Vec<Input>>>,
 ) {
     let mut chunk = Vec::with_capacity(CHUNK);
-    loop {
-        let timed = match reader
+    let read = (|| {
+        while let Some(timed) = reader
             .read_record()
-            .with_context(|| format!("replay {path}: malformed recording"))
+            .with_context(|| format!("replay {path}: malformed recording"))?
         {
-            Ok(Some(timed)) => timed,
-            Ok(None) => break,
-            Err(e) => {
-                let _ = chunks.send(Ok(std::mem::take(&mut chunk)));
-                let _ = chunks.send(Err(e));
-                return;
-            }
-        };
-        let input = match timed.record {
-            Record::Proc(event) => Input::Proc {
-                ts: timed.ts,
-                event,
-            },
-            Record::Kube(kube) => match kubecache::record::kube_record_to_change(&kube) {
-                Ok(change) => Input::Kube(change),
-                Err(e) => {
-                    let e = anyhow::Error::new(e).context(format!(
-                        "replay {path}: malformed recording: line {}: kube record",
-                        reader.line()
-                    ));
-                    let _ = chunks.send(Ok(std::mem::take(&mut chunk)));
-                    let _ = chunks.send(Err(e));
-                    return;
+            let input = match timed.record {
+                Record::Proc(event) => Input::Proc {
+                    ts: timed.ts,
+                    event,
+                },
+                Record::Kube(kube) => Input::Kube(
+                    kubecache::record::kube_record_to_change(&kube).with_context(|| {
+                        format!(
+                            "replay {path}: malformed recording: line {}: kube record",
+                            reader.line()
+                        )
+                    })?,
+                ),
+                Record::KubeSynced => Input::Kube(KubeChange::Synced),
+            };
+            chunk.push(input);
+            if chunk.len() == CHUNK {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                if chunks.send(Ok(full)).is_err() {
+                    // The resolver's side ended (its own error): nothing more is wanted.
+                    return Ok(());
                 }
-            },
-            Record::KubeSynced => Input::Kube(KubeChange::Synced),
-        };
-        chunk.push(input);
-        if chunk.len() == CHUNK {
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-            if chunks.send(Ok(full)).is_err() {
-                return;
             }
         }
-    }
+        anyhow::Ok(())
+    })();
     let _ = chunks.send(Ok(chunk));
+    if let Err(e) = read {
+        let _ = chunks.send(Err(e));
+    }
 }
 
 /// The entry the BPF programs would find for a process in this cgroup: its own, else the
