@@ -9,7 +9,7 @@
 //! `cargo bench --bench churn` (env: `CYCLES`, `SUBTREES`).
 
 mod common;
-use common::env_or;
+use common::{env_or, root_bench};
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -33,13 +33,9 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let Some(benching) = root_bench("benches/churn") else {
         return;
-    }
-    if !testkit::require_root("benches/churn") {
-        return;
-    }
-    let benching = std::env::args().any(|a| a == "--bench");
+    };
     let cycles = env_or("CYCLES", if benching { 20_000 } else { 200 });
     let subtrees = env_or("SUBTREES", 100) as usize;
 

@@ -40,7 +40,7 @@
 //! leaves the LRU variant's rows out).
 
 mod common;
-use common::{env_or, percentile};
+use common::{env_or, percentile, root_bench};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -262,11 +262,7 @@ fn others(count: u32, delete: bool) -> Vec<Update> {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        // `cargo test --benches` lists; nothing to list as tests.
-        return;
-    }
-    if !testkit::require_root("benches/datapath") {
+    if root_bench("benches/datapath").is_none() {
         return;
     }
     let rounds = env_or("ROUNDS", 10);

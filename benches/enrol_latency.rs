@@ -28,7 +28,7 @@
 //! bench works.
 
 mod common;
-use common::env_or;
+use common::{env_or, root_bench};
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -52,13 +52,9 @@ fn main() {
     if std::env::var_os(SPAWNER_ROLE).is_some() {
         return spawner_main();
     }
-    if std::env::args().any(|a| a == "--list") {
+    let Some(benching) = root_bench("benches/enrol_latency") else {
         return;
-    }
-    if !testkit::require_root("benches/enrol_latency") {
-        return;
-    }
-    let benching = std::env::args().any(|a| a == "--bench");
+    };
     let pods = env_or("PODS", if benching { 2_000 } else { 20 }) as usize;
     let rate = env_or("RATE", 1_000).max(1);
     let spawners = env_or("SPAWNERS", 2).max(1);

@@ -24,7 +24,7 @@
 //! --benches` it runs once with small counts, as a check that it works.
 
 mod common;
-use common::{env_or, percentile};
+use common::{env_or, percentile, root_bench};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
@@ -160,13 +160,9 @@ fn others() -> Vec<Update> {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let Some(benching) = root_bench("benches/inpod") else {
         return;
-    }
-    if !testkit::require_root("benches/inpod") {
-        return;
-    }
-    let benching = std::env::args().any(|a| a == "--bench");
+    };
     let rounds = env_or("ROUNDS", if benching { 10 } else { 1 });
     let per_round = env_or("PER_ROUND", if benching { 500 } else { 20 });
     let cps_count = env_or("CPS_COUNT", if benching { 300_000 } else { 200 });

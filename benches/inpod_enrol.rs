@@ -19,7 +19,7 @@
 //! `cargo bench --bench inpod_enrol` (env: `TRIALS`, trials per measurement).
 
 mod common;
-use common::{env_or, percentile};
+use common::{env_or, percentile, root_bench};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -42,13 +42,9 @@ fn show(name: &str, mut v: Vec<Duration>) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let Some(benching) = root_bench("benches/inpod_enrol") else {
         return;
-    }
-    if !testkit::require_root("benches/inpod_enrol") {
-        return;
-    }
-    let benching = std::env::args().any(|a| a == "--bench");
+    };
     let trials = env_or("TRIALS", if benching { 100 } else { 3 }) as usize;
     let delays = [0u64, 10, 100];
     let total = trials * (1 + delays.len());

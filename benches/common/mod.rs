@@ -1,6 +1,20 @@
 //! What the root-run benches share: their knobs from the environment and percentiles.
 #![allow(dead_code)] // each bench uses its own part
 
+/// How a root bench starts: `None` when it must not run (`cargo test --benches` asks for its
+/// list of tests, of which it has none; or not root: said on stderr by
+/// `testkit::require_root`), else whether it runs as a benchmark (`cargo bench` passes
+/// `--bench`) rather than as the small check `cargo test --benches` runs.
+pub fn root_bench(name: &str) -> Option<bool> {
+    if std::env::args().any(|a| a == "--list") {
+        return None;
+    }
+    if !testkit::require_root(name) {
+        return None;
+    }
+    Some(std::env::args().any(|a| a == "--bench"))
+}
+
 /// The environment variable `name` as a number, or `default`.
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
