@@ -31,16 +31,23 @@ mod common;
 use common::{env_or, root_bench};
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use programmer::{KernelMaps, MapBackend};
 use serde_json::json;
+use testkit::http::{get as http_get, sample};
 use testkit::mesh::{Mesh, ZTUNNEL4};
+use testkit::objects::{namespace, pod};
 use testkit::{BpfFs, FakeApiServer};
+
+/// [`testkit::wait_until`] with this bench's [`DEADLINE`].
+fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool) {
+    testkit::wait_until(what, DEADLINE, context, cond)
+}
 
 const METRIC: &str = "zbridge_enrolment_latency_seconds";
 /// How long any one wait may take (a hang guard, not a measurement).
@@ -94,7 +101,7 @@ fn main() {
         "ztunnel-bench",
         &zt_uid,
         &node,
-        ZTUNNEL4,
+        &[ZTUNNEL4],
         json!({"app": "ztunnel"}),
     ));
     let zt_pod = pod_cgroup(&zt_uid);
@@ -111,7 +118,7 @@ fn main() {
             &format!("p{i}"),
             uid,
             &node,
-            pod_ip(i),
+            &[pod_ip(i)],
             json!({}),
         ));
     }
@@ -274,36 +281,6 @@ fn pod_ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(
         u32::from(Ipv4Addr::new(10, 100, 0, 1)) + i as u32,
     ))
-}
-
-fn namespace(name: &str, ambient: bool) -> k8s_openapi::api::core::v1::Namespace {
-    let labels = if ambient {
-        json!({"istio.io/dataplane-mode": "ambient"})
-    } else {
-        json!({})
-    };
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "labels": labels},
-    }))
-    .expect("a namespace")
-}
-
-fn pod(
-    namespace: &str,
-    name: &str,
-    uid: &str,
-    node: &str,
-    ip: IpAddr,
-    labels: serde_json::Value,
-) -> k8s_openapi::api::core::v1::Pod {
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "app"}]},
-        "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]},
-    }))
-    .expect("a pod")
 }
 
 /// The environment variable that makes this program the spawner (see [`spawner_main`]).
@@ -626,54 +603,9 @@ impl Drop for Agent {
     }
 }
 
-/// Polls `cond` until it holds; panics after [`DEADLINE`] saying `what`, with `context()`.
-fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `GET path`: the status code and the body.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut stream) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    if write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .is_err()
-    {
-        return (0, String::new());
-    }
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
-}
-
 /// The value of one sample (exact series, labels included) of the agent's /metrics.
 fn metric(ops: SocketAddr, series: &str) -> f64 {
     sample(&http_get(ops, "/metrics").1, series).unwrap_or(f64::NAN)
-}
-
-fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.split(' ').next()?.parse().ok()
-    })
 }
 
 /// One histogram as exposed: cumulative counts by upper bound (ascending, `+Inf` last), the

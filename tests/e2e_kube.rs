@@ -14,14 +14,15 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e_support::{http_get, Agent};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 use programmer::layout::CgroupInfo;
 use programmer::MapBackend;
 use serde_json::json;
+use testkit::http::sample;
 use testkit::mesh::{self, Mesh, POD4, POD6, SERVICE4, ZTUNNEL4, ZTUNNEL6};
+use testkit::objects::{namespace, pod};
 use testkit::ztunnel::{self, Helper, Listener, Outcome, OUTBOUND};
 use testkit::{BpfFs, FakeApiServer, FakeZtunnel};
 
@@ -29,21 +30,13 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(10);
 const REDIRECTION: &str = "ambient.istio.io/redirection";
 
-fn svc4() -> SocketAddr {
-    SocketAddr::new(SERVICE4, mesh::SERVICE_PORT)
+/// [`testkit::wait_until`] with this file's [`DEADLINE`].
+fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool) {
+    testkit::wait_until(what, DEADLINE, context, cond)
 }
 
-/// Polls `cond` until it holds; fails after [`DEADLINE`] saying `what`, with `context()`.
-fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn svc4() -> SocketAddr {
+    SocketAddr::new(SERVICE4, mesh::SERVICE_PORT)
 }
 
 /// A pod's cgroups as the kubelet (systemd driver, containerd) makes them, under the test's
@@ -91,37 +84,6 @@ fn unique_uid() -> String {
         NEXT.fetch_add(1, Ordering::Relaxed),
         nanos
     )
-}
-
-fn namespace(name: &str, ambient: bool) -> Namespace {
-    let labels = if ambient {
-        json!({"istio.io/dataplane-mode": "ambient"})
-    } else {
-        json!({})
-    };
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "labels": labels},
-    }))
-    .unwrap()
-}
-
-fn pod(
-    namespace: &str,
-    name: &str,
-    uid: &str,
-    node: &str,
-    ips: &[IpAddr],
-    labels: serde_json::Value,
-) -> Pod {
-    let pod_ips: Vec<_> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "app"}]},
-        "status": {"phase": "Running", "podIP": ips[0].to_string(), "podIPs": pod_ips},
-    }))
-    .unwrap()
 }
 
 /// A TCP proxy in front of the API server that can go away (its port refuses connections and
@@ -448,14 +410,6 @@ impl Node {
         assert_eq!((at_service.local, at_service.peer.ip()), (svc4(), POD4));
         assert_eq!(self.ztunnel.drain(), vec![]);
     }
-}
-
-/// The value of one sample line (exact series, labels included) of an exposition.
-fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.split(' ').next()?.parse().ok()
-    })
 }
 
 /// A pod appears, its namespace gets the ambient label, and the process in its cgroup is

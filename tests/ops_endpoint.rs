@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use testkit::http::sample;
 use zbridge::ops::{self, EventKind, Metrics, Readiness};
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
@@ -28,14 +29,6 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
     (status, body.to_string())
-}
-
-/// The value of the sample line `name` (exact series, labels included).
-fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.split(' ').next()?.parse().ok()
-    })
 }
 
 #[test]

@@ -7,8 +7,10 @@
 pub mod apiserver;
 pub mod bpffs;
 pub mod cgroup;
+pub mod http;
 pub mod mesh;
 pub mod netns;
+pub mod objects;
 pub mod source;
 pub mod testgen;
 pub mod zds_ztunnel;
@@ -45,4 +47,23 @@ pub fn unique_name(prefix: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Polls `cond` every 20 ms until it holds; panics once `deadline` has passed, saying `what`,
+/// with `context()` (a hang guard, not a timing assertion).
+pub fn wait_until(
+    what: &str,
+    deadline: std::time::Duration,
+    context: impl Fn() -> String,
+    cond: impl Fn() -> bool,
+) {
+    let deadline = std::time::Instant::now() + deadline;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -319,26 +319,8 @@ impl World {
     }
 }
 
-/// `GET path` from the HTTP server at `addr` (one request, `Connection: close`): status code
-/// (0 if the answer has none) and body.
-pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
-}
+/// `GET path`: the status code (0 if the server answers nothing) and the body.
+pub use testkit::http::get as http_get;
 
 /// The default workloads file of a world (ztunnel with both addresses, the app pod ambient).
 pub fn default_workloads(world: &World) -> String {
