@@ -27,6 +27,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 
 use crate::change::Change;
+use crate::config::{client_on_own_runtime, ClientError};
 use crate::tracker::{Cached, Tracker};
 use crate::view::{KubeView, Watched};
 
@@ -45,6 +46,15 @@ pub enum KubeError {
     Client { url: String, error: kube::Error },
     #[error("kube cache: cannot start the kube thread: {0}")]
     Thread(std::io::Error),
+}
+
+impl From<ClientError> for KubeError {
+    fn from(error: ClientError) -> KubeError {
+        match error {
+            ClientError::Runtime(error) => KubeError::Runtime(error),
+            ClientError::Client { url, error } => KubeError::Client { url, error },
+        }
+    }
 }
 
 /// The running kube cache. Stops its thread on [`KubeCache::stop`] or drop.
@@ -70,18 +80,7 @@ impl KubeCache {
             return Err(KubeError::EmptyNodeName);
         }
         let url = client_config.cluster_url.to_string();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(KubeError::Runtime)?;
-        // The client spawns its request buffer task: it needs the runtime's context.
-        let client = {
-            let _context = runtime.enter();
-            Client::try_from(client_config).map_err(|error| KubeError::Client {
-                url: url.clone(),
-                error,
-            })?
-        };
+        let (runtime, client) = client_on_own_runtime(client_config)?;
         let view = KubeView::default();
         let stopping = Arc::new(AtomicBool::new(false));
         let (stop, stopped) = tokio::sync::oneshot::channel();

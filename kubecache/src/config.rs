@@ -82,3 +82,29 @@ pub async fn load_async(explicit: Option<&Path>) -> Result<Loaded, ConfigError> 
         origin: "inferred ($KUBECONFIG or ~/.kube/config)".to_string(),
     })
 }
+
+/// Why [`client_on_own_runtime`] failed; each user turns it into its own error, which says
+/// whose client it was.
+#[derive(Debug)]
+pub(crate) enum ClientError {
+    Runtime(std::io::Error),
+    Client { url: String, error: kube::Error },
+}
+
+/// A current-thread tokio runtime and a Kubernetes client for `config` made in its context
+/// (the client spawns its request buffer task there): the kube cache, the status writer and
+/// the probe each run their client on a thread of their own.
+pub(crate) fn client_on_own_runtime(
+    config: kube::Config,
+) -> Result<(tokio::runtime::Runtime, kube::Client), ClientError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClientError::Runtime)?;
+    let url = config.cluster_url.to_string();
+    let client = {
+        let _context = runtime.enter();
+        kube::Client::try_from(config).map_err(|error| ClientError::Client { url, error })?
+    };
+    Ok((runtime, client))
+}

@@ -8,8 +8,9 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
-use kube::{Api, Client};
+use kube::Api;
 
+use crate::config::{client_on_own_runtime, ClientError};
 use crate::KubeView;
 
 /// How often the probe checks a lost API server.
@@ -29,6 +30,15 @@ pub enum ProbeError {
     Thread(std::io::Error),
 }
 
+impl From<ClientError> for ProbeError {
+    fn from(error: ClientError) -> ProbeError {
+        match error {
+            ClientError::Runtime(error) => ProbeError::Runtime(error),
+            ClientError::Client { url, error } => ProbeError::Client { url, error },
+        }
+    }
+}
+
 /// Says whether the API server answers. The kube cache's view says when its watchers fail, but
 /// not when they are back (a resumed watch is silent until something changes), so while the
 /// view is disconnected this probe lists one pod of this node on its own client, with the
@@ -43,16 +53,7 @@ impl ApiProbe {
     /// Starts probing with its own client for `config`, every [`PROBE_EVERY`] while `view`
     /// (the kube cache's) is disconnected. Reachable until a probe says otherwise.
     pub fn start(config: kube::Config, node: &str, view: KubeView) -> Result<ApiProbe, ProbeError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(ProbeError::Runtime)?;
-        let url = config.cluster_url.to_string();
-        let client = {
-            // The client spawns its request buffer task: it needs the runtime's context.
-            let _context = runtime.enter();
-            Client::try_from(config).map_err(|error| ProbeError::Client { url, error })?
-        };
+        let (runtime, client) = client_on_own_runtime(config)?;
         let pods = Api::<Pod>::all(client);
         let params = ListParams::default()
             .fields(&format!("spec.nodeName={node}"))

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use resolver::{PodName, Role, Update};
 use watcher::CgroupId;
 
+use crate::config::client_on_own_runtime;
 use crate::{KubeError, KubeView};
 
 /// The annotation istiod reads.
@@ -66,15 +67,7 @@ impl StatusWriter {
         client_config: kube::Config,
         view: Option<KubeView>,
     ) -> Result<StatusWriter, KubeError> {
-        let url = client_config.cluster_url.to_string();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(KubeError::Runtime)?;
-        let client = {
-            let _context = runtime.enter();
-            Client::try_from(client_config).map_err(|error| KubeError::Client { url, error })?
-        };
+        let (runtime, client) = client_on_own_runtime(client_config)?;
         let (wishes, received) = mpsc::unbounded_channel();
         let unwritten = Arc::new(AtomicUsize::new(0));
         let own_view = view.clone();
