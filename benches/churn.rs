@@ -9,13 +9,13 @@
 //! `cargo bench --bench churn` (env: `CYCLES`, `SUBTREES`).
 
 mod common;
-use common::{env_or, root_bench};
+use common::{env_or, pinned_maps, root_bench};
 
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use programmer::{KernelMaps, MapBackend};
+use programmer::MapBackend;
 use testkit::mesh::{Mesh, ZTUNNEL4};
 use testkit::ztunnel::Helper;
 use testkit::BpfFs;
@@ -63,14 +63,7 @@ fn main() {
             &[],
         )
         .expect("spawn zbridge");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let maps = loop {
-        if let Ok(m) = KernelMaps::open(&bpffs.pin_dir()) {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "the agent did not pin its maps");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let maps = pinned_maps(&bpffs.pin_dir());
     let entries = || -> BTreeSet<u64> {
         maps.cgroup_entries()
             .map(|e| e.into_iter().map(|(id, _)| id.0).collect())
@@ -84,6 +77,7 @@ fn main() {
         mesh.id(&mesh.app),
     ]
     .into();
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !fixed.is_subset(&entries()) {
         assert!(Instant::now() < deadline, "the agent did not settle");
         std::thread::sleep(Duration::from_millis(20));

@@ -19,12 +19,12 @@
 //! `cargo bench --bench inpod_enrol` (env: `TRIALS`, trials per measurement).
 
 mod common;
-use common::{env_or, percentile, root_bench};
+use common::{env_or, percentile, pinned_maps, root_bench};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use programmer::{KernelMaps, MapBackend};
+use programmer::MapBackend;
 use testkit::mesh::{self, Mesh};
 use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 use testkit::ztunnel::{self, Helper, Outcome};
@@ -96,15 +96,7 @@ fn main() {
         .expect("spawn zbridge");
     let fake = InPodZtunnel::start(&mesh.cgroup, &mesh.ztunnel, &zds, InPodOptions::default())
         .expect("fake in-pod ztunnel");
-    // Wait until the agent has its maps pinned.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let maps = loop {
-        if let Ok(m) = KernelMaps::open(&bpffs.pin_dir()) {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "the agent did not pin its maps");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let maps = pinned_maps(&bpffs.pin_dir());
     let entered = |id: u64| {
         maps.cgroup_entries()
             .map(|e| e.iter().any(|(c, _)| c.0 == id))

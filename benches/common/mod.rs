@@ -30,3 +30,20 @@ pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
+
+/// The maps the agent pinned under `pin_dir`, once it has: waits up to 30 s for a starting
+/// agent to load its programs.
+pub fn pinned_maps(pin_dir: &std::path::Path) -> programmer::KernelMaps {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(maps) = programmer::KernelMaps::open(pin_dir) {
+            return maps;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not pin its maps under {}",
+            pin_dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
