@@ -14,7 +14,9 @@ use serde::Serialize;
 use watcher::recording::RecordingReader;
 use watcher::Record;
 
-/// How many updates are queued before the programmer writes a batch, as the live agent would.
+/// How many updates are queued before the programmer writes a batch. A fixed count, not the
+/// live agent's rule (what is queued when the programmer thread gets to it, which follows the
+/// load): the output's `batches` must be the same on every run.
 const FLUSH_EVERY: usize = 1024;
 /// Records the reading thread hands over at a time: enough that the channel costs little per
 /// record, few enough that the resolver starts at once.
