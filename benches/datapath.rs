@@ -8,14 +8,9 @@
 //!    - `dnat-0`, `dnat-5000`: to a service address, iptables DNAT in the pod namespace with
 //!      0 and 5,000 other rules before the match;
 //!    - `zbridge-0`, `zbridge-50000`: to a service address, through zbridge's programs with
-//!      only the pod (and ztunnel) enrolled, and with 50,000 other enrolled entries;
-//!    - `zbridge-lru-0`, `zbridge-lru-50000`: the same with the object's variant whose
-//!      `orig_dst_by_tuple` is the kernel's LRU hash (`bpf/tuple_lru.h`; docs/tuple-space.md;
-//!      `LRU=0` leaves them out). The loader switches the
-//!      pinned links between the two objects once per round, keeping the enrolled maps; the
-//!      table that runs first alternates from round to round.
+//!      only the pod (and ztunnel) enrolled, and with 50,000 other enrolled entries.
 //!
-//!    Each table's two paths come from a pod of their own: its `2 x ROUNDS x PER_ROUND`
+//!    zbridge's two paths come from a pod of their own: its `2 x ROUNDS x PER_ROUND`
 //!    connections to ztunnel, all within TIME_WAIT's 60 s, must stay below half of its
 //!    ephemeral port range (14,116 ports of the default range), beyond which connects slow
 //!    down many times over.
@@ -24,9 +19,8 @@
 //!    `answered` column counts the answers from `orig_dst_by_tuple` (the programs' counter).
 //! 2. The sustained rate of new short connections from one pod to many destinations, the
 //!    client closing first: through zbridge every connection shares the one tuple space
-//!    (pod address, port → ztunnel:15001); through DNAT, conntrack keeps the real tuple. Each
-//!    zbridge run (and, built so, the LRU variant's) is from a fresh pod, whose tuple space
-//!    part 1 left empty.
+//!    (pod address, port → ztunnel:15001); through DNAT, conntrack keeps the real tuple. The
+//!    zbridge run is from a fresh pod, whose tuple space part 1 left empty.
 //!
 //! 3. The ways out of that limit (docs/tuple-space.md), each from a fresh pod namespace of its
 //!    own whose ephemeral port range is cut to `SPREAD_PORTS` ports (so that every limit is
@@ -36,14 +30,13 @@
 //!
 //! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`, `SPREAD_BURST`,
 //! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone; `RUN_TIME=1` also reports the zbridge
-//! paths' sock_ops and getsockopt run time per connection, from `BPF_ENABLE_STATS`; `LRU=0`
-//! leaves the LRU variant's rows out).
+//! paths' sock_ops and getsockopt run time per connection, from `BPF_ENABLE_STATS`).
 
 mod common;
 use common::{env_or, percentile, root_bench};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
@@ -91,58 +84,21 @@ fn fresh_pod(
     (ns, path)
 }
 
-/// The tuple table of the attached programs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Table {
-    /// The shipped object's set-associative table.
-    SetAssoc,
-    /// The object's variant (`object::TUPLE_LRU_OBJECT`): the kernel's LRU hash.
-    Lru,
-}
-
-/// The programs attached through the loader, with one table or the other.
+/// The programs attached through the loader.
 struct Programs {
-    pin_dir: PathBuf,
-    attach: PathBuf,
-    table: Table,
     loaded: Loaded,
 }
 
 impl Programs {
-    fn load(pin_dir: &Path, attach: &Path, table: Table) -> Loaded {
-        let mut config = LoaderConfig::new(pin_dir, attach);
-        if table == Table::Lru {
-            config.object = Some(programmer::object::TUPLE_LRU_OBJECT.to_vec());
-        }
-        Loaded::load_and_attach(config).expect("load and attach the programs")
-    }
-
     fn new(pin_dir: PathBuf, attach: PathBuf) -> Self {
-        let loaded = Self::load(&pin_dir, &attach, Table::SetAssoc);
-        Programs {
-            pin_dir,
-            attach,
-            table: Table::SetAssoc,
-            loaded,
-        }
-    }
-
-    /// Switches to `table`'s object: the loader re-points the pinned links at its programs
-    /// and keeps every pinned map but `orig_dst_by_tuple` (a map of another type: created
-    /// afresh), so the enrolled entries stay.
-    fn with(&mut self, table: Table) {
-        if self.table != table {
-            self.loaded = Self::load(&self.pin_dir, &self.attach, table);
-            self.table = table;
-            // The kernel frees the previous object's programs and tuple map after an RCU
-            // grace period, in the background: not while the next path is timed.
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        }
+        let loaded = Loaded::load_and_attach(LoaderConfig::new(&pin_dir, &attach))
+            .expect("load and attach the programs");
+        Programs { loaded }
     }
 
     /// The run time of sock_ops and getsockopt so far, ns (0 unless `BPF_ENABLE_STATS` is
     /// on): the programs that write and read `orig_dst_by_tuple`.
-    fn table_run_time(&self) -> u64 {
+    fn run_time(&self) -> u64 {
         ["sock_ops", "getsockopt"]
             .iter()
             .map(|name| {
@@ -152,8 +108,7 @@ impl Programs {
             .sum()
     }
 
-    /// `SO_ORIGINAL_DST` answered from `orig_dst_by_tuple` so far (the programs' counter,
-    /// a map both objects share).
+    /// `SO_ORIGINAL_DST` answered from `orig_dst_by_tuple` so far (the programs' counter).
     fn answered(&self) -> u64 {
         self.loaded.counters().expect("counters").orig_dst_hit
     }
@@ -297,9 +252,7 @@ fn main() {
     dnat(&dnat5k_ns, 5000);
 
     // zbridge: the programs attached to the mesh's attach cgroup, ztunnel enrolled.
-    // The LRU variant's rows: `LRU=0` leaves them out.
-    let lru = env_or("LRU", 1) != 0;
-    let mut programs = Programs::new(bpffs.pin_dir(), mesh.attach_dir());
+    let programs = Programs::new(bpffs.pin_dir(), mesh.attach_dir());
     let mut programmer = Programmer::new(
         programs.loaded.backend().expect("maps"),
         ProgrammerConfig::default(),
@@ -319,25 +272,21 @@ fn main() {
         programmer.queue(&update);
     }
     programmer.flush().expect("enrol");
-    // Each table's paths from an enrolled pod of their own, wired as direct's and DNAT's:
-    // all of a pod's connections to ztunnel share one tuple space, and its connects become
-    // many times slower once about half of its ports are in TIME_WAIT (connect() tries the
-    // range's even ports first), which four paths from one pod reached within part 1.
-    let table_pod = fresh_pod(&mesh, &mut programmer, 9, "table9");
-    let lru_pod = lru.then(|| fresh_pod(&mesh, &mut programmer, 10, "lru10"));
+    // zbridge's paths from an enrolled pod of their own, wired as direct's and DNAT's: all
+    // of a pod's connections to ztunnel share one tuple space, and its connects become many
+    // times slower once about half of its ports are in TIME_WAIT (connect() tries the
+    // range's even ports first).
+    let (zbridge_ns, zbridge_pod) = fresh_pod(&mesh, &mut programmer, 9, "zbridge9");
 
     let floor = [SocketAddr::new(ZTUNNEL4, OUTBOUND)];
     let vip = [SocketAddr::new(IpAddr::V4(VIP), 80)];
-    let mut names = vec![
+    let names = [
         "direct",
         "dnat-0",
         "dnat-5000",
         "zbridge-0",
         "zbridge-50000",
     ];
-    if lru {
-        names.extend(["zbridge-lru-0", "zbridge-lru-50000"]);
-    }
     let mut samples: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
     let mut errors: Vec<Vec<String>> = vec![Vec::new(); names.len()];
     let mut answered = vec![0u64; names.len()];
@@ -347,37 +296,21 @@ fn main() {
     let mut round_run_time: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
     let rounds = if only_spread { 0 } else { rounds };
     for round in 0..rounds {
-        let mut order: Vec<usize> = (0..names.len()).collect();
-        // The LRU rows first in every other round: the rows after the switch of objects
-        // start on a new `orig_dst_by_tuple`, and that falls on each table in turn.
-        if lru && round % 2 == 1 {
-            order = vec![0, 1, 2, 5, 6, 3, 4];
-        }
-        for i in order {
-            let table = if names[i].starts_with("zbridge-lru") {
-                Table::Lru
-            } else {
-                Table::SetAssoc
-            };
-            programs.with(table);
-            let pod = match (table, &lru_pod) {
-                (Table::Lru, Some((ns, path))) => (ns, path.as_str()),
-                _ => (&table_pod.0, table_pod.1.as_str()),
-            };
+        for i in 0..names.len() {
             let before = programs.answered();
-            let run_time_before = programs.table_run_time();
+            let run_time_before = programs.run_time();
             let (lat, err) = match names[i] {
                 // Outside the attach cgroup: no program runs for these clients.
                 "direct" => client(&direct_ns, &mesh, &mesh.outside, &floor, per_round),
                 "dnat-0" => client(&dnat0_ns, &mesh, &mesh.outside, &vip, per_round),
                 "dnat-5000" => client(&dnat5k_ns, &mesh, &mesh.outside, &vip, per_round),
-                "zbridge-0" | "zbridge-lru-0" => client(pod.0, &mesh, pod.1, &vip, per_round),
-                "zbridge-50000" | "zbridge-lru-50000" => {
+                "zbridge-0" => client(&zbridge_ns, &mesh, &zbridge_pod, &vip, per_round),
+                "zbridge-50000" => {
                     for u in others(50_000, false) {
                         programmer.queue(&u);
                     }
                     programmer.flush().expect("50,000 entries");
-                    let result = client(pod.0, &mesh, pod.1, &vip, per_round);
+                    let result = client(&zbridge_ns, &mesh, &zbridge_pod, &vip, per_round);
                     for u in others(50_000, true) {
                         programmer.queue(&u);
                     }
@@ -387,8 +320,7 @@ fn main() {
                 _ => unreachable!(),
             };
             answered[i] += programs.answered() - before;
-            round_run_time[i]
-                .push((programs.table_run_time() - run_time_before) / per_round.max(1));
+            round_run_time[i].push((programs.run_time() - run_time_before) / per_round.max(1));
             let mut sorted = lat.clone();
             sorted.sort_unstable();
             round_p50[i].push(percentile(&sorted, 0.50));
@@ -464,19 +396,6 @@ fn main() {
                 );
             }
         }
-        if lru {
-            // The two tables paired round by round; zbridge-50000 against zbridge-0 (one
-            // table, more entries in another map) for comparison.
-            println!("p50 of the same round, one path over another: median (lowest-highest)");
-            for (a, b) in [(5, 3), (6, 4), (4, 3), (6, 5)] {
-                println!(
-                    "  {:<18} / {:<14} {}",
-                    names[a],
-                    names[b],
-                    round_ratios(&round_p50[a], &round_p50[b])
-                );
-            }
-        }
     }
     // The tuple space: one pod, many destinations, client closes first, as fast as it can.
     let destinations: Vec<SocketAddr> = (0..100u8)
@@ -498,33 +417,14 @@ fn main() {
         "\nTuple space: {burst} short connections from one pod over 100 destinations, client closes first \
          (ephemeral ports {ports:?})"
     );
-    // zbridge from fresh pods (7, 8): part 1 left TIME_WAIT sockets in the mesh pod's tuple
-    // space. The table is switched before each run (`None`: no programs run for DNAT's).
-    let mut pods = Vec::new();
-    if !only_spread {
-        pods.push(("zbridge", Table::SetAssoc, 7));
-        if lru {
-            pods.push(("zbridge-lru", Table::Lru, 8));
-        }
+    // zbridge from a fresh pod (7): part 1 left TIME_WAIT sockets in its pod's tuple space.
+    let mut full_runs: Vec<(&str, &NetNs, &str)> = Vec::new();
+    let zbridge_burst = (!only_spread).then(|| fresh_pod(&mesh, &mut programmer, 7, "burst7"));
+    if let Some((ns, path)) = &zbridge_burst {
+        full_runs.push(("dnat", &dnat0_ns, &mesh.outside));
+        full_runs.push(("zbridge", ns, path));
     }
-    let pods: Vec<(&str, Table, NetNs, String)> = pods
-        .into_iter()
-        .map(|(name, table, n)| {
-            let (ns, path) = fresh_pod(&mesh, &mut programmer, n, &format!("burst{n}"));
-            (name, table, ns, path)
-        })
-        .collect();
-    let mut full_runs: Vec<(&str, Option<Table>, &NetNs, &str)> = Vec::new();
-    if !only_spread {
-        full_runs.push(("dnat", None, &dnat0_ns, &mesh.outside));
-    }
-    for (name, table, ns, path) in &pods {
-        full_runs.push((name, Some(*table), ns, path));
-    }
-    for (name, table, ns, cgroup) in full_runs {
-        if let Some(table) = table {
-            programs.with(table);
-        }
+    for (name, ns, cgroup) in full_runs {
         let start = Instant::now();
         let (mut lat, errs) = client(ns, &mesh, cgroup, &destinations, burst);
         let took = start.elapsed().as_secs_f64();
@@ -541,7 +441,6 @@ fn main() {
                 .unwrap_or_default()
         );
     }
-    programs.with(Table::SetAssoc);
     // The ways out, each from a fresh pod (namespace, cgroup, address) with a cut port range.
     let (low, high) = (40_000u64, 40_000 + spread_ports - 1);
     println!(

@@ -137,8 +137,8 @@ fn main() {
     };
 
     // 1. A listener outside the cgroup that never asks SO_ORIGINAL_DST: no record is ever
-    //    taken, so once the hot region of orig_dst_by_tuple is full every record goes to the
-    //    overflow region (the worst case for the write).
+    //    taken, so every write takes a new element of orig_dst_by_tuple (CONNECTIONS x
+    //    RUN_TIME_ROUNDS records pile up, fewer than the map holds: nothing is evicted).
     // ONLY_ASKS=1 skips this set-up (for comparing builds of the programs on the others).
     if std::env::var_os("ONLY_ASKS").is_none() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");

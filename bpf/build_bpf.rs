@@ -14,18 +14,6 @@ fn build_bpf_object(
     out_file: &str,
     extra_rerun_files: &[&str],
 ) -> std::path::PathBuf {
-    build_bpf_variant(crate_name, source_file, out_file, extra_rerun_files, &[])
-}
-
-/// [`build_bpf_object`] with `-D<name>` for each of `defines`: a variant of an object built
-/// beside it from the same source (programmer/build.rs: the tuple table's LRU variant).
-fn build_bpf_variant(
-    crate_name: &str,
-    source_file: &str,
-    out_file: &str,
-    extra_rerun_files: &[&str],
-    defines: &[&str],
-) -> std::path::PathBuf {
     use std::path::PathBuf;
     use std::process::Command;
 
@@ -67,9 +55,6 @@ fn build_bpf_variant(
     }
     if steps {
         cmd.arg("-DZB_STEPS");
-    }
-    for define in defines {
-        cmd.arg(format!("-D{define}"));
     }
     cmd.arg("-c")
         .arg(bpf_dir.join(source_file))

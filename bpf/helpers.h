@@ -98,8 +98,8 @@ struct zb_ip {
  * refuses for context structures. */
 #define ZB_CTX(field) (*(volatile __typeof__(field) *)&(field))
 
-/* One load of a word other CPUs change (a tuple_set's sequence words): read once, where the
- * code reads it, never merged with another read or repeated. */
+/* One load of a word other CPUs change (settings.generation): read once, where the code
+ * reads it, never merged with another read or repeated. */
 #define ZB_READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 
 #define ZB_DEBUG(s, fmt, ...)                                                                      \
@@ -118,27 +118,17 @@ static __always_inline void zb_count(__u32 idx)
 }
 
 /*
- * Memory ordering between CPUs, in one place. Two orders are needed: a reader's later loads
- * stay after an earlier load (settings.generation, then the entries it vouches for), and a
- * writer's data is visible before the store that publishes it. (A tuple slot's reader orders
- * its loads with zb_read_for_update, an atomic.) x86 gives both to every
- * plain load and store (TSO: loads are not reordered with loads, nor stores with stores), so
- * there only the compiler must be held back. Elsewhere (arm64) BPF has no barrier instruction
- * but its atomics that return a value, which are fully ordered (an add whose result is unused
- * compiles to one that is not). The object is built for the target's architecture.
+ * Memory ordering between CPUs: a reader's later loads stay after an earlier load
+ * (settings.generation, then the entries it vouches for). x86 gives that to every plain load
+ * (TSO: loads are not reordered with loads), so there only the compiler must be held back.
+ * Elsewhere (arm64) BPF has no barrier instruction but its atomics that return a value,
+ * which are fully ordered (an add whose result is unused compiles to one that is not). The
+ * object is built for the target's architecture.
  */
 #if defined(__TARGET_ARCH_x86)
 static __always_inline void zb_load_barrier(void)
 {
 	asm volatile("" ::: "memory");
-}
-
-/* A store that the stores before it cannot pass. `*p` holds `old`, and only this CPU may
- * change it now (the atomic fallback relies on that). */
-static __always_inline void zb_store_release(__u32 *p, __u32 old, __u32 value)
-{
-	asm volatile("" ::: "memory");
-	ZB_READ_ONCE(*p) = value;
 }
 #else
 /* A compare-and-swap that changes nothing (0 for 0) on this CPU's own counter line. */
@@ -150,25 +140,7 @@ static __always_inline void zb_load_barrier(void)
 	if (value)
 		__sync_val_compare_and_swap(value, 0, 0);
 }
-
-static __always_inline void zb_store_release(__u32 *p, __u32 old, __u32 value)
-{
-	__sync_val_compare_and_swap(p, old, value);
-}
 #endif
-
-/*
- * Reads a slot's sequence word with an atomic add of 0, which asks for its cache line to
- * write it (on x86, `lock xadd`), not to share it: the compare-and-swap that claims or
- * answers the slot next then finds the line on this CPU, and the slot's tuple and record
- * (same line) come with it. A plain load would fetch the line shared and the
- * compare-and-swap fetch it again, two waits for the other CPU instead of one. The atomic
- * also orders the slot's loads after it, on every architecture.
- */
-static __always_inline __u32 zb_read_for_update(__u32 *p)
-{
-	return __sync_fetch_and_add(p, 0);
-}
 
 static __always_inline const struct settings *zb_settings(void)
 {

@@ -16,14 +16,13 @@
 enum zb_step {
 	ZB_STEP_GETSOCKOPT_SETTINGS = 0, /* settings, local port */
 	ZB_STEP_GETSOCKOPT_TUPLE = 1,    /* the tuple from the socket's fields */
-	ZB_STEP_GETSOCKOPT_TAKE = 2,     /* hot set lookup, record taken */
+	ZB_STEP_GETSOCKOPT_TAKE = 2,     /* record looked up and deleted */
 	ZB_STEP_GETSOCKOPT_ANSWER = 3,   /* answer written */
 	ZB_STEP_GETSOCKOPT_COUNT = 4,    /* counter */
 	ZB_STEP_GETSOCKOPT_CLOCK = 5,    /* a timestamp alone */
 	ZB_STEP_SOCKOPS_RECORD = 10,     /* thread storage, armed */
 	ZB_STEP_SOCKOPS_TUPLE = 11,      /* settings, ports, tuple */
-	ZB_STEP_SOCKOPS_SET = 12,        /* hot set lookup */
-	ZB_STEP_SOCKOPS_STORE = 13,      /* record stored */
+	ZB_STEP_SOCKOPS_STORE = 13,      /* record stored (map update) */
 	ZB_STEP_SOCKOPS_CLOCK = 14,      /* a timestamp alone */
 	ZB_STEP_CONNECT_SETTINGS = 20,   /* settings, ztunnel address checks */
 	ZB_STEP_CONNECT_RECORD = 21,     /* thread storage lookup */

@@ -17,10 +17,7 @@
  */
 #include "helpers.h"
 #include "inpod_capture.h"
-#include "tuple_table.h"
-#ifdef ZBRIDGE_TUPLE_LRU
-#include "tuple_lru.h"
-#endif
+#include "tuple_map.h"
 #include "steps.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -303,10 +300,6 @@ int sock_ops(struct bpf_sock_ops *skops)
 	const struct settings *s;
 	struct conn_tuple tuple = {};
 	struct connect_record *rec;
-#ifndef ZBRIDGE_TUPLE_LRU
-	struct tuple_set *set;
-	__u32 idx;
-#endif
 	__u32 remote_port;
 	__u16 dport;
 
@@ -360,36 +353,10 @@ int sock_ops(struct bpf_sock_ops *skops)
 		zb_tuple_fold_netns(&tuple, bpf_get_netns_cookie(skops));
 	ZB_STEP(ZB_STEP_SOCKOPS_TUPLE);
 
-#ifdef ZBRIDGE_TUPLE_LRU
-	zb_tuple_lru_store(&tuple, &rec->dst);
+	zb_tuple_store(&tuple, &rec->dst);
 	ZB_STEP(ZB_STEP_SOCKOPS_STORE);
 	ZB_STEP(ZB_STEP_SOCKOPS_CLOCK);
 	return 1;
-#else
-	idx = zb_tuple_hot_set(&tuple);
-	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-	/* The array holds every index below ZB_TUPLE_SETS; the check is for the verifier. */
-	if (!set)
-		return 1;
-	ZB_STEP(ZB_STEP_SOCKOPS_SET);
-	if (zb_tuple_store(set, &tuple, &rec->dst, 0) != ZB_FULL) {
-		ZB_STEP(ZB_STEP_SOCKOPS_STORE);
-		ZB_STEP(ZB_STEP_SOCKOPS_CLOCK);
-		return 1;
-	}
-	/* The hot set is full of waiting records (a burst, or records never asked about): its
-	 * oldest moves to the overflow region and this one takes its place. */
-	if (zb_tuple_demote(set, &tuple, &rec->dst))
-		return 1;
-	/* That failed (rare: the slot changed meanwhile): the overflow region takes this one. */
-	idx = zb_tuple_overflow_set(zb_tuple_hash(&tuple));
-	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-	if (!set)
-		return 1;
-	if (zb_tuple_store(set, &tuple, &rec->dst, 1) == ZB_EVICTED)
-		zb_count(ZB_C_ORIG_DST_EVICTED);
-	return 1;
-#endif
 }
 
 /* The sockaddr_in / sockaddr_in6 that SO_ORIGINAL_DST returns. */
@@ -477,10 +444,6 @@ int getsockopt(struct bpf_sockopt *ctx)
 	const struct settings *s;
 	struct conn_tuple tuple = {};
 	struct orig_dst od = {};
-#ifndef ZBRIDGE_TUPLE_LRU
-	struct tuple_set *set;
-	__u32 idx;
-#endif
 	struct bpf_sock *sk;
 	struct zb_ip ip = {};
 	__u16 local_port;
@@ -537,22 +500,8 @@ int getsockopt(struct bpf_sockopt *ctx)
 
 	ZB_STEP(ZB_STEP_GETSOCKOPT_TUPLE);
 	question = ctx->level == SOL_IP ? ZB_ASK_V4 : ZB_ASK_V6;
-#ifdef ZBRIDGE_TUPLE_LRU
-	found = zb_tuple_lru_take(&tuple, question, &od);
+	found = zb_tuple_take(&tuple, question, &od);
 	ZB_STEP(ZB_STEP_GETSOCKOPT_TAKE);
-#else
-	/* The hot set first: the writer only goes on to the overflow set when the hot one is
-	 * full, and a record leaving the hot set takes the older ones of its tuple with it. */
-	idx = zb_tuple_hot_set(&tuple);
-	set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-	found = set ? zb_tuple_take(set, &tuple, question, &od) : ZB_TAKE_ABSENT;
-	ZB_STEP(ZB_STEP_GETSOCKOPT_TAKE);
-	if (found == ZB_TAKE_ABSENT) {
-		idx = zb_tuple_overflow_set(zb_tuple_hash(&tuple));
-		set = bpf_map_lookup_elem(&orig_dst_by_tuple, &idx);
-		found = set ? zb_tuple_take(set, &tuple, question, &od) : ZB_TAKE_ABSENT;
-	}
-#endif
 	if (found == ZB_TAKE_ABSENT) {
 		/* Keep the kernel's own answer (netfilter's, or its error). */
 		zb_count(ZB_C_ORIG_DST_MISS);

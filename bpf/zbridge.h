@@ -105,39 +105,11 @@ struct conn_tuple {
 	__u16 dport;
 };
 
-/* The tuple table's shape (shared with the Rust programmer); how it works and why it has
- * this shape: tuple_table.h. */
-#define ZB_TUPLE_WAYS 4                /* a power of two */
-#define ZB_TUPLE_HOT_SETS 256          /* a power of two: 1,024 slots, 64 KiB */
-#define ZB_TUPLE_PORTS_PER_SET 8       /* a power of two: source ports sharing a hot set */
-#define ZB_TUPLE_OVERFLOW_SETS 16384   /* a power of two: 65,536 slots, 4 MiB */
-#define ZB_TUPLE_SETS (ZB_TUPLE_HOT_SETS + ZB_TUPLE_OVERFLOW_SETS)
-
-/* The state in the low bits of tuple_slot.seq; the generation above it counts the slot's
- * claims, so that a reader's copy is known to be whole. */
-#define ZB_SLOT_STATE_BITS 2
-#define ZB_SLOT_STATE_MASK 3u
-#define ZB_SLOT_FREE 0     /* never written, or an older record of a reused tuple, freed */
-#define ZB_SLOT_PENDING 1  /* written by sock_ops, ztunnel has not asked yet */
-#define ZB_SLOT_ANSWERED 2 /* ztunnel asked; kept for a repeated question until reused */
-#define ZB_SLOT_BUSY 3     /* being written (claimed, not yet published) */
-
-/* One record of orig_dst_by_tuple, one cache line: its sequence word, its tuple and its
- * record travel between the writer's CPU and the reader's together, in one transfer. */
-struct tuple_slot {
-	__u32 seq;                /* generation << ZB_SLOT_STATE_BITS | ZB_SLOT_* */
-	struct conn_tuple tuple;
-	struct orig_dst dst;
-	__u32 evictions;          /* way 0's only: the set's count of evictions, whose low bits
-				   * name the way replaced next (round robin); 0 in the others */
-};
-_Static_assert(sizeof(struct tuple_slot) == 64, "a slot is one cache line");
-
-/* The value of `orig_dst_by_tuple` (key: the set's index): 256 bytes. */
-struct tuple_set {
-	struct tuple_slot way[ZB_TUPLE_WAYS];
-};
-_Static_assert(sizeof(struct tuple_set) == 256, "a set is four whole cache lines");
+/* Records `orig_dst_by_tuple` holds (its max_entries). A record waits only between the
+ * connect and ztunnel's question, so this many wait at once only when records are left
+ * behind (clients that gave up, a ztunnel that never asks): the LRU then takes back the
+ * oldest (tuple_map.h). A power of two, as the hash's bucket count is rounded up to one. */
+#define ZB_TUPLE_RECORDS 65536
 
 /* Indices of the per-CPU `counters` array (values __u64, summed over CPUs by the reader). */
 enum zb_counter {
@@ -147,11 +119,13 @@ enum zb_counter {
 	ZB_C_FAIL_CLOSED = 3,    /* no ztunnel known: the connect was refused */
 	ZB_C_FAIL_OPEN = 4,      /* no ztunnel known: the connect went out uncaptured */
 	ZB_C_ORIG_DST_HIT = 5,   /* SO_ORIGINAL_DST answered from orig_dst_by_tuple */
-	ZB_C_ORIG_DST_MISS = 6,  /* SO_ORIGINAL_DST on a capture socket with no entry */
+	ZB_C_ORIG_DST_MISS = 6,  /* SO_ORIGINAL_DST on a capture socket with no record: not
+				  * stored, evicted by the LRU, already answered, or a
+				  * connection that was not redirected */
 	ZB_C_REFUSED_LOOP = 7,   /* a connect straight to a capture port, refused */
 	ZB_C_BIND_REWRITTEN = 8, /* ztunnel's bind to a pod address moved to its own */
-	ZB_C_ORIG_DST_EVICTED = 9, /* a record replaced before ztunnel asked (its set was full),
-				    * or not stored (other writers kept taking its slots) */
+	ZB_C_ORIG_DST_NOT_STORED = 9, /* sock_ops could not store a connection's record (the
+				       * LRU update failed): its ztunnel will find nothing */
 	ZB_C_REDIRECTED_DNS = 10,  /* in-pod: a DNS query sent to ztunnel's 15053 in the pod */
 	ZB_C_ORIG_DST_LOCAL = 11,  /* in-pod: SO_ORIGINAL_DST of an accepted inbound socket
 				    * answered with its local address (sk_lookup kept it) */

@@ -48,12 +48,11 @@ steps = {
     25: "connect4: (a timestamp alone)",
     10: "sock_ops TCP_CONNECT: thread storage, armed",
     11: "sock_ops TCP_CONNECT: settings, ports, tuple",
-    12: "sock_ops TCP_CONNECT: hot set lookup",
-    13: "sock_ops TCP_CONNECT: record stored",
+    13: "sock_ops TCP_CONNECT: record stored (map update)",
     14: "sock_ops TCP_CONNECT: (a timestamp alone)",
     0: "getsockopt: settings, local port",
     1: "getsockopt: the tuple (socket fields)",
-    2: "getsockopt: hot set lookup, record taken",
+    2: "getsockopt: record looked up and deleted",
     3: "getsockopt: answer written",
     4: "getsockopt: counter",
     5: "getsockopt: (a timestamp alone)",
@@ -65,6 +64,6 @@ def number(v):
 
 sums = {number(e["key"]): sum(number(c["value"]) for c in e["values"]) for e in entries}
 print(f"ns per connection, {connections} connections (each step includes one timestamp):")
-for key in [20, 21, 22, 23, 24, 25, 10, 11, 12, 13, 14, 0, 1, 2, 3, 4, 5]:
+for key in [20, 21, 22, 23, 24, 25, 10, 11, 13, 14, 0, 1, 2, 3, 4, 5]:
     print(f"  {steps[key]:<46} {sums.get(key, 0) / connections:7.1f}")
 PY

@@ -1,10 +1,11 @@
 //! Reading the maps the programs write for themselves (counters, original destinations), for
 //! `zbridge dump`, the ops endpoint and tests. The programmer never writes them.
 
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 
 use crate::layout::{self, Counters};
 use crate::pins::{self, map_io_error};
@@ -50,42 +51,59 @@ fn sum_per_cpu<const N: usize>(
     Ok(sums)
 }
 
-/// One record of `orig_dst_by_tuple`: a redirected connection and where it was going.
+/// One record of `orig_dst_by_tuple`: a redirected connection ztunnel has not asked about
+/// yet, and where it was going (answered records are deleted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TupleRecord {
-    /// The index of its set (below [`layout::TUPLE_HOT_SETS`]: the hot region).
-    pub set: u32,
     pub tuple: layout::ConnTuple,
     pub dst: layout::OrigDst,
-    /// ztunnel has asked for it (`SO_ORIGINAL_DST`); its slot may be reused.
-    pub answered: bool,
 }
 
-/// Reads every record of the pinned `orig_dst_by_tuple` (all its sets, every used slot).
+impl TupleRecord {
+    /// The connection's client: its address and source port.
+    pub fn client(&self) -> SocketAddr {
+        SocketAddr::new(
+            layout::PodAddr {
+                addr: self.tuple.src,
+            }
+            .ip(),
+            u16::from_be(self.tuple.sport),
+        )
+    }
+
+    /// Where the client was going.
+    pub fn orig_dst(&self) -> SocketAddr {
+        SocketAddr::new(
+            layout::PodAddr {
+                addr: self.dst.addr,
+            }
+            .ip(),
+            u16::from_be(self.dst.port),
+        )
+    }
+}
+
+/// Reads every record of the pinned `orig_dst_by_tuple`, sorted by tuple. Records come and
+/// go while it is read (the programs store and delete them): one deleted meanwhile is left
+/// out, and the kernel's walk, which starts over when the key it stands on is deleted, may
+/// meet one twice (kept once).
 pub fn read_tuple_records(pin_dir: &Path) -> Result<Vec<TupleRecord>, ProgramError> {
     let map = layout::ORIG_DST_BY_TUPLE_MAP;
-    let table: Array<MapData, layout::TupleSet> = pins::open_typed(pin_dir, map)?;
-    let sets = table
+    let records: HashMap<MapData, layout::ConnTuple, layout::OrigDst> =
+        pins::open_typed(pin_dir, map)?;
+    let mut out = records
         .iter()
+        .map(|item| item.map(|(tuple, dst)| TupleRecord { tuple, dst }))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ProgramError::Map {
             map,
             op: "read entries",
             error: map_io_error(e),
         })?;
-    Ok(sets
-        .iter()
-        .zip(0u32..)
-        .flat_map(|(set, index)| set.way.iter().map(move |slot| (index, slot.state(), *slot)))
-        // Free slots hold nothing; a busy one is being rewritten this very moment.
-        .filter(|(_, state, _)| *state == layout::SLOT_PENDING || *state == layout::SLOT_ANSWERED)
-        .map(|(set, state, slot)| TupleRecord {
-            set,
-            tuple: slot.tuple,
-            dst: slot.dst,
-            answered: state == layout::SLOT_ANSWERED,
-        })
-        .collect())
+    let key = |r: &TupleRecord| (r.tuple.src, r.tuple.dst, r.tuple.sport, r.tuple.dport);
+    out.sort_by_key(key);
+    out.dedup_by_key(|r| key(r));
+    Ok(out)
 }
 
 /// The record the programs keep in the storage of process `pid`'s main thread

@@ -10,6 +10,8 @@ pub const POD_ADDR_MAP: &str = "pod_addr_map";
 /// `BPF_MAP_TYPE_TASK_STORAGE`: the connect-time record, one per thread, handed from connect4/6
 /// to sock_ops (it cannot be iterated; `zbridge dump` shows no entries for it).
 pub const ORIG_DST_BY_TASK_MAP: &str = "orig_dst_by_task";
+/// `BPF_MAP_TYPE_LRU_HASH`, [`ConnTuple`] → [`OrigDst`]: the records that answer ztunnel's
+/// `SO_ORIGINAL_DST`, each deleted once answered (`bpf/tuple_map.h`).
 pub const ORIG_DST_BY_TUPLE_MAP: &str = "orig_dst_by_tuple";
 pub const COUNTERS_MAP: &str = "counters";
 /// In-pod: an in-pod pod's entry by its network namespace's cookie (`bpf/inpod_capture.h`).
@@ -29,12 +31,12 @@ pub const MAPS: [&str; 8] = [
     DNS_ORIG_DST_MAP,
 ];
 
-/// The layout version: the pin directory's subdirectory (`<pin dir>/v6/`). Bump it when a
+/// The layout version: the pin directory's subdirectory (`<pin dir>/v7/`). Bump it when a
 /// map's key or value changes, so that a new agent never reads an old agent's maps (the loader
 /// removes the pins of every other version). The layout it names is the one in this file and
 /// `bpf/zbridge.h`; why the maps have their shape is in docs/design-notes.md, and what each
 /// earlier version differed in is in this constant's git history.
-pub const LAYOUT_VERSION: &str = "v6";
+pub const LAYOUT_VERSION: &str = "v7";
 
 /// How many ztunnel addresses of each family the programs spread connections over
 /// (`ZB_MAX_ZTUNNEL_ADDRS`); further ones are not used.
@@ -252,58 +254,6 @@ pub struct ConnTuple {
     pub dport: u16,
 }
 
-/// `ZB_TUPLE_WAYS`: the slots of one [`TupleSet`].
-pub const TUPLE_WAYS: usize = 4;
-/// `ZB_TUPLE_HOT_SETS`: the first sets of `orig_dst_by_tuple`, which take every record while
-/// they have room (small enough to stay in the CPU caches).
-pub const TUPLE_HOT_SETS: u32 = 256;
-/// `ZB_TUPLE_PORTS_PER_SET`: consecutive source ports that share a hot set.
-pub const TUPLE_PORTS_PER_SET: u16 = 8;
-/// `ZB_TUPLE_OVERFLOW_SETS`: the sets after them, for records whose hot set is full.
-pub const TUPLE_OVERFLOW_SETS: u32 = 16384;
-/// `ZB_TUPLE_SETS`: all sets of `orig_dst_by_tuple` (its `max_entries`).
-pub const TUPLE_SETS: u32 = TUPLE_HOT_SETS + TUPLE_OVERFLOW_SETS;
-
-/// Bits of state at the bottom of each `tuple_slot.seq` word (`ZB_SLOT_STATE_BITS`); the
-/// generation is above them.
-pub const SLOT_STATE_BITS: u32 = 2;
-/// `tuple_slot.seq` state: never written.
-pub const SLOT_FREE: u32 = 0;
-/// Written by sock_ops; ztunnel has not asked yet.
-pub const SLOT_PENDING: u32 = 1;
-/// ztunnel asked; the record stays until the slot is reused.
-pub const SLOT_ANSWERED: u32 = 2;
-/// Being written (claimed by a writer, not yet published).
-pub const SLOT_BUSY: u32 = 3;
-
-/// `struct tuple_slot`: one record of `orig_dst_by_tuple`, one cache line (64 bytes).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TupleSlot {
-    /// A generation above [`SLOT_STATE_BITS`] bits of state ([`SLOT_FREE`],
-    /// [`SLOT_PENDING`], [`SLOT_ANSWERED`], [`SLOT_BUSY`]).
-    pub seq: u32,
-    pub tuple: ConnTuple,
-    pub dst: OrigDst,
-    /// Way 0's only: the set's count of evictions (the way replaced next when all wait).
-    pub evictions: u32,
-}
-
-impl TupleSlot {
-    /// Its state ([`SLOT_FREE`], ...).
-    pub fn state(&self) -> u32 {
-        self.seq & ((1 << SLOT_STATE_BITS) - 1)
-    }
-}
-
-/// `struct tuple_set`: the value of `orig_dst_by_tuple` (key: the set's `u32` index), 256
-/// bytes.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TupleSet {
-    pub way: [TupleSlot; TUPLE_WAYS],
-}
-
 impl ConnTuple {
     /// A connection seen from its client: `src` the client, `dst` ztunnel's capture socket.
     pub fn new(src: SocketAddr, dst: SocketAddr) -> Self {
@@ -314,37 +264,11 @@ impl ConnTuple {
             dport: dst.port().to_be(),
         }
     }
-
-    /// The mirror of `zb_tuple_hash` in `bpf/helpers.h`: the same mixing of the tuple's nine
-    /// words, read in the CPU's byte order as the program reads them.
-    pub fn hash(&self) -> u32 {
-        let mut bytes = [0u8; 36];
-        bytes[..16].copy_from_slice(&self.src);
-        bytes[16..32].copy_from_slice(&self.dst);
-        bytes[32..34].copy_from_slice(&self.sport.to_ne_bytes());
-        bytes[34..36].copy_from_slice(&self.dport.to_ne_bytes());
-        let h = bytes.chunks_exact(4).fold(0u32, |h, word| {
-            let h = (h ^ u32::from_ne_bytes(word.try_into().expect("4 bytes")))
-                .wrapping_mul(0x9e37_79b1);
-            h ^ (h >> 16)
-        });
-        let h = h.wrapping_mul(0x85eb_ca6b);
-        let h = (h ^ (h >> 13)).wrapping_mul(0xc2b2_ae35);
-        h ^ (h >> 16)
-    }
-
-    /// The set of `orig_dst_by_tuple` its record goes to while that set has room
-    /// (`zb_tuple_hot_set`): by the client's source port.
-    pub fn hot_set(&self) -> u32 {
-        u32::from(u16::from_be(self.sport) / TUPLE_PORTS_PER_SET) & (TUPLE_HOT_SETS - 1)
-    }
-
-    /// The set its record goes to when the hot one is full (`zb_tuple_overflow_set`): by
-    /// [`ConnTuple::hash`].
-    pub fn overflow_set(&self) -> u32 {
-        TUPLE_HOT_SETS + (self.hash() & (TUPLE_OVERFLOW_SETS - 1))
-    }
 }
+
+/// `ZB_TUPLE_RECORDS`: the records `orig_dst_by_tuple` holds (its `max_entries`); when it is
+/// full, the kernel's LRU takes back the least recently used one.
+pub const TUPLE_RECORDS: u32 = 65536;
 
 /// `enum zb_counter`: the indices of the per-CPU `counters` array, with their names.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
@@ -357,7 +281,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "orig_dst_miss",
     "refused_loop",
     "bind_rewritten",
-    "orig_dst_evicted",
+    "orig_dst_not_stored",
     "redirected_dns",
     "orig_dst_local",
 ];
@@ -380,15 +304,18 @@ pub struct Counters {
     pub fail_open: u64,
     /// `SO_ORIGINAL_DST` answered.
     pub orig_dst_hit: u64,
-    /// `SO_ORIGINAL_DST` on a capture socket with no record.
+    /// `SO_ORIGINAL_DST` on a capture socket with no record: not stored, evicted by the
+    /// LRU, already answered, or a connection that was not redirected. Counted per question
+    /// (ztunnel asks twice about an IPv6 connection).
     pub orig_dst_miss: u64,
     /// A connect straight to a capture port, refused (it would loop through ztunnel).
     pub refused_loop: u64,
     /// ztunnel's bind to a pod address moved to its own address.
     pub bind_rewritten: u64,
-    /// A tuple record replaced before ztunnel asked for it (its set of `orig_dst_by_tuple`
-    /// was full of waiting records): that connection's `SO_ORIGINAL_DST` misses.
-    pub orig_dst_evicted: u64,
+    /// sock_ops could not store a connection's record (the update of `orig_dst_by_tuple`
+    /// failed): that connection's `SO_ORIGINAL_DST` misses. Records the LRU evicts are not
+    /// counted here (the kernel does not tell); their question counts as a miss.
+    pub orig_dst_not_stored: u64,
     /// In-pod: a DNS query sent to ztunnel's 15053 in the pod.
     pub redirected_dns: u64,
     /// In-pod: `SO_ORIGINAL_DST` of an accepted inbound socket answered with its local
@@ -409,7 +336,7 @@ impl Counters {
             orig_dst_miss: v[6],
             refused_loop: v[7],
             bind_rewritten: v[8],
-            orig_dst_evicted: v[9],
+            orig_dst_not_stored: v[9],
             redirected_dns: v[10],
             orig_dst_local: v[11],
         }
@@ -427,7 +354,7 @@ impl Counters {
             self.orig_dst_miss,
             self.refused_loop,
             self.bind_rewritten,
-            self.orig_dst_evicted,
+            self.orig_dst_not_stored,
             self.redirected_dns,
             self.orig_dst_local,
         ];
@@ -436,7 +363,7 @@ impl Counters {
 }
 
 // SAFETY (aya's `Pod`: handed to the kernel as bytes): #[repr(C)] structs of integers and byte
-// arrays without padding, any bit pattern valid (sizes 24, 96, 16, 20, 36, 56 and 256, checked
+// arrays without padding, any bit pattern valid (sizes 24, 96, 16, 20, 56 and 36, checked
 // against the object's BTF by a test).
 unsafe impl aya::Pod for CgroupInfo {}
 // SAFETY: as above.
@@ -449,10 +376,6 @@ unsafe impl aya::Pod for OrigDst {}
 unsafe impl aya::Pod for ConnectRecord {}
 // SAFETY: as above.
 unsafe impl aya::Pod for ConnTuple {}
-// SAFETY: as above.
-unsafe impl aya::Pod for TupleSlot {}
-// SAFETY: as above.
-unsafe impl aya::Pod for TupleSet {}
 
 /// `struct pod_addr`: the key of `pod_addr_map` (IPv4 stored IPv4-mapped).
 #[repr(C)]

@@ -11,15 +11,6 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// Where build.rs wrote the object (for tools such as `bpftool btf dump file`).
 pub const OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/zbridge.bpf.o");
 
-/// The object's variant whose `orig_dst_by_tuple` is the kernel's LRU hash keyed by the tuple
-/// (`bpf/tuple_lru.h`), for the datapath bench's comparison with the set-associative table;
-/// never loaded by the agent (which does not reference it, so its binary does not carry it).
-/// It loads through the same loader ([`crate::LoaderConfig`]'s `object`):
-/// the loader checks pinned maps against the object it loads, so switching between the two
-/// objects recreates `orig_dst_by_tuple` and keeps every other map.
-pub static TUPLE_LRU_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zbridge-tuple-lru.bpf.o"));
-
 /// How a program attaches to its cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgramKind {

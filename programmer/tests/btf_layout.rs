@@ -4,9 +4,7 @@
 use std::mem::{offset_of, size_of};
 use std::process::Command;
 
-use programmer::layout::{
-    self, CgroupInfo, ConnTuple, ConnectRecord, OrigDst, PodAddr, Settings, TupleSet, TupleSlot,
-};
+use programmer::layout::{self, CgroupInfo, ConnTuple, ConnectRecord, OrigDst, PodAddr, Settings};
 use programmer::object;
 
 /// (name, byte offset) of each member, and the size, of a BTF struct.
@@ -38,8 +36,8 @@ fn owned(fields: &[(&str, usize)]) -> Vec<(String, u64)> {
         .collect()
 }
 
-#[test]
-fn rust_mirrors_match_the_objects_btf() {
+/// The object's BTF types, as `bpftool btf dump` lists them.
+fn btf_types() -> Vec<serde_json::Value> {
     let out = Command::new("bpftool")
         .args(["-j", "btf", "dump", "file", object::OBJECT_PATH])
         .output()
@@ -50,7 +48,42 @@ fn rust_mirrors_match_the_objects_btf() {
         String::from_utf8_lossy(&out.stderr)
     );
     let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let types = dump["types"].as_array().unwrap();
+    dump["types"].as_array().unwrap().clone()
+}
+
+/// What member `member` of the map definition `map` (libbpf's `__uint`/`__type` in `.maps`)
+/// points to: an ARRAY whose `nr_elems` is the number for `__uint`, the type for `__type`.
+fn map_member<'a>(
+    types: &'a [serde_json::Value],
+    map: &str,
+    member: &str,
+) -> &'a serde_json::Value {
+    let by_id = |id: &serde_json::Value| {
+        types
+            .iter()
+            .find(|t| t["id"] == *id)
+            .unwrap_or_else(|| panic!("BTF type {id} not found"))
+    };
+    let var = types
+        .iter()
+        .find(|t| t["kind"] == "VAR" && t["name"] == map)
+        .unwrap_or_else(|| panic!("map {map} not in the object's BTF"));
+    let def = by_id(&var["type_id"]);
+    let m = def["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == member)
+        .unwrap_or_else(|| panic!("{map} declares no {member}"));
+    let ptr = by_id(&m["type_id"]);
+    assert_eq!(ptr["kind"], "PTR", "{map}.{member}");
+    by_id(&ptr["type_id"])
+}
+
+#[test]
+fn rust_mirrors_match_the_objects_btf() {
+    let types = btf_types();
+    let types = types.as_slice();
 
     let cases: Vec<StructLayout> = vec![
         (
@@ -119,21 +152,6 @@ fn rust_mirrors_match_the_objects_btf() {
                 ("cached_info", offset_of!(ConnectRecord, cached_info)),
             ]),
         ),
-        (
-            "tuple_slot",
-            size_of::<TupleSlot>(),
-            owned(&[
-                ("seq", offset_of!(TupleSlot, seq)),
-                ("tuple", offset_of!(TupleSlot, tuple)),
-                ("dst", offset_of!(TupleSlot, dst)),
-                ("evictions", offset_of!(TupleSlot, evictions)),
-            ]),
-        ),
-        (
-            "tuple_set",
-            size_of::<TupleSet>(),
-            owned(&[("way", offset_of!(TupleSet, way))]),
-        ),
     ];
     for (name, rust_size, rust_fields) in cases {
         let (c_size, c_fields) = btf_struct(types, name);
@@ -167,13 +185,16 @@ fn maps_of_the_object_are_the_ones_layout_names_with_their_key_and_value_sizes()
     assert_eq!(specs[layout::ORIG_DST_BY_TASK_MAP].map_type, 29); // BPF_MAP_TYPE_TASK_STORAGE
     assert_eq!(
         kv(layout::ORIG_DST_BY_TUPLE_MAP),
-        (4, size_of::<TupleSet>())
+        (size_of::<ConnTuple>(), size_of::<OrigDst>())
     );
-    assert_eq!(specs[layout::ORIG_DST_BY_TUPLE_MAP].map_type, 2); // BPF_MAP_TYPE_ARRAY
+    assert_eq!(specs[layout::ORIG_DST_BY_TUPLE_MAP].map_type, 9); // BPF_MAP_TYPE_LRU_HASH
     assert_eq!(
         specs[layout::ORIG_DST_BY_TUPLE_MAP].max_entries,
-        layout::TUPLE_SETS
+        layout::TUPLE_RECORDS
     );
+    // Preallocated (no BPF_F_NO_PREALLOC: an update in sock_ops allocates nothing), one LRU
+    // list shared by the CPUs (no BPF_F_NO_COMMON_LRU).
+    assert_eq!(specs[layout::ORIG_DST_BY_TUPLE_MAP].map_flags, 0);
     assert_eq!(kv(layout::COUNTERS_MAP), (4, 8));
     // One counter slot per name the reader decodes (ZB_C_MAX).
     assert_eq!(
@@ -186,23 +207,28 @@ fn maps_of_the_object_are_the_ones_layout_names_with_their_key_and_value_sizes()
     );
 }
 
-/// The LRU variant (`object::TUPLE_LRU_OBJECT`) differs from the
-/// shipped object in `orig_dst_by_tuple` alone: the kernel's LRU hash keyed by the tuple with
-/// the original destination as value, as many records as the table has slots.
+/// `orig_dst_by_tuple` as the C declares it: the kernel's LRU hash, keyed by `struct
+/// conn_tuple` with `struct orig_dst` as value (the types [`ConnTuple`] and [`OrigDst`]
+/// mirror, checked above), holding [`layout::TUPLE_RECORDS`].
 #[test]
-fn the_tuple_lru_variant_differs_in_orig_dst_by_tuple_alone() {
-    let variant = object::TUPLE_LRU_OBJECT;
-    let mut shipped = object::map_specs(object::OBJECT).unwrap();
-    let mut lru = object::map_specs(variant).unwrap();
-    let table = lru.remove(layout::ORIG_DST_BY_TUPLE_MAP).unwrap();
-    shipped.remove(layout::ORIG_DST_BY_TUPLE_MAP).unwrap();
-    assert_eq!(lru, shipped);
-    assert_eq!(table.map_type, 9); // BPF_MAP_TYPE_LRU_HASH
-    assert_eq!(table.key_size as usize, size_of::<ConnTuple>());
-    assert_eq!(table.value_size as usize, size_of::<OrigDst>());
+fn orig_dst_by_tuple_is_an_lru_hash_of_conn_tuple_to_orig_dst() {
+    let types = btf_types();
+    let map = layout::ORIG_DST_BY_TUPLE_MAP;
+    let uint = |member| {
+        map_member(&types, map, member)["nr_elems"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(uint("type"), 9); // BPF_MAP_TYPE_LRU_HASH
+    assert_eq!(uint("max_entries"), u64::from(layout::TUPLE_RECORDS));
+    let key = map_member(&types, map, "key");
     assert_eq!(
-        table.max_entries,
-        layout::TUPLE_SETS * layout::TUPLE_WAYS as u32
+        (&key["kind"], &key["name"]),
+        (&"STRUCT".into(), &"conn_tuple".into())
     );
-    assert_eq!(table.map_flags, 0);
+    let value = map_member(&types, map, "value");
+    assert_eq!(
+        (&value["kind"], &value["name"]),
+        (&"STRUCT".into(), &"orig_dst".into())
+    );
 }

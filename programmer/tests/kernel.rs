@@ -58,21 +58,6 @@ fn assert_within_a_quarter_of_the_limit(verified: Vec<programmer::loader::Verifi
     }
 }
 
-/// The LRU variant of the object (for the datapath bench) passes the
-/// verifier too, within the same bound.
-#[test]
-fn the_tuple_lru_variant_verifies_within_a_quarter_of_the_verifier_limit() {
-    let variant = programmer::object::TUPLE_LRU_OBJECT;
-    if !testkit::require_root(
-        "the_tuple_lru_variant_verifies_within_a_quarter_of_the_verifier_limit",
-    ) {
-        return;
-    }
-    let verified = programmer::loader::verify_object_bytes(variant).unwrap();
-    assert_eq!(verified.len(), programmer::object::PROGRAMS.len());
-    assert_within_a_quarter_of_the_limit(verified);
-}
-
 #[test]
 fn object_loads_attaches_every_program_and_pins_outlive_the_loader() {
     if !testkit::require_root("object_loads_attaches_every_program_and_pins_outlive_the_loader") {
@@ -463,11 +448,8 @@ fn ambient_process_loopback_passes_no_ztunnel_fails_closed_and_redirect_lands() 
         family: libc::AF_INET as u16,
     };
     let record = programmer::TupleRecord {
-        // The Rust mirror of the programs' hash names the set the record went to.
-        set: want_key.hot_set(),
         tuple: want_key,
         dst: want_value,
-        answered: false,
     };
     assert_eq!(tuples, vec![record]);
 

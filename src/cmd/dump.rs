@@ -22,6 +22,10 @@ pub struct DumpArgs {
     pub zds_status_file: PathBuf,
 }
 
+/// How many waiting `orig_dst_by_tuple` records `dump` lists (it counts them all): a node
+/// whose ztunnel stopped asking can hold tens of thousands.
+const TUPLE_RECORDS_SHOWN: usize = 20;
+
 /// Where the running agent writes its ZDS state by default.
 pub const ZDS_STATUS_FILE: &str = "/run/zbridge/zds.json";
 
@@ -159,14 +163,27 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
         println!("  {:<40} {}", addr.ip(), role_of(*flags));
     }
     // The thread-storage map (the connect-time records) cannot be iterated: only the
-    // tuple records, which ztunnel's questions are answered from, are counted.
+    // tuple records, which ztunnel's questions are answered from, are shown. Answered
+    // records are deleted: those left are connections ztunnel has not asked about (yet: a
+    // record lives microseconds; many, or old ones, are clients that gave up or a ztunnel
+    // that does not ask).
     let by_tuple = programmer::read_tuple_records(&args.pin_dir)?;
-    let waiting = by_tuple.iter().filter(|r| !r.answered).count();
     println!(
-        "{}: {} records ({waiting} waiting for ztunnel's question)",
+        "{}: {} records waiting for ztunnel's question (holds {}):",
         layout::ORIG_DST_BY_TUPLE_MAP,
-        by_tuple.len()
+        by_tuple.len(),
+        layout::TUPLE_RECORDS
     );
+    for record in by_tuple.iter().take(TUPLE_RECORDS_SHOWN) {
+        println!(
+            "  client {:<46} to {}",
+            record.client().to_string(),
+            record.orig_dst()
+        );
+    }
+    if by_tuple.len() > TUPLE_RECORDS_SHOWN {
+        println!("  ... and {} more", by_tuple.len() - TUPLE_RECORDS_SHOWN);
+    }
     inpod_section(&args);
     println!("counters:");
     for (name, value) in programmer::read_counters(&args.pin_dir)?.pairs() {
