@@ -1,7 +1,7 @@
 //! The pin directory: where it must be (on a bpffs), who may write it (root alone), and where
 //! each map and link is pinned in it.
 //!
-//! The layout is versioned: `<pin dir>/v6/maps/<map>` and `<pin dir>/v6/links/<program>`
+//! The layout is versioned: `<pin dir>/v7/maps/<map>` and `<pin dir>/v7/links/<program>`
 //! ([`layout::LAYOUT_VERSION`]).
 //!
 //! Pinned links keep the programs attached while no agent runs, so whoever can write a

@@ -227,3 +227,57 @@ fn a_pin_dir_off_bpffs_is_refused_with_the_mount_hint() {
         "mount -t bpf -o mode=0700 bpf /sys/fs/bpf"
     );
 }
+
+/// The programs attached to `cgroup`'s directory, as `bpftool cgroup show` lists them.
+fn attached_programs(cg: &TestCgroup) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cg.dir())
+        .output()
+        .expect("bpftool runs (Debian package `bpftool`)");
+    assert!(out.status.success(), "{out:?}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array().unwrap().len()
+}
+
+/// An agent of the previous layout left its pins (links still attached, maps) under
+/// `<pin dir>/v6`: the loader of this one removes them, so that the old programs no longer
+/// run beside the new ones, and reports it. The old pins are made by loading this object and
+/// renaming its version directory, which keeps its links attached.
+#[test]
+fn the_loader_removes_the_pins_of_the_previous_layout_version() {
+    if !testkit::require_root("the_loader_removes_the_pins_of_the_previous_layout_version") {
+        return;
+    }
+    assert_eq!(
+        layout::LAYOUT_VERSION,
+        "v7",
+        "the previous version below is v6"
+    );
+    let cg = TestCgroup::new("pin-old").unwrap();
+    let fs = bpffs("pin-old");
+    drop(Loaded::load_and_attach(config(&fs, &cg)).unwrap());
+    let old = fs.pin_dir().join("v6");
+    std::fs::rename(fs.pin_dir().join(layout::LAYOUT_VERSION), &old).unwrap();
+    let programs = programmer::object::PROGRAMS.len();
+    assert_eq!(
+        attached_programs(&cg),
+        programs,
+        "the old links hold theirs"
+    );
+
+    let loaded = Loaded::load_and_attach(config(&fs, &cg)).unwrap();
+    assert_eq!(loaded.report().old_versions_removed, vec![old.clone()]);
+    assert!(!old.exists());
+    assert_eq!(loaded.report().links_created.len(), programs);
+    // The kernel frees an unpinned link (and detaches its program) in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while attached_programs(&cg) != programs {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old programs still attached: {} programs",
+            attached_programs(&cg)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
