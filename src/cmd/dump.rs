@@ -187,7 +187,7 @@ pub fn main(args: DumpArgs) -> anyhow::Result<ExitCode> {
     inpod_section(&args);
     println!("counters:");
     for (name, value) in programmer::read_counters(&args.pin_dir)?.pairs() {
-        println!("  {name:<16} {value}");
+        println!("  {name:<20} {value}");
     }
     if let Some(inbound) = programmer::inspect::read_inbound_counters(&args.pin_dir)? {
         for (name, value) in inbound.pairs() {
