@@ -28,6 +28,9 @@
 //!    (connections spread by a hash of the destination), and with one address and
 //!    `net.ipv4.tcp_tw_reuse=1` set in the pod's namespace.
 //!
+//! `cargo test --benches` runs a small check instead (a few rounds and connections; every
+//! zbridge connection answered).
+//!
 //! `cargo bench --bench datapath` (env: `ROUNDS`, `PER_ROUND`, `BURST`, `SPREAD_BURST`,
 //! `SPREAD_PORTS`; `ONLY_SPREAD=1` runs part 3 alone; `RUN_TIME=1` also reports the zbridge
 //! paths' sock_ops and getsockopt run time per connection, from `BPF_ENABLE_STATS`).
@@ -217,14 +220,17 @@ fn others(count: u32, delete: bool) -> Vec<Update> {
 }
 
 fn main() {
-    if root_bench("benches/datapath").is_none() {
+    let Some(bench) = root_bench("benches/datapath") else {
         return;
-    }
-    let rounds = env_or("ROUNDS", 10);
-    let per_round = env_or("PER_ROUND", 500);
-    let burst = env_or("BURST", 40_000);
-    let spread_burst = env_or("SPREAD_BURST", 30_000);
-    let spread_ports = env_or("SPREAD_PORTS", 10_000);
+    };
+    // `cargo test --benches`: a few connections of each kind, and the check that zbridge
+    // answered every one of them (see below).
+    let size = |full: u64, check: u64| if bench { full } else { check };
+    let rounds = env_or("ROUNDS", size(10, 2));
+    let per_round = env_or("PER_ROUND", size(500, 50));
+    let burst = env_or("BURST", size(40_000, 1_000));
+    let spread_burst = env_or("SPREAD_BURST", size(30_000, 1_000));
+    let spread_ports = env_or("SPREAD_PORTS", size(10_000, 500));
     let only_spread = env_or("ONLY_SPREAD", 0) == 1;
     // RUN_TIME=1: the kernel times every program run (BPF_ENABLE_STATS; a little more work
     // in each), for the zbridge paths' sock_ops and getsockopt ns per connection.
@@ -379,6 +385,15 @@ fn main() {
             }
         }
         println!("(p50/a by round: median (lowest-highest) over the rounds of the path's p50 over direct's)");
+        if !bench {
+            // Every zbridge connection landed and its ztunnel got an original destination.
+            for (i, name) in names.iter().enumerate() {
+                if name.starts_with("zbridge") {
+                    assert!(errors[i].is_empty(), "{name}: {:?}", errors[i]);
+                    assert_eq!(answered[i], rounds * per_round, "{name}");
+                }
+            }
+        }
         if round_run_time.iter().flatten().any(|&ns| ns > 0) {
             println!("sock_ops + getsockopt, ns per connection: median round (lowest-highest)");
             for (i, name) in names
