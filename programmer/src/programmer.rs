@@ -404,12 +404,13 @@ pub fn entry_of(enrolment: &Enrolment) -> CgroupInfo {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::sync::Arc;
 
     use super::*;
     use crate::memory::MemoryBackend;
 
     fn upsert(id: u64, ip: &str) -> Update {
-        Update::Upsert(Enrolment {
+        Update::Upsert(Arc::new(Enrolment {
             cgroup_id: CgroupId(id),
             cgroup: format!("/kubepods/pod{id}"),
             pod: Some(format!("ns/p{id}")),
@@ -417,7 +418,7 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             capture: Default::default(),
             identity: None,
-        })
+        }))
     }
 
     #[test]

@@ -7,7 +7,10 @@ impl Resolver {
     // ---- decisions ----
 
     /// The decision for an owner and the entries it needs.
-    pub(super) fn desired(&mut self, key: &OwnerKey) -> (Decision, BTreeMap<CgroupId, Enrolment>) {
+    pub(super) fn desired(
+        &mut self,
+        key: &OwnerKey,
+    ) -> (Decision, BTreeMap<CgroupId, Arc<Enrolment>>) {
         let decision = self.decide(key);
         let desired = self.desired_for(key, &decision);
         (decision, desired)
@@ -18,7 +21,7 @@ impl Resolver {
         &mut self,
         key: &OwnerKey,
         decision: &Decision,
-    ) -> BTreeMap<CgroupId, Enrolment> {
+    ) -> BTreeMap<CgroupId, Arc<Enrolment>> {
         let mut desired = BTreeMap::new();
         if decision.role == Role::None {
             return desired;
@@ -39,14 +42,16 @@ impl Resolver {
             _ => (Capture::Node, None),
         };
         let owner = &self.owners[key];
-        let enrol = |id: CgroupId, path: &str| Enrolment {
-            cgroup_id: id,
-            cgroup: path.to_string(),
-            pod: pod.clone(),
-            role: decision.role,
-            ips: decision.ips.clone(),
-            capture,
-            identity: identity.clone(),
+        let enrol = |id: CgroupId, path: &str| {
+            Arc::new(Enrolment {
+                cgroup_id: id,
+                cgroup: path.to_string(),
+                pod: pod.clone(),
+                role: decision.role,
+                ips: decision.ips.clone(),
+                capture,
+                identity: identity.clone(),
+            })
         };
         match root_id {
             Some(id) => {
@@ -190,11 +195,34 @@ impl Resolver {
         {
             return;
         }
-        let desired = self.desired_for(key, &decision);
+        // Back to the decision that built `enrolled`, with nothing else changed: its entries
+        // are those that would be built. Only while the owner has live cgroups: then its
+        // pod-level cgroup exists throughout (a live cgroup below it pins it), so the id that
+        // `desired_for` would find for it is the one found before.
+        let reused = match &owner.enrolled {
+            Some((role, ips, entries))
+                if !owner.stale
+                    && !owner.live.is_empty()
+                    && *role == decision.role
+                    && *ips == decision.ips =>
+            {
+                Some(entries.clone())
+            }
+            _ => None,
+        };
+        let desired = match reused {
+            Some(entries) => entries,
+            None => self.desired_for(key, &decision),
+        };
         // The owner's name is made only for a line that is written.
         let label = log::log_enabled!(log::Level::Info).then(|| self.owner_label(key));
         let owner = self.owners.get_mut(key).expect("checked above");
         owner.decided = Some((decision.role, decision.ips.clone()));
+        if decision.role != Role::None {
+            owner.enrolled = Some((decision.role, decision.ips.clone(), desired.clone()));
+        } else if owner.stale {
+            owner.enrolled = None;
+        }
         owner.stale = false;
         for id in owner.emitted.keys() {
             if !desired.contains_key(id) {
@@ -203,7 +231,7 @@ impl Resolver {
         }
         for (id, enrolment) in &desired {
             if owner.emitted.get(id) != Some(enrolment) {
-                out.push(Update::Upsert(enrolment.clone()));
+                out.push(Update::Upsert(Arc::clone(enrolment)));
             }
         }
         owner.emitted = desired;

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use log::{debug, info, warn};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -97,7 +98,11 @@ struct Owner {
     /// Its cgroups that hold live processes.
     live: BTreeSet<CgroupId>,
     /// The entries emitted for it (what the programmer holds).
-    emitted: BTreeMap<CgroupId, Enrolment>,
+    emitted: BTreeMap<CgroupId, Arc<Enrolment>>,
+    /// The entries of the last decision that enrolled it (a role other than `none`) and that
+    /// decision's role and addresses, valid while `stale` is false: a decision that flips
+    /// back (a namespace label flipped to and fro) reuses them instead of building them again.
+    enrolled: Option<(Role, Vec<IpAddr>, BTreeMap<CgroupId, Arc<Enrolment>>)>,
     /// The last decision logged, to log changes only.
     logged: Option<(Role, Vec<IpAddr>)>,
     /// The role and addresses `emitted` was built from.
@@ -113,6 +118,7 @@ impl Owner {
             root: root.into(),
             live: BTreeSet::new(),
             emitted: BTreeMap::new(),
+            enrolled: None,
             logged: None,
             decided: None,
             stale: true,
