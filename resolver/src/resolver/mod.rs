@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 use rustc_hash::{FxHashMap, FxHashSet};
 use watcher::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts};
 
-use crate::cgroup_path::{parse_cgroup_path, CgroupKind};
+use crate::cgroup_path::{find_pod, PodOf};
 use crate::decide::{Decision, Rules};
 use crate::facts::{NamespaceFacts, PodFacts};
 use crate::input::{Input, KubeChange};
