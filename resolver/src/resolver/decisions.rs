@@ -162,6 +162,24 @@ impl Resolver {
         }
     }
 
+    /// Whether an owner's decision is `role` with `ips`; for a pod, found without building the
+    /// decision (no addresses copied).
+    pub(super) fn decides_same(&self, key: &OwnerKey, role: Role, ips: &[IpAddr]) -> bool {
+        if let OwnerKey::Pod(uid) = key {
+            if let Some(pod) = self.pods.get(uid) {
+                let namespace = self.namespaces.get(pod.namespace.as_str());
+                let (now, _) = self.rules.role(pod, namespace);
+                return now == role
+                    && match now {
+                        Role::None => ips.is_empty(),
+                        _ => pod.ips == ips,
+                    };
+            }
+        }
+        let decision = self.decide(key);
+        decision.role == role && decision.ips == ips
+    }
+
     /// A fixed address, or for `auto` the first addresses seen in the owner's live cgroups
     /// (lowest cgroup id first, so that a reload decides the same).
     pub(super) fn address_of(&self, key: &OwnerKey, address: &Address) -> Vec<IpAddr> {
@@ -184,17 +202,17 @@ impl Resolver {
         let Some(owner) = self.owners.get(key) else {
             return;
         };
-        let decision = self.decide(key);
         // Nothing but the decision could have changed, and it did not: the entries are
-        // those emitted (a namespace change re-decides every pod in it; most stay the same).
+        // those emitted (a namespace change re-decides every pod in it; many stay the same).
         if !owner.stale
             && owner
                 .decided
                 .as_ref()
-                .is_some_and(|(role, ips)| *role == decision.role && *ips == decision.ips)
+                .is_some_and(|(role, ips)| self.decides_same(key, *role, ips))
         {
             return;
         }
+        let decision = self.decide(key);
         // Back to the decision that built `enrolled`, with nothing else changed: its entries
         // are those that would be built. Only while the owner has live cgroups: then its
         // pod-level cgroup exists throughout (a live cgroup below it pins it), so the id that

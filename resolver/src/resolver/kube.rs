@@ -28,15 +28,19 @@ impl Resolver {
             KubeChange::ApplyNamespace { name, facts } => {
                 if self.namespaces.get(&name) != Some(&facts) {
                     debug!("namespace {name}: {facts:?}");
-                    self.namespaces.insert(name.clone(), facts);
-                    self.recompute_namespace(&name, out);
+                    let opted_in = namespace_opts_in(Some(&facts));
+                    let before = self.namespaces.insert(name.clone(), facts);
+                    // The rules read no more of a namespace than whether it opts in.
+                    if namespace_opts_in(before.as_ref()) != opted_in {
+                        self.recompute_namespace(&name, out);
+                    }
                 }
             }
             KubeChange::DeleteNamespace { name } if name.is_empty() => {
                 warn!("a namespace delete without metadata.name was ignored")
             }
             KubeChange::DeleteNamespace { name } => {
-                if self.namespaces.remove(&name).is_some() {
+                if namespace_opts_in(self.namespaces.remove(&name).as_ref()) {
                     self.recompute_namespace(&name, out);
                 }
             }
