@@ -237,9 +237,12 @@ impl<B: MapBackend> Programmer<B> {
             batch.settings = Some(settings);
         }
         // Dedupe address operations: an address released and retained in one batch stays.
-        batch
-            .addr_deletes
-            .retain(|a| !batch.addr_upserts.iter().any(|(u, _)| u == a));
+        // (A set: a burst such as a namespace flipped back and forth within one batch has
+        // hundreds of each.)
+        if !batch.addr_deletes.is_empty() && !batch.addr_upserts.is_empty() {
+            let retained: FxHashSet<PodAddr> = batch.addr_upserts.iter().map(|(u, _)| *u).collect();
+            batch.addr_deletes.retain(|a| !retained.contains(a));
+        }
         if batch.is_empty() {
             return Ok(());
         }
