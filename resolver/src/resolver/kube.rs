@@ -63,15 +63,21 @@ impl Resolver {
             return;
         }
         let mut was_ztunnel = false;
+        // A pod stays in its namespace's set while it stays in the namespace (most changes).
+        let new_namespace = facts.as_ref().map(|f| f.namespace.as_str());
+        let mut stayed = false;
         if let Some(old) = self.pods.remove(&uid) {
             if self.rules.is_node_ztunnel(&old) {
                 was_ztunnel = true;
                 self.ztunnel_pods.remove(&ZtunnelRank::of(&uid, &old));
             }
-            if let Some(set) = self.pods_by_namespace.get_mut(&old.namespace) {
-                set.remove(&OwnerKey::Pod(uid.clone()));
-                if set.is_empty() {
-                    self.pods_by_namespace.remove(&old.namespace);
+            stayed = new_namespace == Some(old.namespace.as_str());
+            if !stayed {
+                if let Some(set) = self.pods_by_namespace.get_mut(&old.namespace) {
+                    set.remove(&OwnerKey::Pod(uid.clone()));
+                    if set.is_empty() {
+                        self.pods_by_namespace.remove(&old.namespace);
+                    }
                 }
             }
         }
@@ -83,10 +89,12 @@ impl Resolver {
                     self.ztunnel_pods.insert(ZtunnelRank::of(&uid, &facts));
                 }
             }
-            self.pods_by_namespace
-                .entry(facts.namespace.clone())
-                .or_default()
-                .insert(OwnerKey::Pod(uid.clone()));
+            if !stayed {
+                self.pods_by_namespace
+                    .entry(facts.namespace.clone())
+                    .or_default()
+                    .insert(OwnerKey::Pod(uid.clone()));
+            }
             self.pods.insert(uid.clone(), facts);
         }
         let key = OwnerKey::Pod(uid);
