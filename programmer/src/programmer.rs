@@ -360,17 +360,14 @@ pub fn split_batch(batch: MapBatch, max: usize) -> Vec<MapBatch> {
 /// The level of a cgroup path: `/` is 0, `/a` is 1, `/a/b` is 2.
 pub fn level_of(path: &str) -> u32 {
     // Non-empty components, counted by their first byte (one that is not `/` and follows a
-    // `/` or the start): one pass over the bytes, without a splitting iterator per upsert.
-    let mut level = 0;
-    let mut after_slash = true;
-    for &byte in path.as_bytes() {
-        let slash = byte == b'/';
-        if !slash && after_slash {
-            level += 1;
-        }
-        after_slash = slash;
-    }
-    level
+    // `/` or the start): a branch-free count over byte pairs, on every queued upsert.
+    let bytes = path.as_bytes();
+    let first = usize::from(bytes.first().is_some_and(|b| *b != b'/'));
+    let rest = bytes
+        .windows(2)
+        .filter(|pair| pair[0] == b'/' && pair[1] != b'/')
+        .count();
+    (first + rest) as u32
 }
 
 /// Whether an entry's addresses go to `pod_addr_map`, whose pods a host process's connect
