@@ -360,14 +360,18 @@ pub fn split_batch(batch: MapBatch, max: usize) -> Vec<MapBatch> {
 /// The level of a cgroup path: `/` is 0, `/a` is 1, `/a/b` is 2.
 pub fn level_of(path: &str) -> u32 {
     // Non-empty components, counted by their first byte (one that is not `/` and follows a
-    // `/` or the start): a branch-free count over byte pairs, on every queued upsert.
+    // `/` or the start), as a sum over the byte pairs without a branch: this runs on every
+    // queued upsert, and the paths are long.
     let bytes = path.as_bytes();
-    let first = usize::from(bytes.first().is_some_and(|b| *b != b'/'));
-    let rest = bytes
-        .windows(2)
-        .filter(|pair| pair[0] == b'/' && pair[1] != b'/')
-        .count();
-    (first + rest) as u32
+    let Some(&first) = bytes.first() else {
+        return 0;
+    };
+    let (before, after) = (&bytes[..bytes.len() - 1], &bytes[1..]);
+    let mut level = u32::from(first != b'/');
+    for (prev, byte) in before.iter().zip(after) {
+        level += u32::from((*prev == b'/') & (*byte != b'/'));
+    }
+    level
 }
 
 /// Whether an entry's addresses go to `pod_addr_map`, whose pods a host process's connect
