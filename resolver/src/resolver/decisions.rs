@@ -7,21 +7,14 @@ impl Resolver {
     // ---- decisions ----
 
     /// The decision for an owner and the entries it needs.
-    pub(super) fn desired(
-        &mut self,
-        key: &OwnerKey,
-    ) -> (Decision, BTreeMap<CgroupId, Arc<Enrolment>>) {
+    pub(super) fn desired(&mut self, key: &OwnerKey) -> (Decision, Entries) {
         let decision = self.decide(key);
         let desired = self.desired_for(key, &decision);
         (decision, desired)
     }
 
     /// The entries an owner needs under `decision`.
-    pub(super) fn desired_for(
-        &mut self,
-        key: &OwnerKey,
-        decision: &Decision,
-    ) -> BTreeMap<CgroupId, Arc<Enrolment>> {
+    pub(super) fn desired_for(&mut self, key: &OwnerKey, decision: &Decision) -> Entries {
         let mut desired = BTreeMap::new();
         if decision.role == Role::None {
             return desired;

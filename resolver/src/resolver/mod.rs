@@ -90,6 +90,9 @@ enum OwnerKey {
     Exempt(usize),
 }
 
+/// An owner's map entries, by cgroup.
+type Entries = BTreeMap<CgroupId, Arc<Enrolment>>;
+
 /// An owner that holds live cgroups or has entries programmed.
 #[derive(Debug)]
 struct Owner {
@@ -98,11 +101,11 @@ struct Owner {
     /// Its cgroups that hold live processes.
     live: BTreeSet<CgroupId>,
     /// The entries emitted for it (what the programmer holds).
-    emitted: BTreeMap<CgroupId, Arc<Enrolment>>,
+    emitted: Entries,
     /// The entries of the last decision that enrolled it (a role other than `none`) and that
     /// decision's role and addresses, valid while `stale` is false: a decision that flips
     /// back (a namespace label flipped to and fro) reuses them instead of building them again.
-    enrolled: Option<(Role, Vec<IpAddr>, BTreeMap<CgroupId, Arc<Enrolment>>)>,
+    enrolled: Option<(Role, Vec<IpAddr>, Entries)>,
     /// The last decision logged, to log changes only.
     logged: Option<(Role, Vec<IpAddr>)>,
     /// The role and addresses `emitted` was built from.

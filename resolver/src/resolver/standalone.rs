@@ -31,7 +31,7 @@ impl Resolver {
     /// Replaces the workloads file (standalone mode; `SIGHUP`) and re-decides every cgroup.
     pub fn set_workloads(&mut self, workloads: Workloads, out: &mut Vec<Update>) {
         self.config.workloads = Some(workloads);
-        let mut old: BTreeMap<CgroupId, Arc<Enrolment>> = BTreeMap::new();
+        let mut old: Entries = BTreeMap::new();
         for owner in self.owners.values_mut() {
             old.append(&mut owner.emitted);
         }
@@ -53,7 +53,7 @@ impl Resolver {
         self.adopt_configured_subtrees();
         let mut keys: Vec<OwnerKey> = self.owners.keys().cloned().collect();
         keys.sort();
-        let mut new: BTreeMap<CgroupId, Arc<Enrolment>> = BTreeMap::new();
+        let mut new: Entries = BTreeMap::new();
         for key in keys {
             let (decision, desired) = self.desired(&key);
             new.extend(desired.iter().map(|(k, v)| (*k, v.clone())));
