@@ -1,7 +1,6 @@
 //! Turning [`Update`]s into map operations: translation, coalescing, batching, reconciliation.
 
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -62,7 +61,9 @@ pub struct Programmer<B: MapBackend> {
     backend: B,
     config: ProgrammerConfig,
     /// Pending writes of cgroup entries: `Some` = upsert, `None` = delete.
-    pending: BTreeMap<CgroupId, Option<(CgroupInfo, u32)>>,
+    /// Hashed (a burst queues hundreds), and sorted by id when flushed: a batch's order does
+    /// not depend on the hash.
+    pending: FxHashMap<CgroupId, Option<(CgroupInfo, u32)>>,
     pending_ztunnel: Option<Vec<IpAddr>>,
     /// What is programmed now, by cgroup: the entry and the cgroup's level.
     programmed: FxHashMap<CgroupId, (CgroupInfo, u32)>,
@@ -95,7 +96,7 @@ impl<B: MapBackend> Programmer<B> {
         let mut me = Programmer {
             backend,
             config,
-            pending: BTreeMap::new(),
+            pending: FxHashMap::default(),
             pending_ztunnel: None,
             programmed: FxHashMap::default(),
             unconfirmed: FxHashSet::default(),
@@ -200,7 +201,9 @@ impl<B: MapBackend> Programmer<B> {
             ..MapBatch::default()
         };
         let mut settings = self.settings;
-        for (id, write) in std::mem::take(&mut self.pending) {
+        let mut pending: Vec<_> = self.pending.drain().collect();
+        pending.sort_unstable_by_key(|(id, _)| *id);
+        for (id, write) in pending {
             let old = self.programmed.remove(&id);
             if let Some((old_info, old_level)) = old {
                 self.release(&old_info, old_level, &mut batch);
