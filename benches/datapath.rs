@@ -40,6 +40,7 @@ use common::{env_or, percentile, root_bench};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use programmer::{KernelMaps, Loaded, LoaderConfig, Programmer, ProgrammerConfig};
@@ -186,7 +187,7 @@ fn client(
 }
 
 fn enrol(id: u64, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
-    Update::Upsert(Enrolment {
+    Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(id),
         cgroup: path.to_string(),
         pod: Some(path.to_string()),
@@ -194,7 +195,7 @@ fn enrol(id: u64, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
         ips,
         capture: Default::default(),
         identity: None,
-    })
+    }))
 }
 
 /// 50,000 other ambient pods (cgroup ids no directory has, addresses 10.200.0.0/16).

@@ -29,6 +29,7 @@ use common::{env_or, percentile, root_bench};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use programmer::inpod::InPodCapture;
@@ -126,7 +127,7 @@ fn entry(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>, capture: Cap
         name: "pod".into(),
         service_account: "default".into(),
     });
-    Update::Upsert(Enrolment {
+    Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(cg.id_of(path).expect("cgroup id")),
         cgroup: path.to_string(),
         pod: Some(path.to_string()),
@@ -134,14 +135,14 @@ fn entry(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>, capture: Cap
         ips,
         capture,
         identity,
-    })
+    }))
 }
 
 /// 50,000 other in-pod pods' entries (cgroup ids no directory has).
 fn others() -> Vec<Update> {
     (0..50_000u32)
         .map(|i| {
-            Update::Upsert(Enrolment {
+            Update::Upsert(Arc::new(Enrolment {
                 cgroup_id: CgroupId((1u64 << 40) + u64::from(i)),
                 cgroup: format!("/kubepods.slice/pod{i}"),
                 pod: Some(format!("bench/p{i}")),
@@ -154,7 +155,7 @@ fn others() -> Vec<Update> {
                 ))],
                 capture: Capture::InPod { dns: false },
                 identity: None,
-            })
+            }))
         })
         .collect()
 }

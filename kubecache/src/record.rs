@@ -38,6 +38,64 @@ pub fn kube_record_to_change(record: &KubeRecord) -> Result<KubeChange, KubeReco
 /// The record as a change of a typed object.
 fn object_change(record: &KubeRecord) -> Result<Change, KubeRecordError> {
     let text = record.object.get();
+    let typed = match read_plain(text) {
+        Some(typed) => typed,
+        None => read_checked(text)?,
+    };
+    Ok(match record.action {
+        KubeAction::Apply => Change::Apply(typed),
+        KubeAction::Delete => Change::Delete(typed),
+    })
+}
+
+/// The common case in one reading of the text: a `v1` Pod (with its uid) or Namespace (with
+/// its name) whose `apiVersion` and `kind` are plain strings and whose fields read cleanly.
+/// `None` for anything else, which [`read_checked`] reads again to name what is wrong (or to
+/// accept what only it reads, such as an escaped `kind`).
+fn read_plain(text: &str) -> Option<Object> {
+    #[derive(Deserialize)]
+    struct Plain<'a> {
+        #[serde(rename = "apiVersion", borrow)]
+        api_version: Option<&'a str>,
+        #[serde(borrow)]
+        kind: Option<&'a str>,
+        #[serde(default)]
+        metadata: RecordedMeta,
+        spec: Option<RecordedPodSpec>,
+        status: Option<RecordedPodStatus>,
+    }
+    let plain: Plain = serde_json::from_str(text).ok()?;
+    if plain.api_version != Some("v1") {
+        return None;
+    }
+    match plain.kind? {
+        "Pod" => {
+            let pod = RecordedPod {
+                metadata: plain.metadata,
+                spec: plain.spec,
+                status: plain.status,
+            }
+            .into_pod();
+            if pod.metadata.uid.as_deref().unwrap_or("").is_empty() {
+                return None;
+            }
+            Some(Object::Pod(Box::new(pod)))
+        }
+        "Namespace" => {
+            if plain.metadata.name.as_deref().unwrap_or("").is_empty() {
+                return None;
+            }
+            Some(Object::Namespace(Box::new(Namespace {
+                metadata: plain.metadata.into(),
+                ..Namespace::default()
+            })))
+        }
+        _ => None,
+    }
+}
+
+/// The object read step by step, each step naming the field it finds wrong.
+fn read_checked(text: &str) -> Result<Object, KubeRecordError> {
     let head: TypeMeta = serde_json::from_str(text)
         .map_err(|e| KubeRecordError::NotAnObject(without_position(&e)))?;
     let kind = head
@@ -88,10 +146,7 @@ fn object_change(record: &KubeRecord) -> Result<Change, KubeRecordError> {
             ))
         }
     };
-    Ok(match record.action {
-        KubeAction::Apply => Change::Apply(typed),
-        KubeAction::Delete => Change::Delete(typed),
-    })
+    Ok(typed)
 }
 
 /// The parts of a recorded object that the facts are made of ([`crate::change::pod_facts`],
@@ -229,4 +284,46 @@ pub fn change_record(change: Change) -> serde_json::Result<Record> {
         }
     };
     Ok(Record::Kube(KubeRecord { action, object }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_reading_gives_the_object_the_checked_reading_gives() {
+        let plain = [
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u1","name":"a","namespace":"ns",
+                "labels":{"app":"x","istio.io/dataplane-mode":"ambient"},
+                "annotations":{"sidecar.istio.io/status":"{}"},
+                "creationTimestamp":"2023-11-14T22:13:22Z"},
+                "spec":{"nodeName":"n","hostNetwork":true,"serviceAccountName":"sa",
+                "containers":[{"name":"c"}]},
+                "status":{"phase":"Running","podIP":"10.0.0.1",
+                "podIPs":[{"ip":"10.0.0.1"},{"ip":"fd00::1"}]}}"#,
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u2"}}"#,
+            r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"ns",
+                "labels":{"istio.io/dataplane-mode":"ambient"}},
+                "spec":{"finalizers":["kubernetes"]},"status":{"phase":"Active"}}"#,
+        ];
+        for text in plain {
+            let once = read_plain(text).expect(text);
+            assert_eq!(once, read_checked(text).unwrap(), "{text}");
+        }
+        // Not plain: read step by step, which accepts the first and names what is wrong in
+        // the others.
+        let escaped = r#"{"apiVersion":"v1","kind":"P\u006fd","metadata":{"uid":"u1"}}"#;
+        assert!(read_plain(escaped).is_none());
+        assert!(read_checked(escaped).is_ok());
+        for text in [
+            r#"{"apiVersion":"v2","kind":"Pod","metadata":{"uid":"u"}}"#,
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"}}"#,
+            r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"uid":"u"}}"#,
+            r#"{"apiVersion":"v1","kind":"Job","metadata":{"uid":"u"}}"#,
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u"},"spec":{"hostNetwork":"x"}}"#,
+        ] {
+            assert!(read_plain(text).is_none(), "{text}");
+            assert!(read_checked(text).is_err(), "{text}");
+        }
+    }
 }

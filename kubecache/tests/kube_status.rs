@@ -3,6 +3,7 @@
 //!
 //! Every wait is bounded by a deadline (a hang guard, not a timing assertion).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -130,7 +131,7 @@ fn observe_follows_the_resolvers_updates() {
     server.apply_pod(&pod("apps", "web", json!({})));
     let mut writer = StatusWriter::start(server.kube_config(), None).unwrap();
     let enrolment = |cgroup_id: u64, role| {
-        Update::Upsert(Enrolment {
+        Update::Upsert(Arc::new(Enrolment {
             cgroup_id: CgroupId(cgroup_id),
             cgroup: format!("/kubepods/pod-web/{cgroup_id}"),
             pod: Some("apps/web".into()),
@@ -138,7 +139,7 @@ fn observe_follows_the_resolvers_updates() {
             ips: vec!["10.1.0.10".parse().unwrap()],
             capture: Default::default(),
             identity: None,
-        })
+        }))
     };
     writer.observe(&enrolment(11, Role::Ambient));
     wait_until("enabled", || {
@@ -155,7 +156,7 @@ fn observe_follows_the_resolvers_updates() {
     let patches = patches_of(&server, "apps", "web");
     assert_eq!(patches.len(), 2, "{patches:#?}");
     // Standalone workloads (no namespace) are not pods: nothing sent.
-    writer.observe(&Update::Upsert(Enrolment {
+    writer.observe(&Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(13),
         cgroup: "/standalone".into(),
         pod: Some("dev-vm-app".into()),
@@ -163,7 +164,7 @@ fn observe_follows_the_resolvers_updates() {
         ips: vec![],
         capture: Default::default(),
         identity: None,
-    }));
+    })));
     writer.stop();
     assert!(server
         .requests()
@@ -207,7 +208,7 @@ fn at_synced_annotated_pods_that_are_not_captured_are_unannotated() {
     let view = cache.view();
     wait_until("the cache synced", || view.is_synced());
     let mut writer = StatusWriter::start(server.kube_config(), Some(view)).unwrap();
-    writer.observe(&Update::Upsert(Enrolment {
+    writer.observe(&Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(700),
         cgroup: "/kubepods.slice/kept".into(),
         pod: Some("apps/kept".into()),
@@ -215,7 +216,7 @@ fn at_synced_annotated_pods_that_are_not_captured_are_unannotated() {
         ips: vec!["10.1.0.10".parse().unwrap()],
         capture: Default::default(),
         identity: None,
-    }));
+    })));
     assert!(
         patches_of(&server, "apps", "left").is_empty(),
         "nothing is removed before the full picture"

@@ -1,7 +1,6 @@
 //! Turning [`Update`]s into map operations: translation, coalescing, batching, reconciliation.
 
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -62,7 +61,9 @@ pub struct Programmer<B: MapBackend> {
     backend: B,
     config: ProgrammerConfig,
     /// Pending writes of cgroup entries: `Some` = upsert, `None` = delete.
-    pending: BTreeMap<CgroupId, Option<(CgroupInfo, u32)>>,
+    /// Hashed (a burst queues hundreds), and sorted by id when flushed: a batch's order does
+    /// not depend on the hash.
+    pending: FxHashMap<CgroupId, Option<(CgroupInfo, u32)>>,
     pending_ztunnel: Option<Vec<IpAddr>>,
     /// What is programmed now, by cgroup: the entry and the cgroup's level.
     programmed: FxHashMap<CgroupId, (CgroupInfo, u32)>,
@@ -95,7 +96,7 @@ impl<B: MapBackend> Programmer<B> {
         let mut me = Programmer {
             backend,
             config,
-            pending: BTreeMap::new(),
+            pending: FxHashMap::default(),
             pending_ztunnel: None,
             programmed: FxHashMap::default(),
             unconfirmed: FxHashSet::default(),
@@ -200,7 +201,9 @@ impl<B: MapBackend> Programmer<B> {
             ..MapBatch::default()
         };
         let mut settings = self.settings;
-        for (id, write) in std::mem::take(&mut self.pending) {
+        let mut pending: Vec<_> = self.pending.drain().collect();
+        pending.sort_unstable_by_key(|(id, _)| *id);
+        for (id, write) in pending {
             let old = self.programmed.remove(&id);
             if let Some((old_info, old_level)) = old {
                 self.release(&old_info, old_level, &mut batch);
@@ -237,9 +240,12 @@ impl<B: MapBackend> Programmer<B> {
             batch.settings = Some(settings);
         }
         // Dedupe address operations: an address released and retained in one batch stays.
-        batch
-            .addr_deletes
-            .retain(|a| !batch.addr_upserts.iter().any(|(u, _)| u == a));
+        // (A set: a burst such as a namespace flipped back and forth within one batch has
+        // hundreds of each.)
+        if !batch.addr_deletes.is_empty() && !batch.addr_upserts.is_empty() {
+            let retained: FxHashSet<PodAddr> = batch.addr_upserts.iter().map(|(u, _)| *u).collect();
+            batch.addr_deletes.retain(|a| !retained.contains(a));
+        }
         if batch.is_empty() {
             return Ok(());
         }
@@ -356,7 +362,19 @@ pub fn split_batch(batch: MapBatch, max: usize) -> Vec<MapBatch> {
 
 /// The level of a cgroup path: `/` is 0, `/a` is 1, `/a/b` is 2.
 pub fn level_of(path: &str) -> u32 {
-    path.split('/').filter(|c| !c.is_empty()).count() as u32
+    // Non-empty components, counted by their first byte (one that is not `/` and follows a
+    // `/` or the start), as a sum over the byte pairs without a branch: this runs on every
+    // queued upsert, and the paths are long.
+    let bytes = path.as_bytes();
+    let Some(&first) = bytes.first() else {
+        return 0;
+    };
+    let (before, after) = (&bytes[..bytes.len() - 1], &bytes[1..]);
+    let mut level = u32::from(first != b'/');
+    for (prev, byte) in before.iter().zip(after) {
+        level += u32::from((*prev == b'/') & (*byte != b'/'));
+    }
+    level
 }
 
 /// Whether an entry's addresses go to `pod_addr_map`, whose pods a host process's connect
@@ -404,12 +422,32 @@ pub fn entry_of(enrolment: &Enrolment) -> CgroupInfo {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::sync::Arc;
 
     use super::*;
     use crate::memory::MemoryBackend;
 
+    #[test]
+    fn level_counts_the_non_empty_components() {
+        for (path, level) in [
+            ("/", 0),
+            ("", 0),
+            ("/a", 1),
+            ("a", 1),
+            ("/a/b", 2),
+            ("/a/b/", 2),
+            ("//a///bc//d", 3),
+            (
+                "/kubepods.slice/kubepods-pod1.slice/cri-containerd-1.scope",
+                3,
+            ),
+        ] {
+            assert_eq!(level_of(path), level, "{path:?}");
+        }
+    }
+
     fn upsert(id: u64, ip: &str) -> Update {
-        Update::Upsert(Enrolment {
+        Update::Upsert(Arc::new(Enrolment {
             cgroup_id: CgroupId(id),
             cgroup: format!("/kubepods/pod{id}"),
             pod: Some(format!("ns/p{id}")),
@@ -417,7 +455,7 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             capture: Default::default(),
             identity: None,
-        })
+        }))
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use programmer::inpod::InPodCapture;
@@ -179,7 +180,7 @@ impl World {
 }
 
 fn upsert(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>, capture: Capture) -> Update {
-    Update::Upsert(Enrolment {
+    Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(cg.id_of(path).unwrap()),
         cgroup: path.to_string(),
         pod: Some(format!("test/{path}")),
@@ -187,7 +188,7 @@ fn upsert(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>, capture: Ca
         ips,
         capture,
         identity: None,
-    })
+    }))
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 
 use common::{bpffs, config, connect_from};
 use programmer::layout::{self, CgroupInfo, ConnTuple, OrigDst, PodAddr};
@@ -323,7 +324,7 @@ fn batch_update_and_delete_of_10000_entries_land_exactly_and_single_ops_agree() 
 }
 
 fn enrolment(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
-    Update::Upsert(Enrolment {
+    Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(cg.id_of(path).unwrap()),
         cgroup: path.to_string(),
         pod: Some(format!("test/{path}")),
@@ -331,7 +332,7 @@ fn enrolment(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>) -> Updat
         ips,
         capture: Default::default(),
         identity: None,
-    })
+    }))
 }
 
 #[test]

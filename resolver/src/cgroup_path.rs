@@ -43,6 +43,38 @@ pub enum CgroupKind {
 
 /// Reads the pod and container out of a cgroup v2 path (relative to the cgroup2 root).
 pub fn parse_cgroup_path(path: &str) -> CgroupKind {
+    match find_pod(path) {
+        PodOf::Pod {
+            uid,
+            pod_path,
+            next,
+        } => CgroupKind::Pod(PodCgroup {
+            uid,
+            qos: qos_of_pod_path(pod_path),
+            pod_path: pod_path.to_string(),
+            container_id: next.and_then(container_segment),
+        }),
+        PodOf::Host => CgroupKind::Host,
+        PodOf::Unrecognized => CgroupKind::Unrecognized,
+    }
+}
+
+/// Whose a cgroup path is, as far as the resolver asks ([`find_pod`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PodOf<'a> {
+    /// A pod's: its uid, its pod-level cgroup (a prefix of the path) and the segment after it.
+    Pod {
+        uid: String,
+        pod_path: &'a str,
+        next: Option<&'a str>,
+    },
+    Host,
+    Unrecognized,
+}
+
+/// The pod a path belongs to, without the container id and QoS class that
+/// [`parse_cgroup_path`] reads too: the resolver classifies every new cgroup by its owner only.
+pub(crate) fn find_pod(path: &str) -> PodOf<'_> {
     let mut offset = 0usize;
     let mut under_kubepods = false;
     let mut segments = path.split('/').peekable();
@@ -59,27 +91,30 @@ pub fn parse_cgroup_path(path: &str) -> CgroupKind {
             }
         });
         if let Some(uid) = pod {
-            let container_id = segments.peek().and_then(|next| container_segment(next));
-            let pod_path = path[..end].to_string();
-            return CgroupKind::Pod(PodCgroup {
+            return PodOf::Pod {
                 uid,
-                qos: qos_of_pod_path(&pod_path),
-                pod_path,
-                container_id,
-            });
+                pod_path: &path[..end],
+                next: segments.peek().copied(),
+            };
         }
         offset = end + 1;
     }
     if under_kubepods && !is_qos_level(path) {
-        CgroupKind::Unrecognized
+        PodOf::Unrecognized
     } else {
-        CgroupKind::Host
+        PodOf::Host
     }
 }
 
 /// `kubepods`, `kubepods.slice`, `kubepods-burstable.slice`, `kubelet-kubepods.slice`, ...
 fn is_kubepods_segment(segment: &str) -> bool {
-    segment == "kubepods" || segment.contains("kubepods-") || segment.contains("kubepods.")
+    // `contains("kubepods-") || contains("kubepods.")` in one pass, without building a
+    // substring searcher for each segment of each new cgroup's path.
+    segment == "kubepods"
+        || segment
+            .as_bytes()
+            .windows(9)
+            .any(|w| w.starts_with(b"kubepods") && matches!(w[8], b'-' | b'.'))
 }
 
 /// The cgroups kubelet makes above the pods: `/kubepods.slice`, `.../kubepods-burstable.slice`,
@@ -160,6 +195,29 @@ pub fn qos_of_pod_path(pod_path: &str) -> QosClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubepods_segments_are_those_naming_kubepods_then_a_dash_or_dot() {
+        for segment in [
+            "kubepods",
+            "kubepods.slice",
+            "kubepods-burstable.slice",
+            "kubelet-kubepods.slice",
+            "kubelet-kubepods-besteffort.slice",
+            "xkubepods.",
+            "kubepods_",
+            "kubepod-s",
+            "kubepodsx",
+            "kube",
+            "burstable",
+            "",
+        ] {
+            let expected = segment == "kubepods"
+                || segment.contains("kubepods-")
+                || segment.contains("kubepods.");
+            assert_eq!(is_kubepods_segment(segment), expected, "{segment:?}");
+        }
+    }
 
     #[test]
     fn uid_shape_is_checked() {

@@ -55,49 +55,66 @@ impl Rules {
 
     /// The decision for a pod of this node.
     pub fn decide(&self, pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> Decision {
+        let (role, reason) = self.role(pod, namespace);
+        Decision {
+            role,
+            ips: match role {
+                Role::None => Vec::new(),
+                _ => pod.ips.clone(),
+            },
+            reason,
+        }
+    }
+
+    /// [`Rules::decide`]'s role and reason, without the addresses (the pod's, for a role
+    /// other than `none`): a re-decision that changes nothing allocates nothing.
+    pub fn role(&self, pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> (Role, &'static str) {
         if self.is_node_ztunnel(pod) {
-            return Decision {
-                role: Role::Ztunnel,
-                ips: pod.ips.clone(),
-                reason: "the node's ztunnel: app=ztunnel in the system namespace",
-            };
+            return (
+                Role::Ztunnel,
+                "the node's ztunnel: app=ztunnel in the system namespace",
+            );
         }
         if pod.terminal {
-            return Decision::none("pod is in a terminal phase");
+            return (Role::None, "pod is in a terminal phase");
         }
         if pod.host_network {
-            return Decision::none("pod uses hostNetwork");
+            return (Role::None, "pod uses hostNetwork");
         }
         if self.excluded_namespaces.contains(&pod.namespace) {
-            return Decision::none("its namespace is excluded");
+            return (Role::None, "its namespace is excluded");
         }
         if pod.has_sidecar {
-            return Decision::none("pod has a sidecar (sidecar.istio.io/status)");
+            return (Role::None, "pod has a sidecar (sidecar.istio.io/status)");
         }
         if pod.ips.is_empty() {
-            return Decision::none("pod has no IP yet");
+            return (Role::None, "pod has no IP yet");
         }
         let pod_mode = pod.dataplane_mode.as_deref();
         if pod_mode == Some(AMBIENT) {
-            return Decision {
-                role: Role::Ambient,
-                ips: pod.ips.clone(),
-                reason: "pod labelled istio.io/dataplane-mode=ambient",
-            };
+            return (
+                Role::Ambient,
+                "pod labelled istio.io/dataplane-mode=ambient",
+            );
         }
         if pod_mode == Some(OPT_OUT) {
-            return Decision::none("pod labelled istio.io/dataplane-mode=none");
+            return (Role::None, "pod labelled istio.io/dataplane-mode=none");
         }
-        let ns_mode = namespace.and_then(|ns| ns.dataplane_mode.as_deref());
-        if ns_mode == Some(AMBIENT) {
-            return Decision {
-                role: Role::Ambient,
-                ips: pod.ips.clone(),
-                reason: "its namespace labelled istio.io/dataplane-mode=ambient",
-            };
+        if namespace_opts_in(namespace) {
+            return (
+                Role::Ambient,
+                "its namespace labelled istio.io/dataplane-mode=ambient",
+            );
         }
-        Decision::none(
+        (
+            Role::None,
             "neither the pod nor its namespace is labelled istio.io/dataplane-mode=ambient",
         )
     }
+}
+
+/// Whether a namespace opts its pods in: all that the rules read of a namespace, so that its
+/// pods need re-deciding only when this changes.
+pub fn namespace_opts_in(namespace: Option<&NamespaceFacts>) -> bool {
+    namespace.and_then(|ns| ns.dataplane_mode.as_deref()) == Some(AMBIENT)
 }

@@ -1,6 +1,7 @@
 //! What the resolver tells the programmer.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use watcher::CgroupId;
 
 /// The decision for a cgroup: what the BPF programs do for a process in it (or below it).
@@ -75,8 +76,9 @@ pub struct Identity {
 /// A change the programmer must apply. Nothing is emitted twice for an unchanged decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Update {
-    /// Add or replace the entry of a cgroup.
-    Upsert(Enrolment),
+    /// Add or replace the entry of a cgroup. Shared with the resolver's record of what it
+    /// emitted, so that an upsert copies no path, name or address.
+    Upsert(Arc<Enrolment>),
     /// Remove the entry of a cgroup.
     Delete { cgroup_id: CgroupId },
     /// The node's ztunnel addresses (empty: no ztunnel known).

@@ -353,6 +353,43 @@ fn namespace_label_flipped_both_ways_while_pods_run() {
 }
 
 #[test]
+fn a_namespace_flipped_back_enrols_what_changed_while_it_was_off() {
+    let mut h = Harness::new();
+    h.scan(&[
+        (100, &container_path(1, 1), 501),
+        (101, &container_path(1, 2), 502),
+    ]);
+    h.apply_obj(ambient_ns("shop"));
+    h.apply_obj(pod(1, "shop", "a", json!({}), "10.0.0.1"));
+    h.synced_kube();
+    let before = h.entries.clone();
+    assert_eq!(before.keys().map(|k| k.0).collect::<Vec<_>>(), [501, 502]);
+    // Off and on again with nothing else changed: the very same entries.
+    h.apply_obj(namespace("shop", json!({})));
+    assert!(h.entries.is_empty());
+    h.apply_obj(ambient_ns("shop"));
+    assert_eq!(h.entries, before);
+    // Off; meanwhile a container ends, another starts and the pod is renamed; then on: the
+    // entries are those of the pod as it is now, not those it had when last on.
+    h.apply_obj(namespace("shop", json!({})));
+    h.exit(101);
+    h.exec(102, &container_path(1, 3), 503);
+    h.apply_obj(pod(1, "shop", "renamed", json!({}), "10.0.0.1"));
+    assert!(h.entries.is_empty());
+    h.apply_obj(ambient_ns("shop"));
+    assert_eq!(
+        h.entries
+            .values()
+            .map(|e| (e.cgroup_id.0, e.pod.clone(), e.role))
+            .collect::<Vec<_>>(),
+        [
+            (501, Some("shop/renamed".to_string()), Role::Ambient),
+            (503, Some("shop/renamed".to_string()), Role::Ambient),
+        ]
+    );
+}
+
+#[test]
 fn pod_opted_out_and_back_in() {
     let mut h = one_pod(
         json!({"istio.io/dataplane-mode": "ambient"}),

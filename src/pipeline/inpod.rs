@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use resolver::{Capture, Enrolment, Identity, Role, Update};
 use watcher::CgroupId;
@@ -49,7 +50,7 @@ pub struct Served {
 struct Pod {
     identity: Option<Identity>,
     /// The pod's entries, by cgroup: held until acked, written after.
-    entries: BTreeMap<CgroupId, Enrolment>,
+    entries: BTreeMap<CgroupId, Arc<Enrolment>>,
     served: Option<Served>,
     /// Its entries go to the maps (acked once, or enrolled by the previous run).
     written: bool,
@@ -109,7 +110,7 @@ impl InPodGate {
     fn upsert(
         &mut self,
         identity: Identity,
-        e: Enrolment,
+        e: Arc<Enrolment>,
         exec_ts: Option<u64>,
         steps: &mut Vec<Step>,
     ) {
@@ -215,7 +216,7 @@ impl InPodGate {
     /// What [`Step::Enrol`] needs: the namespace, ztunnel's pid and the entry to enrol with.
     pub fn enrolment(&self, uid: &str) -> Option<(&Served, &Enrolment)> {
         let pod = self.pods.get(uid)?;
-        Some((pod.served.as_ref()?, pod.entries.values().next()?))
+        Some((pod.served.as_ref()?, &**pod.entries.values().next()?))
     }
 
     /// The in-pod pods the gate knows (acked or not), by uid.
@@ -231,7 +232,7 @@ impl InPodGate {
 
 /// The pod-level cgroup among a pod's entries: the shortest path (the resolver writes one
 /// entry for the pod-level cgroup when it knows its id, else one per container cgroup).
-fn pod_cgroup(entries: &BTreeMap<CgroupId, Enrolment>) -> String {
+fn pod_cgroup(entries: &BTreeMap<CgroupId, Arc<Enrolment>>) -> String {
     entries
         .values()
         .map(|e| e.cgroup.as_str())
@@ -387,8 +388,8 @@ mod tests {
     fn entries_wait_for_the_ack_and_the_enrolment_comes_first() {
         let mut gate = InPodGate::default();
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
-        gate.update(Update::Upsert(entry(2, "a")), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(2, "a"))), None, &mut steps);
         assert_eq!(names(&steps), ["serve a /kubepods/poda/c1"]);
         assert_eq!(gate.waiting(), 1);
         steps.clear();
@@ -408,8 +409,16 @@ mod tests {
     fn held_entries_carry_their_first_exec_timestamp() {
         let mut gate = InPodGate::default();
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), Some(100), &mut steps);
-        gate.update(Update::Upsert(entry(2, "a")), Some(200), &mut steps);
+        gate.update(
+            Update::Upsert(Arc::new(entry(1, "a"))),
+            Some(100),
+            &mut steps,
+        );
+        gate.update(
+            Update::Upsert(Arc::new(entry(2, "a"))),
+            Some(200),
+            &mut steps,
+        );
         steps.clear();
         gate.acked("a", served(), &mut steps);
         let stamps: Vec<Option<u64>> = steps
@@ -426,8 +435,8 @@ mod tests {
     fn the_last_delete_removes_entries_then_releases() {
         let mut gate = InPodGate::default();
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
-        gate.update(Update::Upsert(entry(2, "a")), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(2, "a"))), None, &mut steps);
         gate.acked("a", served(), &mut steps);
         steps.clear();
         gate.update(
@@ -454,7 +463,7 @@ mod tests {
     fn a_pod_gone_before_its_ack_is_released_without_writes() {
         let mut gate = InPodGate::default();
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         steps.clear();
         gate.update(
             Update::Delete {
@@ -480,7 +489,7 @@ mod tests {
         let mut node = entry(9, "n");
         node.capture = Capture::Node;
         node.identity = None;
-        gate.update(Update::Upsert(node), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(node)), None, &mut steps);
         gate.update(Update::Synced, None, &mut steps);
         gate.update(
             Update::Delete {
@@ -491,7 +500,7 @@ mod tests {
         );
         assert_eq!(names(&steps), ["upsert 9", "Synced", "delete 9"]);
         steps.clear();
-        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         gate.acked("a", served(), &mut steps);
         gate.enrol_failed("a", false);
         assert_eq!(gate.waiting(), 1);
@@ -499,7 +508,7 @@ mod tests {
         // Not written: a changed entry waits for the next ack too.
         let mut changed = entry(1, "a");
         changed.ips = vec!["10.0.0.9".parse().unwrap()];
-        gate.update(Update::Upsert(changed), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(changed)), None, &mut steps);
         assert!(names(&steps).is_empty(), "{:?}", names(&steps));
         gate.acked("a", served(), &mut steps);
         assert_eq!(names(&steps), ["enrol a", "upsert 1"]);
@@ -509,8 +518,8 @@ mod tests {
     fn pods_of_the_previous_run_keep_their_entries_while_ztunnel_reconnects() {
         let mut gate = InPodGate::with_previous(["a".to_string()].into());
         let mut steps = Vec::new();
-        gate.update(Update::Upsert(entry(1, "a")), None, &mut steps);
-        gate.update(Update::Upsert(entry(2, "b")), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(2, "b"))), None, &mut steps);
         assert_eq!(
             names(&steps),
             [

@@ -7,18 +7,14 @@ impl Resolver {
     // ---- decisions ----
 
     /// The decision for an owner and the entries it needs.
-    pub(super) fn desired(&mut self, key: &OwnerKey) -> (Decision, BTreeMap<CgroupId, Enrolment>) {
+    pub(super) fn desired(&mut self, key: &OwnerKey) -> (Decision, Entries) {
         let decision = self.decide(key);
         let desired = self.desired_for(key, &decision);
         (decision, desired)
     }
 
     /// The entries an owner needs under `decision`.
-    pub(super) fn desired_for(
-        &mut self,
-        key: &OwnerKey,
-        decision: &Decision,
-    ) -> BTreeMap<CgroupId, Enrolment> {
+    pub(super) fn desired_for(&mut self, key: &OwnerKey, decision: &Decision) -> Entries {
         let mut desired = BTreeMap::new();
         if decision.role == Role::None {
             return desired;
@@ -39,14 +35,16 @@ impl Resolver {
             _ => (Capture::Node, None),
         };
         let owner = &self.owners[key];
-        let enrol = |id: CgroupId, path: &str| Enrolment {
-            cgroup_id: id,
-            cgroup: path.to_string(),
-            pod: pod.clone(),
-            role: decision.role,
-            ips: decision.ips.clone(),
-            capture,
-            identity: identity.clone(),
+        let enrol = |id: CgroupId, path: &str| {
+            Arc::new(Enrolment {
+                cgroup_id: id,
+                cgroup: path.to_string(),
+                pod: pod.clone(),
+                role: decision.role,
+                ips: decision.ips.clone(),
+                capture,
+                identity: identity.clone(),
+            })
         };
         match root_id {
             Some(id) => {
@@ -157,6 +155,24 @@ impl Resolver {
         }
     }
 
+    /// Whether an owner's decision is `role` with `ips`; for a pod, found without building the
+    /// decision (no addresses copied).
+    pub(super) fn decides_same(&self, key: &OwnerKey, role: Role, ips: &[IpAddr]) -> bool {
+        if let OwnerKey::Pod(uid) = key {
+            if let Some(pod) = self.pods.get(uid) {
+                let namespace = self.namespaces.get(pod.namespace.as_str());
+                let (now, _) = self.rules.role(pod, namespace);
+                return now == role
+                    && match now {
+                        Role::None => ips.is_empty(),
+                        _ => pod.ips == ips,
+                    };
+            }
+        }
+        let decision = self.decide(key);
+        decision.role == role && decision.ips == ips
+    }
+
     /// A fixed address, or for `auto` the first addresses seen in the owner's live cgroups
     /// (lowest cgroup id first, so that a reload decides the same).
     pub(super) fn address_of(&self, key: &OwnerKey, address: &Address) -> Vec<IpAddr> {
@@ -179,22 +195,45 @@ impl Resolver {
         let Some(owner) = self.owners.get(key) else {
             return;
         };
-        let decision = self.decide(key);
         // Nothing but the decision could have changed, and it did not: the entries are
-        // those emitted (a namespace change re-decides every pod in it; most stay the same).
+        // those emitted (a namespace change re-decides every pod in it; many stay the same).
         if !owner.stale
             && owner
                 .decided
                 .as_ref()
-                .is_some_and(|(role, ips)| *role == decision.role && *ips == decision.ips)
+                .is_some_and(|(role, ips)| self.decides_same(key, *role, ips))
         {
             return;
         }
-        let desired = self.desired_for(key, &decision);
+        let decision = self.decide(key);
+        // Back to the decision that built `enrolled`, with nothing else changed: its entries
+        // are those that would be built. Only while the owner has live cgroups: then its
+        // pod-level cgroup exists throughout (a live cgroup below it pins it), so the id that
+        // `desired_for` would find for it is the one found before.
+        let reused = match &owner.enrolled {
+            Some((role, ips, entries))
+                if !owner.stale
+                    && !owner.live.is_empty()
+                    && *role == decision.role
+                    && *ips == decision.ips =>
+            {
+                Some(entries.clone())
+            }
+            _ => None,
+        };
+        let desired = match reused {
+            Some(entries) => entries,
+            None => self.desired_for(key, &decision),
+        };
         // The owner's name is made only for a line that is written.
         let label = log::log_enabled!(log::Level::Info).then(|| self.owner_label(key));
         let owner = self.owners.get_mut(key).expect("checked above");
         owner.decided = Some((decision.role, decision.ips.clone()));
+        if decision.role != Role::None {
+            owner.enrolled = Some((decision.role, decision.ips.clone(), desired.clone()));
+        } else if owner.stale {
+            owner.enrolled = None;
+        }
         owner.stale = false;
         for id in owner.emitted.keys() {
             if !desired.contains_key(id) {
@@ -203,7 +242,7 @@ impl Resolver {
         }
         for (id, enrolment) in &desired {
             if owner.emitted.get(id) != Some(enrolment) {
-                out.push(Update::Upsert(enrolment.clone()));
+                out.push(Update::Upsert(Arc::clone(enrolment)));
             }
         }
         owner.emitted = desired;

@@ -28,15 +28,19 @@ impl Resolver {
             KubeChange::ApplyNamespace { name, facts } => {
                 if self.namespaces.get(&name) != Some(&facts) {
                     debug!("namespace {name}: {facts:?}");
-                    self.namespaces.insert(name.clone(), facts);
-                    self.recompute_namespace(&name, out);
+                    let opted_in = namespace_opts_in(Some(&facts));
+                    let before = self.namespaces.insert(name.clone(), facts);
+                    // The rules read no more of a namespace than whether it opts in.
+                    if namespace_opts_in(before.as_ref()) != opted_in {
+                        self.recompute_namespace(&name, out);
+                    }
                 }
             }
             KubeChange::DeleteNamespace { name } if name.is_empty() => {
                 warn!("a namespace delete without metadata.name was ignored")
             }
             KubeChange::DeleteNamespace { name } => {
-                if self.namespaces.remove(&name).is_some() {
+                if namespace_opts_in(self.namespaces.remove(&name).as_ref()) {
                     self.recompute_namespace(&name, out);
                 }
             }
@@ -59,15 +63,21 @@ impl Resolver {
             return;
         }
         let mut was_ztunnel = false;
+        // A pod stays in its namespace's set while it stays in the namespace (most changes).
+        let new_namespace = facts.as_ref().map(|f| f.namespace.as_str());
+        let mut stayed = false;
         if let Some(old) = self.pods.remove(&uid) {
             if self.rules.is_node_ztunnel(&old) {
                 was_ztunnel = true;
                 self.ztunnel_pods.remove(&ZtunnelRank::of(&uid, &old));
             }
-            if let Some(set) = self.pods_by_namespace.get_mut(&old.namespace) {
-                set.remove(&OwnerKey::Pod(uid.clone()));
-                if set.is_empty() {
-                    self.pods_by_namespace.remove(&old.namespace);
+            stayed = new_namespace == Some(old.namespace.as_str());
+            if !stayed {
+                if let Some(set) = self.pods_by_namespace.get_mut(&old.namespace) {
+                    set.remove(&OwnerKey::Pod(uid.clone()));
+                    if set.is_empty() {
+                        self.pods_by_namespace.remove(&old.namespace);
+                    }
                 }
             }
         }
@@ -79,10 +89,12 @@ impl Resolver {
                     self.ztunnel_pods.insert(ZtunnelRank::of(&uid, &facts));
                 }
             }
-            self.pods_by_namespace
-                .entry(facts.namespace.clone())
-                .or_default()
-                .insert(OwnerKey::Pod(uid.clone()));
+            if !stayed {
+                self.pods_by_namespace
+                    .entry(facts.namespace.clone())
+                    .or_default()
+                    .insert(OwnerKey::Pod(uid.clone()));
+            }
             self.pods.insert(uid.clone(), facts);
         }
         let key = OwnerKey::Pod(uid);

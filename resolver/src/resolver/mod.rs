@@ -10,13 +10,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use log::{debug, info, warn};
 use rustc_hash::{FxHashMap, FxHashSet};
 use watcher::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts};
 
-use crate::cgroup_path::{parse_cgroup_path, CgroupKind};
-use crate::decide::{Decision, Rules};
+use crate::cgroup_path::{find_pod, PodOf};
+use crate::decide::{namespace_opts_in, Decision, Rules};
 use crate::facts::{NamespaceFacts, PodFacts};
 use crate::input::{Input, KubeChange};
 use crate::update::{Capture, Enrolment, Identity, PodName, Role, Update};
@@ -89,6 +90,9 @@ enum OwnerKey {
     Exempt(usize),
 }
 
+/// An owner's map entries, by cgroup.
+type Entries = BTreeMap<CgroupId, Arc<Enrolment>>;
+
 /// An owner that holds live cgroups or has entries programmed.
 #[derive(Debug)]
 struct Owner {
@@ -97,7 +101,11 @@ struct Owner {
     /// Its cgroups that hold live processes.
     live: BTreeSet<CgroupId>,
     /// The entries emitted for it (what the programmer holds).
-    emitted: BTreeMap<CgroupId, Enrolment>,
+    emitted: Entries,
+    /// The entries of the last decision that enrolled it (a role other than `none`) and that
+    /// decision's role and addresses, valid while `stale` is false: a decision that flips
+    /// back (a namespace label flipped to and fro) reuses them instead of building them again.
+    enrolled: Option<(Role, Vec<IpAddr>, Entries)>,
     /// The last decision logged, to log changes only.
     logged: Option<(Role, Vec<IpAddr>)>,
     /// The role and addresses `emitted` was built from.
@@ -113,6 +121,7 @@ impl Owner {
             root: root.into(),
             live: BTreeSet::new(),
             emitted: BTreeMap::new(),
+            enrolled: None,
             logged: None,
             decided: None,
             stale: true,

@@ -192,11 +192,11 @@ impl Resolver {
             }
             return None;
         }
-        match parse_cgroup_path(path) {
-            CgroupKind::Pod(pod) => {
-                return Some((OwnerKey::Pod(pod.uid.into_boxed_str()), pod.pod_path));
+        match find_pod(path) {
+            PodOf::Pod { uid, pod_path, .. } => {
+                return Some((OwnerKey::Pod(uid.into_boxed_str()), pod_path.to_string()));
             }
-            CgroupKind::Unrecognized => {
+            PodOf::Unrecognized => {
                 if self.unrecognized_logged.len() < UNRECOGNIZED_LOG_LIMIT
                     && self.unrecognized_logged.insert(path.to_string())
                 {
@@ -206,7 +206,7 @@ impl Resolver {
                     );
                 }
             }
-            CgroupKind::Host => {}
+            PodOf::Host => {}
         }
         for (i, e) in self.config.exempt_cgroups.iter().enumerate() {
             if is_within(path, e) {

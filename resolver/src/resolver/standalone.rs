@@ -31,7 +31,7 @@ impl Resolver {
     /// Replaces the workloads file (standalone mode; `SIGHUP`) and re-decides every cgroup.
     pub fn set_workloads(&mut self, workloads: Workloads, out: &mut Vec<Update>) {
         self.config.workloads = Some(workloads);
-        let mut old: BTreeMap<CgroupId, Enrolment> = BTreeMap::new();
+        let mut old: Entries = BTreeMap::new();
         for owner in self.owners.values_mut() {
             old.append(&mut owner.emitted);
         }
@@ -53,13 +53,14 @@ impl Resolver {
         self.adopt_configured_subtrees();
         let mut keys: Vec<OwnerKey> = self.owners.keys().cloned().collect();
         keys.sort();
-        let mut new: BTreeMap<CgroupId, Enrolment> = BTreeMap::new();
+        let mut new: Entries = BTreeMap::new();
         for key in keys {
             let (decision, desired) = self.desired(&key);
             new.extend(desired.iter().map(|(k, v)| (*k, v.clone())));
             let label = Some(self.owner_label(&key));
             let owner = self.owners.get_mut(&key).expect("listed above");
             owner.emitted = desired;
+            owner.enrolled = None;
             owner.decided = Some((decision.role, decision.ips.clone()));
             owner.stale = false;
             log_decision(owner, &decision, label);
@@ -71,7 +72,7 @@ impl Resolver {
         }
         for (id, enrolment) in &new {
             if old.get(id) != Some(enrolment) {
-                out.push(Update::Upsert(enrolment.clone()));
+                out.push(Update::Upsert(Arc::clone(enrolment)));
             }
         }
         self.owners

@@ -46,7 +46,7 @@ impl Harness {
         for update in out {
             match &update {
                 Update::Upsert(e) => {
-                    self.entries.insert(e.cgroup_id, e.clone());
+                    self.entries.insert(e.cgroup_id, Enrolment::clone(e));
                 }
                 Update::Delete { cgroup_id } => {
                     assert!(

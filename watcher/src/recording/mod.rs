@@ -190,6 +190,9 @@ fn describe(value: &Value) -> String {
 /// object whose shape surprises that parse (it or its metadata not a JSON object) is parsed
 /// whole, for the error that names the field and its type.
 fn validate_kube_object(object: &RawValue, line: usize) -> Result<(), RecordingError> {
+    if is_plainly_valid(object.get()) {
+        return Ok(());
+    }
     #[derive(serde::Deserialize)]
     struct Identity {
         #[serde(rename = "apiVersion")]
@@ -228,6 +231,41 @@ fn validate_kube_object(object: &RawValue, line: usize) -> Result<(), RecordingE
         }
     };
     validate_identity(&identity, line)
+}
+
+/// Whether an object is a `v1` Pod or Namespace with its identity, its identifying fields
+/// read as strings borrowed from the text (no escapes): the common case, checked without
+/// building JSON values. Anything else is not decided here: [`validate_kube_object`] reads it
+/// into values and names what is wrong, if anything is.
+fn is_plainly_valid(text: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Identity<'a> {
+        #[serde(rename = "apiVersion", borrow)]
+        api_version: Option<&'a str>,
+        #[serde(borrow)]
+        kind: Option<&'a str>,
+        #[serde(borrow)]
+        metadata: Option<IdentityMeta<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct IdentityMeta<'a> {
+        #[serde(borrow)]
+        uid: Option<&'a str>,
+        #[serde(borrow)]
+        name: Option<&'a str>,
+    }
+    let Ok(identity) = serde_json::from_str::<Identity>(text) else {
+        return false;
+    };
+    let Some(metadata) = identity.metadata else {
+        return false;
+    };
+    let id = match identity.kind {
+        Some("Pod") => metadata.uid,
+        Some("Namespace") => metadata.name,
+        _ => return false,
+    };
+    identity.api_version == Some("v1") && id.is_some_and(|id| !id.is_empty())
 }
 
 /// [`validate_kube_object`] on the fields that identify the object.
@@ -309,5 +347,62 @@ fn string_field<'m>(
             field: path.to_string(),
             message: format!("expected a string, found {}", describe(other)),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn plain_objects_pass_at_once_and_the_others_are_read_whole() {
+        let plain = [
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u1","name":"a"}}"#,
+            r#"{"kind":"Namespace","metadata":{"name":"ns"},"apiVersion":"v1"}"#,
+        ];
+        for text in plain {
+            assert!(is_plainly_valid(text), "{text}");
+            assert!(validate_kube_object(&raw(text), 1).is_ok(), "{text}");
+        }
+        // Valid, but with an escape in a field read: not plain, and still accepted.
+        let escaped = r#"{"apiVersion":"v1","kind":"P\u006fd","metadata":{"uid":"u1"}}"#;
+        assert!(!is_plainly_valid(escaped));
+        assert!(validate_kube_object(&raw(escaped), 1).is_ok());
+        // Invalid: not plain, and the error names the field.
+        for (text, field) in [
+            (
+                r#"{"apiVersion":"v2","kind":"Pod","metadata":{"uid":"u"}}"#,
+                "object.apiVersion",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"}}"#,
+                "object.metadata.uid",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":""}}"#,
+                "object.metadata.uid",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"uid":"u"}}"#,
+                "object.metadata.name",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Job","metadata":{"uid":"u"}}"#,
+                "object.kind",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":7}}"#,
+                "object.metadata.uid",
+            ),
+            (r#"{"apiVersion":"v1","kind":"Pod"}"#, "object.metadata"),
+        ] {
+            assert!(!is_plainly_valid(text), "{text}");
+            let error = validate_kube_object(&raw(text), 1).unwrap_err().to_string();
+            assert!(error.contains(field), "{text}: {error}");
+        }
     }
 }
