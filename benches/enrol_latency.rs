@@ -50,6 +50,27 @@ fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool)
 }
 
 const METRIC: &str = "zbridge_enrolment_latency_seconds";
+/// The agent's measures of the points an enrolment passes before [`METRIC`]'s map write, in
+/// order: (the bench's name, the histogram, its label). The watcher's is of every exec, the
+/// others of the execs that enrolled (here, all but none).
+const STAGES: [(&str, &str, &str); 4] = [
+    ("watcher has it", "zbridge_exec_delivery_seconds", ""),
+    (
+        "resolver took it",
+        "zbridge_enrolment_stage_seconds",
+        "stage=\"resolver_received\"",
+    ),
+    (
+        "resolver decided",
+        "zbridge_enrolment_stage_seconds",
+        "stage=\"decided\"",
+    ),
+    (
+        "programmer took it",
+        "zbridge_enrolment_stage_seconds",
+        "stage=\"programmer_received\"",
+    ),
+];
 /// How long any one wait may take (a hang guard, not a measurement).
 const DEADLINE: Duration = Duration::from_secs(60);
 /// The pods' namespace, labelled ambient.
@@ -169,6 +190,7 @@ fn main() {
     drop(plan);
 
     let before = Histogram::read(ops);
+    let stages_before = Histogram::read_all(ops);
     let lost_before = metric(ops, "zbridge_lost_events_total");
     let cpu_before = cpu_seconds(agent.pid());
     let own_cpu_before = cpu_seconds(std::process::id());
@@ -194,6 +216,7 @@ fn main() {
         after = Histogram::read(ops);
     }
     let settled = start.elapsed();
+    let stages_after = Histogram::read_all(ops);
     let cpu = cpu_seconds(agent.pid()) - cpu_before;
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let lost = metric(ops, "zbridge_lost_events_total") - lost_before;
@@ -244,6 +267,31 @@ fn main() {
         cpu * 100.0 / settled.as_secs_f64(),
     );
     println!("  by bucket: {}", delta.buckets_text());
+    println!(
+        "  by stage, time from the exec's kernel timestamp until the enrolment got there (the \
+         watcher's of every exec):"
+    );
+    println!("  | point | count | p50 | p99 | mean |");
+    println!("  |---|---|---|---|---|");
+    let mut stages: Vec<(&str, Histogram)> = stages_after
+        .iter()
+        .zip(&stages_before)
+        .map(|((name, after), (_, before))| (*name, after.minus(before)))
+        .collect();
+    stages.rotate_left(1); // the map write last
+    for (name, h) in &stages {
+        println!(
+            "  | {name} | {:.0} | {} | {} | {} |",
+            h.count,
+            h.quantile_text(0.5),
+            h.quantile_text(0.99),
+            if h.count > 0.0 {
+                duration_text(h.sum / h.count)
+            } else {
+                "-".to_string()
+            }
+        );
+    }
     println!(
         "  CPU meanwhile of the bench process (the fake API server answering the agent's \
          status patches, the map reads): {own_cpu:.2} s"
@@ -620,19 +668,45 @@ struct Histogram {
 impl Histogram {
     /// [`METRIC`] from the agent's /metrics.
     fn read(ops: SocketAddr) -> Histogram {
-        let (code, text) = http_get(ops, "/metrics");
-        assert_eq!(code, 200, "GET /metrics: {text}");
-        Histogram::parse(&text, METRIC).unwrap_or_else(|| panic!("no {METRIC} in:\n{text}"))
+        Histogram::read_all(ops).remove(0).1
     }
 
-    fn parse(text: &str, name: &str) -> Option<Histogram> {
-        let prefix = format!("{name}_bucket{{le=\"");
+    /// The stages of an enrolment in order, each as the histogram of the time from the exec
+    /// until it got there: [`STAGES`], then [`METRIC`] (the map written).
+    fn read_all(ops: SocketAddr) -> Vec<(&'static str, Histogram)> {
+        let (code, text) = http_get(ops, "/metrics");
+        assert_eq!(code, 200, "GET /metrics: {text}");
+        let mut all: Vec<(&'static str, Histogram)> = STAGES
+            .iter()
+            .map(|&(label, name, selector)| {
+                let histogram = Histogram::parse(&text, name, selector)
+                    .unwrap_or_else(|| panic!("no {name}{{{selector}}} in:\n{text}"));
+                (label, histogram)
+            })
+            .collect();
+        let written = Histogram::parse(&text, METRIC, "")
+            .unwrap_or_else(|| panic!("no {METRIC} in:\n{text}"));
+        all.insert(0, ("written", written));
+        all
+    }
+
+    /// The histogram `name` whose series carry the label `selector` (`stage="decided"`; empty:
+    /// a histogram without labels).
+    fn parse(text: &str, name: &str, selector: &str) -> Option<Histogram> {
+        let prefix = format!("{name}_bucket{{");
         let mut buckets = Vec::new();
         for line in text.lines() {
             let Some(rest) = line.strip_prefix(&prefix) else {
                 continue;
             };
-            let (le, rest) = rest.split_once("\"}")?;
+            let (labels, rest) = rest.split_once('}')?;
+            if !labels.split(',').any(|l| l == selector) && !selector.is_empty() {
+                continue;
+            }
+            let le = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("le=\""))?
+                .trim_end_matches('"');
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
@@ -642,10 +716,17 @@ impl Histogram {
             buckets.push((le, value));
         }
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let series = |suffix: &str| {
+            if selector.is_empty() {
+                format!("{name}_{suffix}")
+            } else {
+                format!("{name}_{suffix}{{{selector}}}")
+            }
+        };
         Some(Histogram {
             buckets,
-            count: sample(text, &format!("{name}_count"))?,
-            sum: sample(text, &format!("{name}_sum"))?,
+            count: sample(text, &series("count"))?,
+            sum: sample(text, &series("sum"))?,
         })
     }
 

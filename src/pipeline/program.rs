@@ -12,7 +12,7 @@ use resolver::Update;
 
 use super::inpod::{InPodGate, Served, Step};
 use super::{InPodStage, Observer, Stamped, Status};
-use crate::ops::{Metrics, Readiness};
+use crate::ops::{EnrolmentStage, Metrics, Readiness};
 
 /// What the programmer thread tells or drives besides the maps.
 pub(super) struct Outputs {
@@ -56,6 +56,7 @@ pub(super) fn program<B: MapBackend>(
             recv(updates) -> update => match update {
                 Ok(stamped) => {
                     first_ts = stamped.exec_ts;
+                    observe_received(&stamped, metrics);
                     route(&mut gate, inpod.is_some(), stamped.update, stamped.exec_ts, &mut steps);
                 }
                 Err(_) => closed = true,
@@ -83,6 +84,7 @@ pub(super) fn program<B: MapBackend>(
             while batching.max == 0 || batch.len() < batching.max {
                 match updates.recv_deadline(deadline) {
                     Ok(stamped) => {
+                        observe_received(&stamped, metrics);
                         route(
                             &mut gate,
                             inpod.is_some(),
@@ -165,6 +167,13 @@ pub(super) fn program<B: MapBackend>(
             }
             return Ok(programmer);
         }
+    }
+}
+
+/// An enrolment's update has reached the programmer: `zbridge_enrolment_stage_seconds`.
+fn observe_received(stamped: &Stamped, metrics: &Metrics) {
+    if let (Update::Upsert(_), Some(ts)) = (&stamped.update, stamped.exec_ts) {
+        metrics.observe_enrolment_stage_since(EnrolmentStage::ProgrammerReceived, ts);
     }
 }
 
