@@ -5,7 +5,9 @@
 //! loaded: its record gives the cgroup id and the network namespace without a /proc read, the
 //! cgroup's path comes from a cache by id (read from `/proc/PID/cgroup` once per cgroup), the
 //! addresses from [`ProcReader`]'s cache by namespace. Without the tap, or for an exec whose
-//! record is missing, they are read from /proc ([`ProcReader`]). The counters say which.
+//! record is missing, they are read from /proc ([`ProcReader`]). The counters say which. The
+//! tap's doorbell, which rings for the first exec in a cgroup, ends the connector's coalescing
+//! window early, so that a new pod's enrolment does not wait for it.
 //!
 //! Order of a run: subscribe (checked by the kernel's ACK), then one scan of /proc (a
 //! [`ProcEvent::Scan`]), then the events. When the kernel drops events (ENOBUFS) the source
@@ -325,7 +327,7 @@ impl LiveSource {
             None => ProcReader::new()?,
         };
         // Before the subscribe: every exec event received then has its record in the ring.
-        let tap = if config.exec_tap {
+        let mut tap = if config.exec_tap {
             match ExecTap::load() {
                 Ok(tap) => {
                     log::info!("exec tap: attached to sched_process_exec; exec facts come from it");
@@ -343,7 +345,10 @@ impl LiveSource {
         } else {
             None
         };
-        let connector = Connector::subscribe(&config.connector)?;
+        let mut connector = Connector::subscribe(&config.connector)?;
+        if let Some(doorbell) = tap.as_mut().and_then(|t| t.tap.take_doorbell()) {
+            connector.set_doorbell(Box::new(doorbell));
+        }
         log::info!(
             "proc connector: subscribed (receive buffer {} bytes, event mask {}, coalescing \
              window {:?})",
