@@ -403,8 +403,14 @@ impl Metrics {
     /// the proc connector's clock). A timestamp in the future (a recording's `ts`, not a
     /// kernel time) is not a latency and is not observed.
     pub fn observe_enrolment_since(&self, exec_ts_ns: u64) {
-        if let Some(elapsed) = since(exec_ts_ns) {
-            self.observe_enrolment_latency(elapsed);
+        self.observe_enrolment_between(exec_ts_ns, watcher::live::monotonic_now_ns());
+    }
+
+    /// An enrolment written at `written_ns` for an exec the kernel stamped `exec_ts_ns` (both
+    /// CLOCK_MONOTONIC; as [`Metrics::observe_enrolment_since`]).
+    pub fn observe_enrolment_between(&self, exec_ts_ns: u64, written_ns: u64) {
+        if let Some(elapsed) = written_ns.checked_sub(exec_ts_ns) {
+            self.observe_enrolment_latency(Duration::from_nanos(elapsed));
         }
     }
 
@@ -428,12 +434,12 @@ impl Metrics {
         }
     }
 
-    /// An in-pod pod's entry written now, after ztunnel's ack, for a pod whose first exec the
-    /// kernel stamped `exec_ts_ns` (as [`Metrics::observe_enrolment_since`]).
-    pub fn observe_inpod_enrolment_since(&self, exec_ts_ns: u64) {
-        if let Some(elapsed) = since(exec_ts_ns) {
+    /// An in-pod pod's entry written at `written_ns`, after ztunnel's ack, for a pod whose
+    /// first exec the kernel stamped `exec_ts_ns` (as [`Metrics::observe_enrolment_between`]).
+    pub fn observe_inpod_enrolment_between(&self, exec_ts_ns: u64, written_ns: u64) {
+        if let Some(elapsed) = written_ns.checked_sub(exec_ts_ns) {
             self.inpod_enrolment_latency_seconds
-                .observe(elapsed.as_secs_f64());
+                .observe(Duration::from_nanos(elapsed).as_secs_f64());
         }
     }
 

@@ -116,19 +116,24 @@ pub(super) fn program<B: MapBackend>(
             let started = Instant::now();
             match programmer.flush() {
                 Ok(()) => {
+                    // Every entry of the batch was written now: their latencies end here, not
+                    // after the observer has been told of the entries before them.
+                    let written_ns = watcher::live::monotonic_now_ns();
                     metrics.observe_batch(count, started.elapsed());
-                    metrics.set_map_entries(programmer.entry_count());
                     for stamped in &batch {
                         match (&stamped.update, stamped.exec_ts, stamped.inpod) {
                             (Update::Upsert(_), Some(ts), true) => {
-                                metrics.observe_inpod_enrolment_since(ts)
+                                metrics.observe_inpod_enrolment_between(ts, written_ns)
                             }
                             (Update::Upsert(_), Some(ts), false) => {
-                                metrics.observe_enrolment_since(ts)
+                                metrics.observe_enrolment_between(ts, written_ns)
                             }
                             _ => {}
                         }
-                        if let Some(observer) = observer.as_mut() {
+                    }
+                    metrics.set_map_entries(programmer.entry_count());
+                    if let Some(observer) = observer.as_mut() {
+                        for stamped in &batch {
                             observer.written(&stamped.update);
                         }
                     }

@@ -11,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::TestCgroup;
+use watcher::connector::Doorbell;
 use watcher::connector::{decode, Connector, ConnectorConfig, KernelEvent, Message, Received};
 use watcher::exec_tap::{ExecTap, TapRecord};
-use watcher::connector::Doorbell;
 use watcher::CgroupId;
 
 /// Kills a child by its pid and reaps it, also when the test fails.
@@ -101,14 +101,20 @@ fn the_doorbell_rings_for_the_first_exec_of_a_cgroup_only() {
         n
     };
     // Each child has exec'd when `wait` returns (it exits at once).
-    let first = spawn_in(&cg, &["/bin/true"], Stdio::null()).0.wait().unwrap();
+    let first = spawn_in(&cg, &["/bin/true"], Stdio::null())
+        .0
+        .wait()
+        .unwrap();
     assert!(first.success());
     assert!(
         readable(bell.fd()),
         "the ring polls readable, as a coalescing window waits for it"
     );
     assert_eq!(rings(&mut bell), 1, "the cgroup's first exec rang");
-    let second = spawn_in(&cg, &["/bin/true"], Stdio::null()).0.wait().unwrap();
+    let second = spawn_in(&cg, &["/bin/true"], Stdio::null())
+        .0
+        .wait()
+        .unwrap();
     assert!(second.success());
     assert_eq!(rings(&mut bell), 0, "its second exec did not");
 }

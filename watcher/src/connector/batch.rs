@@ -344,7 +344,12 @@ mod tests {
     fn send(fd: &OwnedFd, bytes: &[u8]) {
         // SAFETY: a valid buffer of `bytes.len()` bytes.
         let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
-        assert_eq!(n, bytes.len() as isize, "send: {}", io::Error::last_os_error());
+        assert_eq!(
+            n,
+            bytes.len() as isize,
+            "send: {}",
+            io::Error::last_os_error()
+        );
     }
 
     /// A doorbell the test rings (an eventfd). While the reader drains it before a window, the

@@ -16,7 +16,8 @@ use std::io;
 use std::time::Duration;
 
 pub use batch::{
-    Doorbell, ReceiveStats, Received, DEFAULT_COALESCE_WINDOW, FAST_WAKEUP, MAX_COALESCE_WINDOW, STORM_AFTER,
+    Doorbell, ReceiveStats, Received, DEFAULT_COALESCE_WINDOW, FAST_WAKEUP, MAX_COALESCE_WINDOW,
+    STORM_AFTER,
 };
 pub use codec::{
     decode, proc_input_message, subscribe_message, DecodeError, KernelEvent, Message, Messages,
