@@ -50,6 +50,8 @@ fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool)
 }
 
 const METRIC: &str = "zbridge_enrolment_latency_seconds";
+/// The time of each batch's map write.
+const BATCH_APPLY: &str = "zbridge_batch_apply_seconds";
 /// The agent's measures of the points an enrolment passes before [`METRIC`]'s map write, in
 /// order: (the bench's name, the histogram, its label). The watcher's is of every exec, the
 /// others of the execs that enrolled (here, all but none).
@@ -191,6 +193,7 @@ fn main() {
 
     let before = Histogram::read(ops);
     let stages_before = Histogram::read_all(ops);
+    let batches_before = Histogram::read_named(ops, BATCH_APPLY);
     let lost_before = metric(ops, "zbridge_lost_events_total");
     let cpu_before = cpu_seconds(agent.pid());
     let own_cpu_before = cpu_seconds(std::process::id());
@@ -217,6 +220,7 @@ fn main() {
     }
     let settled = start.elapsed();
     let stages_after = Histogram::read_all(ops);
+    let batches_after = Histogram::read_named(ops, BATCH_APPLY);
     let cpu = cpu_seconds(agent.pid()) - cpu_before;
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let lost = metric(ops, "zbridge_lost_events_total") - lost_before;
@@ -292,6 +296,24 @@ fn main() {
             }
         );
     }
+    let batches = batches_after.minus(&batches_before);
+    println!(
+        "  map writes (zbridge_batch_apply_seconds, part of the last step): {:.0} batches, \
+         {:.1} updates per batch, p50 {}, p99 {}, mean {}",
+        batches.count,
+        if batches.count > 0.0 {
+            pods as f64 / batches.count
+        } else {
+            0.0
+        },
+        batches.quantile_text(0.5),
+        batches.quantile_text(0.99),
+        if batches.count > 0.0 {
+            duration_text(batches.sum / batches.count)
+        } else {
+            "-".to_string()
+        }
+    );
     println!(
         "  CPU meanwhile of the bench process (the fake API server answering the agent's \
          status patches, the map reads): {own_cpu:.2} s"
@@ -669,6 +691,13 @@ impl Histogram {
     /// [`METRIC`] from the agent's /metrics.
     fn read(ops: SocketAddr) -> Histogram {
         Histogram::read_all(ops).remove(0).1
+    }
+
+    /// The histogram `name` (without labels) from the agent's /metrics.
+    fn read_named(ops: SocketAddr, name: &str) -> Histogram {
+        let (code, text) = http_get(ops, "/metrics");
+        assert_eq!(code, 200, "GET /metrics: {text}");
+        Histogram::parse(&text, name, "").unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     }
 
     /// The stages of an enrolment in order, each as the histogram of the time from the exec
