@@ -50,6 +50,11 @@ fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool)
 }
 
 const METRIC: &str = "zbridge_enrolment_latency_seconds";
+/// The watcher's coalescing windows, and those the exec tap's doorbell ended (as of the
+/// watcher's last receive).
+const WINDOWS: &str = "zbridge_watcher_counter{counter=\"coalescing_windows\"}";
+const WINDOWS_RUNG: &str =
+    "zbridge_watcher_counter{counter=\"coalescing_windows_ended_by_doorbell\"}";
 /// The time of each batch's map write.
 const BATCH_APPLY: &str = "zbridge_batch_apply_seconds";
 /// The agent's measures of the points an enrolment passes before [`METRIC`]'s map write, in
@@ -195,6 +200,8 @@ fn main() {
     let stages_before = Histogram::read_all(ops);
     let batches_before = Histogram::read_named(ops, BATCH_APPLY);
     let lost_before = metric(ops, "zbridge_lost_events_total");
+    let windows_before = metric(ops, WINDOWS);
+    let rung_before = metric(ops, WINDOWS_RUNG);
     let cpu_before = cpu_seconds(agent.pid());
     let own_cpu_before = cpu_seconds(std::process::id());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -224,6 +231,8 @@ fn main() {
     let cpu = cpu_seconds(agent.pid()) - cpu_before;
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let lost = metric(ops, "zbridge_lost_events_total") - lost_before;
+    let windows = metric(ops, WINDOWS) - windows_before;
+    let rung = metric(ops, WINDOWS_RUNG) - rung_before;
     let delta = after.minus(&before);
 
     // From the first exec's due time to the last exec's return.
@@ -317,6 +326,10 @@ fn main() {
     println!(
         "  CPU meanwhile of the bench process (the fake API server answering the agent's \
          status patches, the map reads): {own_cpu:.2} s"
+    );
+    println!(
+        "  the watcher's coalescing windows during the run: {windows:.0}, of which ended by a \
+         new cgroup's first exec (the exec tap's doorbell): {rung:.0}"
     );
     println!(
         "  target p99 < 100 µs: {}; events lost by the kernel during the run: {lost:.0}",

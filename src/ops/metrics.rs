@@ -128,8 +128,10 @@ pub const BPF_COUNTERS: [&str; programmer::layout::COUNTER_COUNT] =
 /// facts came from (the exec tap, or /proc when the tap is not loaded or missed a record), the
 /// tap's losses, and what the proc connector sent that could not be used (each also logged):
 /// undecodable messages (a cut datagram among them), event types this build does not know (a
-/// newer kernel), and events dropped because a rescan after a loss superseded them.
-pub const WATCHER_COUNTERS: [&str; 8] = [
+/// newer kernel), and events dropped because a rescan after a loss superseded them; the
+/// coalescing windows slept under a storm, and those the exec tap's doorbell ended (a first
+/// exec in a cgroup came).
+pub const WATCHER_COUNTERS: [&str; 10] = [
     "execs_from_tap",
     "execs_from_proc",
     "execs_without_facts",
@@ -138,6 +140,8 @@ pub const WATCHER_COUNTERS: [&str; 8] = [
     "proc_messages_malformed",
     "proc_event_types_unknown",
     "events_superseded_by_rescan",
+    "coalescing_windows",
+    "coalescing_windows_ended_by_doorbell",
 ];
 
 /// The buckets of the enrolment's histograms: 10 µs .. 10.5 s from the kernel's exec timestamp,
@@ -491,6 +495,8 @@ impl Metrics {
             c.malformed,
             c.unknown,
             c.superseded,
+            c.coalescing_windows,
+            c.windows_ended_by_doorbell,
         ];
         for (name, value) in WATCHER_COUNTERS.into_iter().zip(values) {
             self.set_watcher_counter(name, value);

@@ -123,6 +123,10 @@ pub struct LiveCounters {
     /// Tap records thrown away without their exec event (its event lost or superseded by a
     /// rescan, or handled from /proc before the record could be read).
     pub tap_unmatched: AtomicU64,
+    /// Coalescing windows the connector's reader slept under a storm (as of its last receive).
+    pub coalescing_windows: AtomicU64,
+    /// Of those, the windows the exec tap's doorbell ended early: a first exec in a cgroup came.
+    pub windows_ended_by_doorbell: AtomicU64,
 }
 
 /// A copy of [`LiveCounters`] at one moment.
@@ -143,6 +147,8 @@ pub struct CounterSnapshot {
     pub execs_from_proc: u64,
     pub tap_dropped: u64,
     pub tap_unmatched: u64,
+    pub coalescing_windows: u64,
+    pub windows_ended_by_doorbell: u64,
 }
 
 impl LiveCounters {
@@ -164,6 +170,8 @@ impl LiveCounters {
             execs_from_proc: get(&self.execs_from_proc),
             tap_dropped: get(&self.tap_dropped),
             tap_unmatched: get(&self.tap_unmatched),
+            coalescing_windows: get(&self.coalescing_windows),
+            windows_ended_by_doorbell: get(&self.windows_ended_by_doorbell),
         }
     }
 }
@@ -458,6 +466,15 @@ impl EventSource for LiveSource {
                 self.finish();
                 return Ok(None);
             }
+            // Before the records of the last receive are handed out, so that its window counts.
+            let stats = self.connector.receive_stats();
+            let counters = &self.counters;
+            counters
+                .coalescing_windows
+                .store(stats.windows, Ordering::Relaxed);
+            counters
+                .windows_ended_by_doorbell
+                .store(stats.doorbell_rings, Ordering::Relaxed);
             if let Some(record) = self.pending.pop_front() {
                 return Ok(Some(record));
             }

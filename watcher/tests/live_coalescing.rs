@@ -253,6 +253,8 @@ fn live_first_exec_in_a_new_cgroup_ends_the_window() {
         rung.doorbell_rings > 0,
         "no window was ended by the doorbell in 5 tries: {rung:?}"
     );
+    // The counters an operator sees say so too (as of the source's last receive).
+    assert!(source.counters().snapshot().windows_ended_by_doorbell > 0);
 }
 
 /// Starts `/bin/true` in `path` below `cg`, one after the other, until `stop`.
