@@ -55,6 +55,8 @@ const METRIC: &str = "zbridge_enrolment_latency_seconds";
 const WINDOWS: &str = "zbridge_watcher_counter{counter=\"coalescing_windows\"}";
 const WINDOWS_RUNG: &str =
     "zbridge_watcher_counter{counter=\"coalescing_windows_ended_by_doorbell\"}";
+/// Longer than the agent's interval between exports of its watcher counters (5 s).
+const COUNTERS_EXPORTED_WITHIN: Duration = Duration::from_millis(5_500);
 /// The time of each batch's map write.
 const BATCH_APPLY: &str = "zbridge_batch_apply_seconds";
 /// The agent's measures of the points an enrolment passes before [`METRIC`]'s map write, in
@@ -177,8 +179,10 @@ fn main() {
         || agent.log_tail(),
         || entries().contains(&zt_id),
     );
-    // Let the start-up's own work (status patches, the first batches) finish.
-    std::thread::sleep(Duration::from_millis(500));
+    // Let the start-up's own work (status patches, the first batches) finish, and the agent
+    // export its watcher counters (every few seconds) once it is idle, so that their values
+    // before the run are not older than its last event.
+    std::thread::sleep(COUNTERS_EXPORTED_WITHIN);
 
     // The pods' cgroups are made and their processes started by a spawner process of its own
     // (this program in its spawner role), on a fixed schedule: pod i at start + i / rate.
@@ -231,6 +235,8 @@ fn main() {
     let cpu = cpu_seconds(agent.pid()) - cpu_before;
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let lost = metric(ops, "zbridge_lost_events_total") - lost_before;
+    // The watcher counters once exported after the last exec (they lag by up to an export).
+    std::thread::sleep(COUNTERS_EXPORTED_WITHIN);
     let windows = metric(ops, WINDOWS) - windows_before;
     let rung = metric(ops, WINDOWS_RUNG) - rung_before;
     let delta = after.minus(&before);
