@@ -51,12 +51,13 @@ struct {
 	__uint(max_entries, 1 << 12);
 } exec_tap_new_cgroups SEC(".maps");
 
-/* The cgroups the tap has seen an exec in. LRU: a cgroup forgotten after 65,536 others is only
- * rung for again; a pod's first exec is what matters, and it comes soon after its cgroup is
- * made. */
+/* The cgroups the tap has seen an exec in. LRU: a cgroup forgotten after about 4,096 others
+ * is only rung for again (one window ended early); a pod's first exec is what matters, and it
+ * comes soon after its cgroup is made. Small, as an LRU hash allocates all its elements up
+ * front (about 64 bytes each) on every node. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1 << 16);
+	__uint(max_entries, 1 << 12);
 	__type(key, __u64);
 	__type(value, __u8);
 } exec_tap_seen_cgroups SEC(".maps");
