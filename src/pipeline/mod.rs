@@ -23,6 +23,7 @@ use watcher::{CgroupId, EventSource, ProcEvent, Record};
 
 use crate::ops::{EnrolmentStage, EventKind, Metrics, Readiness};
 
+mod hot_path;
 pub mod inpod;
 mod program;
 
@@ -195,6 +196,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("watcher".into())
                 .spawn(move || {
                     let _notice = notice;
+                    hot_path::enter("watcher");
                     watch(source, events_tx, &status, &metrics)
                 })
                 .context("cannot start the watcher thread")?
@@ -206,6 +208,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("resolver".into())
                 .spawn(move || {
                     let _notice = notice;
+                    hot_path::enter("resolver");
                     let ops = (&metrics, &readiness);
                     resolve(resolver, events_rx, control_rx, updates_tx, &status, ops)
                 })
@@ -217,6 +220,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("programmer".into())
                 .spawn(move || {
                     let _notice = notice;
+                    hot_path::enter("programmer");
                     let ops = (&metrics, &readiness);
                     let outputs = Outputs { observer, inpod };
                     program(programmer, updates_rx, outputs, &status, ops)
