@@ -51,8 +51,9 @@ pub fn ask_short_slice() -> io::Result<()> {
     Ok(())
 }
 
-/// The slice thread `tid` asked for (0: this thread; zero when it asked for none).
-pub fn slice_of(tid: libc::pid_t) -> io::Result<Duration> {
+/// The slice of thread `tid` (0: this thread): the one it asked for, else the kernel's.
+#[cfg(test)]
+pub(super) fn slice_of(tid: libc::pid_t) -> io::Result<Duration> {
     Ok(Duration::from_nanos(get_attr(tid)?.runtime))
 }
 

@@ -221,13 +221,15 @@ fn live_first_exec_in_a_new_cgroup_ends_the_window() {
         let new_id = CgroupId(cg.id_of(&new).unwrap());
         let before = source.receive_stats();
         // Started by another thread while this one is inside a receive, most likely a window.
+        // It lives on, so that its cgroup can be read when its exec is (a process gone by
+        // then has no facts).
         let join = cg.joiner(&new);
         let first = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
-            let mut cmd = Command::new("/bin/true");
-            cmd.stdin(Stdio::null()).stdout(Stdio::null());
+            let mut cmd = Command::new("/bin/sleep");
+            cmd.arg("60").stdin(Stdio::null()).stdout(Stdio::null());
             join.apply(&mut cmd);
-            cmd.status().expect("run /bin/true in the new cgroup");
+            cmd.spawn().expect("start /bin/sleep in the new cgroup")
         });
         loop {
             let record = source
@@ -240,7 +242,9 @@ fn live_first_exec_in_a_new_cgroup_ends_the_window() {
                 }
             }
         }
-        first.join().unwrap();
+        let mut first = first.join().unwrap();
+        let _ = first.kill();
+        let _ = first.wait();
         rung = source.receive_stats().since(&before);
         if rung.doorbell_rings > 0 {
             break;
