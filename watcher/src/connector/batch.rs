@@ -337,6 +337,23 @@ mod tests {
             )
         };
         assert_eq!(rc, 0, "socketpair: {}", io::Error::last_os_error());
+        // A receive timeout on the reader's end, as the connector has: a datagram that never
+        // comes fails the test (a Timeout) instead of hanging it. A hang guard, not a timing.
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: a valid timeval of the size given, on a descriptor just made.
+        let rc = unsafe {
+            libc::setsockopt(
+                fds[0],
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVTIMEO: {}", io::Error::last_os_error());
         // SAFETY: both are new descriptors owned by nobody else.
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
     }
