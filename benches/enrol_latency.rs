@@ -50,6 +50,36 @@ fn wait_until(what: &str, context: impl Fn() -> String, cond: impl Fn() -> bool)
 }
 
 const METRIC: &str = "zbridge_enrolment_latency_seconds";
+/// The watcher's coalescing windows, and those the exec tap's doorbell ended (as of the
+/// watcher's last receive).
+const WINDOWS: &str = "zbridge_watcher_counter{counter=\"coalescing_windows\"}";
+const WINDOWS_RUNG: &str =
+    "zbridge_watcher_counter{counter=\"coalescing_windows_ended_by_doorbell\"}";
+/// Longer than the agent's interval between exports of its watcher counters (5 s).
+const COUNTERS_EXPORTED_WITHIN: Duration = Duration::from_millis(5_500);
+/// The time of each batch's map write.
+const BATCH_APPLY: &str = "zbridge_batch_apply_seconds";
+/// The agent's measures of the points an enrolment passes before [`METRIC`]'s map write, in
+/// order: (the bench's name, the histogram, its label). The watcher's is of every exec, the
+/// others of the execs that enrolled (here, all but none).
+const STAGES: [(&str, &str, &str); 4] = [
+    ("watcher has it", "zbridge_exec_delivery_seconds", ""),
+    (
+        "resolver took it",
+        "zbridge_enrolment_stage_seconds",
+        "stage=\"resolver_received\"",
+    ),
+    (
+        "resolver decided",
+        "zbridge_enrolment_stage_seconds",
+        "stage=\"decided\"",
+    ),
+    (
+        "programmer took it",
+        "zbridge_enrolment_stage_seconds",
+        "stage=\"programmer_received\"",
+    ),
+];
 /// How long any one wait may take (a hang guard, not a measurement).
 const DEADLINE: Duration = Duration::from_secs(60);
 /// The pods' namespace, labelled ambient.
@@ -149,8 +179,10 @@ fn main() {
         || agent.log_tail(),
         || entries().contains(&zt_id),
     );
-    // Let the start-up's own work (status patches, the first batches) finish.
-    std::thread::sleep(Duration::from_millis(500));
+    // Let the start-up's own work (status patches, the first batches) finish, and the agent
+    // export its watcher counters (every few seconds) once it is idle, so that their values
+    // before the run are not older than its last event.
+    std::thread::sleep(COUNTERS_EXPORTED_WITHIN);
 
     // The pods' cgroups are made and their processes started by a spawner process of its own
     // (this program in its spawner role), on a fixed schedule: pod i at start + i / rate.
@@ -169,7 +201,11 @@ fn main() {
     drop(plan);
 
     let before = Histogram::read(ops);
+    let stages_before = Histogram::read_all(ops);
+    let batches_before = Histogram::read_named(ops, BATCH_APPLY);
     let lost_before = metric(ops, "zbridge_lost_events_total");
+    let windows_before = metric(ops, WINDOWS);
+    let rung_before = metric(ops, WINDOWS_RUNG);
     let cpu_before = cpu_seconds(agent.pid());
     let own_cpu_before = cpu_seconds(std::process::id());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -194,9 +230,15 @@ fn main() {
         after = Histogram::read(ops);
     }
     let settled = start.elapsed();
+    let stages_after = Histogram::read_all(ops);
+    let batches_after = Histogram::read_named(ops, BATCH_APPLY);
     let cpu = cpu_seconds(agent.pid()) - cpu_before;
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let lost = metric(ops, "zbridge_lost_events_total") - lost_before;
+    // The watcher counters once exported after the last exec (they lag by up to an export).
+    std::thread::sleep(COUNTERS_EXPORTED_WITHIN);
+    let windows = metric(ops, WINDOWS) - windows_before;
+    let rung = metric(ops, WINDOWS_RUNG) - rung_before;
     let delta = after.minus(&before);
 
     // From the first exec's due time to the last exec's return.
@@ -245,8 +287,55 @@ fn main() {
     );
     println!("  by bucket: {}", delta.buckets_text());
     println!(
+        "  by stage, time from the exec's kernel timestamp until the enrolment got there (the \
+         watcher's of every exec):"
+    );
+    println!("  | point | count | p50 | p99 | mean |");
+    println!("  |---|---|---|---|---|");
+    let mut stages: Vec<(&str, Histogram)> = stages_after
+        .iter()
+        .zip(&stages_before)
+        .map(|((name, after), (_, before))| (*name, after.minus(before)))
+        .collect();
+    stages.rotate_left(1); // the map write last
+    for (name, h) in &stages {
+        println!(
+            "  | {name} | {:.0} | {} | {} | {} |",
+            h.count,
+            h.quantile_text(0.5),
+            h.quantile_text(0.99),
+            if h.count > 0.0 {
+                duration_text(h.sum / h.count)
+            } else {
+                "-".to_string()
+            }
+        );
+    }
+    let batches = batches_after.minus(&batches_before);
+    println!(
+        "  map writes (zbridge_batch_apply_seconds, part of the last step): {:.0} batches, \
+         {:.1} updates per batch, p50 {}, p99 {}, mean {}",
+        batches.count,
+        if batches.count > 0.0 {
+            pods as f64 / batches.count
+        } else {
+            0.0
+        },
+        batches.quantile_text(0.5),
+        batches.quantile_text(0.99),
+        if batches.count > 0.0 {
+            duration_text(batches.sum / batches.count)
+        } else {
+            "-".to_string()
+        }
+    );
+    println!(
         "  CPU meanwhile of the bench process (the fake API server answering the agent's \
          status patches, the map reads): {own_cpu:.2} s"
+    );
+    println!(
+        "  the watcher's coalescing windows during the run: {windows:.0}, of which ended by a \
+         new cgroup's first exec (the exec tap's doorbell): {rung:.0}"
     );
     println!(
         "  target p99 < 100 µs: {}; events lost by the kernel during the run: {lost:.0}",
@@ -620,19 +709,52 @@ struct Histogram {
 impl Histogram {
     /// [`METRIC`] from the agent's /metrics.
     fn read(ops: SocketAddr) -> Histogram {
-        let (code, text) = http_get(ops, "/metrics");
-        assert_eq!(code, 200, "GET /metrics: {text}");
-        Histogram::parse(&text, METRIC).unwrap_or_else(|| panic!("no {METRIC} in:\n{text}"))
+        Histogram::read_all(ops).remove(0).1
     }
 
-    fn parse(text: &str, name: &str) -> Option<Histogram> {
-        let prefix = format!("{name}_bucket{{le=\"");
+    /// The histogram `name` (without labels) from the agent's /metrics.
+    fn read_named(ops: SocketAddr, name: &str) -> Histogram {
+        let (code, text) = http_get(ops, "/metrics");
+        assert_eq!(code, 200, "GET /metrics: {text}");
+        Histogram::parse(&text, name, "").unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    }
+
+    /// The stages of an enrolment in order, each as the histogram of the time from the exec
+    /// until it got there: [`STAGES`], then [`METRIC`] (the map written).
+    fn read_all(ops: SocketAddr) -> Vec<(&'static str, Histogram)> {
+        let (code, text) = http_get(ops, "/metrics");
+        assert_eq!(code, 200, "GET /metrics: {text}");
+        let mut all: Vec<(&'static str, Histogram)> = STAGES
+            .iter()
+            .map(|&(label, name, selector)| {
+                let histogram = Histogram::parse(&text, name, selector)
+                    .unwrap_or_else(|| panic!("no {name}{{{selector}}} in:\n{text}"));
+                (label, histogram)
+            })
+            .collect();
+        let written = Histogram::parse(&text, METRIC, "")
+            .unwrap_or_else(|| panic!("no {METRIC} in:\n{text}"));
+        all.insert(0, ("written", written));
+        all
+    }
+
+    /// The histogram `name` whose series carry the label `selector` (`stage="decided"`; empty:
+    /// a histogram without labels).
+    fn parse(text: &str, name: &str, selector: &str) -> Option<Histogram> {
+        let prefix = format!("{name}_bucket{{");
         let mut buckets = Vec::new();
         for line in text.lines() {
             let Some(rest) = line.strip_prefix(&prefix) else {
                 continue;
             };
-            let (le, rest) = rest.split_once("\"}")?;
+            let (labels, rest) = rest.split_once('}')?;
+            if !labels.split(',').any(|l| l == selector) && !selector.is_empty() {
+                continue;
+            }
+            let le = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("le=\""))?
+                .trim_end_matches('"');
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
@@ -642,10 +764,17 @@ impl Histogram {
             buckets.push((le, value));
         }
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let series = |suffix: &str| {
+            if selector.is_empty() {
+                format!("{name}_{suffix}")
+            } else {
+                format!("{name}_{suffix}{{{selector}}}")
+            }
+        };
         Some(Histogram {
             buckets,
-            count: sample(text, &format!("{name}_count"))?,
-            sum: sample(text, &format!("{name}_sum"))?,
+            count: sample(text, &series("count"))?,
+            sum: sample(text, &series("sum"))?,
         })
     }
 

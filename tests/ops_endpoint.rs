@@ -195,6 +195,8 @@ fn watcher_counters_are_exported_each_under_its_own_name() {
         malformed: 6,
         unknown: 7,
         superseded: 8,
+        coalescing_windows: 9,
+        windows_ended_by_doorbell: 10,
         ..Default::default()
     };
     metrics.set_watcher_counters(&snapshot);
@@ -217,6 +219,8 @@ fn watcher_counters_are_exported_each_under_its_own_name() {
             ("proc_messages_malformed", 6.0),
             ("proc_event_types_unknown", 7.0),
             ("events_superseded_by_rescan", 8.0),
+            ("coalescing_windows", 9.0),
+            ("coalescing_windows_ended_by_doorbell", 10.0),
         ],
         "{text}"
     );

@@ -12,6 +12,7 @@
 //! The resolver decides on facts alone and does not depend on this crate: kube-rs, tokio and
 //! the API's types stop here.
 
+pub mod background;
 mod cache;
 pub mod change;
 pub mod config;

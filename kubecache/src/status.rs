@@ -55,6 +55,9 @@ pub struct StatusWriter {
     unwritten: Arc<AtomicUsize>,
     /// For [`StatusWriter::observe`]: the captured cgroups and their pods.
     ambient_cgroups: HashMap<CgroupId, PodName>,
+    /// How many of `ambient_cgroups` each pod has: `observe` runs on the programmer's thread
+    /// for every update written, so it must not walk every captured cgroup.
+    ambient_cgroups_per_pod: HashMap<PodName, usize>,
     /// The kube cache's view: at `Synced`, pods still annotated from an earlier run that are
     /// not captured now are found there.
     view: Option<KubeView>,
@@ -75,6 +78,13 @@ impl StatusWriter {
         let thread = std::thread::Builder::new()
             .name("kube-status".into())
             .spawn(move || {
+                // Off the hot path: see `background`.
+                if let Err(e) = crate::background::lower_this_thread() {
+                    log::warn!(
+                        "kube status writer: cannot lower its thread's priority ({e}); it \
+                         competes with the enrolments for the CPU"
+                    );
+                }
                 runtime.block_on(write_loop(client, view, received, done));
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })
@@ -84,6 +94,7 @@ impl StatusWriter {
             thread: Some(thread),
             unwritten,
             ambient_cgroups: HashMap::new(),
+            ambient_cgroups_per_pod: HashMap::new(),
             view: own_view,
         })
     }
@@ -117,13 +128,19 @@ impl StatusWriter {
             return;
         }
         if let Some(pod) = now {
-            if !self.pod_has_other_cgroups(&pod, cgroup_id) {
+            let cgroups = self.ambient_cgroups_per_pod.entry(pod.clone()).or_insert(0);
+            *cgroups += 1;
+            if *cgroups == 1 {
                 self.wish_pod(&pod, true);
             }
         }
         if let Some(pod) = before {
-            if !self.ambient_cgroups.values().any(|p| *p == pod) {
-                self.wish_pod(&pod, false);
+            if let Some(cgroups) = self.ambient_cgroups_per_pod.get_mut(&pod) {
+                *cgroups -= 1;
+                if *cgroups == 0 {
+                    self.ambient_cgroups_per_pod.remove(&pod);
+                    self.wish_pod(&pod, false);
+                }
             }
         }
     }
@@ -172,12 +189,6 @@ impl StatusWriter {
                 self.wish(namespace, name, false);
             }
         }
-    }
-
-    fn pod_has_other_cgroups(&self, pod: &str, cgroup_id: CgroupId) -> bool {
-        self.ambient_cgroups
-            .iter()
-            .any(|(id, p)| *id != cgroup_id && p == pod)
     }
 
     fn wish_pod(&self, pod: &str, enabled: bool) {

@@ -235,3 +235,42 @@ fn at_synced_annotated_pods_that_are_not_captured_are_unannotated() {
         "already annotated as wished: not patched"
     );
 }
+
+/// The nice value and scheduling policy of each of this process's threads named `name`, from
+/// /proc/self/task/*/stat (fields 19 and 41).
+fn threads_named(name: &str) -> Vec<(i64, u32)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        // The fields after the command name start at field 3.
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        found.push((
+            fields[19 - 3].parse().unwrap(),
+            fields[41 - 3].parse().unwrap(),
+        ));
+    }
+    found
+}
+
+#[test]
+fn the_writer_thread_runs_below_the_hot_path() {
+    let server = FakeApiServer::start().unwrap();
+    let _writer = StatusWriter::start(server.kube_config(), None).unwrap();
+    const SCHED_BATCH: u32 = 3;
+    wait_until("a kube-status thread at nice 10 under SCHED_BATCH", || {
+        threads_named("kube-status").iter().any(|&(nice, policy)| {
+            nice == kubecache::background::BACKGROUND_NICE as i64 && policy == SCHED_BATCH
+        })
+    });
+    // The thread that started it was not lowered (its nice is the test run's: not checked).
+    let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let fields: Vec<&str> = own.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    assert_eq!(fields[41 - 3], "0", "this thread stays SCHED_OTHER");
+}

@@ -62,6 +62,41 @@ impl EventKind {
     }
 }
 
+/// The points an enrolment passes between the kernel's exec and the map write, for
+/// `zbridge_enrolment_stage_seconds{stage=...}`: each is observed as the time from the exec's
+/// kernel timestamp until the enrolment got there, so the difference between two stages is
+/// the time spent between them (waiting in a channel, or the stage's own work). The watcher's
+/// part, which comes before anyone knows whether an exec enrols, is
+/// `zbridge_exec_delivery_seconds`; the end is `zbridge_enrolment_latency_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EnrolmentStage {
+    /// The resolver took the exec from its input channel.
+    ResolverReceived,
+    /// The resolver decided: the exec's cgroup gets an entry.
+    Decided,
+    /// The programmer took the update from its channel.
+    ProgrammerReceived,
+}
+
+impl EnrolmentStage {
+    /// Every stage, in the order an enrolment passes them (the order of
+    /// `Metrics::enrolment_stages`).
+    pub const ALL: [EnrolmentStage; 3] = [
+        EnrolmentStage::ResolverReceived,
+        EnrolmentStage::Decided,
+        EnrolmentStage::ProgrammerReceived,
+    ];
+
+    /// The value of the `stage` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnrolmentStage::ResolverReceived => "resolver_received",
+            EnrolmentStage::Decided => "decided",
+            EnrolmentStage::ProgrammerReceived => "programmer_received",
+        }
+    }
+}
+
 /// The states of `zbridge_zds_pods{state=...}`.
 const ZDS_POD_STATES: [zds::PodState; 4] = [
     zds::PodState::Pending,
@@ -93,8 +128,10 @@ pub const BPF_COUNTERS: [&str; programmer::layout::COUNTER_COUNT] =
 /// facts came from (the exec tap, or /proc when the tap is not loaded or missed a record), the
 /// tap's losses, and what the proc connector sent that could not be used (each also logged):
 /// undecodable messages (a cut datagram among them), event types this build does not know (a
-/// newer kernel), and events dropped because a rescan after a loss superseded them.
-pub const WATCHER_COUNTERS: [&str; 8] = [
+/// newer kernel), and events dropped because a rescan after a loss superseded them; the
+/// coalescing windows slept under a storm, and those the exec tap's doorbell ended (a first
+/// exec in a cgroup came).
+pub const WATCHER_COUNTERS: [&str; 10] = [
     "execs_from_tap",
     "execs_from_proc",
     "execs_without_facts",
@@ -103,7 +140,23 @@ pub const WATCHER_COUNTERS: [&str; 8] = [
     "proc_messages_malformed",
     "proc_event_types_unknown",
     "events_superseded_by_rescan",
+    "coalescing_windows",
+    "coalescing_windows_ended_by_doorbell",
 ];
+
+/// The buckets of the enrolment's histograms: 10 µs .. 10.5 s from the kernel's exec timestamp,
+/// fine enough at the bottom to tell whether an enrolment took less than 100 µs.
+fn enrolment_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(1e-5, 2.0, 21)
+}
+
+/// The time from `ts_ns` (CLOCK_MONOTONIC, the proc connector's clock) to now; `None` for a
+/// time in the future (a recording's `ts`, not a kernel time), which is not a latency.
+fn since(ts_ns: u64) -> Option<Duration> {
+    watcher::live::monotonic_now_ns()
+        .checked_sub(ts_ns)
+        .map(Duration::from_nanos)
+}
 
 /// The agent's metrics. Clones share the same values; every update is an atomic operation, so
 /// any thread may update without coordination.
@@ -121,6 +174,9 @@ pub struct Metrics {
     batch_size: Histogram,
     batch_apply_seconds: Histogram,
     enrolment_latency_seconds: Histogram,
+    /// The `zbridge_enrolment_stage_seconds` series, in [`EnrolmentStage::ALL`] order.
+    enrolment_stages: [Histogram; 3],
+    exec_delivery_seconds: Histogram,
     inpod_enrolment_latency_seconds: Histogram,
     zds_connected: Gauge,
     zds_pods: Family<Label, Gauge>,
@@ -151,9 +207,17 @@ impl Metrics {
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 13));
         // 10 µs .. 1.3 s per batch applied to the maps.
         let batch_apply_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
-        // 10 µs .. 10.5 s from the kernel's exec timestamp to the map write: fine enough at the
-        // bottom to tell whether an enrolment took less than 100 µs.
-        let enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 21));
+        let enrolment_latency_seconds = Histogram::new(enrolment_buckets());
+        let enrolment_stage_seconds =
+            Family::<Label, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(enrolment_buckets())
+            });
+        let enrolment_stages = EnrolmentStage::ALL.map(|stage| {
+            enrolment_stage_seconds
+                .get_or_create(&[("stage", stage.as_str())])
+                .clone()
+        });
+        let exec_delivery_seconds = Histogram::new(enrolment_buckets());
         // 100 µs .. 13 s from the exec to the entry written after ztunnel's ack: this span holds
         // a round trip to ztunnel over ZDS, so buckets below 100 µs would stay empty.
         let inpod_enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 18));
@@ -220,6 +284,21 @@ impl Metrics {
             enrolment_latency_seconds.clone(),
         );
         registry.register_with_unit(
+            "enrolment_stage",
+            "From the kernel's exec timestamp until an enrolment reached a stage: the resolver \
+             took the exec, decided, the programmer took the update (the map write is \
+             zbridge_enrolment_latency_seconds)",
+            Unit::Seconds,
+            enrolment_stage_seconds,
+        );
+        registry.register_with_unit(
+            "exec_delivery",
+            "From the kernel's exec timestamp until the watcher has the exec and its facts, \
+             every exec",
+            Unit::Seconds,
+            exec_delivery_seconds.clone(),
+        );
+        registry.register_with_unit(
             "inpod_enrolment_latency",
             "In-pod pods: from the kernel's exec timestamp to the map write after ztunnel acked \
              the pod over ZDS",
@@ -266,6 +345,8 @@ impl Metrics {
             batch_size,
             batch_apply_seconds,
             enrolment_latency_seconds,
+            enrolment_stages,
+            exec_delivery_seconds,
             inpod_enrolment_latency_seconds,
             zds_connected,
             zds_pods,
@@ -326,17 +407,41 @@ impl Metrics {
     /// the proc connector's clock). A timestamp in the future (a recording's `ts`, not a
     /// kernel time) is not a latency and is not observed.
     pub fn observe_enrolment_since(&self, exec_ts_ns: u64) {
-        let now = watcher::live::monotonic_now_ns();
-        if let Some(elapsed) = now.checked_sub(exec_ts_ns) {
+        self.observe_enrolment_between(exec_ts_ns, watcher::live::monotonic_now_ns());
+    }
+
+    /// An enrolment written at `written_ns` for an exec the kernel stamped `exec_ts_ns` (both
+    /// CLOCK_MONOTONIC; as [`Metrics::observe_enrolment_since`]).
+    pub fn observe_enrolment_between(&self, exec_ts_ns: u64, written_ns: u64) {
+        if let Some(elapsed) = written_ns.checked_sub(exec_ts_ns) {
             self.observe_enrolment_latency(Duration::from_nanos(elapsed));
         }
     }
 
-    /// An in-pod pod's entry written now, after ztunnel's ack, for a pod whose first exec the
-    /// kernel stamped `exec_ts_ns` (as [`Metrics::observe_enrolment_since`]).
-    pub fn observe_inpod_enrolment_since(&self, exec_ts_ns: u64) {
-        let now = watcher::live::monotonic_now_ns();
-        if let Some(elapsed) = now.checked_sub(exec_ts_ns) {
+    /// An enrolment reached `stage` `elapsed` after the kernel's timestamp of its exec.
+    pub fn observe_enrolment_stage(&self, stage: EnrolmentStage, elapsed: Duration) {
+        self.enrolment_stages[stage as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// An enrolment, caused by an exec the kernel stamped `exec_ts_ns`, reached `stage` now
+    /// (as [`Metrics::observe_enrolment_since`]).
+    pub fn observe_enrolment_stage_since(&self, stage: EnrolmentStage, exec_ts_ns: u64) {
+        if let Some(elapsed) = since(exec_ts_ns) {
+            self.observe_enrolment_stage(stage, elapsed);
+        }
+    }
+
+    /// The watcher has now an exec the kernel stamped `exec_ts_ns`, with its facts.
+    pub fn observe_exec_delivery_since(&self, exec_ts_ns: u64) {
+        if let Some(elapsed) = since(exec_ts_ns) {
+            self.exec_delivery_seconds.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// An in-pod pod's entry written at `written_ns`, after ztunnel's ack, for a pod whose
+    /// first exec the kernel stamped `exec_ts_ns` (as [`Metrics::observe_enrolment_between`]).
+    pub fn observe_inpod_enrolment_between(&self, exec_ts_ns: u64, written_ns: u64) {
+        if let Some(elapsed) = written_ns.checked_sub(exec_ts_ns) {
             self.inpod_enrolment_latency_seconds
                 .observe(Duration::from_nanos(elapsed).as_secs_f64());
         }
@@ -390,6 +495,8 @@ impl Metrics {
             c.malformed,
             c.unknown,
             c.superseded,
+            c.coalescing_windows,
+            c.windows_ended_by_doorbell,
         ];
         for (name, value) in WATCHER_COUNTERS.into_iter().zip(values) {
             self.set_watcher_counter(name, value);

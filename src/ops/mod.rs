@@ -16,5 +16,5 @@ mod metrics;
 mod readiness;
 
 pub use http::{serve, OpsServer};
-pub use metrics::{EventKind, Metrics, BPF_COUNTERS, WATCHER_COUNTERS};
+pub use metrics::{EnrolmentStage, EventKind, Metrics, BPF_COUNTERS, WATCHER_COUNTERS};
 pub use readiness::Readiness;

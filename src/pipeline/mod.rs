@@ -21,8 +21,9 @@ use resolver::{Input, PodName, Resolver, Role, Update, Workloads};
 use watcher::live::StopHandle;
 use watcher::{CgroupId, EventSource, ProcEvent, Record};
 
-use crate::ops::{EventKind, Metrics, Readiness};
+use crate::ops::{EnrolmentStage, EventKind, Metrics, Readiness};
 
+mod hot_path;
 pub mod inpod;
 mod program;
 
@@ -195,6 +196,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("watcher".into())
                 .spawn(move || {
                     let _notice = notice;
+                    hot_path::enter("watcher");
                     watch(source, events_tx, &status, &metrics)
                 })
                 .context("cannot start the watcher thread")?
@@ -206,6 +208,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("resolver".into())
                 .spawn(move || {
                     let _notice = notice;
+                    hot_path::enter("resolver");
                     let ops = (&metrics, &readiness);
                     resolve(resolver, events_rx, control_rx, updates_tx, &status, ops)
                 })
@@ -217,6 +220,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("programmer".into())
                 .spawn(move || {
                     let _notice = notice;
+                    hot_path::enter("programmer");
                     let ops = (&metrics, &readiness);
                     let outputs = Outputs { observer, inpod };
                     program(programmer, updates_rx, outputs, &status, ops)
@@ -297,6 +301,9 @@ fn watch<S: EventSource>(
         let input = match record.record {
             Record::Proc(event) => {
                 metrics.event(EventKind::of(&event));
+                if matches!(event, ProcEvent::Exec { .. }) {
+                    metrics.observe_exec_delivery_since(record.ts);
+                }
                 if matches!(event, ProcEvent::Lost) {
                     // The live source rescans right after a loss: that scan is a resync.
                     metrics.lost_events();
@@ -416,12 +423,13 @@ fn resolve(
     loop {
         let never = crossbeam_channel::never();
         let control_rx = control.as_ref().unwrap_or(&never);
-        let mut exec_ts = None;
+        let (mut exec_ts, mut received_ns) = (None, 0);
         crossbeam_channel::select! {
             recv(events) -> input => match input {
                 Ok(input) => {
                     if let Input::Proc { ts, event: ProcEvent::Exec { .. } } = &input {
                         exec_ts = Some(*ts);
+                        received_ns = watcher::live::monotonic_now_ns();
                     }
                     if matches!(input, Input::Proc { .. }) {
                         decisions.dirty = true; // live cgroups may have changed
@@ -450,6 +458,14 @@ fn resolve(
         if updates.is_empty() {
             continue;
         }
+        if let Some(ts) = exec_ts.filter(|_| enrols(&updates)) {
+            // Taken at the receive, observed only now that the exec is known to enrol.
+            if let Some(waited) = received_ns.checked_sub(ts) {
+                let waited = Duration::from_nanos(waited);
+                metrics.observe_enrolment_stage(EnrolmentStage::ResolverReceived, waited);
+            }
+            metrics.observe_enrolment_stage_since(EnrolmentStage::Decided, ts);
+        }
         for update in updates.drain(..) {
             if matches!(update, Update::Synced) {
                 readiness.set_first_scan_resolved(true);
@@ -467,6 +483,11 @@ fn resolve(
         }
         decisions.publish_entries(metrics);
     }
+}
+
+/// Whether `updates` give some cgroup an entry (an exec that caused them enrolled it).
+fn enrols(updates: &[Update]) -> bool {
+    updates.iter().any(|u| matches!(u, Update::Upsert(_)))
 }
 
 #[cfg(test)]

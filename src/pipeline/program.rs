@@ -12,7 +12,7 @@ use resolver::Update;
 
 use super::inpod::{InPodGate, Served, Step};
 use super::{InPodStage, Observer, Stamped, Status};
-use crate::ops::{Metrics, Readiness};
+use crate::ops::{EnrolmentStage, Metrics, Readiness};
 
 /// What the programmer thread tells or drives besides the maps.
 pub(super) struct Outputs {
@@ -56,6 +56,7 @@ pub(super) fn program<B: MapBackend>(
             recv(updates) -> update => match update {
                 Ok(stamped) => {
                     first_ts = stamped.exec_ts;
+                    observe_received(&stamped, metrics);
                     route(&mut gate, inpod.is_some(), stamped.update, stamped.exec_ts, &mut steps);
                 }
                 Err(_) => closed = true,
@@ -83,6 +84,7 @@ pub(super) fn program<B: MapBackend>(
             while batching.max == 0 || batch.len() < batching.max {
                 match updates.recv_deadline(deadline) {
                     Ok(stamped) => {
+                        observe_received(&stamped, metrics);
                         route(
                             &mut gate,
                             inpod.is_some(),
@@ -114,19 +116,24 @@ pub(super) fn program<B: MapBackend>(
             let started = Instant::now();
             match programmer.flush() {
                 Ok(()) => {
+                    // Every entry of the batch was written now: their latencies end here, not
+                    // after the observer has been told of the entries before them.
+                    let written_ns = watcher::live::monotonic_now_ns();
                     metrics.observe_batch(count, started.elapsed());
-                    metrics.set_map_entries(programmer.entry_count());
                     for stamped in &batch {
                         match (&stamped.update, stamped.exec_ts, stamped.inpod) {
                             (Update::Upsert(_), Some(ts), true) => {
-                                metrics.observe_inpod_enrolment_since(ts)
+                                metrics.observe_inpod_enrolment_between(ts, written_ns)
                             }
                             (Update::Upsert(_), Some(ts), false) => {
-                                metrics.observe_enrolment_since(ts)
+                                metrics.observe_enrolment_between(ts, written_ns)
                             }
                             _ => {}
                         }
-                        if let Some(observer) = observer.as_mut() {
+                    }
+                    metrics.set_map_entries(programmer.entry_count());
+                    if let Some(observer) = observer.as_mut() {
+                        for stamped in &batch {
                             observer.written(&stamped.update);
                         }
                     }
@@ -165,6 +172,13 @@ pub(super) fn program<B: MapBackend>(
             }
             return Ok(programmer);
         }
+    }
+}
+
+/// An enrolment's update has reached the programmer: `zbridge_enrolment_stage_seconds`.
+fn observe_received(stamped: &Stamped, metrics: &Metrics) {
+    if let (Update::Upsert(_), Some(ts)) = (&stamped.update, stamped.exec_ts) {
+        metrics.observe_enrolment_stage_since(EnrolmentStage::ProgrammerReceived, ts);
     }
 }
 

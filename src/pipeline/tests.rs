@@ -103,6 +103,15 @@ fn stages_program_scan_reconcile_and_reload() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(readiness.not_ready(), vec!["kube cache not synced"]);
+    // The three stages ask for the hot path's short slice (other tests' stages too).
+    for stage in ["watcher", "resolver", "programmer"] {
+        let slices = thread_slices(stage);
+        assert!(!slices.is_empty(), "no {stage} thread");
+        assert!(
+            slices.iter().all(|s| *s == hot_path::HOT_PATH_SLICE),
+            "{stage}: {slices:?}"
+        );
+    }
     // demo/web leaves the file.
     let reloaded = FILE
         .lines()
@@ -128,6 +137,22 @@ fn stages_program_scan_reconcile_and_reload() {
         backend.settings.ztunnel_ips(),
         vec!["10.99.0.1".parse::<IpAddr>().unwrap()]
     );
+}
+
+/// The scheduler slice each of this process's threads named `name` asked for.
+fn thread_slices(name: &str) -> Vec<Duration> {
+    let mut slices = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let tid: libc::pid_t = task.file_name().to_string_lossy().parse().unwrap();
+        if let Ok(slice) = hot_path::slice_of(tid) {
+            slices.push(slice);
+        }
+    }
+    slices
 }
 
 /// Records every update it is told was written.

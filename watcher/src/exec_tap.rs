@@ -16,12 +16,14 @@
 //! was full, the tap is absent) means the facts are read from `/proc` instead.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::RawTracePoint;
 use aya::{Ebpf, EbpfLoader};
 
+use crate::connector::Doorbell;
 use crate::event::{CgroupId, Pid};
 
 /// The object built from `bpf/exec_tap.bpf.c` by build.rs.
@@ -33,6 +35,8 @@ pub const PROGRAM: &str = "exec_tap";
 pub const TRACEPOINT: &str = "sched_process_exec";
 /// The ring buffer of records.
 pub const RING_MAP: &str = "exec_tap_events";
+/// The doorbell: a ring of the cgroup ids of first execs in a cgroup, each with a wakeup.
+pub const NEW_CGROUPS_MAP: &str = "exec_tap_new_cgroups";
 /// The per-CPU count of records the full ring could not take.
 pub const DROPPED_MAP: &str = "exec_tap_dropped";
 /// Bytes of one record in the ring (`struct exec_tap_record`).
@@ -134,6 +138,38 @@ pub struct ExecTap {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     dropped: PerCpuArray<MapData, u64>,
+    /// Until [`ExecTap::take_doorbell`].
+    doorbell: Option<NewCgroupDoorbell>,
+}
+
+/// The tap's doorbell (see [`Doorbell`]): it rings for an exec that is the first the tap has
+/// seen in its cgroup, the exec a new pod's enrolment waits for, so that the watcher does not
+/// hold it back for a coalescing window.
+pub struct NewCgroupDoorbell {
+    ring: RingBuf<MapData>,
+}
+
+impl NewCgroupDoorbell {
+    /// Hands the cgroup of each ring since the last drain to `f`, in ring order, and frees
+    /// their space.
+    pub fn drain_cgroups(&mut self, mut f: impl FnMut(CgroupId)) {
+        while let Some(item) = self.ring.next() {
+            if let Ok(id) = <[u8; 8]>::try_from(&item[..]) {
+                f(CgroupId(u64::from_ne_bytes(id)));
+            }
+        }
+    }
+}
+
+impl Doorbell for NewCgroupDoorbell {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.ring.as_fd()
+    }
+
+    fn drain(&mut self) {
+        // Only rings: the exec's facts are in its record of the main ring.
+        self.drain_cgroups(|_| {});
+    }
 }
 
 impl ExecTap {
@@ -184,11 +220,23 @@ impl ExecTap {
                 error,
             }
         })?;
+        let doorbell = RingBuf::try_from(take(&mut ebpf, NEW_CGROUPS_MAP)?).map_err(|error| {
+            TapError::Map {
+                map: NEW_CGROUPS_MAP,
+                error,
+            }
+        })?;
         Ok(ExecTap {
             ebpf,
             ring,
             dropped,
+            doorbell: Some(NewCgroupDoorbell { ring: doorbell }),
         })
+    }
+
+    /// The doorbell, for the proc connector's reader (`None` once taken).
+    pub fn take_doorbell(&mut self) -> Option<NewCgroupDoorbell> {
+        self.doorbell.take()
     }
 
     /// Hands every record in the ring to `f`, in the ring's order, and frees their space.

@@ -5,7 +5,9 @@
 //! loaded: its record gives the cgroup id and the network namespace without a /proc read, the
 //! cgroup's path comes from a cache by id (read from `/proc/PID/cgroup` once per cgroup), the
 //! addresses from [`ProcReader`]'s cache by namespace. Without the tap, or for an exec whose
-//! record is missing, they are read from /proc ([`ProcReader`]). The counters say which.
+//! record is missing, they are read from /proc ([`ProcReader`]). The counters say which. The
+//! tap's doorbell, which rings for the first exec in a cgroup, ends the connector's coalescing
+//! window early, so that a new pod's enrolment does not wait for it.
 //!
 //! Order of a run: subscribe (checked by the kernel's ACK), then one scan of /proc (a
 //! [`ProcEvent::Scan`]), then the events. When the kernel drops events (ENOBUFS) the source
@@ -121,6 +123,10 @@ pub struct LiveCounters {
     /// Tap records thrown away without their exec event (its event lost or superseded by a
     /// rescan, or handled from /proc before the record could be read).
     pub tap_unmatched: AtomicU64,
+    /// Coalescing windows the connector's reader slept under a storm (as of its last receive).
+    pub coalescing_windows: AtomicU64,
+    /// Of those, the windows the exec tap's doorbell ended early: a first exec in a cgroup came.
+    pub windows_ended_by_doorbell: AtomicU64,
 }
 
 /// A copy of [`LiveCounters`] at one moment.
@@ -141,6 +147,8 @@ pub struct CounterSnapshot {
     pub execs_from_proc: u64,
     pub tap_dropped: u64,
     pub tap_unmatched: u64,
+    pub coalescing_windows: u64,
+    pub windows_ended_by_doorbell: u64,
 }
 
 impl LiveCounters {
@@ -162,6 +170,8 @@ impl LiveCounters {
             execs_from_proc: get(&self.execs_from_proc),
             tap_dropped: get(&self.tap_dropped),
             tap_unmatched: get(&self.tap_unmatched),
+            coalescing_windows: get(&self.coalescing_windows),
+            windows_ended_by_doorbell: get(&self.windows_ended_by_doorbell),
         }
     }
 }
@@ -325,7 +335,7 @@ impl LiveSource {
             None => ProcReader::new()?,
         };
         // Before the subscribe: every exec event received then has its record in the ring.
-        let tap = if config.exec_tap {
+        let mut tap = if config.exec_tap {
             match ExecTap::load() {
                 Ok(tap) => {
                     log::info!("exec tap: attached to sched_process_exec; exec facts come from it");
@@ -343,7 +353,10 @@ impl LiveSource {
         } else {
             None
         };
-        let connector = Connector::subscribe(&config.connector)?;
+        let mut connector = Connector::subscribe(&config.connector)?;
+        if let Some(doorbell) = tap.as_mut().and_then(|t| t.tap.take_doorbell()) {
+            connector.set_doorbell(Box::new(doorbell));
+        }
         log::info!(
             "proc connector: subscribed (receive buffer {} bytes, event mask {}, coalescing \
              window {:?})",
@@ -453,6 +466,15 @@ impl EventSource for LiveSource {
                 self.finish();
                 return Ok(None);
             }
+            // Before the records of the last receive are handed out, so that its window counts.
+            let stats = self.connector.receive_stats();
+            let counters = &self.counters;
+            counters
+                .coalescing_windows
+                .store(stats.windows, Ordering::Relaxed);
+            counters
+                .windows_ended_by_doorbell
+                .store(stats.doorbell_rings, Ordering::Relaxed);
             if let Some(record) = self.pending.pop_front() {
                 return Ok(Some(record));
             }

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::TestCgroup;
+use watcher::connector::Doorbell;
 use watcher::connector::{decode, Connector, ConnectorConfig, KernelEvent, Message, Received};
 use watcher::exec_tap::{ExecTap, TapRecord};
 use watcher::CgroupId;
@@ -71,6 +72,51 @@ fn tap_records_the_exec_of_a_child_with_its_cgroup_and_netns() {
     );
     assert!(record.ktime_ns <= watcher::live::monotonic_now_ns());
     assert_eq!(tap.dropped().unwrap(), 0);
+}
+
+/// Whether `fd` polls readable now.
+fn readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut poll = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+}
+
+#[test]
+fn the_doorbell_rings_for_the_first_exec_of_a_cgroup_only() {
+    if !testkit::require_root("the_doorbell_rings_for_the_first_exec_of_a_cgroup_only") {
+        return;
+    }
+    let cg = TestCgroup::new("tap-bell").unwrap();
+    let mut tap = ExecTap::load().expect("the exec tap loads as root");
+    let mut bell = tap.take_doorbell().expect("the tap has a doorbell");
+    assert!(tap.take_doorbell().is_none(), "one doorbell");
+    bell.drain_cgroups(|_| {});
+    let rings = |bell: &mut watcher::exec_tap::NewCgroupDoorbell| {
+        let mut n = 0;
+        bell.drain_cgroups(|id| n += usize::from(id == CgroupId(cg.id())));
+        n
+    };
+    // Each child has exec'd when `wait` returns (it exits at once).
+    let first = spawn_in(&cg, &["/bin/true"], Stdio::null())
+        .0
+        .wait()
+        .unwrap();
+    assert!(first.success());
+    assert!(
+        readable(bell.fd()),
+        "the ring polls readable, as a coalescing window waits for it"
+    );
+    assert_eq!(rings(&mut bell), 1, "the cgroup's first exec rang");
+    let second = spawn_in(&cg, &["/bin/true"], Stdio::null())
+        .0
+        .wait()
+        .unwrap();
+    assert!(second.success());
+    assert_eq!(rings(&mut bell), 0, "its second exec did not");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use testkit::TestCgroup;
-use watcher::connector::{ConnectorConfig, MAX_COALESCE_WINDOW};
+use watcher::connector::{ConnectorConfig, ReceiveStats, MAX_COALESCE_WINDOW};
 use watcher::live::{LiveConfig, LiveSource, StopHandle};
 use watcher::{CgroupId, EventSource, ProcEvent, Record};
 
@@ -191,4 +191,85 @@ fn live_stop_is_honoured_within_half_a_second_while_coalescing() {
         );
         assert_eq!(source.counters().snapshot().lost, 0);
     }
+}
+
+/// During a storm, the first exec in a cgroup the exec tap has not seen rings its doorbell and
+/// ends the reader's window: a new pod's first process is not held back for it. The window is
+/// the longest allowed, so the reader spends nearly all its time in windows; an exec that
+/// comes while it reads instead needs no doorbell, hence a few tries (each in a new cgroup).
+#[test]
+fn live_first_exec_in_a_new_cgroup_ends_the_window() {
+    if !testkit::require_root("live_first_exec_in_a_new_cgroup_ends_the_window") {
+        return;
+    }
+    let cg = TestCgroup::new("live-coalesce-bell").unwrap();
+    let storm = cg.child("storm").unwrap();
+    let mut source = LiveSource::start(&coalescing(MAX_COALESCE_WINDOW)).unwrap();
+    assert!(source.exec_tap().is_some(), "the exec tap loads as root");
+    watchdog(source.stop_handle(), 120);
+    let stop_spawning = Arc::new(AtomicBool::new(false));
+    let spawner = spawn_burst_in(&cg, &storm, Arc::clone(&stop_spawning));
+    while source.receive_stats().windows < 3 {
+        source
+            .next_record()
+            .expect("live source error")
+            .expect("the source ended (watchdog) before it coalesced");
+    }
+    let mut rung = ReceiveStats::default();
+    for attempt in 0..5 {
+        let new = cg.child(&format!("new{attempt}")).unwrap();
+        let new_id = CgroupId(cg.id_of(&new).unwrap());
+        let before = source.receive_stats();
+        // Started by another thread while this one is inside a receive, most likely a window.
+        // It lives on, so that its cgroup can be read when its exec is (a process gone by
+        // then has no facts).
+        let join = cg.joiner(&new);
+        let first = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            let mut cmd = Command::new("/bin/sleep");
+            cmd.arg("60").stdin(Stdio::null()).stdout(Stdio::null());
+            join.apply(&mut cmd);
+            cmd.spawn().expect("start /bin/sleep in the new cgroup")
+        });
+        loop {
+            let record = source
+                .next_record()
+                .expect("live source error")
+                .expect("the source ended (watchdog): the new cgroup's exec never came");
+            if let Record::Proc(ProcEvent::Exec { facts, .. }) = record.record {
+                if facts.cgroup.is_some_and(|c| c.id == new_id) {
+                    break;
+                }
+            }
+        }
+        let mut first = first.join().unwrap();
+        let _ = first.kill();
+        let _ = first.wait();
+        rung = source.receive_stats().since(&before);
+        if rung.doorbell_rings > 0 {
+            break;
+        }
+    }
+    stop_spawning.store(true, Ordering::Relaxed);
+    spawner.join().unwrap();
+    eprintln!("storm with a new cgroup's exec: {rung:?}");
+    assert!(
+        rung.doorbell_rings > 0,
+        "no window was ended by the doorbell in 5 tries: {rung:?}"
+    );
+    // The counters an operator sees say so too (as of the source's last receive).
+    assert!(source.counters().snapshot().windows_ended_by_doorbell > 0);
+}
+
+/// Starts `/bin/true` in `path` below `cg`, one after the other, until `stop`.
+fn spawn_burst_in(cg: &TestCgroup, path: &str, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    let join = cg.joiner(path);
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let mut cmd = Command::new("/bin/true");
+            cmd.stdin(Stdio::null()).stdout(Stdio::null());
+            join.apply(&mut cmd);
+            cmd.status().expect("run /bin/true");
+        }
+    })
 }

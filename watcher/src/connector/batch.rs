@@ -15,9 +15,13 @@
 //! by at most its length (plus the timer's slack). A window is a timer wake-up, which is no
 //! cheaper than an event's, so it pays only when it brings several events: hence the default
 //! window is not shorter (BENCHMARKS.md, "Watcher", has the figures).
+//!
+//! Not every event may wait for the window: the first exec in a new cgroup is the one a pod's
+//! enrolment waits for. A [`Doorbell`] (the exec tap's, which rings for exactly those execs)
+//! ends the window as soon as it rings; the other events of the storm still wait for it.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::ConnectorError;
@@ -46,6 +50,16 @@ pub const MAX_COALESCE_WINDOW: Duration = Duration::from_millis(100);
 /// events per wake-up for a delay well under a millisecond.
 pub const DEFAULT_COALESCE_WINDOW: Duration = Duration::from_micros(500);
 
+/// Rings when an event that must not wait for a coalescing window is coming (the exec tap's
+/// doorbell rings for the first exec in a cgroup): a window ends as soon as it has rung.
+pub trait Doorbell: Send {
+    /// Polls readable (`POLLIN`) while it has rung since the last [`Doorbell::drain`].
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Forgets the rings so far (called before each window, so that only a ring during the
+    /// window ends it).
+    fn drain(&mut self);
+}
+
 /// What one receive returned.
 #[derive(Debug)]
 pub enum Received<'a> {
@@ -70,6 +84,8 @@ pub struct ReceiveStats {
     pub windows: u64,
     /// Windows after which the socket was still empty (the storm was over: back to blocking).
     pub empty_windows: u64,
+    /// Windows ended early by the [`Doorbell`] (counted in `windows` too).
+    pub doorbell_rings: u64,
     /// Datagrams longer than a batch slot, cut (never seen from the proc connector).
     pub truncated: u64,
 }
@@ -83,9 +99,35 @@ impl ReceiveStats {
             wakeups: self.wakeups - earlier.wakeups,
             windows: self.windows - earlier.windows,
             empty_windows: self.empty_windows - earlier.empty_windows,
+            doorbell_rings: self.doorbell_rings - earlier.doorbell_rings,
             truncated: self.truncated - earlier.truncated,
         }
     }
+}
+
+/// Waits until `fd` is readable (true) or `timeout` has passed (false; a signal counts as
+/// that: the window is only shorter).
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool, ConnectorError> {
+    let mut poll = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // ppoll, not poll: its timeout is in nanoseconds, and windows are shorter than a millisecond.
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+    let n = unsafe { libc::ppoll(&mut poll, 1, &timeout, std::ptr::null()) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EINTR) => Ok(false),
+            _ => Err(ConnectorError::Doorbell(err)),
+        };
+    }
+    Ok(n > 0 && poll.revents & libc::POLLIN != 0)
 }
 
 /// What one `recvmmsg` gave.
@@ -116,6 +158,8 @@ pub(super) struct BatchReader {
     fast_wakeups: u32,
     /// Events are arriving fast: an empty socket is waited on with the window.
     storm: bool,
+    /// Ends a window early, if there is one.
+    doorbell: Option<Box<dyn Doorbell>>,
     stats: ReceiveStats,
 }
 
@@ -130,8 +174,14 @@ impl BatchReader {
             coalesce_window: Duration::ZERO,
             fast_wakeups: 0,
             storm: false,
+            doorbell: None,
             stats: ReceiveStats::default(),
         }
+    }
+
+    /// Windows end as soon as `doorbell` rings (see [`Doorbell`]).
+    pub(super) fn set_doorbell(&mut self, doorbell: Box<dyn Doorbell>) {
+        self.doorbell = Some(doorbell);
     }
 
     /// Turns coalescing on with `window` (zero: off), capped at [`MAX_COALESCE_WINDOW`].
@@ -171,8 +221,7 @@ impl BatchReader {
             }
         }
         if self.storm {
-            std::thread::sleep(self.coalesce_window);
-            self.stats.windows += 1;
+            self.sleep_window()?;
             match self.read(fd, libc::MSG_DONTWAIT)? {
                 Read::Empty => {
                     self.stats.empty_windows += 1;
@@ -195,6 +244,20 @@ impl BatchReader {
         }
         self.storm = !self.coalesce_window.is_zero() && self.fast_wakeups >= STORM_AFTER;
         Ok(read)
+    }
+
+    /// Sleeps the coalescing window, or less if the doorbell rings meanwhile.
+    fn sleep_window(&mut self) -> Result<(), ConnectorError> {
+        self.stats.windows += 1;
+        let Some(doorbell) = self.doorbell.as_mut() else {
+            std::thread::sleep(self.coalesce_window);
+            return Ok(());
+        };
+        doorbell.drain();
+        if wait_readable(doorbell.fd(), self.coalesce_window)? {
+            self.stats.doorbell_rings += 1;
+        }
+        Ok(())
     }
 
     /// One `recvmmsg` into the batch slots, with `flags` (MSG_DONTWAIT: never block;
@@ -252,5 +315,163 @@ impl BatchReader {
         self.stats.reads += 1;
         self.stats.datagrams += n as u64;
         Ok(Read::Got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+    use super::*;
+
+    /// A datagram socket pair: the reader's end and the sender's (the test's "kernel").
+    fn socket_pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two new descriptors into `fds`.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "socketpair: {}", io::Error::last_os_error());
+        // A receive timeout on the reader's end, as the connector has: a datagram that never
+        // comes fails the test (a Timeout) instead of hanging it. A hang guard, not a timing.
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: a valid timeval of the size given, on a descriptor just made.
+        let rc = unsafe {
+            libc::setsockopt(
+                fds[0],
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVTIMEO: {}", io::Error::last_os_error());
+        // SAFETY: both are new descriptors owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn send(fd: &OwnedFd, bytes: &[u8]) {
+        // SAFETY: a valid buffer of `bytes.len()` bytes.
+        let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        assert_eq!(
+            n,
+            bytes.len() as isize,
+            "send: {}",
+            io::Error::last_os_error()
+        );
+    }
+
+    /// A doorbell the test rings (an eventfd). While the reader drains it before a window, the
+    /// "kernel" sends a datagram, and rings the doorbell if `ring_with_it`: an event that comes
+    /// during the window, with or without the ring the exec tap gives a cgroup's first exec.
+    struct TestBell {
+        bell: OwnedFd,
+        kernel: OwnedFd,
+        ring_with_it: bool,
+    }
+
+    impl TestBell {
+        fn new(kernel: OwnedFd, ring_with_it: bool) -> TestBell {
+            // SAFETY: eventfd returns a new descriptor or -1.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+            TestBell {
+                // SAFETY: a new descriptor owned by nobody else.
+                bell: unsafe { OwnedFd::from_raw_fd(fd) },
+                kernel,
+                ring_with_it,
+            }
+        }
+
+        fn ring(&self) {
+            let one = 1u64;
+            // SAFETY: an eventfd takes an 8-byte count.
+            let n = unsafe { libc::write(self.bell.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            assert_eq!(n, 8, "eventfd write: {}", io::Error::last_os_error());
+        }
+    }
+
+    impl Doorbell for TestBell {
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.bell.as_fd()
+        }
+
+        fn drain(&mut self) {
+            let mut count = 0u64;
+            // SAFETY: an 8-byte buffer; non-blocking, so EAGAIN when it has not rung.
+            unsafe { libc::read(self.bell.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+            send(&self.kernel, b"during the window");
+            if self.ring_with_it {
+                self.ring();
+            }
+        }
+    }
+
+    /// A reader in a storm: [`STORM_AFTER`] blocking waits each found a datagram at once.
+    fn reader_in_a_storm(fd: &OwnedFd, kernel: &OwnedFd, window: Duration) -> BatchReader {
+        let mut reader = BatchReader::new();
+        reader.set_coalesce_window(window);
+        for _ in 0..STORM_AFTER {
+            send(kernel, b"storm");
+            assert!(matches!(
+                reader.recv(fd.as_raw_fd()),
+                Ok(Received::Datagram(b"storm"))
+            ));
+        }
+        assert!(reader.storm, "{STORM_AFTER} fast wake-ups make a storm");
+        reader
+    }
+
+    #[test]
+    fn a_ring_during_the_window_ends_it() {
+        let (fd, kernel) = socket_pair();
+        let mut reader = reader_in_a_storm(&fd, &kernel, MAX_COALESCE_WINDOW);
+        let before = reader.stats();
+        reader.set_doorbell(Box::new(TestBell::new(kernel, true)));
+        assert!(matches!(
+            reader.recv(fd.as_raw_fd()),
+            Ok(Received::Datagram(b"during the window"))
+        ));
+        let stats = reader.stats().since(&before);
+        assert_eq!((stats.windows, stats.doorbell_rings), (1, 1));
+    }
+
+    #[test]
+    fn without_a_ring_the_window_is_slept_whole() {
+        let (fd, kernel) = socket_pair();
+        let mut reader = reader_in_a_storm(&fd, &kernel, Duration::from_millis(1));
+        let before = reader.stats();
+        reader.set_doorbell(Box::new(TestBell::new(kernel, false)));
+        assert!(matches!(
+            reader.recv(fd.as_raw_fd()),
+            Ok(Received::Datagram(b"during the window"))
+        ));
+        let stats = reader.stats().since(&before);
+        assert_eq!((stats.windows, stats.doorbell_rings), (1, 0));
+    }
+
+    #[test]
+    fn a_ring_before_the_window_does_not_end_it() {
+        let (fd, kernel) = socket_pair();
+        let mut reader = reader_in_a_storm(&fd, &kernel, Duration::from_millis(1));
+        let before = reader.stats();
+        let bell = TestBell::new(kernel, false);
+        // An exec handled already (its datagram read before the window) rang it.
+        bell.ring();
+        reader.set_doorbell(Box::new(bell));
+        assert!(matches!(
+            reader.recv(fd.as_raw_fd()),
+            Ok(Received::Datagram(b"during the window"))
+        ));
+        let stats = reader.stats().since(&before);
+        assert_eq!((stats.windows, stats.doorbell_rings), (1, 0));
     }
 }

@@ -16,7 +16,8 @@ use std::io;
 use std::time::Duration;
 
 pub use batch::{
-    ReceiveStats, Received, DEFAULT_COALESCE_WINDOW, FAST_WAKEUP, MAX_COALESCE_WINDOW, STORM_AFTER,
+    Doorbell, ReceiveStats, Received, DEFAULT_COALESCE_WINDOW, FAST_WAKEUP, MAX_COALESCE_WINDOW,
+    STORM_AFTER,
 };
 pub use codec::{
     decode, proc_input_message, subscribe_message, DecodeError, KernelEvent, Message, Messages,
@@ -66,6 +67,8 @@ pub enum ConnectorError {
     NoAck(Duration),
     #[error("proc connector: receive failed: {0}")]
     Recv(io::Error),
+    #[error("proc connector: waiting on the doorbell during a coalescing window failed: {0}")]
+    Doorbell(io::Error),
     #[error("proc connector: malformed datagram: {0}")]
     Decode(DecodeError),
 }
@@ -92,8 +95,10 @@ pub struct ConnectorConfig {
     /// per [`FAST_WAKEUP`] (see [`STORM_AFTER`]), the reader sleeps this long instead of blocking on an empty socket,
     /// then reads everything that came meanwhile in one batch, so that a storm costs one
     /// wake-up per window instead of nearly one per event. Each event of a storm is delivered
-    /// up to this much later (plus the timer's slack, 50 µs by default); under light load
-    /// nothing changes. Zero turns it off; at most [`MAX_COALESCE_WINDOW`] is used.
+    /// up to this much later (plus the timer's slack, 50 µs by default), except when a
+    /// [`Doorbell`] rings (the exec tap's, for the first exec in a cgroup: the exec an
+    /// enrolment waits for), which ends the window; under light load nothing changes. Zero
+    /// turns it off; at most [`MAX_COALESCE_WINDOW`] is used.
     pub coalesce_window: Duration,
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use netlink_sys::{protocols::NETLINK_CONNECTOR, Socket, SocketAddr};
 
-use super::batch::{BatchReader, ReceiveStats, Received};
+use super::batch::{BatchReader, Doorbell, ReceiveStats, Received};
 use super::codec::{
     decode, proc_input_message, subscribe_message, Message, CN_IDX_PROC, PROC_CN_MCAST_IGNORE,
     PROC_CN_MCAST_LISTEN, PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK,
@@ -73,6 +73,12 @@ impl Connector {
     /// The coalescing window in use (zero: off).
     pub fn coalesce_window(&self) -> Duration {
         self.reader.coalesce_window()
+    }
+
+    /// Coalescing windows end as soon as `doorbell` rings (the exec tap's, for the first exec
+    /// in a cgroup).
+    pub fn set_doorbell(&mut self, doorbell: Box<dyn Doorbell>) {
+        self.reader.set_doorbell(doorbell);
     }
 
     /// How the receives went so far.
