@@ -3,10 +3,10 @@
 //! in-pod state and the ZDS stage learn what was written.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use programmer::{MapBackend, Programmer};
 use resolver::Update;
 
@@ -82,7 +82,7 @@ pub(super) fn program<B: MapBackend>(
             let batching = programmer.batching();
             let deadline = Instant::now() + batching.window;
             while batching.max == 0 || batch.len() < batching.max {
-                match updates.recv_deadline(deadline) {
+                match next_in_window(&updates, batching.window, deadline) {
                     Ok(stamped) => {
                         observe_received(&stamped, metrics);
                         route(
@@ -173,6 +173,25 @@ pub(super) fn program<B: MapBackend>(
             return Ok(programmer);
         }
     }
+}
+
+/// The next update of the batch: within the window, or with a zero window only one already
+/// queued. Not `recv_deadline` with a deadline already passed: crossbeam's receive spins and
+/// then yields the CPU a few times before it looks at the deadline, and on a busy node each
+/// yield can put the programmer behind other threads' slices while the batch it holds waits
+/// for its map write.
+fn next_in_window(
+    updates: &Receiver<Stamped>,
+    window: Duration,
+    deadline: Instant,
+) -> Result<Stamped, RecvTimeoutError> {
+    if window.is_zero() {
+        return updates.try_recv().map_err(|e| match e {
+            TryRecvError::Empty => RecvTimeoutError::Timeout,
+            TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+        });
+    }
+    updates.recv_deadline(deadline)
 }
 
 /// An enrolment's update has reached the programmer: `zbridge_enrolment_stage_seconds`.
