@@ -275,11 +275,7 @@ fn main() {
         delta.quantile_text(0.5),
         delta.quantile_text(0.99),
         delta.max_text(),
-        if delta.count > 0.0 {
-            duration_text(delta.sum / delta.count)
-        } else {
-            "-".to_string()
-        },
+        delta.mean_text(),
         cpu,
         settled.as_secs_f64(),
         cpu * 1e6 / pods as f64,
@@ -292,23 +288,18 @@ fn main() {
     );
     println!("  | point | count | p50 | p99 | mean |");
     println!("  |---|---|---|---|---|");
-    let mut stages: Vec<(&str, Histogram)> = stages_after
+    let stages: Vec<(&str, Histogram)> = stages_after
         .iter()
         .zip(&stages_before)
         .map(|((name, after), (_, before))| (*name, after.minus(before)))
         .collect();
-    stages.rotate_left(1); // the map write last
     for (name, h) in &stages {
         println!(
             "  | {name} | {:.0} | {} | {} | {} |",
             h.count,
             h.quantile_text(0.5),
             h.quantile_text(0.99),
-            if h.count > 0.0 {
-                duration_text(h.sum / h.count)
-            } else {
-                "-".to_string()
-            }
+            h.mean_text()
         );
     }
     let batches = batches_after.minus(&batches_before);
@@ -323,11 +314,7 @@ fn main() {
         },
         batches.quantile_text(0.5),
         batches.quantile_text(0.99),
-        if batches.count > 0.0 {
-            duration_text(batches.sum / batches.count)
-        } else {
-            "-".to_string()
-        }
+        batches.mean_text()
     );
     println!(
         "  CPU meanwhile of the bench process (the fake API server answering the agent's \
@@ -709,7 +696,7 @@ struct Histogram {
 impl Histogram {
     /// [`METRIC`] from the agent's /metrics.
     fn read(ops: SocketAddr) -> Histogram {
-        Histogram::read_all(ops).remove(0).1
+        Histogram::read_named(ops, METRIC)
     }
 
     /// The histogram `name` (without labels) from the agent's /metrics.
@@ -734,7 +721,7 @@ impl Histogram {
             .collect();
         let written = Histogram::parse(&text, METRIC, "")
             .unwrap_or_else(|| panic!("no {METRIC} in:\n{text}"));
-        all.insert(0, ("written", written));
+        all.push(("written", written));
         all
     }
 
@@ -815,6 +802,15 @@ impl Histogram {
 
     fn quantile_text(&self, p: f64) -> String {
         bucket_text(self.quantile(p))
+    }
+
+    /// The exact mean (sum / count), or `-` when nothing was observed.
+    fn mean_text(&self) -> String {
+        if self.count > 0.0 {
+            duration_text(self.sum / self.count)
+        } else {
+            "-".to_string()
+        }
     }
 
     /// The observations per bucket, from the first bucket holding one to the last: `≤ 5.12 ms

@@ -230,9 +230,9 @@ fn watcher_counters_are_exported_each_under_its_own_name() {
 fn enrolment_since_a_kernel_timestamp_is_observed() {
     let metrics = Metrics::new();
     let exec_ts = watcher::live::monotonic_now_ns();
-    metrics.observe_enrolment_since(exec_ts);
+    metrics.observe_enrolment_between(exec_ts, watcher::live::monotonic_now_ns());
     // A timestamp from the future is not a kernel time: not observed.
-    metrics.observe_enrolment_since(u64::MAX);
+    metrics.observe_enrolment_between(u64::MAX, watcher::live::monotonic_now_ns());
     let text = metrics.encode();
     assert_eq!(
         sample(&text, "zbridge_enrolment_latency_seconds_count"),

@@ -150,12 +150,12 @@ fn enrolment_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(1e-5, 2.0, 21)
 }
 
-/// The time from `ts_ns` (CLOCK_MONOTONIC, the proc connector's clock) to now; `None` for a
-/// time in the future (a recording's `ts`, not a kernel time), which is not a latency.
-fn since(ts_ns: u64) -> Option<Duration> {
-    watcher::live::monotonic_now_ns()
-        .checked_sub(ts_ns)
-        .map(Duration::from_nanos)
+/// Seconds from `from_ns` to `to_ns` (both CLOCK_MONOTONIC); `None` when `from_ns` is later
+/// (a recording's `ts`, not a kernel time), which is not a latency.
+fn seconds_between(from_ns: u64, to_ns: u64) -> Option<f64> {
+    to_ns
+        .checked_sub(from_ns)
+        .map(|ns| Duration::from_nanos(ns).as_secs_f64())
 }
 
 /// The agent's metrics. Clones share the same values; every update is an atomic operation, so
@@ -403,47 +403,46 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
-    /// An enrolment written now for an exec the kernel stamped `exec_ts_ns` (CLOCK_MONOTONIC,
-    /// the proc connector's clock). A timestamp in the future (a recording's `ts`, not a
-    /// kernel time) is not a latency and is not observed.
-    pub fn observe_enrolment_since(&self, exec_ts_ns: u64) {
-        self.observe_enrolment_between(exec_ts_ns, watcher::live::monotonic_now_ns());
-    }
-
     /// An enrolment written at `written_ns` for an exec the kernel stamped `exec_ts_ns` (both
-    /// CLOCK_MONOTONIC; as [`Metrics::observe_enrolment_since`]).
+    /// CLOCK_MONOTONIC, the proc connector's clock). An exec stamped after the write (a
+    /// recording's `ts`, not a kernel time) is not a latency and is not observed; so for every
+    /// `observe_*_between` and `_since` below.
     pub fn observe_enrolment_between(&self, exec_ts_ns: u64, written_ns: u64) {
-        if let Some(elapsed) = written_ns.checked_sub(exec_ts_ns) {
-            self.observe_enrolment_latency(Duration::from_nanos(elapsed));
+        if let Some(seconds) = seconds_between(exec_ts_ns, written_ns) {
+            self.enrolment_latency_seconds.observe(seconds);
         }
     }
 
-    /// An enrolment reached `stage` `elapsed` after the kernel's timestamp of its exec.
-    pub fn observe_enrolment_stage(&self, stage: EnrolmentStage, elapsed: Duration) {
-        self.enrolment_stages[stage as usize].observe(elapsed.as_secs_f64());
+    /// An enrolment, caused by an exec the kernel stamped `exec_ts_ns`, reached `stage` at
+    /// `at_ns`.
+    pub fn observe_enrolment_stage_between(
+        &self,
+        stage: EnrolmentStage,
+        exec_ts_ns: u64,
+        at_ns: u64,
+    ) {
+        if let Some(seconds) = seconds_between(exec_ts_ns, at_ns) {
+            self.enrolment_stages[stage as usize].observe(seconds);
+        }
     }
 
-    /// An enrolment, caused by an exec the kernel stamped `exec_ts_ns`, reached `stage` now
-    /// (as [`Metrics::observe_enrolment_since`]).
+    /// As [`Metrics::observe_enrolment_stage_between`], reached now.
     pub fn observe_enrolment_stage_since(&self, stage: EnrolmentStage, exec_ts_ns: u64) {
-        if let Some(elapsed) = since(exec_ts_ns) {
-            self.observe_enrolment_stage(stage, elapsed);
-        }
+        self.observe_enrolment_stage_between(stage, exec_ts_ns, watcher::live::monotonic_now_ns());
     }
 
     /// The watcher has now an exec the kernel stamped `exec_ts_ns`, with its facts.
     pub fn observe_exec_delivery_since(&self, exec_ts_ns: u64) {
-        if let Some(elapsed) = since(exec_ts_ns) {
-            self.exec_delivery_seconds.observe(elapsed.as_secs_f64());
+        if let Some(seconds) = seconds_between(exec_ts_ns, watcher::live::monotonic_now_ns()) {
+            self.exec_delivery_seconds.observe(seconds);
         }
     }
 
     /// An in-pod pod's entry written at `written_ns`, after ztunnel's ack, for a pod whose
-    /// first exec the kernel stamped `exec_ts_ns` (as [`Metrics::observe_enrolment_between`]).
+    /// first exec the kernel stamped `exec_ts_ns`.
     pub fn observe_inpod_enrolment_between(&self, exec_ts_ns: u64, written_ns: u64) {
-        if let Some(elapsed) = written_ns.checked_sub(exec_ts_ns) {
-            self.inpod_enrolment_latency_seconds
-                .observe(Duration::from_nanos(elapsed).as_secs_f64());
+        if let Some(seconds) = seconds_between(exec_ts_ns, written_ns) {
+            self.inpod_enrolment_latency_seconds.observe(seconds);
         }
     }
 

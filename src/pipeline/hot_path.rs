@@ -75,11 +75,12 @@ fn get_attr(tid: libc::pid_t) -> io::Result<SchedAttr> {
     Ok(attr)
 }
 
-/// Asks for the short slice on the calling thread, the stage `name`; a kernel that refuses is
-/// logged, and the stage runs with the default slice.
+/// Asks for the short slice on the calling thread, the stage `name`; a refusal is logged as a
+/// warning (a kernel older than 6.12 ignores the field rather than refuse it, so a refusal is
+/// a seccomp profile or a kernel that forbids it), and the stage runs with the default slice.
 pub(super) fn enter(name: &str) {
     if let Err(e) = ask_short_slice() {
-        log::debug!("{name}: no short scheduler slice for the hot path ({e})");
+        log::warn!("{name}: no short scheduler slice for the hot path, running with the kernel's default ({e})");
     }
 }
 

@@ -460,10 +460,11 @@ fn resolve(
         }
         if let Some(ts) = exec_ts.filter(|_| enrols(&updates)) {
             // Taken at the receive, observed only now that the exec is known to enrol.
-            if let Some(waited) = received_ns.checked_sub(ts) {
-                let waited = Duration::from_nanos(waited);
-                metrics.observe_enrolment_stage(EnrolmentStage::ResolverReceived, waited);
-            }
+            metrics.observe_enrolment_stage_between(
+                EnrolmentStage::ResolverReceived,
+                ts,
+                received_ns,
+            );
             metrics.observe_enrolment_stage_since(EnrolmentStage::Decided, ts);
         }
         for update in updates.drain(..) {
