@@ -166,9 +166,11 @@ impl Doorbell for NewCgroupDoorbell {
         self.ring.as_fd()
     }
 
-    fn drain(&mut self) {
+    fn drain(&mut self) -> bool {
         // Only rings: the exec's facts are in its record of the main ring.
-        self.drain_cgroups(|_| {});
+        let mut rang = false;
+        self.drain_cgroups(|_| rang = true);
+        rang
     }
 }
 

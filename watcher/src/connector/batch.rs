@@ -55,9 +55,9 @@ pub const DEFAULT_COALESCE_WINDOW: Duration = Duration::from_micros(500);
 pub trait Doorbell: Send {
     /// Polls readable (`POLLIN`) while it has rung since the last [`Doorbell::drain`].
     fn fd(&self) -> BorrowedFd<'_>;
-    /// Forgets the rings so far (called before each window, so that only a ring during the
-    /// window ends it).
-    fn drain(&mut self);
+    /// Forgets the rings so far, and says whether there were any (called before each window:
+    /// a ring from before it skips the window, one during it ends it).
+    fn drain(&mut self) -> bool;
 }
 
 /// What one receive returned.
@@ -258,8 +258,7 @@ impl BatchReader {
         // exec tap before the proc connector sends the exec's event, so the ring can come
         // between the last read and now, its event after. Such an event must not wait either;
         // the cost of a ring whose event was read already is one window not slept.
-        let rang_before = wait_readable(doorbell.fd(), Duration::ZERO)?;
-        doorbell.drain();
+        let rang_before = doorbell.drain();
         if rang_before || wait_readable(doorbell.fd(), self.coalesce_window)? {
             self.stats.doorbell_rings += 1;
         }
@@ -410,14 +409,16 @@ mod tests {
             self.bell.as_fd()
         }
 
-        fn drain(&mut self) {
+        fn drain(&mut self) -> bool {
             let mut count = 0u64;
-            // SAFETY: an 8-byte buffer; non-blocking, so EAGAIN when it has not rung.
+            // SAFETY: an 8-byte buffer; non-blocking, so EAGAIN (and `count` 0) when it has
+            // not rung.
             unsafe { libc::read(self.bell.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
             send(&self.kernel, b"during the window");
             if self.ring_with_it {
                 self.ring();
             }
+            count > 0
         }
     }
 
