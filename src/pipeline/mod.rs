@@ -24,6 +24,7 @@ use watcher::{CgroupId, EventSource, ProcEvent, Record};
 use crate::ops::{EnrolmentStage, EventKind, Metrics, Readiness};
 
 mod hot_path;
+pub use hot_path::HotPathScheduling;
 pub mod inpod;
 mod program;
 
@@ -38,6 +39,8 @@ pub struct PipelineConfig {
     /// Capacity of the resolver → programmer channel (updates). How updates are gathered
     /// into batches is the programmer's config ([`programmer::Batching`]).
     pub updates_capacity: usize,
+    /// How the watcher, resolver and programmer threads are scheduled.
+    pub hot_path: HotPathScheduling,
 }
 
 impl Default for PipelineConfig {
@@ -45,6 +48,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             events_capacity: 8192,
             updates_capacity: 8192,
+            hot_path: HotPathScheduling::default(),
         }
     }
 }
@@ -188,6 +192,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
         let (updates_tx, updates_rx) = bounded::<Stamped>(config.updates_capacity);
         let (control_tx, control_rx) = bounded::<Control>(4);
         let (ended_tx, ended) = bounded::<&'static str>(3);
+        let hot_path = config.hot_path;
 
         let watcher = {
             let (status, notice) = (status.clone(), EndNotice("watcher", ended_tx.clone()));
@@ -196,7 +201,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("watcher".into())
                 .spawn(move || {
                     let _notice = notice;
-                    hot_path::enter("watcher");
+                    hot_path::enter("watcher", &hot_path)?;
                     watch(source, events_tx, &status, &metrics)
                 })
                 .context("cannot start the watcher thread")?
@@ -208,7 +213,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("resolver".into())
                 .spawn(move || {
                     let _notice = notice;
-                    hot_path::enter("resolver");
+                    hot_path::enter("resolver", &hot_path)?;
                     let ops = (&metrics, &readiness);
                     resolve(resolver, events_rx, control_rx, updates_tx, &status, ops)
                 })
@@ -220,7 +225,7 @@ impl<B: MapBackend + Send + 'static> Pipeline<B> {
                 .name("programmer".into())
                 .spawn(move || {
                     let _notice = notice;
-                    hot_path::enter("programmer");
+                    hot_path::enter("programmer", &hot_path)?;
                     let ops = (&metrics, &readiness);
                     let outputs = Outputs { observer, inpod };
                     program(programmer, updates_rx, outputs, &status, ops)

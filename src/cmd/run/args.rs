@@ -130,6 +130,31 @@ pub struct RunArgs {
     /// Let the programs bpf_printk their decisions (read them from tracefs).
     #[arg(long)]
     pub bpf_debug: bool,
+
+    /// Run the hot path's threads (watcher, resolver, programmer: a new pod's first exec to
+    /// its map entry) under SCHED_FIFO at priority N (1-99), so that each wakes at once
+    /// instead of waiting for a CPU behind other work. Needs CAP_SYS_NICE (not in the shipped
+    /// DaemonSet: add it with this flag); if refused, the agent does not start. [default: the
+    /// normal policy, with the kernel's shortest slice]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub realtime_priority: Option<u8>,
+
+    /// Run the hot path's three threads on CPU N, all of them, so that handing an event on
+    /// wakes no other CPU (dear in a virtual machine). In a storm of process events the three
+    /// stages then share that one CPU. If the process may not use CPU N, the agent does not
+    /// start. [default: any CPU]
+    #[arg(long, value_name = "N")]
+    pub hot_path_cpu: Option<usize>,
+}
+
+impl RunArgs {
+    /// The hot path's scheduling the flags ask for.
+    pub fn hot_path(&self) -> crate::pipeline::HotPathScheduling {
+        crate::pipeline::HotPathScheduling {
+            realtime_priority: self.realtime_priority,
+            cpu: self.hot_path_cpu,
+        }
+    }
 }
 
 /// Where ztunnel listens for ambient pods (Kubernetes mode).

@@ -112,6 +112,7 @@ impl CgroupIds for StatCgroupIds {
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     super::use_host_cgroup_view()?;
     let mode = Mode::of(&args)?;
+    args.hot_path().check()?;
     let metrics_addr = metrics_addr(&args, &mode);
     let cgroups = Cgroups::of(&args)?;
     check_bpffs(&args.pin_dir)?;
@@ -126,7 +127,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     let watcher_counters = source.counters();
 
     // 3. The resolver, fed by the watcher and by the workloads file or the kube cache.
-    let pipeline_config = PipelineConfig::default();
+    let pipeline_config = PipelineConfig {
+        hot_path: args.hot_path(),
+        ..PipelineConfig::default()
+    };
     let inputs = Inputs::new(pipeline_config.events_capacity);
     let metrics = Metrics::new();
     let readiness = Readiness::new();
@@ -315,6 +319,9 @@ fn log_running(args: &RunArgs, mode: &Mode, attach_cgroup: &Path) {
             args.pin_dir.display(),
             if args.fail_open { ", fail open" } else { "" }
         ),
+    }
+    if let Some(settings) = args.hot_path().describe() {
+        log::info!("hot path (watcher, resolver, programmer threads): {settings}");
     }
 }
 
