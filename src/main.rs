@@ -5,7 +5,11 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = zbridge::cli::Cli::parse();
-    match zbridge::cmd::dispatch(cli) {
+    let result = zbridge::cmd::dispatch(cli);
+    // The log's last lines before the error and the exit (`zbridge run` writes it from a
+    // thread of its own).
+    log::logger().flush();
+    match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("zbridge: error: {err:#}");

@@ -131,8 +131,12 @@ fn a_cpu_the_agent_may_not_use_stops_it_before_anything_is_attached() {
         .expect("the agent refused to start");
     let log = agent.log_text();
     assert!(!status.success(), "{log}");
+    // The error is the log's last line, after every line logged before it.
+    let last = log.lines().last().unwrap_or_default();
     assert!(
-        log.contains("--hot-path-cpu 1000: the kernel refused to run the hot path there"),
+        last.starts_with(
+            "zbridge: error: --hot-path-cpu 1000: the kernel refused to run the hot path there"
+        ),
         "{log}"
     );
     let pins: Vec<_> = std::fs::read_dir(world.pin_dir())

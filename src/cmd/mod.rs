@@ -3,6 +3,7 @@
 pub mod detach;
 pub mod doctor;
 pub mod dump;
+mod log_writer;
 pub mod record;
 pub mod replay;
 pub mod run;
@@ -13,7 +14,7 @@ use crate::cli::{Cli, Command};
 
 /// Sets up logging and runs the chosen subcommand.
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    init_logging(cli.log_level);
+    init_logging(cli.log_level, matches!(cli.command, Command::Run(_)));
     match cli.command {
         Command::Run(args) => run::main(args),
         Command::Replay(args) => replay::main(args),
@@ -24,12 +25,24 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Logs go to stderr (stdout carries command output such as replay's JSON).
-fn init_logging(level: log::LevelFilter) {
+/// Logs go to stderr (stdout carries command output such as replay's JSON). The running
+/// agent's through a thread of their own ([`log_writer`]), so that no stage waits for the
+/// write; the caller flushes (`log::logger().flush()`) before it exits.
+fn init_logging(level: log::LevelFilter, background: bool) {
     let config = simplelog::ConfigBuilder::new()
         .set_time_format_rfc3339()
         .set_target_level(log::LevelFilter::Error)
         .build();
+    if background {
+        match log_writer::BackgroundStderr::start(std::io::stderr()) {
+            // Ignoring the error is right: it only fails when a logger is already installed.
+            Ok(writer) => {
+                let _ = simplelog::WriteLogger::init(level, config, writer);
+                return;
+            }
+            Err(e) => eprintln!("zbridge: no log writer thread ({e}); the log is written in place"),
+        }
+    }
     // Ignoring the error is right: it only fails when a logger is already installed.
     let _ = simplelog::TermLogger::init(
         level,

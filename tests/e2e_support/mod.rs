@@ -113,6 +113,11 @@ impl Agent {
         }
     }
 
+    /// Where its stderr goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     pub fn log_text(&self) -> String {
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(&self.log) {
