@@ -503,8 +503,11 @@ int getsockopt(struct bpf_sockopt *ctx)
 	found = zb_tuple_take(&tuple, question, &od);
 	ZB_STEP(ZB_STEP_GETSOCKOPT_TAKE);
 	if (found == ZB_TAKE_ABSENT) {
-		/* Keep the kernel's own answer (netfilter's, or its error). */
-		zb_count(ZB_C_ORIG_DST_MISS);
+		/* Keep the kernel's own answer (netfilter's, or its error). ztunnel asks the IPv6
+		 * question whenever the IPv4 one found nothing, whatever the socket's family: the
+		 * connection's miss is counted there, once, not at each of its two questions. */
+		if (question == ZB_ASK_V6)
+			zb_count(ZB_C_ORIG_DST_MISS);
 		ZB_DEBUG(s, "SO_ORIGINAL_DST: no record for peer port %d", bpf_ntohs(tuple.sport));
 		return 1;
 	}

@@ -121,7 +121,8 @@ enum zb_counter {
 	ZB_C_ORIG_DST_HIT = 5,   /* SO_ORIGINAL_DST answered from orig_dst_by_tuple */
 	ZB_C_ORIG_DST_MISS = 6,  /* SO_ORIGINAL_DST on a capture socket with no record: not
 				  * stored, evicted by the LRU, already answered, or a
-				  * connection that was not redirected */
+				  * connection that was not redirected; counted at the IPv6
+				  * question, ztunnel's last, so once per connection */
 	ZB_C_REFUSED_LOOP = 7,   /* a connect straight to a capture port, refused */
 	ZB_C_BIND_REWRITTEN = 8, /* ztunnel's bind to a pod address moved to its own */
 	ZB_C_ORIG_DST_NOT_STORED = 9, /* sock_ops could not store a connection's record (the

@@ -305,8 +305,9 @@ pub struct Counters {
     /// `SO_ORIGINAL_DST` answered.
     pub orig_dst_hit: u64,
     /// `SO_ORIGINAL_DST` on a capture socket with no record: not stored, evicted by the
-    /// LRU, already answered, or a connection that was not redirected. Counted per question
-    /// (ztunnel asks twice about an IPv6 connection).
+    /// LRU, already answered, or a connection that was not redirected. Counted once per
+    /// connection, at the `SOL_IPV6` question that ztunnel asks whenever its `SOL_IP`
+    /// question found nothing (a client that asks `SOL_IP` alone is not counted).
     pub orig_dst_miss: u64,
     /// A connect straight to a capture port, refused (it would loop through ztunnel).
     pub refused_loop: u64,

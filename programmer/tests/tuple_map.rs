@@ -221,6 +221,41 @@ fn ztunnels_two_questions_answer_each_family_and_leave_no_record() {
     assert_eq!((c.orig_dst_hit, c.orig_dst_miss), (N as u64, 0), "{c:?}");
 }
 
+/// A connection whose record is gone (answered already here; evicted or never stored alike)
+/// counts one `orig_dst_miss`, not one per question: ztunnel asks both questions about it,
+/// whatever its family.
+#[test]
+fn a_connection_with_no_record_counts_one_miss_for_both_questions() {
+    if !testkit::require_root("a_connection_with_no_record_counts_one_miss_for_both_questions") {
+        return;
+    }
+    const N: usize = 10;
+    let s = Setup::new("tuple-one-miss");
+    let zt = s.deferred_ztunnel(ztunnel_dual_stack(), N, Questions::AsZtunnelTwice);
+    s.connect(
+        &[addr(SERVICE), addr(SERVICE6)],
+        ClientOptions {
+            count: N as u64,
+            no_echo: true,
+            ..ClientOptions::default()
+        },
+    );
+    let answers = accepted(&zt, N);
+    let v6 = answers.iter().filter(|a| client(a).is_ipv6()).count();
+    assert_eq!((N - v6, v6), (N / 2, N / 2), "{answers:?}");
+    for a in &answers {
+        assert!(matches!(a.orig, Some(Ok(_))), "{a:?}");
+    }
+    let c = s.loaded.counters().unwrap();
+    // The first round answered every connection; the second found nothing, once each.
+    assert_eq!(
+        (c.orig_dst_hit, c.orig_dst_miss),
+        (N as u64, N as u64),
+        "{c:?}"
+    );
+    assert_eq!(s.records(), BTreeSet::new());
+}
+
 /// Connections nobody asks about keep their records; answered ones are deleted. First a
 /// listener in ztunnel's place that never asks (a client that gave up, a ztunnel that
 /// dropped the connection), then a ztunnel that asks: the map holds exactly the first

@@ -8,9 +8,10 @@
 //! ```text
 //! zbt-net serve --listen ADDR:PORT... [--orig-dst] [--upstream]
 //!     accept local=A peer=P orig=O|orig-errno=N [upstream-local=L|upstream-errno=N]
-//! zbt-net serve --listen ADDR:PORT --ask-after N [--sol-ip-only]
+//! zbt-net serve --listen ADDR:PORT --ask-after N [--sol-ip-only | --ask-twice]
 //!     (holds N accepted connections, then asks each; with --sol-ip-only, only the first of
-//!     ztunnel's two questions) accept local=A peer=P orig=O|orig-errno=N
+//!     ztunnel's two questions; with --ask-twice, both once more after the answer)
+//!     accept local=A peer=P orig=O|orig-errno=N
 //! zbt-net sleep
 //!     ready           (then nothing, until killed)
 //! zbt-net connect --to ADDR:PORT [--count N] [--bind IP|IP:PORT]... [--no-echo] [--rst]
@@ -225,8 +226,9 @@ fn ask_original_dst(stream: &TcpStream) -> Result<SocketAddr, i32> {
 /// A ztunnel that is slow to ask: on its (one) listener it accepts `n` connections, holding
 /// them, and only then asks each its original destination, in accept order. With
 /// `sol_ip_only`, it asks only the first question (so that a test can look at the table
-/// between ztunnel's two questions).
-fn serve_deferred(listens: Vec<SocketAddr>, n: usize, sol_ip_only: bool) {
+/// between ztunnel's two questions); with `twice`, it asks both questions once more after
+/// the first answer, and reports the first.
+fn serve_deferred(listens: Vec<SocketAddr>, n: usize, sol_ip_only: bool, twice: bool) {
     let listener = listen(listens[0]);
     let questions = if sol_ip_only {
         &QUESTIONS[..1]
@@ -241,6 +243,9 @@ fn serve_deferred(listens: Vec<SocketAddr>, n: usize, sol_ip_only: bool) {
                 Ok(dst) => format!("orig={dst}"),
                 Err(e) => format!("orig-errno={e}"),
             };
+            if twice {
+                let _ = original_dst(stream.as_raw_fd(), questions);
+            }
             say(&format!("{} {answer}", accept_line(stream)));
         }
     }
@@ -425,6 +430,7 @@ fn main() {
         rst: false,
     };
     let (mut orig, mut up, mut latency, mut sol_ip_only) = (false, false, false, false);
+    let mut twice = false;
     let mut connected = false;
     let (mut zds, mut nacks, mut no_ack, mut hello_version) =
         (String::new(), Vec::new(), false, 1u64);
@@ -475,6 +481,9 @@ fn main() {
                 i += 1;
                 continue;
             }
+            "--ask-twice" => {
+                twice = true;
+            }
             "--sol-ip-only" => {
                 sol_ip_only = true;
                 i += 1;
@@ -500,7 +509,7 @@ fn main() {
         i += 2;
     }
     match mode.as_str() {
-        "serve" if ask_after > 0 => serve_deferred(listens, ask_after, sol_ip_only),
+        "serve" if ask_after > 0 => serve_deferred(listens, ask_after, sol_ip_only, twice),
         "serve" => serve(listens, orig, up),
         // A process that only exists (so that its cgroup is live), until killed.
         "sleep" => {

@@ -246,6 +246,9 @@ pub enum Questions {
     AsZtunnel,
     /// Only the first, `SOL_IP`'s (to look at the table between the two questions).
     SolIpOnly,
+    /// As ztunnel, and then both questions once more (as a ztunnel whose connection's
+    /// record is gone would ask them): the answer reported is the first round's.
+    AsZtunnelTwice,
 }
 
 /// A fake ztunnel slow to ask: it listens on `listen`, holds `n` accepted connections, and
@@ -265,8 +268,10 @@ pub fn deferred_ztunnel(
         "--ask-after".into(),
         n.to_string(),
     ];
-    if questions == Questions::SolIpOnly {
-        args.push("--sol-ip-only".into());
+    match questions {
+        Questions::AsZtunnel => {}
+        Questions::SolIpOnly => args.push("--sol-ip-only".into()),
+        Questions::AsZtunnelTwice => args.push("--ask-twice".into()),
     }
     Listener::start(ns, cgroup, path, args)
 }
