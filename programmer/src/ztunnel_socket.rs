@@ -18,12 +18,26 @@ const SIOCGSKNS: libc::c_ulong = 0x894C;
 pub fn take_listener(pid: i32, netns_inode: u64, port: u16) -> io::Result<Option<OwnedFd>> {
     let pidfd = pidfd_open(pid)?;
     let dir = format!("/proc/{pid}/fd");
-    let mut sockets: Vec<RawFd> = Vec::new();
+    let mut fds: Vec<RawFd> = Vec::new();
     for entry in std::fs::read_dir(&dir)? {
         let Ok(entry) = entry else { continue };
+        if let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        {
+            fds.push(fd);
+        }
+    }
+    // Newest first: the listener asked for was opened just before ztunnel's ack, and a
+    // ztunnel serving many pods holds many descriptors (a socket per connection); each one
+    // looked at costs a link read, and a socket a duplicate and two queries more, so they are
+    // looked at one by one from the newest and the search ends at the listener.
+    fds.sort_unstable_by(|a, b| b.cmp(a));
+    for fd in fds {
         // Only sockets: the link reads `socket:[INODE]`. A descriptor closed meanwhile is
         // skipped, not an error.
-        match std::fs::read_link(entry.path()) {
+        match std::fs::read_link(format!("{dir}/{fd}")) {
             Ok(target)
                 if target
                     .as_os_str()
@@ -31,19 +45,6 @@ pub fn take_listener(pid: i32, netns_inode: u64, port: u16) -> io::Result<Option
                     .starts_with(b"socket:") => {}
             _ => continue,
         }
-        if let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<RawFd>().ok())
-        {
-            sockets.push(fd);
-        }
-    }
-    // Newest first: the listener asked for was opened just before ztunnel's ack, and a
-    // ztunnel serving many pods holds many sockets; each one looked at costs a duplicate and
-    // two queries.
-    sockets.sort_unstable_by(|a, b| b.cmp(a));
-    for fd in sockets {
         let Ok(dup) = pidfd_getfd(&pidfd, fd) else {
             continue;
         };
