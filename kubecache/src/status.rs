@@ -226,30 +226,72 @@ struct Pending {
     due: Instant,
 }
 
+/// The wishes not yet written, in arrival order, at most one per pod: a newer wish for the
+/// same pod replaces the older one in its place. Found by pod in constant time, so that a
+/// node's worth of wishes at once (the first full picture, an API server that fails for a
+/// while) costs no search per wish.
+#[derive(Default)]
+struct PendingWishes {
+    /// By arrival number.
+    by_arrival: std::collections::BTreeMap<u64, Pending>,
+    /// Each pod's arrival number, by (namespace, name).
+    by_pod: HashMap<(String, String), u64>,
+    next_arrival: u64,
+}
+
+impl PendingWishes {
+    /// Adds `wish`; true when it replaced an older wish for the same pod (done without
+    /// writing).
+    fn add(&mut self, wish: Wish) -> bool {
+        let fresh = Pending {
+            wish,
+            attempts: 0,
+            due: Instant::now(),
+        };
+        let key = (fresh.wish.namespace.clone(), fresh.wish.name.clone());
+        if let Some(arrival) = self.by_pod.get(&key) {
+            self.by_arrival.insert(*arrival, fresh);
+            return true;
+        }
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.by_pod.insert(key, arrival);
+        self.by_arrival.insert(arrival, fresh);
+        false
+    }
+
+    fn remove(&mut self, arrival: u64) {
+        if let Some(p) = self.by_arrival.remove(&arrival) {
+            self.by_pod.remove(&(p.wish.namespace, p.wish.name));
+        }
+    }
+
+    /// The earliest time a wish is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.by_arrival.values().map(|p| p.due).min()
+    }
+
+    /// The arrival numbers of the wishes due at `now`, in arrival order.
+    fn due(&self, now: Instant) -> Vec<u64> {
+        self.by_arrival
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(a, _)| *a)
+            .collect()
+    }
+}
+
 async fn write_loop(
     client: Client,
     view: Option<KubeView>,
     mut wishes: mpsc::UnboundedReceiver<Wish>,
     unwritten: Arc<AtomicUsize>,
 ) {
-    // In arrival order; a newer wish for the same pod replaces the older one in place.
-    let mut pending: Vec<Pending> = Vec::new();
-    let add = |pending: &mut Vec<Pending>, wish: Wish| {
-        let fresh = Pending {
-            wish,
-            attempts: 0,
-            due: Instant::now(),
-        };
-        match pending
-            .iter_mut()
-            .find(|p| p.wish.namespace == fresh.wish.namespace && p.wish.name == fresh.wish.name)
-        {
-            Some(p) => {
-                // The older wish is superseded: done without writing.
-                *p = fresh;
-                unwritten.fetch_sub(1, Ordering::AcqRel);
-            }
-            None => pending.push(fresh),
+    let mut pending = PendingWishes::default();
+    let add = |pending: &mut PendingWishes, wish: Wish| {
+        if pending.add(wish) {
+            // The older wish is superseded: done without writing.
+            unwritten.fetch_sub(1, Ordering::AcqRel);
         }
     };
     loop {
@@ -262,7 +304,7 @@ async fn write_loop(
             }
         }
         let now = Instant::now();
-        match pending.iter().map(|p| p.due).min() {
+        match pending.next_due() {
             Some(due) if due <= now => {}
             Some(due) => {
                 tokio::select! {
@@ -282,23 +324,19 @@ async fn write_loop(
                 continue;
             }
         }
-        let mut index = 0;
-        while index < pending.len() {
-            if pending[index].due > now {
-                index += 1;
+        for arrival in pending.due(now) {
+            let Some(p) = pending.by_arrival.get(&arrival) else {
                 continue;
-            }
-            if write(&client, view.as_ref(), &pending[index].wish).await {
-                pending.remove(index);
+            };
+            if write(&client, view.as_ref(), &p.wish).await {
+                pending.remove(arrival);
                 unwritten.fetch_sub(1, Ordering::AcqRel);
-            } else {
-                let p = &mut pending[index];
+            } else if let Some(p) = pending.by_arrival.get_mut(&arrival) {
                 p.attempts += 1;
                 let delay = FIRST_RETRY
                     .saturating_mul(1 << (p.attempts - 1).min(10))
                     .min(MAX_RETRY);
                 p.due = Instant::now() + delay;
-                index += 1;
             }
         }
     }
@@ -360,5 +398,68 @@ async fn write(client: &Client, view: Option<&KubeView>, wish: &Wish) -> bool {
             );
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wish(name: &str, enabled: bool) -> Wish {
+        Wish {
+            namespace: "ns".into(),
+            name: name.into(),
+            enabled,
+        }
+    }
+
+    fn names_due(pending: &PendingWishes) -> Vec<(String, bool)> {
+        pending
+            .due(Instant::now())
+            .iter()
+            .map(|a| {
+                let w = &pending.by_arrival[a].wish;
+                (w.name.clone(), w.enabled)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_newer_wish_replaces_the_older_in_its_place_and_written_ones_leave() {
+        let mut pending = PendingWishes::default();
+        assert!(!pending.add(wish("a", true)));
+        assert!(!pending.add(wish("b", true)));
+        assert!(!pending.add(wish("c", true)));
+        // b changes its mind: replaced where it was, not moved to the end.
+        assert!(pending.add(wish("b", false)));
+        assert_eq!(
+            names_due(&pending),
+            [("a".into(), true), ("b".into(), false), ("c".into(), true)]
+        );
+        // a is written; a later wish for it is new again, and comes last.
+        let first = pending.due(Instant::now())[0];
+        pending.remove(first);
+        assert!(!pending.add(wish("a", false)));
+        assert_eq!(
+            names_due(&pending),
+            [("b".into(), false), ("c".into(), true), ("a".into(), false)]
+        );
+        // One record per pod, in both indexes.
+        assert_eq!((pending.by_arrival.len(), pending.by_pod.len()), (3, 3));
+    }
+
+    #[test]
+    fn only_wishes_due_are_taken_and_the_next_due_time_is_the_earliest() {
+        let mut pending = PendingWishes::default();
+        pending.add(wish("a", true));
+        pending.add(wish("b", true));
+        let later = Instant::now() + Duration::from_secs(60);
+        let a = pending.by_pod[&("ns".to_string(), "a".to_string())];
+        pending.by_arrival.get_mut(&a).unwrap().due = later;
+        assert_eq!(names_due(&pending), [("b".into(), true)]);
+        let b = pending.by_pod[&("ns".to_string(), "b".to_string())];
+        pending.remove(b);
+        assert_eq!(pending.next_due(), Some(later));
+        assert!(names_due(&pending).is_empty());
     }
 }
