@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use resolver::workloads::{
     derived_uid, Address, Mode, WorkloadsErrorKind, ZtunnelMode, MAX_DEPTH, MAX_FILE_BYTES,
+    MAX_NODES,
 };
 use resolver::Workloads;
 
@@ -411,6 +412,29 @@ fn deep_nesting_is_refused_before_parsing() {
     );
     let e = Workloads::parse(&at_limit).unwrap_err();
     assert!(matches!(e.kind, WorkloadsErrorKind::Syntax(_)), "{e}");
+}
+
+#[test]
+fn a_file_of_too_many_nodes_is_refused_before_parsing() {
+    // Within the size limit, but dense: the parser would hold about a hundred times the
+    // file's size in events.
+    let dense = format!(
+        "version: 1\nexempt:\n- /a\n- [{}[]]\n",
+        "[],".repeat(MAX_NODES)
+    );
+    assert!((dense.len() as u64) < MAX_FILE_BYTES);
+    let e = Workloads::parse(&dense).unwrap_err();
+    assert!(
+        matches!(e.kind, WorkloadsErrorKind::TooManyNodes { line: 4 }),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "workloads file: more than {MAX_NODES} YAML nodes (a workload takes about ten), \
+             the limit, passed at line 4; not parsed"
+        )
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::limits::{MAX_DEPTH, MAX_FILE_BYTES};
+use super::limits::{MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES};
 
 /// A refused workloads file: which file (when it was read from one) and why.
 #[derive(Debug)]
@@ -23,6 +23,10 @@ pub enum WorkloadsErrorKind {
     TooLarge,
     /// Nested deeper than [`MAX_DEPTH`], first at `line`.
     TooDeep {
+        line: usize,
+    },
+    /// More than [`MAX_NODES`] YAML nodes, the bound passed at `line`.
+    TooManyNodes {
         line: usize,
     },
     /// The YAML or a value in it; the parser's message names the key, line and column.
@@ -54,6 +58,11 @@ impl fmt::Display for WorkloadsErrorKind {
             WorkloadsErrorKind::TooDeep { line } => write!(
                 f,
                 "nested deeper than {MAX_DEPTH} levels, the limit, at line {line}"
+            ),
+            WorkloadsErrorKind::TooManyNodes { line } => write!(
+                f,
+                "more than {MAX_NODES} YAML nodes (a workload takes about ten), the limit, \
+                 passed at line {line}; not parsed"
             ),
             WorkloadsErrorKind::Syntax(message) => f.write_str(message),
             WorkloadsErrorKind::Refused { key, line, reason } => {

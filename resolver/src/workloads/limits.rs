@@ -1,7 +1,9 @@
 //! Bounds on what the parser is handed, checked before it runs: a file no larger than
-//! [`MAX_FILE_BYTES`] and no deeper than [`MAX_DEPTH`]. The YAML parser builds the whole event
-//! list before serde's own recursion limit applies, and its cost grows faster than linearly
-//! with nesting, so a deep file must be refused before it reaches the parser.
+//! [`MAX_FILE_BYTES`], no deeper than [`MAX_DEPTH`] and with at most [`MAX_NODES`] nodes. The
+//! YAML parser builds the whole event list before serde's own recursion limit applies: its
+//! cost grows faster than linearly with nesting, and its memory with the number of nodes (a
+//! file of nothing but `[],` takes many times its size), so such a file must be refused
+//! before it reaches the parser.
 
 use std::io::Read;
 
@@ -13,6 +15,21 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 /// entries) plus open flow brackets. A real file nests a handful of levels.
 pub const MAX_DEPTH: usize = 64;
 
+/// The most nodes accepted (collections, scalars, aliases, block entries: an over-count of
+/// the parser's events). A workload takes about ten, so this allows some 100,000 workloads,
+/// beyond the map's default capacity; the parser's memory for the densest file within it is
+/// in BENCHMARKS.md, "Workloads file bounds".
+pub const MAX_NODES: usize = 1_000_000;
+
+/// Which bound a file goes beyond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beyond {
+    /// [`MAX_DEPTH`].
+    Depth,
+    /// [`MAX_NODES`].
+    Nodes,
+}
+
 /// Reads at most [`MAX_FILE_BYTES`] of `reader`; `Ok(None)` when there is more.
 pub fn read_bounded(reader: impl Read) -> std::io::Result<Option<Vec<u8>>> {
     let mut bytes = Vec::new();
@@ -23,16 +40,22 @@ pub fn read_bounded(reader: impl Read) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-/// The first line (1-based) where the nesting goes deeper than [`MAX_DEPTH`], if any.
+/// The first line (1-based) where the file goes beyond a bound, and which, if it does.
 ///
 /// A single pass that follows the YAML scanner as far as depth needs: block collections (by
 /// indentation, `-`/`?` entries and `key:`), flow brackets, and where brackets are only text:
 /// quoted, plain and block scalars (also when they go on over several lines) and comments.
 /// Following the scanner's rules rather than guessing matters: a scan that took a line for
 /// text where the parser sees structure would let deep nesting through.
-pub fn too_deep(text: &str) -> Option<usize> {
+pub fn beyond_bounds(text: &str) -> Option<(Beyond, usize)> {
     let mut scan = Scan::default();
-    lines(text).position(|line| scan.line(line)).map(|i| i + 1)
+    let line = lines(text).position(|line| scan.line(line))? + 1;
+    let beyond = if scan.deep() {
+        Beyond::Depth
+    } else {
+        Beyond::Nodes
+    };
+    Some((beyond, line))
 }
 
 /// The lines of `text`, split where the YAML parser splits them: not only at `\n` and `\r\n`
@@ -82,11 +105,18 @@ struct Scan {
     /// In flow context, the last line ended where a node may start (a line break is only
     /// white space there).
     flow_expect: bool,
+    /// Nodes begun so far.
+    nodes: usize,
 }
 
 impl Scan {
     fn deep(&self) -> bool {
         self.block.len() + self.flow > MAX_DEPTH
+    }
+
+    /// Beyond a bound: too deep, or too many nodes.
+    fn beyond(&self) -> bool {
+        self.deep() || self.nodes > MAX_NODES
     }
 
     /// Scans one line; true when it goes too deep.
@@ -171,8 +201,9 @@ impl Scan {
                     if self.flow == 0 {
                         node.get_or_insert(i);
                     }
+                    self.nodes += 1;
                     self.flow += 1;
-                    if self.deep() {
+                    if self.beyond() {
                         return true;
                     }
                     expect_node = true;
@@ -189,6 +220,7 @@ impl Scan {
                 }
                 b'"' | b'\'' if expect_node => {
                     node.get_or_insert(i);
+                    self.nodes += 1;
                     self.quote = Some(c);
                     i = self.in_quote(b, i + 1, c);
                     expect_node = false;
@@ -197,8 +229,9 @@ impl Scan {
                 }
                 b'-' | b'?' if expect_node && blank_after && self.flow == 0 => {
                     // A block sequence (or complex key) at this column.
+                    self.nodes += 1;
                     self.push(i);
-                    if self.deep() {
+                    if self.beyond() {
                         return true;
                     }
                     node = None;
@@ -211,7 +244,7 @@ impl Scan {
                     if self.flow == 0 {
                         if let Some(col) = node.take() {
                             self.push(col);
-                            if self.deep() {
+                            if self.beyond() {
                                 return true;
                             }
                         }
@@ -220,6 +253,10 @@ impl Scan {
                     in_plain = false;
                 }
                 b'|' | b'>' if expect_node && self.flow == 0 => {
+                    self.nodes += 1;
+                    if self.beyond() {
+                        return true;
+                    }
                     let least = self.block.last().map_or(0, |top| top + 1);
                     self.block_scalar = Some((least, None));
                     return false;
@@ -228,6 +265,7 @@ impl Scan {
                     // An anchor (the node follows) or an alias. Its name ends where the
                     // parser's does, not at the next blank: in `[*a]` the bracket closes.
                     node.get_or_insert(i);
+                    self.nodes += 1;
                     i += 1;
                     while i < b.len() && is_name_byte(b[i]) {
                         i += 1;
@@ -245,6 +283,7 @@ impl Scan {
                     // flow, one of `,[]{}`) ends it.
                     if expect_node {
                         node.get_or_insert(i);
+                        self.nodes += 1;
                     }
                     expect_node = false;
                     in_plain = true;
@@ -259,7 +298,7 @@ impl Scan {
                 self.plain_open = Some(self.block.last().map_or(0, |top| top + 1));
             }
         }
-        self.deep()
+        self.beyond()
     }
 
     /// Consumes a quoted scalar from `i`; returns where scanning goes on (the line's end when
@@ -317,8 +356,57 @@ fn tag_end(b: &[u8], mut i: usize) -> usize {
 mod tests {
     use super::*;
 
+    fn too_deep(text: &str) -> Option<usize> {
+        match beyond_bounds(text) {
+            Some((Beyond::Depth, line)) => Some(line),
+            Some((Beyond::Nodes, line)) => panic!("too many nodes at line {line}"),
+            None => None,
+        }
+    }
+
     fn depth_ok(text: &str) -> bool {
         too_deep(text).is_none()
+    }
+
+    #[test]
+    fn many_nodes_are_refused_at_the_line_that_goes_beyond() {
+        // Dense flow nodes, the parser's dearest input per byte: refused where the count
+        // passes the bound, on the line it is on.
+        let dense = format!(
+            "a: 1
+b: [{}]
+",
+            "[],".repeat(MAX_NODES)
+        );
+        assert_eq!(beyond_bounds(&dense), Some((Beyond::Nodes, 2)));
+        let scalars = format!(
+            "a: [{}]
+",
+            "x,".repeat(MAX_NODES + 1)
+        );
+        assert_eq!(beyond_bounds(&scalars), Some((Beyond::Nodes, 1)));
+        let entries = "- x\n".repeat(MAX_NODES / 2 + 1);
+        assert_eq!(
+            beyond_bounds(&entries).map(|(b, _)| b),
+            Some(Beyond::Nodes),
+            "block entries and their scalars"
+        );
+        // Text is not nodes: a long scalar of brackets is one.
+        let text = format!("a: \"{}\"\n", "[],".repeat(MAX_NODES));
+        assert_eq!(beyond_bounds(&text), None);
+    }
+
+    #[test]
+    fn a_file_of_many_workloads_stays_within_the_node_bound() {
+        let mut s = String::from("version: 1\nworkloads:\n");
+        for i in 0..65_536 {
+            s.push_str(&format!(
+                "  - name: demo/w{i}\n    cgroup: /zb/w{i}\n    address: 10.0.{}.{}\n    mode: ambient\n",
+                i / 256,
+                i % 256
+            ));
+        }
+        assert_eq!(beyond_bounds(&s), None);
     }
 
     #[test]

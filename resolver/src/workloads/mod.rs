@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use error::{WorkloadsError, WorkloadsErrorKind};
-pub use limits::{MAX_DEPTH, MAX_FILE_BYTES};
+pub use limits::{MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES};
 pub use uid::derived_uid;
 
 /// The namespace of a workload whose `name` has no `/`: Kubernetes' own default.
@@ -172,8 +172,12 @@ fn parse(text: &str) -> Result<Workloads, WorkloadsErrorKind> {
     // Editors on some systems start UTF-8 files with a byte order mark; it is no content, but
     // the YAML parser refuses it before a `---`.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    if let Some(line) = limits::too_deep(text) {
-        return Err(WorkloadsErrorKind::TooDeep { line });
+    match limits::beyond_bounds(text) {
+        Some((limits::Beyond::Depth, line)) => return Err(WorkloadsErrorKind::TooDeep { line }),
+        Some((limits::Beyond::Nodes, line)) => {
+            return Err(WorkloadsErrorKind::TooManyNodes { line })
+        }
+        None => {}
     }
     let raw = raw::read(text).map_err(|e| WorkloadsErrorKind::Syntax(e.to_string()))?;
     check::build(raw, text)
