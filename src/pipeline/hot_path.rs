@@ -40,17 +40,6 @@ pub struct HotPathScheduling {
 }
 
 impl HotPathScheduling {
-    /// Puts the calling thread under these settings.
-    pub fn apply(&self) -> io::Result<()> {
-        if let Some(cpu) = self.cpu {
-            pin_to_cpu(cpu)?;
-        }
-        if let Some(priority) = self.realtime_priority {
-            set_fifo(priority)?;
-        }
-        Ok(())
-    }
-
     /// The settings in words, for the log ("SCHED_FIFO priority 1, on CPU 0"); `None` when
     /// none is set.
     pub fn describe(&self) -> Option<String> {
@@ -71,7 +60,7 @@ impl HotPathScheduling {
         let settings = *self;
         let result = std::thread::Builder::new()
             .name("hot-path-check".into())
-            .spawn(move || settings.apply_explained())
+            .spawn(move || settings.apply())
             .map_err(|e| {
                 anyhow::anyhow!("cannot start a thread to check the hot path's scheduling: {e}")
             })?
@@ -80,8 +69,9 @@ impl HotPathScheduling {
         result
     }
 
-    /// [`Self::apply`], with the flag and the likely cause in the error.
-    fn apply_explained(&self) -> anyhow::Result<()> {
+    /// Puts the calling thread under these settings; a refusal says which flag and the likely
+    /// cause.
+    pub fn apply(&self) -> anyhow::Result<()> {
         if let Some(cpu) = self.cpu {
             pin_to_cpu(cpu).map_err(|e| {
                 anyhow::anyhow!(
@@ -243,7 +233,7 @@ pub(super) fn enter(name: &str, settings: &HotPathScheduling) -> anyhow::Result<
         log::warn!("{name}: no short scheduler slice for the hot path, running with the kernel's default ({e})");
     }
     settings
-        .apply_explained()
+        .apply()
         .map_err(|e| e.context(format!("{name}: the hot path's scheduling")))
 }
 
@@ -318,7 +308,7 @@ mod tests {
                 realtime_priority: Some(1),
                 cpu: None,
             }
-            .apply_explained()
+            .apply()
             .unwrap_err()
         })
         .join()
