@@ -23,7 +23,8 @@
 //!
 //! `cargo bench --bench enrol_latency` (env: `PODS`, default 2,000; `RATE`, default 1,000;
 //! `SPAWNERS`, the spawner's threads, default 2; `AGENT_ARGS`, more flags for `zbridge run`,
-//! e.g. `--no-pod-status` or `--coalesce-window-us 0`, to compare).
+//! e.g. `--no-pod-status`, `--coalesce-window-us 0` or `--realtime-priority 1 --hot-path-cpu 1`,
+//! to compare). What the machine itself takes, without the agent: `benches/exec_delivery_floor.c`.
 //! Without `--bench` (`cargo test --benches`) it is a quick run of 20 pods that checks the
 //! bench works.
 
