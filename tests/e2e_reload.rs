@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use e2e_support::{running_world, DEADLINE};
-use resolver::workloads::MAX_FILE_BYTES;
+use resolver::workloads::{MAX_FILE_BYTES, MAX_NODES};
 use resolver::Workloads;
 
 /// The target: from SIGTERM to the agent saying it stops, by the agent's own clock.
@@ -90,14 +90,19 @@ fn sigterm_during_a_reload_of_a_large_file_is_answered_at_once_and_changes_nothi
     );
 }
 
-/// A valid workloads file as large as the agent reads (one byte under the limit), of as many
-/// workloads as fit: a long parse for a valid file (only invalid ones, nested as deep as
+/// A valid workloads file as large as the agent accepts, of as many workloads as fit under
+/// both its bounds (one byte under the size limit, or just under the node limit, whichever
+/// comes first): a long parse for a valid file (only invalid ones, nested as deep as
 /// allowed, take longer). Applied, it would change both maps: ztunnel has another
 /// address, and the mesh's app pod is not in it.
 fn large_file(ztunnel: &str, attach: &str) -> String {
     let mut text =
         format!("version: 1\nztunnel: {{cgroup: {ztunnel}, address: 10.99.0.7}}\nworkloads:\n");
     let limit = MAX_FILE_BYTES as usize - 1;
+    // Nodes as the bound counts them: the header's 9, and per entry its `-`, its mapping,
+    // four keys and four values.
+    const ENTRY_NODES: usize = 10;
+    let mut nodes = 9;
     let mut entry = String::new();
     for i in 0.. {
         entry.clear();
@@ -106,10 +111,11 @@ fn large_file(ztunnel: &str, attach: &str) -> String {
             "- {{name: big/w{i}, cgroup: {attach}/absent/w{i}, address: auto, mode: none}}"
         )
         .unwrap();
-        if text.len() + entry.len() > limit {
+        if text.len() + entry.len() > limit || nodes + ENTRY_NODES > MAX_NODES {
             break;
         }
         text.push_str(&entry);
+        nodes += ENTRY_NODES;
     }
     text
 }
