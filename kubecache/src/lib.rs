@@ -18,6 +18,7 @@ pub mod change;
 pub mod config;
 pub mod probe;
 pub mod record;
+pub mod recorded_facts;
 pub mod status;
 mod tracker;
 mod view;

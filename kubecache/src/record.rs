@@ -10,6 +10,7 @@ use serde::Deserialize;
 use watcher::{KubeAction, KubeRecord, Record};
 
 use crate::change::{Change, Object};
+use crate::recorded_facts::read_facts;
 
 /// Why a `kube` record could not be read; names the field.
 #[derive(Debug, thiserror::Error)]
@@ -32,66 +33,18 @@ fn field_error(field: impl Into<String>, message: impl Into<String>) -> KubeReco
 /// `kind` must be `Pod` or `Namespace` (`apiVersion` `v1`); pods need `metadata.uid`,
 /// namespaces `metadata.name`. A field of the wrong type is named by its path.
 pub fn kube_record_to_change(record: &KubeRecord) -> Result<KubeChange, KubeRecordError> {
-    Ok(object_change(record)?.to_resolver())
-}
-
-/// The record as a change of a typed object.
-fn object_change(record: &KubeRecord) -> Result<Change, KubeRecordError> {
     let text = record.object.get();
-    let typed = match read_plain(text) {
-        Some(typed) => typed,
-        None => read_checked(text)?,
-    };
-    Ok(match record.action {
+    // The common case in one reading of the text; anything else is read again step by step,
+    // to name what is wrong (or to accept what only that reads, such as an escaped `kind`).
+    if let Some(facts) = read_facts(text) {
+        return Ok(facts.change(record.action));
+    }
+    let typed = read_checked(text)?;
+    let change = match record.action {
         KubeAction::Apply => Change::Apply(typed),
         KubeAction::Delete => Change::Delete(typed),
-    })
-}
-
-/// The common case in one reading of the text: a `v1` Pod (with its uid) or Namespace (with
-/// its name) whose `apiVersion` and `kind` are plain strings and whose fields read cleanly.
-/// `None` for anything else, which [`read_checked`] reads again to name what is wrong (or to
-/// accept what only it reads, such as an escaped `kind`).
-fn read_plain(text: &str) -> Option<Object> {
-    #[derive(Deserialize)]
-    struct Plain<'a> {
-        #[serde(rename = "apiVersion", borrow)]
-        api_version: Option<&'a str>,
-        #[serde(borrow)]
-        kind: Option<&'a str>,
-        #[serde(default)]
-        metadata: RecordedMeta,
-        spec: Option<RecordedPodSpec>,
-        status: Option<RecordedPodStatus>,
-    }
-    let plain: Plain = serde_json::from_str(text).ok()?;
-    if plain.api_version != Some("v1") {
-        return None;
-    }
-    match plain.kind? {
-        "Pod" => {
-            let pod = RecordedPod {
-                metadata: plain.metadata,
-                spec: plain.spec,
-                status: plain.status,
-            }
-            .into_pod();
-            if pod.metadata.uid.as_deref().unwrap_or("").is_empty() {
-                return None;
-            }
-            Some(Object::Pod(Box::new(pod)))
-        }
-        "Namespace" => {
-            if plain.metadata.name.as_deref().unwrap_or("").is_empty() {
-                return None;
-            }
-            Some(Object::Namespace(Box::new(Namespace {
-                metadata: plain.metadata.into(),
-                ..Namespace::default()
-            })))
-        }
-        _ => None,
-    }
+    };
+    Ok(change.to_resolver())
 }
 
 /// The object read step by step, each step naming the field it finds wrong.
@@ -183,19 +136,19 @@ struct RecordedMeta {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RecordedPodSpec {
-    node_name: Option<String>,
-    host_network: Option<bool>,
-    service_account_name: Option<String>,
+pub(crate) struct RecordedPodSpec {
+    pub(crate) node_name: Option<String>,
+    pub(crate) host_network: Option<bool>,
+    pub(crate) service_account_name: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RecordedPodStatus {
-    phase: Option<String>,
-    pod_ip: Option<String>,
+pub(crate) struct RecordedPodStatus {
+    pub(crate) phase: Option<String>,
+    pub(crate) pod_ip: Option<String>,
     #[serde(rename = "podIPs")]
-    pod_ips: Option<Vec<PodIP>>,
+    pub(crate) pod_ips: Option<Vec<PodIP>>,
 }
 
 impl From<RecordedMeta> for ObjectMeta {
@@ -290,40 +243,114 @@ pub fn change_record(change: Change) -> serde_json::Result<Record> {
 mod tests {
     use super::*;
 
+    fn record(action: KubeAction, text: &str) -> KubeRecord {
+        KubeRecord {
+            action,
+            object: serde_json::value::RawValue::from_string(text.to_string()).unwrap(),
+        }
+    }
+
     #[test]
-    fn one_reading_gives_the_object_the_checked_reading_gives() {
+    fn one_reading_gives_the_facts_the_checked_reading_gives() {
         let plain = [
             r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u1","name":"a","namespace":"ns",
                 "labels":{"app":"x","istio.io/dataplane-mode":"ambient"},
-                "annotations":{"sidecar.istio.io/status":"{}"},
+                "annotations":{"sidecar.istio.io/status":"{\"a\":1}"},
                 "creationTimestamp":"2023-11-14T22:13:22Z"},
                 "spec":{"nodeName":"n","hostNetwork":true,"serviceAccountName":"sa",
                 "containers":[{"name":"c"}]},
                 "status":{"phase":"Running","podIP":"10.0.0.1",
-                "podIPs":[{"ip":"10.0.0.1"},{"ip":"fd00::1"}]}}"#,
+                "podIPs":[{"ip":"fd00::1"},{"ip":"10.0.0.1"}]}}"#,
             r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u2"}}"#,
+            // A label given twice keeps its last value; escapes in the kept strings.
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u\u0033","name":"p\n",
+                "labels":{"app":"ztunnel","app":"other","istio.io/dataplane-mode":"n\u006fne"},
+                "annotations":{"x":"y"}},
+                "spec":{"serviceAccountName":""},
+                "status":{"phase":"Failed","podIP":"10.0.0.2","podIPs":[{"ip":"bad"}]}}"#,
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u4","labels":null,
+                "annotations":null},"spec":null,"status":{"podIPs":null,"podIP":"10.0.0.3"}}"#,
             r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"ns",
                 "labels":{"istio.io/dataplane-mode":"ambient"}},
                 "spec":{"finalizers":["kubernetes"]},"status":{"phase":"Active"}}"#,
+            r#"{"kind":"Namespace","apiVersion":"v1","metadata":{"name":"ns2"}}"#,
         ];
         for text in plain {
-            let once = read_plain(text).expect(text);
-            assert_eq!(once, read_checked(text).unwrap(), "{text}");
+            for action in [KubeAction::Apply, KubeAction::Delete] {
+                let once = read_facts(text).expect(text).change(action);
+                let typed = read_checked(text).unwrap();
+                let checked = match action {
+                    KubeAction::Apply => Change::Apply(typed),
+                    KubeAction::Delete => Change::Delete(typed),
+                };
+                assert_eq!(once, checked.to_resolver(), "{text}");
+                assert_eq!(
+                    kube_record_to_change(&record(action, text)).unwrap(),
+                    once,
+                    "{text}"
+                );
+            }
         }
-        // Not plain: read step by step, which accepts the first and names what is wrong in
-        // the others.
+        // Not plain: declined, and read step by step, which accepts the first and names what
+        // is wrong in the others.
         let escaped = r#"{"apiVersion":"v1","kind":"P\u006fd","metadata":{"uid":"u1"}}"#;
-        assert!(read_plain(escaped).is_none());
+        assert!(read_facts(escaped).is_none());
         assert!(read_checked(escaped).is_ok());
-        for text in [
-            r#"{"apiVersion":"v2","kind":"Pod","metadata":{"uid":"u"}}"#,
-            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"}}"#,
-            r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"uid":"u"}}"#,
-            r#"{"apiVersion":"v1","kind":"Job","metadata":{"uid":"u"}}"#,
-            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u"},"spec":{"hostNetwork":"x"}}"#,
+        assert!(kube_record_to_change(&record(KubeAction::Apply, escaped)).is_ok());
+        for (text, field) in [
+            (
+                r#"{"apiVersion":"v2","kind":"Pod","metadata":{"uid":"u"}}"#,
+                "apiVersion",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"}}"#,
+                "metadata.uid",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":""}}"#,
+                "metadata.uid",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"uid":"u"}}"#,
+                "metadata.name",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Job","metadata":{"uid":"u"}}"#,
+                "kind",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u"},"spec":{"hostNetwork":"x"}}"#,
+                "spec.hostNetwork",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u","labels":{"a":1}}}"#,
+                "metadata.labels.a",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u","annotations":{"a":null}}}"#,
+                "metadata.annotations.a",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u","labels":["a"]}}"#,
+                "metadata.labels",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"n","uid":"a","uid":"b"}}"#,
+                "metadata",
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"uid":"u","creationTimestamp":"x"}}"#,
+                "metadata.creationTimestamp",
+            ),
         ] {
-            assert!(read_plain(text).is_none(), "{text}");
-            assert!(read_checked(text).is_err(), "{text}");
+            assert!(read_facts(text).is_none(), "{text}");
+            let error = kube_record_to_change(&record(KubeAction::Apply, text))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("`object.{field}")),
+                "{text}: {error}"
+            );
         }
     }
 }

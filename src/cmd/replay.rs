@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use kubecache::recorded_facts::PlainFacts;
 use programmer::layout::{self, CgroupInfo};
 use programmer::{MemoryBackend, Programmer, ProgrammerConfig};
 use resolver::{Input, KubeChange, Resolver, ResolverConfig, Update, Workloads};
 use serde::Serialize;
-use watcher::recording::RecordingReader;
+use watcher::recording::{RecordWithObject, RecordingReader};
 use watcher::Record;
 
 /// How many updates are queued before the programmer writes a batch. A fixed count, not the
@@ -211,24 +212,28 @@ fn read_inputs<R: std::io::BufRead>(
 ) {
     let mut chunk = Vec::with_capacity(CHUNK);
     let read = (|| {
-        while let Some(timed) = reader
-            .read_record()
+        while let Some(read) = reader
+            .read_record_with_objects::<PlainFacts>()
             .with_context(|| format!("replay {path}: malformed recording"))?
         {
-            let input = match timed.record {
-                Record::Proc(event) => Input::Proc {
-                    ts: timed.ts,
-                    event,
+            let input = match read {
+                // Read in the parse of its line, when plain (the common case).
+                RecordWithObject::Kube { action, object, .. } => Input::Kube(object.change(action)),
+                RecordWithObject::Record(timed) => match timed.record {
+                    Record::Proc(event) => Input::Proc {
+                        ts: timed.ts,
+                        event,
+                    },
+                    Record::Kube(kube) => Input::Kube(
+                        kubecache::record::kube_record_to_change(&kube).with_context(|| {
+                            format!(
+                                "replay {path}: malformed recording: line {}: kube record",
+                                reader.line()
+                            )
+                        })?,
+                    ),
+                    Record::KubeSynced => Input::Kube(KubeChange::Synced),
                 },
-                Record::Kube(kube) => Input::Kube(
-                    kubecache::record::kube_record_to_change(&kube).with_context(|| {
-                        format!(
-                            "replay {path}: malformed recording: line {}: kube record",
-                            reader.line()
-                        )
-                    })?,
-                ),
-                Record::KubeSynced => Input::Kube(KubeChange::Synced),
             };
             chunk.push(input);
             if chunk.len() == CHUNK {

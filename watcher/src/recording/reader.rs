@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::de::{self, Deserializer, IgnoredAny};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::parse_error::{json_error, message_without_position};
@@ -112,11 +113,69 @@ impl<R: BufRead> RecordingReader<R> {
         if !self.next_content_line()? {
             return Ok(None);
         }
+        self.record_of_line().map(Some)
+    }
+
+    /// The next record, a `kube` record's object read by `O` in the one parse of its line: what
+    /// [`RecordingReader::read_record`] reads and then the caller's reading of the object would
+    /// give, without the object copied out of the line and parsed again. An object that `O`
+    /// does not read (or does not read as plain) leaves its line read as
+    /// [`RecordingReader::read_record`] reads it, checks and errors included.
+    pub fn read_record_with_objects<O: ObjectReading>(
+        &mut self,
+    ) -> Result<Option<RecordWithObject<O::Object>>, RecordingError> {
+        if !self.next_content_line()? {
+            return Ok(None);
+        }
         let line = self.line;
-        let raw = match serde_json::from_slice::<RawRecord>(&self.buf) {
-            Ok(raw) => raw,
-            Err(err) => return Err(json_error(&err, &self.buf, line)),
+        // Any error is left to the reading that names it: the line is read again below.
+        let Some(Ok(raw)) = parse_line::<RawRecord<O>>(&self.buf) else {
+            return self
+                .record_of_line()
+                .map(|r| Some(RecordWithObject::Record(r)));
         };
+        let ts = self.check_position(&raw, line)?;
+        let record = match convert(raw, line)? {
+            Converted::Record(record) => RecordWithObject::Record(TimedRecord { ts, record }),
+            Converted::Kube { action, object } => match object.into_object() {
+                Some(object) => RecordWithObject::Kube { ts, action, object },
+                None => {
+                    return self
+                        .record_of_line()
+                        .map(|r| Some(RecordWithObject::Record(r)))
+                }
+            },
+        };
+        self.last_ts = Some(ts);
+        Ok(Some(record))
+    }
+
+    /// The record on the current line (`self.buf`), its kube object kept as text and checked.
+    fn record_of_line(&mut self) -> Result<TimedRecord, RecordingError> {
+        let line = self.line;
+        let raw = match parse_line::<RawRecord<Box<RawValue>>>(&self.buf) {
+            Some(Ok(raw)) => raw,
+            // Not UTF-8, or not a record: parsed as bytes, as it always was, for the error.
+            _ => match serde_json::from_slice::<RawRecord<Box<RawValue>>>(&self.buf) {
+                Ok(raw) => raw,
+                Err(err) => return Err(json_error(&err, &self.buf, line)),
+            },
+        };
+        let ts = self.check_position(&raw, line)?;
+        let record = match convert(raw, line)? {
+            Converted::Record(record) => record,
+            Converted::Kube { action, object } => {
+                validate_kube_object(&object, line)?;
+                Record::Kube(KubeRecord { action, object })
+            }
+        };
+        self.last_ts = Some(ts);
+        Ok(TimedRecord { ts, record })
+    }
+
+    /// The checks of a parsed line that come before its type's: not a second header, and a
+    /// `ts` that does not go back. The record's `ts`.
+    fn check_position<O>(&self, raw: &RawRecord<O>, line: usize) -> Result<u64, RecordingError> {
         if raw.format.is_some() {
             return Err(RecordingError::SecondHeader {
                 line,
@@ -135,9 +194,7 @@ impl<R: BufRead> RecordingReader<R> {
                 });
             }
         }
-        let record = convert(raw, line)?;
-        self.last_ts = Some(ts);
-        Ok(Some(TimedRecord { ts, record }))
+        Ok(ts)
     }
 
     /// Reads lines until one that is not a comment or empty, leaving it (trimmed of its line
@@ -189,6 +246,45 @@ impl<R: BufRead> EventSource for RecordingReader<R> {
     fn next_record(&mut self) -> Result<Option<TimedRecord>, SourceError> {
         Ok(self.read_record()?)
     }
+}
+
+/// A record line parsed as `T` when it is UTF-8 (`None` when it is not): checked as text once,
+/// instead of each of its strings on its own as a parse of bytes does. An error here is the
+/// same as the parse of the bytes would give, which is what the error paths use.
+fn parse_line<'a, T: Deserialize<'a>>(line: &'a [u8]) -> Option<serde_json::Result<T>> {
+    let text = std::str::from_utf8(line).ok()?;
+    Some(serde_json::from_str(text))
+}
+
+/// How a caller that knows the Kubernetes objects (the watcher does not) reads a `kube`
+/// record's `object` within the one parse of the record's line
+/// ([`RecordingReader::read_record_with_objects`]).
+///
+/// A reading may fail, or decline the object ([`ObjectReading::into_object`] `None`), for any
+/// object it does not read as it is: the line is then read again as
+/// [`RecordingReader::read_record`] reads it, which keeps the object as text, checks it and
+/// names what is wrong. It must decline every object that the reader's check would refuse:
+/// one that is not a `v1` `Pod` with a non-empty `metadata.uid` or a `v1` `Namespace` with a
+/// non-empty `metadata.name`.
+pub trait ObjectReading: for<'de> Deserialize<'de> {
+    /// What an object is read into.
+    type Object;
+    /// The object read, or `None` when this reading declines it.
+    fn into_object(self) -> Option<Self::Object>;
+}
+
+/// A record of [`RecordingReader::read_record_with_objects`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordWithObject<T> {
+    /// A `kube` record whose object the caller's [`ObjectReading`] read.
+    Kube {
+        ts: u64,
+        action: KubeAction,
+        object: T,
+    },
+    /// Any other record, as [`RecordingReader::read_record`] reads it (a `kube` record among
+    /// them when the reading declined its object).
+    Record(TimedRecord),
 }
 
 /// Parses and checks the header line.
@@ -322,7 +418,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
 /// type, and is checked after parsing so that the error can name the missing field. (No
 /// `#[serde(flatten)]`: it buffers every field and halves the speed.)
 #[derive(Deserialize)]
-struct RawRecord<'a> {
+#[serde(bound(deserialize = "O: Deserialize<'de>"))]
+struct RawRecord<'a, O> {
     ts: Option<u64>,
     #[serde(rename = "type")]
     kind: Option<RecordType>,
@@ -345,7 +442,9 @@ struct RawRecord<'a> {
     processes: Option<Vec<RawProcess<'a>>>,
     #[serde(borrow)]
     action: Option<Text<'a>>,
-    object: Option<Box<serde_json::value::RawValue>>,
+    /// Kept as text ([`RecordingReader::read_record`]), or read by the caller's
+    /// [`ObjectReading`].
+    object: Option<O>,
 }
 
 /// One entry of a `scan` record.
@@ -383,8 +482,15 @@ fn required<T>(
     })
 }
 
+/// A parsed line with its type's required fields checked: a record, or a `kube` record's parts
+/// (its object not checked yet: that depends on how it was read).
+enum Converted<O> {
+    Record(Record),
+    Kube { action: KubeAction, object: O },
+}
+
 /// Checks the required fields of a parsed record for its type and builds the event.
-fn convert(raw: RawRecord, line: usize) -> Result<Record, RecordingError> {
+fn convert<O>(raw: RawRecord<O>, line: usize) -> Result<Converted<O>, RecordingError> {
     let kind = required(raw.kind, line, "type", "every record has it")?;
     let record = match kind {
         RecordType::Exec => {
@@ -463,8 +569,7 @@ fn convert(raw: RawRecord, line: usize) -> Result<Record, RecordingError> {
                 }
             };
             let object = required(raw.object, line, "object", context)?;
-            validate_kube_object(&object, line)?;
-            Record::Kube(KubeRecord { action, object })
+            return Ok(Converted::Kube { action, object });
         }
         RecordType::KubeSynced => Record::KubeSynced,
         RecordType::Unknown(value) => {
@@ -475,7 +580,7 @@ fn convert(raw: RawRecord, line: usize) -> Result<Record, RecordingError> {
             })
         }
     };
-    Ok(record)
+    Ok(Converted::Record(record))
 }
 
 /// Builds [`ProcFacts`] from the fields as written; `prefix` is the JSON path of the object

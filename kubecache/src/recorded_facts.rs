@@ -1,0 +1,269 @@
+//! A recorded object's facts read straight from its text, in one pass: what replay reads of a
+//! `kube` record when the object is a plain `v1` Pod or Namespace (the common case), inside the
+//! parse of the record's line ([`watcher::recording::ObjectReading`]).
+//!
+//! It reads the fields [`crate::change::pod_facts`] and [`crate::change::namespace_facts`] read,
+//! with the types the step-by-step reading in [`crate::record`] gives them, so it accepts no
+//! object that reading refuses, and it gives the same facts; the strings kept are allocated
+//! once, and the labels and annotations not read are passed over without being kept. Anything
+//! else (an escape in `apiVersion` or `kind`, another kind, a field of the wrong type) is
+//! declined, and read step by step, which names what is wrong.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use resolver::facts::{
+    NamespaceFacts, PodFacts, APP_LABEL, DATAPLANE_MODE_LABEL, SIDECAR_STATUS_ANNOTATION,
+};
+use resolver::workloads::ipv4_first;
+use resolver::KubeChange;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use watcher::recording::ObjectReading;
+use watcher::KubeAction;
+
+use crate::record::{RecordedPodSpec, RecordedPodStatus};
+
+/// The facts of a recorded `v1` Pod (its uid not empty) or Namespace (its name not empty).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ObjectFacts {
+    Pod(PodFacts),
+    Namespace { name: String, facts: NamespaceFacts },
+}
+
+impl ObjectFacts {
+    /// The resolver's change for a record of `action` on this object (the same as
+    /// [`crate::Change::to_resolver`] gives for the object read step by step).
+    pub fn change(self, action: KubeAction) -> KubeChange {
+        match (action, self) {
+            (KubeAction::Apply, ObjectFacts::Pod(facts)) => KubeChange::ApplyPod(facts),
+            (KubeAction::Delete, ObjectFacts::Pod(facts)) => {
+                KubeChange::DeletePod { uid: facts.uid }
+            }
+            (KubeAction::Apply, ObjectFacts::Namespace { name, facts }) => {
+                KubeChange::ApplyNamespace { name, facts }
+            }
+            (KubeAction::Delete, ObjectFacts::Namespace { name, .. }) => {
+                KubeChange::DeleteNamespace { name }
+            }
+        }
+    }
+}
+
+/// An object's facts when it is plain, `None` when it is not (then read it step by step).
+pub fn read_facts(text: &str) -> Option<ObjectFacts> {
+    serde_json::from_str::<PlainFacts>(text).ok()?.0
+}
+
+/// The [`ObjectReading`] of recorded objects: their facts when plain, else declined.
+#[derive(Debug)]
+pub struct PlainFacts(Option<ObjectFacts>);
+
+impl<'de> Deserialize<'de> for PlainFacts {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        PlainObject::deserialize(deserializer).map(|object| PlainFacts(object.into_facts()))
+    }
+}
+
+impl ObjectReading for PlainFacts {
+    type Object = ObjectFacts;
+
+    fn into_object(self) -> Option<ObjectFacts> {
+        self.0
+    }
+}
+
+/// The object's fields that its facts are made of.
+#[derive(Deserialize)]
+struct PlainObject<'a> {
+    #[serde(rename = "apiVersion", borrow)]
+    api_version: Option<&'a str>,
+    #[serde(borrow)]
+    kind: Option<&'a str>,
+    #[serde(default)]
+    metadata: PlainMeta,
+    spec: Option<RecordedPodSpec>,
+    status: Option<RecordedPodStatus>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PlainMeta {
+    uid: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    labels: Option<RuleLabels>,
+    annotations: Option<SidecarAnnotation>,
+    creation_timestamp: Option<Time>,
+}
+
+impl PlainObject<'_> {
+    fn into_facts(self) -> Option<ObjectFacts> {
+        if self.api_version != Some("v1") {
+            return None;
+        }
+        let meta = self.metadata;
+        match self.kind? {
+            "Pod" => {
+                let uid = meta.uid.filter(|uid| !uid.is_empty())?;
+                let spec = self.spec;
+                let status = self.status;
+                let mut ips: Vec<IpAddr> = Vec::new();
+                let mut terminal = false;
+                if let Some(status) = &status {
+                    for pod_ip in status.pod_ips.iter().flatten() {
+                        if let Ok(ip) = pod_ip.ip.parse() {
+                            ips.push(ip);
+                        }
+                    }
+                    if ips.is_empty() {
+                        if let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
+                            ips.push(ip);
+                        }
+                    }
+                    let phase = status.phase.as_deref().unwrap_or("");
+                    terminal = phase == "Succeeded" || phase == "Failed";
+                }
+                let labels = meta.labels.unwrap_or_default();
+                let (node, host_network, service_account) = match spec {
+                    Some(spec) => (
+                        spec.node_name,
+                        spec.host_network.unwrap_or(false),
+                        spec.service_account_name,
+                    ),
+                    None => (None, false, None),
+                };
+                Some(ObjectFacts::Pod(PodFacts {
+                    uid,
+                    namespace: meta.namespace.unwrap_or_default(),
+                    name: meta.name.unwrap_or_default(),
+                    node,
+                    dataplane_mode: labels.dataplane_mode,
+                    app: labels.app,
+                    host_network,
+                    has_sidecar: meta.annotations.is_some_and(|a| a.0),
+                    terminal,
+                    ips: ipv4_first(ips),
+                    created: meta.creation_timestamp.map(|t| t.0.as_nanosecond()),
+                    service_account: service_account
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "default".to_string()),
+                }))
+            }
+            "Namespace" => {
+                let name = meta.name.filter(|name| !name.is_empty())?;
+                Some(ObjectFacts::Namespace {
+                    name,
+                    facts: NamespaceFacts {
+                        dataplane_mode: meta.labels.and_then(|l| l.dataplane_mode),
+                    },
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The labels the ambient rules read, out of a map of string labels (every value must be a
+/// string, as in a `BTreeMap<String, String>`; a key given twice keeps its last value, as
+/// there).
+#[derive(Default)]
+struct RuleLabels {
+    dataplane_mode: Option<String>,
+    app: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RuleLabels {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LabelsVisitor;
+        impl<'de> Visitor<'de> for LabelsVisitor {
+            type Value = RuleLabels;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RuleLabels, A::Error> {
+                let mut labels = RuleLabels::default();
+                while let Some(key) = map.next_key::<Text>()? {
+                    let value = map.next_value::<Text>()?;
+                    match key.0.as_ref() {
+                        DATAPLANE_MODE_LABEL => labels.dataplane_mode = Some(value.0.into_owned()),
+                        APP_LABEL => labels.app = Some(value.0.into_owned()),
+                        _ => {}
+                    }
+                }
+                Ok(labels)
+            }
+        }
+        deserializer.deserialize_map(LabelsVisitor)
+    }
+}
+
+/// Whether a map of string annotations has the sidecar's (every value must be a string).
+struct SidecarAnnotation(bool);
+
+impl<'de> Deserialize<'de> for SidecarAnnotation {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AnnotationsVisitor;
+        impl<'de> Visitor<'de> for AnnotationsVisitor {
+            type Value = SidecarAnnotation;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<SidecarAnnotation, A::Error> {
+                let mut sidecar = false;
+                while let Some(key) = map.next_key::<Text>()? {
+                    map.next_value::<AnyText>()?;
+                    sidecar |= key.0 == SIDECAR_STATUS_ANNOTATION;
+                }
+                Ok(SidecarAnnotation(sidecar))
+            }
+        }
+        deserializer.deserialize_map(AnnotationsVisitor)
+    }
+}
+
+/// A string, borrowed from the text when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+/// A string whose value is not kept.
+struct AnyText;
+
+impl<'de> Deserialize<'de> for AnyText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AnyTextVisitor;
+        impl Visitor<'_> for AnyTextVisitor {
+            type Value = AnyText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<AnyText, E> {
+                Ok(AnyText)
+            }
+        }
+        deserializer.deserialize_str(AnyTextVisitor)
+    }
+}
