@@ -199,55 +199,65 @@ impl Resolver {
         // those emitted (a namespace change re-decides every pod in it; many stay the same).
         if !owner.stale
             && owner
-                .decided
-                .as_ref()
-                .is_some_and(|(role, ips)| self.decides_same(key, *role, ips))
+                .decision()
+                .is_some_and(|(role, ips)| self.decides_same(key, role, ips))
         {
             return;
         }
         let decision = self.decide(key);
+        let logged_same = owner
+            .decision()
+            .is_some_and(|(role, ips)| role == decision.role && ips == decision.ips);
+        let first_none = owner.decided.is_none() && decision.role == Role::None;
         // Back to the decision that built `enrolled`, with nothing else changed: its entries
         // are those that would be built. Only while the owner has live cgroups: then its
         // pod-level cgroup exists throughout (a live cgroup below it pins it), so the id that
-        // `desired_for` would find for it is the one found before.
-        let reused = match &owner.enrolled {
-            Some((role, ips, entries))
-                if !owner.stale
-                    && !owner.live.is_empty()
-                    && *role == decision.role
-                    && *ips == decision.ips =>
-            {
-                Some(entries.clone())
-            }
-            _ => None,
-        };
-        let desired = match reused {
-            Some(entries) => entries,
-            None => self.desired_for(key, &decision),
-        };
+        // `desired_for` would find for it is the one found before. (Then nothing is emitted
+        // now: the decision that enrolled it would have been found the same above.)
+        let reuse = !owner.stale
+            && !owner.live.is_empty()
+            && owner.emitted().is_none()
+            && owner
+                .enrolled
+                .as_ref()
+                .is_some_and(|e| e.role == decision.role && e.ips == decision.ips);
         // The owner's name is made only for a line that is written.
-        let label = log::log_enabled!(log::Level::Info).then(|| self.owner_label(key));
-        let owner = self.owners.get_mut(key).expect("checked above");
-        owner.decided = Some((decision.role, decision.ips.clone()));
-        if decision.role != Role::None {
-            owner.enrolled = Some((decision.role, decision.ips.clone(), desired.clone()));
-        } else if owner.stale {
-            owner.enrolled = None;
+        let label =
+            (!logged_same && log::log_enabled!(log::Level::Info)).then(|| self.owner_label(key));
+        if reuse {
+            let owner = self.owners.get_mut(key).expect("checked above");
+            let enrolled = owner.enrolled.as_ref().expect("checked above");
+            for enrolment in enrolled.entries.values() {
+                out.push(Update::Upsert(Arc::clone(enrolment)));
+            }
+            if let Some(label) = label {
+                log_decision(&owner.root, &decision, first_none, label);
+            }
+            owner.decided = Some(Decided::Enrolled);
+            owner.stale = false;
+            return;
         }
-        owner.stale = false;
-        for id in owner.emitted.keys() {
-            if !desired.contains_key(id) {
-                out.push(Update::Delete { cgroup_id: *id });
+        let desired = self.desired_for(key, &decision);
+        let owner = self.owners.get_mut(key).expect("checked above");
+        if let Some(emitted) = owner.emitted() {
+            for id in emitted.keys() {
+                if !desired.contains_key(id) {
+                    out.push(Update::Delete { cgroup_id: *id });
+                }
             }
         }
         for (id, enrolment) in &desired {
-            if owner.emitted.get(id) != Some(enrolment) {
+            if owner.emitted().and_then(|e| e.get(id)) != Some(enrolment) {
                 out.push(Update::Upsert(Arc::clone(enrolment)));
             }
         }
-        owner.emitted = desired;
-        log_decision(owner, &decision, label);
-        if owner.live.is_empty() && owner.emitted.is_empty() {
+        if let Some(label) = label {
+            log_decision(&owner.root, &decision, first_none, label);
+        }
+        let nothing = desired.is_empty();
+        owner.set_decided(decision, desired);
+        owner.stale = false;
+        if owner.live.is_empty() && nothing {
             self.owners.remove(key);
         }
     }
@@ -307,33 +317,25 @@ impl Resolver {
     }
 }
 
-/// Logs a decision when it differs from the last one logged for the owner; `label` is the
-/// owner's name and whether its first `none` is quiet ([`Resolver::owner_label`]), `None` when
-/// no line would be written.
-pub(super) fn log_decision(owner: &mut Owner, decision: &Decision, label: Option<(String, bool)>) {
-    if owner
-        .logged
-        .as_ref()
-        .is_some_and(|(role, ips)| *role == decision.role && *ips == decision.ips)
-    {
-        return;
-    }
-    let first_none = owner.logged.is_none() && decision.role == Role::None;
-    owner.logged = Some((decision.role, decision.ips.clone()));
-    let Some((name, quiet)) = label else {
-        return;
-    };
+/// Logs a decision that differs from the last one of the owner whose cgroup is `root`;
+/// `label` is the owner's name and whether its first `none` (`first_none`: this one) is quiet
+/// (debug) ([`Resolver::owner_label`]).
+pub(super) fn log_decision(
+    root: &str,
+    decision: &Decision,
+    first_none: bool,
+    (name, quiet): (String, bool),
+) {
     let ips = if decision.ips.is_empty() {
         String::new()
     } else {
         format!(" {}", join_ips(&decision.ips))
     };
     if quiet && first_none {
-        debug!("{name}: cgroup {} → none ({})", owner.root, decision.reason);
+        debug!("{name}: cgroup {root} → none ({})", decision.reason);
     } else {
         info!(
-            "{name}: cgroup {} → {}{ips} ({})",
-            owner.root,
+            "{name}: cgroup {root} → {}{ips} ({})",
             decision.role.as_str(),
             decision.reason
         );

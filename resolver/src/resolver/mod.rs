@@ -100,19 +100,34 @@ struct Owner {
     root: Box<str>,
     /// Its cgroups that hold live processes.
     live: BTreeSet<CgroupId>,
-    /// The entries emitted for it (what the programmer holds).
-    emitted: Entries,
-    /// The entries of the last decision that enrolled it (a role other than `none`) and that
-    /// decision's role and addresses, valid while `stale` is false: a decision that flips
-    /// back (a namespace label flipped to and fro) reuses them instead of building them again.
-    enrolled: Option<(Role, Vec<IpAddr>, Entries)>,
-    /// The last decision logged, to log changes only.
-    logged: Option<(Role, Vec<IpAddr>)>,
-    /// The role and addresses `emitted` was built from.
-    decided: Option<(Role, Vec<IpAddr>)>,
-    /// Something besides the decision changed since `emitted` was built (its live cgroups,
+    /// The last decision made for it (`None` before the first): also what was last logged of
+    /// it, and which entries were emitted (what the programmer holds).
+    decided: Option<Decided>,
+    /// The last decision that enrolled it (a role other than `none`) and its entries: emitted
+    /// while `decided` is [`Decided::Enrolled`]. After a decision of `none` they are kept while
+    /// `stale` is false, so that a decision that flips back (a namespace label flipped to and
+    /// fro) emits them again instead of building them again.
+    enrolled: Option<Enrolled>,
+    /// Something besides the decision changed since the entries were built (its live cgroups,
     /// its pod's facts): the entries must be rebuilt even if the decision is the same.
     stale: bool,
+}
+
+/// An owner's last decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decided {
+    /// Role `none`, no addresses: nothing emitted.
+    Nothing,
+    /// The role and addresses of [`Owner::enrolled`], whose entries were emitted.
+    Enrolled,
+}
+
+/// An enrolling decision and the entries it made.
+#[derive(Debug)]
+struct Enrolled {
+    role: Role,
+    ips: Vec<IpAddr>,
+    entries: Entries,
 }
 
 impl Owner {
@@ -120,11 +135,52 @@ impl Owner {
         Owner {
             root: root.into(),
             live: BTreeSet::new(),
-            emitted: BTreeMap::new(),
-            enrolled: None,
-            logged: None,
             decided: None,
+            enrolled: None,
             stale: true,
+        }
+    }
+
+    /// The last decision's role and addresses.
+    fn decision(&self) -> Option<(Role, &[IpAddr])> {
+        match (self.decided?, &self.enrolled) {
+            (Decided::Enrolled, Some(enrolled)) => Some((enrolled.role, &enrolled.ips)),
+            _ => Some((Role::None, &[])),
+        }
+    }
+
+    /// The entries emitted for it (what the programmer holds).
+    fn emitted(&self) -> Option<&Entries> {
+        match (self.decided?, &self.enrolled) {
+            (Decided::Enrolled, Some(enrolled)) => Some(&enrolled.entries),
+            _ => None,
+        }
+    }
+
+    /// Takes the entries emitted for it out, leaving it as if nothing had been decided.
+    fn take_emitted(&mut self) -> Entries {
+        let entries = match (self.decided.take(), self.enrolled.take()) {
+            (Some(Decided::Enrolled), Some(enrolled)) => enrolled.entries,
+            _ => Entries::new(),
+        };
+        self.enrolled = None;
+        entries
+    }
+
+    /// Records `decision`, with `entries` its entries (none for `none`), as emitted.
+    fn set_decided(&mut self, decision: Decision, entries: Entries) {
+        if decision.role == Role::None {
+            self.decided = Some(Decided::Nothing);
+            if self.stale {
+                self.enrolled = None;
+            }
+        } else {
+            self.decided = Some(Decided::Enrolled);
+            self.enrolled = Some(Enrolled {
+                role: decision.role,
+                ips: decision.ips,
+                entries,
+            });
         }
     }
 }

@@ -33,7 +33,7 @@ impl Resolver {
         self.config.workloads = Some(workloads);
         let mut old: Entries = BTreeMap::new();
         for owner in self.owners.values_mut() {
-            old.append(&mut owner.emitted);
+            old.append(&mut owner.take_emitted());
         }
         self.owners.clear();
         let mut ids: Vec<CgroupId> = self.cgroups.keys().copied().collect();
@@ -57,13 +57,13 @@ impl Resolver {
         for key in keys {
             let (decision, desired) = self.desired(&key);
             new.extend(desired.iter().map(|(k, v)| (*k, v.clone())));
-            let label = Some(self.owner_label(&key));
+            let label = self.owner_label(&key);
             let owner = self.owners.get_mut(&key).expect("listed above");
-            owner.emitted = desired;
-            owner.enrolled = None;
-            owner.decided = Some((decision.role, decision.ips.clone()));
+            // A new owner: its first decision, always logged.
+            log_decision(&owner.root, &decision, decision.role == Role::None, label);
+            owner.stale = true;
+            owner.set_decided(decision, desired);
             owner.stale = false;
-            log_decision(owner, &decision, label);
         }
         for id in old.keys() {
             if !new.contains_key(id) {
@@ -76,7 +76,7 @@ impl Resolver {
             }
         }
         self.owners
-            .retain(|_, o| !o.live.is_empty() || !o.emitted.is_empty());
+            .retain(|_, o| !o.live.is_empty() || o.emitted().is_some_and(|e| !e.is_empty()));
         self.update_ztunnel(out);
     }
 
