@@ -138,15 +138,33 @@ fn is_qos_level(path: &str) -> bool {
 /// `kubelet-kubepods-besteffort-pod<UID>.slice` (UID with `_` for `-`).
 fn systemd_pod_segment(segment: &str) -> Option<String> {
     let stem = segment.strip_suffix(".slice")?;
-    let (prefix, uid) = stem.rsplit_once("-pod")?;
+    // The last `-pod` (`rsplit_once("-pod")`), found without building a substring searcher
+    // for each segment of each new cgroup's path.
+    let at = stem.as_bytes().windows(4).rposition(|w| w == b"-pod")?;
+    let (prefix, uid) = (&stem[..at], &stem[at + 4..]);
     if !(prefix.ends_with("kubepods-burstable")
         || prefix.ends_with("kubepods-besteffort")
         || prefix.ends_with("kubepods"))
     {
         return None;
     }
-    let uid = uid.replace('_', "-");
-    is_uid(&uid).then_some(uid)
+    // A UID with `_` for `-`: checked as it is written, and copied with `-` only if it is one.
+    let is_written_uid = uid.len() == 36
+        && uid.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'_' || b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if !is_written_uid {
+        return None;
+    }
+    // All ASCII once checked: rewritten byte by byte.
+    let mut bytes = uid.as_bytes().to_vec();
+    for b in &mut bytes {
+        if *b == b'_' {
+            *b = b'-';
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// `pod<UID>` under a cgroupfs `kubepods` hierarchy.
@@ -216,6 +234,58 @@ mod tests {
                 || segment.contains("kubepods-")
                 || segment.contains("kubepods.");
             assert_eq!(is_kubepods_segment(segment), expected, "{segment:?}");
+        }
+    }
+
+    #[test]
+    fn systemd_pod_segments_read_as_a_rsplit_and_a_replace_would() {
+        let uid = "0f8e0e4c-7d4b-4a5e-9d3b-1c2d3e4f5a6b";
+        let written = uid.replace('-', "_");
+        for (segment, expected) in [
+            (format!("kubepods-pod{written}.slice"), Some(uid)),
+            (format!("kubepods-burstable-pod{written}.slice"), Some(uid)),
+            (
+                format!("kubelet-kubepods-besteffort-pod{written}.slice"),
+                Some(uid),
+            ),
+            (format!("kubepods-pod{uid}.slice"), Some(uid)),
+            (format!("kubepods-pod-pod{written}.slice"), None),
+            (format!("kubepods-pod{written}"), None),
+            (format!("kubepods-pod{written}x.slice"), None),
+            (format!("kubepods-podx{written}.slice"), None),
+            (format!("kubepods-foo-pod{written}.slice"), None),
+            (
+                format!("kubepods-pod{}.slice", written.replacen('_', "x", 1)),
+                None,
+            ),
+            (
+                format!("kubepods-pod{}.slice", written.replacen('0', "_", 1)),
+                None,
+            ),
+            (
+                format!("kubepods-pod{}.slice", written.replacen('f', "é", 1)),
+                None,
+            ),
+            ("kubepods-pod.slice".to_string(), None),
+            ("-pod.slice".to_string(), None),
+        ] {
+            assert_eq!(
+                systemd_pod_segment(&segment).as_deref(),
+                expected,
+                "{segment}"
+            );
+            // What the parse was before: `rsplit_once`, then `replace`, then the UID's shape.
+            let before = segment
+                .strip_suffix(".slice")
+                .and_then(|stem| stem.rsplit_once("-pod"))
+                .filter(|(prefix, _)| {
+                    prefix.ends_with("kubepods-burstable")
+                        || prefix.ends_with("kubepods-besteffort")
+                        || prefix.ends_with("kubepods")
+                })
+                .map(|(_, uid)| uid.replace('_', "-"))
+                .filter(|uid| is_uid(uid));
+            assert_eq!(before.as_deref(), expected, "{segment}");
         }
     }
 
