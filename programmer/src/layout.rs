@@ -78,14 +78,16 @@ pub struct CgroupInfo {
 impl CgroupInfo {
     /// The pod's addresses as the programs see them (IPv4 first).
     pub fn ips(&self) -> Vec<IpAddr> {
-        let mut ips = Vec::new();
-        if self.flags & F_HAS_V4 != 0 {
-            ips.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(self.addr4))));
-        }
-        if self.flags & F_HAS_V6 != 0 {
-            ips.push(IpAddr::V6(Ipv6Addr::from(self.addr6)));
-        }
-        ips
+        self.addresses().collect()
+    }
+
+    /// [`CgroupInfo::ips`] one by one, without a vector (the programmer counts references to
+    /// them on every write).
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> {
+        let v4 = (self.flags & F_HAS_V4 != 0)
+            .then(|| IpAddr::V4(Ipv4Addr::from(u32::from_be(self.addr4))));
+        let v6 = (self.flags & F_HAS_V6 != 0).then(|| IpAddr::V6(Ipv6Addr::from(self.addr6)));
+        v4.into_iter().chain(v6)
     }
 }
 

@@ -203,6 +203,8 @@ impl<B: MapBackend> Programmer<B> {
         let mut settings = self.settings;
         let mut pending: Vec<_> = self.pending.drain().collect();
         pending.sort_unstable_by_key(|(id, _)| *id);
+        // Each list grows once, not by doubling over a burst.
+        batch.cgroup_upserts.reserve(pending.len());
         for (id, write) in pending {
             let old = self.programmed.remove(&id);
             if let Some((old_info, old_level)) = old {
@@ -280,7 +282,7 @@ impl<B: MapBackend> Programmer<B> {
             *refs += 1;
         }
         if captured_inbound_by_ztunnel_node(info) {
-            for ip in info.ips() {
+            for ip in info.addresses() {
                 let addr = PodAddr::from(ip);
                 let refs = self.addr_refs.entry(addr).or_insert(0);
                 *refs += 1;
@@ -296,7 +298,7 @@ impl<B: MapBackend> Programmer<B> {
             *refs = refs.saturating_sub(1);
         }
         if captured_inbound_by_ztunnel_node(info) {
-            for ip in info.ips() {
+            for ip in info.addresses() {
                 let addr = PodAddr::from(ip);
                 if let Some(refs) = self.addr_refs.get_mut(&addr) {
                     *refs -= 1;
@@ -371,8 +373,13 @@ pub fn level_of(path: &str) -> u32 {
     };
     let (before, after) = (&bytes[..bytes.len() - 1], &bytes[1..]);
     let mut level = u32::from(first != b'/');
-    for (prev, byte) in before.iter().zip(after) {
-        level += u32::from((*prev == b'/') & (*byte != b'/'));
+    // Counted in blocks whose count fits a byte: the compiler counts many pairs at once.
+    for (before, after) in before.chunks(255).zip(after.chunks(255)) {
+        let mut block: u8 = 0;
+        for (prev, byte) in before.iter().zip(after) {
+            block += u8::from((*prev == b'/') & (*byte != b'/'));
+        }
+        level += u32::from(block);
     }
     level
 }
@@ -443,6 +450,18 @@ mod tests {
             ),
         ] {
             assert_eq!(level_of(path), level, "{path:?}");
+        }
+        // Long paths (more than one block of the count), against counting the components.
+        let long = [
+            "/a".repeat(300),
+            format!("{}/{}", "x".repeat(254), "/y".repeat(200)),
+            format!("//{}//", "ab/".repeat(170)),
+            "/".repeat(600),
+            format!("{}z", "/".repeat(255)),
+        ];
+        for path in &long {
+            let components = path.split('/').filter(|c| !c.is_empty()).count() as u32;
+            assert_eq!(level_of(path), components, "{path:?}");
         }
     }
 
