@@ -129,16 +129,21 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
     // programmer: the two halves take about as long as each other, and the records stay in
     // file order (one channel, one reader).
     let (chunks, received) = crossbeam_channel::bounded::<anyhow::Result<Vec<Input>>>(CHUNKS_AHEAD);
+    // Emptied chunks go back to the reading thread to be filled again: a chunk is allocated
+    // and freed by that thread, not freed by this one (a free of another thread's large
+    // block costs this thread a consolidation of that thread's heap).
+    let (spent, reusable) = crossbeam_channel::bounded::<Vec<Input>>(CHUNKS_AHEAD + 2);
     let reading = {
         let path = args.file.display().to_string();
         std::thread::Builder::new()
             .name("replay-read".into())
-            .spawn(move || read_inputs(reader, &path, &chunks))
+            .spawn(move || read_inputs(reader, &path, &chunks, &reusable))
             .context("replay: cannot start the reading thread")?
     };
     let result = (|| {
         for chunk in &received {
-            for input in chunk? {
+            let mut chunk = chunk?;
+            for input in chunk.drain(..) {
                 records += 1;
                 resolver.handle(input, &mut updates);
                 if updates.len() >= FLUSH_EVERY {
@@ -149,6 +154,8 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
                     programmer.flush().context("replay: applying updates")?;
                 }
             }
+            // Full (the reader has enough) or the reader gone: dropped here instead.
+            let _ = spent.try_send(chunk);
         }
         anyhow::Ok(())
     })();
@@ -204,11 +211,12 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
 
 /// Reads the recording into chunks of resolver inputs, in file order, and sends them on
 /// `chunks` until the end of the file, the first error (sent after the records read before
-/// it) or the receiver is gone.
+/// it) or the receiver is gone. A chunk is filled again once it comes back on `reusable`.
 fn read_inputs<R: std::io::BufRead>(
     mut reader: RecordingReader<R>,
     path: &str,
     chunks: &crossbeam_channel::Sender<anyhow::Result<Vec<Input>>>,
+    reusable: &crossbeam_channel::Receiver<Vec<Input>>,
 ) {
     let mut chunk = Vec::with_capacity(CHUNK);
     let read = (|| {
@@ -237,7 +245,10 @@ fn read_inputs<R: std::io::BufRead>(
             };
             chunk.push(input);
             if chunk.len() == CHUNK {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                let next = reusable
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+                let full = std::mem::replace(&mut chunk, next);
                 if chunks.send(Ok(full)).is_err() {
                     // The resolver's side ended (its own error): nothing more is wanted.
                     return Ok(());
