@@ -97,7 +97,9 @@ impl Resolver {
     pub(super) fn acquire(&mut self, cgroup: CgroupRef, ips: Vec<IpAddr>, out: &mut Vec<Update>) {
         if let Some(state) = self.cgroups.get_mut(&cgroup.id) {
             state.live += 1;
-            if *state.path != *cgroup.path {
+            // Compared only for the line: the path is long, and most execs are into a cgroup
+            // already live.
+            if log::log_enabled!(log::Level::Debug) && *state.path != *cgroup.path {
                 debug!(
                     "cgroup {} is named both {} and {}; keeping the first",
                     cgroup.id, state.path, cgroup.path
