@@ -29,8 +29,13 @@ use crate::record::{RecordedPodSpec, RecordedPodStatus};
 /// The facts of a recorded `v1` Pod (its uid not empty) or Namespace (its name not empty).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ObjectFacts {
-    Pod(PodFacts),
-    Namespace { name: String, facts: NamespaceFacts },
+    /// Boxed: the reader moves what it reads several times on the way out of a line's parse,
+    /// and a pod's facts are most of a record's size.
+    Pod(Box<PodFacts>),
+    Namespace {
+        name: String,
+        facts: NamespaceFacts,
+    },
 }
 
 impl ObjectFacts {
@@ -38,7 +43,7 @@ impl ObjectFacts {
     /// [`crate::Change::to_resolver`] gives for the object read step by step).
     pub fn change(self, action: KubeAction) -> KubeChange {
         match (action, self) {
-            (KubeAction::Apply, ObjectFacts::Pod(facts)) => KubeChange::ApplyPod(facts),
+            (KubeAction::Apply, ObjectFacts::Pod(facts)) => KubeChange::ApplyPod(*facts),
             (KubeAction::Delete, ObjectFacts::Pod(facts)) => {
                 KubeChange::DeletePod { uid: facts.uid }
             }
@@ -135,7 +140,7 @@ impl PlainObject<'_> {
                     ),
                     None => (None, false, None),
                 };
-                Some(ObjectFacts::Pod(PodFacts {
+                Some(ObjectFacts::Pod(Box::new(PodFacts {
                     uid,
                     namespace: meta.namespace.unwrap_or_default(),
                     name: meta.name.unwrap_or_default(),
@@ -150,7 +155,7 @@ impl PlainObject<'_> {
                     service_account: service_account
                         .filter(|s| !s.is_empty())
                         .unwrap_or_else(|| "default".to_string()),
-                }))
+                })))
             }
             "Namespace" => {
                 let name = meta.name.filter(|name| !name.is_empty())?;
