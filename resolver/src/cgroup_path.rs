@@ -80,7 +80,8 @@ pub(crate) fn find_pod(path: &str) -> PodOf<'_> {
     let mut segments = path.split('/').peekable();
     while let Some(segment) = segments.next() {
         let end = offset + segment.len();
-        if is_kubepods_segment(segment) {
+        // Once under kubepods, no need to look again (the pod's segment is long).
+        if !under_kubepods && is_kubepods_segment(segment) {
             under_kubepods = true;
         }
         let pod = systemd_pod_segment(segment).or_else(|| {
