@@ -173,6 +173,22 @@ impl Resolver {
         decision.role == role && decision.ips == ips
     }
 
+    /// For a pod known on this node, what [`Resolver::decide`] gives (role, reason, addresses:
+    /// the pod's, none for `none`) without copying the addresses; `None` for any other owner.
+    pub(super) fn pod_decision(&self, key: &OwnerKey) -> Option<(Role, &'static str, &[IpAddr])> {
+        let OwnerKey::Pod(uid) = key else {
+            return None;
+        };
+        let pod = self.pods.get(uid)?;
+        let namespace = self.namespaces.get(pod.namespace.as_str());
+        let (role, reason) = self.rules.role(pod, namespace);
+        let ips: &[IpAddr] = match role {
+            Role::None => &[],
+            _ => &pod.ips,
+        };
+        Some((role, reason, ips))
+    }
+
     /// A fixed address, or for `auto` the first addresses seen in the owner's live cgroups
     /// (lowest cgroup id first, so that a reload decides the same).
     pub(super) fn address_of(&self, key: &OwnerKey, address: &Address) -> Vec<IpAddr> {
@@ -197,14 +213,26 @@ impl Resolver {
         };
         // Nothing but the decision could have changed, and it did not: the entries are
         // those emitted (a namespace change re-decides every pod in it; many stay the same).
+        // A known pod's decision is looked up once, for the check and the decision.
+        let pod_decision = self.pod_decision(key);
         if !owner.stale
             && owner
                 .decision()
-                .is_some_and(|(role, ips)| self.decides_same(key, role, ips))
+                .is_some_and(|(role, ips)| match pod_decision {
+                    Some((now, _, now_ips)) => now == role && now_ips == ips,
+                    None => self.decides_same(key, role, ips),
+                })
         {
             return;
         }
-        let decision = self.decide(key);
+        let decision = match pod_decision {
+            Some((role, reason, ips)) => Decision {
+                role,
+                ips: ips.to_vec(),
+                reason,
+            },
+            None => self.decide(key),
+        };
         let logged_same = owner
             .decision()
             .is_some_and(|(role, ips)| role == decision.role && ips == decision.ips);
