@@ -13,7 +13,7 @@ use programmer::{MemoryBackend, Programmer, ProgrammerConfig};
 use resolver::{Input, KubeChange, Resolver, ResolverConfig, Update, Workloads};
 use serde::Serialize;
 use watcher::recording::{RecordWithObject, RecordingReader};
-use watcher::Record;
+use watcher::{ProcEvent, Record};
 
 /// How many updates are queued before the programmer writes a batch. A fixed count, not the
 /// live agent's rule (what is queued when the programmer thread gets to it, which follows the
@@ -230,7 +230,7 @@ fn read_inputs<R: std::io::BufRead>(
                 RecordWithObject::Record(timed) => match timed.record {
                     Record::Proc(event) => Input::Proc {
                         ts: timed.ts,
-                        event,
+                        event: without_comm(event),
                     },
                     Record::Kube(kube) => Input::Kube(
                         kubecache::record::kube_record_to_change(&kube).with_context(|| {
@@ -261,6 +261,23 @@ fn read_inputs<R: std::io::BufRead>(
     if let Err(e) = read {
         let _ = chunks.send(Err(e));
     }
+}
+
+/// The event without the processes' `comm`, which the resolver does not read: dropped here, on
+/// the reading thread that allocated it, rather than freed by the resolver's thread (a block
+/// freed by another thread than the one that allocated it costs both: a locked free into the
+/// other's heap, and that heap's next allocations sorting it back).
+fn without_comm(mut event: ProcEvent) -> ProcEvent {
+    match &mut event {
+        ProcEvent::Exec { facts, .. } => facts.comm = None,
+        ProcEvent::Scan { processes } => {
+            for process in processes {
+                process.facts.comm = None;
+            }
+        }
+        ProcEvent::Fork { .. } | ProcEvent::Exit { .. } | ProcEvent::Lost => {}
+    }
+    event
 }
 
 /// The entry the BPF programs would find for a process in this cgroup: its own, else the
