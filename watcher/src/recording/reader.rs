@@ -22,6 +22,8 @@ use crate::event::{
 };
 use crate::{EventSource, SourceError};
 
+mod flat_line;
+
 /// Size of the read buffer: large enough that a replay is not bound by read calls.
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -129,7 +131,7 @@ impl<R: BufRead> RecordingReader<R> {
         }
         let line = self.line;
         // Any error is left to the reading that names it: the line is read again below.
-        let Some(Ok(raw)) = parse_line::<RawRecord<O>>(&self.buf) else {
+        let Some(Ok(raw)) = parse_line::<O>(&self.buf) else {
             return self
                 .record_of_line()
                 .map(|r| Some(RecordWithObject::Record(r)));
@@ -153,7 +155,7 @@ impl<R: BufRead> RecordingReader<R> {
     /// The record on the current line (`self.buf`), its kube object kept as text and checked.
     fn record_of_line(&mut self) -> Result<TimedRecord, RecordingError> {
         let line = self.line;
-        let raw = match parse_line::<RawRecord<Box<RawValue>>>(&self.buf) {
+        let raw = match parse_line::<Box<RawValue>>(&self.buf) {
             Some(Ok(raw)) => raw,
             // Not UTF-8, or not a record: parsed as bytes, as it always was, for the error.
             _ => match serde_json::from_slice::<RawRecord<Box<RawValue>>>(&self.buf) {
@@ -248,11 +250,17 @@ impl<R: BufRead> EventSource for RecordingReader<R> {
     }
 }
 
-/// A record line parsed as `T` when it is UTF-8 (`None` when it is not): checked as text once,
+/// A record line's fields when it is UTF-8 (`None` when it is not): checked as text once,
 /// instead of each of its strings on its own as a parse of bytes does. An error here is the
 /// same as the parse of the bytes would give, which is what the error paths use.
-fn parse_line<'a, T: Deserialize<'a>>(line: &'a [u8]) -> Option<serde_json::Result<T>> {
+fn parse_line<'a, O: Deserialize<'a>>(
+    line: &'a [u8],
+) -> Option<serde_json::Result<RawRecord<'a, O>>> {
     let text = std::str::from_utf8(line).ok()?;
+    // Most lines are process records as the writer writes them: read without the JSON parse.
+    if let Some(raw) = flat_line::read(text) {
+        return Some(Ok(raw));
+    }
     Some(serde_json::from_str(text))
 }
 
@@ -445,6 +453,32 @@ struct RawRecord<'a, O> {
     /// Kept as text ([`RecordingReader::read_record`]), or read by the caller's
     /// [`ObjectReading`].
     object: Option<O>,
+}
+
+impl<O> RawRecord<'_, O> {
+    /// No field set.
+    fn empty() -> Self {
+        RawRecord {
+            ts: None,
+            kind: None,
+            format: None,
+            pid: None,
+            tgid: None,
+            cgroup: None,
+            cgroup_id: None,
+            netns: None,
+            ips: None,
+            comm: None,
+            parent_pid: None,
+            parent_tgid: None,
+            child_pid: None,
+            child_tgid: None,
+            exit_code: None,
+            processes: None,
+            action: None,
+            object: None,
+        }
+    }
 }
 
 /// One entry of a `scan` record.
