@@ -8,6 +8,7 @@
 //! replay and tests.
 
 pub mod backend;
+pub mod hashed_memory;
 pub mod inbound;
 pub mod inpod;
 pub mod inspect;
@@ -24,6 +25,7 @@ pub mod ztunnel_socket;
 use std::path::PathBuf;
 
 pub use backend::{MapBackend, MapBatch};
+pub use hashed_memory::HashedMemoryBackend;
 pub use inspect::{read_counters, read_thread_record, read_tuple_records, TupleRecord};
 pub use kernel_maps::{BatchMode, KernelMaps};
 pub use layout::Counters;

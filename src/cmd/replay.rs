@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use kubecache::recorded_facts::PlainFacts;
 use programmer::layout::{self, CgroupInfo};
-use programmer::{MemoryBackend, Programmer, ProgrammerConfig};
+use programmer::{HashedMemoryBackend, Programmer, ProgrammerConfig};
 use resolver::{Input, KubeChange, Resolver, ResolverConfig, Update, Workloads};
 use serde::Serialize;
 use watcher::recording::{RecordWithObject, RecordingReader};
@@ -120,8 +120,9 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
         config.workloads = Some(Workloads::load(file).with_context(|| format!("replay {path}"))?);
     }
     let mut resolver = Resolver::new(config);
-    let mut programmer = Programmer::new(MemoryBackend::default(), ProgrammerConfig::default())
-        .context("replay: starting the in-memory programmer")?;
+    let mut programmer =
+        Programmer::new(HashedMemoryBackend::default(), ProgrammerConfig::default())
+            .context("replay: starting the in-memory programmer")?;
     let mut updates: Vec<Update> = Vec::with_capacity(FLUSH_EVERY * 2);
     let mut records = 0u64;
     let mut total_updates = 0u64;
@@ -284,7 +285,7 @@ fn without_comm(mut event: ProcEvent) -> ProcEvent {
 /// nearest ancestor's (the programs walk the ancestor levels the same way). Ancestors are
 /// known by id only when they hold live processes: a recording carries no other cgroup ids.
 fn effective_entry(
-    backend: &MemoryBackend,
+    backend: &HashedMemoryBackend,
     resolver: &Resolver,
     id: watcher::CgroupId,
     path: &str,
