@@ -35,7 +35,8 @@ fn recording(gzip: bool) -> Vec<u8> {
                             "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f8e0e4c_7d4b_4a5e_9d3b_{:012x}.slice/cri-containerd-{:064x}.scope",
                             i % 97,
                             i % 89
-                        ),
+                        )
+                        .into(),
                         id: CgroupId(7000 + i % 97),
                     }),
                     netns: Some(4026532000 + i % 97),

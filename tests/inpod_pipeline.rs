@@ -254,7 +254,7 @@ fn start(pods: &[(u32, u32)]) -> Running {
             pid: *pid,
             facts: ProcFacts {
                 cgroup: Some(CgroupRef {
-                    path: container_path(*n),
+                    path: container_path(*n).into(),
                     id: CgroupId(1000 + *n as u64),
                 }),
                 ..ProcFacts::default()

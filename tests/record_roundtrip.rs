@@ -102,7 +102,7 @@ fn record_roundtrip_of_children_in_a_test_cgroup() {
                 if let Some(s) = seen.get_mut(&tgid) {
                     assert_eq!(pid, tgid);
                     let cgroup = facts.cgroup.expect("alive child: cgroup read");
-                    assert_eq!(cgroup.path, cg.path);
+                    assert_eq!(&*cgroup.path, cg.path.as_str());
                     assert_eq!(cgroup.id, cgroup_id);
                     s.exec = true;
                 }

@@ -9,6 +9,7 @@
 //! at most twice that, and the sweeps cost a look per entry, amortised over as many misses.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::event::CgroupId;
 
@@ -19,13 +20,13 @@ const MAX: usize = 16 * 1024;
 
 #[derive(Debug, Default)]
 pub(crate) struct CgroupPaths {
-    paths: HashMap<CgroupId, String>,
+    paths: HashMap<CgroupId, Arc<str>>,
     /// How many entries the last sweep kept.
     kept: usize,
 }
 
 impl CgroupPaths {
-    pub(crate) fn get(&self, id: CgroupId) -> Option<&String> {
+    pub(crate) fn get(&self, id: CgroupId) -> Option<&Arc<str>> {
         self.paths.get(&id)
     }
 
@@ -35,7 +36,7 @@ impl CgroupPaths {
     pub(crate) fn insert(
         &mut self,
         id: CgroupId,
-        path: String,
+        path: Arc<str>,
         mut exists: impl FnMut(CgroupId, &str) -> bool,
     ) {
         if self.paths.len() >= (2 * self.kept).clamp(SWEEP_FROM, MAX) {
@@ -68,7 +69,7 @@ mod tests {
         let mut largest = 0;
         for n in 0..100_000u64 {
             let path = format!("/churn/s{}", n % 100);
-            cache.insert(CgroupId(n), path, |id, _| id.0 + live > n);
+            cache.insert(CgroupId(n), path.into(), |id, _| id.0 + live > n);
             largest = largest.max(cache.len());
         }
         assert!(largest <= SWEEP_FROM, "{largest} entries held");
@@ -82,13 +83,13 @@ mod tests {
         let mut cache = CgroupPaths::default();
         // 3,000 live cgroups: all stay cached across sweeps.
         for n in 0..3_000u64 {
-            cache.insert(CgroupId(n), format!("/k/{n}"), |_, _| true);
+            cache.insert(CgroupId(n), format!("/k/{n}").into(), |_, _| true);
         }
         assert!((0..3_000).all(|n| cache.get(CgroupId(n)).is_some()));
         // More live cgroups than the cache takes: it never holds more than its bound.
         let mut largest = 0;
         for n in 3_000..100_000u64 {
-            cache.insert(CgroupId(n), format!("/k/{n}"), |_, _| true);
+            cache.insert(CgroupId(n), format!("/k/{n}").into(), |_, _| true);
             largest = largest.max(cache.len());
         }
         assert!(largest <= MAX, "{largest} entries held");

@@ -2,6 +2,7 @@
 
 use serde_json::value::RawValue;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// A kernel process or thread id.
 pub type Pid = u32;
@@ -21,7 +22,8 @@ impl std::fmt::Display for CgroupId {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CgroupRef {
     /// The path of the `0::` line, e.g. `/kubepods.slice/.../cri-containerd-<id>.scope`.
-    pub path: String,
+    /// Shared: a cgroup's path is read once and handed out with each of its processes.
+    pub path: Arc<str>,
     pub id: CgroupId,
 }
 

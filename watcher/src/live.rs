@@ -240,7 +240,7 @@ impl Facts {
         let netns = record.netns?;
         let cgroup = match self.cgroup_paths.get(record.cgroup) {
             Some(path) => CgroupRef {
-                path: path.clone(),
+                path: Arc::clone(path),
                 id: record.cgroup,
             },
             None => {
@@ -255,7 +255,7 @@ impl Facts {
                 if read.id == record.cgroup {
                     let reader = &mut self.reader;
                     self.cgroup_paths
-                        .insert(read.id, read.path.clone(), |id, path| {
+                        .insert(read.id, Arc::clone(&read.path), |id, path| {
                             reader.cgroup_id(path) == Some(id)
                         });
                 }

@@ -25,6 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::event::{CgroupId, CgroupRef, Pid, ProcFacts, ScannedProcess};
@@ -288,7 +289,7 @@ impl ProcReader {
             return None;
         }
         let text = std::str::from_utf8(&self.buf).ok()?;
-        let path = cgroup_v2_path(text)?.to_owned();
+        let path: Arc<str> = Arc::from(cgroup_v2_path(text)?);
         let id = self.cgroup_id(&path)?;
         Some(CgroupRef { path, id })
     }
@@ -491,7 +492,7 @@ mod tests {
         let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let path = cgroup_v2_path(&text).unwrap();
         let cgroup = facts.cgroup.expect("own cgroup readable");
-        assert_eq!(cgroup.path, path);
+        assert_eq!(&*cgroup.path, path);
         let dir = reader.cgroup_root().join(path.trim_start_matches('/'));
         assert_eq!(cgroup.id, CgroupId(std::fs::metadata(dir).unwrap().ino()));
         assert_eq!(
@@ -519,7 +520,7 @@ mod tests {
         let mut reader = ProcReader::with_cgroup_root(root.path());
         assert_eq!(reader.cgroup_root(), root.path());
         let cgroup = reader.read_facts(std::process::id()).cgroup.unwrap();
-        assert_eq!(cgroup.path, path);
+        assert_eq!(&*cgroup.path, path);
         assert_eq!(cgroup.id, CgroupId(std::fs::metadata(&dir).unwrap().ino()));
     }
 

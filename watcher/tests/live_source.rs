@@ -123,7 +123,7 @@ fn live_exec_and_exit(config: &LiveConfig, want_comm: Option<&str>) {
                 let cgroup = facts
                     .cgroup
                     .expect("the child is alive: its cgroup is readable");
-                assert_eq!(cgroup.path, cg.path);
+                assert_eq!(&*cgroup.path, cg.path.as_str());
                 assert_eq!(cgroup.id, CgroupId(cg.id()));
                 assert_eq!(facts.comm.as_deref(), want_comm);
                 // The child shares this test's network namespace.
@@ -205,11 +205,7 @@ fn live_exec_facts_come_from_the_tap_at_exec_time() {
             .cgroup
             .as_ref()
             .unwrap_or_else(|| panic!("{what}: no cgroup"));
-        assert_eq!(
-            (cgroup.path.as_str(), cgroup.id),
-            (cg.path.as_str(), id),
-            "{what}"
-        );
+        assert_eq!((&*cgroup.path, cgroup.id), (cg.path.as_str(), id), "{what}");
         assert_eq!(facts.netns, Some(host_netns), "{what}");
         assert_eq!(facts.comm, None, "{what}");
     };

@@ -70,7 +70,7 @@ fn unknown_fields_are_ignored_and_header_extras_kept() {
                         pid: 1,
                         facts: ProcFacts {
                             cgroup: Some(CgroupRef {
-                                path: "/init.scope".to_string(),
+                                path: "/init.scope".into(),
                                 id: CgroupId(12)
                             }),
                             ..ProcFacts::default()
@@ -172,7 +172,7 @@ fn escaped_strings_read_like_plain_ones() {
             tgid: 1,
             facts: ProcFacts {
                 cgroup: Some(CgroupRef {
-                    path: "/a/b".to_string(),
+                    path: "/a/b".into(),
                     id: CgroupId(3)
                 }),
                 netns: None,

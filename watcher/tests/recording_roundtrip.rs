@@ -32,7 +32,7 @@ fn ip(text: &str) -> IpAddr {
 
 fn pod_cgroup() -> CgroupRef {
     CgroupRef {
-        path: "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f8e0e4c_7d4b_4a5e_9d3b_1c2d3e4f5a6b.slice/cri-containerd-4b1ec9.scope".to_string(),
+        path: "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f8e0e4c_7d4b_4a5e_9d3b_1c2d3e4f5a6b.slice/cri-containerd-4b1ec9.scope".into(),
         id: CgroupId(7301),
     }
 }
@@ -67,7 +67,7 @@ fn records() -> Vec<TimedRecord> {
                         pid: 1,
                         facts: ProcFacts {
                             cgroup: Some(CgroupRef {
-                                path: "/init.scope".to_string(),
+                                path: "/init.scope".into(),
                                 id: CgroupId(12),
                             }),
                             netns: Some(4026531840),
@@ -231,7 +231,7 @@ fn writer_uses_the_spec_field_names_and_omits_absent_fields() {
             1200,
             ProcFacts {
                 cgroup: Some(CgroupRef {
-                    path: "/a.slice/b.scope".to_string(),
+                    path: "/a.slice/b.scope".into(),
                     id: CgroupId(7301),
                 }),
                 netns: None,

@@ -23,7 +23,7 @@ impl Resolver {
             return desired;
         };
         let pod = self.owner_name(key);
-        let root_id = match self.by_path.get(&owner.root) {
+        let root_id = match self.by_path.get(&*owner.root) {
             Some(id) => Some(*id),
             None => {
                 let root = owner.root.clone();

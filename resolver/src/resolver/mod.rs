@@ -187,7 +187,8 @@ impl Owner {
 
 #[derive(Debug)]
 struct CgroupState {
-    path: Box<str>,
+    /// Shared with `by_path` and with the event that named it.
+    path: Arc<str>,
     /// Live processes in it.
     live: u32,
     owner: Option<OwnerKey>,
@@ -230,7 +231,7 @@ pub struct Resolver {
     ids: Box<dyn CgroupIds + Send>,
     procs: FxHashMap<Pid, Option<CgroupId>>,
     cgroups: FxHashMap<CgroupId, CgroupState>,
-    by_path: FxHashMap<Box<str>, CgroupId>,
+    by_path: FxHashMap<Arc<str>, CgroupId>,
     owners: FxHashMap<OwnerKey, Owner>,
     pods: FxHashMap<Box<str>, PodFacts>,
     /// The uids of `pods`, by namespace: a namespace's change re-decides only its pods.

@@ -115,8 +115,8 @@ impl Resolver {
         }
         let owner = self.classify(&cgroup.path);
         debug!("cgroup {} {}: first process", cgroup.id, cgroup.path);
-        let path: Box<str> = cgroup.path.into_boxed_str();
-        self.by_path.insert(path.clone(), cgroup.id);
+        let path = cgroup.path;
+        self.by_path.insert(Arc::clone(&path), cgroup.id);
         self.cgroups.insert(
             cgroup.id,
             CgroupState {

@@ -145,7 +145,7 @@ pub fn proc(event: ProcEvent) -> Input {
 pub fn facts(path: &str, id: u64) -> ProcFacts {
     ProcFacts {
         cgroup: Some(CgroupRef {
-            path: path.to_string(),
+            path: path.into(),
             id: CgroupId(id),
         }),
         ..ProcFacts::default()

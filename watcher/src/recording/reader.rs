@@ -23,6 +23,9 @@ use crate::event::{
 use crate::{EventSource, SourceError};
 
 mod flat_line;
+mod path_table;
+
+use path_table::PathTable;
 
 /// Size of the read buffer: large enough that a replay is not bound by read calls.
 const READ_BUFFER: usize = 256 * 1024;
@@ -44,6 +47,8 @@ pub struct RecordingReader<R> {
     last_ts: Option<u64>,
     /// The current line, reused across lines.
     buf: Vec<u8>,
+    /// The cgroup paths read so far, each handed out again for the same cgroup.
+    paths: PathTable,
 }
 
 impl RecordingReader<Box<dyn BufRead + Send>> {
@@ -89,6 +94,7 @@ impl<R: BufRead> RecordingReader<R> {
             line: 0,
             last_ts: None,
             buf: Vec::with_capacity(4096),
+            paths: PathTable::default(),
         };
         if !reader.next_content_line()? {
             return Err(RecordingError::NoHeader {
@@ -137,7 +143,7 @@ impl<R: BufRead> RecordingReader<R> {
                 .map(|r| Some(RecordWithObject::Record(r)));
         };
         let ts = self.check_position(&raw, line)?;
-        let record = match convert(raw, line)? {
+        let record = match convert(raw, line, &mut self.paths)? {
             Converted::Record(record) => RecordWithObject::Record(TimedRecord { ts, record }),
             Converted::Kube { action, object } => match object.into_object() {
                 Some(object) => RecordWithObject::Kube { ts, action, object },
@@ -164,7 +170,7 @@ impl<R: BufRead> RecordingReader<R> {
             },
         };
         let ts = self.check_position(&raw, line)?;
-        let record = match convert(raw, line)? {
+        let record = match convert(raw, line, &mut self.paths)? {
             Converted::Record(record) => record,
             Converted::Kube { action, object } => {
                 validate_kube_object(&object, line)?;
@@ -435,7 +441,8 @@ struct RawRecord<'a, O> {
     format: Option<IgnoredAny>,
     pid: Option<u32>,
     tgid: Option<u32>,
-    cgroup: Option<String>,
+    #[serde(borrow)]
+    cgroup: Option<Text<'a>>,
     cgroup_id: Option<u64>,
     netns: Option<u64>,
     #[serde(borrow)]
@@ -485,7 +492,8 @@ impl<O> RawRecord<'_, O> {
 #[derive(Deserialize)]
 struct RawProcess<'a> {
     pid: Option<u32>,
-    cgroup: Option<String>,
+    #[serde(borrow)]
+    cgroup: Option<Text<'a>>,
     cgroup_id: Option<u64>,
     netns: Option<u64>,
     #[serde(borrow)]
@@ -495,7 +503,7 @@ struct RawProcess<'a> {
 
 /// The /proc facts fields as written, for an `exec` record or a `scan` entry.
 struct RawFacts<'a> {
-    cgroup: Option<String>,
+    cgroup: Option<Text<'a>>,
     cgroup_id: Option<u64>,
     netns: Option<u64>,
     ips: Option<Vec<Text<'a>>>,
@@ -524,7 +532,12 @@ enum Converted<O> {
 }
 
 /// Checks the required fields of a parsed record for its type and builds the event.
-fn convert<O>(raw: RawRecord<O>, line: usize) -> Result<Converted<O>, RecordingError> {
+/// `paths` hands out each cgroup's path.
+fn convert<O>(
+    raw: RawRecord<O>,
+    line: usize,
+    paths: &mut PathTable,
+) -> Result<Converted<O>, RecordingError> {
     let kind = required(raw.kind, line, "type", "every record has it")?;
     let record = match kind {
         RecordType::Exec => {
@@ -542,6 +555,7 @@ fn convert<O>(raw: RawRecord<O>, line: usize) -> Result<Converted<O>, RecordingE
                     },
                     line,
                     "",
+                    paths,
                 )?,
             })
         }
@@ -584,6 +598,7 @@ fn convert<O>(raw: RawRecord<O>, line: usize) -> Result<Converted<O>, RecordingE
                     },
                     line,
                     &prefix,
+                    paths,
                 )?;
                 processes.push(ScannedProcess { pid, facts });
             }
@@ -619,10 +634,15 @@ fn convert<O>(raw: RawRecord<O>, line: usize) -> Result<Converted<O>, RecordingE
 
 /// Builds [`ProcFacts`] from the fields as written; `prefix` is the JSON path of the object
 /// holding them (`""` for an exec record, `processes[3].` for a scan entry).
-fn facts(raw: RawFacts, line: usize, prefix: &str) -> Result<ProcFacts, RecordingError> {
+fn facts(
+    raw: RawFacts,
+    line: usize,
+    prefix: &str,
+    paths: &mut PathTable,
+) -> Result<ProcFacts, RecordingError> {
     let cgroup = match (raw.cgroup, raw.cgroup_id) {
         (Some(path), Some(id)) => Some(CgroupRef {
-            path,
+            path: paths.path(CgroupId(id), &path.0),
             id: CgroupId(id),
         }),
         (None, None) => None,

@@ -251,7 +251,7 @@ type FactsFields<'a> = (
 fn facts_fields(facts: &ProcFacts) -> FactsFields<'_> {
     (
         facts.comm.as_deref(),
-        facts.cgroup.as_ref().map(|c| c.path.as_str()),
+        facts.cgroup.as_ref().map(|c| &*c.path),
         facts.cgroup.as_ref().map(|c| c.id.0),
         facts.netns,
         (!facts.ips.is_empty()).then_some(facts.ips.as_slice()),

@@ -34,7 +34,7 @@ pub(super) fn read<O>(line: &str) -> Option<RawRecord<'_, O>> {
             }
             "pid" => set(&mut raw.pid, scan.unsigned_u32()?)?,
             "tgid" => set(&mut raw.tgid, scan.unsigned_u32()?)?,
-            "cgroup" => set(&mut raw.cgroup, scan.string()?.to_string())?,
+            "cgroup" => set(&mut raw.cgroup, Text(Cow::Borrowed(scan.string()?)))?,
             "cgroup_id" => set(&mut raw.cgroup_id, scan.unsigned()?)?,
             "netns" => set(&mut raw.netns, scan.unsigned()?)?,
             "ips" => set(&mut raw.ips, scan.strings()?)?,
@@ -168,7 +168,7 @@ mod tests {
     fn outcome(raw: RawRecord<()>) -> (Option<u64>, bool, Result<Record, String>) {
         let ts = raw.ts;
         let header = raw.format.is_some();
-        let record = match convert(raw, 7) {
+        let record = match convert(raw, 7, &mut super::super::PathTable::default()) {
             Ok(Converted::Record(record)) => Ok(record),
             Ok(Converted::Kube { .. }) => panic!("a kube record read flat"),
             Err(err) => Err(err.to_string()),
