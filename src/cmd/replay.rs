@@ -13,7 +13,7 @@ use programmer::{HashedMemoryBackend, Programmer, ProgrammerConfig};
 use resolver::{Input, KubeChange, Resolver, ResolverConfig, Update, Workloads};
 use serde::Serialize;
 use watcher::recording::{RecordWithObject, RecordingReader};
-use watcher::{ProcEvent, Record};
+use watcher::Record;
 
 /// How many updates are queued before the programmer writes a batch. A fixed count, not the
 /// live agent's rule (what is queued when the programmer thread gets to it, which follows the
@@ -109,8 +109,10 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 /// Runs the recording through the pipeline and reads the final state off the maps.
 pub fn replay(args: &ReplayArgs) -> anyhow::Result<ReplayOutput> {
     let path = args.file.display();
+    // The resolver never reads a process's `comm`: not copied out of the line.
     let reader = RecordingReader::open(&args.file)
-        .with_context(|| format!("replay {path}: cannot read the recording"))?;
+        .with_context(|| format!("replay {path}: cannot read the recording"))?
+        .keep_comm(false);
     let node = reader.header().node.clone();
     let mut config = ResolverConfig::new(node.clone());
     config.system_namespace = args.system_namespace.clone();
@@ -231,7 +233,7 @@ fn read_inputs<R: std::io::BufRead>(
                 RecordWithObject::Record(timed) => match timed.record {
                     Record::Proc(event) => Input::Proc {
                         ts: timed.ts,
-                        event: without_comm(event),
+                        event,
                     },
                     Record::Kube(kube) => Input::Kube(
                         kubecache::record::kube_record_to_change(&kube).with_context(|| {
@@ -262,23 +264,6 @@ fn read_inputs<R: std::io::BufRead>(
     if let Err(e) = read {
         let _ = chunks.send(Err(e));
     }
-}
-
-/// The event without the processes' `comm`, which the resolver does not read: dropped here, on
-/// the reading thread that allocated it, rather than freed by the resolver's thread (a block
-/// freed by another thread than the one that allocated it costs both: a locked free into the
-/// other's heap, and that heap's next allocations sorting it back).
-fn without_comm(mut event: ProcEvent) -> ProcEvent {
-    match &mut event {
-        ProcEvent::Exec { facts, .. } => facts.comm = None,
-        ProcEvent::Scan { processes } => {
-            for process in processes {
-                process.facts.comm = None;
-            }
-        }
-        ProcEvent::Fork { .. } | ProcEvent::Exit { .. } | ProcEvent::Lost => {}
-    }
-    event
 }
 
 /// The entry the BPF programs would find for a process in this cgroup: its own, else the

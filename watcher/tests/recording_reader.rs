@@ -219,3 +219,65 @@ fn detect_reads_a_plain_stream_such_as_stdin() {
     );
     assert!(reader.read_record().unwrap().is_none());
 }
+
+#[test]
+fn comm_left_out_leaves_everything_else_as_read() {
+    let text = concat!(
+        "{\"format\":\"zbridge-events\",\"version\":1,\"node\":\"n\"}\n",
+        // Flat, as the writer writes it; with whitespace (the JSON parse); with an escape.
+        "{\"ts\":1,\"type\":\"exec\",\"pid\":7,\"tgid\":7,\"comm\":\"app\",\"cgroup\":\"/a/b\",\"cgroup_id\":9}\n",
+        "{\"ts\":2, \"type\":\"exec\", \"pid\":8, \"tgid\":8, \"comm\":\"sh\", \"ips\":[\"10.0.0.1\"]}\n",
+        "{\"ts\":3,\"type\":\"exec\",\"pid\":9,\"tgid\":9,\"comm\":\"a\\u0062\"}\n",
+        "{\"ts\":4,\"type\":\"scan\",\"processes\":[{\"pid\":7,\"comm\":\"app\",\"cgroup\":\"/a/b\",\"cgroup_id\":9}]}\n",
+    );
+    let read = |keep: bool| {
+        let mut reader = RecordingReader::new(Cursor::new(text.as_bytes().to_vec()))
+            .unwrap()
+            .keep_comm(keep);
+        let mut records = Vec::new();
+        while let Some(record) = reader.read_record().unwrap() {
+            records.push(record.record);
+        }
+        records
+    };
+    let kept = read(true);
+    let left_out = read(false);
+    assert_eq!(kept.len(), 4);
+    let comms = |records: &[Record]| -> Vec<Option<String>> {
+        records
+            .iter()
+            .flat_map(|r| match r {
+                Record::Proc(ProcEvent::Exec { facts, .. }) => vec![facts.comm.clone()],
+                Record::Proc(ProcEvent::Scan { processes }) => {
+                    processes.iter().map(|p| p.facts.comm.clone()).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect()
+    };
+    let names = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| Some(n.to_string()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(comms(&kept), names(&["app", "sh", "ab", "app"]));
+    assert_eq!(comms(&left_out), vec![None; 4]);
+    // Without the comms, the records are the same.
+    let without_comm = |records: Vec<Record>| -> Vec<Record> {
+        records
+            .into_iter()
+            .map(|mut r| {
+                match &mut r {
+                    Record::Proc(ProcEvent::Exec { facts, .. }) => facts.comm = None,
+                    Record::Proc(ProcEvent::Scan { processes }) => {
+                        processes.iter_mut().for_each(|p| p.facts.comm = None)
+                    }
+                    _ => {}
+                }
+                r
+            })
+            .collect()
+    };
+    assert_eq!(without_comm(kept), left_out);
+}

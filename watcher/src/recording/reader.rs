@@ -47,8 +47,16 @@ pub struct RecordingReader<R> {
     last_ts: Option<u64>,
     /// The current line, reused across lines.
     buf: Vec<u8>,
-    /// The cgroup paths read so far, each handed out again for the same cgroup.
+    /// How processes' facts are read, and what is kept between lines to read them.
+    facts: FactsReading,
+}
+
+/// How processes' facts are read ([`RecordingReader::keep_comm`]), and the cgroup paths read
+/// so far, each handed out again for the same cgroup.
+#[derive(Debug, Default)]
+struct FactsReading {
     paths: PathTable,
+    skip_comm: bool,
 }
 
 impl RecordingReader<Box<dyn BufRead + Send>> {
@@ -94,7 +102,7 @@ impl<R: BufRead> RecordingReader<R> {
             line: 0,
             last_ts: None,
             buf: Vec::with_capacity(4096),
-            paths: PathTable::default(),
+            facts: FactsReading::default(),
         };
         if !reader.next_content_line()? {
             return Err(RecordingError::NoHeader {
@@ -109,6 +117,13 @@ impl<R: BufRead> RecordingReader<R> {
     /// The recording's header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// Whether the processes' `comm` is read (the default) or left out (`None`), for a user
+    /// that never reads it: replay's resolver does not, and a copy per exec costs it.
+    pub fn keep_comm(mut self, keep: bool) -> Self {
+        self.facts.skip_comm = !keep;
+        self
     }
 
     /// The number of the last line read (1-based, counting comments and empty lines).
@@ -143,7 +158,7 @@ impl<R: BufRead> RecordingReader<R> {
                 .map(|r| Some(RecordWithObject::Record(r)));
         };
         let ts = self.check_position(&raw, line)?;
-        let record = match convert(raw, line, &mut self.paths)? {
+        let record = match convert(raw, line, &mut self.facts)? {
             Converted::Record(record) => RecordWithObject::Record(TimedRecord { ts, record }),
             Converted::Kube { action, object } => match object.into_object() {
                 Some(object) => RecordWithObject::Kube { ts, action, object },
@@ -170,7 +185,7 @@ impl<R: BufRead> RecordingReader<R> {
             },
         };
         let ts = self.check_position(&raw, line)?;
-        let record = match convert(raw, line, &mut self.paths)? {
+        let record = match convert(raw, line, &mut self.facts)? {
             Converted::Record(record) => record,
             Converted::Kube { action, object } => {
                 validate_kube_object(&object, line)?;
@@ -447,7 +462,8 @@ struct RawRecord<'a, O> {
     netns: Option<u64>,
     #[serde(borrow)]
     ips: Option<Vec<Text<'a>>>,
-    comm: Option<String>,
+    #[serde(borrow)]
+    comm: Option<Text<'a>>,
     parent_pid: Option<u32>,
     parent_tgid: Option<u32>,
     child_pid: Option<u32>,
@@ -498,7 +514,8 @@ struct RawProcess<'a> {
     netns: Option<u64>,
     #[serde(borrow)]
     ips: Option<Vec<Text<'a>>>,
-    comm: Option<String>,
+    #[serde(borrow)]
+    comm: Option<Text<'a>>,
 }
 
 /// The /proc facts fields as written, for an `exec` record or a `scan` entry.
@@ -507,7 +524,7 @@ struct RawFacts<'a> {
     cgroup_id: Option<u64>,
     netns: Option<u64>,
     ips: Option<Vec<Text<'a>>>,
-    comm: Option<String>,
+    comm: Option<Text<'a>>,
 }
 
 /// A required field's value, or the error naming it.
@@ -532,11 +549,11 @@ enum Converted<O> {
 }
 
 /// Checks the required fields of a parsed record for its type and builds the event.
-/// `paths` hands out each cgroup's path.
+/// `reading` makes the processes' facts.
 fn convert<O>(
     raw: RawRecord<O>,
     line: usize,
-    paths: &mut PathTable,
+    reading: &mut FactsReading,
 ) -> Result<Converted<O>, RecordingError> {
     let kind = required(raw.kind, line, "type", "every record has it")?;
     let record = match kind {
@@ -555,7 +572,7 @@ fn convert<O>(
                     },
                     line,
                     "",
-                    paths,
+                    reading,
                 )?,
             })
         }
@@ -598,7 +615,7 @@ fn convert<O>(
                     },
                     line,
                     &prefix,
-                    paths,
+                    reading,
                 )?;
                 processes.push(ScannedProcess { pid, facts });
             }
@@ -638,11 +655,11 @@ fn facts(
     raw: RawFacts,
     line: usize,
     prefix: &str,
-    paths: &mut PathTable,
+    reading: &mut FactsReading,
 ) -> Result<ProcFacts, RecordingError> {
     let cgroup = match (raw.cgroup, raw.cgroup_id) {
         (Some(path), Some(id)) => Some(CgroupRef {
-            path: paths.path(CgroupId(id), &path.0),
+            path: reading.paths.path(CgroupId(id), &path.0),
             id: CgroupId(id),
         }),
         (None, None) => None,
@@ -677,6 +694,9 @@ fn facts(
         cgroup,
         netns: raw.netns,
         ips,
-        comm: raw.comm,
+        comm: match raw.comm {
+            Some(comm) if !reading.skip_comm => Some(comm.0.into_owned()),
+            _ => None,
+        },
     })
 }

@@ -38,7 +38,7 @@ pub(super) fn read<O>(line: &str) -> Option<RawRecord<'_, O>> {
             "cgroup_id" => set(&mut raw.cgroup_id, scan.unsigned()?)?,
             "netns" => set(&mut raw.netns, scan.unsigned()?)?,
             "ips" => set(&mut raw.ips, scan.strings()?)?,
-            "comm" => set(&mut raw.comm, scan.string()?.to_string())?,
+            "comm" => set(&mut raw.comm, Text(Cow::Borrowed(scan.string()?)))?,
             "parent_pid" => set(&mut raw.parent_pid, scan.unsigned_u32()?)?,
             "parent_tgid" => set(&mut raw.parent_tgid, scan.unsigned_u32()?)?,
             "child_pid" => set(&mut raw.child_pid, scan.unsigned_u32()?)?,
@@ -168,7 +168,7 @@ mod tests {
     fn outcome(raw: RawRecord<()>) -> (Option<u64>, bool, Result<Record, String>) {
         let ts = raw.ts;
         let header = raw.format.is_some();
-        let record = match convert(raw, 7, &mut super::super::PathTable::default()) {
+        let record = match convert(raw, 7, &mut super::super::FactsReading::default()) {
             Ok(Converted::Record(record)) => Ok(record),
             Ok(Converted::Kube { .. }) => panic!("a kube record read flat"),
             Err(err) => Err(err.to_string()),
