@@ -189,7 +189,7 @@ fn client(
 fn enrol(id: u64, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
     Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(id),
-        cgroup: path.to_string(),
+        cgroup: path.to_string().into(),
         pod: Some(path.to_string()),
         role,
         ips,

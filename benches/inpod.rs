@@ -129,7 +129,7 @@ fn entry(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>, capture: Cap
     });
     Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(cg.id_of(path).expect("cgroup id")),
-        cgroup: path.to_string(),
+        cgroup: path.to_string().into(),
         pod: Some(path.to_string()),
         role,
         ips,
@@ -144,7 +144,7 @@ fn others() -> Vec<Update> {
         .map(|i| {
             Update::Upsert(Arc::new(Enrolment {
                 cgroup_id: CgroupId((1u64 << 40) + u64::from(i)),
-                cgroup: format!("/kubepods.slice/pod{i}"),
+                cgroup: format!("/kubepods.slice/pod{i}").into(),
                 pod: Some(format!("bench/p{i}")),
                 role: Role::Ambient,
                 ips: vec![IpAddr::V4(Ipv4Addr::new(

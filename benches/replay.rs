@@ -90,7 +90,9 @@ fn main() {
             // ZBRIDGE_BENCH_KEEP=DIR keeps the recording (to profile `zbridge replay` on it).
             if let Ok(keep) = std::env::var("ZBRIDGE_BENCH_KEEP") {
                 let kept = std::path::Path::new(&keep).join(path.file_name().expect("a file name"));
-                std::fs::copy(&path, &kept).expect("keep the recording");
+                if let Err(err) = std::fs::copy(&path, &kept) {
+                    panic!("keeping the recording at {}: {err}", kept.display());
+                }
                 println!("  kept at {}", kept.display());
             }
             std::fs::remove_file(&path).ok();

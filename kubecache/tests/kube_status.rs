@@ -133,7 +133,7 @@ fn observe_follows_the_resolvers_updates() {
     let enrolment = |cgroup_id: u64, role| {
         Update::Upsert(Arc::new(Enrolment {
             cgroup_id: CgroupId(cgroup_id),
-            cgroup: format!("/kubepods/pod-web/{cgroup_id}"),
+            cgroup: format!("/kubepods/pod-web/{cgroup_id}").into(),
             pod: Some("apps/web".into()),
             role,
             ips: vec!["10.1.0.10".parse().unwrap()],

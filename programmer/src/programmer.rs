@@ -468,7 +468,7 @@ mod tests {
     fn upsert(id: u64, ip: &str) -> Update {
         Update::Upsert(Arc::new(Enrolment {
             cgroup_id: CgroupId(id),
-            cgroup: format!("/kubepods/pod{id}"),
+            cgroup: format!("/kubepods/pod{id}").into(),
             pod: Some(format!("ns/p{id}")),
             role: Role::Ambient,
             ips: vec![ip.parse().unwrap()],

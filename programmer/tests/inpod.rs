@@ -182,7 +182,7 @@ impl World {
 fn upsert(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>, capture: Capture) -> Update {
     Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(cg.id_of(path).unwrap()),
-        cgroup: path.to_string(),
+        cgroup: path.to_string().into(),
         pod: Some(format!("test/{path}")),
         role,
         ips,

@@ -326,7 +326,7 @@ fn batch_update_and_delete_of_10000_entries_land_exactly_and_single_ops_agree() 
 fn enrolment(cg: &TestCgroup, path: &str, role: Role, ips: Vec<IpAddr>) -> Update {
     Update::Upsert(Arc::new(Enrolment {
         cgroup_id: CgroupId(cg.id_of(path).unwrap()),
-        cgroup: path.to_string(),
+        cgroup: path.to_string().into(),
         pod: Some(format!("test/{path}")),
         role,
         ips,

@@ -50,8 +50,9 @@ pub enum Capture {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enrolment {
     pub cgroup_id: CgroupId,
-    /// The cgroup's path relative to the cgroup2 root (for logs and dumps).
-    pub cgroup: String,
+    /// The cgroup's path relative to the cgroup2 root (for logs and dumps). Shared with the
+    /// resolver's record of the cgroup.
+    pub cgroup: Arc<str>,
     pub pod: Option<PodName>,
     pub role: Role,
     /// The workload's addresses (IPv4 first); empty for exempt host cgroups.

@@ -421,7 +421,7 @@ fn pod_level_cgroup_with_a_process_carries_the_entry() {
     assert_eq!(h.entries.len(), 2);
     h.exec(150, &pod_path(1), 500);
     assert_eq!(h.entries.keys().map(|k| k.0).collect::<Vec<_>>(), vec![500]);
-    assert_eq!(h.entries[&watcher::CgroupId(500)].cgroup, pod_path(1));
+    assert_eq!(&*h.entries[&watcher::CgroupId(500)].cgroup, pod_path(1));
     h.exit(150);
     assert_eq!(
         h.entries.keys().map(|k| k.0).collect::<Vec<_>>(),

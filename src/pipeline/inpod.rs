@@ -235,7 +235,7 @@ impl InPodGate {
 fn pod_cgroup(entries: &BTreeMap<CgroupId, Arc<Enrolment>>) -> String {
     entries
         .values()
-        .map(|e| e.cgroup.as_str())
+        .map(|e| &*e.cgroup)
         .min_by_key(|p| p.len())
         .unwrap_or("/")
         .to_string()
@@ -343,7 +343,7 @@ mod tests {
     fn entry(id: u64, uid: &str) -> Enrolment {
         Enrolment {
             cgroup_id: CgroupId(id),
-            cgroup: format!("/kubepods/pod{uid}/c{id}"),
+            cgroup: format!("/kubepods/pod{uid}/c{id}").into(),
             pod: Some(format!("ns/{uid}")),
             role: Role::Ambient,
             ips: vec!["10.0.0.1".parse::<IpAddr>().unwrap()],

@@ -35,10 +35,10 @@ impl Resolver {
             _ => (Capture::Node, None),
         };
         let owner = &self.owners[key];
-        let enrol = |id: CgroupId, path: &str| {
+        let enrol = |id: CgroupId, path: &Arc<str>| {
             Arc::new(Enrolment {
                 cgroup_id: id,
-                cgroup: path.to_string(),
+                cgroup: Arc::clone(path),
                 pod: pod.clone(),
                 role: decision.role,
                 ips: decision.ips.clone(),

@@ -97,7 +97,7 @@ type Entries = BTreeMap<CgroupId, Arc<Enrolment>>;
 #[derive(Debug)]
 struct Owner {
     /// The pod-level cgroup, or the standalone subtree.
-    root: Box<str>,
+    root: Arc<str>,
     /// Its cgroups that hold live processes.
     live: BTreeSet<CgroupId>,
     /// The last decision made for it (`None` before the first): also what was last logged of
