@@ -8,7 +8,6 @@
 //! replay and tests.
 
 pub mod backend;
-pub mod hashed_memory;
 pub mod inbound;
 pub mod inpod;
 pub mod inspect;
@@ -25,12 +24,11 @@ pub mod ztunnel_socket;
 use std::path::PathBuf;
 
 pub use backend::{MapBackend, MapBatch};
-pub use hashed_memory::HashedMemoryBackend;
 pub use inspect::{read_counters, read_thread_record, read_tuple_records, TupleRecord};
 pub use kernel_maps::{BatchMode, KernelMaps};
 pub use layout::Counters;
 pub use loader::{detach, LoadReport, Loaded, LoaderConfig};
-pub use memory::MemoryBackend;
+pub use memory::{HashedMemoryBackend, MemoryBackend};
 pub use pins::{check_pin_dir, PinDirError, PinDirStatus};
 pub use programmer::{Batching, Programmer, ProgrammerConfig};
 
