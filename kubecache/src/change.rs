@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP};
 use resolver::facts::{
     NamespaceFacts, PodFacts, APP_LABEL, DATAPLANE_MODE_LABEL, SIDECAR_STATUS_ANNOTATION,
 };
@@ -58,6 +58,19 @@ impl From<Change> for Input {
     }
 }
 
+/// A pod's addresses, IPv4 first: those of `status.podIPs` that parse, else `status.podIP`.
+pub(crate) fn status_ips(pod_ips: Option<&[PodIP]>, pod_ip: Option<&str>) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = pod_ips
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|pod_ip| pod_ip.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(pod_ip.and_then(|s| s.parse::<IpAddr>().ok()));
+    }
+    ipv4_first(ips)
+}
+
 /// What the ambient rules read from a pod (its uid empty when it has none).
 pub fn pod_facts(pod: &Pod) -> PodFacts {
     let meta = &pod.metadata;
@@ -65,19 +78,9 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
     let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
-    let mut ips: Vec<IpAddr> = Vec::new();
-    if let Some(status) = status {
-        for pod_ip in status.pod_ips.iter().flatten() {
-            if let Ok(ip) = pod_ip.ip.parse() {
-                ips.push(ip);
-            }
-        }
-        if ips.is_empty() {
-            if let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
-                ips.push(ip);
-            }
-        }
-    }
+    let ips = status.map_or_else(Vec::new, |s| {
+        status_ips(s.pod_ips.as_deref(), s.pod_ip.as_deref())
+    });
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
     PodFacts {
         uid: meta.uid.clone().unwrap_or_default(),
@@ -92,7 +95,7 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             .as_ref()
             .is_some_and(|a| a.contains_key(SIDECAR_STATUS_ANNOTATION)),
         terminal: phase == "Succeeded" || phase == "Failed",
-        ips: ipv4_first(ips),
+        ips,
         created: meta
             .creation_timestamp
             .as_ref()

@@ -9,21 +9,19 @@
 //! else (an escape in `apiVersion` or `kind`, another kind, a field of the wrong type) is
 //! declined, and read step by step, which names what is wrong.
 
-use std::borrow::Cow;
 use std::fmt;
-use std::net::IpAddr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use resolver::facts::{
     NamespaceFacts, PodFacts, APP_LABEL, DATAPLANE_MODE_LABEL, SIDECAR_STATUS_ANNOTATION,
 };
-use resolver::workloads::ipv4_first;
 use resolver::KubeChange;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
-use watcher::recording::ObjectReading;
+use watcher::recording::{ObjectReading, Text};
 use watcher::KubeAction;
 
+use crate::change::status_ips;
 use crate::record::{RecordedPodSpec, RecordedPodStatus};
 
 /// The facts of a recorded `v1` Pod (its uid not empty) or Namespace (its name not empty).
@@ -115,19 +113,10 @@ impl PlainObject<'_> {
                 let uid = meta.uid.filter(|uid| !uid.is_empty())?;
                 let spec = self.spec;
                 let status = self.status;
-                let mut ips: Vec<IpAddr> = Vec::new();
+                let mut ips = Vec::new();
                 let mut terminal = false;
                 if let Some(status) = &status {
-                    for pod_ip in status.pod_ips.iter().flatten() {
-                        if let Ok(ip) = pod_ip.ip.parse() {
-                            ips.push(ip);
-                        }
-                    }
-                    if ips.is_empty() {
-                        if let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
-                            ips.push(ip);
-                        }
-                    }
+                    ips = status_ips(status.pod_ips.as_deref(), status.pod_ip.as_deref());
                     let phase = status.phase.as_deref().unwrap_or("");
                     terminal = phase == "Succeeded" || phase == "Failed";
                 }
@@ -150,7 +139,7 @@ impl PlainObject<'_> {
                     host_network,
                     has_sidecar: meta.annotations.is_some_and(|a| a.0),
                     terminal,
-                    ips: ipv4_first(ips),
+                    ips,
                     created: meta.creation_timestamp.map(|t| t.0.as_nanosecond()),
                     service_account: service_account
                         .filter(|s| !s.is_empty())
@@ -229,28 +218,6 @@ impl<'de> Deserialize<'de> for SidecarAnnotation {
             }
         }
         deserializer.deserialize_map(AnnotationsVisitor)
-    }
-}
-
-/// A string, borrowed from the text when it has no escapes.
-struct Text<'a>(Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TextVisitor;
-        impl<'de> Visitor<'de> for TextVisitor {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(v.to_string())))
-            }
-        }
-        deserializer.deserialize_str(TextVisitor)
     }
 }
 

@@ -17,7 +17,7 @@ mod parse_error;
 mod reader;
 mod writer;
 
-pub use reader::{ObjectReading, RecordWithObject, RecordingReader};
+pub use reader::{ObjectReading, RecordWithObject, RecordingReader, Text};
 pub use writer::RecordingWriter;
 
 use serde_json::value::RawValue;

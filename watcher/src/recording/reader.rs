@@ -421,8 +421,8 @@ impl<'de> Deserialize<'de> for RecordType {
     }
 }
 
-/// A string borrowed from the line when it has no escapes.
-struct Text<'a>(Cow<'a, str>);
+/// A JSON string, borrowed from the text when it has no escapes (then it needs no copy).
+pub struct Text<'a>(pub Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
