@@ -124,8 +124,10 @@ mod tests {
 
     #[test]
     fn holds_and_lists_what_the_sorted_backend_holds_and_lists() {
-        let mut settings = Settings::default();
-        settings.flags = 3;
+        let settings = Settings {
+            flags: 3,
+            ..Settings::default()
+        };
         let batches = [
             MapBatch {
                 cgroup_upserts: vec![(CgroupId(9), info(1)), (CgroupId(2), info(2))],
