@@ -196,7 +196,9 @@ fn live_stop_is_honoured_within_half_a_second_while_coalescing() {
 /// During a storm, the first exec in a cgroup the exec tap has not seen rings its doorbell and
 /// ends the reader's window: a new pod's first process is not held back for it. The window is
 /// the longest allowed, so the reader spends nearly all its time in windows; an exec that
-/// comes while it reads instead needs no doorbell, hence a few tries (each in a new cgroup).
+/// comes while it reads instead needs no doorbell, and one that rings between a read and the
+/// next window skips that window (not what this test is after), hence a few tries (each in a
+/// new cgroup) until a ring ends a window that was being slept.
 #[test]
 fn live_first_exec_in_a_new_cgroup_ends_the_window() {
     if !testkit::require_root("live_first_exec_in_a_new_cgroup_ends_the_window") {
@@ -216,7 +218,7 @@ fn live_first_exec_in_a_new_cgroup_ends_the_window() {
             .expect("the source ended (watchdog) before it coalesced");
     }
     let mut rung = ReceiveStats::default();
-    for attempt in 0..5 {
+    for attempt in 0..8 {
         let new = cg.child(&format!("new{attempt}")).unwrap();
         let new_id = CgroupId(cg.id_of(&new).unwrap());
         let before = source.receive_stats();
@@ -246,7 +248,7 @@ fn live_first_exec_in_a_new_cgroup_ends_the_window() {
         let _ = first.kill();
         let _ = first.wait();
         rung = source.receive_stats().since(&before);
-        if rung.doorbell_rings > 0 {
+        if rung.doorbell_rings > rung.doorbell_skips {
             break;
         }
     }
@@ -254,8 +256,8 @@ fn live_first_exec_in_a_new_cgroup_ends_the_window() {
     spawner.join().unwrap();
     eprintln!("storm with a new cgroup's exec: {rung:?}");
     assert!(
-        rung.doorbell_rings > 0,
-        "no window was ended by the doorbell in 5 tries: {rung:?}"
+        rung.doorbell_rings > rung.doorbell_skips,
+        "no window being slept was ended by the doorbell in 8 tries: {rung:?}"
     );
     // The counters an operator sees say so too (as of the source's last receive).
     assert!(source.counters().snapshot().windows_ended_by_doorbell > 0);

@@ -86,6 +86,8 @@ pub struct ReceiveStats {
     pub empty_windows: u64,
     /// Windows ended early by the [`Doorbell`] (counted in `windows` too).
     pub doorbell_rings: u64,
+    /// Of those, the windows not slept at all: the doorbell had rung before the window began.
+    pub doorbell_skips: u64,
     /// Datagrams longer than a batch slot, cut (never seen from the proc connector).
     pub truncated: u64,
 }
@@ -100,6 +102,7 @@ impl ReceiveStats {
             windows: self.windows - earlier.windows,
             empty_windows: self.empty_windows - earlier.empty_windows,
             doorbell_rings: self.doorbell_rings - earlier.doorbell_rings,
+            doorbell_skips: self.doorbell_skips - earlier.doorbell_skips,
             truncated: self.truncated - earlier.truncated,
         }
     }
@@ -258,8 +261,10 @@ impl BatchReader {
         // exec tap before the proc connector sends the exec's event, so the ring can come
         // between the last read and now, its event after. Such an event must not wait either;
         // the cost of a ring whose event was read already is one window not slept.
-        let rang_before = doorbell.drain();
-        if rang_before || wait_readable(doorbell.fd(), self.coalesce_window)? {
+        if doorbell.drain() {
+            self.stats.doorbell_rings += 1;
+            self.stats.doorbell_skips += 1;
+        } else if wait_readable(doorbell.fd(), self.coalesce_window)? {
             self.stats.doorbell_rings += 1;
         }
         Ok(())
@@ -448,7 +453,10 @@ mod tests {
             Ok(Received::Datagram(b"during the window"))
         ));
         let stats = reader.stats().since(&before);
-        assert_eq!((stats.windows, stats.doorbell_rings), (1, 1));
+        assert_eq!(
+            (stats.windows, stats.doorbell_rings, stats.doorbell_skips),
+            (1, 1, 0)
+        );
     }
 
     #[test]
@@ -462,7 +470,10 @@ mod tests {
             Ok(Received::Datagram(b"during the window"))
         ));
         let stats = reader.stats().since(&before);
-        assert_eq!((stats.windows, stats.doorbell_rings), (1, 0));
+        assert_eq!(
+            (stats.windows, stats.doorbell_rings, stats.doorbell_skips),
+            (1, 0, 0)
+        );
     }
 
     #[test]
@@ -481,6 +492,9 @@ mod tests {
             Ok(Received::Datagram(b"during the window"))
         ));
         let stats = reader.stats().since(&before);
-        assert_eq!((stats.windows, stats.doorbell_rings), (1, 1));
+        assert_eq!(
+            (stats.windows, stats.doorbell_rings, stats.doorbell_skips),
+            (1, 1, 1)
+        );
     }
 }
