@@ -106,9 +106,10 @@ const ZDS_POD_STATES: [zds::PodState; 4] = [
 ];
 
 /// The types of `zbridge_zds_total{type=...}`.
-const ZDS_EVENTS: [&str; 7] = [
+const ZDS_EVENTS: [&str; 8] = [
     "connection",
     "add",
+    "keep",
     "del",
     "ack",
     "nack",
@@ -462,6 +463,7 @@ impl Metrics {
         for (kind, new, old) in [
             ("connection", now.connections, then.connections),
             ("add", now.adds, then.adds),
+            ("keep", now.keeps, then.keeps),
             ("del", now.dels, then.dels),
             ("ack", now.acks, then.acks),
             ("nack", now.nacks, then.nacks),

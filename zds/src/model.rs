@@ -134,6 +134,9 @@ pub struct Counters {
     pub nacks: u64,
     /// Pods whose namespace could not be opened when an `add` was due.
     pub netns_errors: u64,
+    /// `keep`s sent: pods in a snapshot whose namespace could not be opened, which ztunnel is
+    /// asked to keep serving if it already does.
+    pub keeps: u64,
     /// Connections dropped for a protocol error or a timeout.
     pub peer_errors: u64,
 }

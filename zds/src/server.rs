@@ -3,7 +3,10 @@
 //! ztunnel connects and says hello; the server sends every pod it serves as `add` (with the
 //! pod's network namespace), one at a time, each waiting for its ack, then `snapshot_sent`;
 //! afterwards `add` and `del` as pods come and go. A new connection (ztunnel restarted) gets the
-//! whole snapshot again and replaces the old one. An ack carrying an error is logged with the
+//! whole snapshot again and replaces the old one. A pod of the snapshot whose namespace cannot
+//! be opened (no process in it at that moment) is sent as `keep` instead: ztunnel then keeps
+//! serving it if it already did (the agent restarted, ztunnel did not) rather than drop it at
+//! the snapshot's end; its `add` follows once its namespace opens. An ack carrying an error is logged with the
 //! pod and the `add` retried with backoff. A peer that stops answering, says something that
 //! does not parse, or answers what was not asked is logged and disconnected; ztunnel
 //! reconnects and is sent the snapshot again. Nothing here touches what is programmed: the
@@ -163,6 +166,8 @@ fn read_loop(id: u64, conn: Conn, out: Sender<ConnEvent>) {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Op {
     Add(String),
+    /// Keep a pod ztunnel may already serve (only before the snapshot's end).
+    Keep(String),
     Del(String),
     Snapshot,
 }
@@ -424,6 +429,19 @@ impl State {
                     pod.retry_at = Some(Instant::now() + wait);
                 }
             }
+            Op::Keep(uid) => {
+                let label = self.pods.get(&uid).map_or(uid.clone(), |p| p.spec.label());
+                if ack.error.is_empty() {
+                    log::info!(
+                        "zds: ztunnel keeps pod {label} if it serves it (its namespace could not be opened for the snapshot)"
+                    );
+                } else {
+                    log::warn!(
+                        "zds: ztunnel answered the keep of pod {label} with an error: {}",
+                        ack.error
+                    );
+                }
+            }
             Op::Del(uid) => {
                 if ack.error.is_empty() {
                     log::info!("zds: ztunnel released pod uid {uid}");
@@ -494,13 +512,28 @@ impl State {
                 return;
             };
             self.dirty = true;
-            let (payload, netns) = match &op {
+            // Before the snapshot's end, a pod that cannot be sent is kept instead.
+            let in_snapshot = s.queue.contains(&Op::Snapshot);
+            let (op, payload, netns) = match op {
                 Op::Add(uid) => {
-                    let Some(pod) = self.pods.get_mut(uid) else {
+                    let Some(pod) = self.pods.get_mut(&uid) else {
                         continue;
                     };
-                    let netns = match open_pod_netns(&self.config.roots, &pod.spec.cgroup) {
-                        Ok((fd, _pid)) => fd,
+                    match open_pod_netns(&self.config.roots, &pod.spec.cgroup) {
+                        Ok((netns, _pid)) => {
+                            pod.attempts += 1;
+                            pod.state = PodState::Sent;
+                            self.counters.adds += 1;
+                            let add = proto::AddWorkload {
+                                uid: uid.clone(),
+                                workload_info: Some(proto::WorkloadInfo {
+                                    name: pod.spec.name.clone(),
+                                    namespace: pod.spec.namespace.clone(),
+                                    service_account: pod.spec.service_account.clone(),
+                                }),
+                            };
+                            (Op::Add(uid), Payload::Add(add), Some(netns))
+                        }
                         Err(e) => {
                             // Most often no process has started in the pod yet (a subtree
                             // made before its first process): looked at again shortly, so
@@ -518,27 +551,28 @@ impl State {
                             pod.state = PodState::Error;
                             pod.error = Some(message);
                             pod.retry_at = Some(Instant::now() + self.config.netns_retry);
-                            continue;
+                            if !in_snapshot {
+                                continue;
+                            }
+                            // ztunnel drops at the snapshot's end what it was not sent, though
+                            // it may serve this pod already (the agent restarted, it did not).
+                            self.counters.keeps += 1;
+                            let keep = proto::KeepWorkload { uid: uid.clone() };
+                            (Op::Keep(uid), Payload::Keep(keep), None)
                         }
-                    };
-                    pod.attempts += 1;
-                    pod.state = PodState::Sent;
-                    self.counters.adds += 1;
-                    let add = proto::AddWorkload {
-                        uid: uid.clone(),
-                        workload_info: Some(proto::WorkloadInfo {
-                            name: pod.spec.name.clone(),
-                            namespace: pod.spec.namespace.clone(),
-                            service_account: pod.spec.service_account.clone(),
-                        }),
-                    };
-                    (Payload::Add(add), Some(netns))
+                    }
                 }
+                Op::Keep(_) => unreachable!("a keep is sent in place of an add, never queued"),
                 Op::Del(uid) => {
                     self.counters.dels += 1;
-                    (Payload::Del(proto::DelWorkload { uid: uid.clone() }), None)
+                    let del = proto::DelWorkload { uid: uid.clone() };
+                    (Op::Del(uid), Payload::Del(del), None)
                 }
-                Op::Snapshot => (Payload::SnapshotSent(proto::SnapshotSent {}), None),
+                Op::Snapshot => (
+                    Op::Snapshot,
+                    Payload::SnapshotSent(proto::SnapshotSent {}),
+                    None,
+                ),
             };
             let bytes = proto::WorkloadRequest {
                 payload: Some(payload),
@@ -631,6 +665,7 @@ impl State {
 fn describe(op: &Op) -> String {
     match op {
         Op::Add(uid) => format!("the add of pod uid {uid}"),
+        Op::Keep(uid) => format!("the keep of pod uid {uid}"),
         Op::Del(uid) => format!("the del of pod uid {uid}"),
         Op::Snapshot => "the end of the snapshot".to_string(),
     }

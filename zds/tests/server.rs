@@ -265,24 +265,78 @@ fn a_peer_that_never_acks_or_garbles_is_dropped_and_the_next_one_served() {
 }
 
 #[test]
-fn a_pod_without_a_live_process_is_an_error_not_a_send() {
+fn a_pod_without_a_live_process_is_kept_in_the_snapshot_and_an_error_after_it() {
     let f = start();
     let mut ghost = pod("ghost");
     ghost.cgroup = "/zbridge-test-no-such-cgroup".into();
+    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
     f.server.commands().send(Command::Serve(ghost)).unwrap();
     let peer = Peer::connect(&f.socket);
     peer.hello();
-    // The snapshot's end comes first: nothing could be sent for the ghost.
+    expect_add(&peer, "a");
+    peer.ack("");
+    // No namespace to send for the ghost: ztunnel is asked to keep it (if it serves it), so
+    // that the snapshot's end does not drop it, before that end.
+    match peer.request() {
+        Some(Payload::Keep(keep)) => assert_eq!(keep.uid, "ghost"),
+        other => panic!("expected the keep of the ghost, got {other:?}"),
+    }
+    peer.ack("");
     assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
     peer.ack("");
-    std::thread::sleep(Duration::from_millis(100));
+    // After the snapshot a keep means nothing to ztunnel: the ghost is looked at again, as an
+    // error, and nothing more is sent for it.
+    std::thread::sleep(Duration::from_millis(200));
     let status = f.server.status();
+    assert_eq!(status.pods["a"].state, PodState::Acked);
     assert_eq!(status.pods["ghost"].state, PodState::Error);
     assert!(status.pods["ghost"]
         .error
         .as_deref()
         .unwrap()
         .contains("no-such-cgroup"));
+    assert_eq!(status.counters.keeps, 1);
+    assert!(status.counters.netns_errors > 1, "{:?}", status.counters);
+    assert_eq!(status.counters.adds, 1);
+}
+
+/// A kept pod is added once its namespace can be opened. The cgroup root is a directory of
+/// the test's (its `cgroup.procs` written by the test), so that no root is needed.
+#[test]
+fn a_kept_pod_is_added_once_a_process_is_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ztunnel.sock");
+    let cgroup_root = dir.path().join("cgroup");
+    let config = ZdsConfig::new(
+        &socket,
+        Roots {
+            proc: "/proc".into(),
+            cgroup: cgroup_root.clone(),
+        },
+    );
+    let server = Server::start(config).unwrap();
+    // The pod's cgroup is this test's own (what /proc says of its process), not yet there.
+    server.commands().send(Command::Serve(pod("late"))).unwrap();
+    let peer = Peer::connect(&socket);
+    peer.hello();
+    match peer.request() {
+        Some(Payload::Keep(keep)) => assert_eq!(keep.uid, "late"),
+        other => panic!("expected the keep of the pod, got {other:?}"),
+    }
+    peer.ack("");
+    assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
+    peer.ack("");
+    let dir_of_pod = cgroup_root.join(own_cgroup().trim_start_matches('/'));
+    std::fs::create_dir_all(&dir_of_pod).unwrap();
+    std::fs::write(
+        dir_of_pod.join("cgroup.procs"),
+        format!("{}\n", std::process::id()),
+    )
+    .unwrap();
+    expect_add(&peer, "late");
+    peer.ack("");
+    expect_acked(&server, "late");
+    assert_eq!(server.status().counters.keeps, 1);
 }
 
 #[test]
