@@ -4,8 +4,8 @@
 //! to a cgroup and pins maps and links so redirection survives an agent restart
 //! ([`loader`], in a pin directory only root can write: [`pins`]), and applies the resolver's
 //! [`resolver::Update`]s to the maps in batches ([`Programmer`]). Where the operations land is
-//! a [`MapBackend`]: the kernel's maps ([`KernelMaps`]), or memory ([`MemoryBackend`]) for
-//! replay and tests.
+//! a [`MapBackend`]: the kernel's maps ([`KernelMaps`]), or memory: sorted for tests
+//! ([`MemoryBackend`]), hashed for replay ([`HashedMemoryBackend`]).
 
 pub mod backend;
 pub mod inbound;
