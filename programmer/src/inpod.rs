@@ -266,7 +266,7 @@ fn pin_name(uid: &str) -> String {
     }
 }
 
-/// The UID a pin file name stands for (`None`: not a name [`pin_name`] makes).
+/// The UID a pin file name stands for (`None`: not a name this module makes for a pod).
 pub fn uid_of_pin(name: &str) -> Option<String> {
     let Some(hex) = name.strip_prefix("x-") else {
         return Some(name.to_string());
