@@ -119,6 +119,21 @@ impl Setup {
         ztunnel::deferred_ztunnel(&self.ns, &self.cg, &self.zt, listen, n, questions).unwrap()
     }
 
+    /// `n` connections of the pod, alternately to the IPv4 and the IPv6 service, through a
+    /// dual-stack ztunnel that asks as `questions` says: what it accepted.
+    fn dual_stack_round(&self, n: usize, questions: Questions) -> Vec<Accepted> {
+        let zt = self.deferred_ztunnel(ztunnel_dual_stack(), n, questions);
+        self.connect(
+            &[addr(SERVICE), addr(SERVICE6)],
+            ClientOptions {
+                count: n as u64,
+                no_echo: true,
+                ..ClientOptions::default()
+            },
+        );
+        accepted(&zt, n)
+    }
+
     /// A listener in ztunnel's place on 127.0.0.1 that never asks `SO_ORIGINAL_DST`: the
     /// records of its connections stay in the map.
     fn silent_ztunnel(&self) -> Listener {
@@ -168,16 +183,7 @@ fn the_sol_ip_question_takes_an_ipv4_record_and_leaves_an_ipv6_one_for_sol_ipv6(
     }
     let s = Setup::new("tuple-sol-ip");
     // Asks only the first question, of both connections once both are held.
-    let zt = s.deferred_ztunnel(ztunnel_dual_stack(), 2, Questions::SolIpOnly);
-    s.connect(
-        &[addr(SERVICE), addr(SERVICE6)],
-        ClientOptions {
-            count: 2,
-            no_echo: true,
-            ..ClientOptions::default()
-        },
-    );
-    let answers = accepted(&zt, 2);
+    let answers = s.dual_stack_round(2, Questions::SolIpOnly);
     let (v4, v6) = (&answers[0], &answers[1]);
     assert!(client(v4).is_ipv4() && client(v6).is_ipv6(), "{answers:?}");
     assert_eq!(v4.orig, Some(Ok(addr(SERVICE))), "{v4:?}");
@@ -199,16 +205,7 @@ fn ztunnels_two_questions_answer_each_family_and_leave_no_record() {
     }
     const N: usize = 20;
     let s = Setup::new("tuple-two-questions");
-    let zt = s.deferred_ztunnel(ztunnel_dual_stack(), N, Questions::AsZtunnel);
-    s.connect(
-        &[addr(SERVICE), addr(SERVICE6)],
-        ClientOptions {
-            count: N as u64,
-            no_echo: true,
-            ..ClientOptions::default()
-        },
-    );
-    for a in accepted(&zt, N) {
+    for a in s.dual_stack_round(N, Questions::AsZtunnel) {
         let want = if client(&a).is_ipv4() {
             SERVICE
         } else {
@@ -231,16 +228,7 @@ fn a_connection_with_no_record_counts_one_miss_for_both_questions() {
     }
     const N: usize = 10;
     let s = Setup::new("tuple-one-miss");
-    let zt = s.deferred_ztunnel(ztunnel_dual_stack(), N, Questions::AsZtunnelTwice);
-    s.connect(
-        &[addr(SERVICE), addr(SERVICE6)],
-        ClientOptions {
-            count: N as u64,
-            no_echo: true,
-            ..ClientOptions::default()
-        },
-    );
-    let answers = accepted(&zt, N);
+    let answers = s.dual_stack_round(N, Questions::AsZtunnelTwice);
     let v6 = answers.iter().filter(|a| client(a).is_ipv6()).count();
     assert_eq!((N - v6, v6), (N / 2, N / 2), "{answers:?}");
     for a in &answers {
