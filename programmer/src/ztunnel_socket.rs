@@ -29,10 +29,13 @@ pub fn take_listener(pid: i32, netns_inode: u64, port: u16) -> io::Result<Option
             fds.push(fd);
         }
     }
-    // Newest first: the listener asked for was opened just before ztunnel's ack, and a
-    // ztunnel serving many pods holds many descriptors (a socket per connection); each one
-    // looked at costs a link read, and a socket a duplicate and two queries more, so they are
-    // looked at one by one from the newest and the search ends at the listener.
+    // Highest number first: the listener asked for was opened just before ztunnel's ack, and
+    // the kernel gives a new descriptor the lowest free number, so a recent one is usually
+    // among the highest (not always: a lower number freed meanwhile is taken first, and then
+    // the search only goes further). A ztunnel serving many pods holds many descriptors (a
+    // socket per connection); each one looked at costs a link read, and a socket a duplicate
+    // and two queries more, so they are looked at one by one and the search ends at the
+    // listener.
     fds.sort_unstable_by(|a, b| b.cmp(a));
     for fd in fds {
         // Only sockets: the link reads `socket:[INODE]`. A descriptor closed meanwhile is
