@@ -186,6 +186,8 @@ struct Session {
     pid: i32,
     since: Instant,
     hello: bool,
+    /// The snapshot's end is queued, not sent yet: a pod that cannot be sent is kept instead.
+    in_snapshot: bool,
     queue: VecDeque<Op>,
     /// The request awaiting its ack, when it was sent, and for an `add` the namespace sent.
     outstanding: Option<(Op, Instant, Option<OwnedFd>)>,
@@ -340,6 +342,7 @@ impl State {
             pid,
             since: Instant::now(),
             hello: false,
+            in_snapshot: false,
             queue: VecDeque::new(),
             outstanding: None,
         });
@@ -361,6 +364,7 @@ impl State {
                     }
                     session.queue = self.pods.keys().cloned().map(Op::Add).collect();
                     session.queue.push_back(Op::Snapshot);
+                    session.in_snapshot = true;
                     log::info!(
                         "zds: ztunnel (pid {pid}) said hello; sending {} pods",
                         self.pods.len()
@@ -512,8 +516,7 @@ impl State {
                 return;
             };
             self.dirty = true;
-            // Before the snapshot's end, a pod that cannot be sent is kept instead.
-            let in_snapshot = s.queue.contains(&Op::Snapshot);
+            let in_snapshot = s.in_snapshot;
             let (op, payload, netns) = match op {
                 Op::Add(uid) => {
                     let Some(pod) = self.pods.get_mut(&uid) else {
@@ -568,11 +571,14 @@ impl State {
                     let del = proto::DelWorkload { uid: uid.clone() };
                     (Op::Del(uid), Payload::Del(del), None)
                 }
-                Op::Snapshot => (
-                    Op::Snapshot,
-                    Payload::SnapshotSent(proto::SnapshotSent {}),
-                    None,
-                ),
+                Op::Snapshot => {
+                    s.in_snapshot = false;
+                    (
+                        Op::Snapshot,
+                        Payload::SnapshotSent(proto::SnapshotSent {}),
+                        None,
+                    )
+                }
             };
             let bytes = proto::WorkloadRequest {
                 payload: Some(payload),
