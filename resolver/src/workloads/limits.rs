@@ -119,7 +119,7 @@ impl Scan {
         self.deep() || self.nodes > MAX_NODES
     }
 
-    /// Scans one line; true when it goes too deep.
+    /// Scans one line; true when the file goes beyond a bound (too deep, too many nodes).
     fn line(&mut self, line: &str) -> bool {
         let b = line.as_bytes();
         let indent = b.iter().take_while(|&&c| c == b' ').count();
