@@ -525,6 +525,74 @@ fn namespace_label_captures_and_releases_a_pod_with_status_and_metrics() {
     assert!(sample(&text, "zbridge_batch_size_count").unwrap() >= 3.0);
 }
 
+/// A new pod whose status has no address yet (the kubelet reports it after the sandbox has
+/// started, and the containers may run and connect before): its first process enrols it with
+/// the address of its network namespace, and its connects land on ztunnel; when the status
+/// brings the same addresses, the entry is left as it is.
+#[test]
+fn a_pod_is_captured_before_its_status_has_its_address() {
+    if !testkit::require_root("a_pod_is_captured_before_its_status_has_its_address") {
+        return;
+    }
+    let mut node = Node::new("e2e-kube-noip");
+    let fresh = PodCgroup::new(&node.mesh);
+    node.server.apply_namespace(&namespace("shop", true));
+    let mut pending = pod("shop", "fresh", &fresh.uid, &node.name, &[POD4], json!({}));
+    let status = pending.status.as_mut().unwrap();
+    status.phase = Some("Pending".to_string());
+    status.pod_ip = None;
+    status.pod_ips = None;
+    node.server.apply_pod(&pending);
+    let api = node.server.addr();
+    node.start_agent(api, true);
+    node.wait_ready(true);
+    let (zt_id, fresh_id) = (node.id(&node.ztunnel_pod.pod), node.id(&fresh.pod));
+    node.wait_entries("ztunnel's entry", |e| e.contains_key(&zt_id));
+    assert!(!node.entries().contains_key(&fresh_id));
+
+    // The pod's first process (in the pod network namespace, which has POD4 and POD6).
+    node.sleeper(&fresh);
+    node.wait_entries("the fresh pod's entry", |e| e.contains_key(&fresh_id));
+    assert_eq!(node.entries()[&fresh_id].ips(), vec![POD4, POD6]);
+    node.assert_redirected(&fresh);
+    let log = node.log();
+    assert!(
+        log.contains(&format!(
+            "shop/fresh: cgroup {} → ambient {POD4},{POD6} (its namespace labelled \
+             istio.io/dataplane-mode=ambient; the address of its network namespace, not yet in \
+             its status)",
+            fresh.pod
+        )),
+        "the decision names where its address came from:\n{log}"
+    );
+
+    // The kubelet reports the addresses: the same entry, no second decision line. A pod
+    // applied after it, whose entry shows that the agent has seen the status (one watch,
+    // in order), marks the moment.
+    let marker = PodCgroup::new(&node.mesh);
+    node.sleeper(&marker);
+    node.apply_pod("shop", "fresh", &fresh, &[POD4, POD6], json!({}));
+    node.apply_pod(
+        "shop",
+        "marker",
+        &marker,
+        &["10.99.1.5".parse().unwrap()],
+        json!({}),
+    );
+    let marker_id = node.id(&marker.pod);
+    node.wait_entries("the marker pod's entry", |e| e.contains_key(&marker_id));
+    node.assert_redirected(&fresh);
+    assert_eq!(node.entries()[&fresh_id].ips(), vec![POD4, POD6]);
+    assert_eq!(
+        node.log()
+            .matches(&format!("shop/fresh: cgroup {} →", fresh.pod))
+            .count(),
+        1,
+        "{}",
+        node.log()
+    );
+}
+
 /// The app pod of [`shop_pods_behind_proxy`] and the cgroup ids of ztunnel's pod and both pods.
 struct ShopPods {
     app: PodCgroup,

@@ -53,22 +53,35 @@ impl Rules {
             && !pod.terminal
     }
 
-    /// The decision for a pod of this node.
-    pub fn decide(&self, pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> Decision {
-        let (role, reason) = self.role(pod, namespace);
+    /// The decision for a pod of this node; `seen` are the addresses seen in its network
+    /// namespace ([`pod_addresses`]).
+    pub fn decide<'a>(
+        &self,
+        pod: &'a PodFacts,
+        namespace: Option<&NamespaceFacts>,
+        seen: impl FnOnce() -> &'a [IpAddr],
+    ) -> Decision {
+        let ips = pod_addresses(pod, seen);
+        let (role, reason) = self.role(pod, namespace, ips);
         Decision {
             role,
             ips: match role {
                 Role::None => Vec::new(),
-                _ => pod.ips.clone(),
+                _ => ips.to_vec(),
             },
             reason,
         }
     }
 
-    /// [`Rules::decide`]'s role and reason, without the addresses (the pod's, for a role
-    /// other than `none`): a re-decision that changes nothing allocates nothing.
-    pub fn role(&self, pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> (Role, &'static str) {
+    /// [`Rules::decide`]'s role and reason, without the addresses (`ips`, what
+    /// [`pod_addresses`] gave, for a role other than `none`): a re-decision that changes
+    /// nothing allocates nothing.
+    pub fn role(
+        &self,
+        pod: &PodFacts,
+        namespace: Option<&NamespaceFacts>,
+        ips: &[IpAddr],
+    ) -> (Role, &'static str) {
         if self.is_node_ztunnel(pod) {
             return (
                 Role::Ztunnel,
@@ -87,8 +100,11 @@ impl Rules {
         if pod.has_sidecar {
             return (Role::None, "pod has a sidecar (sidecar.istio.io/status)");
         }
-        if pod.ips.is_empty() {
-            return (Role::None, "pod has no IP yet");
+        if ips.is_empty() {
+            return (
+                Role::None,
+                "pod has no IP yet (none in its status or its network namespace)",
+            );
         }
         let pod_mode = pod.dataplane_mode.as_deref();
         if pod_mode == Some(AMBIENT) {
@@ -110,6 +126,21 @@ impl Rules {
             Role::None,
             "neither the pod nor its namespace is labelled istio.io/dataplane-mode=ambient",
         )
+    }
+}
+
+/// The addresses a pod is captured with: those of its status; while its status has none, those
+/// `seen` in its network namespace (the addresses of the namespace of its first live process
+/// that had any). The kubelet reports a new pod's IP in its status only after its sandbox has
+/// started, and its containers may already run and connect by then; the sandbox's namespace
+/// has the address from the start, as the CNI result that Istio's own node agent captures
+/// with does. Once the status has addresses they alone count.
+/// `seen` is asked only then (a namespace's change re-decides every pod in it).
+pub fn pod_addresses<'a>(pod: &'a PodFacts, seen: impl FnOnce() -> &'a [IpAddr]) -> &'a [IpAddr] {
+    if pod.ips.is_empty() {
+        seen()
+    } else {
+        &pod.ips
     }
 }
 

@@ -156,6 +156,74 @@ fn a_pod_without_ip_is_not_captured_until_it_has_one() {
     assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.1")])));
 }
 
+/// A pod of this node whose status has no address yet (the kubelet has not reported it).
+fn pending_pod(n: u32, ns: &str, name: &str) -> serde_json::Value {
+    let mut p = pod(n, ns, name, json!({}), "10.0.0.1");
+    p["status"] = json!({"phase": "Pending"});
+    p
+}
+
+#[test]
+fn a_pod_without_ip_in_its_status_is_captured_with_its_network_namespace_address() {
+    let mut h = Harness::new();
+    h.scan(&[]);
+    h.apply_obj(ambient_ns("shop"));
+    h.apply_obj(pending_pod(1, "shop", "a"));
+    h.synced_kube();
+    h.exec_with_ips(100, &container_path(1, 1), 501, &["fd00::7", "10.0.0.7"]);
+    assert_eq!(
+        h.entry(501),
+        Some((Role::Ambient, vec![ip("10.0.0.7"), ip("fd00::7")]))
+    );
+    // The kubelet reports the same addresses: nothing changes, nothing is written again.
+    h.take_updates();
+    let mut reported = pod(1, "shop", "a", json!({}), "10.0.0.7");
+    reported["status"]["podIPs"] = json!([{"ip": "10.0.0.7"}, {"ip": "fd00::7"}]);
+    h.apply_obj(reported);
+    assert_eq!(h.take_updates(), vec![]);
+    // The status says otherwise (a second interface in the namespace, say): the status wins.
+    h.apply_obj(pod(1, "shop", "a", json!({}), "10.0.0.8"));
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.8")])));
+}
+
+#[test]
+fn a_pod_without_ip_anywhere_waits_for_the_first_address_seen() {
+    let mut h = Harness::new();
+    h.scan(&[]);
+    h.apply_obj(ambient_ns("shop"));
+    h.apply_obj(pending_pod(1, "shop", "a"));
+    h.synced_kube();
+    // Its first process's namespace had no address yet (or it was gone before it was read).
+    h.exec(100, &container_path(1, 1), 501);
+    assert!(h.entries.is_empty());
+    // A later process of the pod shows the namespace's address.
+    h.exec_with_ips(101, &container_path(1, 2), 502, &["10.0.0.7"]);
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.7")])));
+    assert_eq!(h.entry(502), Some((Role::Ambient, vec![ip("10.0.0.7")])));
+    // Those processes exit: the addresses they showed go with them.
+    h.exit(101);
+    assert!(h.entries.is_empty(), "{:?}", h.entries);
+}
+
+#[test]
+fn a_namespace_address_does_not_override_the_rules() {
+    // hostNetwork: the namespace's addresses are the node's.
+    let mut host = pending_pod(1, "shop", "a");
+    host["spec"]["hostNetwork"] = json!(true);
+    // Not ambient at all.
+    let plain = pending_pod(2, "plain", "b");
+    let mut h = Harness::new();
+    h.scan(&[]);
+    h.apply_obj(ambient_ns("shop"));
+    h.apply_obj(namespace("plain", json!({})));
+    h.apply_obj(host);
+    h.apply_obj(plain);
+    h.synced_kube();
+    h.exec_with_ips(100, &container_path(1, 1), 501, &["192.168.1.5"]);
+    h.exec_with_ips(200, &container_path(2, 1), 601, &["10.0.0.9"]);
+    assert!(h.entries.is_empty(), "{:?}", h.entries);
+}
+
 #[test]
 fn dual_stack_pod_gets_both_addresses_ipv4_first() {
     let mut p = pod(1, "shop", "a", json!({}), "fd00::1");

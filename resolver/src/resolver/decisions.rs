@@ -104,9 +104,12 @@ impl Resolver {
     pub(super) fn decide(&self, key: &OwnerKey) -> Decision {
         match key {
             OwnerKey::Pod(uid) => match self.pods.get(uid) {
-                Some(pod) => self
-                    .rules
-                    .decide(pod, self.namespaces.get(pod.namespace.as_str())),
+                Some(pod) => {
+                    self.rules
+                        .decide(pod, self.namespaces.get(pod.namespace.as_str()), || {
+                            self.seen_ips(key)
+                        })
+                }
                 None => Decision::none("not known on this node"),
             },
             OwnerKey::Workload(i) => {
@@ -161,11 +164,12 @@ impl Resolver {
         if let OwnerKey::Pod(uid) = key {
             if let Some(pod) = self.pods.get(uid) {
                 let namespace = self.namespaces.get(pod.namespace.as_str());
-                let (now, _) = self.rules.role(pod, namespace);
+                let now_ips = pod_addresses(pod, || self.seen_ips(key));
+                let (now, _) = self.rules.role(pod, namespace, now_ips);
                 return now == role
                     && match now {
                         Role::None => ips.is_empty(),
-                        _ => pod.ips == ips,
+                        _ => now_ips == ips,
                     };
             }
         }
@@ -181,12 +185,26 @@ impl Resolver {
         };
         let pod = self.pods.get(uid)?;
         let namespace = self.namespaces.get(pod.namespace.as_str());
-        let (role, reason) = self.rules.role(pod, namespace);
+        let ips = pod_addresses(pod, || self.seen_ips(key));
+        let (role, reason) = self.rules.role(pod, namespace, ips);
         let ips: &[IpAddr] = match role {
             Role::None => &[],
-            _ => &pod.ips,
+            _ => ips,
         };
         Some((role, reason, ips))
+    }
+
+    /// The addresses seen in an owner's network namespace: those of its first live cgroup
+    /// (lowest id first, so that a replay decides the same) whose processes showed any. Only
+    /// asked for a pod whose status has no address yet.
+    pub(super) fn seen_ips(&self, key: &OwnerKey) -> &[IpAddr] {
+        self.owners
+            .get(key)
+            .into_iter()
+            .flat_map(|o| o.live.iter())
+            .filter_map(|id| self.cgroups.get(id))
+            .find(|c| !c.ips.is_empty())
+            .map_or(&[], |c| c.ips.as_slice())
     }
 
     /// A fixed address, or for `auto` the first addresses seen in the owner's live cgroups
@@ -194,15 +212,7 @@ impl Resolver {
     pub(super) fn address_of(&self, key: &OwnerKey, address: &Address) -> Vec<IpAddr> {
         match address {
             Address::Fixed(ips) => ips.clone(),
-            Address::Auto => self
-                .owners
-                .get(key)
-                .into_iter()
-                .flat_map(|o| o.live.iter())
-                .filter_map(|id| self.cgroups.get(id))
-                .find(|c| !c.ips.is_empty())
-                .map(|c| c.ips.clone())
-                .unwrap_or_default(),
+            Address::Auto => self.seen_ips(key).to_vec(),
         }
     }
 
@@ -250,16 +260,18 @@ impl Resolver {
                 .as_ref()
                 .is_some_and(|e| e.role == decision.role && e.ips == decision.ips);
         // The owner's name is made only for a line that is written.
-        let label =
-            (!logged_same && log::log_enabled!(log::Level::Info)).then(|| self.owner_label(key));
+        let label = (!logged_same && log::log_enabled!(log::Level::Info)).then(|| {
+            let (name, quiet) = self.owner_label(key);
+            (name, quiet, self.ips_note(key, &decision))
+        });
         if reuse {
             let owner = self.owners.get_mut(key).expect("checked above");
             let enrolled = owner.enrolled.as_ref().expect("checked above");
             for enrolment in enrolled.entries.values() {
                 out.push(Update::Upsert(Arc::clone(enrolment)));
             }
-            if let Some(label) = label {
-                log_decision(&owner.root, &decision, first_none, label);
+            if let Some((name, quiet, note)) = label {
+                log_decision(&owner.root, &decision, first_none, (name, quiet), note);
             }
             owner.decided = Some(Decided::Enrolled);
             owner.stale = false;
@@ -279,14 +291,30 @@ impl Resolver {
                 out.push(Update::Upsert(Arc::clone(enrolment)));
             }
         }
-        if let Some(label) = label {
-            log_decision(&owner.root, &decision, first_none, label);
+        if let Some((name, quiet, note)) = label {
+            log_decision(&owner.root, &decision, first_none, (name, quiet), note);
         }
         let nothing = desired.is_empty();
         owner.set_decided(decision, desired);
         owner.stale = false;
         if owner.live.is_empty() && nothing {
             self.owners.remove(key);
+        }
+    }
+
+    /// What the decision's line says of where its addresses came from: for a pod captured
+    /// before its status has an address, that they are its network namespace's.
+    pub(super) fn ips_note(&self, key: &OwnerKey, decision: &Decision) -> &'static str {
+        let from_namespace = match key {
+            OwnerKey::Pod(uid) => {
+                !decision.ips.is_empty() && self.pods.get(uid).is_some_and(|p| p.ips.is_empty())
+            }
+            _ => false,
+        };
+        if from_namespace {
+            "; the address of its network namespace, not yet in its status"
+        } else {
+            ""
         }
     }
 
@@ -353,6 +381,7 @@ pub(super) fn log_decision(
     decision: &Decision,
     first_none: bool,
     (name, quiet): (String, bool),
+    note: &str,
 ) {
     let ips = if decision.ips.is_empty() {
         String::new()
@@ -363,7 +392,7 @@ pub(super) fn log_decision(
         debug!("{name}: cgroup {root} → none ({})", decision.reason);
     } else {
         info!(
-            "{name}: cgroup {root} → {}{ips} ({})",
+            "{name}: cgroup {root} → {}{ips} ({}{note})",
             decision.role.as_str(),
             decision.reason
         );

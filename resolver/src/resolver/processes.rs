@@ -164,9 +164,15 @@ impl Resolver {
         }
     }
 
-    /// The first addresses seen in a cgroup may give an `auto` owner its address.
+    /// The first addresses seen in a cgroup may give an `auto` owner its address, or a pod
+    /// whose status has none yet ([`crate::decide::pod_addresses`]).
     pub(super) fn on_addresses_seen(&mut self, key: OwnerKey, out: &mut Vec<Update>) {
-        if matches!(key, OwnerKey::Workload(_) | OwnerKey::Ztunnel) {
+        let waits_for_address = match &key {
+            OwnerKey::Workload(_) | OwnerKey::Ztunnel => true,
+            OwnerKey::Pod(uid) => self.pods.get(uid).is_some_and(|p| p.ips.is_empty()),
+            OwnerKey::Exempt(_) => false,
+        };
+        if waits_for_address {
             self.recompute(&key, out);
             if key == OwnerKey::Ztunnel {
                 self.update_ztunnel(out);

@@ -60,7 +60,13 @@ impl Resolver {
             let label = self.owner_label(&key);
             let owner = self.owners.get_mut(&key).expect("listed above");
             // A new owner: its first decision, always logged.
-            log_decision(&owner.root, &decision, decision.role == Role::None, label);
+            log_decision(
+                &owner.root,
+                &decision,
+                decision.role == Role::None,
+                label,
+                "",
+            );
             owner.stale = true;
             owner.set_decided(decision, desired);
             owner.stale = false;

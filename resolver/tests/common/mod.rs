@@ -92,6 +92,18 @@ impl Harness {
         }));
     }
 
+    /// An exec whose network namespace has the addresses `ips`.
+    pub fn exec_with_ips(&mut self, tgid: u32, path: &str, id: u64, ips: &[&str]) {
+        let mut facts = facts(path, id);
+        facts.netns = Some(4026532000);
+        facts.ips = ips.iter().map(|s| ip(s)).collect();
+        self.feed(proc(ProcEvent::Exec {
+            pid: tgid,
+            tgid,
+            facts,
+        }));
+    }
+
     pub fn fork(&mut self, parent: u32, child: u32) {
         self.feed(proc(ProcEvent::Fork {
             parent_pid: parent,
