@@ -86,6 +86,14 @@ fn unique_uid() -> String {
     )
 }
 
+/// `pod` as it is before the kubelet has reported its address: pending, no IP in its status.
+fn without_status_address(pod: &mut k8s_openapi::api::core::v1::Pod) {
+    let status = pod.status.as_mut().expect("testkit's pods have a status");
+    status.phase = Some("Pending".to_string());
+    status.pod_ip = None;
+    status.pod_ips = None;
+}
+
 /// A TCP proxy in front of the API server that can go away (its port refuses connections and
 /// every open connection is cut) and come back on the same port: the API server lost and
 /// found, while the server keeps its state and history.
@@ -538,10 +546,7 @@ fn a_pod_is_captured_before_its_status_has_its_address() {
     let fresh = PodCgroup::new(&node.mesh);
     node.server.apply_namespace(&namespace("shop", true));
     let mut pending = pod("shop", "fresh", &fresh.uid, &node.name, &[POD4], json!({}));
-    let status = pending.status.as_mut().unwrap();
-    status.phase = Some("Pending".to_string());
-    status.pod_ip = None;
-    status.pod_ips = None;
+    without_status_address(&mut pending);
     node.server.apply_pod(&pending);
     let api = node.server.addr();
     node.start_agent(api, true);
@@ -814,11 +819,39 @@ fn kubernetes_inpod_pod_is_handed_to_ztunnel_over_zds_and_captured() {
     if !testkit::require_root("kubernetes_inpod_pod_is_handed_to_ztunnel_over_zds_and_captured") {
         return;
     }
+    inpod_pod_handed_over_and_captured("e2e-kinpod", true);
+}
+
+/// The same for a pod whose status has no address yet: its first process hands it to ztunnel
+/// with the address of its network namespace (docs/design-notes.md, "Resolver").
+#[test]
+fn kubernetes_inpod_pod_without_a_status_address_is_handed_over_by_its_first_process() {
+    if !testkit::require_root(
+        "kubernetes_inpod_pod_without_a_status_address_is_handed_over_by_its_first_process",
+    ) {
+        return;
+    }
+    inpod_pod_handed_over_and_captured("e2e-kinpod-noip", false);
+}
+
+/// The in-pod round of the two tests above: the pod with or without addresses in its status.
+fn inpod_pod_handed_over_and_captured(prefix: &str, status_has_address: bool) {
     use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
-    let mut node = Node::new("e2e-kinpod");
+    let mut node = Node::new(prefix);
     let app = PodCgroup::new(&node.mesh);
     node.server.apply_namespace(&namespace("shop", true));
-    node.apply_pod("shop", "app", &app, &[POD4, POD6], json!({}));
+    let mut app_pod = pod(
+        "shop",
+        "app",
+        &app.uid,
+        &node.name,
+        &[POD4, POD6],
+        json!({}),
+    );
+    if !status_has_address {
+        without_status_address(&mut app_pod);
+    }
+    node.server.apply_pod(&app_pod);
     node.sleeper(&app);
     let zds = node.dir.path().join("ztunnel.sock");
     let state = node.dir.path().join("zds.json");
