@@ -417,3 +417,106 @@ fn inpod_two_pods_same_source_port_and_dns_through_zds() {
     );
     drop(sleeper);
 }
+
+/// One outbound connect from a fresh process in the pod: it must land on the fake's 15001 in
+/// the pod's namespace with the service as its original destination.
+fn assert_outbound_captured(world: &World, fake: &InPodZtunnel, seen: &mut Vec<ZdsEvent>) {
+    let to = SocketAddr::new(SERVICE4, mesh::SERVICE_PORT);
+    let outcome =
+        ztunnel::connect_once(&world.mesh.pod_ns, &world.mesh.cgroup, &world.mesh.app, to)
+            .expect("client ran");
+    assert!(
+        matches!(outcome, Outcome::Ok { peer, .. } if peer.port() == 15001),
+        "{outcome:?}"
+    );
+    let accepted = wait(fake, "the connect on 15001", |e| {
+        seen.push(e.clone());
+        matches!(e, ZdsEvent::Accepted { accepted, .. } if accepted.local.port() == 15001)
+    });
+    let ZdsEvent::Accepted { uid, accepted } = accepted else {
+        unreachable!()
+    };
+    assert_eq!((uid, accepted.orig), (app_uid(), Some(Ok(to))));
+}
+
+/// Stops the agent (SIGTERM, as the kubelet does) and starts it again; the fake, which keeps
+/// running and connects again as ztunnel does, reports its new session up to the snapshot's
+/// end (into `seen`).
+fn restart_agent(world: &mut World, fake: &InPodZtunnel, seen: &mut Vec<ZdsEvent>) {
+    let agent = world.agent.take().expect("agent running");
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait().success());
+    world.start_agent(&[]);
+    wait(fake, "the new session's snapshot", |e| {
+        seen.push(e.clone());
+        *e == ZdsEvent::Snapshot
+    });
+}
+
+/// The agent restarts while ztunnel keeps running (and connects again, as it does). A pod with
+/// a live process is added again in the new session's snapshot; a pod whose processes are all
+/// gone (its namespace cannot be opened) is kept; ztunnel's reconcile at the snapshot's end
+/// drops neither, and the pod's connects land on ztunnel before, during and after each
+/// restart. The pod's first process after the second restart gets its add.
+#[test]
+fn inpod_agent_restarts_while_ztunnel_runs_and_ztunnel_drops_no_pod() {
+    if !testkit::require_root("inpod_agent_restarts_while_ztunnel_runs_and_ztunnel_drops_no_pod") {
+        return;
+    }
+    let (mut world, zds) = start("e2e-inpod-ar");
+    let options = InPodOptions {
+        reconnect: true,
+        ..InPodOptions::default()
+    };
+    let fake = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, options)
+        .expect("fake in-pod ztunnel");
+    let mut seen = Vec::new();
+    wait(&fake, "the pod's add", |e| {
+        seen.push(e.clone());
+        matches!(e, ZdsEvent::Add { .. })
+    });
+    world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
+    assert_outbound_captured(&world, &fake, &mut seen);
+
+    // A restart with the pod's process alive: added again before the snapshot's end.
+    seen.clear();
+    restart_agent(&mut world, &fake, &mut seen);
+    let adds: Vec<_> = seen
+        .iter()
+        .filter(|e| matches!(e, ZdsEvent::Add { uid, .. } if *uid == app_uid()))
+        .collect();
+    assert_eq!(adds.len(), 1, "{seen:?}");
+    assert_outbound_captured(&world, &fake, &mut seen);
+    assert!(inpod_entry(&world));
+
+    // The pod's only process exits; a restart now cannot hand its namespace over: the pod is
+    // kept, and stays served.
+    // SAFETY: kill(2) on the pid of the pod's listener, a process this test started.
+    unsafe { libc::kill(world.pod.pid() as i32, libc::SIGKILL) };
+    seen.clear();
+    restart_agent(&mut world, &fake, &mut seen);
+    assert!(
+        seen.contains(&ZdsEvent::Keep { uid: app_uid() }),
+        "the pod is kept: {seen:?}\n{}",
+        world.agent.as_ref().unwrap().log_text()
+    );
+    assert!(inpod_entry(&world), "the pod keeps its entry");
+    // Its first process after the restart: the add follows, and its connect is captured.
+    let sleeper = testkit::ztunnel::Helper::spawn(
+        &world.mesh.pod_ns,
+        &world.mesh.cgroup,
+        &world.mesh.app,
+        &["sleep".to_string()],
+    )
+    .expect("the pod's new process");
+    sleeper.wait_ready().expect("sleeper ready");
+    wait(&fake, "the pod's add after its new process", |e| {
+        seen.push(e.clone());
+        matches!(e, ZdsEvent::Add { uid, .. } if *uid == app_uid())
+    });
+    assert_outbound_captured(&world, &fake, &mut seen);
+    assert!(
+        !seen.iter().any(|e| matches!(e, ZdsEvent::Dropped { .. })),
+        "ztunnel dropped a pod: {seen:?}"
+    );
+}

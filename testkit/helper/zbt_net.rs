@@ -21,14 +21,16 @@
 //! zbt-net udp-connect --to ADDR:PORT
 //!     ok local=A peer=P       (the peer the kernel kept after connect(); or: err ...)
 //! zbt-net inpod-ztunnel --zds PATH [--nack UID:N]... [--no-ack] [--pass-through]
-//!                       [--hello-version N]
-//!     ready                   (connected, ZdsHello sent)
+//!                       [--hello-version N] [--reconnect]
+//!     ready                   (connected, ZdsHello sent; again after each reconnect)
 //!     add uid=U name=N namespace=NS sa=SA netns=INODE
 //!     nack uid=U error=E      (the add was answered with this error)
 //!     del uid=U | keep uid=U | snapshot
 //!     accept local=A peer=P uid=U [orig=O|orig-errno=N] [upstream-local=L|upstream-errno=N]
 //!     udp local=A peer=P uid=U
-//!     closed                  (the agent closed the connection; exit 0)
+//!     dropped uid=U           (--reconnect: not in the new session's snapshot, closed)
+//!     closed                  (the agent closed the connection; exit 0, or with
+//!                              --reconnect, connect again)
 //!     error WHAT              (a protocol violation; exit 3)
 //!     fatal WHAT              (cannot connect or send the hello; exit 1)
 //! ```
@@ -50,6 +52,11 @@
 //! original destination (or, unanswered, the socket's local address, as ztunnel falls back)
 //! from the pod's namespace, marked 1337, 15006 bound to the client's address, and proxy;
 //! a destination that is the listener itself on loopback is refused with errno 40 (ELOOP).
+//! `--reconnect`: as ztunnel when its node agent restarts, the connection's end does not end
+//! the process: the pods' listeners stay open, and the fake connects again (retrying about
+//! 5 s) and sends its hello. Each session's snapshot is reconciled as ztunnel does: the pods
+//! added or kept before its `snapshot_sent` stay, every other pod held is closed (`dropped`),
+//! and a `keep` after `snapshot_sent` is a protocol violation.
 //! Strings in lines are `%XX`-escaped outside `[A-Za-z0-9._:/-]`.
 
 use std::io::{Read, Write};
@@ -436,6 +443,7 @@ fn main() {
         (String::new(), Vec::new(), false, 1u64);
     let mut inpod_style = InPodStyle {
         pass_through: false,
+        reconnect: false,
     };
     let mut i = 1;
     while i < args.len() {
@@ -463,6 +471,11 @@ fn main() {
             }
             "--pass-through" => {
                 inpod_style.pass_through = true;
+                i += 1;
+                continue;
+            }
+            "--reconnect" => {
+                inpod_style.reconnect = true;
                 i += 1;
                 continue;
             }
@@ -1035,6 +1048,8 @@ enum Role {
 #[derive(Clone, Copy)]
 struct InPodStyle {
     pass_through: bool,
+    /// Connect again when the agent closes the connection, keeping the pods (ztunnel's way).
+    reconnect: bool,
 }
 
 /// One pod's listeners, open in its network namespace. `close` shuts them and waits for
@@ -1360,25 +1375,45 @@ fn inpod_ztunnel(
     style: InPodStyle,
     hello_version: u64,
 ) {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::os::unix::fs::MetadataExt;
-    let fd = connect_zds(zds);
-    if let Err(e) = send_packet(fd, &encode_hello(hello_version)) {
-        say(&format!("fatal send hello errno={e}"));
-        std::process::exit(1);
-    }
-    say("ready");
+    // Connects and says hello: at start, and with --reconnect after each session's end.
+    let session = || {
+        let fd = connect_zds(zds);
+        if let Err(e) = send_packet(fd, &encode_hello(hello_version)) {
+            say(&format!("fatal send hello errno={e}"));
+            std::process::exit(1);
+        }
+        say("ready");
+        fd
+    };
+    let mut fd = session();
     let mut nacks_left: HashMap<String, u32> = HashMap::new();
     for (uid, n) in nacks {
         *nacks_left.entry(uid).or_default() += n;
     }
     let mut pods: HashMap<String, Pod> = HashMap::new();
+    // ztunnel's reconcile: the pods added or kept in this session before its snapshot's end.
+    let mut in_snapshot: HashSet<String> = HashSet::new();
+    let mut snapshot_received = false;
+    // The session ended: exit, or (ztunnel's way) keep the pods and connect again.
+    let closed = |fd: RawFd, snapshot_received: &mut bool, in_snapshot: &mut HashSet<String>| {
+        say("closed");
+        if !style.reconnect {
+            std::process::exit(0);
+        }
+        // SAFETY: the session's descriptor, not used after this.
+        unsafe { close(fd) };
+        *snapshot_received = false;
+        in_snapshot.clear();
+        session()
+    };
     loop {
         let (bytes, mut fds) = match recv_packet(fd) {
             Ok(Packet::Message(bytes, fds)) => (bytes, fds),
             Ok(Packet::Closed) => {
-                say("closed");
-                std::process::exit(0);
+                fd = closed(fd, &mut snapshot_received, &mut in_snapshot);
+                continue;
             }
             Err(e) => violation(&e),
         };
@@ -1420,6 +1455,9 @@ fn inpod_ztunnel(
                     }
                     None => Pod::open(&uid, netns, style),
                 };
+                if !snapshot_received {
+                    in_snapshot.insert(uid.clone());
+                }
                 match result {
                     Ok(pod) => {
                         pods.insert(uid, pod);
@@ -1440,10 +1478,32 @@ fn inpod_ztunnel(
             }
             Request::Keep { uid } => {
                 say(&format!("keep uid={}", enc(&uid)));
+                if snapshot_received {
+                    violation(&format!("keep uid={} after snapshot_sent", enc(&uid)));
+                }
+                in_snapshot.insert(uid);
                 String::new()
             }
             Request::SnapshotSent => {
                 say("snapshot");
+                if snapshot_received {
+                    violation("a second snapshot_sent");
+                }
+                snapshot_received = true;
+                // Sorted, so that the lines come in one order.
+                let mut dropped: Vec<String> = pods
+                    .keys()
+                    .filter(|uid| !in_snapshot.contains(*uid))
+                    .cloned()
+                    .collect();
+                dropped.sort();
+                for uid in dropped {
+                    if let Some(pod) = pods.remove(&uid) {
+                        pod.close();
+                    }
+                    say(&format!("dropped uid={}", enc(&uid)));
+                }
+                in_snapshot.clear();
                 String::new()
             }
         };
@@ -1453,8 +1513,7 @@ fn inpod_ztunnel(
         match send_packet(fd, &encode_ack(&error)) {
             Ok(()) => {}
             Err(EPIPE | ECONNRESET) => {
-                say("closed");
-                std::process::exit(0);
+                fd = closed(fd, &mut snapshot_received, &mut in_snapshot);
             }
             Err(e) => violation(&format!("send ack errno={e}")),
         }

@@ -41,6 +41,11 @@ pub struct InPodOptions {
     pub pass_through: bool,
     /// The version in `ZdsHello` (ztunnel sends 1, `V1`).
     pub hello_version: u32,
+    /// As ztunnel when its node agent restarts: the connection's end keeps the pods' listeners
+    /// open and the fake connects again ([`ZdsEvent::Closed`], then [`ZdsEvent::Ready`]);
+    /// each session's `snapshot_sent` closes the pods held that were neither added nor kept
+    /// in it ([`ZdsEvent::Dropped`]).
+    pub reconnect: bool,
 }
 
 impl Default for InPodOptions {
@@ -50,6 +55,7 @@ impl Default for InPodOptions {
             no_ack: false,
             pass_through: false,
             hello_version: 1,
+            reconnect: false,
         }
     }
 }
@@ -83,6 +89,12 @@ pub enum ZdsEvent {
     },
     /// `snapshot_sent` came.
     Snapshot,
+    /// With [`InPodOptions::reconnect`]: pod `uid` was held from an earlier session and was
+    /// neither added nor kept before this session's `snapshot_sent`, so it was closed, as
+    /// ztunnel's reconcile drops it.
+    Dropped {
+        uid: String,
+    },
     /// A listener of pod `uid` accepted a TCP connection (`orig` only on 15001 and 15006;
     /// `upstream` only with pass-through, errno 40 (ELOOP) when the fake refused to connect
     /// to its own listener).
@@ -96,7 +108,8 @@ pub enum ZdsEvent {
         local: SocketAddr,
         peer: SocketAddr,
     },
-    /// The agent closed the connection; the fake exits with status 0.
+    /// The agent closed the connection; the fake exits with status 0 (with
+    /// [`InPodOptions::reconnect`], it connects again).
     Closed,
     /// A protocol violation (the fake exits with status 3, dropping the connection), or a
     /// fatal start-up failure (status 1). The text after `error`/`fatal`.
@@ -125,6 +138,7 @@ impl ZdsEvent {
             "del" => ZdsEvent::Del { uid: text("uid")? },
             "keep" => ZdsEvent::Keep { uid: text("uid")? },
             "snapshot" => ZdsEvent::Snapshot,
+            "dropped" => ZdsEvent::Dropped { uid: text("uid")? },
             "accept" => ZdsEvent::Accepted {
                 uid: text("uid")?,
                 accepted: Accepted::parse(line)?,
@@ -218,6 +232,9 @@ impl InPodZtunnel {
         }
         if options.pass_through {
             args.push("--pass-through".into());
+        }
+        if options.reconnect {
+            args.push("--reconnect".into());
         }
         Ok(InPodZtunnel {
             helper: Helper::spawn_in_cgroup(cgroup, cgroup_path, &args)?,
@@ -320,6 +337,10 @@ mod tests {
             ))
         );
         assert_eq!(ZdsEvent::parse("snapshot"), Some(ZdsEvent::Snapshot));
+        assert_eq!(
+            ZdsEvent::parse("dropped uid=a%20b"),
+            Some(ZdsEvent::Dropped { uid: "a b".into() })
+        );
         assert_eq!(ZdsEvent::parse("bogus"), None);
     }
 

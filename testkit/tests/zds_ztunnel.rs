@@ -369,13 +369,14 @@ fn an_add_opens_ztunnels_listeners_in_the_pods_namespace_and_del_closes_them() {
     assert!(matches!(accepted.orig, Some(Err(_))), "{accepted:?}");
     assert_eq!(accepted.upstream, None);
 
-    assert_eq!(world.conn.request(&snapshot_sent(), None), "");
-    world.wait_for("snapshot", |e| *e == ZdsEvent::Snapshot);
+    // A keep comes only before the snapshot's end (after it, ztunnel refuses it).
     assert_eq!(world.conn.request(&keep("uid-1"), None), "");
     world.wait_for(
         "keep",
         |e| matches!(e, ZdsEvent::Keep { uid } if uid == "uid-1"),
     );
+    assert_eq!(world.conn.request(&snapshot_sent(), None), "");
+    world.wait_for("snapshot", |e| *e == ZdsEvent::Snapshot);
 
     // The del is acked once the listeners are closed.
     assert_eq!(world.conn.request(&del("uid-1"), None), "");
@@ -661,4 +662,90 @@ fn pass_through_proxies_to_the_original_destination_from_the_pod_with_ztunnels_m
         unreachable!()
     };
     assert_eq!(accepted.upstream, Some(Err(libc::ELOOP)));
+}
+
+/// With `reconnect`, the fake outlives the agent's connection as ztunnel does: its pods stay
+/// served, it connects again with a new hello, and the new session's `snapshot_sent` closes
+/// the pods that were neither added nor kept in it (`dropped`), keeping the others; a `keep`
+/// after `snapshot_sent` is a protocol violation.
+#[test]
+fn a_reconnecting_fake_keeps_its_pods_and_reconciles_each_snapshot() {
+    if !testkit::require_root("a_reconnecting_fake_keeps_its_pods_and_reconciles_each_snapshot") {
+        return;
+    }
+    let world = World::new(InPodOptions {
+        reconnect: true,
+        ..InPodOptions::default()
+    });
+    let pods: Vec<NetNs> = ["zds-rc-a", "zds-rc-b", "zds-rc-c"]
+        .iter()
+        .map(|name| NetNs::new(name).unwrap())
+        .collect();
+    for (i, pod) in pods.iter().enumerate() {
+        let netns = pod.file().unwrap();
+        let uid = format!("uid-{i}");
+        let error = world
+            .conn
+            .request(&add(&uid, "p", "apps", "sa"), Some(netns.as_raw_fd()));
+        assert_eq!(error, "");
+    }
+    assert_eq!(world.conn.request(&snapshot_sent(), None), "");
+    world.wait_for("the first snapshot", |e| *e == ZdsEvent::Snapshot);
+
+    // The agent goes away: the pods are still served.
+    let World {
+        cgroup: _cgroup,
+        server,
+        fake,
+        conn,
+        hello: _,
+    } = world;
+    drop(conn);
+    fake.wait_for(WAIT, |e| *e == ZdsEvent::Closed)
+        .expect("the end of the session");
+    for pod in &pods {
+        assert_eq!(tcp_exchange(pod, sa("[::1]:15001"), b"x").unwrap(), b"x");
+    }
+    // A new agent: a new hello; pod 0 added again, pod 1 kept, pod 2 not named.
+    let conn = server.accept();
+    assert_eq!(conn.recv(WAIT).expect("no hello"), [0x08, 0x01]);
+    fake.wait_for(WAIT, |e| *e == ZdsEvent::Ready)
+        .expect("ready again");
+    let netns = pods[0].file().unwrap();
+    assert_eq!(
+        conn.request(&add("uid-0", "p", "apps", "sa"), Some(netns.as_raw_fd())),
+        ""
+    );
+    assert_eq!(conn.request(&keep("uid-1"), None), "");
+    assert_eq!(conn.request(&snapshot_sent(), None), "");
+    let mut seen = Vec::new();
+    fake.wait_for(WAIT, |e| {
+        seen.push(e.clone());
+        matches!(e, ZdsEvent::Dropped { .. })
+    })
+    .expect("a dropped pod");
+    assert_eq!(
+        seen.last(),
+        Some(&ZdsEvent::Dropped {
+            uid: "uid-2".into()
+        }),
+        "{seen:?}"
+    );
+    assert!(seen.contains(&ZdsEvent::Keep {
+        uid: "uid-1".into()
+    }));
+    assert_eq!(
+        tcp_exchange(&pods[0], sa("[::1]:15001"), b"x").unwrap(),
+        b"x"
+    );
+    assert_eq!(
+        tcp_exchange(&pods[1], sa("[::1]:15001"), b"x").unwrap(),
+        b"x"
+    );
+    assert!(refused(tcp_exchange(&pods[2], sa("[::1]:15001"), b"x")));
+
+    // A keep after the snapshot's end is refused as ztunnel refuses it.
+    conn.send(&keep("uid-1"), None);
+    fake.wait_for(WAIT, |e| matches!(e, ZdsEvent::Error(_)))
+        .expect("a protocol violation");
 }
