@@ -53,15 +53,38 @@ impl Rules {
             && !pod.terminal
     }
 
+    /// The addresses a pod is decided with: those of its status; while its status has none,
+    /// for a pod other than the node's ztunnel, those `seen` in its network namespace (the
+    /// addresses of the namespace of its first live process that had any). The kubelet
+    /// reports a new pod's IP in its status only after its sandbox has started, and its
+    /// containers may already run and connect by then; the sandbox's namespace has the address
+    /// from the start, as the CNI result that Istio's own node agent captures with does. Once
+    /// the status has addresses they alone count. ztunnel's address is what the programs send
+    /// every captured connection to: it is taken from its status only.
+    ///
+    /// `seen` is asked only when it is needed (a namespace's change re-decides every pod in
+    /// it).
+    pub fn addresses<'a>(
+        &self,
+        pod: &'a PodFacts,
+        seen: impl FnOnce() -> &'a [IpAddr],
+    ) -> &'a [IpAddr] {
+        if pod.ips.is_empty() && !self.is_node_ztunnel(pod) {
+            seen()
+        } else {
+            &pod.ips
+        }
+    }
+
     /// The decision for a pod of this node; `seen` are the addresses seen in its network
-    /// namespace ([`pod_addresses`]).
+    /// namespace ([`Rules::addresses`]).
     pub fn decide<'a>(
         &self,
         pod: &'a PodFacts,
         namespace: Option<&NamespaceFacts>,
         seen: impl FnOnce() -> &'a [IpAddr],
     ) -> Decision {
-        let ips = pod_addresses(pod, seen);
+        let ips = self.addresses(pod, seen);
         let (role, reason) = self.role(pod, namespace, ips);
         Decision {
             role,
@@ -74,7 +97,7 @@ impl Rules {
     }
 
     /// [`Rules::decide`]'s role and reason, without the addresses (`ips`, what
-    /// [`pod_addresses`] gave, for a role other than `none`): a re-decision that changes
+    /// [`Rules::addresses`] gave, for a role other than `none`): a re-decision that changes
     /// nothing allocates nothing.
     pub fn role(
         &self,
@@ -103,7 +126,7 @@ impl Rules {
         if ips.is_empty() {
             return (
                 Role::None,
-                "pod has no IP yet (none in its status or its network namespace)",
+                "pod has no IP yet: none in its status or its network namespace",
             );
         }
         let pod_mode = pod.dataplane_mode.as_deref();
@@ -126,21 +149,6 @@ impl Rules {
             Role::None,
             "neither the pod nor its namespace is labelled istio.io/dataplane-mode=ambient",
         )
-    }
-}
-
-/// The addresses a pod is captured with: those of its status; while its status has none, those
-/// `seen` in its network namespace (the addresses of the namespace of its first live process
-/// that had any). The kubelet reports a new pod's IP in its status only after its sandbox has
-/// started, and its containers may already run and connect by then; the sandbox's namespace
-/// has the address from the start, as the CNI result that Istio's own node agent captures
-/// with does. Once the status has addresses they alone count.
-/// `seen` is asked only then (a namespace's change re-decides every pod in it).
-pub fn pod_addresses<'a>(pod: &'a PodFacts, seen: impl FnOnce() -> &'a [IpAddr]) -> &'a [IpAddr] {
-    if pod.ips.is_empty() {
-        seen()
-    } else {
-        &pod.ips
     }
 }
 

@@ -206,6 +206,22 @@ fn a_pod_without_ip_anywhere_waits_for_the_first_address_seen() {
 }
 
 #[test]
+fn ztunnels_address_comes_from_its_status_only() {
+    let mut zt = pending_pod(1, "istio-system", "ztunnel-a");
+    zt["metadata"]["labels"] = json!({"app": "ztunnel"});
+    let mut h = Harness::new();
+    h.scan(&[]);
+    h.apply_obj(namespace("istio-system", json!({})));
+    h.apply_obj(zt);
+    h.synced_kube();
+    h.exec_with_ips(100, &container_path(1, 1), 501, &["10.0.0.3"]);
+    // ztunnel's cgroup is ztunnel's, but no address is sent to the programs before its
+    // status has one: every captured connect goes to that address.
+    assert_eq!(h.entry(501), Some((Role::Ztunnel, vec![])));
+    assert_eq!(h.ztunnel, Some(vec![]));
+}
+
+#[test]
 fn a_namespace_address_does_not_override_the_rules() {
     // hostNetwork: the namespace's addresses are the node's.
     let mut host = pending_pod(1, "shop", "a");

@@ -164,7 +164,7 @@ impl Resolver {
         if let OwnerKey::Pod(uid) = key {
             if let Some(pod) = self.pods.get(uid) {
                 let namespace = self.namespaces.get(pod.namespace.as_str());
-                let now_ips = pod_addresses(pod, || self.seen_ips(key));
+                let now_ips = self.rules.addresses(pod, || self.seen_ips(key));
                 let (now, _) = self.rules.role(pod, namespace, now_ips);
                 return now == role
                     && match now {
@@ -185,7 +185,7 @@ impl Resolver {
         };
         let pod = self.pods.get(uid)?;
         let namespace = self.namespaces.get(pod.namespace.as_str());
-        let ips = pod_addresses(pod, || self.seen_ips(key));
+        let ips = self.rules.addresses(pod, || self.seen_ips(key));
         let (role, reason) = self.rules.role(pod, namespace, ips);
         let ips: &[IpAddr] = match role {
             Role::None => &[],

@@ -17,7 +17,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use watcher::{CgroupId, CgroupRef, Pid, ProcEvent, ProcFacts};
 
 use crate::cgroup_path::{find_pod, PodOf};
-use crate::decide::{namespace_opts_in, pod_addresses, Decision, Rules};
+use crate::decide::{namespace_opts_in, Decision, Rules};
 use crate::facts::{NamespaceFacts, PodFacts};
 use crate::input::{Input, KubeChange};
 use crate::update::{Capture, Enrolment, Identity, PodName, Role, Update};

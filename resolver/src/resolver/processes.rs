@@ -165,7 +165,7 @@ impl Resolver {
     }
 
     /// The first addresses seen in a cgroup may give an `auto` owner its address, or a pod
-    /// whose status has none yet ([`crate::decide::pod_addresses`]).
+    /// whose status has none yet ([`Rules::addresses`]).
     pub(super) fn on_addresses_seen(&mut self, key: OwnerKey, out: &mut Vec<Update>) {
         let waits_for_address = match &key {
             OwnerKey::Workload(_) | OwnerKey::Ztunnel => true,
