@@ -206,6 +206,34 @@ fn a_pod_without_ip_anywhere_waits_for_the_first_address_seen() {
 }
 
 #[test]
+fn the_nodes_namespace_never_lends_a_pod_its_addresses() {
+    const NODE_NETNS: u64 = 4026531840;
+    let mut h = Harness::new();
+    // PID 1 (the node's init) tells which namespace is the node's. A process of the pod that
+    // has not joined the pod's namespace yet (the runtime's init, caught by the scan) shows
+    // the node's addresses: they are not the pod's.
+    h.feed(proc(watcher::ProcEvent::Scan {
+        processes: vec![
+            watcher::ScannedProcess {
+                pid: 1,
+                facts: facts_in_netns("/init.scope", 2, NODE_NETNS, &["192.168.1.5"]),
+            },
+            watcher::ScannedProcess {
+                pid: 100,
+                facts: facts_in_netns(&container_path(1, 1), 501, NODE_NETNS, &["192.168.1.5"]),
+            },
+        ],
+    }));
+    h.apply_obj(ambient_ns("shop"));
+    h.apply_obj(pending_pod(1, "shop", "a"));
+    h.synced_kube();
+    assert!(h.entries.is_empty(), "{:?}", h.entries);
+    // The pod's own process, in the pod's namespace: its address is the pod's.
+    h.exec_in_netns(101, &container_path(1, 1), 501, 4026532001, &["10.0.0.7"]);
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.7")])));
+}
+
+#[test]
 fn ztunnels_address_comes_from_its_status_only() {
     let mut zt = pending_pod(1, "istio-system", "ztunnel-a");
     zt["metadata"]["labels"] = json!({"app": "ztunnel"});

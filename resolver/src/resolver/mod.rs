@@ -26,6 +26,9 @@ use crate::workloads::{ipv4_first, is_within, Address, Mode, Workloads};
 /// How many distinct unrecognized pod-like paths are remembered (to log each once).
 const UNRECOGNIZED_LOG_LIMIT: usize = 4096;
 
+/// The node's init process: its network namespace is the node's.
+const INIT_PID: Pid = 1;
+
 /// Finds the id of a cgroup directory by its path (relative to the cgroup2 root).
 ///
 /// The live agent stats `<cgroup2 root>/<path>`; replay knows no more than the recording.
@@ -251,6 +254,9 @@ pub struct Resolver {
     /// The ztunnel addresses last emitted (`None`: nothing emitted yet).
     ztunnel_emitted: Option<Vec<IpAddr>>,
     unrecognized_logged: HashSet<String>,
+    /// The node's network namespace (PID 1's, once its facts were seen): addresses shown
+    /// there are never a pod's.
+    host_netns: Option<u64>,
 }
 
 impl Resolver {
@@ -285,6 +291,7 @@ impl Resolver {
             started: false,
             ztunnel_emitted: None,
             unrecognized_logged: HashSet::new(),
+            host_netns: None,
         }
     }
 

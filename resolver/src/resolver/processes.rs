@@ -52,6 +52,11 @@ impl Resolver {
                 if lost > 1 {
                     info!("rescan after {lost} losses of events");
                 }
+                // The node's namespace first, so that no process listed before PID 1 lends a
+                // pod the node's addresses.
+                if let Some(init) = processes.iter().find(|p| p.pid == INIT_PID) {
+                    self.learn_host_netns(INIT_PID, init.facts.netns);
+                }
                 let mut listed: FxHashSet<Pid> = FxHashSet::default();
                 listed.reserve(processes.len());
                 for p in processes {
@@ -78,6 +83,7 @@ impl Resolver {
 
     /// A process is (now) in the cgroup its facts name; without facts, it stays where it was.
     pub(super) fn exec(&mut self, tgid: Pid, facts: ProcFacts, out: &mut Vec<Update>) {
+        self.learn_host_netns(tgid, facts.netns);
         let Some(cgroup) = facts.cgroup else {
             debug!("process {tgid}: no cgroup (gone before /proc was read)");
             self.procs.entry(tgid).or_insert(None);
@@ -87,14 +93,46 @@ impl Resolver {
         if self.procs.get(&tgid) == Some(&Some(id)) {
             return;
         }
-        self.acquire(cgroup, facts.ips, out);
+        self.acquire(cgroup, facts.netns, facts.ips, out);
         if let Some(Some(old)) = self.procs.insert(tgid, Some(id)) {
             self.release(old, out);
         }
     }
 
+    /// PID 1's network namespace is the node's.
+    fn learn_host_netns(&mut self, tgid: Pid, netns: Option<u64>) {
+        if tgid == INIT_PID && netns.is_some() {
+            self.host_netns = netns;
+        }
+    }
+
+    /// The addresses a process in a cgroup of `owner` shows, as the cgroup keeps them: for a
+    /// pod, none from the node's namespace `host_netns` (a process on its way into the pod,
+    /// such as the runtime's init before it joins the pod's namespace, must not lend the pod
+    /// the node's addresses while its status has none: host connects to them would go to
+    /// ztunnel).
+    fn shown_ips(
+        host_netns: Option<u64>,
+        owner: Option<&OwnerKey>,
+        netns: Option<u64>,
+        ips: Vec<IpAddr>,
+    ) -> Vec<IpAddr> {
+        let in_node_namespace = netns.is_some() && netns == host_netns;
+        if in_node_namespace && matches!(owner, Some(OwnerKey::Pod(_))) {
+            return Vec::new();
+        }
+        usable_ips(ips)
+    }
+
     /// One more live process in `cgroup`.
-    pub(super) fn acquire(&mut self, cgroup: CgroupRef, ips: Vec<IpAddr>, out: &mut Vec<Update>) {
+    pub(super) fn acquire(
+        &mut self,
+        cgroup: CgroupRef,
+        netns: Option<u64>,
+        ips: Vec<IpAddr>,
+        out: &mut Vec<Update>,
+    ) {
+        let host_netns = self.host_netns;
         if let Some(state) = self.cgroups.get_mut(&cgroup.id) {
             state.live += 1;
             // Compared only for the line: the path is long, and most execs are into a cgroup
@@ -106,14 +144,15 @@ impl Resolver {
                 );
             }
             if state.ips.is_empty() && !ips.is_empty() {
-                state.ips = usable_ips(ips);
-                if let Some(key) = state.owner.clone() {
+                state.ips = Self::shown_ips(host_netns, state.owner.as_ref(), netns, ips);
+                if let (false, Some(key)) = (state.ips.is_empty(), state.owner.clone()) {
                     self.on_addresses_seen(key, out);
                 }
             }
             return;
         }
         let owner = self.classify(&cgroup.path);
+        let ips = Self::shown_ips(host_netns, owner.as_ref().map(|(key, _)| key), netns, ips);
         debug!("cgroup {} {}: first process", cgroup.id, cgroup.path);
         let path = cgroup.path;
         self.by_path.insert(Arc::clone(&path), cgroup.id);
@@ -123,7 +162,7 @@ impl Resolver {
                 path,
                 live: 1,
                 owner: owner.as_ref().map(|(k, _)| k.clone()),
-                ips: usable_ips(ips),
+                ips,
             },
         );
         if let Some((key, root)) = owner {

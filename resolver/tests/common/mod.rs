@@ -92,15 +92,17 @@ impl Harness {
         }));
     }
 
-    /// An exec whose network namespace has the addresses `ips`.
+    /// An exec in a network namespace of its own whose addresses are `ips`.
     pub fn exec_with_ips(&mut self, tgid: u32, path: &str, id: u64, ips: &[&str]) {
-        let mut facts = facts(path, id);
-        facts.netns = Some(4026532000);
-        facts.ips = ips.iter().map(|s| ip(s)).collect();
+        self.exec_in_netns(tgid, path, id, 4026532000, ips);
+    }
+
+    /// An exec in network namespace `netns`, whose addresses are `ips`.
+    pub fn exec_in_netns(&mut self, tgid: u32, path: &str, id: u64, netns: u64, ips: &[&str]) {
         self.feed(proc(ProcEvent::Exec {
             pid: tgid,
             tgid,
-            facts,
+            facts: facts_in_netns(path, id, netns, ips),
         }));
     }
 
@@ -162,6 +164,14 @@ pub fn facts(path: &str, id: u64) -> ProcFacts {
         }),
         ..ProcFacts::default()
     }
+}
+
+/// [`facts`] with a network namespace and its addresses.
+pub fn facts_in_netns(path: &str, id: u64, netns: u64, ips: &[&str]) -> ProcFacts {
+    let mut facts = facts(path, id);
+    facts.netns = Some(netns);
+    facts.ips = ips.iter().map(|s| ip(s)).collect();
+    facts
 }
 
 pub fn ip(s: &str) -> IpAddr {
