@@ -163,13 +163,20 @@ fn pending_pod(n: u32, ns: &str, name: &str) -> serde_json::Value {
     p
 }
 
-#[test]
-fn a_pod_without_ip_in_its_status_is_captured_with_its_network_namespace_address() {
+/// A synced harness with pod 1 (`shop/a`, no process yet) pending in the ambient namespace
+/// `shop`.
+fn pending_pod_in_an_ambient_namespace() -> Harness {
     let mut h = Harness::new();
     h.scan(&[]);
     h.apply_obj(ambient_ns("shop"));
     h.apply_obj(pending_pod(1, "shop", "a"));
     h.synced_kube();
+    h
+}
+
+#[test]
+fn a_pod_without_ip_in_its_status_is_captured_with_its_network_namespace_address() {
+    let mut h = pending_pod_in_an_ambient_namespace();
     h.exec_with_ips(100, &container_path(1, 1), 501, &["fd00::7", "10.0.0.7"]);
     assert_eq!(
         h.entry(501),
@@ -188,11 +195,7 @@ fn a_pod_without_ip_in_its_status_is_captured_with_its_network_namespace_address
 
 #[test]
 fn a_pod_without_ip_anywhere_waits_for_the_first_address_seen() {
-    let mut h = Harness::new();
-    h.scan(&[]);
-    h.apply_obj(ambient_ns("shop"));
-    h.apply_obj(pending_pod(1, "shop", "a"));
-    h.synced_kube();
+    let mut h = pending_pod_in_an_ambient_namespace();
     // Its first process's namespace had no address yet (or it was gone before it was read).
     h.exec(100, &container_path(1, 1), 501);
     assert!(h.entries.is_empty());
