@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP};
 use resolver::facts::{
-    NamespaceFacts, PodFacts, APP_LABEL, DATAPLANE_MODE_LABEL, SIDECAR_STATUS_ANNOTATION,
+    NamespaceFacts, PodFacts, APP_LABEL, DATAPLANE_MODE_LABEL, DEFAULT_SERVICE_ACCOUNT,
+    SIDECAR_STATUS_ANNOTATION,
 };
 use resolver::workloads::ipv4_first;
 use resolver::{Input, KubeChange};
@@ -75,7 +77,7 @@ pub(crate) fn status_ips(pod_ips: Option<&[PodIP]>, pod_ip: Option<&str>) -> Vec
 pub fn pod_facts(pod: &Pod) -> PodFacts {
     let meta = &pod.metadata;
     let labels = meta.labels.as_ref();
-    let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(|v| Arc::from(v.as_str()));
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let ips = status.map_or_else(Vec::new, |s| {
@@ -84,9 +86,9 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
     PodFacts {
         uid: meta.uid.clone().unwrap_or_default(),
-        namespace: meta.namespace.clone().unwrap_or_default(),
+        namespace: Arc::from(meta.namespace.as_deref().unwrap_or_default()),
         name: meta.name.clone().unwrap_or_default(),
-        node: spec.and_then(|s| s.node_name.clone()),
+        node: spec.and_then(|s| s.node_name.as_deref()).map(Arc::from),
         dataplane_mode: label(DATAPLANE_MODE_LABEL),
         app: label(APP_LABEL),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
@@ -100,10 +102,11 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.as_nanosecond()),
-        service_account: spec
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".to_string()),
+        service_account: Arc::from(
+            spec.and_then(|s| s.service_account_name.as_deref())
+                .filter(|s| !s.is_empty())
+                .unwrap_or(DEFAULT_SERVICE_ACCOUNT),
+        ),
     }
 }
 

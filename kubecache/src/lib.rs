@@ -19,6 +19,7 @@ pub mod config;
 pub mod probe;
 pub mod record;
 pub mod recorded_facts;
+pub mod shared_strings;
 pub mod status;
 mod tracker;
 mod view;

@@ -10,10 +10,12 @@
 //! declined, and read step by step, which names what is wrong.
 
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use resolver::facts::{
-    NamespaceFacts, PodFacts, APP_LABEL, DATAPLANE_MODE_LABEL, SIDECAR_STATUS_ANNOTATION,
+    NamespaceFacts, PodFacts, APP_LABEL, DATAPLANE_MODE_LABEL, DEFAULT_SERVICE_ACCOUNT,
+    SIDECAR_STATUS_ANNOTATION,
 };
 use resolver::KubeChange;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -22,7 +24,8 @@ use watcher::recording::{ObjectReading, Text};
 use watcher::KubeAction;
 
 use crate::change::status_ips;
-use crate::record::{RecordedPodSpec, RecordedPodStatus};
+use crate::record::RecordedPodStatus;
+use crate::shared_strings::shared;
 
 /// The facts of a recorded `v1` Pod (its uid not empty) or Namespace (its name not empty).
 #[derive(Debug, Clone, PartialEq)]
@@ -85,21 +88,36 @@ struct PlainObject<'a> {
     api_version: Option<&'a str>,
     #[serde(borrow)]
     kind: Option<&'a str>,
-    #[serde(default)]
-    metadata: PlainMeta,
-    spec: Option<RecordedPodSpec>,
+    #[serde(default, borrow)]
+    metadata: PlainMeta<'a>,
+    #[serde(borrow)]
+    spec: Option<PlainSpec<'a>>,
     status: Option<RecordedPodStatus>,
 }
 
+/// The strings that many pods share are borrowed from the line (when they have no escapes)
+/// and turned into this thread's shared copies ([`shared`]): no allocation per record.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct PlainMeta {
+struct PlainMeta<'a> {
     uid: Option<String>,
     name: Option<String>,
-    namespace: Option<String>,
+    #[serde(borrow)]
+    namespace: Option<Text<'a>>,
     labels: Option<RuleLabels>,
     annotations: Option<SidecarAnnotation>,
     creation_timestamp: Option<Time>,
+}
+
+/// `spec`, as [`crate::record`] reads it, its strings borrowed.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PlainSpec<'a> {
+    #[serde(borrow)]
+    node_name: Option<Text<'a>>,
+    host_network: Option<bool>,
+    #[serde(borrow)]
+    service_account_name: Option<Text<'a>>,
 }
 
 impl PlainObject<'_> {
@@ -123,15 +141,20 @@ impl PlainObject<'_> {
                 let labels = meta.labels.unwrap_or_default();
                 let (node, host_network, service_account) = match spec {
                     Some(spec) => (
-                        spec.node_name,
+                        spec.node_name.map(|n| shared(&n.0)),
                         spec.host_network.unwrap_or(false),
                         spec.service_account_name,
                     ),
                     None => (None, false, None),
                 };
+                let service_account = service_account
+                    .as_ref()
+                    .map(|s| &*s.0)
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
                 Some(ObjectFacts::Pod(Box::new(PodFacts {
                     uid,
-                    namespace: meta.namespace.unwrap_or_default(),
+                    namespace: shared(meta.namespace.as_ref().map_or("", |n| &*n.0)),
                     name: meta.name.unwrap_or_default(),
                     node,
                     dataplane_mode: labels.dataplane_mode,
@@ -141,9 +164,7 @@ impl PlainObject<'_> {
                     terminal,
                     ips,
                     created: meta.creation_timestamp.map(|t| t.0.as_nanosecond()),
-                    service_account: service_account
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or_else(|| "default".to_string()),
+                    service_account: shared(service_account),
                 })))
             }
             "Namespace" => {
@@ -151,7 +172,10 @@ impl PlainObject<'_> {
                 Some(ObjectFacts::Namespace {
                     name,
                     facts: NamespaceFacts {
-                        dataplane_mode: meta.labels.and_then(|l| l.dataplane_mode),
+                        dataplane_mode: meta
+                            .labels
+                            .and_then(|l| l.dataplane_mode)
+                            .map(|m| m.to_string()),
                     },
                 })
             }
@@ -165,8 +189,8 @@ impl PlainObject<'_> {
 /// there).
 #[derive(Default)]
 struct RuleLabels {
-    dataplane_mode: Option<String>,
-    app: Option<String>,
+    dataplane_mode: Option<Arc<str>>,
+    app: Option<Arc<str>>,
 }
 
 impl<'de> Deserialize<'de> for RuleLabels {
@@ -182,8 +206,8 @@ impl<'de> Deserialize<'de> for RuleLabels {
                 while let Some(key) = map.next_key::<Text>()? {
                     let value = map.next_value::<Text>()?;
                     match key.0.as_ref() {
-                        DATAPLANE_MODE_LABEL => labels.dataplane_mode = Some(value.0.into_owned()),
-                        APP_LABEL => labels.app = Some(value.0.into_owned()),
+                        DATAPLANE_MODE_LABEL => labels.dataplane_mode = Some(shared(&value.0)),
+                        APP_LABEL => labels.app = Some(shared(&value.0)),
                         _ => {}
                     }
                 }

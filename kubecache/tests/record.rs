@@ -78,7 +78,7 @@ fn a_pod_record_becomes_every_fact_the_rules_read() {
     );
     assert_eq!(facts.created, Some(1_704_164_645_000_000_000));
     assert_eq!(
-        facts.service_account, "default",
+        &*facts.service_account, "default",
         "as the API server fills it"
     );
 

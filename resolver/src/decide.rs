@@ -48,7 +48,7 @@ impl Rules {
     /// this node, not terminated. A pod so labelled elsewhere is an ordinary pod.
     pub fn is_node_ztunnel(&self, pod: &PodFacts) -> bool {
         pod.app.as_deref() == Some(ZTUNNEL_APP)
-            && pod.namespace == self.system_namespace
+            && *pod.namespace == *self.system_namespace
             && pod.node.as_deref() == Some(self.node.as_str())
             && !pod.terminal
     }
@@ -117,7 +117,11 @@ impl Rules {
         if pod.host_network {
             return (Role::None, "pod uses hostNetwork");
         }
-        if self.excluded_namespaces.contains(&pod.namespace) {
+        if self
+            .excluded_namespaces
+            .iter()
+            .any(|n| **n == *pod.namespace)
+        {
             return (Role::None, "its namespace is excluded");
         }
         if pod.has_sidecar {

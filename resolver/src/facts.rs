@@ -3,6 +3,7 @@
 //! watches or a recording holds; the resolver never sees an object itself.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// The label that opts a pod or namespace into (or, on a pod, out of) ambient.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -10,20 +11,26 @@ pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 /// The label ztunnel's pods carry (`app=ztunnel`).
 pub const APP_LABEL: &str = "app";
+/// The service account of a pod that names none (the API server fills it in).
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// What the ambient rules read from a pod.
+///
+/// The strings that many pods share (namespace, node, labels, service account) are `Arc<str>`,
+/// so that a reader may hand out one copy of each (replay does): a pod's facts are made on one
+/// thread and dropped, when replaced, on another.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFacts {
     /// `metadata.uid`: the pod's identity (empty only for an object without one, which the
     /// resolver ignores).
     pub uid: String,
-    pub namespace: String,
+    pub namespace: Arc<str>,
     pub name: String,
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     /// The pod's `istio.io/dataplane-mode` label.
-    pub dataplane_mode: Option<String>,
+    pub dataplane_mode: Option<Arc<str>>,
     /// The pod's `app` label.
-    pub app: Option<String>,
+    pub app: Option<Arc<str>>,
     pub host_network: bool,
     pub has_sidecar: bool,
     /// `Succeeded` or `Failed`.
@@ -34,7 +41,7 @@ pub struct PodFacts {
     pub created: Option<i128>,
     /// `spec.serviceAccountName` (`default` when unset, as the API server fills it): the
     /// identity ztunnel serves an in-pod pod with.
-    pub service_account: String,
+    pub service_account: Arc<str>,
 }
 
 impl PodFacts {

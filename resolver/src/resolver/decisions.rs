@@ -67,9 +67,9 @@ impl Resolver {
                     capture,
                     Some(Identity {
                         uid: pod.uid.clone(),
-                        namespace: pod.namespace.clone(),
+                        namespace: pod.namespace.to_string(),
                         name: pod.name.clone(),
-                        service_account: pod.service_account.clone(),
+                        service_account: pod.service_account.to_string(),
                     }),
                 ),
                 _ => (Capture::Node, None),
@@ -104,12 +104,11 @@ impl Resolver {
     pub(super) fn decide(&self, key: &OwnerKey) -> Decision {
         match key {
             OwnerKey::Pod(uid) => match self.pods.get(uid) {
-                Some(pod) => {
-                    self.rules
-                        .decide(pod, self.namespaces.get(pod.namespace.as_str()), || {
-                            self.seen_ips(key)
-                        })
-                }
+                Some(pod) => self
+                    .rules
+                    .decide(pod, self.namespaces.get(&*pod.namespace), || {
+                        self.seen_ips(key)
+                    }),
                 None => Decision::none("not known on this node"),
             },
             OwnerKey::Workload(i) => {
@@ -163,7 +162,7 @@ impl Resolver {
     pub(super) fn decides_same(&self, key: &OwnerKey, role: Role, ips: &[IpAddr]) -> bool {
         if let OwnerKey::Pod(uid) = key {
             if let Some(pod) = self.pods.get(uid) {
-                let namespace = self.namespaces.get(pod.namespace.as_str());
+                let namespace = self.namespaces.get(&*pod.namespace);
                 let now_ips = self.rules.addresses(pod, || self.seen_ips(key));
                 let (now, _) = self.rules.role(pod, namespace, now_ips);
                 return now == role
@@ -184,7 +183,7 @@ impl Resolver {
             return None;
         };
         let pod = self.pods.get(uid)?;
-        let namespace = self.namespaces.get(pod.namespace.as_str());
+        let namespace = self.namespaces.get(&*pod.namespace);
         let ips = self.rules.addresses(pod, || self.seen_ips(key));
         let (role, reason) = self.rules.role(pod, namespace, ips);
         let ips: &[IpAddr] = match role {
@@ -321,13 +320,13 @@ impl Resolver {
     /// Re-decides every owner whose pod is in `namespace`.
     pub(super) fn recompute_namespace(&mut self, namespace: &str, out: &mut Vec<Update>) {
         // Taken out while its owners are re-decided (recompute needs `self`), then put back.
-        let Some(keys) = self.pods_by_namespace.remove(namespace) else {
+        let Some((name, keys)) = self.pods_by_namespace.remove_entry(namespace) else {
             return;
         };
         for key in &keys {
             self.recompute(key, out);
         }
-        self.pods_by_namespace.insert(namespace.to_string(), keys);
+        self.pods_by_namespace.insert(name, keys);
     }
 
     /// The ztunnel address the programs should use; emitted when it changes.

@@ -64,19 +64,19 @@ impl Resolver {
         }
         let mut was_ztunnel = false;
         // A pod stays in its namespace's set while it stays in the namespace (most changes).
-        let new_namespace = facts.as_ref().map(|f| f.namespace.as_str());
+        let new_namespace = facts.as_ref().map(|f| &*f.namespace);
         let mut stayed = false;
         if let Some(old) = self.pods.remove(&uid) {
             if self.rules.is_node_ztunnel(&old) {
                 was_ztunnel = true;
                 self.ztunnel_pods.remove(&ZtunnelRank::of(&uid, &old));
             }
-            stayed = new_namespace == Some(old.namespace.as_str());
+            stayed = new_namespace == Some(&*old.namespace);
             if !stayed {
-                if let Some(set) = self.pods_by_namespace.get_mut(&old.namespace) {
+                if let Some(set) = self.pods_by_namespace.get_mut(&*old.namespace) {
                     set.remove(&OwnerKey::Pod(uid.clone()));
                     if set.is_empty() {
-                        self.pods_by_namespace.remove(&old.namespace);
+                        self.pods_by_namespace.remove(&*old.namespace);
                     }
                 }
             }

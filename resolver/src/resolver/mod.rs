@@ -238,7 +238,7 @@ pub struct Resolver {
     owners: FxHashMap<OwnerKey, Owner>,
     pods: FxHashMap<Box<str>, PodFacts>,
     /// The uids of `pods`, by namespace: a namespace's change re-decides only its pods.
-    pods_by_namespace: FxHashMap<String, BTreeSet<OwnerKey>>,
+    pods_by_namespace: FxHashMap<Arc<str>, BTreeSet<OwnerKey>>,
     namespaces: FxHashMap<String, NamespaceFacts>,
     /// The local pods that qualify as the node's ztunnel and have an address, in the order
     /// that picks one during a rollout (the last is the newest): a ztunnel pod's change looks
