@@ -39,7 +39,7 @@ impl Change {
         match self {
             Change::Apply(Object::Pod(pod)) => KubeChange::ApplyPod(pod_facts(pod)),
             Change::Delete(Object::Pod(pod)) => KubeChange::DeletePod {
-                uid: pod.metadata.uid.clone().unwrap_or_default(),
+                uid: Arc::from(pod.metadata.uid.as_deref().unwrap_or_default()),
             },
             Change::Apply(Object::Namespace(ns)) => KubeChange::ApplyNamespace {
                 name: ns.metadata.name.clone().unwrap_or_default(),
@@ -85,9 +85,9 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
     });
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
     PodFacts {
-        uid: meta.uid.clone().unwrap_or_default(),
+        uid: Arc::from(meta.uid.as_deref().unwrap_or_default()),
         namespace: Arc::from(meta.namespace.as_deref().unwrap_or_default()),
-        name: meta.name.clone().unwrap_or_default(),
+        name: Arc::from(meta.name.as_deref().unwrap_or_default()),
         node: spec.and_then(|s| s.node_name.as_deref()).map(Arc::from),
         dataplane_mode: label(DATAPLANE_MODE_LABEL),
         app: label(APP_LABEL),

@@ -95,13 +95,15 @@ struct PlainObject<'a> {
     status: Option<RecordedPodStatus>,
 }
 
-/// The strings that many pods share are borrowed from the line (when they have no escapes)
-/// and turned into this thread's shared copies ([`shared`]): no allocation per record.
+/// The strings are borrowed from the line (when they have no escapes) and turned into this
+/// thread's shared copies ([`shared`]): no allocation per record for a string seen before.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct PlainMeta<'a> {
-    uid: Option<String>,
-    name: Option<String>,
+    #[serde(borrow)]
+    uid: Option<Text<'a>>,
+    #[serde(borrow)]
+    name: Option<Text<'a>>,
     #[serde(borrow)]
     namespace: Option<Text<'a>>,
     labels: Option<RuleLabels>,
@@ -128,7 +130,7 @@ impl PlainObject<'_> {
         let meta = self.metadata;
         match self.kind? {
             "Pod" => {
-                let uid = meta.uid.filter(|uid| !uid.is_empty())?;
+                let uid = shared(&meta.uid.filter(|uid| !uid.0.is_empty())?.0);
                 let spec = self.spec;
                 let status = self.status;
                 let mut ips = Vec::new();
@@ -155,7 +157,7 @@ impl PlainObject<'_> {
                 Some(ObjectFacts::Pod(Box::new(PodFacts {
                     uid,
                     namespace: shared(meta.namespace.as_ref().map_or("", |n| &*n.0)),
-                    name: meta.name.unwrap_or_default(),
+                    name: shared(meta.name.as_ref().map_or("", |n| &*n.0)),
                     node,
                     dataplane_mode: labels.dataplane_mode,
                     app: labels.app,
@@ -168,7 +170,7 @@ impl PlainObject<'_> {
                 })))
             }
             "Namespace" => {
-                let name = meta.name.filter(|name| !name.is_empty())?;
+                let name = meta.name.filter(|name| !name.0.is_empty())?.0.into_owned();
                 Some(ObjectFacts::Namespace {
                     name,
                     facts: NamespaceFacts {

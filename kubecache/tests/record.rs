@@ -61,7 +61,7 @@ fn a_pod_record_becomes_every_fact_the_rules_read() {
     let KubeChange::ApplyPod(facts) = kube_record_to_change(&record).unwrap() else {
         panic!("not a pod apply");
     };
-    assert_eq!(facts.uid, UID);
+    assert_eq!(&*facts.uid, UID);
     assert_eq!(facts.full_name(), "apps/web");
     assert_eq!(facts.node.as_deref(), Some("node-a"));
     assert_eq!(facts.dataplane_mode.as_deref(), Some("ambient"));

@@ -16,16 +16,17 @@ pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// What the ambient rules read from a pod.
 ///
-/// The strings that many pods share (namespace, node, labels, service account) are `Arc<str>`,
-/// so that a reader may hand out one copy of each (replay does): a pod's facts are made on one
-/// thread and dropped, when replaced, on another.
+/// The strings are `Arc<str>`, so that a reader may hand out one copy of each (replay does:
+/// those many pods share, and a pod's uid and name in each of its versions): a pod's facts are
+/// made on one thread and dropped, when replaced, on another, and the resolver keys its maps
+/// by the uid without copying it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFacts {
     /// `metadata.uid`: the pod's identity (empty only for an object without one, which the
     /// resolver ignores).
-    pub uid: String,
+    pub uid: Arc<str>,
     pub namespace: Arc<str>,
-    pub name: String,
+    pub name: Arc<str>,
     pub node: Option<Arc<str>>,
     /// The pod's `istio.io/dataplane-mode` label.
     pub dataplane_mode: Option<Arc<str>>,

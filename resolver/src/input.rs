@@ -1,5 +1,7 @@
 //! What the resolver is told: process events, and the facts of pods and namespaces.
 
+use std::sync::Arc;
+
 use watcher::ProcEvent;
 
 use crate::facts::{NamespaceFacts, PodFacts};
@@ -11,7 +13,7 @@ pub enum KubeChange {
     /// A pod added or modified: replaces any earlier facts of the pod with the same uid.
     ApplyPod(PodFacts),
     /// A pod removed.
-    DeletePod { uid: String },
+    DeletePod { uid: Arc<str> },
     /// A namespace added or modified: replaces any earlier facts of the namespace.
     ApplyNamespace { name: String, facts: NamespaceFacts },
     /// A namespace removed.

@@ -66,9 +66,9 @@ impl Resolver {
                 (capture @ Capture::InPod { .. }, Some(pod)) => (
                     capture,
                     Some(Identity {
-                        uid: pod.uid.clone(),
+                        uid: pod.uid.to_string(),
                         namespace: pod.namespace.to_string(),
-                        name: pod.name.clone(),
+                        name: pod.name.to_string(),
                         service_account: pod.service_account.to_string(),
                     }),
                 ),

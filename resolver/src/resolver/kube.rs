@@ -12,16 +12,16 @@ impl Resolver {
             }
             KubeChange::ApplyPod(facts) => {
                 if facts.node.as_deref() == Some(self.config.node.as_str()) {
-                    self.set_pod(facts.uid.clone().into_boxed_str(), Some(facts), out)
+                    self.set_pod(Arc::clone(&facts.uid), Some(facts), out)
                 } else {
                     // Not on this node: forget it if it was (a recording may say so).
-                    self.set_pod(facts.uid.into_boxed_str(), None, out)
+                    self.set_pod(facts.uid, None, out)
                 }
             }
             KubeChange::DeletePod { uid } if uid.is_empty() => {
                 warn!("a pod delete without metadata.uid was ignored")
             }
-            KubeChange::DeletePod { uid } => self.set_pod(uid.into_boxed_str(), None, out),
+            KubeChange::DeletePod { uid } => self.set_pod(uid, None, out),
             KubeChange::ApplyNamespace { name, .. } if name.is_empty() => {
                 warn!("a namespace without metadata.name was ignored")
             }
@@ -55,7 +55,7 @@ impl Resolver {
 
     pub(super) fn set_pod(
         &mut self,
-        uid: Box<str>,
+        uid: Arc<str>,
         facts: Option<PodFacts>,
         out: &mut Vec<Update>,
     ) {

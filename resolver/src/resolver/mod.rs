@@ -84,7 +84,7 @@ impl ResolverConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum OwnerKey {
     /// A pod, by `metadata.uid`.
-    Pod(Box<str>),
+    Pod(Arc<str>),
     /// `workloads[i]` of the workloads file.
     Workload(usize),
     /// The workloads file's ztunnel.
@@ -204,16 +204,16 @@ struct CgroupState {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct ZtunnelRank {
     created: Option<i128>,
-    name: String,
-    uid: Box<str>,
+    name: Arc<str>,
+    uid: Arc<str>,
 }
 
 impl ZtunnelRank {
-    fn of(uid: &str, pod: &PodFacts) -> ZtunnelRank {
+    fn of(uid: &Arc<str>, pod: &PodFacts) -> ZtunnelRank {
         ZtunnelRank {
             created: pod.created,
-            name: pod.name.clone(),
-            uid: uid.into(),
+            name: Arc::clone(&pod.name),
+            uid: Arc::clone(uid),
         }
     }
 }
@@ -236,7 +236,7 @@ pub struct Resolver {
     cgroups: FxHashMap<CgroupId, CgroupState>,
     by_path: FxHashMap<Arc<str>, CgroupId>,
     owners: FxHashMap<OwnerKey, Owner>,
-    pods: FxHashMap<Box<str>, PodFacts>,
+    pods: FxHashMap<Arc<str>, PodFacts>,
     /// The uids of `pods`, by namespace: a namespace's change re-decides only its pods.
     pods_by_namespace: FxHashMap<Arc<str>, BTreeSet<OwnerKey>>,
     namespaces: FxHashMap<String, NamespaceFacts>,

@@ -241,7 +241,7 @@ impl Resolver {
         }
         match find_pod(path) {
             PodOf::Pod { uid, pod_path, .. } => {
-                return Some((OwnerKey::Pod(uid.into_boxed_str()), pod_path.to_string()));
+                return Some((OwnerKey::Pod(uid.into()), pod_path.to_string()));
             }
             PodOf::Unrecognized => {
                 if self.unrecognized_logged.len() < UNRECOGNIZED_LOG_LIMIT
