@@ -166,7 +166,12 @@ fn pending_pod(n: u32, ns: &str, name: &str) -> serde_json::Value {
 /// A synced harness with pod 1 (`shop/a`, no process yet) pending in the ambient namespace
 /// `shop`.
 fn pending_pod_in_an_ambient_namespace() -> Harness {
-    let mut h = Harness::new();
+    pending_pod_in_an_ambient_namespace_with(ResolverConfig::new(NODE))
+}
+
+/// [`pending_pod_in_an_ambient_namespace`] with the resolver configured by `config`.
+fn pending_pod_in_an_ambient_namespace_with(config: ResolverConfig) -> Harness {
+    let mut h = Harness::with(config);
     h.scan(&[]);
     h.apply_obj(ambient_ns("shop"));
     h.apply_obj(pending_pod(1, "shop", "a"));
@@ -232,6 +237,25 @@ fn the_nodes_namespace_never_lends_a_pod_its_addresses() {
     h.synced_kube();
     assert!(h.entries.is_empty(), "{:?}", h.entries);
     // The pod's own process, in the pod's namespace: its address is the pod's.
+    h.exec_in_netns(101, &container_path(1, 1), 501, 4026532001, &["10.0.0.7"]);
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.7")])));
+}
+
+#[test]
+fn the_configured_node_namespace_stands_in_for_pid_1s() {
+    const NODE_NETNS: u64 = 4026531840;
+    let mut config = ResolverConfig::new(NODE);
+    config.node_netns = Some(NODE_NETNS);
+    let mut h = pending_pod_in_an_ambient_namespace_with(config);
+    // No PID 1 facts: the configured namespace is the node's.
+    h.exec_in_netns(
+        100,
+        &container_path(1, 1),
+        501,
+        NODE_NETNS,
+        &["192.168.1.5"],
+    );
+    assert!(h.entries.is_empty(), "{:?}", h.entries);
     h.exec_in_netns(101, &container_path(1, 1), 501, 4026532001, &["10.0.0.7"]);
     assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.7")])));
 }

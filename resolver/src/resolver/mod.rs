@@ -64,6 +64,10 @@ pub struct ResolverConfig {
     /// (`Node`, ztunnel's `dedicated` mode) or in each pod's (`InPod`, `shared` mode, fed over
     /// ZDS). Standalone mode takes it from the workloads file.
     pub capture: Capture,
+    /// The node's network namespace (its inode), when the caller knows it (the agent runs in
+    /// it: the DaemonSet is `hostNetwork`); PID 1's, once its facts are seen, takes its place.
+    /// Addresses shown there are never taken for a pod's.
+    pub node_netns: Option<u64>,
 }
 
 impl ResolverConfig {
@@ -76,6 +80,7 @@ impl ResolverConfig {
             exempt_cgroups: Vec::new(),
             workloads: None,
             capture: Capture::Node,
+            node_netns: None,
         }
     }
 }
@@ -254,8 +259,8 @@ pub struct Resolver {
     /// The ztunnel addresses last emitted (`None`: nothing emitted yet).
     ztunnel_emitted: Option<Vec<IpAddr>>,
     unrecognized_logged: HashSet<String>,
-    /// The node's network namespace (PID 1's, once its facts were seen): addresses shown
-    /// there are never a pod's.
+    /// The node's network namespace (PID 1's, once its facts were seen, else the config's):
+    /// addresses shown there are never a pod's.
     host_netns: Option<u64>,
 }
 
@@ -267,6 +272,7 @@ impl Resolver {
 
     /// A resolver that asks `ids` for the ids of pod-level cgroups and standalone subtrees.
     pub fn with_cgroup_ids(config: ResolverConfig, ids: Box<dyn CgroupIds + Send>) -> Resolver {
+        let host_netns = config.node_netns;
         let rules = Rules {
             node: config.node.clone(),
             system_namespace: config.system_namespace.clone(),
@@ -291,7 +297,7 @@ impl Resolver {
             started: false,
             ztunnel_emitted: None,
             unrecognized_logged: HashSet::new(),
-            host_netns: None,
+            host_netns,
         }
     }
 

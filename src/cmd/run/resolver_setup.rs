@@ -66,5 +66,10 @@ fn kube_resolver_config(args: &RunArgs, node: &str) -> anyhow::Result<ResolverCo
     config.system_namespace = args.system_namespace.clone();
     config.excluded_namespaces = args.exclude_namespaces.clone();
     config.exempt_cgroups = args.exempt_cgroups.clone();
+    // The agent runs in the node's network namespace (the DaemonSet is hostNetwork): its own
+    // stands in for PID 1's where that cannot be read.
+    config.node_netns = std::fs::metadata("/proc/self/ns/net")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     Ok(config)
 }
