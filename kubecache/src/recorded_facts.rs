@@ -4,8 +4,9 @@
 //!
 //! It reads the fields [`crate::change::pod_facts`] and [`crate::change::namespace_facts`] read,
 //! with the types the step-by-step reading in [`crate::record`] gives them, so it accepts no
-//! object that reading refuses, and it gives the same facts; the strings kept are allocated
-//! once, and the labels and annotations not read are passed over without being kept. Anything
+//! object that reading refuses, and it gives the same facts; a pod's strings are borrowed from
+//! the line and kept as this thread's shared copies ([`crate::shared_strings`]), and the
+//! labels and annotations not read are passed over without being kept. Anything
 //! else (an escape in `apiVersion` or `kind`, another kind, a field of the wrong type) is
 //! declined, and read step by step, which names what is wrong.
 
