@@ -921,3 +921,108 @@ fn inpod_pod_handed_over_and_captured(prefix: &str, status_has_address: bool) {
         "del was sent while the pod's entry was still there"
     );
 }
+
+/// In-pod mode, the agent restarts while the API server is unreachable and ztunnel keeps
+/// running (it connects again, as it does). The new agent cannot decide its pods yet: it sends
+/// ztunnel no snapshot's end, so ztunnel drops no pod and the pod's connects still land on it;
+/// once the server is back, the pod is added again before the end, and nothing is dropped.
+#[test]
+fn inpod_restart_with_api_server_unreachable_leaves_ztunnels_pods_alone() {
+    if !testkit::require_root(
+        "inpod_restart_with_api_server_unreachable_leaves_ztunnels_pods_alone",
+    ) {
+        return;
+    }
+    use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
+    let mut node = Node::new("e2e-kinpod-rs");
+    let app = PodCgroup::new(&node.mesh);
+    node.server.apply_namespace(&namespace("shop", true));
+    node.apply_pod("shop", "app", &app, &[POD4, POD6], json!({}));
+    node.sleeper(&app);
+    let proxy = Proxy::start(node.server.addr());
+    let api = proxy.addr();
+    node.proxy = Some(proxy);
+    let zds = node.dir.path().join("ztunnel.sock");
+    let state = node.dir.path().join("zds.json");
+    let inpod_args = [
+        "--zds-socket",
+        zds.to_str().unwrap(),
+        "--zds-status-file",
+        state.to_str().unwrap(),
+    ];
+    node.start_agent_with(api, false, &inpod_args);
+    let options = InPodOptions {
+        reconnect: true,
+        ..InPodOptions::default()
+    };
+    let fake = InPodZtunnel::start(
+        &node.mesh.cgroup,
+        &node.ztunnel_pod.container,
+        &zds,
+        options,
+    )
+    .expect("fake in-pod ztunnel");
+    let wait = |what: &str, want: &dyn Fn(&ZdsEvent) -> bool| {
+        fake.wait_for(WAIT, want)
+            .unwrap_or_else(|events| panic!("no {what}; saw {events:?}"));
+    };
+    wait("the pod's add", &|e| matches!(e, ZdsEvent::Add { .. }));
+    wait("the snapshot's end", &|e| *e == ZdsEvent::Snapshot);
+    let id = node.id(&app.pod);
+    node.wait_entries("the pod's in-pod entry", |e| {
+        e.get(&id)
+            .is_some_and(|i| i.flags & programmer::layout::F_INPOD != 0)
+    });
+    let captured = |node: &Node| match node.connect(&app) {
+        Outcome::Ok { peer, .. } => peer.port() == 15001 && peer.ip().is_loopback(),
+        _ => false,
+    };
+    assert!(captured(&node), "{}", node.log());
+
+    // The API server goes away, then the agent restarts.
+    node.proxy.as_mut().unwrap().down();
+    drop(node.agent.take());
+    node.start_agent_with(api, false, &inpod_args);
+    wait("ztunnel connected to the new agent", &|e| {
+        *e == ZdsEvent::Ready
+    });
+    wait_until(
+        "the new agent up, the API server unreachable",
+        || node.log(),
+        || node.log().contains("Kubernetes API server lost"),
+    );
+    // No end of a snapshot while the agent cannot see its pods: ztunnel still serves the pod.
+    assert!(captured(&node), "{}", node.log());
+    assert!(
+        fake.wait_for(Duration::from_millis(500), |e| matches!(
+            e,
+            ZdsEvent::Snapshot | ZdsEvent::Dropped { .. }
+        ))
+        .is_err(),
+        "a snapshot's end (or a drop) before the agent saw its pods"
+    );
+
+    // The server returns: the pod is added again, then the end; nothing is dropped.
+    node.proxy.as_mut().unwrap().up();
+    let mut since = Vec::new();
+    fake.wait_for(WAIT, |e| {
+        since.push(e.clone());
+        *e == ZdsEvent::Snapshot
+    })
+    .unwrap_or_else(|events| panic!("no snapshot's end; saw {events:?}\n{}", node.log()));
+    assert!(
+        since
+            .iter()
+            .any(|e| matches!(e, ZdsEvent::Add { uid, .. } if *uid == app.uid)),
+        "the pod is added before the end: {since:?}"
+    );
+    assert!(
+        fake.wait_for(Duration::from_millis(300), |e| matches!(
+            e,
+            ZdsEvent::Dropped { .. }
+        ))
+        .is_err(),
+        "ztunnel dropped a pod"
+    );
+    assert!(captured(&node), "{}", node.log());
+}

@@ -103,6 +103,13 @@ impl InPodGate {
             Update::Delete { cgroup_id } if self.by_cgroup.contains_key(&cgroup_id) => {
                 self.forget(cgroup_id, true, steps);
             }
+            // Every pod of the first full picture has been handed to the ZDS stage before it:
+            // ztunnel may be sent the snapshot's end (after which it drops what it was not
+            // sent).
+            Update::Synced => {
+                steps.push(Step::Queue(Update::Synced));
+                steps.push(Step::Zds(zds::Command::Synced));
+            }
             other => steps.push(Step::Queue(other)),
         }
     }
@@ -373,6 +380,7 @@ mod tests {
                 Step::Queue(other) => format!("{other:?}"),
                 Step::Zds(zds::Command::Serve(p)) => format!("serve {} {}", p.uid, p.cgroup),
                 Step::Zds(zds::Command::Release { uid }) => format!("zds release {uid}"),
+                Step::Zds(zds::Command::Synced) => "zds synced".to_string(),
                 Step::Enrol { uid } => format!("enrol {uid}"),
                 Step::ReleaseAfterFlush { uid } => format!("release after flush {uid}"),
                 Step::QueueHeld {
@@ -498,7 +506,10 @@ mod tests {
             None,
             &mut steps,
         );
-        assert_eq!(names(&steps), ["upsert 9", "Synced", "delete 9"]);
+        assert_eq!(
+            names(&steps),
+            ["upsert 9", "Synced", "zds synced", "delete 9"]
+        );
         steps.clear();
         gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         gate.acked("a", served(), &mut steps);

@@ -27,6 +27,10 @@ pub struct ZdsConfig {
     pub netns_retry: Duration,
     /// Where the state is written as JSON whenever it changes (for `zbridge dump`), if set.
     pub status_file: Option<PathBuf>,
+    /// Send no `snapshot_sent` until the caller says [`Command::Synced`]: ztunnel drops, at the
+    /// snapshot's end, every pod it was not sent, and an agent that has just started has not
+    /// decided its pods yet (its first scan, the kube cache's lists). Off by default.
+    pub hold_snapshot_until_synced: bool,
 }
 
 impl ZdsConfig {
@@ -40,6 +44,7 @@ impl ZdsConfig {
             retry_max: Duration::from_secs(30),
             netns_retry: Duration::from_millis(20),
             status_file: None,
+            hold_snapshot_until_synced: false,
         }
     }
 }
@@ -71,6 +76,9 @@ pub enum Command {
     Serve(PodSpec),
     /// Stop serving this pod: its entries are gone, ztunnel may close its listeners.
     Release { uid: String },
+    /// The caller has decided every pod it will serve for now (its first full picture): the
+    /// snapshot's end may be sent ([`ZdsConfig::hold_snapshot_until_synced`]).
+    Synced,
 }
 
 /// What the caller hears.

@@ -6,7 +6,10 @@
 //! whole snapshot again and replaces the old one. A pod of the snapshot whose namespace cannot
 //! be opened (no process in it at that moment) is sent as `keep` instead: ztunnel then keeps
 //! serving it if it already did (the agent restarted, ztunnel did not) rather than drop it at
-//! the snapshot's end; its `add` follows once its namespace opens. An ack carrying an error is logged with the
+//! the snapshot's end; its `add` follows once its namespace opens. With
+//! [`crate::ZdsConfig::hold_snapshot_until_synced`] the snapshot's end waits for the caller's
+//! [`Command::Synced`]: an agent that has just started has not decided its pods yet, and ztunnel
+//! drops at that end every pod it was not sent. An ack carrying an error is logged with the
 //! pod and the `add` retried with backoff. A peer that stops answering, says something that
 //! does not parse, or answers what was not asked is logged and disconnected; ztunnel
 //! reconnects and is sent the snapshot again. Nothing here touches what is programmed: the
@@ -57,6 +60,7 @@ impl Server {
                 .name("zds".into())
                 .spawn(move || {
                     let mut state = State {
+                        synced: !config.hold_snapshot_until_synced,
                         config,
                         pods: BTreeMap::new(),
                         session: None,
@@ -178,6 +182,8 @@ struct Pod {
     error: Option<String>,
     attempts: u32,
     retry_at: Option<Instant>,
+    /// Sent as `keep` to the current ztunnel: once is enough while its snapshot is open.
+    kept: bool,
 }
 
 struct Session {
@@ -186,8 +192,10 @@ struct Session {
     pid: i32,
     since: Instant,
     hello: bool,
-    /// The snapshot's end is queued, not sent yet: a pod that cannot be sent is kept instead.
+    /// The snapshot's end is not sent yet: a pod that cannot be sent is kept instead.
     in_snapshot: bool,
+    /// The snapshot's end is in the queue (it waits for the caller's picture otherwise).
+    snapshot_queued: bool,
     queue: VecDeque<Op>,
     /// The request awaiting its ack, when it was sent, and for an `add` the namespace sent.
     outstanding: Option<(Op, Instant, Option<OwnedFd>)>,
@@ -204,6 +212,8 @@ struct State {
     next_id: u64,
     /// Something changed since the state was last published (idle ticks publish nothing).
     dirty: bool,
+    /// The caller's picture is whole: a snapshot's end may be sent.
+    synced: bool,
 }
 
 impl State {
@@ -254,6 +264,7 @@ impl State {
                         error: None,
                         attempts: 0,
                         retry_at: None,
+                        kept: false,
                     },
                 );
                 if let Some(s) = self.session.as_mut().filter(|s| s.hello) {
@@ -276,6 +287,15 @@ impl State {
                     ) && pod.attempts > 0
                     {
                         s.queue.push_back(Op::Del(uid));
+                    }
+                }
+            }
+            Command::Synced => {
+                self.synced = true;
+                if let Some(s) = self.session.as_mut().filter(|s| s.hello) {
+                    if s.in_snapshot && !s.snapshot_queued {
+                        s.queue.push_back(Op::Snapshot);
+                        s.snapshot_queued = true;
                     }
                 }
             }
@@ -343,6 +363,7 @@ impl State {
             since: Instant::now(),
             hello: false,
             in_snapshot: false,
+            snapshot_queued: false,
             queue: VecDeque::new(),
             outstanding: None,
         });
@@ -361,10 +382,20 @@ impl State {
                         pod.state = PodState::Pending;
                         pod.attempts = 0;
                         pod.retry_at = None;
+                        pod.kept = false;
                     }
                     session.queue = self.pods.keys().cloned().map(Op::Add).collect();
-                    session.queue.push_back(Op::Snapshot);
                     session.in_snapshot = true;
+                    // Until the caller's picture is whole, more pods are to come: the end
+                    // waits, and the pods decided meanwhile are sent before it.
+                    if self.synced {
+                        session.queue.push_back(Op::Snapshot);
+                        session.snapshot_queued = true;
+                    } else {
+                        log::info!(
+                            "zds: the snapshot's end waits for the agent's first full picture"
+                        );
+                    }
                     log::info!(
                         "zds: ztunnel (pid {pid}) said hello; sending {} pods",
                         self.pods.len()
@@ -554,9 +585,12 @@ impl State {
                             pod.state = PodState::Error;
                             pod.error = Some(message);
                             pod.retry_at = Some(Instant::now() + self.config.netns_retry);
-                            if !in_snapshot {
+                            // Kept once already (the snapshot's end may wait for the agent's
+                            // picture, and the pod is looked at again meanwhile).
+                            if !in_snapshot || pod.kept {
                                 continue;
                             }
+                            pod.kept = true;
                             // ztunnel drops at the snapshot's end what it was not sent, though
                             // it may serve this pod already (the agent restarted, it did not).
                             self.counters.keeps += 1;

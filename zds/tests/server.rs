@@ -77,6 +77,11 @@ struct Fixture {
 }
 
 fn start() -> Fixture {
+    start_with(|_| {})
+}
+
+/// [`start`] with the configuration changed by `change` first.
+fn start_with(change: impl FnOnce(&mut ZdsConfig)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("ztunnel.sock");
     let roots = Roots {
@@ -88,6 +93,7 @@ fn start() -> Fixture {
     config.hello_timeout = Duration::from_millis(500);
     config.retry_min = Duration::from_millis(100);
     config.status_file = Some(dir.path().join("state/zds.json"));
+    change(&mut config);
     Fixture {
         server: Server::start(config).unwrap(),
         socket,
@@ -302,6 +308,61 @@ fn a_pod_without_a_live_process_is_kept_in_the_snapshot_and_an_error_after_it() 
 
 /// A kept pod is added once its namespace can be opened. The cgroup root is a directory of
 /// the test's (its `cgroup.procs` written by the test), so that no root is needed.
+/// An agent that has just started has not decided its pods yet: the snapshot's end waits for
+/// its first full picture, and the pods it decides meanwhile (added, or kept without a
+/// process) come before that end, so that ztunnel drops none of them.
+#[test]
+fn the_snapshots_end_waits_for_the_agents_first_full_picture() {
+    let f = start_with(|config| config.hold_snapshot_until_synced = true);
+    let peer = Peer::connect(&f.socket);
+    peer.hello();
+    // Nothing decided yet, and no end of the snapshot either.
+    peer.conn
+        .set_recv_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        peer.conn.recv().is_err(),
+        "nothing is sent before the agent's picture"
+    );
+    peer.conn
+        .set_recv_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Decided meanwhile: one pod with a process, one without.
+    let mut ghost = pod("ghost");
+    ghost.cgroup = "/zbridge-test-no-such-cgroup".into();
+    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    f.server.commands().send(Command::Serve(ghost)).unwrap();
+    expect_add(&peer, "a");
+    peer.ack("");
+    match peer.request() {
+        Some(Payload::Keep(keep)) => assert_eq!(keep.uid, "ghost"),
+        other => panic!("expected the keep of the ghost, got {other:?}"),
+    }
+    peer.ack("");
+    peer.conn
+        .set_recv_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        peer.conn.recv().is_err(),
+        "no end before the picture is whole"
+    );
+    peer.conn
+        .set_recv_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // The picture is whole: the end follows.
+    f.server.commands().send(Command::Synced).unwrap();
+    assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
+    peer.ack("");
+    // A ztunnel that connects from now on gets the end right after the pods.
+    let second = Peer::connect(&f.socket);
+    second.hello();
+    expect_add(&second, "a");
+    second.ack("");
+    assert!(matches!(second.request(), Some(Payload::Keep(_))));
+    second.ack("");
+    assert!(matches!(second.request(), Some(Payload::SnapshotSent(_))));
+}
+
 #[test]
 fn a_kept_pod_is_added_once_a_process_is_in_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -52,6 +52,8 @@ fn start_inpod(
     };
     let mut zds_config = zds::ZdsConfig::new(socket, roots);
     zds_config.status_file = Some(args.zds_status_file.clone());
+    // ztunnel reconciles to the snapshot: not before this agent has decided its pods.
+    zds_config.hold_snapshot_until_synced = true;
     let zds = zds::Server::start(zds_config)
         .with_context(|| format!("serving ZDS on {}", socket.display()))?;
     log::info!(
