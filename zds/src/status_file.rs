@@ -31,7 +31,7 @@ pub(crate) fn write_status(path: &std::path::Path, status: &Status) -> std::io::
     std::fs::rename(&tmp, path)
 }
 
-/// The state as [`write_status`] wrote it, for `zbridge dump`: ztunnel's pid and per pod
+/// The state as the server wrote it, for `zbridge dump`: ztunnel's pid and per pod
 /// (uid, `NAMESPACE/NAME`, state, error).
 pub fn read_status(path: &std::path::Path) -> std::io::Result<(Option<i32>, Vec<[String; 4]>)> {
     let value: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
