@@ -23,6 +23,7 @@ use serde_json::json;
 use testkit::http::sample;
 use testkit::mesh::{self, Mesh, POD4, POD6, SERVICE4, ZTUNNEL4, ZTUNNEL6};
 use testkit::objects::{namespace, pod};
+use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 use testkit::ztunnel::{self, Helper, Listener, Outcome, OUTBOUND};
 use testkit::{BpfFs, FakeApiServer, FakeZtunnel};
 
@@ -406,6 +407,34 @@ impl Node {
         assert_eq!(accepted.orig, Some(Ok(svc4())));
         let at_service = self.service.next(WAIT).expect("ztunnel's upstream connect");
         assert_eq!(at_service.peer.ip(), ZTUNNEL4);
+    }
+
+    /// Waits for `pod`'s in-pod entry (ztunnel acked it, the agent enrolled it).
+    fn wait_inpod_entry(&self, pod: &PodCgroup) {
+        let id = self.id(&pod.pod);
+        self.wait_entries("the pod's in-pod entry", |e| {
+            e.get(&id)
+                .is_some_and(|i| i.flags & programmer::layout::F_INPOD != 0)
+        });
+    }
+
+    /// Asserts that a connection from `pod` landed on the in-pod ztunnel's 15001 inside the pod
+    /// (`fake`), with the service as its original destination.
+    fn assert_inpod_redirected(&self, pod: &PodCgroup, fake: &InPodZtunnel) {
+        match self.connect(pod) {
+            Outcome::Ok { peer, .. } => assert!(
+                peer.port() == 15001 && peer.ip().is_loopback(),
+                "not to ztunnel in the pod: {peer}"
+            ),
+            other => panic!("connect failed: {other:?}\n{}", self.log()),
+        }
+        let accepted = fake
+            .wait_for(WAIT, |e| matches!(e, ZdsEvent::Accepted { .. }))
+            .unwrap_or_else(|seen| panic!("nothing accepted; saw {seen:?}"));
+        let ZdsEvent::Accepted { uid, accepted } = accepted else {
+            unreachable!()
+        };
+        assert_eq!((uid, accepted.orig), (pod.uid.clone(), Some(Ok(svc4()))));
     }
 
     /// Asserts that a connection from `pod` went straight to the service from the pod's address.
@@ -836,7 +865,6 @@ fn kubernetes_inpod_pod_without_a_status_address_is_handed_over_by_its_first_pro
 
 /// The in-pod round of the two tests above: the pod with or without addresses in its status.
 fn inpod_pod_handed_over_and_captured(prefix: &str, status_has_address: bool) {
-    use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
     let mut node = Node::new(prefix);
     let app = PodCgroup::new(&node.mesh);
     node.server.apply_namespace(&namespace("shop", true));
@@ -890,24 +918,8 @@ fn inpod_pod_handed_over_and_captured(prefix: &str, status_has_address: bool) {
         }
     );
     let id = node.id(&app.pod);
-    node.wait_entries("the pod's in-pod entry", |e| {
-        e.get(&id)
-            .is_some_and(|i| i.flags & programmer::layout::F_INPOD != 0)
-    });
-    match node.connect(&app) {
-        Outcome::Ok { peer, .. } => assert!(
-            peer.port() == 15001 && peer.ip().is_loopback(),
-            "not to ztunnel in the pod: {peer}"
-        ),
-        other => panic!("connect failed: {other:?}\n{}", node.log()),
-    }
-    let accepted = fake
-        .wait_for(WAIT, |e| matches!(e, ZdsEvent::Accepted { .. }))
-        .unwrap_or_else(|seen| panic!("nothing accepted; saw {seen:?}"));
-    let ZdsEvent::Accepted { uid, accepted } = accepted else {
-        unreachable!()
-    };
-    assert_eq!((uid, accepted.orig), (app.uid.clone(), Some(Ok(svc4()))));
+    node.wait_inpod_entry(&app);
+    node.assert_inpod_redirected(&app, &fake);
 
     // Deleted from the API server: the entry first, then `del`.
     node.server.delete_pod("shop", "app");
@@ -933,7 +945,6 @@ fn inpod_restart_with_api_server_unreachable_leaves_ztunnels_pods_alone() {
     ) {
         return;
     }
-    use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
     let mut node = Node::new("e2e-kinpod-rs");
     let app = PodCgroup::new(&node.mesh);
     node.server.apply_namespace(&namespace("shop", true));
@@ -968,16 +979,8 @@ fn inpod_restart_with_api_server_unreachable_leaves_ztunnels_pods_alone() {
     };
     wait("the pod's add", &|e| matches!(e, ZdsEvent::Add { .. }));
     wait("the snapshot's end", &|e| *e == ZdsEvent::Snapshot);
-    let id = node.id(&app.pod);
-    node.wait_entries("the pod's in-pod entry", |e| {
-        e.get(&id)
-            .is_some_and(|i| i.flags & programmer::layout::F_INPOD != 0)
-    });
-    let captured = |node: &Node| match node.connect(&app) {
-        Outcome::Ok { peer, .. } => peer.port() == 15001 && peer.ip().is_loopback(),
-        _ => false,
-    };
-    assert!(captured(&node), "{}", node.log());
+    node.wait_inpod_entry(&app);
+    node.assert_inpod_redirected(&app, &fake);
 
     // The API server goes away, then the agent restarts.
     node.proxy.as_mut().unwrap().down();
@@ -992,7 +995,6 @@ fn inpod_restart_with_api_server_unreachable_leaves_ztunnels_pods_alone() {
         || node.log().contains("Kubernetes API server lost"),
     );
     // No end of a snapshot while the agent cannot see its pods: ztunnel still serves the pod.
-    assert!(captured(&node), "{}", node.log());
     assert!(
         fake.wait_for(Duration::from_millis(500), |e| matches!(
             e,
@@ -1001,6 +1003,7 @@ fn inpod_restart_with_api_server_unreachable_leaves_ztunnels_pods_alone() {
         .is_err(),
         "a snapshot's end (or a drop) before the agent saw its pods"
     );
+    node.assert_inpod_redirected(&app, &fake);
 
     // The server returns: the pod is added again, then the end; nothing is dropped.
     node.proxy.as_mut().unwrap().up();
@@ -1024,5 +1027,5 @@ fn inpod_restart_with_api_server_unreachable_leaves_ztunnels_pods_alone() {
         .is_err(),
         "ztunnel dropped a pod"
     );
-    assert!(captured(&node), "{}", node.log());
+    node.assert_inpod_redirected(&app, &fake);
 }

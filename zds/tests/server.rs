@@ -43,6 +43,15 @@ impl Peer {
         }
     }
 
+    /// Asserts that the agent sends nothing for `wait` (`why` says what must not come yet).
+    fn expect_nothing_for(&self, wait: Duration, why: &str) {
+        self.conn.set_recv_timeout(Some(wait)).unwrap();
+        assert!(self.conn.recv().is_err(), "{why}");
+        self.conn
+            .set_recv_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+    }
+
     fn ack(&self, error: &str) {
         let ack = proto::WorkloadResponse {
             payload: Some(workload_response::Payload::Ack(proto::Ack {
@@ -123,6 +132,13 @@ fn expect_add(peer: &Peer, uid: &str) {
             );
         }
         other => panic!("expected the add of {uid}, got {other:?}"),
+    }
+}
+
+fn expect_keep(peer: &Peer, uid: &str) {
+    match peer.request() {
+        Some(Payload::Keep(keep)) => assert_eq!(keep.uid, uid),
+        other => panic!("expected the keep of {uid}, got {other:?}"),
     }
 }
 
@@ -283,10 +299,7 @@ fn a_pod_without_a_live_process_is_kept_in_the_snapshot_and_an_error_after_it() 
     peer.ack("");
     // No namespace to send for the ghost: ztunnel is asked to keep it (if it serves it), so
     // that the snapshot's end does not drop it, before that end.
-    match peer.request() {
-        Some(Payload::Keep(keep)) => assert_eq!(keep.uid, "ghost"),
-        other => panic!("expected the keep of the ghost, got {other:?}"),
-    }
+    expect_keep(&peer, "ghost");
     peer.ack("");
     assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
     peer.ack("");
@@ -306,8 +319,6 @@ fn a_pod_without_a_live_process_is_kept_in_the_snapshot_and_an_error_after_it() 
     assert_eq!(status.counters.adds, 1);
 }
 
-/// A kept pod is added once its namespace can be opened. The cgroup root is a directory of
-/// the test's (its `cgroup.procs` written by the test), so that no root is needed.
 /// An agent that has just started has not decided its pods yet: the snapshot's end waits for
 /// its first full picture, and the pods it decides meanwhile (added, or kept without a
 /// process) come before that end, so that ztunnel drops none of them.
@@ -317,16 +328,10 @@ fn the_snapshots_end_waits_for_the_agents_first_full_picture() {
     let peer = Peer::connect(&f.socket);
     peer.hello();
     // Nothing decided yet, and no end of the snapshot either.
-    peer.conn
-        .set_recv_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    assert!(
-        peer.conn.recv().is_err(),
-        "nothing is sent before the agent's picture"
+    peer.expect_nothing_for(
+        Duration::from_millis(300),
+        "nothing is sent before the agent's picture",
     );
-    peer.conn
-        .set_recv_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     // Decided meanwhile: one pod with a process, one without.
     let mut ghost = pod("ghost");
     ghost.cgroup = "/zbridge-test-no-such-cgroup".into();
@@ -334,21 +339,12 @@ fn the_snapshots_end_waits_for_the_agents_first_full_picture() {
     f.server.commands().send(Command::Serve(ghost)).unwrap();
     expect_add(&peer, "a");
     peer.ack("");
-    match peer.request() {
-        Some(Payload::Keep(keep)) => assert_eq!(keep.uid, "ghost"),
-        other => panic!("expected the keep of the ghost, got {other:?}"),
-    }
+    expect_keep(&peer, "ghost");
     peer.ack("");
-    peer.conn
-        .set_recv_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    assert!(
-        peer.conn.recv().is_err(),
-        "no end before the picture is whole"
+    peer.expect_nothing_for(
+        Duration::from_millis(300),
+        "no end before the picture is whole",
     );
-    peer.conn
-        .set_recv_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     // The picture is whole: the end follows.
     f.server.commands().send(Command::Synced).unwrap();
     assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
@@ -358,11 +354,13 @@ fn the_snapshots_end_waits_for_the_agents_first_full_picture() {
     second.hello();
     expect_add(&second, "a");
     second.ack("");
-    assert!(matches!(second.request(), Some(Payload::Keep(_))));
+    expect_keep(&second, "ghost");
     second.ack("");
     assert!(matches!(second.request(), Some(Payload::SnapshotSent(_))));
 }
 
+/// A kept pod is added once its namespace can be opened. The cgroup root is a directory of
+/// the test's (its `cgroup.procs` written by the test), so that no root is needed.
 #[test]
 fn a_kept_pod_is_added_once_a_process_is_in_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -380,10 +378,7 @@ fn a_kept_pod_is_added_once_a_process_is_in_it() {
     server.commands().send(Command::Serve(pod("late"))).unwrap();
     let peer = Peer::connect(&socket);
     peer.hello();
-    match peer.request() {
-        Some(Payload::Keep(keep)) => assert_eq!(keep.uid, "late"),
-        other => panic!("expected the keep of the pod, got {other:?}"),
-    }
+    expect_keep(&peer, "late");
     peer.ack("");
     assert!(matches!(peer.request(), Some(Payload::SnapshotSent(_))));
     peer.ack("");
