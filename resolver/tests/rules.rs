@@ -242,6 +242,18 @@ fn the_nodes_namespace_never_lends_a_pod_its_addresses() {
 }
 
 #[test]
+fn a_pid_1_shown_in_a_pods_cgroup_does_not_name_the_nodes_namespace() {
+    const POD_NETNS: u64 = 4026532001;
+    let mut h = pending_pod_in_an_ambient_namespace();
+    // A recording may say anything: PID 1 in the pod's cgroup, in the pod's namespace.
+    h.exec_in_netns(1, &container_path(1, 1), 501, POD_NETNS, &["10.0.0.7"]);
+    assert_eq!(h.entry(501), Some((Role::Ambient, vec![ip("10.0.0.7")])));
+    // The pod's other processes show the same namespace: still the pod's.
+    h.exec_in_netns(101, &container_path(1, 2), 502, POD_NETNS, &["10.0.0.7"]);
+    assert_eq!(h.entry(502), Some((Role::Ambient, vec![ip("10.0.0.7")])));
+}
+
+#[test]
 fn the_configured_node_namespace_stands_in_for_pid_1s() {
     const NODE_NETNS: u64 = 4026531840;
     let mut config = ResolverConfig::new(NODE);

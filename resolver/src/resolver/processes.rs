@@ -55,7 +55,7 @@ impl Resolver {
                 // The node's namespace first, so that no process listed before PID 1 lends a
                 // pod the node's addresses.
                 if let Some(init) = processes.iter().find(|p| p.pid == INIT_PID) {
-                    self.learn_host_netns(INIT_PID, init.facts.netns);
+                    self.learn_host_netns(INIT_PID, &init.facts);
                 }
                 let mut listed: FxHashSet<Pid> = FxHashSet::default();
                 listed.reserve(processes.len());
@@ -83,7 +83,7 @@ impl Resolver {
 
     /// A process is (now) in the cgroup its facts name; without facts, it stays where it was.
     pub(super) fn exec(&mut self, tgid: Pid, facts: ProcFacts, out: &mut Vec<Update>) {
-        self.learn_host_netns(tgid, facts.netns);
+        self.learn_host_netns(tgid, &facts);
         let Some(cgroup) = facts.cgroup else {
             debug!("process {tgid}: no cgroup (gone before /proc was read)");
             self.procs.entry(tgid).or_insert(None);
@@ -99,10 +99,18 @@ impl Resolver {
         }
     }
 
-    /// PID 1's network namespace is the node's.
-    fn learn_host_netns(&mut self, tgid: Pid, netns: Option<u64>) {
-        if tgid == INIT_PID && netns.is_some() {
-            self.host_netns = netns;
+    /// PID 1's network namespace is the node's; not when its facts put it in a pod's cgroup,
+    /// which no node's init is in (a recording may say anything).
+    fn learn_host_netns(&mut self, tgid: Pid, facts: &ProcFacts) {
+        if tgid != INIT_PID || facts.netns.is_none() {
+            return;
+        }
+        let in_a_pod = facts
+            .cgroup
+            .as_ref()
+            .is_some_and(|c| matches!(find_pod(&c.path), PodOf::Pod { .. }));
+        if !in_a_pod {
+            self.host_netns = facts.netns;
         }
     }
 
