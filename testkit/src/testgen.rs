@@ -755,15 +755,21 @@ fn netns_ips(slot: u32, generation: u32) -> Vec<String> {
     }
 }
 
-/// `,"netns":N,"ips":[...]` for a cgroup whose processes show addresses; empty otherwise.
+/// `,"netns":N,"ips":[...]` for a cgroup whose processes show addresses; empty otherwise. The
+/// namespace's inode is made from its addresses (FNV-1a), so that every cgroup of a pod names
+/// the same namespace, as the pod's processes share one.
 fn netns_fields(cg: &Cgroup) -> String {
     if cg.ips.is_empty() {
         return String::new();
     }
+    let joined = cg.ips.join(",");
+    let hash = joined.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     let ips: Vec<String> = cg.ips.iter().map(|ip| format!("\"{ip}\"")).collect();
     format!(
         ",\"netns\":{},\"ips\":[{}]",
-        4_026_532_000 + cg.id,
+        4_026_532_000 + hash % 1_000_000_000,
         ips.join(",")
     )
 }
