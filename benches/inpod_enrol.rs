@@ -1,20 +1,26 @@
 //! In-pod enrolment without a CNI (root, real kernel, the real agent; namespaces and cgroups
 //! of its own, removed at the end): how long after a pod's first ("sandbox") process starts
-//! ztunnel is handed the pod and its entry is written, and how many first connects escape
-//! capture when the application starts 0, 10 and 100 ms after the sandbox.
+//! ztunnel is handed the pod and its entry is written, and what becomes of the first connect
+//! of an application started 0, 10 and 100 ms after the sandbox: captured (it reached
+//! ztunnel), refused, or escaped (it reached the service uncaptured). Under both of the
+//! agent's policies for a pod that ztunnel does not serve yet, in one run: the default (its
+//! entry is written at once: its connects are refused until ztunnel listens in its namespace)
+//! and `--fail-open` (its entry waits for ztunnel's ack: its connects go out uncaptured).
 //!
 //! Istio's CNI closes this gap by holding the pod's start until ztunnel has it; zbridge cannot
 //! (it is no CNI plugin). The agent runs `--standalone` with a v2 workloads file (`ztunnel.mode:
 //! inpod`) listing one subtree per trial, each made before the agent starts (as the kubelet
 //! makes a pod's cgroup before its sandbox starts); the fake in-pod ztunnel (testkit's
 //! `zbt-net inpod-ztunnel`) acks each pod once its listeners are open in the pod's namespace.
+//! Each policy has its own agent, pin directory, fake ztunnel and pods.
 //!
 //! 1. Per trial: the sandbox process is spawned into an empty subtree at t0; the bench reports
 //!    t0 → ztunnel's `add` (the fake's line; its listeners are open by then) and t0 → the
-//!    pod's entry in `cgroup_info_map` (polled every 200 µs), p50/p99/max.
+//!    pod's entry in `cgroup_info_map` (polled every 200 µs): by default written once the
+//!    agent has decided the pod, failing open once ztunnel has acked it too. (An in-pod
+//!    subtree's owner is made by its first exec, as a pod's is in Kubernetes mode.)
 //! 2. Per delay d: the sandbox at t0, an application process at t0 + d that connects once to
-//!    a service; captured (it reached ztunnel's 15001 in the pod) or escaped (it reached the
-//!    service directly).
+//!    a service.
 //!
 //! `cargo bench --bench inpod_enrol` (env: `TRIALS`, trials per measurement).
 
@@ -46,13 +52,7 @@ fn main() {
         return;
     };
     let trials = env_or("TRIALS", if benching { 100 } else { 3 }) as usize;
-    let delays = [0u64, 10, 100];
-    let total = trials * (1 + delays.len());
-
     let mesh = Mesh::new("bench-enrol").expect("mesh");
-    let bpffs = BpfFs::new("bench-enrol").expect("bpffs");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let zds = dir.path().join("ztunnel.sock");
     let _service = ztunnel::service(
         &mesh.node_ns,
         &mesh.cgroup,
@@ -60,17 +60,36 @@ fn main() {
         &[SocketAddr::new(mesh::SERVICE4, mesh::SERVICE_PORT)],
     )
     .expect("service");
+    let mut first_pod = 0;
+    for (label, args) in [
+        ("default (fail closed)", &[][..]),
+        ("--fail-open", &["--fail-open"][..]),
+    ] {
+        println!("agent {label}:");
+        first_pod = measure(&mesh, trials, args, first_pod);
+    }
+}
+
+/// One policy's measurements with pods `first_pod..`; returns the next unused pod index.
+fn measure(mesh: &Mesh, trials: usize, agent_args: &[&str], first_pod: usize) -> usize {
+    let delays = [0u64, 10, 100];
+    let total = trials * (1 + delays.len());
+    let bpffs = BpfFs::new("bench-enrol").expect("bpffs");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let zds = dir.path().join("ztunnel.sock");
 
     // One pod per trial: a subtree, made now and empty, and a network namespace of its own
     // (ztunnel opens its listeners in each pod's namespace) on a /30 to the node namespace.
-    let subtrees: Vec<String> = (0..total)
+    let subtrees: Vec<String> = (first_pod..first_pod + total)
         .map(|i| {
             mesh.cgroup
                 .child(&format!("attach/pods/t{i}"))
                 .expect("subtree")
         })
         .collect();
-    let pods: Vec<(NetNs, IpAddr)> = (0..total).map(|i| pod_ns(&mesh, i)).collect();
+    let pods: Vec<(NetNs, IpAddr)> = (first_pod..first_pod + total)
+        .map(|i| pod_ns(mesh, i))
+        .collect();
     let mut file = format!(
         "version: 2\nztunnel:\n  cgroup: {}\n  mode: inpod\n  zds: {}\nworkloads:\n",
         mesh.ztunnel,
@@ -78,20 +97,24 @@ fn main() {
     );
     for (i, path) in subtrees.iter().enumerate() {
         file.push_str(&format!(
-            "  - name: bench/t{i}\n    cgroup: {path}\n    address: \"{}\"\n    mode: ambient\n",
+            "  - name: bench/t{}\n    cgroup: {path}\n    address: \"{}\"\n    mode: ambient\n",
+            first_pod + i,
             pods[i].1
         ));
     }
     let workloads = dir.path().join("workloads.yaml");
     std::fs::write(&workloads, file).expect("workloads file");
     let status_file = dir.path().join("zds.json");
+    let mut extra: Vec<&std::ffi::OsStr> =
+        vec!["--zds-status-file".as_ref(), status_file.as_os_str()];
+    extra.extend(agent_args.iter().map(|a| std::ffi::OsStr::new(*a)));
     let mut agent = mesh
         .spawn_standalone_agent(
             std::path::Path::new(env!("CARGO_BIN_EXE_zbridge")),
             &bpffs.pin_dir(),
             &workloads,
             &dir.path().join("agent.log"),
-            &["--zds-status-file".as_ref(), status_file.as_os_str()],
+            &extra,
         )
         .expect("spawn zbridge");
     let fake = InPodZtunnel::start(&mesh.cgroup, &mesh.ztunnel, &zds, InPodOptions::default())
@@ -135,14 +158,16 @@ fn main() {
         to_add.extend(added);
         sleepers.push(sandbox);
     }
-    println!("in-pod enrolment from the sandbox's start (standalone agent, fake in-pod ztunnel):");
+    println!(
+        "  in-pod enrolment from the sandbox's start (standalone agent, fake in-pod ztunnel):"
+    );
     show("sandbox start → ztunnel's add", to_add);
     show("sandbox start → the pod's entry", to_entry);
 
-    println!("first connect of an application started after the sandbox:");
+    println!("  first connect of an application started after the sandbox:");
     let service = SocketAddr::new(mesh::SERVICE4, mesh::SERVICE_PORT);
     for delay in delays {
-        let (mut captured, mut escaped, mut failed) = (0, 0, 0);
+        let (mut captured, mut refused, mut escaped, mut failed) = (0, 0, 0, 0);
         for _ in 0..trials {
             let (path, ns) = (&subtrees[next], &pods[next].0);
             next += 1;
@@ -152,18 +177,20 @@ fn main() {
             match ztunnel::connect_once(ns, &mesh.cgroup, path, service) {
                 Ok(Outcome::Ok { peer, .. }) if peer.port() == 15001 => captured += 1,
                 Ok(Outcome::Ok { .. }) => escaped += 1,
+                Ok(outcome) if outcome.errno() == Some(libc::ECONNREFUSED) => refused += 1,
                 _ => failed += 1,
             }
             sleepers.push(sandbox);
         }
         println!(
-            "    app {delay:>3} ms after the sandbox: {captured} captured, {escaped} escaped, {failed} failed, of {trials} ({:.0}% escaped)",
+            "    app {delay:>3} ms after the sandbox: {captured} captured, {refused} refused, {escaped} escaped, {failed} failed otherwise, of {trials} ({:.0}% escaped)",
             escaped as f64 * 100.0 / trials as f64
         );
     }
     drop(sleepers);
     let _ = agent.kill();
     let _ = agent.wait();
+    first_pod + total
 }
 
 /// Pod `i`'s namespace, on 10.90.0.0/16 (a /30 each) to the node namespace; its address.

@@ -204,14 +204,25 @@ fn inpod_outbound_inbound_and_release_through_zds() {
     assert_eq!(canonical(reached.local), app4);
 }
 
+/// The pod's outbound connect to the service, from its own namespace and cgroup.
+fn pod_connects_to_the_service(world: &World) -> Outcome {
+    let to = SocketAddr::new(SERVICE4, mesh::SERVICE_PORT);
+    ztunnel::connect_once(&world.mesh.pod_ns, &world.mesh.cgroup, &world.mesh.app, to)
+        .expect("client ran")
+}
+
+/// ztunnel refuses the pod's first adds (the agent retries with backoff): by default (fail
+/// closed) the pod is captured meanwhile and its connects are refused, never let out
+/// uncaptured; then the retry is acked and it is served.
 #[test]
 fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
     if !testkit::require_root("inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot") {
         return;
     }
     let (world, zds) = start("e2e-inpod-r");
+    // Three refusals: the retries come 0.5, 1 and 2 s apart, time enough to look.
     let options = InPodOptions {
-        nack: vec![(app_uid(), 1)],
+        nack: vec![(app_uid(), 3)],
         ..InPodOptions::default()
     };
     let first = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, options)
@@ -221,12 +232,25 @@ fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
         "the refusal",
         |e| matches!(e, ZdsEvent::Nack { uid, .. } if *uid == app_uid()),
     );
-    assert!(!inpod_entry(&world), "a refused pod is not enrolled");
-    // Retried with backoff, acked, enrolled.
-    wait(&first, "the retried add", |e| {
+    world.wait_for("the pod's in-pod entry, before ztunnel serves it", |_| {
+        inpod_entry(&world)
+    });
+    let outcome = pod_connects_to_the_service(&world);
+    assert_eq!(
+        outcome.errno(),
+        Some(libc::ECONNREFUSED),
+        "refused while ztunnel does not serve the pod, not uncaptured: {outcome:?}"
+    );
+    // Retried with backoff, acked, served.
+    wait(&first, "the acked add", |e| {
         matches!(e, ZdsEvent::Add { .. })
     });
-    world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
+    let deadline = std::time::Instant::now() + WAIT;
+    while !matches!(pod_connects_to_the_service(&world), Outcome::Ok { peer, .. } if peer.port() == 15001)
+    {
+        assert!(std::time::Instant::now() < deadline, "never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // ztunnel restarts: while it is gone, inbound to the pod is refused (never handed to the
     // app behind ztunnel's back) and the pod keeps its entry; the new ztunnel gets the whole
@@ -280,6 +304,50 @@ fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
 /// in both land on each pod's own ztunnel listener with each its own original destination;
 /// with `dns_capture`, a pod's DNS over UDP reaches ztunnel's 15053 in the pod and the answer
 /// comes back from the server asked, and DNS over TCP goes to 15053 too.
+/// `--fail-open`: until ztunnel serves the pod it is not captured (its connect reaches the
+/// service directly and it has no entry); once the retried add is acked it is.
+#[test]
+fn inpod_failing_open_a_pod_ztunnel_refuses_is_not_captured_until_served() {
+    if !testkit::require_root(
+        "inpod_failing_open_a_pod_ztunnel_refuses_is_not_captured_until_served",
+    ) {
+        return;
+    }
+    let mut world = World::new("e2e-inpod-o", false);
+    let zds = world.dir.path().join("ztunnel.sock");
+    world.write_workloads(&file(&world, &zds, true));
+    world.start_agent(&["--fail-open"]);
+    let options = InPodOptions {
+        nack: vec![(app_uid(), 3)],
+        ..InPodOptions::default()
+    };
+    let fake = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, options)
+        .expect("fake in-pod ztunnel");
+    wait(
+        &fake,
+        "the refusal",
+        |e| matches!(e, ZdsEvent::Nack { uid, .. } if *uid == app_uid()),
+    );
+    let outcome = pod_connects_to_the_service(&world);
+    assert!(
+        matches!(outcome, Outcome::Ok { peer, .. } if canonical(peer) == SocketAddr::new(SERVICE4, mesh::SERVICE_PORT)),
+        "failing open, straight to the service: {outcome:?}"
+    );
+    assert!(
+        !inpod_entry(&world),
+        "no entry before ztunnel serves the pod"
+    );
+    wait(&fake, "the acked add", |e| {
+        matches!(e, ZdsEvent::Add { .. })
+    });
+    world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
+    let outcome = pod_connects_to_the_service(&world);
+    assert!(
+        matches!(outcome, Outcome::Ok { peer, .. } if peer.port() == 15001),
+        "served: captured: {outcome:?}"
+    );
+}
+
 #[test]
 fn inpod_two_pods_same_source_port_and_dns_through_zds() {
     if !testkit::require_root("inpod_two_pods_same_source_port_and_dns_through_zds") {

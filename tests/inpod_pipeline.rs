@@ -1,7 +1,9 @@
 //! In-pod capture through the running pipeline (threads, channels, the real ZDS server) with
-//! a ztunnel written in the test and the kernel side recorded: an in-pod pod's entry is
-//! written only after ztunnel acked it and its namespace was enrolled; a refused pod is not
-//! written; a deleted pod's entry goes before the kernel releases it and ztunnel hears `del`.
+//! a ztunnel written in the test and the kernel side recorded. By default (fail closed) an
+//! in-pod pod's entry is written at once, and ztunnel's ack enrols its namespace; failing
+//! open, the entry is written only after ztunnel acked it and its namespace was enrolled, a
+//! refused pod is not written, and neither is one whose enrolment failed until the next ack.
+//! A deleted pod's entry goes before the kernel releases it and ztunnel hears `del`.
 //!
 //! The pods' processes are faked with a /proc and a cgroup tree in a temporary directory
 //! (their `ns/net` links point at this test's own namespace), so no root is needed.
@@ -23,7 +25,7 @@ use watcher::{
     TimedRecord,
 };
 use zbridge::ops::{Metrics, Readiness};
-use zbridge::pipeline::inpod::{InPodKernel, Served};
+use zbridge::pipeline::inpod::{InPodKernel, Served, UntilServed};
 use zbridge::pipeline::{InPodStage, Inputs, Observer, Pipeline, PipelineConfig, Stages};
 use zds::proto::{self, workload_request::Payload, workload_response};
 use zds::socket::{Conn, Received};
@@ -46,25 +48,34 @@ impl Observer for Recorder {
     }
 }
 
-struct FakeKernel(Log);
+/// The kernel side, recorded; the first enrolment of the pod `fail_once` fails.
+struct FakeKernel {
+    log: Log,
+    fail_once: Option<String>,
+}
 
 impl InPodKernel for FakeKernel {
     fn enrol(&mut self, uid: &str, served: &Served, entry: &Enrolment) -> anyhow::Result<()> {
+        if self.fail_once.as_deref() == Some(uid) {
+            self.fail_once = None;
+            self.log.lock().unwrap().push(format!("enrol failed {uid}"));
+            anyhow::bail!("ztunnel has no listener in the pod's namespace (the test's failure)");
+        }
         let ino = std::fs::File::from(served.netns.try_clone()?)
             .metadata()?
             .ino();
         let own = std::fs::metadata("/proc/self/ns/net")?.ino();
         assert_eq!(ino, own, "the namespace of the pod's process");
         assert_eq!(entry.capture, Capture::InPod { dns: false });
-        self.0.lock().unwrap().push(format!("enrol {uid}"));
+        self.log.lock().unwrap().push(format!("enrol {uid}"));
         Ok(())
     }
     fn release(&mut self, uid: &str) -> anyhow::Result<()> {
-        self.0.lock().unwrap().push(format!("release {uid}"));
+        self.log.lock().unwrap().push(format!("release {uid}"));
         Ok(())
     }
     fn retain(&mut self, keep: &BTreeSet<String>) -> anyhow::Result<()> {
-        self.0
+        self.log
             .lock()
             .unwrap()
             .push(format!("retain {}", keep.len()));
@@ -191,7 +202,9 @@ struct Running {
     _dir: tempfile::TempDir,
 }
 
-fn start(pods: &[(u32, u32)]) -> Running {
+/// The pipeline with pods `(n, pid)` running, under `until_served`; the first enrolment of
+/// the pod `fail_once` fails.
+fn start(pods: &[(u32, u32)], until_served: UntilServed, fail_once: Option<String>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     for (n, pid) in pods {
         fake_process(dir.path(), *n, *pid);
@@ -208,8 +221,12 @@ fn start(pods: &[(u32, u32)]) -> Running {
     let log: Log = Arc::default();
     let inpod = InPodStage {
         zds: zds::Server::start(zds_config).unwrap(),
-        kernel: Box::new(FakeKernel(log.clone())),
+        kernel: Box::new(FakeKernel {
+            log: log.clone(),
+            fail_once,
+        }),
         previous: BTreeSet::new(),
+        until_served,
     };
     let mut config = ResolverConfig::new(NODE);
     config.capture = Capture::InPod { dns: false };
@@ -287,8 +304,50 @@ impl Drop for Running {
 }
 
 #[test]
-fn an_in_pod_entry_is_written_only_after_the_ack_and_the_enrolment() {
-    let r = start(&[(1, 4001)]);
+fn by_default_an_in_pod_entry_is_written_at_once_and_the_ack_enrols_the_pod() {
+    let r = start(&[(1, 4001)], UntilServed::Refused, None);
+    // Written before ztunnel is even there: the pod's connects are refused, not uncaptured.
+    wait_for(&r.log, "write shop/p1");
+    let peer = Peer::connect(&r.socket);
+    match peer.request() {
+        Payload::Add(add) => assert_eq!(add.uid, uid(1)),
+        other => panic!("expected add, got {other:?}"),
+    }
+    peer.ack("");
+    wait_for(&r.log, &format!("enrol {}", uid(1)));
+    assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
+    peer.ack("");
+    assert_eq!(
+        r.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == "write shop/p1")
+            .count(),
+        1,
+        "the ack writes nothing more: {:?}",
+        r.log.lock().unwrap()
+    );
+
+    // The pod is deleted: entry removed, then the kernel releases it, then ztunnel hears del.
+    r.kube
+        .as_ref()
+        .unwrap()
+        .send(kube(KubeAction::Delete, pod(1, "p1")))
+        .unwrap();
+    match peer.request() {
+        Payload::Del(del) => assert_eq!(del.uid, uid(1)),
+        other => panic!("expected del, got {other:?}"),
+    }
+    let delete = position(&r.log, "delete 1001");
+    let release = position(&r.log, &format!("release {}", uid(1)));
+    assert!(delete < release, "{:?}", r.log.lock().unwrap());
+    peer.ack("");
+}
+
+#[test]
+fn failing_open_an_in_pod_entry_is_written_only_after_the_ack_and_the_enrolment() {
+    let r = start(&[(1, 4001)], UntilServed::Uncaptured, None);
     wait_for(&r.log, "Synced");
     std::thread::sleep(Duration::from_millis(50));
     assert!(
@@ -337,8 +396,8 @@ fn an_in_pod_entry_is_written_only_after_the_ack_and_the_enrolment() {
 }
 
 #[test]
-fn a_refused_pod_is_not_written_until_a_retry_is_acked() {
-    let r = start(&[(1, 4001), (2, 4002)]);
+fn failing_open_a_refused_pod_is_not_written_until_a_retry_is_acked() {
+    let r = start(&[(1, 4001), (2, 4002)], UntilServed::Uncaptured, None);
     let peer = Peer::connect(&r.socket);
     let mut refused_once = false;
     let mut acked = Vec::new();
@@ -365,4 +424,36 @@ fn a_refused_pod_is_not_written_until_a_retry_is_acked() {
     assert!(refused_once);
     wait_for(&r.log, "write shop/p1");
     wait_for(&r.log, "write shop/p2");
+}
+
+/// Failing open, a pod whose enrolment failed keeps its entries held, and the next ack (a
+/// reconnected ztunnel's) enrols it and writes them.
+#[test]
+fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
+    let r = start(&[(1, 4001)], UntilServed::Uncaptured, Some(uid(1)));
+    let peer = Peer::connect(&r.socket);
+    match peer.request() {
+        Payload::Add(add) => assert_eq!(add.uid, uid(1)),
+        other => panic!("expected add, got {other:?}"),
+    }
+    peer.ack("");
+    wait_for(&r.log, &format!("enrol failed {}", uid(1)));
+    assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
+    peer.ack("");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !r.log.lock().unwrap().iter().any(|l| l == "write shop/p1"),
+        "not enrolled, not written: {:?}",
+        r.log.lock().unwrap()
+    );
+    // ztunnel reconnects: the pod is added and acked again, enrolled, and written.
+    drop(peer);
+    let peer = Peer::connect(&r.socket);
+    match peer.request() {
+        Payload::Add(add) => assert_eq!(add.uid, uid(1)),
+        other => panic!("expected add, got {other:?}"),
+    }
+    peer.ack("");
+    wait_for(&r.log, "write shop/p1");
+    assert!(position(&r.log, &format!("enrol {}", uid(1))) < position(&r.log, "write shop/p1"));
 }

@@ -301,8 +301,8 @@ impl Metrics {
         );
         registry.register_with_unit(
             "inpod_enrolment_latency",
-            "In-pod pods: from the kernel's exec timestamp to the map write after ztunnel acked \
-             the pod over ZDS",
+            "In-pod pods: from the kernel's exec timestamp until ztunnel serves the pod (acked \
+             it over ZDS, and its namespace was enrolled)",
             Unit::Seconds,
             inpod_enrolment_latency_seconds.clone(),
         );
@@ -439,10 +439,10 @@ impl Metrics {
         }
     }
 
-    /// An in-pod pod's entry written at `written_ns`, after ztunnel's ack, for a pod whose
+    /// An in-pod pod served by ztunnel at `served_ns` (acked, its namespace enrolled), whose
     /// first exec the kernel stamped `exec_ts_ns`.
-    pub fn observe_inpod_enrolment_between(&self, exec_ts_ns: u64, written_ns: u64) {
-        if let Some(seconds) = seconds_between(exec_ts_ns, written_ns) {
+    pub fn observe_inpod_enrolment_between(&self, exec_ts_ns: u64, served_ns: u64) {
+        if let Some(seconds) = seconds_between(exec_ts_ns, served_ns) {
             self.inpod_enrolment_latency_seconds.observe(seconds);
         }
     }

@@ -1,12 +1,15 @@
-//! The in-pod gate: where the resolver's in-pod entries wait for ztunnel.
+//! The in-pod gate: where the resolver's in-pod entries meet ztunnel.
 //!
 //! An in-pod pod's cgroup entry sends its connections to ztunnel's listeners inside the pod's
 //! own network namespace; before ztunnel has opened them there (and acked the pod over ZDS),
-//! such connections would be refused. So the gate holds an in-pod pod's entries, asks the ZDS
-//! stage to serve the pod, and lets the entries through only once ztunnel has acked it and the
-//! pod's namespace is enrolled in the kernel ([`InPodKernel`]: inbound capture with ztunnel's
-//! listener). When the pod's last entry goes, the entries are removed first, then the pod is
-//! released in the kernel and ztunnel is told (`del`).
+//! such connections are refused. What the gate does with a pod's entries until then is the
+//! agent's fail policy ([`UntilServed`]): by default it lets them through at once, so that the
+//! pod's connections are refused rather than let out uncaptured (as with istio-cni, whose rules
+//! are in the pod before ztunnel's ack); with `--fail-open` it holds them until ztunnel has
+//! acked the pod. Either way it asks the ZDS stage to serve the pod, and once ztunnel has acked
+//! it, enrols the pod's namespace in the kernel ([`InPodKernel`]: inbound capture with
+//! ztunnel's listener). When the pod's last entry goes, the entries are removed first, then the
+//! pod is released in the kernel and ztunnel is told (`del`).
 //!
 //! The gate itself does no I/O: it turns updates and ZDS events into [`Step`]s that the
 //! programmer thread carries out in order.
@@ -25,18 +28,28 @@ pub enum Step {
     Queue(Update),
     /// Tell the ZDS stage.
     Zds(zds::Command),
-    /// Enrol the pod's namespace in the kernel (with `entry` as its cgroup entry), before its
-    /// entries are queued.
-    Enrol { uid: String },
+    /// Enrol the pod's namespace in the kernel (with its first entry as its cgroup entry);
+    /// once that succeeded, queue the entries it held ([`InPodGate::enrolled`]). `exec_ts`: at
+    /// the first enrolment, the kernel's timestamp of the exec that first asked for the pod
+    /// (the in-pod enrolment latency ends when the enrolment succeeds).
+    Enrol { uid: String, exec_ts: Option<u64> },
     /// Once the batch with the pod's last deletes is written: release the pod in the kernel,
     /// then tell ztunnel.
     ReleaseAfterFlush { uid: String },
-    /// Hand a held entry to the programmer now that ztunnel acked its pod; `exec_ts`: the
-    /// kernel's timestamp of the exec that first asked for it (for the enrolment latency).
-    QueueHeld {
-        update: Update,
-        exec_ts: Option<u64>,
-    },
+}
+
+/// What an in-pod pod's connections do from its decision until ztunnel serves it (acked it
+/// over ZDS, and the agent enrolled its namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UntilServed {
+    /// Its entries are written at once: its connects go to ztunnel's listeners in its
+    /// namespace, which are not open yet, and are refused. Nothing leaves the pod uncaptured
+    /// (the default: fail closed, as when no ztunnel is known in node mode).
+    #[default]
+    Refused,
+    /// Its entries wait for ztunnel's ack: its connects go out as if it were not in the mesh
+    /// (`--fail-open`).
+    Uncaptured,
 }
 
 /// ztunnel's ack of a pod: the namespace it serves the pod in, and which process it is.
@@ -52,10 +65,11 @@ struct Pod {
     /// The pod's entries, by cgroup: held until acked, written after.
     entries: BTreeMap<CgroupId, Arc<Enrolment>>,
     served: Option<Served>,
-    /// Its entries go to the maps (acked once, or enrolled by the previous run).
+    /// Its entries go to the maps (acked once, enrolled by the previous run, or
+    /// [`UntilServed::Refused`]).
     written: bool,
-    /// The first exec timestamp among its held entries.
-    held_since: Option<u64>,
+    /// The first exec timestamp among its entries, until its first enrolment.
+    asked_since: Option<u64>,
 }
 
 /// The gate. See the module doc.
@@ -67,6 +81,7 @@ pub struct InPodGate {
     /// restart their entries are written at once, so that the restart leaves no gap while
     /// ztunnel reconnects and acks them again.
     previous: std::collections::BTreeSet<String>,
+    until_served: UntilServed,
 }
 
 /// Whether an entry is an in-pod pod's, and its identity.
@@ -78,11 +93,15 @@ fn in_pod(e: &Enrolment) -> Option<&Identity> {
 }
 
 impl InPodGate {
-    /// A gate that lets the entries of `previous` pods (enrolled by the last run) through
-    /// before their ack.
-    pub fn with_previous(previous: std::collections::BTreeSet<String>) -> InPodGate {
+    /// A gate under the policy `until_served`, that lets the entries of `previous` pods
+    /// (enrolled by the last run) through before their ack whatever the policy.
+    pub fn new(
+        until_served: UntilServed,
+        previous: std::collections::BTreeSet<String>,
+    ) -> InPodGate {
         InPodGate {
             previous,
+            until_served,
             ..InPodGate::default()
         }
     }
@@ -132,8 +151,8 @@ impl InPodGate {
         }
         let pod = self.pods.entry(uid.clone()).or_default();
         pod.entries.insert(e.cgroup_id, e.clone());
-        if pod.held_since.is_none() {
-            pod.held_since = exec_ts;
+        if pod.served.is_none() && pod.asked_since.is_none() {
+            pod.asked_since = exec_ts;
         }
         if pod.identity.as_ref() != Some(&identity) {
             pod.identity = Some(identity.clone());
@@ -148,9 +167,12 @@ impl InPodGate {
         if pod.served.is_some() {
             // Already served: the change (addresses, DNS) goes to the kernel's per-pod state
             // first, then to the entry.
-            steps.push(Step::Enrol { uid });
+            steps.push(Step::Enrol { uid, exec_ts: None });
             steps.push(Step::Queue(Update::Upsert(e)));
-        } else if pod.written || self.previous.contains(&uid) {
+        } else if pod.written
+            || self.previous.contains(&uid)
+            || self.until_served == UntilServed::Refused
+        {
             pod.written = true;
             steps.push(Step::Queue(Update::Upsert(e)));
         }
@@ -181,7 +203,8 @@ impl InPodGate {
         }
     }
 
-    /// ztunnel acked a pod: enrol it, then let its entries through.
+    /// ztunnel acked a pod: enrol it (then [`InPodGate::enrolled`] or
+    /// [`InPodGate::enrol_failed`]).
     pub fn acked(&mut self, uid: &str, served: Served, steps: &mut Vec<Step>) {
         let Some(pod) = self.pods.get_mut(uid) else {
             // Gone meanwhile: its release is on its way to ztunnel.
@@ -190,28 +213,32 @@ impl InPodGate {
         pod.served = Some(served);
         steps.push(Step::Enrol {
             uid: uid.to_string(),
+            exec_ts: pod.asked_since.take(),
         });
-        // A re-ack (ztunnel restarted) re-enrols with the new listener; the entries are
-        // written already.
-        if !pod.written {
-            pod.written = true;
-            let exec_ts = pod.held_since.take();
-            for e in pod.entries.values() {
-                steps.push(Step::QueueHeld {
-                    update: Update::Upsert(e.clone()),
-                    exec_ts,
-                });
-            }
-        }
     }
 
-    /// The enrolment of a pod failed: it waits for ztunnel's next ack, and its entries are
-    /// not written meanwhile unless they were already (a written entry stays: removing it
-    /// would let the pod's connections escape ztunnel).
-    pub fn enrol_failed(&mut self, uid: &str, was_written: bool) {
+    /// The pod's namespace is enrolled: its held entries, to be written now (none when they
+    /// were written already: a re-ack after ztunnel restarted, or [`UntilServed::Refused`]).
+    pub fn enrolled(&mut self, uid: &str) -> Vec<Update> {
+        let Some(pod) = self.pods.get_mut(uid) else {
+            return Vec::new();
+        };
+        if pod.written {
+            return Vec::new();
+        }
+        pod.written = true;
+        pod.entries
+            .values()
+            .map(|e| Update::Upsert(Arc::clone(e)))
+            .collect()
+    }
+
+    /// The enrolment of a pod failed: it waits for ztunnel's next ack. Its entries stay as
+    /// they are: held ones stay held, written ones stay written (removing them would let the
+    /// pod's connections escape ztunnel).
+    pub fn enrol_failed(&mut self, uid: &str) {
         if let Some(pod) = self.pods.get_mut(uid) {
             pod.served = None;
-            pod.written = was_written;
         }
     }
 
@@ -375,26 +402,53 @@ mod tests {
         steps
             .iter()
             .map(|s| match s {
-                Step::Queue(Update::Upsert(e)) => format!("upsert {}", e.cgroup_id),
-                Step::Queue(Update::Delete { cgroup_id }) => format!("delete {cgroup_id}"),
-                Step::Queue(other) => format!("{other:?}"),
+                Step::Queue(update) => name(update),
                 Step::Zds(zds::Command::Serve(p)) => format!("serve {} {}", p.uid, p.cgroup),
                 Step::Zds(zds::Command::Release { uid }) => format!("zds release {uid}"),
                 Step::Zds(zds::Command::Synced) => "zds synced".to_string(),
-                Step::Enrol { uid } => format!("enrol {uid}"),
+                Step::Enrol { uid, .. } => format!("enrol {uid}"),
                 Step::ReleaseAfterFlush { uid } => format!("release after flush {uid}"),
-                Step::QueueHeld {
-                    update: Update::Upsert(e),
-                    ..
-                } => format!("upsert {}", e.cgroup_id),
-                Step::QueueHeld { update, .. } => format!("{update:?}"),
             })
             .collect()
     }
 
+    fn name(update: &Update) -> String {
+        match update {
+            Update::Upsert(e) => format!("upsert {}", e.cgroup_id),
+            Update::Delete { cgroup_id } => format!("delete {cgroup_id}"),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn enrolled(gate: &mut InPodGate, uid: &str) -> Vec<String> {
+        gate.enrolled(uid).iter().map(name).collect()
+    }
+
+    fn gate(until_served: UntilServed) -> InPodGate {
+        InPodGate::new(until_served, Default::default())
+    }
+
     #[test]
-    fn entries_wait_for_the_ack_and_the_enrolment_comes_first() {
-        let mut gate = InPodGate::default();
+    fn by_default_entries_are_written_at_once_and_the_ack_enrols() {
+        let mut gate = gate(UntilServed::default());
+        let mut steps = Vec::new();
+        gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(entry(2, "a"))), None, &mut steps);
+        assert_eq!(
+            names(&steps),
+            ["serve a /kubepods/poda/c1", "upsert 1", "upsert 2"]
+        );
+        assert_eq!(gate.waiting(), 1);
+        steps.clear();
+        gate.acked("a", served(), &mut steps);
+        assert_eq!(names(&steps), ["enrol a"]);
+        assert!(enrolled(&mut gate, "a").is_empty(), "written already");
+        assert_eq!(gate.waiting(), 0);
+    }
+
+    #[test]
+    fn failing_open_entries_wait_for_the_ack_and_the_enrolment_comes_first() {
+        let mut gate = gate(UntilServed::Uncaptured);
         let mut steps = Vec::new();
         gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         gate.update(Update::Upsert(Arc::new(entry(2, "a"))), None, &mut steps);
@@ -402,84 +456,95 @@ mod tests {
         assert_eq!(gate.waiting(), 1);
         steps.clear();
         gate.acked("a", served(), &mut steps);
-        assert_eq!(names(&steps), ["enrol a", "upsert 1", "upsert 2"]);
+        assert_eq!(names(&steps), ["enrol a"]);
+        assert_eq!(enrolled(&mut gate, "a"), ["upsert 1", "upsert 2"]);
         assert_eq!(gate.waiting(), 0);
         assert!(gate.enrolment("a").is_some());
         // A re-ack (ztunnel restarted) re-enrols only.
         steps.clear();
         gate.acked("a", served(), &mut steps);
         assert_eq!(names(&steps), ["enrol a"]);
+        assert!(enrolled(&mut gate, "a").is_empty());
     }
 
-    /// The held entries are written with the exec that first asked for them, so that the
-    /// in-pod enrolment latency runs from that exec to the write after the ack.
+    /// The first enrolment carries the exec that first asked for the pod, so that the in-pod
+    /// enrolment latency runs from that exec until ztunnel serves the pod; a re-ack carries
+    /// none.
     #[test]
-    fn held_entries_carry_their_first_exec_timestamp() {
-        let mut gate = InPodGate::default();
-        let mut steps = Vec::new();
-        gate.update(
-            Update::Upsert(Arc::new(entry(1, "a"))),
-            Some(100),
-            &mut steps,
-        );
-        gate.update(
-            Update::Upsert(Arc::new(entry(2, "a"))),
-            Some(200),
-            &mut steps,
-        );
-        steps.clear();
-        gate.acked("a", served(), &mut steps);
-        let stamps: Vec<Option<u64>> = steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::QueueHeld { exec_ts, .. } => Some(*exec_ts),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(stamps, [Some(100), Some(100)]);
+    fn the_first_enrolment_carries_the_first_exec_timestamp() {
+        for until_served in [UntilServed::Refused, UntilServed::Uncaptured] {
+            let mut gate = gate(until_served);
+            let mut steps = Vec::new();
+            gate.update(
+                Update::Upsert(Arc::new(entry(1, "a"))),
+                Some(100),
+                &mut steps,
+            );
+            gate.update(
+                Update::Upsert(Arc::new(entry(2, "a"))),
+                Some(200),
+                &mut steps,
+            );
+            let stamps = |steps: &[Step]| -> Vec<Option<u64>> {
+                steps
+                    .iter()
+                    .filter_map(|s| match s {
+                        Step::Enrol { exec_ts, .. } => Some(*exec_ts),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            steps.clear();
+            gate.acked("a", served(), &mut steps);
+            assert_eq!(stamps(&steps), [Some(100)], "{until_served:?}");
+            steps.clear();
+            gate.acked("a", served(), &mut steps);
+            assert_eq!(stamps(&steps), [None], "{until_served:?}");
+        }
     }
 
     #[test]
     fn the_last_delete_removes_entries_then_releases() {
-        let mut gate = InPodGate::default();
-        let mut steps = Vec::new();
-        gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
-        gate.update(Update::Upsert(Arc::new(entry(2, "a"))), None, &mut steps);
-        gate.acked("a", served(), &mut steps);
-        steps.clear();
-        gate.update(
-            Update::Delete {
-                cgroup_id: CgroupId(1),
-            },
-            None,
-            &mut steps,
-        );
-        assert_eq!(names(&steps), ["delete 1"]);
-        steps.clear();
-        gate.update(
-            Update::Delete {
-                cgroup_id: CgroupId(2),
-            },
-            None,
-            &mut steps,
-        );
-        assert_eq!(names(&steps), ["delete 2", "release after flush a"]);
-        assert_eq!(gate.uids().count(), 0);
+        for until_served in [UntilServed::Refused, UntilServed::Uncaptured] {
+            let mut gate = gate(until_served);
+            let mut steps = Vec::new();
+            gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
+            gate.update(Update::Upsert(Arc::new(entry(2, "a"))), None, &mut steps);
+            gate.acked("a", served(), &mut steps);
+            gate.enrolled("a");
+            steps.clear();
+            gate.update(
+                Update::Delete {
+                    cgroup_id: CgroupId(1),
+                },
+                None,
+                &mut steps,
+            );
+            assert_eq!(names(&steps), ["delete 1"]);
+            steps.clear();
+            gate.update(
+                Update::Delete {
+                    cgroup_id: CgroupId(2),
+                },
+                None,
+                &mut steps,
+            );
+            assert_eq!(names(&steps), ["delete 2", "release after flush a"]);
+            assert_eq!(gate.uids().count(), 0);
+        }
     }
 
     #[test]
-    fn a_pod_gone_before_its_ack_is_released_without_writes() {
-        let mut gate = InPodGate::default();
+    fn a_pod_gone_before_its_ack_leaves_the_maps_then_ztunnel() {
+        // Held: nothing was written, ztunnel is told at once.
+        let mut gate = gate(UntilServed::Uncaptured);
         let mut steps = Vec::new();
         gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         steps.clear();
-        gate.update(
-            Update::Delete {
-                cgroup_id: CgroupId(1),
-            },
-            None,
-            &mut steps,
-        );
+        let delete = || Update::Delete {
+            cgroup_id: CgroupId(1),
+        };
+        gate.update(delete(), None, &mut steps);
         assert_eq!(names(&steps), ["zds release a"]);
         steps.clear();
         gate.acked("a", served(), &mut steps);
@@ -488,11 +553,17 @@ mod tests {
             "a late ack enrols nothing: {:?}",
             names(&steps)
         );
+        // Written at once: the entry goes first.
+        let mut gate = self::gate(UntilServed::Refused);
+        gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
+        steps.clear();
+        gate.update(delete(), None, &mut steps);
+        assert_eq!(names(&steps), ["delete 1", "release after flush a"]);
     }
 
     #[test]
     fn other_updates_pass_and_a_failed_enrolment_waits_for_the_next_ack() {
-        let mut gate = InPodGate::default();
+        let mut gate = gate(UntilServed::Uncaptured);
         let mut steps = Vec::new();
         let mut node = entry(9, "n");
         node.capture = Capture::Node;
@@ -513,21 +584,25 @@ mod tests {
         steps.clear();
         gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         gate.acked("a", served(), &mut steps);
-        gate.enrol_failed("a", false);
+        gate.enrol_failed("a");
         assert_eq!(gate.waiting(), 1);
+        assert!(!gate.written("a"));
         steps.clear();
-        // Not written: a changed entry waits for the next ack too.
+        // Not written: a changed entry waits for the next ack too, and is what is written
+        // once the enrolment succeeds.
         let mut changed = entry(1, "a");
         changed.ips = vec!["10.0.0.9".parse().unwrap()];
-        gate.update(Update::Upsert(Arc::new(changed)), None, &mut steps);
+        gate.update(Update::Upsert(Arc::new(changed.clone())), None, &mut steps);
         assert!(names(&steps).is_empty(), "{:?}", names(&steps));
         gate.acked("a", served(), &mut steps);
-        assert_eq!(names(&steps), ["enrol a", "upsert 1"]);
+        assert_eq!(names(&steps), ["enrol a"]);
+        let held = gate.enrolled("a");
+        assert!(matches!(&held[..], [Update::Upsert(e)] if **e == changed));
     }
 
     #[test]
     fn pods_of_the_previous_run_keep_their_entries_while_ztunnel_reconnects() {
-        let mut gate = InPodGate::with_previous(["a".to_string()].into());
+        let mut gate = InPodGate::new(UntilServed::Uncaptured, ["a".to_string()].into());
         let mut steps = Vec::new();
         gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         gate.update(Update::Upsert(Arc::new(entry(2, "b"))), None, &mut steps);
@@ -541,6 +616,10 @@ mod tests {
         );
         steps.clear();
         gate.acked("a", served(), &mut steps);
-        assert_eq!(names(&steps), ["enrol a"], "entries written already");
+        assert_eq!(names(&steps), ["enrol a"]);
+        assert!(
+            enrolled(&mut gate, "a").is_empty(),
+            "entries written already"
+        );
     }
 }

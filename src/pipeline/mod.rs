@@ -115,8 +115,10 @@ pub struct Stages<S, B: MapBackend> {
 pub struct InPodStage {
     pub zds: zds::Server,
     pub kernel: Box<dyn InPodKernel>,
-    /// The pods the previous run enrolled (see [`InPodGate::with_previous`]).
+    /// The pods the previous run enrolled (see [`InPodGate::new`]).
     pub previous: std::collections::BTreeSet<String>,
+    /// What a pod's connections do until ztunnel serves it.
+    pub until_served: inpod::UntilServed,
 }
 
 /// An update with the kernel's timestamp of the exec that caused it, if an exec did: the
@@ -124,8 +126,6 @@ pub struct InPodStage {
 struct Stamped {
     update: Update,
     exec_ts: Option<u64>,
-    /// An in-pod entry written after ztunnel's ack (its latency is the in-pod one).
-    inpod: bool,
 }
 
 /// Status and counters of a running pipeline, readable from any thread.
@@ -478,11 +478,7 @@ fn resolve(
             }
             decisions.apply(&update);
             status.updates.fetch_add(1, Ordering::Relaxed);
-            let stamped = Stamped {
-                update,
-                exec_ts,
-                inpod: false,
-            };
+            let stamped = Stamped { update, exec_ts };
             if out.send(stamped).is_err() {
                 return Err(anyhow!("resolver: the programmer stopped taking updates"));
             }

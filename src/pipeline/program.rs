@@ -36,16 +36,15 @@ pub(super) fn program<B: MapBackend>(
         mut inpod,
     } = outputs;
     let mut gate = match &mut inpod {
-        Some(stage) => InPodGate::with_previous(std::mem::take(&mut stage.previous)),
+        Some(stage) => InPodGate::new(stage.until_served, std::mem::take(&mut stage.previous)),
         None => InPodGate::default(),
     };
     let zds_events = match &inpod {
         Some(stage) => stage.zds.events().clone(),
         None => crossbeam_channel::never(),
     };
-    let mut batch: Vec<Stamped> = Vec::new();
+    let mut pending = Pending::default();
     let mut steps: Vec<Step> = Vec::new();
-    let mut after_flush: Vec<String> = Vec::new();
     // A `Synced` whose batch failed still counts once a later batch lands.
     let mut synced = false;
     let mut closed = false;
@@ -74,14 +73,14 @@ pub(super) fn program<B: MapBackend>(
             &mut gate,
             &mut inpod,
             &mut programmer,
-            &mut batch,
-            &mut after_flush,
+            &mut pending,
+            metrics,
         );
         if !closed {
             // A zero window: the deadline has passed, and only what is queued is taken.
             let batching = programmer.batching();
             let deadline = Instant::now() + batching.window;
-            while batching.max == 0 || batch.len() < batching.max {
+            while batching.max == 0 || pending.batch.len() < batching.max {
                 match next_in_window(&updates, batching.window, deadline) {
                     Ok(stamped) => {
                         observe_received(&stamped, metrics);
@@ -98,8 +97,8 @@ pub(super) fn program<B: MapBackend>(
                             &mut gate,
                             &mut inpod,
                             &mut programmer,
-                            &mut batch,
-                            &mut after_flush,
+                            &mut pending,
+                            metrics,
                         );
                     }
                     Err(RecvTimeoutError::Timeout) => break,
@@ -110,9 +109,12 @@ pub(super) fn program<B: MapBackend>(
                 }
             }
         }
-        if !batch.is_empty() {
-            let count = batch.len();
-            synced |= batch.iter().any(|s| matches!(s.update, Update::Synced));
+        if !pending.batch.is_empty() {
+            let count = pending.batch.len();
+            synced |= pending
+                .batch
+                .iter()
+                .any(|s| matches!(s.update, Update::Synced));
             let started = Instant::now();
             match programmer.flush() {
                 Ok(()) => {
@@ -120,20 +122,14 @@ pub(super) fn program<B: MapBackend>(
                     // after the observer has been told of the entries before them.
                     let written_ns = watcher::live::monotonic_now_ns();
                     metrics.observe_batch(count, started.elapsed());
-                    for stamped in &batch {
-                        match (&stamped.update, stamped.exec_ts, stamped.inpod) {
-                            (Update::Upsert(_), Some(ts), true) => {
-                                metrics.observe_inpod_enrolment_between(ts, written_ns)
-                            }
-                            (Update::Upsert(_), Some(ts), false) => {
-                                metrics.observe_enrolment_between(ts, written_ns)
-                            }
-                            _ => {}
+                    for stamped in &pending.batch {
+                        if let (Update::Upsert(_), Some(ts)) = (&stamped.update, stamped.exec_ts) {
+                            metrics.observe_enrolment_between(ts, written_ns)
                         }
                     }
                     metrics.set_map_entries(programmer.entry_count());
                     if let Some(observer) = observer.as_mut() {
-                        for stamped in &batch {
+                        for stamped in &pending.batch {
                             observer.written(&stamped.update);
                         }
                     }
@@ -152,7 +148,7 @@ pub(super) fn program<B: MapBackend>(
                             }
                         }
                     }
-                    release_after_flush(&mut after_flush, &mut inpod);
+                    release_after_flush(&mut pending.after_flush, &mut inpod);
                 }
                 // The maps keep what they held; the next flush retries with the resolver's
                 // later view. Counted and logged, never silent; the observer is not told (the
@@ -163,7 +159,7 @@ pub(super) fn program<B: MapBackend>(
                     log::error!("programmer: writing a batch of {count} updates failed: {e}");
                 }
             }
-            batch.clear();
+            pending.batch.clear();
         }
         if closed {
             log::info!("programmer: stopped");
@@ -236,48 +232,32 @@ fn zds_event(gate: &mut InPodGate, event: zds::Event, steps: &mut Vec<Step>) {
 }
 
 /// Carries out the gate's steps in order: queue updates (stamped with `exec_ts`), tell the
-/// ZDS stage, enrol pods in the kernel (a failed enrolment holds back the pod's entries
-/// that follow it), and note the pods to release once the batch is written.
+/// ZDS stage, enrol pods in the kernel (and then queue the entries the gate held for them),
+/// and note the pods to release once the batch is written.
 fn apply_steps<B: MapBackend>(
     steps: &mut Vec<Step>,
     exec_ts: Option<u64>,
     gate: &mut InPodGate,
     inpod: &mut Option<InPodStage>,
     programmer: &mut Programmer<B>,
-    batch: &mut Vec<Stamped>,
-    after_flush: &mut Vec<String>,
+    pending: &mut Pending,
+    metrics: &Metrics,
 ) {
-    let mut failed: Vec<String> = Vec::new();
     for step in steps.drain(..) {
         match step {
-            // An in-pod pod whose enrolment just failed has its entries held back.
-            Step::Queue(update) | Step::QueueHeld { update, .. } if held_back(&update, &failed) => {
-            }
             Step::Queue(update) => {
                 programmer.queue(&update);
-                batch.push(Stamped {
-                    update,
-                    exec_ts,
-                    inpod: false,
-                });
-            }
-            Step::QueueHeld {
-                update,
-                exec_ts: held_since,
-            } => {
-                programmer.queue(&update);
-                batch.push(Stamped {
-                    update,
-                    exec_ts: held_since,
-                    inpod: true,
-                });
+                pending.batch.push(Stamped { update, exec_ts });
             }
             Step::Zds(command) => {
                 if let Some(stage) = inpod.as_ref() {
                     let _ = stage.zds.commands().send(command);
                 }
             }
-            Step::Enrol { uid } => {
+            Step::Enrol {
+                uid,
+                exec_ts: asked_since,
+            } => {
                 let Some(stage) = inpod.as_mut() else {
                     continue;
                 };
@@ -286,23 +266,46 @@ fn apply_steps<B: MapBackend>(
                 };
                 let pod = entry.pod.clone().unwrap_or_default();
                 match stage.kernel.enrol(&uid, served, entry) {
-                    Ok(()) => log::info!("in-pod: pod {pod} (uid {uid}) enrolled: ztunnel (pid {}) serves it in its namespace", served.ztunnel_pid),
+                    Ok(()) => {
+                        log::info!("in-pod: pod {pod} (uid {uid}) enrolled: ztunnel (pid {}) serves it in its namespace", served.ztunnel_pid);
+                        if let Some(ts) = asked_since {
+                            metrics.observe_inpod_enrolment_between(
+                                ts,
+                                watcher::live::monotonic_now_ns(),
+                            );
+                        }
+                        // Held entries: their latency is the in-pod one, just observed.
+                        for update in gate.enrolled(&uid) {
+                            programmer.queue(&update);
+                            pending.batch.push(Stamped {
+                                update,
+                                exec_ts: None,
+                            });
+                        }
+                    }
                     Err(e) => {
-                        log::error!("in-pod: pod {pod} (uid {uid}): enrolment failed: {e:#}; its entries wait for ztunnel's next ack");
-                        let written = gate.written(&uid) && !failed.contains(&uid);
-                        gate.enrol_failed(&uid, written);
-                        failed.push(uid);
+                        let entries = if gate.written(&uid) {
+                            "its entries stay written (its connects are refused)"
+                        } else {
+                            "its entries stay held (its connects go out uncaptured)"
+                        };
+                        log::error!("in-pod: pod {pod} (uid {uid}): enrolment failed: {e:#}; {entries} until ztunnel's next ack");
+                        gate.enrol_failed(&uid);
                     }
                 }
             }
-            Step::ReleaseAfterFlush { uid } => after_flush.push(uid),
+            Step::ReleaseAfterFlush { uid } => pending.after_flush.push(uid),
         }
     }
 }
 
-/// Whether `update` is an entry of a pod in `failed` (its enrolment failed in this batch).
-fn held_back(update: &Update, failed: &[String]) -> bool {
-    matches!(update, Update::Upsert(e) if e.identity.as_ref().is_some_and(|id| failed.contains(&id.uid)))
+/// What the steps carried out leave for the batch's write.
+#[derive(Default)]
+struct Pending {
+    /// The updates queued in the programmer, with their exec stamps.
+    batch: Vec<Stamped>,
+    /// Pods to release (in the kernel, then to ztunnel) once the batch is written.
+    after_flush: Vec<String>,
 }
 
 /// The pods whose last entries are written away: release them in the kernel, then tell

@@ -98,9 +98,10 @@ impl Resolver {
         if let Some(z) = &workloads.ztunnel {
             subtrees.push((OwnerKey::Ztunnel, z.cgroup.clone()));
         }
-        // In-pod workloads wait for their first process: ztunnel must be handed the pod's
-        // network namespace (a process's) and ack before anything is written, so an empty
-        // subtree has nothing to enrol yet, and its owner is made by the first exec in it.
+        // In-pod workloads wait for their first process, as a pod does in Kubernetes mode:
+        // ztunnel must be handed the pod's network namespace (a process's), and an empty
+        // subtree would only have the ZDS stage look for a process in it every few
+        // milliseconds. Its owner is made by the first exec in it.
         if !workloads.in_pod() {
             for (i, w) in workloads.workloads.iter().enumerate() {
                 subtrees.push((OwnerKey::Workload(i), w.cgroup.clone()));

@@ -108,8 +108,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zbridge")]
     pub pin_dir: PathBuf,
 
-    /// When no ztunnel address is known, let ambient pods connect as if not in the mesh
-    /// (default: their connects fail).
+    /// When no ztunnel is there for an ambient pod, let it connect as if not in the mesh
+    /// (default: its connects fail). Node mode: while no ztunnel address is known. In-pod
+    /// mode: until ztunnel has acked the pod over ZDS (its entry then waits for the ack;
+    /// by default it is written at once and the pod's connects are refused until ztunnel
+    /// listens in its namespace).
     #[arg(long)]
     pub fail_open: bool,
 

@@ -56,17 +56,28 @@ fn start_inpod(
     zds_config.hold_snapshot_until_synced = true;
     let zds = zds::Server::start(zds_config)
         .with_context(|| format!("serving ZDS on {}", socket.display()))?;
+    // As in node mode without a ztunnel: fail closed unless asked to fail open.
+    let until_served = if args.fail_open {
+        UntilServed::Uncaptured
+    } else {
+        UntilServed::Refused
+    };
     log::info!(
-        "in-pod capture: ZDS on {}, DNS capture {}, node addresses {:?} reach pods directly, {} pods enrolled by the previous run",
+        "in-pod capture: ZDS on {}, DNS capture {}, node addresses {:?} reach pods directly, {} pods enrolled by the previous run; until ztunnel serves a pod, its connects {}",
         socket.display(),
         if dns { "on" } else { "off" },
         node_addrs,
-        previous.len()
+        previous.len(),
+        match until_served {
+            UntilServed::Refused => "are refused",
+            UntilServed::Uncaptured => "go out uncaptured (--fail-open)",
+        }
     );
     Ok(InPodStage {
         zds,
         kernel: Box::new(kernel),
         previous,
+        until_served,
     })
 }
 

@@ -33,7 +33,7 @@ use watcher::live::{LiveConfig, LiveCounters, LiveSource};
 use watcher::CgroupId;
 
 use crate::ops::{self, Metrics, OpsServer, Readiness};
-use crate::pipeline::inpod::KernelInPod;
+use crate::pipeline::inpod::{KernelInPod, UntilServed};
 use crate::pipeline::{InPodStage, Inputs, Observer, Pipeline, PipelineConfig, Stages};
 
 mod args;
