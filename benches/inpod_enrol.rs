@@ -30,7 +30,6 @@ use common::{env_or, percentile, pinned_maps, root_bench};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use programmer::MapBackend;
 use testkit::mesh::{self, Mesh};
 use testkit::zds_ztunnel::{InPodOptions, InPodZtunnel, ZdsEvent};
 use testkit::ztunnel::{self, Helper, Outcome};
@@ -121,9 +120,8 @@ fn measure(mesh: &Mesh, trials: usize, agent_args: &[&str], first_pod: usize) ->
         .expect("fake in-pod ztunnel");
     let maps = pinned_maps(&bpffs.pin_dir());
     let entered = |id: u64| {
-        maps.cgroup_entries()
-            .map(|e| e.iter().any(|(c, _)| c.0 == id))
-            .unwrap_or(false)
+        maps.cgroup_entry(watcher::CgroupId(id))
+            .is_ok_and(|e| e.is_some())
     };
 
     let mut next = 0;

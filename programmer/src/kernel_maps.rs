@@ -97,6 +97,20 @@ impl KernelMaps {
         !self.batch_unsupported
     }
 
+    /// The entry of one cgroup, if it has one: a single lookup, where
+    /// [`MapBackend::cgroup_entries`] reads the whole map.
+    pub fn cgroup_entry(&self, id: CgroupId) -> Result<Option<CgroupInfo>, ProgramError> {
+        match self.cgroup_info.get(&id.0, 0) {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(ProgramError::Map {
+                map: layout::CGROUP_INFO_MAP,
+                op: "look up an entry",
+                error: map_io_error(e),
+            }),
+        }
+    }
+
     pub fn stats(&self) -> BackendStats {
         self.stats
     }

@@ -297,6 +297,12 @@ fn batch_update_and_delete_of_10000_entries_land_exactly_and_single_ops_agree() 
         assert_eq!(backend.addr_entries().unwrap(), sorted_addrs, "{mode:?}");
         backend.apply(&delete).unwrap();
         assert_eq!(backend.cgroup_entries().unwrap(), want_after, "{mode:?}");
+        // One entry looked up alone: a kept one, and a deleted one.
+        assert_eq!(
+            backend.cgroup_entry(want_after[0].0).unwrap(),
+            Some(want_after[0].1)
+        );
+        assert_eq!(backend.cgroup_entry(entries[0].0).unwrap(), None);
         assert_eq!(backend.addr_entries().unwrap(), want_addrs, "{mode:?}");
         let stats = backend.stats();
         match mode {
