@@ -17,6 +17,9 @@ pub struct Readiness {
     /// ambient workloads and no ztunnel): said by `/readyz` while ready, since the agent does
     /// what it was told.
     warnings: Arc<Mutex<Vec<String>>>,
+    /// In-pod mode: why ambient pods are not served now (no ztunnel connected), said by
+    /// `/readyz` beside the configuration's warnings.
+    inpod_warning: Arc<Mutex<Option<String>>>,
 }
 
 impl Readiness {
@@ -50,9 +53,21 @@ impl Readiness {
         *self.warnings.lock().expect("readiness warnings") = warnings;
     }
 
-    /// The configuration's warnings.
+    /// Sets (or clears) in-pod mode's warning: ambient pods are not served now, and why.
+    pub fn set_inpod_warning(&self, warning: Option<String>) {
+        *self.inpod_warning.lock().expect("readiness in-pod warning") = warning;
+    }
+
+    /// The configuration's warnings, then in-pod mode's.
     pub fn warnings(&self) -> Vec<String> {
-        self.warnings.lock().expect("readiness warnings").clone()
+        let mut warnings = self.warnings.lock().expect("readiness warnings").clone();
+        warnings.extend(
+            self.inpod_warning
+                .lock()
+                .expect("readiness in-pod warning")
+                .clone(),
+        );
+        warnings
     }
 
     /// The steps not done yet, in words; empty when ready.

@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use programmer::{MapBackend, Programmer};
 use resolver::Update;
 
-use super::inpod::{InPodGate, Served, Step};
+use super::inpod::{InPodGate, Served, Step, UntilServed};
 use super::{InPodStage, Observer, Stamped, Status};
 use crate::ops::{EnrolmentStage, Metrics, Readiness};
 
@@ -43,6 +43,9 @@ pub(super) fn program<B: MapBackend>(
         Some(stage) => stage.zds.events().clone(),
         None => crossbeam_channel::never(),
     };
+    if let Some(stage) = &inpod {
+        readiness.set_inpod_warning(Some(no_ztunnel_warning(stage.until_served)));
+    }
     let mut pending = Pending::default();
     let mut steps: Vec<Step> = Vec::new();
     // A `Synced` whose batch failed still counts once a later batch lands.
@@ -61,7 +64,15 @@ pub(super) fn program<B: MapBackend>(
                 Err(_) => closed = true,
             },
             recv(zds_events) -> event => match event {
-                Ok(event) => zds_event(&mut gate, event, &mut steps),
+                Ok(event) => {
+                    match (&event, &inpod) {
+                        (zds::Event::Connected { .. }, _) => readiness.set_inpod_warning(None),
+                        (zds::Event::Disconnected { .. }, Some(stage)) => readiness
+                            .set_inpod_warning(Some(no_ztunnel_warning(stage.until_served))),
+                        _ => {}
+                    }
+                    zds_event(&mut gate, event, &mut steps)
+                }
                 Err(_) => {
                     return Err(anyhow!("programmer: the ZDS stage stopped"));
                 }
@@ -210,6 +221,15 @@ fn route(
     } else {
         steps.push(Step::Queue(update));
     }
+}
+
+/// What `/readyz` says while no ztunnel is connected to the ZDS socket.
+fn no_ztunnel_warning(until_served: UntilServed) -> String {
+    let meanwhile = match until_served {
+        UntilServed::Refused => "are refused",
+        UntilServed::Uncaptured => "go out uncaptured (--fail-open)",
+    };
+    format!("in-pod: no ztunnel is connected to the ZDS socket; the connects of ambient pods it does not serve yet {meanwhile}")
 }
 
 fn zds_event(gate: &mut InPodGate, event: zds::Event, steps: &mut Vec<Step>) {
