@@ -43,11 +43,33 @@ fn file(world: &World, zds: &std::path::Path, with_app: bool) -> String {
 }
 
 fn start(prefix: &str) -> (World, PathBuf) {
+    start_with(prefix, &[])
+}
+
+/// [`start`] with more flags for the agent.
+fn start_with(prefix: &str, agent_args: &[&str]) -> (World, PathBuf) {
     let mut world = World::new(prefix, false);
     let zds = world.dir.path().join("ztunnel.sock");
     world.write_workloads(&file(&world, &zds, true));
-    world.start_agent(&[]);
+    world.start_agent(agent_args);
     (world, zds)
+}
+
+/// A fake in-pod ztunnel that refuses the pod's first three adds (the agent's retries come
+/// 0.5, 1 and 2 s apart: time enough to look), once it has refused the first.
+fn ztunnel_refusing_the_pod(world: &World, zds: &std::path::Path) -> InPodZtunnel {
+    let options = InPodOptions {
+        nack: vec![(app_uid(), 3)],
+        ..InPodOptions::default()
+    };
+    let fake = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, zds, options)
+        .expect("fake in-pod ztunnel");
+    wait(
+        &fake,
+        "the refusal",
+        |e| matches!(e, ZdsEvent::Nack { uid, .. } if *uid == app_uid()),
+    );
+    fake
 }
 
 fn pod_netns_inode(world: &World) -> u64 {
@@ -239,18 +261,7 @@ fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
         return;
     }
     let (world, zds) = start("e2e-inpod-r");
-    // Three refusals: the retries come 0.5, 1 and 2 s apart, time enough to look.
-    let options = InPodOptions {
-        nack: vec![(app_uid(), 3)],
-        ..InPodOptions::default()
-    };
-    let first = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, options)
-        .expect("fake in-pod ztunnel");
-    wait(
-        &first,
-        "the refusal",
-        |e| matches!(e, ZdsEvent::Nack { uid, .. } if *uid == app_uid()),
-    );
+    let first = ztunnel_refusing_the_pod(&world, &zds);
     world.wait_for("the pod's in-pod entry, before ztunnel serves it", |_| {
         inpod_entry(&world)
     });
@@ -332,21 +343,8 @@ fn inpod_failing_open_a_pod_ztunnel_refuses_is_not_captured_until_served() {
     ) {
         return;
     }
-    let mut world = World::new("e2e-inpod-o", false);
-    let zds = world.dir.path().join("ztunnel.sock");
-    world.write_workloads(&file(&world, &zds, true));
-    world.start_agent(&["--fail-open"]);
-    let options = InPodOptions {
-        nack: vec![(app_uid(), 3)],
-        ..InPodOptions::default()
-    };
-    let fake = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, options)
-        .expect("fake in-pod ztunnel");
-    wait(
-        &fake,
-        "the refusal",
-        |e| matches!(e, ZdsEvent::Nack { uid, .. } if *uid == app_uid()),
-    );
+    let (world, zds) = start_with("e2e-inpod-o", &["--fail-open"]);
+    let fake = ztunnel_refusing_the_pod(&world, &zds);
     let outcome = pod_connects_to_the_service(&world);
     assert!(
         matches!(outcome, Outcome::Ok { peer, .. } if canonical(peer) == SocketAddr::new(SERVICE4, mesh::SERVICE_PORT)),

@@ -894,6 +894,15 @@ fn inpod_pod_handed_over_and_captured(prefix: &str, status_has_address: bool) {
             state.to_str().unwrap(),
         ],
     );
+    // Before ztunnel is there the pod is captured (fail closed): announced `pending`, as
+    // Istio's node agent marks a pod ztunnel has not acked, and its connects are refused.
+    wait_until(
+        "the pending annotation",
+        || node.log(),
+        || node.redirection("shop", "app").as_deref() == Some("pending"),
+    );
+    let outcome = node.connect(&app);
+    assert_eq!(outcome.errno(), Some(libc::ECONNREFUSED), "{outcome:?}");
     // ztunnel's in-pod process, in ztunnel's pod cgroup.
     let fake = InPodZtunnel::start(
         &node.mesh.cgroup,
@@ -920,6 +929,18 @@ fn inpod_pod_handed_over_and_captured(prefix: &str, status_has_address: bool) {
     let id = node.id(&app.pod);
     node.wait_inpod_entry(&app);
     node.assert_inpod_redirected(&app, &fake);
+    wait_until(
+        "the enabled annotation once ztunnel serves the pod",
+        || node.log(),
+        || node.redirection("shop", "app").as_deref() == Some("enabled"),
+    );
+    assert_eq!(
+        node.status_patches("shop", "app"),
+        vec![
+            json!({"metadata": {"annotations": {REDIRECTION: "pending"}}}),
+            json!({"metadata": {"annotations": {REDIRECTION: "enabled"}}})
+        ]
+    );
 
     // Deleted from the API server: the entry first, then `del`.
     node.server.delete_pod("shop", "app");

@@ -46,6 +46,9 @@ impl Observer for Recorder {
         };
         self.0.lock().unwrap().push(line);
     }
+    fn served(&mut self, pod: &str) {
+        self.0.lock().unwrap().push(format!("served {pod}"));
+    }
 }
 
 /// The kernel side, recorded; the first enrolment of the pod `fail_once` fails.
@@ -303,6 +306,24 @@ impl Drop for Running {
     }
 }
 
+/// Pod 1 is deleted: its entry is removed, then the kernel releases it, then ztunnel hears
+/// `del`.
+fn deleted_pod_leaves_maps_kernel_then_ztunnel(r: &Running, peer: &Peer) {
+    r.kube
+        .as_ref()
+        .unwrap()
+        .send(kube(KubeAction::Delete, pod(1, "p1")))
+        .unwrap();
+    match peer.request() {
+        Payload::Del(del) => assert_eq!(del.uid, uid(1)),
+        other => panic!("expected del, got {other:?}"),
+    }
+    let delete = position(&r.log, "delete 1001");
+    let release = position(&r.log, &format!("release {}", uid(1)));
+    assert!(delete < release, "{:?}", r.log.lock().unwrap());
+    peer.ack("");
+}
+
 #[test]
 fn by_default_an_in_pod_entry_is_written_at_once_and_the_ack_enrols_the_pod() {
     let r = start(&[(1, 4001)], UntilServed::Refused, None);
@@ -315,6 +336,8 @@ fn by_default_an_in_pod_entry_is_written_at_once_and_the_ack_enrols_the_pod() {
     }
     peer.ack("");
     wait_for(&r.log, &format!("enrol {}", uid(1)));
+    wait_for(&r.log, "served shop/p1");
+    assert!(position(&r.log, "write shop/p1") < position(&r.log, "served shop/p1"));
     assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
     peer.ack("");
     assert_eq!(
@@ -329,20 +352,7 @@ fn by_default_an_in_pod_entry_is_written_at_once_and_the_ack_enrols_the_pod() {
         r.log.lock().unwrap()
     );
 
-    // The pod is deleted: entry removed, then the kernel releases it, then ztunnel hears del.
-    r.kube
-        .as_ref()
-        .unwrap()
-        .send(kube(KubeAction::Delete, pod(1, "p1")))
-        .unwrap();
-    match peer.request() {
-        Payload::Del(del) => assert_eq!(del.uid, uid(1)),
-        other => panic!("expected del, got {other:?}"),
-    }
-    let delete = position(&r.log, "delete 1001");
-    let release = position(&r.log, &format!("release {}", uid(1)));
-    assert!(delete < release, "{:?}", r.log.lock().unwrap());
-    peer.ack("");
+    deleted_pod_leaves_maps_kernel_then_ztunnel(&r, &peer);
 }
 
 #[test]
@@ -376,23 +386,12 @@ fn failing_open_an_in_pod_entry_is_written_only_after_the_ack_and_the_enrolment(
     peer.ack("");
     wait_for(&r.log, "write shop/p1");
     assert!(position(&r.log, &format!("enrol {}", uid(1))) < position(&r.log, "write shop/p1"));
+    // Served before its entry is written: announced captured only with it.
+    assert!(position(&r.log, "served shop/p1") < position(&r.log, "write shop/p1"));
     assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
     peer.ack("");
 
-    // The pod is deleted: entry removed, then the kernel releases it, then ztunnel hears del.
-    r.kube
-        .as_ref()
-        .unwrap()
-        .send(kube(KubeAction::Delete, pod(1, "p1")))
-        .unwrap();
-    match peer.request() {
-        Payload::Del(del) => assert_eq!(del.uid, uid(1)),
-        other => panic!("expected del, got {other:?}"),
-    }
-    let delete = position(&r.log, "delete 1001");
-    let release = position(&r.log, &format!("release {}", uid(1)));
-    assert!(delete < release, "{:?}", r.log.lock().unwrap());
-    peer.ack("");
+    deleted_pod_leaves_maps_kernel_then_ztunnel(&r, &peer);
 }
 
 #[test]

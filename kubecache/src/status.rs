@@ -2,7 +2,9 @@
 //! `ambient.istio.io/redirection: enabled`, set when a pod is captured and removed when it
 //! leaves the mesh, as Istio's own node agent does (a JSON merge patch on the `pods/status`
 //! subresource, which needs less privilege than `pods`; a removal for a pod that is gone is
-//! done).
+//! done). An in-pod pod whose capture is written before ztunnel serves it is `pending` until
+//! then, as Istio's node agent marks a pod whose rules are in but whom ztunnel has not acked:
+//! istiod does not count it as captured yet.
 //!
 //! It is downstream of the programmer: it is told of each update once the maps hold it (the
 //! agent's pipeline calls [`StatusWriter::observe`] after a batch is written), so a pod is
@@ -24,7 +26,7 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use resolver::{PodName, Role, Update};
+use resolver::{Capture, PodName, Role, Update};
 use watcher::CgroupId;
 
 use crate::config::client_on_own_runtime;
@@ -34,6 +36,8 @@ use crate::{KubeError, KubeView};
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 /// Its value for a captured pod.
 pub const REDIRECTION_ENABLED: &str = "enabled";
+/// Its value for an in-pod pod captured before ztunnel serves it.
+pub const REDIRECTION_PENDING: &str = "pending";
 
 /// First retry delay after a failed patch; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -44,7 +48,8 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 struct Wish {
     namespace: String,
     name: String,
-    enabled: bool,
+    /// The annotation's value; `None`: remove it.
+    value: Option<&'static str>,
 }
 
 /// Writes the redirection annotation. Stops its thread on [`StatusWriter::stop`] or drop.
@@ -58,6 +63,10 @@ pub struct StatusWriter {
     /// How many of `ambient_cgroups` each pod has: `observe` runs on the programmer's thread
     /// for every update written, so it must not walk every captured cgroup.
     ambient_cgroups_per_pod: HashMap<PodName, usize>,
+    /// Captured in-pod pods that ztunnel does not serve yet (annotated `pending`).
+    unserved: std::collections::HashSet<PodName>,
+    /// In-pod pods ztunnel serves, captured or not yet ([`StatusWriter::served`]).
+    served: std::collections::HashSet<PodName>,
     /// The kube cache's view: at `Synced`, pods still annotated from an earlier run that are
     /// not captured now are found there.
     view: Option<KubeView>,
@@ -95,26 +104,42 @@ impl StatusWriter {
             unwritten,
             ambient_cgroups: HashMap::new(),
             ambient_cgroups_per_pod: HashMap::new(),
+            unserved: Default::default(),
+            served: Default::default(),
             view: own_view,
         })
     }
 
     /// The pod is captured: annotate it.
     pub fn enrolled(&self, namespace: &str, name: &str) {
-        self.wish(namespace, name, true);
+        self.wish(namespace, name, Some(REDIRECTION_ENABLED));
     }
 
     /// The pod left the mesh: remove the annotation.
     pub fn unenrolled(&self, namespace: &str, name: &str) {
-        self.wish(namespace, name, false);
+        self.wish(namespace, name, None);
+    }
+
+    /// ztunnel serves the in-pod pod `pod` (`NAMESPACE/NAME`): `enabled` if it is captured
+    /// (it was `pending`), and when it is captured later.
+    pub fn served(&mut self, pod: &str) {
+        self.served.insert(pod.to_string());
+        if self.unserved.remove(pod) {
+            self.wish_pod(pod, Some(REDIRECTION_ENABLED));
+        }
     }
 
     /// Follows the resolver's updates: a pod is enrolled while at least one of its cgroups is
-    /// `Ambient`, unenrolled when the last one stops being so. Pod names are `NAMESPACE/NAME`
-    /// (standalone workloads, without `/`, are not Kubernetes pods and are ignored).
+    /// `Ambient` (`pending` while it is an in-pod pod ztunnel does not serve yet), unenrolled
+    /// when the last one stops being so. Pod names are `NAMESPACE/NAME` (standalone workloads,
+    /// without `/`, are not Kubernetes pods and are ignored).
     pub fn observe(&mut self, update: &Update) {
+        let mut in_pod = false;
         let (cgroup_id, now_ambient) = match update {
-            Update::Upsert(e) => (e.cgroup_id, (e.role == Role::Ambient).then_some(&e.pod)),
+            Update::Upsert(e) => {
+                in_pod = matches!(e.capture, Capture::InPod { .. });
+                (e.cgroup_id, (e.role == Role::Ambient).then_some(&e.pod))
+            }
             Update::Delete { cgroup_id } => (*cgroup_id, None),
             Update::Synced => return self.unenrol_stale(),
             Update::SetZtunnel { .. } => return,
@@ -131,7 +156,12 @@ impl StatusWriter {
             let cgroups = self.ambient_cgroups_per_pod.entry(pod.clone()).or_insert(0);
             *cgroups += 1;
             if *cgroups == 1 {
-                self.wish_pod(&pod, true);
+                if in_pod && !self.served.contains(&pod) {
+                    self.unserved.insert(pod.clone());
+                    self.wish_pod(&pod, Some(REDIRECTION_PENDING));
+                } else {
+                    self.wish_pod(&pod, Some(REDIRECTION_ENABLED));
+                }
             }
         }
         if let Some(pod) = before {
@@ -139,7 +169,9 @@ impl StatusWriter {
                 *cgroups -= 1;
                 if *cgroups == 0 {
                     self.ambient_cgroups_per_pod.remove(&pod);
-                    self.wish_pod(&pod, false);
+                    self.unserved.remove(&pod);
+                    self.served.remove(&pod);
+                    self.wish_pod(&pod, None);
                 }
             }
         }
@@ -176,7 +208,7 @@ impl StatusWriter {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-                .is_some_and(|v| v == REDIRECTION_ENABLED);
+                .is_some_and(|v| v == REDIRECTION_ENABLED || v == REDIRECTION_PENDING);
             let (Some(namespace), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name)
             else {
                 continue;
@@ -186,22 +218,22 @@ impl StatusWriter {
                     "kube status writer: {namespace}/{name} is annotated but not captured \
                      (it left the mesh while no agent watched): removing {REDIRECTION_ANNOTATION}"
                 );
-                self.wish(namespace, name, false);
+                self.wish(namespace, name, None);
             }
         }
     }
 
-    fn wish_pod(&self, pod: &str, enabled: bool) {
+    fn wish_pod(&self, pod: &str, value: Option<&'static str>) {
         if let Some((namespace, name)) = pod.split_once('/') {
-            self.wish(namespace, name, enabled);
+            self.wish(namespace, name, value);
         }
     }
 
-    fn wish(&self, namespace: &str, name: &str, enabled: bool) {
+    fn wish(&self, namespace: &str, name: &str, value: Option<&'static str>) {
         let wish = Wish {
             namespace: namespace.to_string(),
             name: name.to_string(),
-            enabled,
+            value,
         };
         if let Some(wishes) = &self.wishes {
             self.unwritten.fetch_add(1, Ordering::AcqRel);
@@ -347,7 +379,7 @@ async fn write(client: &Client, view: Option<&KubeView>, wish: &Wish) -> bool {
     let Wish {
         namespace,
         name,
-        enabled,
+        value,
     } = wish;
     if let Some(view) = view {
         if let Some(pod) = view.pod_named(namespace, name) {
@@ -356,16 +388,11 @@ async fn write(client: &Client, view: Option<&KubeView>, wish: &Wish) -> bool {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(REDIRECTION_ANNOTATION));
-            if (current.map(String::as_str) == Some(REDIRECTION_ENABLED)) == *enabled {
+            if current.map(String::as_str) == *value {
                 return true;
             }
         }
     }
-    let value = if *enabled {
-        serde_json::Value::from(REDIRECTION_ENABLED)
-    } else {
-        serde_json::Value::Null
-    };
     let patch =
         serde_json::json!({ "metadata": { "annotations": { REDIRECTION_ANNOTATION: value } } });
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
@@ -376,7 +403,7 @@ async fn write(client: &Client, view: Option<&KubeView>, wish: &Wish) -> bool {
         Ok(_) => {
             log::debug!(
                 "kube status writer: {namespace}/{name}: {REDIRECTION_ANNOTATION} {}",
-                if *enabled { "set" } else { "removed" }
+                value.map_or("removed".to_string(), |v| format!("set to {v}"))
             );
             true
         }
@@ -409,7 +436,7 @@ mod tests {
         Wish {
             namespace: "ns".into(),
             name: name.into(),
-            enabled,
+            value: enabled.then_some(REDIRECTION_ENABLED),
         }
     }
 
@@ -419,7 +446,7 @@ mod tests {
             .iter()
             .map(|a| {
                 let w = &pending.by_arrival[a].wish;
-                (w.name.clone(), w.enabled)
+                (w.name.clone(), w.value.is_some())
             })
             .collect()
     }

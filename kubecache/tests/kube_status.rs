@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kubecache::status::{StatusWriter, REDIRECTION_ANNOTATION};
 use kubecache::KubeCache;
-use resolver::{Enrolment, Role, Update};
+use resolver::{Capture, Enrolment, Role, Update};
 use serde_json::json;
 use testkit::apiserver::RecordedRequest;
 use testkit::FakeApiServer;
@@ -170,6 +170,53 @@ fn observe_follows_the_resolvers_updates() {
         .requests()
         .iter()
         .all(|r| !r.path.contains("dev-vm-app")));
+}
+
+/// An in-pod pod captured before ztunnel serves it is `pending` (as Istio's node agent marks a
+/// pod ztunnel has not acked), `enabled` once served; one served before its capture is
+/// written is `enabled` at once.
+#[test]
+fn an_in_pod_pod_is_pending_until_ztunnel_serves_it() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply_pod(&pod("apps", "web", json!({})));
+    server.apply_pod(&pod("apps", "api", json!({})));
+    let mut writer = StatusWriter::start(server.kube_config(), None).unwrap();
+    let enrolment = |cgroup_id: u64, pod: &str| {
+        Update::Upsert(Arc::new(Enrolment {
+            cgroup_id: CgroupId(cgroup_id),
+            cgroup: format!("/kubepods/pod-{cgroup_id}").into(),
+            pod: Some(pod.into()),
+            role: Role::Ambient,
+            ips: vec!["10.1.0.10".parse().unwrap()],
+            capture: Capture::InPod { dns: false },
+            identity: None,
+        }))
+    };
+    writer.observe(&enrolment(11, "apps/web"));
+    wait_until("pending", || {
+        redirection(&server, "apps", "web").as_deref() == Some("pending")
+    });
+    writer.served("apps/web");
+    wait_until("enabled once served", || {
+        redirection(&server, "apps", "web").as_deref() == Some("enabled")
+    });
+    writer.observe(&Update::Delete {
+        cgroup_id: CgroupId(11),
+    });
+    wait_until("removed", || redirection(&server, "apps", "web").is_none());
+
+    writer.served("apps/api");
+    writer.observe(&enrolment(12, "apps/api"));
+    wait_until("enabled", || {
+        redirection(&server, "apps", "api").as_deref() == Some("enabled")
+    });
+    wait_until("all written", || writer.unwritten() == 0);
+    let patches = patches_of(&server, "apps", "api");
+    assert_eq!(patches.len(), 1, "{patches:#?}");
+    assert_eq!(
+        body(&patches[0]),
+        json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}})
+    );
 }
 
 #[test]

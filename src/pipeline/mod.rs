@@ -85,13 +85,20 @@ impl Inputs {
 /// what it announces, such as a pod's capture, is already in force).
 pub trait Observer: Send {
     fn written(&mut self, update: &Update);
+    /// ztunnel serves the in-pod pod `pod` (`NAMESPACE/NAME`): it acked the pod and its
+    /// namespace is enrolled. Told before the entries written with it, if any.
+    fn served(&mut self, _pod: &str) {}
 }
 
-/// The pod status writer annotates pods when their capture is written, and removes the
-/// annotation when their last entry is.
+/// The pod status writer annotates pods when their capture is written (`pending` for an
+/// in-pod pod ztunnel does not serve yet), and removes the annotation when their last entry
+/// is.
 impl Observer for StatusWriter {
     fn written(&mut self, update: &Update) {
         self.observe(update);
+    }
+    fn served(&mut self, pod: &str) {
+        StatusWriter::served(self, pod);
     }
 }
 

@@ -120,6 +120,13 @@ pub(super) fn program<B: MapBackend>(
                 }
             }
         }
+        // Before the batch: a pod's entries written with its enrolment are then announced
+        // as served at once.
+        for pod in pending.served.drain(..) {
+            if let Some(observer) = observer.as_mut() {
+                observer.served(&pod);
+            }
+        }
         if !pending.batch.is_empty() {
             let count = pending.batch.len();
             synced |= pending
@@ -288,6 +295,9 @@ fn apply_steps<B: MapBackend>(
                 match stage.kernel.enrol(&uid, served, entry) {
                     Ok(()) => {
                         log::info!("in-pod: pod {pod} (uid {uid}) enrolled: ztunnel (pid {}) serves it in its namespace", served.ztunnel_pid);
+                        if let Some(name) = &entry.pod {
+                            pending.served.push(name.clone());
+                        }
                         if let Some(ts) = asked_since {
                             metrics.observe_inpod_enrolment_between(
                                 ts,
@@ -326,6 +336,8 @@ struct Pending {
     batch: Vec<Stamped>,
     /// Pods to release (in the kernel, then to ztunnel) once the batch is written.
     after_flush: Vec<String>,
+    /// In-pod pods ztunnel now serves, for the observer.
+    served: Vec<String>,
 }
 
 /// The pods whose last entries are written away: release them in the kernel, then tell
