@@ -33,6 +33,9 @@ pub enum Step {
     /// the first enrolment, the kernel's timestamp of the exec that first asked for the pod
     /// (the in-pod enrolment latency ends when the enrolment succeeds).
     Enrol { uid: String, exec_ts: Option<u64> },
+    /// Tell the observer that ztunnel serves the pod `pod` (`NAMESPACE/NAME`) as far as is
+    /// known: a pod the previous run enrolled, whose namespace's link is still pinned.
+    StillServed { pod: String },
     /// Once the batch with the pod's last deletes is written: release the pod in the kernel,
     /// then tell ztunnel.
     ReleaseAfterFlush { uid: String },
@@ -173,6 +176,12 @@ impl InPodGate {
             || self.previous.contains(&uid)
             || self.until_served == UntilServed::Refused
         {
+            if !pod.written && self.previous.contains(&uid) {
+                // Not announced as waiting for ztunnel across the agent's restart.
+                if let Some(name) = &e.pod {
+                    steps.push(Step::StillServed { pod: name.clone() });
+                }
+            }
             pod.written = true;
             steps.push(Step::Queue(Update::Upsert(e)));
         }
@@ -408,6 +417,7 @@ mod tests {
                 Step::Zds(zds::Command::Synced) => "zds synced".to_string(),
                 Step::Enrol { uid, .. } => format!("enrol {uid}"),
                 Step::ReleaseAfterFlush { uid } => format!("release after flush {uid}"),
+                Step::StillServed { pod } => format!("still served {pod}"),
             })
             .collect()
     }
@@ -610,6 +620,7 @@ mod tests {
             names(&steps),
             [
                 "serve a /kubepods/poda/c1",
+                "still served ns/a",
                 "upsert 1",
                 "serve b /kubepods/podb/c2"
             ]

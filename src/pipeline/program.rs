@@ -325,6 +325,7 @@ fn apply_steps<B: MapBackend>(
                 }
             }
             Step::ReleaseAfterFlush { uid } => pending.after_flush.push(uid),
+            Step::StillServed { pod } => pending.served.push(pod),
         }
     }
 }
