@@ -195,3 +195,26 @@ fn memory_follows_live_processes_not_history() {
     assert_eq!(live_ids(&h), vec![12]);
     assert_eq!(h.resolver.live_processes(), 1);
 }
+
+/// What `zbridge_decisions{role="none"}` counts: live cgroups with no entry that belong to no
+/// owner with entries.
+#[test]
+fn live_cgroups_without_entries_are_those_of_no_owner_with_entries() {
+    let mut h = two_ambient_pods();
+    assert_eq!(
+        h.resolver.live_cgroups_without_entries(),
+        1,
+        "the scan's init"
+    );
+    // Pod 1: a process in its pod-level cgroup (the entry) and one in a container (covered).
+    h.exec(100, &pod_path(1), 500);
+    h.exec(101, &container_path(1, 1), 501);
+    assert_eq!(h.entries.keys().map(|c| c.0).collect::<Vec<_>>(), vec![500]);
+    assert_eq!(h.resolver.live_cgroups_without_entries(), 1);
+    // A pod outside the mesh.
+    h.apply_obj(pod(3, "plain", "c", json!({}), "10.0.0.3"));
+    h.exec(102, &container_path(3, 1), 503);
+    assert_eq!(h.resolver.live_cgroups_without_entries(), 2);
+    h.exit(102);
+    assert_eq!(h.resolver.live_cgroups_without_entries(), 1);
+}

@@ -17,7 +17,7 @@ use anyhow::{anyhow, Context};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use kubecache::status::StatusWriter;
 use programmer::{MapBackend, Programmer};
-use resolver::{Input, PodName, Resolver, Role, Update, Workloads};
+use resolver::{Input, Resolver, Role, Update, Workloads};
 use watcher::live::StopHandle;
 use watcher::{CgroupId, EventSource, ProcEvent, Record};
 
@@ -341,15 +341,13 @@ fn watch<S: EventSource>(
 const NONE_COUNT_EVERY: Duration = Duration::from_secs(1);
 
 /// The resolver's decisions as its updates say them: the entries it wants, by role, for
-/// `zbridge_decisions`.
+/// `zbridge_decisions` (`none` is asked of the resolver: [`Resolver::live_cgroups_without_entries`]).
 #[derive(Default)]
 struct Decisions {
-    /// Each entry's role and owner.
-    entries: HashMap<CgroupId, (Role, Option<PodName>)>,
+    /// Each entry's role.
+    entries: HashMap<CgroupId, Role>,
     /// Entries by role, in [`ENTRY_ROLES`] order.
     counts: [usize; 3],
-    /// How many entries each owner has (a live cgroup of an owner with entries is covered).
-    owners: HashMap<PodName, usize>,
     /// Whether anything changed since the `none` count was refreshed.
     dirty: bool,
 }
@@ -363,35 +361,18 @@ fn role_index(role: Role) -> Option<usize> {
 
 impl Decisions {
     fn apply(&mut self, update: &Update) {
-        let (id, now) = match update {
-            Update::Upsert(e) => (e.cgroup_id, Some((e.role, e.pod.clone()))),
-            Update::Delete { cgroup_id } => (*cgroup_id, None),
-            Update::SetZtunnel { .. } | Update::Synced => return,
-        };
-        let before = match now {
-            Some((role, pod)) => {
-                if let Some(pod) = &pod {
-                    *self.owners.entry(pod.clone()).or_insert(0) += 1;
-                }
-                if let Some(i) = role_index(role) {
+        let before = match update {
+            Update::Upsert(e) => {
+                if let Some(i) = role_index(e.role) {
                     self.counts[i] += 1;
                 }
-                self.entries.insert(id, (role, pod))
+                self.entries.insert(e.cgroup_id, e.role)
             }
-            None => self.entries.remove(&id),
+            Update::Delete { cgroup_id } => self.entries.remove(cgroup_id),
+            Update::SetZtunnel { .. } | Update::Synced => return,
         };
-        if let Some((role, pod)) = before {
-            if let Some(i) = role_index(role) {
-                self.counts[i] -= 1;
-            }
-            if let Some(pod) = pod {
-                if let Some(count) = self.owners.get_mut(&pod) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.owners.remove(&pod);
-                    }
-                }
-            }
+        if let Some(i) = before.and_then(role_index) {
+            self.counts[i] -= 1;
         }
         self.dirty = true;
     }
@@ -405,15 +386,7 @@ impl Decisions {
 
     /// Sets `none`: live cgroups that neither have an entry nor belong to an owner that has.
     fn publish_none(&mut self, resolver: &Resolver, metrics: &Metrics) {
-        let none = resolver
-            .live_cgroups()
-            .iter()
-            .filter(|c| {
-                !self.entries.contains_key(&c.id)
-                    && !c.pod.as_ref().is_some_and(|p| self.owners.contains_key(p))
-            })
-            .count();
-        metrics.set_decisions(Role::None, none);
+        metrics.set_decisions(Role::None, resolver.live_cgroups_without_entries());
         self.dirty = false;
     }
 }

@@ -349,6 +349,22 @@ impl Resolver {
         all
     }
 
+    /// How many live cgroups neither have an entry nor belong to an owner that has one (not
+    /// decided yet, or decided `none`): `zbridge_decisions{role="none"}`. A walk of the live
+    /// cgroups that allocates nothing.
+    pub fn live_cgroups_without_entries(&self) -> usize {
+        self.cgroups
+            .values()
+            .filter(|c| {
+                c.owner
+                    .as_ref()
+                    .and_then(|key| self.owners.get(key))
+                    .and_then(Owner::emitted)
+                    .is_none_or(|entries| entries.is_empty())
+            })
+            .count()
+    }
+
     /// The id of a live cgroup (one holding processes) by its path.
     pub fn live_cgroup_id(&self, path: &str) -> Option<CgroupId> {
         self.by_path.get(path).copied()
