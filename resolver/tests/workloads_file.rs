@@ -3,13 +3,13 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use resolver::workloads::{
     derived_uid, Address, Mode, WorkloadsErrorKind, ZtunnelMode, MAX_DEPTH, MAX_FILE_BYTES,
     MAX_NODES,
 };
 use resolver::Workloads;
+use testkit::workloads_text::{file, long_address_list, many};
 
 fn err(text: &str) -> String {
     Workloads::parse(text).unwrap_err().to_string()
@@ -17,19 +17,6 @@ fn err(text: &str) -> String {
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-/// A file of `entries`, each `(name, cgroup)`, ambient with a distinct address.
-fn file(version: u32, ztunnel: &str, entries: &[(&str, &str)]) -> String {
-    let mut s = format!("version: {version}\n{ztunnel}workloads:\n");
-    for (i, (name, cgroup)) in entries.iter().enumerate() {
-        s.push_str(&format!(
-            "  - name: {name}\n    cgroup: {cgroup}\n    address: 10.0.{}.{}\n    mode: ambient\n",
-            i / 200,
-            1 + i % 200
-        ));
-    }
-    s
 }
 
 const INPOD: &str = "\
@@ -470,17 +457,6 @@ fn load_errors_name_the_file() {
     assert!(e.contains("w.yaml") && e.contains("UTF-8"), "{e}");
 }
 
-fn many(n: usize) -> String {
-    let names: Vec<(String, String)> = (0..n)
-        .map(|i| (format!("ns/w{i}"), format!("/zb/pods/w{i}")))
-        .collect();
-    let entries: Vec<(&str, &str)> = names
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .collect();
-    file(1, "", &entries)
-}
-
 #[test]
 fn fifty_thousand_workloads() {
     let text = many(50_000);
@@ -534,19 +510,6 @@ fn aliases_cannot_multiply_the_work() {
 }
 
 /// A workload with `n` distinct addresses, IPv6 and IPv4 mixed, and each once more.
-fn long_address_list(n: usize) -> String {
-    let mut list = String::from("[");
-    for i in 0..n {
-        let (a, b) = (i / 250 % 250 + 1, i % 250 + 1);
-        if i % 2 == 0 {
-            list.push_str(&format!("10.{}.{a}.{b}, ", i / 62_500));
-        } else {
-            list.push_str(&format!("\"fd00::{:x}:{:x}\", ", i >> 16, i & 0xffff));
-        }
-    }
-    list.push_str("10.0.1.1]");
-    file(1, "", &[("a", "/a")]).replace("10.0.0.1\n", &format!("{list}\n"))
-}
 
 #[test]
 fn long_address_lists() {
@@ -558,28 +521,4 @@ fn long_address_lists() {
     assert!(ips[..50_000].iter().all(|ip| ip.is_ipv4()));
     assert_eq!(ips[0], ip("10.0.1.1"));
     assert_eq!(ips[50_000], ip("fd00::1"));
-}
-
-/// Figures for the issue, not a check:
-/// `cargo test -p zbridge-resolver --release --test workloads_file -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn measure() {
-    let n = 100_000;
-    for (what, text) in [
-        (
-            "flow depth 100k",
-            format!("version: 1\nexempt: {}{}\n", "[".repeat(n), "]".repeat(n)),
-        ),
-        (
-            "block depth 100k",
-            format!("version: 1\nexempt:\n{}x\n", "- ".repeat(n)),
-        ),
-        ("50000 workloads", many(50_000)),
-        ("200000 addresses", long_address_list(200_000)),
-    ] {
-        let t = Instant::now();
-        let result = Workloads::parse(&text).map(|_| ());
-        println!("{what}: {:?} ({result:?})", t.elapsed());
-    }
 }

@@ -13,6 +13,7 @@ pub mod netns;
 pub mod objects;
 pub mod source;
 pub mod testgen;
+pub mod workloads_text;
 pub mod zds_ztunnel;
 pub mod ztunnel;
 
