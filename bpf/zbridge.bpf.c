@@ -488,19 +488,24 @@ int getsockopt(struct bpf_sockopt *ctx)
 	/* The accepted socket is the server's: its peer is the client. */
 	if (!zb_tuple_of(&tuple, family, r4, &r6, peer_port, l4, &l6, bpf_htons(local_port)))
 		return 1;
-	/* In-pod: keyed by the namespace as sock_ops keyed it (the same one: ztunnel's listener
-	 * is in the pod's namespace). A ztunnel listening on loopback in its own namespace
-	 * (node mode, a dev box) keys without it. */
-	if (zb_tuple_dst_is_loopback(&tuple)) {
-		__u64 cookie = bpf_get_netns_cookie(ctx);
-
-		if (zb_inpod_netns_entry(cookie))
-			zb_tuple_fold_netns(&tuple, cookie);
-	}
-
 	ZB_STEP(ZB_STEP_GETSOCKOPT_TUPLE);
 	question = ctx->level == SOL_IP ? ZB_ASK_V4 : ZB_ASK_V6;
-	found = zb_tuple_take(&tuple, question, &od);
+	if (zb_tuple_dst_is_loopback(&tuple)) {
+		/* In-pod: keyed by the namespace as sock_ops keyed it (the same one: ztunnel's
+		 * listener is in the pod's namespace). Looked up so first whether or not this
+		 * namespace is an enrolled pod's yet: the agent writes a pod's entry before
+		 * ztunnel's ack and enrols its namespace after it, and ztunnel listens (and may be
+		 * asked) in between. A ztunnel listening on loopback in its own namespace (node
+		 * mode, a dev box) has its records keyed without it. */
+		struct conn_tuple in_pod = tuple;
+
+		zb_tuple_fold_netns(&in_pod, bpf_get_netns_cookie(ctx));
+		found = zb_tuple_take(&in_pod, question, &od);
+		if (found == ZB_TAKE_ABSENT)
+			found = zb_tuple_take(&tuple, question, &od);
+	} else {
+		found = zb_tuple_take(&tuple, question, &od);
+	}
 	ZB_STEP(ZB_STEP_GETSOCKOPT_TAKE);
 	if (found == ZB_TAKE_ABSENT) {
 		/* Keep the kernel's own answer (netfilter's, or its error). ztunnel asks the IPv6

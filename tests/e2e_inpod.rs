@@ -334,6 +334,38 @@ fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
 /// in both land on each pod's own ztunnel listener with each its own original destination;
 /// with `dns_capture`, a pod's DNS over UDP reaches ztunnel's 15053 in the pod and the answer
 /// comes back from the server asked, and DNS over TCP goes to 15053 too.
+/// ztunnel listens in the pod's namespace from the moment it has the pod's `add`, and the
+/// agent enrols the namespace in the kernel only after ztunnel's ack: a connection captured in
+/// between still has its original destination for ztunnel (here a ztunnel that never acks).
+#[test]
+fn inpod_a_connection_captured_before_ztunnels_ack_has_its_original_destination() {
+    if !testkit::require_root(
+        "inpod_a_connection_captured_before_ztunnels_ack_has_its_original_destination",
+    ) {
+        return;
+    }
+    let (world, zds) = start("e2e-inpod-n");
+    let options = InPodOptions {
+        no_ack: true,
+        ..InPodOptions::default()
+    };
+    let fake = InPodZtunnel::start(&world.mesh.cgroup, &world.mesh.ztunnel, &zds, options)
+        .expect("fake in-pod ztunnel");
+    wait(&fake, "the pod's add", |e| {
+        matches!(e, ZdsEvent::Add { .. })
+    });
+    let outcome = pod_connects_to_the_service(&world);
+    assert!(
+        matches!(outcome, Outcome::Ok { peer, .. } if peer.port() == 15001),
+        "captured to ztunnel's listener in the pod: {outcome:?}"
+    );
+    let accepted = accepted_on(&fake, 15001);
+    assert_eq!(
+        accepted.orig,
+        Some(Ok(SocketAddr::new(SERVICE4, mesh::SERVICE_PORT)))
+    );
+}
+
 /// `--fail-open`: until ztunnel serves the pod it is not captured (its connect reaches the
 /// service directly and it has no entry); once the retried add is acked it is.
 #[test]
