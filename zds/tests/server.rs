@@ -110,6 +110,22 @@ fn start_with(change: impl FnOnce(&mut ZdsConfig)) -> Fixture {
     }
 }
 
+/// Hands the server `spec` and waits until it has taken it: a peer that connects after that
+/// is sent the pod before the snapshot's end (the server may take a connection and a command
+/// that are both waiting in either order).
+fn serve(server: &Server, spec: PodSpec) {
+    let uid = spec.uid.clone();
+    server.commands().send(Command::Serve(spec)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !server.status().pods.contains_key(&uid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod {uid} never taken"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn event(server: &Server) -> Event {
     server
         .events()
@@ -205,7 +221,7 @@ fn snapshot_on_hello_then_adds_and_dels_one_at_a_time() {
 #[test]
 fn a_refused_pod_is_retried_and_not_acked_meanwhile() {
     let f = start();
-    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    serve(&f.server, pod("a"));
     let peer = Peer::connect(&f.socket);
     peer.hello();
     expect_add(&peer, "a");
@@ -240,7 +256,7 @@ fn a_refused_pod_is_retried_and_not_acked_meanwhile() {
 #[test]
 fn a_restarted_ztunnel_gets_the_whole_snapshot_and_replaces_the_old_connection() {
     let f = start();
-    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    serve(&f.server, pod("a"));
     let first = Peer::connect(&f.socket);
     first.hello();
     expect_add(&first, "a");
@@ -262,7 +278,7 @@ fn a_restarted_ztunnel_gets_the_whole_snapshot_and_replaces_the_old_connection()
 #[test]
 fn a_peer_that_never_acks_or_garbles_is_dropped_and_the_next_one_served() {
     let f = start();
-    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    serve(&f.server, pod("a"));
     // Never acks: dropped after the ack timeout.
     let mute = Peer::connect(&f.socket);
     mute.hello();
@@ -291,8 +307,8 @@ fn a_pod_without_a_live_process_is_kept_in_the_snapshot_and_an_error_after_it() 
     let f = start();
     let mut ghost = pod("ghost");
     ghost.cgroup = "/zbridge-test-no-such-cgroup".into();
-    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
-    f.server.commands().send(Command::Serve(ghost)).unwrap();
+    serve(&f.server, pod("a"));
+    serve(&f.server, ghost);
     let peer = Peer::connect(&f.socket);
     peer.hello();
     expect_add(&peer, "a");
@@ -335,8 +351,8 @@ fn the_snapshots_end_waits_for_the_agents_first_full_picture() {
     // Decided meanwhile: one pod with a process, one without.
     let mut ghost = pod("ghost");
     ghost.cgroup = "/zbridge-test-no-such-cgroup".into();
-    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
-    f.server.commands().send(Command::Serve(ghost)).unwrap();
+    serve(&f.server, pod("a"));
+    serve(&f.server, ghost);
     expect_add(&peer, "a");
     peer.ack("");
     expect_keep(&peer, "ghost");
@@ -375,7 +391,7 @@ fn a_kept_pod_is_added_once_a_process_is_in_it() {
     );
     let server = Server::start(config).unwrap();
     // The pod's cgroup is this test's own (what /proc says of its process), not yet there.
-    server.commands().send(Command::Serve(pod("late"))).unwrap();
+    serve(&server, pod("late"));
     let peer = Peer::connect(&socket);
     peer.hello();
     expect_keep(&peer, "late");
@@ -409,7 +425,7 @@ fn a_socket_another_agent_serves_is_not_taken_over_and_a_stale_one_is() {
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     assert!(err.to_string().contains("istio-cni"), "{err}");
     // The first server still serves.
-    f.server.commands().send(Command::Serve(pod("a"))).unwrap();
+    serve(&f.server, pod("a"));
     let peer = Peer::connect(&f.socket);
     peer.hello();
     expect_add(&peer, "a");
