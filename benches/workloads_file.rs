@@ -1,7 +1,9 @@
 //! The workloads file's checks at and beyond their bounds (issue 15, "Quadratic inputs"): how
 //! long the agent takes to accept or refuse a large or hostile file, which is the time its main
 //! loop spends on a SIGHUP's re-read. Refusals must come before the YAML parser builds the
-//! file's events; the overlap check of many workloads must not be quadratic.
+//! file's events; the overlap check of many workloads must not be quadratic. Beside each file
+//! it accepts, the YAML parser alone reading the same text into a generic value: what the
+//! agent's own checks cost beyond reading the YAML.
 //!
 //! `cargo bench --bench workloads_file`
 
@@ -39,6 +41,11 @@ fn bench(c: &mut Criterion) {
         // What is measured is what the agent does: accept or refuse, as expected.
         assert_eq!(Workloads::parse(text).is_ok(), *accepted, "{name}");
         group.bench_function(*name, |b| b.iter(|| Workloads::parse(text).is_ok()));
+        if *accepted {
+            group.bench_function(format!("{name}: the YAML parser alone"), |b| {
+                b.iter(|| serde_norway::from_str::<serde_norway::Value>(text).is_ok())
+            });
+        }
     }
     group.finish();
 }
