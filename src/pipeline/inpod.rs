@@ -65,7 +65,8 @@ pub struct Served {
 #[derive(Debug, Default)]
 struct Pod {
     identity: Option<Identity>,
-    /// The pod's entries, by cgroup: held until acked, written after.
+    /// The pod's entries, by cgroup: written at once, or (failing open) held until ztunnel
+    /// serves the pod.
     entries: BTreeMap<CgroupId, Arc<Enrolment>>,
     served: Option<Served>,
     /// Its entries go to the maps (acked once, enrolled by the previous run, or

@@ -315,7 +315,7 @@ fn apply_steps<B: MapBackend>(
                     }
                     Err(e) => {
                         let entries = if gate.written(&uid) {
-                            "its entries stay written (its connects are refused)"
+                            "its entries stay written"
                         } else {
                             "its entries stay held (its connects go out uncaptured)"
                         };
