@@ -101,17 +101,9 @@ fn ambient_workloads_without_ztunnel_are_explained_by_readyz() {
     ));
     world.start_agent(&[]);
     world.wait_enrolled(&[&world.mesh.app.clone()]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = world.ops_get("/readyz");
-        if status == 200 {
-            assert!(
-                body.contains("warning: ") && body.contains("no ztunnel"),
-                "{body}"
-            );
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let body = world.wait_readyz(|body| body.starts_with("ready\n"));
+    assert!(
+        body.contains("warning: ") && body.contains("no ztunnel"),
+        "{body}"
+    );
 }

@@ -106,19 +106,6 @@ fn accepted_on(fake: &InPodZtunnel, port: u16) -> testkit::ztunnel::Accepted {
     }
 }
 
-/// `/readyz`'s body once `want` holds for it.
-fn wait_readyz(world: &World, want: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = world.ops_get("/readyz");
-        if want(&body) {
-            return body;
-        }
-        assert!(std::time::Instant::now() < deadline, "/readyz: {body}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
@@ -132,7 +119,7 @@ fn inpod_outbound_inbound_and_release_through_zds() {
     // No ztunnel yet: /readyz says what that means for the pods.
     let no_ztunnel = "warning: in-pod: no ztunnel is connected to the ZDS socket; the connects \
                       of ambient pods it does not serve yet are refused";
-    let readyz = wait_readyz(&world, |body| body.starts_with("ready\n"));
+    let readyz = world.wait_readyz(|body| body.starts_with("ready\n"));
     assert!(readyz.contains(no_ztunnel), "{readyz}");
     let fake = InPodZtunnel::start(
         &world.mesh.cgroup,
@@ -141,7 +128,7 @@ fn inpod_outbound_inbound_and_release_through_zds() {
         InPodOptions::default(),
     )
     .expect("fake in-pod ztunnel");
-    wait_readyz(&world, |body| body == "ready\n");
+    world.wait_readyz(|body| body == "ready\n");
 
     // The pod, with the namespace of its process and its identity.
     let add = wait(&fake, "the pod's add", |e| {

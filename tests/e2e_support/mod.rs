@@ -317,6 +317,19 @@ impl World {
         http_get(self.ops_addr(), path)
     }
 
+    /// `/readyz`'s body once `want` holds for it (within the deadline).
+    pub fn wait_readyz(&self, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (_, body) = self.ops_get("/readyz");
+            if want(&body) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "/readyz: {body}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn ztunnel(&self) -> &FakeZtunnel {
         self.ztunnel
             .as_ref()
