@@ -4,7 +4,8 @@
 //! subresource, which needs less privilege than `pods`; a removal for a pod that is gone is
 //! done). An in-pod pod whose capture is written before ztunnel serves it is `pending` until
 //! then, as Istio's node agent marks a pod whose rules are in but whom ztunnel has not acked:
-//! istiod does not count it as captured yet.
+//! istiod does not count it as captured yet (written only if ztunnel has not served the pod
+//! within [`PENDING_GRACE`]).
 //!
 //! It is downstream of the programmer: it is told of each update once the maps hold it (the
 //! agent's pipeline calls [`StatusWriter::observe`] after a batch is written), so a pod is
@@ -43,6 +44,12 @@ pub const REDIRECTION_PENDING: &str = "pending";
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
+/// How long a `pending` wish waits before it is written: ztunnel usually serves a new pod
+/// within milliseconds, and its `enabled` then replaces the wish, so that a pod start costs
+/// one PATCH (and one round of watch events), not two. istiod counts the pod as not captured
+/// meanwhile either way.
+const PENDING_GRACE: Duration = Duration::from_secs(1);
+
 /// A wish for one pod's annotation.
 #[derive(Debug)]
 struct Wish {
@@ -50,6 +57,17 @@ struct Wish {
     name: String,
     /// The annotation's value; `None`: remove it.
     value: Option<&'static str>,
+}
+
+impl Wish {
+    /// How long after it is made the wish is due.
+    fn delay(&self) -> Duration {
+        if self.value == Some(REDIRECTION_PENDING) {
+            PENDING_GRACE
+        } else {
+            Duration::ZERO
+        }
+    }
 }
 
 /// Writes the redirection annotation. Stops its thread on [`StatusWriter::stop`] or drop.
@@ -276,9 +294,9 @@ impl PendingWishes {
     /// writing).
     fn add(&mut self, wish: Wish) -> bool {
         let fresh = Pending {
+            due: Instant::now() + wish.delay(),
             wish,
             attempts: 0,
-            due: Instant::now(),
         };
         let key = (fresh.wish.namespace.clone(), fresh.wish.name.clone());
         if let Some(arrival) = self.by_pod.get(&key) {

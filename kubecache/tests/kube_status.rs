@@ -173,8 +173,8 @@ fn observe_follows_the_resolvers_updates() {
 }
 
 /// An in-pod pod captured before ztunnel serves it is `pending` (as Istio's node agent marks a
-/// pod ztunnel has not acked), `enabled` once served; one served before its capture is
-/// written is `enabled` at once.
+/// pod ztunnel has not acked), `enabled` once served; one served soon after its capture is
+/// written, or before, gets `enabled` alone.
 #[test]
 fn an_in_pod_pod_is_pending_until_ztunnel_serves_it() {
     let server = FakeApiServer::start().unwrap();
@@ -205,18 +205,30 @@ fn an_in_pod_pod_is_pending_until_ztunnel_serves_it() {
     });
     wait_until("removed", || redirection(&server, "apps", "web").is_none());
 
+    // Served within the grace: one patch, `enabled`.
+    server.apply_pod(&pod("apps", "fast", json!({})));
+    writer.observe(&enrolment(13, "apps/fast"));
+    // Time for the writer to take the first wish, well within the grace.
+    std::thread::sleep(Duration::from_millis(200));
+    writer.served("apps/fast");
+    wait_until("enabled", || {
+        redirection(&server, "apps", "fast").as_deref() == Some("enabled")
+    });
+
     writer.served("apps/api");
     writer.observe(&enrolment(12, "apps/api"));
     wait_until("enabled", || {
         redirection(&server, "apps", "api").as_deref() == Some("enabled")
     });
     wait_until("all written", || writer.unwritten() == 0);
-    let patches = patches_of(&server, "apps", "api");
-    assert_eq!(patches.len(), 1, "{patches:#?}");
-    assert_eq!(
-        body(&patches[0]),
-        json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}})
-    );
+    for name in ["api", "fast"] {
+        let patches = patches_of(&server, "apps", name);
+        assert_eq!(patches.len(), 1, "{name}: {patches:#?}");
+        assert_eq!(
+            body(&patches[0]),
+            json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}})
+        );
+    }
 }
 
 #[test]
