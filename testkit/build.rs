@@ -1,12 +1,14 @@
 //! Builds `zbt-net`, the std-only helper process the privileged tests and benchmarks place in
-//! cgroups and network namespaces (see `helper/zbt_net.rs`), with the same rustc as the crate.
+//! cgroups and network namespaces (see `helper/zbt_net/main.rs`), with the same rustc as the
+//! crate.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let source = "helper/zbt_net.rs";
-    println!("cargo:rerun-if-changed={source}");
+    let source = "helper/zbt_net/main.rs";
+    // The directory: every module of the helper.
+    println!("cargo:rerun-if-changed=helper/zbt_net");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("zbt-net");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let mut command = Command::new(&rustc);

@@ -9,7 +9,7 @@
 //! UDP `127.0.0.1:15053` and `[::1]:15053`, marked 1337), acking the `add` only once they are
 //! all bound. Its protobuf is coded by hand, apart from the agent's, so that a test checks the
 //! agent's encoding against an independent one. What it does exactly is in the doc comment of
-//! `helper/zbt_net.rs`.
+//! `helper/zbt_net/inpod_ztunnel.rs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
