@@ -106,6 +106,16 @@ fn accepted_on(fake: &InPodZtunnel, port: u16) -> testkit::ztunnel::Accepted {
     }
 }
 
+/// Waits until the agent has enrolled the pod's namespace for ztunnel `fake`, after its ack:
+/// the pod's entry does not say so, as it is written before the ack (its connects are
+/// refused until then).
+fn wait_served(world: &World, fake: &InPodZtunnel) {
+    world.wait_log(
+        "the pod served by ztunnel",
+        &format!("enrolled: ztunnel (pid {}) serves it", fake.pid()),
+    );
+}
+
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
@@ -147,6 +157,7 @@ fn inpod_outbound_inbound_and_release_through_zds() {
     // (The snapshot's end may come before the add: ztunnel can connect before the agent
     // has seen the pod.)
     world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
+    wait_served(&world, &fake);
     // What /metrics says of ZDS: a ztunnel connected, the pod acked.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -268,6 +279,7 @@ fn inpod_refused_pod_waits_and_a_restarted_ztunnel_gets_the_snapshot() {
         assert!(std::time::Instant::now() < deadline, "never served");
         std::thread::sleep(Duration::from_millis(50));
     }
+    wait_served(&world, &first);
 
     // ztunnel restarts: while it is gone, inbound to the pod is refused (never handed to the
     // app behind ztunnel's back) and the pod keeps its entry; the new ztunnel gets the whole
@@ -580,6 +592,7 @@ fn inpod_agent_restarts_while_ztunnel_runs_and_ztunnel_drops_no_pod() {
         matches!(e, ZdsEvent::Add { .. })
     });
     world.wait_for("the pod's in-pod entry", |_| inpod_entry(&world));
+    wait_served(&world, &fake);
     assert_outbound_captured(&world, &fake, &mut seen);
 
     // A restart with the pod's process alive: added again before the snapshot's end.
