@@ -167,6 +167,13 @@ impl Peer {
             Received::Closed => panic!("closed"),
         }
     }
+    /// The next request is the `add` of `uid`.
+    fn expect_add(&self, uid: &str) {
+        match self.request() {
+            Payload::Add(add) => assert_eq!(add.uid, uid),
+            other => panic!("expected the add of {uid}, got {other:?}"),
+        }
+    }
     fn ack(&self, error: &str) {
         let ack = proto::WorkloadResponse {
             payload: Some(workload_response::Payload::Ack(proto::Ack {
@@ -330,10 +337,7 @@ fn by_default_an_in_pod_entry_is_written_at_once_and_the_ack_enrols_the_pod() {
     // Written before ztunnel is even there: the pod's connects are refused, not uncaptured.
     wait_for(&r.log, "write shop/p1");
     let peer = Peer::connect(&r.socket);
-    match peer.request() {
-        Payload::Add(add) => assert_eq!(add.uid, uid(1)),
-        other => panic!("expected add, got {other:?}"),
-    }
+    peer.expect_add(&uid(1));
     peer.ack("");
     wait_for(&r.log, &format!("enrol {}", uid(1)));
     wait_for(&r.log, "served shop/p1");
@@ -431,10 +435,7 @@ fn failing_open_a_refused_pod_is_not_written_until_a_retry_is_acked() {
 fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
     let r = start(&[(1, 4001)], UntilServed::Uncaptured, Some(uid(1)));
     let peer = Peer::connect(&r.socket);
-    match peer.request() {
-        Payload::Add(add) => assert_eq!(add.uid, uid(1)),
-        other => panic!("expected add, got {other:?}"),
-    }
+    peer.expect_add(&uid(1));
     peer.ack("");
     wait_for(&r.log, &format!("enrol failed {}", uid(1)));
     assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
@@ -448,10 +449,7 @@ fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
     // ztunnel reconnects: the pod is added and acked again, enrolled, and written.
     drop(peer);
     let peer = Peer::connect(&r.socket);
-    match peer.request() {
-        Payload::Add(add) => assert_eq!(add.uid, uid(1)),
-        other => panic!("expected add, got {other:?}"),
-    }
+    peer.expect_add(&uid(1));
     peer.ack("");
     wait_for(&r.log, "write shop/p1");
     assert!(position(&r.log, &format!("enrol {}", uid(1))) < position(&r.log, "write shop/p1"));
