@@ -434,6 +434,8 @@ fn failing_open_a_refused_pod_is_not_written_until_a_retry_is_acked() {
 #[test]
 fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
     let r = start(&[(1, 4001)], UntilServed::Uncaptured, Some(uid(1)));
+    // The pod is handed to the ZDS server before ztunnel connects: its add comes first.
+    wait_for(&r.log, "Synced");
     let peer = Peer::connect(&r.socket);
     peer.expect_add(&uid(1));
     peer.ack("");
