@@ -65,8 +65,9 @@ impl Default for InPodOptions {
 pub enum ZdsEvent {
     /// Connected to the ZDS socket and sent the hello.
     Ready,
-    /// An `add` came (with its namespace descriptor, whose inode is `netns_inode`). Its
-    /// answer follows: an ack, or a [`ZdsEvent::Nack`] first.
+    /// An `add` came (with its namespace descriptor, whose inode is `netns_inode`) and was
+    /// carried out: the pod's listeners are open, unless a [`ZdsEvent::Nack`] follows. Its
+    /// ack comes next (unless [`InPodOptions::no_ack`]).
     Add {
         uid: String,
         name: String,

@@ -408,6 +408,69 @@ fn an_add_opens_ztunnels_listeners_in_the_pods_namespace_and_del_closes_them() {
     );
 }
 
+/// The inode of the TCP socket listening on `port` in `ns` (from `/proc/thread-self/net/tcp6`
+/// read inside it), if one is.
+fn tcp6_listener_inode(ns: &NetNs, port: u16) -> Option<u64> {
+    ns.in_thread(move || {
+        let table = std::fs::read_to_string("/proc/thread-self/net/tcp6").unwrap();
+        table.lines().skip(1).find_map(|line| {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
+            (local_port == port && f[3] == "0A").then(|| f[9].parse().unwrap())
+        })
+    })
+    .unwrap()
+}
+
+/// A second `add` of a pod the fake serves, in the same namespace, changes nothing (ztunnel's
+/// statemanager treats it as idempotent): the listeners are the same sockets and were open
+/// throughout. In another namespace (a sandbox made again) it moves the pod there.
+#[test]
+fn a_second_add_in_the_same_namespace_keeps_the_listeners_and_in_another_moves_them() {
+    if !testkit::require_root(
+        "a_second_add_in_the_same_namespace_keeps_the_listeners_and_in_another_moves_them",
+    ) {
+        return;
+    }
+    let world = World::new(InPodOptions::default());
+    let pod = NetNs::new("zds-again").unwrap();
+    let other = NetNs::new("zds-again2").unwrap();
+    let message = add("uid-a", "pod-a", "apps", "default");
+    assert_eq!(
+        world
+            .conn
+            .request(&message, Some(pod.file().unwrap().as_raw_fd())),
+        ""
+    );
+    let listener = tcp6_listener_inode(&pod, 15001).expect("listening on 15001");
+
+    // The same namespace through a new descriptor, as the agent sends it after a restart.
+    assert_eq!(
+        world
+            .conn
+            .request(&message, Some(pod.file().unwrap().as_raw_fd())),
+        ""
+    );
+    world.wait_for(
+        "the second add",
+        |e| matches!(e, ZdsEvent::Add { netns_inode, .. } if *netns_inode == inode(&pod)),
+    );
+    assert_eq!(tcp6_listener_inode(&pod, 15001), Some(listener));
+    assert_eq!(tcp_exchange(&pod, sa("[::1]:15001"), b"x").unwrap(), b"x");
+
+    // Another namespace: the pod moves.
+    assert_eq!(
+        world
+            .conn
+            .request(&message, Some(other.file().unwrap().as_raw_fd())),
+        ""
+    );
+    assert_eq!(tcp6_listener_inode(&pod, 15001), None);
+    assert!(refused(tcp_exchange(&pod, sa("[::1]:15001"), b"x")));
+    assert_eq!(tcp_exchange(&other, sa("[::1]:15001"), b"x").unwrap(), b"x");
+}
+
 #[test]
 fn a_nacked_add_opens_nothing_and_its_resend_is_acked() {
     if !testkit::require_root("a_nacked_add_opens_nothing_and_its_resend_is_acked") {

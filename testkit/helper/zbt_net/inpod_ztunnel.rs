@@ -12,8 +12,10 @@
 //! still reports and opens listeners). A protocol violation (undecodable message, no payload,
 //! a truncated message, an `add` without its descriptor, another message with one) is
 //! reported on an `error` line and ends the process with status 3, dropping the connection
-//! as ztunnel drops it. A second `add` of a UID the fake holds replaces it (its listeners
-//! move to the new namespace). `--pass-through`: 15001 and 15006 connect onward to the
+//! as ztunnel drops it. A second `add` of a UID the fake holds is answered as ztunnel's
+//! statemanager answers it: in the same namespace (device and inode) it changes nothing, the
+//! listeners stay open; in another namespace it replaces the pod (its listeners move to the
+//! new one). `--pass-through`: 15001 and 15006 connect onward to the
 //! original destination (or, unanswered, the socket's local address, as ztunnel falls back)
 //! from the pod's namespace, marked 1337, 15006 bound to the client's address, and proxy;
 //! a destination that is the listener itself on loopback is refused with errno 40 (ELOOP).
@@ -498,6 +500,9 @@ struct Pod {
     threads: Vec<std::thread::JoinHandle<()>>,
     /// The namespace stays referenced for as long as ztunnel keeps the pod, as ztunnel does.
     _netns: std::fs::File,
+    /// The namespace's device and inode, ztunnel's `NetnsID`: an add in the same namespace
+    /// changes nothing.
+    netns_id: (u64, u64),
 }
 
 static PASS_THROUGH_LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -526,7 +531,12 @@ impl Pod {
     /// `[::]:15006`, `[::]:15008` (dual stack), TCP and UDP `127.0.0.1:15053` and
     /// `[::1]:15053`. Threads started from that thread share its namespace, so that the
     /// pass-through connects leave from the pod's namespace, as ztunnel's do.
-    fn open(uid: &str, netns: std::fs::File, style: InPodStyle) -> Result<Pod, String> {
+    fn open(
+        uid: &str,
+        netns: std::fs::File,
+        netns_id: (u64, u64),
+        style: InPodStyle,
+    ) -> Result<Pod, String> {
         use std::sync::atomic::AtomicBool;
         use std::sync::Arc;
         let stop = Arc::new(AtomicBool::new(false));
@@ -545,6 +555,7 @@ impl Pod {
             sockets,
             threads,
             _netns: netns,
+            netns_id,
         })
     }
 
@@ -870,35 +881,44 @@ pub(super) fn inpod_ztunnel(
                 service_account,
             } => {
                 let netns = std::fs::File::from(fds.remove(0));
-                let inode = netns.metadata().map(|m| m.ino()).unwrap_or(0);
-                say(&format!(
-                    "add uid={} name={} namespace={} sa={} netns={inode}",
+                let netns_id = netns
+                    .metadata()
+                    .map(|m| (m.dev(), m.ino()))
+                    .unwrap_or((0, 0));
+                let added = format!(
+                    "add uid={} name={} namespace={} sa={} netns={}",
                     enc(&uid),
                     enc(&name),
                     enc(&namespace),
-                    enc(&service_account)
-                ));
-                // An add of a pod already held replaces it (its listeners move to the new
-                // namespace).
-                if let Some(old) = pods.remove(&uid) {
-                    old.close();
-                }
-                let left = nacks_left.get_mut(&uid).filter(|n| **n > 0);
-                let result = match left {
-                    Some(n) => {
-                        *n -= 1;
-                        Err("fake nack".to_string())
-                    }
-                    None => Pod::open(&uid, netns, style),
-                };
+                    enc(&service_account),
+                    netns_id.1
+                );
                 if !snapshot_received {
                     in_snapshot.insert(uid.clone());
                 }
-                match result {
-                    Ok(pod) => {
-                        pods.insert(uid, pod);
-                        String::new()
+                // An add of a pod already held in the same namespace is idempotent, as in
+                // ztunnel (its listeners stay open, so no connect is refused meanwhile); in
+                // another namespace (a sandbox created again) it replaces the pod.
+                let result = if pods.get(&uid).is_some_and(|held| held.netns_id == netns_id) {
+                    Ok(())
+                } else {
+                    if let Some(old) = pods.remove(&uid) {
+                        old.close();
                     }
+                    match nacks_left.get_mut(&uid).filter(|n| **n > 0) {
+                        Some(n) => {
+                            *n -= 1;
+                            Err("fake nack".to_string())
+                        }
+                        None => Pod::open(&uid, netns, netns_id, style)
+                            .map(|pod| drop(pods.insert(uid.clone(), pod))),
+                    }
+                };
+                // Reported once carried out, so that a test that saw the add can connect to
+                // the listeners (unless a nack follows) even from a fake that never acks.
+                say(&added);
+                match result {
+                    Ok(()) => String::new(),
                     Err(e) => {
                         say(&format!("nack uid={} error={}", enc(&uid), enc(&e)));
                         e
