@@ -25,7 +25,7 @@ use watcher::{
     TimedRecord,
 };
 use zbridge::ops::{Metrics, Readiness};
-use zbridge::pipeline::inpod::{InPodKernel, Served, UntilServed};
+use zbridge::pipeline::inpod::{EnrolRetry, InPodKernel, Served, UntilServed};
 use zbridge::pipeline::{InPodStage, Inputs, Observer, Pipeline, PipelineConfig, Stages};
 use zds::proto::{self, workload_request::Payload, workload_response};
 use zds::socket::{Conn, Received};
@@ -51,16 +51,27 @@ impl Observer for Recorder {
     }
 }
 
-/// The kernel side, recorded; the first enrolment of the pod `fail_once` fails.
+/// The kernel side, recorded; the first enrolments of a [`Failing`] pod fail.
 struct FakeKernel {
     log: Log,
-    fail_once: Option<String>,
+    failing: Option<(String, u32)>,
+    /// When each enrolment was asked for.
+    asked: Arc<Mutex<Vec<Instant>>>,
+}
+
+/// A pod whose first `times` enrolments fail, and when the agent tries again.
+struct Failing {
+    uid: String,
+    times: u32,
+    retry: EnrolRetry,
 }
 
 impl InPodKernel for FakeKernel {
     fn enrol(&mut self, uid: &str, served: &Served, entry: &Enrolment) -> anyhow::Result<()> {
-        if self.fail_once.as_deref() == Some(uid) {
-            self.fail_once = None;
+        self.asked.lock().unwrap().push(Instant::now());
+        if let Some((failing, times)) = self.failing.as_mut().filter(|(f, n)| f == uid && *n > 0) {
+            *times -= 1;
+            let uid = failing.as_str();
             self.log.lock().unwrap().push(format!("enrol failed {uid}"));
             anyhow::bail!("ztunnel has no listener in the pod's namespace (the test's failure)");
         }
@@ -209,12 +220,14 @@ struct Running {
     log: Log,
     _records: Sender<TimedRecord>,
     socket: std::path::PathBuf,
+    metrics: Metrics,
+    enrolments_asked: Arc<Mutex<Vec<Instant>>>,
     _dir: tempfile::TempDir,
 }
 
-/// The pipeline with pods `(n, pid)` running, under `until_served`; the first enrolment of
-/// the pod `fail_once` fails.
-fn start(pods: &[(u32, u32)], until_served: UntilServed, fail_once: Option<String>) -> Running {
+/// The pipeline with pods `(n, pid)` running, under `until_served`; the first enrolments of
+/// the `failing` pod fail.
+fn start(pods: &[(u32, u32)], until_served: UntilServed, failing: Option<Failing>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     for (n, pid) in pods {
         fake_process(dir.path(), *n, *pid);
@@ -229,15 +242,20 @@ fn start(pods: &[(u32, u32)], until_served: UntilServed, fail_once: Option<Strin
     );
     zds_config.retry_min = Duration::from_millis(50);
     let log: Log = Arc::default();
+    let enrol_retry = failing.as_ref().map(|f| f.retry).unwrap_or_default();
+    let enrolments_asked: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let inpod = InPodStage {
         zds: zds::Server::start(zds_config).unwrap(),
         kernel: Box::new(FakeKernel {
             log: log.clone(),
-            fail_once,
+            failing: failing.map(|f| (f.uid, f.times)),
+            asked: enrolments_asked.clone(),
         }),
         previous: BTreeSet::new(),
         until_served,
+        enrol_retry,
     };
+    let metrics = Metrics::new();
     let mut config = ResolverConfig::new(NODE);
     config.capture = Capture::InPod { dns: false };
     let stop = StopHandle::default();
@@ -259,7 +277,7 @@ fn start(pods: &[(u32, u32)], until_served: UntilServed, fail_once: Option<Strin
     let pipeline = Pipeline::start(
         stages,
         PipelineConfig::default(),
-        (Metrics::new(), Readiness::new()),
+        (metrics.clone(), Readiness::new()),
     )
     .unwrap();
     kube_tx
@@ -300,6 +318,8 @@ fn start(pods: &[(u32, u32)], until_served: UntilServed, fail_once: Option<Strin
         log,
         _records: records,
         socket,
+        metrics,
+        enrolments_asked,
         _dir: dir,
     }
 }
@@ -430,10 +450,18 @@ fn failing_open_a_refused_pod_is_not_written_until_a_retry_is_acked() {
 }
 
 /// Failing open, a pod whose enrolment failed keeps its entries held, and the next ack (a
-/// reconnected ztunnel's) enrols it and writes them.
+/// reconnected ztunnel's) enrols it and writes them (here before the agent's own retry).
 #[test]
 fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
-    let r = start(&[(1, 4001)], UntilServed::Uncaptured, Some(uid(1)));
+    let failing = Failing {
+        uid: uid(1),
+        times: 1,
+        retry: EnrolRetry {
+            first: Duration::from_secs(600),
+            max: Duration::from_secs(600),
+        },
+    };
+    let r = start(&[(1, 4001)], UntilServed::Uncaptured, Some(failing));
     // The pod is handed to the ZDS server before ztunnel connects: its add comes first.
     wait_for(&r.log, "Synced");
     let peer = Peer::connect(&r.socket);
@@ -455,4 +483,47 @@ fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
     peer.ack("");
     wait_for(&r.log, "write shop/p1");
     assert!(position(&r.log, &format!("enrol {}", uid(1))) < position(&r.log, "write shop/p1"));
+}
+
+/// A pod whose enrolment fails is tried again with ztunnel's ack, without asking ztunnel,
+/// waiting longer after each failure in a row, until it succeeds; each failure is counted.
+#[test]
+fn a_failed_enrolment_is_tried_again_until_it_succeeds() {
+    let failing = Failing {
+        uid: uid(1),
+        times: 2,
+        retry: EnrolRetry {
+            first: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        },
+    };
+    let r = start(&[(1, 4001)], UntilServed::Uncaptured, Some(failing));
+    wait_for(&r.log, "Synced");
+    let peer = Peer::connect(&r.socket);
+    peer.expect_add(&uid(1));
+    peer.ack("");
+    wait_for(&r.log, &format!("enrol failed {}", uid(1)));
+    assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
+    peer.ack("");
+    // Failed twice, then enrolled and written, with no further ack.
+    wait_for(&r.log, "write shop/p1");
+    let log = r.log.lock().unwrap().clone();
+    let enrolments: Vec<_> = log.iter().filter(|l| l.contains("enrol")).collect();
+    let failed = format!("enrol failed {}", uid(1));
+    let enrolled = format!("enrol {}", uid(1));
+    assert_eq!(enrolments, [&failed, &failed, &enrolled], "{log:?}");
+    assert!(position(&r.log, &enrolled) < position(&r.log, "write shop/p1"));
+    // The second try came 100 ms after the first failure, the third 200 ms after the second.
+    let asked = r.enrolments_asked.lock().unwrap().clone();
+    let gaps: Vec<Duration> = asked.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.len() == 2
+            && gaps[0] >= Duration::from_millis(100)
+            && gaps[1] >= Duration::from_millis(200),
+        "{gaps:?}"
+    );
+    assert!(r
+        .metrics
+        .encode()
+        .contains("zbridge_inpod_enrolment_failures_total 2\n"));
 }

@@ -179,6 +179,7 @@ pub struct Metrics {
     enrolment_stages: [Histogram; 3],
     exec_delivery_seconds: Histogram,
     inpod_enrolment_latency_seconds: Histogram,
+    inpod_enrolment_failures: Counter,
     zds_connected: Gauge,
     zds_pods: Family<Label, Gauge>,
     zds_events: Family<Label, Counter>,
@@ -222,6 +223,7 @@ impl Metrics {
         // 100 µs .. 13 s from the exec to the entry written after ztunnel's ack: this span holds
         // a round trip to ztunnel over ZDS, so buckets below 100 µs would stay empty.
         let inpod_enrolment_latency_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 18));
+        let inpod_enrolment_failures = Counter::default();
         let zds_connected = Gauge::default();
         let zds_pods = Family::<Label, Gauge>::default();
         let zds_events = Family::<Label, Counter>::default();
@@ -307,6 +309,12 @@ impl Metrics {
             inpod_enrolment_latency_seconds.clone(),
         );
         registry.register(
+            "inpod_enrolment_failures",
+            "In-pod pods: enrolments of a pod ztunnel serves that failed in the kernel (each is \
+             tried again, and logged with its pod and cause)",
+            inpod_enrolment_failures.clone(),
+        );
+        registry.register(
             "zds_connected",
             "1 while a ztunnel is connected to the ZDS socket and has said hello",
             zds_connected.clone(),
@@ -349,6 +357,7 @@ impl Metrics {
             enrolment_stages,
             exec_delivery_seconds,
             inpod_enrolment_latency_seconds,
+            inpod_enrolment_failures,
             zds_connected,
             zds_pods,
             zds_events,
@@ -445,6 +454,11 @@ impl Metrics {
         if let Some(seconds) = seconds_between(exec_ts_ns, served_ns) {
             self.inpod_enrolment_latency_seconds.observe(seconds);
         }
+    }
+
+    /// The enrolment of an in-pod pod failed in the kernel.
+    pub fn inpod_enrolment_failed(&self) {
+        self.inpod_enrolment_failures.inc();
     }
 
     /// The ZDS server's state: connection, pods by state, and what happened since the last

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use resolver::{Capture, Enrolment, Identity, Role, Update};
 use watcher::CgroupId;
@@ -55,6 +56,32 @@ pub enum UntilServed {
     Uncaptured,
 }
 
+/// When the enrolment of a pod that ztunnel serves failed, it is tried again with ztunnel's
+/// ack as it was: `first` after the first failure, twice as long after each further failure in
+/// a row, never longer than `max`. A new ack (ztunnel reconnected) starts afresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnrolRetry {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Default for EnrolRetry {
+    fn default() -> Self {
+        EnrolRetry {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+impl EnrolRetry {
+    /// How long to wait after the `failures`-th failure in a row (counted from 1).
+    pub fn after(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.first.saturating_mul(1 << doublings).min(self.max)
+    }
+}
+
 /// ztunnel's ack of a pod: the namespace it serves the pod in, and which process it is.
 #[derive(Debug)]
 pub struct Served {
@@ -74,6 +101,8 @@ struct Pod {
     written: bool,
     /// The first exec timestamp among its entries, until its first enrolment.
     asked_since: Option<u64>,
+    /// Enrolments failed in a row since the last one that succeeded.
+    failed_enrolments: u32,
 }
 
 /// The gate. See the module doc.
@@ -233,6 +262,7 @@ impl InPodGate {
         let Some(pod) = self.pods.get_mut(uid) else {
             return Vec::new();
         };
+        pod.failed_enrolments = 0;
         if pod.written {
             return Vec::new();
         }
@@ -243,13 +273,14 @@ impl InPodGate {
             .collect()
     }
 
-    /// The enrolment of a pod failed: it waits for ztunnel's next ack. Its entries stay as
-    /// they are: held ones stay held, written ones stay written (removing them would let the
-    /// pod's connections escape ztunnel).
-    pub fn enrol_failed(&mut self, uid: &str) {
-        if let Some(pod) = self.pods.get_mut(uid) {
-            pod.served = None;
-        }
+    /// The enrolment of a pod failed: it waits for ztunnel's next ack, or for the retry that
+    /// hands back the ack returned here ([`InPodGate::acked`]), with the number of failures in
+    /// a row. Its entries stay as they are: held ones stay held, written ones stay written
+    /// (removing them would let the pod's connections escape ztunnel).
+    pub fn enrol_failed(&mut self, uid: &str) -> Option<(Served, u32)> {
+        let pod = self.pods.get_mut(uid)?;
+        pod.failed_enrolments += 1;
+        Some((pod.served.take()?, pod.failed_enrolments))
     }
 
     /// Whether a pod's entries are written.
@@ -595,7 +626,8 @@ mod tests {
         steps.clear();
         gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         gate.acked("a", served(), &mut steps);
-        gate.enrol_failed("a");
+        let (_, failures) = gate.enrol_failed("a").expect("the ack, to try again with");
+        assert_eq!(failures, 1);
         assert_eq!(gate.waiting(), 1);
         assert!(!gate.written("a"));
         steps.clear();
@@ -607,8 +639,31 @@ mod tests {
         assert!(names(&steps).is_empty(), "{:?}", names(&steps));
         gate.acked("a", served(), &mut steps);
         assert_eq!(names(&steps), ["enrol a"]);
+        let (again, failures) = gate.enrol_failed("a").expect("the ack");
+        assert_eq!(failures, 2, "failures in a row are counted");
+        steps.clear();
+        // The retry hands the same ack back.
+        gate.acked("a", again, &mut steps);
+        assert_eq!(names(&steps), ["enrol a"]);
         let held = gate.enrolled("a");
         assert!(matches!(&held[..], [Update::Upsert(e)] if **e == changed));
+        // A success starts the count afresh.
+        gate.acked("a", served(), &mut steps);
+        assert_eq!(gate.enrol_failed("a").map(|(_, n)| n), Some(1));
+        // A pod the gate does not know has nothing to try again.
+        assert!(gate.enrol_failed("z").is_none());
+    }
+
+    #[test]
+    fn enrolment_retries_double_from_first_up_to_max() {
+        let retry = EnrolRetry {
+            first: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let waits: Vec<_> = (1..=6).map(|n| retry.after(n).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(retry.after(u32::MAX), Duration::from_secs(1));
+        assert_eq!(EnrolRetry::default().after(1), Duration::from_secs(1));
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub struct InPodStage {
     pub previous: std::collections::BTreeSet<String>,
     /// What a pod's connections do until ztunnel serves it.
     pub until_served: inpod::UntilServed,
+    /// When a pod whose enrolment failed is tried again.
+    pub enrol_retry: inpod::EnrolRetry,
 }
 
 /// An update with the kernel's timestamp of the exec that caused it, if an exec did: the

@@ -47,6 +47,7 @@ pub(super) fn program<B: MapBackend>(
         readiness.set_inpod_warning(Some(no_ztunnel_warning(stage.until_served)));
     }
     let mut pending = Pending::default();
+    let mut retries = Retries::default();
     let mut steps: Vec<Step> = Vec::new();
     // A `Synced` whose batch failed still counts once a later batch lands.
     let mut synced = false;
@@ -67,8 +68,13 @@ pub(super) fn program<B: MapBackend>(
                 Ok(event) => {
                     match (&event, &inpod) {
                         (zds::Event::Connected { .. }, _) => readiness.set_inpod_warning(None),
-                        (zds::Event::Disconnected { .. }, Some(stage)) => readiness
-                            .set_inpod_warning(Some(no_ztunnel_warning(stage.until_served))),
+                        (zds::Event::Disconnected { .. }, Some(stage)) => {
+                            readiness
+                                .set_inpod_warning(Some(no_ztunnel_warning(stage.until_served)));
+                            // The acks kept were that ztunnel's: its next connection acks anew.
+                            retries.clear();
+                        }
+                        (zds::Event::Acked { uid, .. }, _) => retries.forget(uid),
                         _ => {}
                     }
                     zds_event(&mut gate, event, &mut steps)
@@ -77,6 +83,12 @@ pub(super) fn program<B: MapBackend>(
                     return Err(anyhow!("programmer: the ZDS stage stopped"));
                 }
             },
+            recv(retries.timer()) -> _ => {
+                for (uid, served) in retries.take_due(Instant::now()) {
+                    log::info!("in-pod: pod uid {uid}: trying its enrolment again");
+                    gate.acked(&uid, served, &mut steps);
+                }
+            }
         }
         apply_steps(
             &mut steps,
@@ -84,7 +96,7 @@ pub(super) fn program<B: MapBackend>(
             &mut gate,
             &mut inpod,
             &mut programmer,
-            &mut pending,
+            (&mut pending, &mut retries),
             metrics,
         );
         if !closed {
@@ -108,7 +120,7 @@ pub(super) fn program<B: MapBackend>(
                             &mut gate,
                             &mut inpod,
                             &mut programmer,
-                            &mut pending,
+                            (&mut pending, &mut retries),
                             metrics,
                         );
                     }
@@ -267,7 +279,7 @@ fn apply_steps<B: MapBackend>(
     gate: &mut InPodGate,
     inpod: &mut Option<InPodStage>,
     programmer: &mut Programmer<B>,
-    pending: &mut Pending,
+    (pending, retries): (&mut Pending, &mut Retries),
     metrics: &Metrics,
 ) {
     for step in steps.drain(..) {
@@ -314,19 +326,69 @@ fn apply_steps<B: MapBackend>(
                         }
                     }
                     Err(e) => {
+                        metrics.inpod_enrolment_failed();
                         let entries = if gate.written(&uid) {
                             "its entries stay written"
                         } else {
                             "its entries stay held (its connects go out uncaptured)"
                         };
-                        log::error!("in-pod: pod {pod} (uid {uid}): enrolment failed: {e:#}; {entries} until ztunnel's next ack");
-                        gate.enrol_failed(&uid);
+                        let Some((served, failures)) = gate.enrol_failed(&uid) else {
+                            continue;
+                        };
+                        let after = stage.enrol_retry.after(failures);
+                        log::error!(
+                            "in-pod: pod {pod} (uid {uid}): enrolment failed ({failures} in a \
+                             row): {e:#}; {entries} until it succeeds: trying again in \
+                             {after:?}, or at ztunnel's next ack"
+                        );
+                        retries.push(Instant::now() + after, uid, served);
                     }
                 }
             }
             Step::ReleaseAfterFlush { uid } => pending.after_flush.push(uid),
             Step::StillServed { pod } => pending.served.push(pod),
         }
+    }
+}
+
+/// Pods whose enrolment failed, each with the ack to try again with and when.
+#[derive(Default)]
+struct Retries {
+    due: Vec<(Instant, String, Served)>,
+}
+
+impl Retries {
+    fn push(&mut self, at: Instant, uid: String, served: Served) {
+        self.forget(&uid);
+        self.due.push((at, uid, served));
+    }
+
+    /// Fires when the earliest retry is due (never while there is none).
+    fn timer(&self) -> Receiver<Instant> {
+        match self.due.iter().map(|(at, ..)| *at).min() {
+            Some(at) => crossbeam_channel::at(at),
+            None => crossbeam_channel::never(),
+        }
+    }
+
+    /// The retries due by `now`, taken out.
+    fn take_due(&mut self, now: Instant) -> Vec<(String, Served)> {
+        let (due, later) = std::mem::take(&mut self.due)
+            .into_iter()
+            .partition(|(at, ..)| *at <= now);
+        self.due = later;
+        due.into_iter()
+            .map(|(_, uid, served)| (uid, served))
+            .collect()
+    }
+
+    /// A new ack of the pod replaces the one kept.
+    fn forget(&mut self, uid: &str) {
+        self.due.retain(|(_, u, _)| u != uid);
+    }
+
+    fn clear(&mut self) {
+        self.due.clear();
     }
 }
 

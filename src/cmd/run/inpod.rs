@@ -78,6 +78,7 @@ fn start_inpod(
         kernel: Box::new(kernel),
         previous,
         until_served,
+        enrol_retry: Default::default(),
     })
 }
 
