@@ -449,17 +449,14 @@ fn failing_open_a_refused_pod_is_not_written_until_a_retry_is_acked() {
     wait_for(&r.log, "write shop/p2");
 }
 
-/// Failing open, a pod whose enrolment failed keeps its entries held, and the next ack (a
-/// reconnected ztunnel's) enrols it and writes them (here before the agent's own retry).
-#[test]
-fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
+/// Failing open, pod 1's first `times` enrolments fail, tried again after `retry`: the
+/// pipeline once ztunnel has acked the pod and the snapshot's end, and the first enrolment
+/// failed.
+fn first_enrolment_fails(times: u32, retry: EnrolRetry) -> (Running, Peer) {
     let failing = Failing {
         uid: uid(1),
-        times: 1,
-        retry: EnrolRetry {
-            first: Duration::from_secs(600),
-            max: Duration::from_secs(600),
-        },
+        times,
+        retry,
     };
     let r = start(&[(1, 4001)], UntilServed::Uncaptured, Some(failing));
     // The pod is handed to the ZDS server before ztunnel connects: its add comes first.
@@ -470,6 +467,20 @@ fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
     wait_for(&r.log, &format!("enrol failed {}", uid(1)));
     assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
     peer.ack("");
+    (r, peer)
+}
+
+/// Failing open, a pod whose enrolment failed keeps its entries held, and the next ack (a
+/// reconnected ztunnel's) enrols it and writes them (here before the agent's own retry).
+#[test]
+fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
+    let (r, peer) = first_enrolment_fails(
+        1,
+        EnrolRetry {
+            first: Duration::from_secs(600),
+            max: Duration::from_secs(600),
+        },
+    );
     std::thread::sleep(Duration::from_millis(50));
     assert!(
         !r.log.lock().unwrap().iter().any(|l| l == "write shop/p1"),
@@ -489,22 +500,13 @@ fn failing_open_a_failed_enrolment_holds_the_entries_until_the_next_ack() {
 /// waiting longer after each failure in a row, until it succeeds; each failure is counted.
 #[test]
 fn a_failed_enrolment_is_tried_again_until_it_succeeds() {
-    let failing = Failing {
-        uid: uid(1),
-        times: 2,
-        retry: EnrolRetry {
+    let (r, _peer) = first_enrolment_fails(
+        2,
+        EnrolRetry {
             first: Duration::from_millis(100),
             max: Duration::from_secs(10),
         },
-    };
-    let r = start(&[(1, 4001)], UntilServed::Uncaptured, Some(failing));
-    wait_for(&r.log, "Synced");
-    let peer = Peer::connect(&r.socket);
-    peer.expect_add(&uid(1));
-    peer.ack("");
-    wait_for(&r.log, &format!("enrol failed {}", uid(1)));
-    assert!(matches!(peer.request(), Payload::SnapshotSent(_)));
-    peer.ack("");
+    );
     // Failed twice, then enrolled and written, with no further ack.
     wait_for(&r.log, "write shop/p1");
     let log = r.log.lock().unwrap().clone();
