@@ -2,7 +2,8 @@
 //! a ztunnel written in the test and the kernel side recorded. By default (fail closed) an
 //! in-pod pod's entry is written at once, and ztunnel's ack enrols its namespace; failing
 //! open, the entry is written only after ztunnel acked it and its namespace was enrolled, a
-//! refused pod is not written, and neither is one whose enrolment failed until the next ack.
+//! refused pod is not written, and neither is one whose enrolment failed until it succeeds
+//! (tried again by the agent, or at the next ack).
 //! A deleted pod's entry goes before the kernel releases it and ztunnel hears `del`.
 //!
 //! The pods' processes are faked with a /proc and a cgroup tree in a temporary directory

@@ -58,7 +58,7 @@ pub enum UntilServed {
 
 /// When the enrolment of a pod that ztunnel serves failed, it is tried again with ztunnel's
 /// ack as it was: `first` after the first failure, twice as long after each further failure in
-/// a row, never longer than `max`. A new ack (ztunnel reconnected) starts afresh.
+/// a row, never longer than `max`. A new ack (ztunnel reconnected) is tried at once instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EnrolRetry {
     pub first: Duration,
