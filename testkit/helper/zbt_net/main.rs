@@ -430,8 +430,29 @@ fn main() {
         pass_through: false,
         reconnect: false,
     };
+    let mut no_echo = false;
     let mut i = 1;
     while i < args.len() {
+        // Switches: no value follows.
+        let switch = match args[i].as_str() {
+            "--no-ack" => Some(&mut no_ack),
+            "--pass-through" => Some(&mut inpod_style.pass_through),
+            "--reconnect" => Some(&mut inpod_style.reconnect),
+            "--no-echo" => Some(&mut no_echo),
+            "--rst" => Some(&mut style.rst),
+            "--orig-dst" => Some(&mut orig),
+            "--ask-twice" => Some(&mut twice),
+            "--sol-ip-only" => Some(&mut sol_ip_only),
+            "--upstream" => Some(&mut up),
+            "--connected" => Some(&mut connected),
+            "--latency" => Some(&mut latency),
+            _ => None,
+        };
+        if let Some(on) = switch {
+            *on = true;
+            i += 1;
+            continue;
+        }
         let value = || args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
             "--listen" => listens.push(value().parse().expect("--listen ADDR:PORT")),
@@ -449,63 +470,11 @@ fn main() {
                 let (uid, n) = v.rsplit_once(':').expect("--nack UID:N");
                 nacks.push((uid.to_string(), n.parse().expect("--nack UID:N")));
             }
-            "--no-ack" => {
-                no_ack = true;
-                i += 1;
-                continue;
-            }
-            "--pass-through" => {
-                inpod_style.pass_through = true;
-                i += 1;
-                continue;
-            }
-            "--reconnect" => {
-                inpod_style.reconnect = true;
-                i += 1;
-                continue;
-            }
-            "--no-echo" => {
-                style.echo = false;
-                i += 1;
-                continue;
-            }
-            "--rst" => {
-                style.rst = true;
-                i += 1;
-                continue;
-            }
-            "--orig-dst" => {
-                orig = true;
-                i += 1;
-                continue;
-            }
-            "--ask-twice" => {
-                twice = true;
-            }
-            "--sol-ip-only" => {
-                sol_ip_only = true;
-                i += 1;
-                continue;
-            }
-            "--upstream" => {
-                up = true;
-                i += 1;
-                continue;
-            }
-            "--connected" => {
-                connected = true;
-                i += 1;
-                continue;
-            }
-            "--latency" => {
-                latency = true;
-                i += 1;
-                continue;
-            }
             other => panic!("zbt-net: unknown argument {other}"),
         }
         i += 2;
     }
+    style.echo = !no_echo;
     match mode.as_str() {
         "serve" if ask_after > 0 => serve_deferred(listens, ask_after, sol_ip_only, twice),
         "serve" => serve(listens, orig, up),
