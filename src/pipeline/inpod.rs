@@ -276,10 +276,13 @@ impl InPodGate {
     /// The enrolment of a pod failed: it waits for ztunnel's next ack, or for the retry that
     /// hands back the ack returned here ([`InPodGate::acked`]), with the number of failures in
     /// a row. Its entries stay as they are: held ones stay held, written ones stay written
-    /// (removing them would let the pod's connections escape ztunnel).
-    pub fn enrol_failed(&mut self, uid: &str) -> Option<(Served, u32)> {
+    /// (removing them would let the pod's connections escape ztunnel). `exec_ts`, the failed
+    /// [`Step::Enrol`]'s, goes to the next enrolment, so that the in-pod latency ends at the
+    /// one that succeeds.
+    pub fn enrol_failed(&mut self, uid: &str, exec_ts: Option<u64>) -> Option<(Served, u32)> {
         let pod = self.pods.get_mut(uid)?;
         pod.failed_enrolments += 1;
+        pod.asked_since = pod.asked_since.or(exec_ts);
         Some((pod.served.take()?, pod.failed_enrolments))
     }
 
@@ -626,7 +629,9 @@ mod tests {
         steps.clear();
         gate.update(Update::Upsert(Arc::new(entry(1, "a"))), None, &mut steps);
         gate.acked("a", served(), &mut steps);
-        let (_, failures) = gate.enrol_failed("a").expect("the ack, to try again with");
+        let (_, failures) = gate
+            .enrol_failed("a", None)
+            .expect("the ack, to try again with");
         assert_eq!(failures, 1);
         assert_eq!(gate.waiting(), 1);
         assert!(!gate.written("a"));
@@ -639,19 +644,23 @@ mod tests {
         assert!(names(&steps).is_empty(), "{:?}", names(&steps));
         gate.acked("a", served(), &mut steps);
         assert_eq!(names(&steps), ["enrol a"]);
-        let (again, failures) = gate.enrol_failed("a").expect("the ack");
+        let (again, failures) = gate.enrol_failed("a", Some(7)).expect("the ack");
         assert_eq!(failures, 2, "failures in a row are counted");
         steps.clear();
-        // The retry hands the same ack back.
+        // The retry hands the same ack back, with the failed enrolment's exec timestamp.
         gate.acked("a", again, &mut steps);
-        assert_eq!(names(&steps), ["enrol a"]);
+        assert!(
+            matches!(&steps[..], [Step::Enrol { uid, exec_ts: Some(7) }] if uid == "a"),
+            "{:?}",
+            names(&steps)
+        );
         let held = gate.enrolled("a");
         assert!(matches!(&held[..], [Update::Upsert(e)] if **e == changed));
         // A success starts the count afresh.
         gate.acked("a", served(), &mut steps);
-        assert_eq!(gate.enrol_failed("a").map(|(_, n)| n), Some(1));
+        assert_eq!(gate.enrol_failed("a", None).map(|(_, n)| n), Some(1));
         // A pod the gate does not know has nothing to try again.
-        assert!(gate.enrol_failed("z").is_none());
+        assert!(gate.enrol_failed("z", None).is_none());
     }
 
     #[test]

@@ -332,7 +332,7 @@ fn apply_steps<B: MapBackend>(
                         } else {
                             "its entries stay held (its connects go out uncaptured)"
                         };
-                        let Some((served, failures)) = gate.enrol_failed(&uid) else {
+                        let Some((served, failures)) = gate.enrol_failed(&uid, asked_since) else {
                             continue;
                         };
                         let after = stage.enrol_retry.after(failures);
